@@ -1,0 +1,344 @@
+//! The wire layer shared by nodes and clients: TLS material, QUIC endpoint construction, frame
+//! reading and writing, and a [`Connector`] that reuses connections and backs off from peers that
+//! cannot be reached.
+//!
+//! One request is one bidirectional QUIC stream: the caller writes one frame and finishes its
+//! side, the callee answers with one frame. Streams are independent, so a slow bulk stream never
+//! delays a Raft heartbeat on the same connection. This module must not interpret request bodies;
+//! it moves validated envelopes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use haven_proto::frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+use haven_proto::{Envelope, ProtoError};
+use rkyv::util::AlignedVec;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The TLS server name every node certificate carries. Identity comes from the cluster CA's
+/// signature, not from the name.
+pub const SERVER_NAME: &str = "haven-node";
+/// ALPN protocol id; a peer speaking anything else is refused during the handshake.
+pub const ALPN: &[u8] = b"haven/1";
+
+/// Errors moving envelopes.
+#[derive(Debug, thiserror::Error)]
+pub enum WireIoError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("{addr} is backing off after a failed connection ({remaining_ms} ms left)")]
+    BackingOff { addr: SocketAddr, remaining_ms: u64 },
+    #[error("request to {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("stream read failed: {0}")]
+    Read(String),
+    #[error("bad frame: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// PEM-encoded certificate material for one endpoint: the cluster CA, this endpoint's
+/// certificate and its private key.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsMaterial {
+    /// Read `ca.pem`, and the cert and key at the given paths.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, WireIoError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| WireIoError::Tls(format!("reading {}: {e}", p.display())))
+        };
+        Ok(Self { ca_pem: read(ca)?, cert_pem: read(cert)?, key_pem: read(key)? })
+    }
+
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, WireIoError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            let cert = cert.map_err(|e| WireIoError::Tls(format!("CA certificate: {e}")))?;
+            roots.add(cert).map_err(|e| WireIoError::Tls(format!("CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(WireIoError::Tls("CA file holds no certificate".into()));
+        }
+        Ok(Arc::new(roots))
+    }
+
+    fn chain(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), WireIoError> {
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| WireIoError::Tls(format!("certificate: {e}")))?;
+        if certs.is_empty() {
+            return Err(WireIoError::Tls("certificate file holds no certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| WireIoError::Tls(format!("private key: {e}")))?;
+        Ok((certs, key))
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// QUIC client configuration: trusts only the cluster CA and presents our certificate.
+    pub fn quic_client_config(&self) -> Result<quinn::ClientConfig, WireIoError> {
+        let (certs, key) = self.chain()?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| WireIoError::Tls(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(transport_config()));
+        Ok(config)
+    }
+
+    /// QUIC server configuration: requires a client certificate signed by the cluster CA.
+    pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, WireIoError> {
+        let (certs, key) = self.chain()?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
+                .build()
+                .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| WireIoError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(Arc::new(transport_config()));
+        Ok(config)
+    }
+}
+
+/// Transport parameters shared by both ends: keep connections alive so reuse works, and notice
+/// a dead peer within a few seconds.
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("5 s fits a VarInt")));
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_uni_streams(256u32.into());
+    // Larger windows for bulk streams on fast links.
+    t.stream_receive_window((8u32 * 1024 * 1024).into());
+    t.receive_window((32u32 * 1024 * 1024).into());
+    t.send_window(32 * 1024 * 1024);
+    t
+}
+
+/// Write one envelope as a frame.
+pub async fn write_envelope(send: &mut quinn::SendStream, env: &Envelope) -> Result<usize, WireIoError> {
+    let bytes = env.encode()?;
+    write_frame(send, &bytes).await
+}
+
+/// Write raw archive bytes as one frame (header + bytes). Returns bytes written.
+pub async fn write_frame(send: &mut quinn::SendStream, archive: &[u8]) -> Result<usize, WireIoError> {
+    let header = FrameHeader::encode(archive.len())?;
+    send.write_all(&header).await?;
+    send.write_all(archive).await?;
+    Ok(FRAME_HEADER_LEN + archive.len())
+}
+
+/// Read one frame into an aligned buffer, refusing frames above `max_len` before allocating.
+pub async fn read_frame(recv: &mut quinn::RecvStream, max_len: usize) -> Result<AlignedVec, WireIoError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    read_exact(recv, &mut header).await?;
+    let header = FrameHeader::parse(header, max_len)?;
+    let mut buf = AlignedVec::with_capacity(header.len);
+    buf.resize(header.len, 0);
+    read_exact(recv, &mut buf).await?;
+    Ok(buf)
+}
+
+async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), WireIoError> {
+    match recv.read_exact(buf).await {
+        Ok(()) => Ok(()),
+        Err(quinn::ReadExactError::FinishedEarly(got)) => {
+            Err(ProtoError::Truncated { expected: buf.len(), got }.into())
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => Err(WireIoError::Read(e.to_string())),
+    }
+}
+
+/// Read and validate one envelope.
+pub async fn read_envelope(recv: &mut quinn::RecvStream) -> Result<(Envelope, usize), WireIoError> {
+    let buf = read_frame(recv, MAX_FRAME_LEN).await?;
+    let env = Envelope::decode(&buf)?;
+    Ok((env, buf.len() + FRAME_HEADER_LEN))
+}
+
+/// One request/response exchange on a fresh stream of `conn`.
+pub async fn exchange(conn: &quinn::Connection, request: &Envelope) -> Result<(Envelope, usize, usize), WireIoError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let sent = write_envelope(&mut send, request).await?;
+    send.finish()?;
+    let (reply, received) = read_envelope(&mut recv).await?;
+    Ok((reply, sent, received))
+}
+
+/// A client-only QUIC endpoint on an ephemeral port.
+pub fn client_endpoint(material: &TlsMaterial) -> Result<quinn::Endpoint, WireIoError> {
+    let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| WireIoError::Tls(format!("binding client endpoint: {e}")))?;
+    endpoint.set_default_client_config(material.quic_client_config()?);
+    Ok(endpoint)
+}
+
+#[derive(Default)]
+struct PeerState {
+    conn: Option<quinn::Connection>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// Dials peers, keeps one live connection per address, and backs off exponentially (capped) from
+/// a peer whose last dial failed, so a dead node costs a fast error instead of a handshake
+/// timeout on every request.
+#[derive(Clone)]
+pub struct Connector {
+    endpoint: quinn::Endpoint,
+    peers: Arc<Mutex<HashMap<SocketAddr, PeerState>>>,
+    next_msg_id: Arc<AtomicU64>,
+    connect_timeout: Duration,
+    max_backoff: Duration,
+}
+
+impl Connector {
+    pub fn new(endpoint: quinn::Endpoint, connect_timeout: Duration, max_backoff: Duration) -> Self {
+        Self {
+            endpoint,
+            peers: Arc::default(),
+            next_msg_id: Arc::new(AtomicU64::new(rand::random::<u32>() as u64)),
+            connect_timeout,
+            max_backoff,
+        }
+    }
+
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// A fresh message id for an outgoing request.
+    pub fn next_msg_id(&self) -> u64 {
+        self.next_msg_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A live connection to `addr`, reusing the cached one when it is still open.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, WireIoError> {
+        {
+            let peers = self.peers.lock().expect("peer map lock poisoned");
+            if let Some(state) = peers.get(&addr) {
+                if let Some(conn) = &state.conn {
+                    if conn.close_reason().is_none() {
+                        return Ok(conn.clone());
+                    }
+                }
+                if let Some(at) = state.retry_at {
+                    let now = Instant::now();
+                    if at > now {
+                        return Err(WireIoError::BackingOff {
+                            addr,
+                            remaining_ms: (at - now).as_millis() as u64,
+                        });
+                    }
+                }
+            }
+        }
+        let result = self.dial(addr).await;
+        let mut peers = self.peers.lock().expect("peer map lock poisoned");
+        let state = peers.entry(addr).or_default();
+        match result {
+            Ok(conn) => {
+                state.failures = 0;
+                state.retry_at = None;
+                // Another task may have dialled concurrently; keep the first live one.
+                if let Some(existing) = &state.conn {
+                    if existing.close_reason().is_none() {
+                        return Ok(existing.clone());
+                    }
+                }
+                state.conn = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                state.conn = None;
+                state.failures = state.failures.saturating_add(1);
+                let backoff = Duration::from_millis(20u64 << state.failures.min(8)).min(self.max_backoff);
+                state.retry_at = Some(Instant::now() + backoff);
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, WireIoError> {
+        let connecting = self
+            .endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| WireIoError::Connect { addr, reason: e.to_string() })?;
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(WireIoError::Connect { addr, reason: e.to_string() }),
+            Err(_) => Err(WireIoError::Connect {
+                addr,
+                reason: format!("handshake timed out after {:?}", self.connect_timeout),
+            }),
+        }
+    }
+
+    /// Forget the cached connection to `addr` (after an error on it).
+    pub fn invalidate(&self, addr: SocketAddr) {
+        if let Some(state) = self.peers.lock().expect("peer map lock poisoned").get_mut(&addr) {
+            state.conn = None;
+        }
+    }
+
+    /// Send `request` to `addr` and wait for the reply, all within `timeout`.
+    pub async fn request(
+        &self,
+        addr: SocketAddr,
+        request: &Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope, WireIoError> {
+        let fut = async {
+            let conn = self.connection(addr).await?;
+            match exchange(&conn, request).await {
+                Ok((reply, _, _)) => Ok(reply),
+                Err(e) => {
+                    if matches!(e, WireIoError::Connection(_)) {
+                        self.invalidate(addr);
+                    }
+                    Err(e)
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(WireIoError::Timeout { addr, after: timeout }),
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! The actor runtime: actix actors addressed by [`ActorAddr`] (node + kind + id), reachable the
+//! same way whether they live on this node or another.
+//!
+//! [`ActorRegistry::send`] delivers an [`ActorMessage`] to a local actor's mailbox, or wraps it in
+//! an envelope and sends it over the transport to the owning node, whose registry delivers it
+//! locally. Actors own their state and are reached only by message. This module owns routing and
+//! the mailbox-depth gauge; it must not contain actor behaviour (that lives in one file per kind).
+
+pub mod host_agent;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use actix::{Message, Recipient};
+use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, Body, ErrorCode, NodeId, WireError};
+
+use crate::transport::{resolve, Transport};
+
+/// The message every actor accepts: one [`ActorMessage`], answered with an [`ActorReply`].
+pub struct Deliver(pub ActorMessage);
+
+impl Message for Deliver {
+    type Result = Result<ActorReply, WireError>;
+}
+
+/// Finds a node's QUIC address (`host:port`) in the Raft membership.
+pub type PeerResolver = Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>;
+
+/// Routes messages to actors by address.
+#[derive(Clone)]
+pub struct ActorRegistry {
+    node: NodeId,
+    local: Arc<RwLock<HashMap<ActorAddr, Recipient<Deliver>>>>,
+    transport: Transport,
+    resolve: PeerResolver,
+    timeout: Duration,
+}
+
+fn kind_label(kind: ActorKind) -> &'static str {
+    match kind {
+        ActorKind::Node => "node",
+        ActorKind::HostAgent => "host_agent",
+        ActorKind::Vm => "vm",
+        ActorKind::Device => "device",
+        ActorKind::MemBank => "membank",
+    }
+}
+
+impl ActorRegistry {
+    pub fn new(node: NodeId, transport: Transport, resolve: PeerResolver, timeout: Duration) -> Self {
+        Self { node, local: Arc::default(), transport, resolve, timeout }
+    }
+
+    /// Register a local actor under `addr` (which must name this node).
+    pub fn register(&self, addr: ActorAddr, recipient: Recipient<Deliver>) {
+        assert_eq!(addr.node, self.node, "registering an actor for another node");
+        self.local.write().expect("registry lock").insert(addr, recipient);
+    }
+
+    pub fn unregister(&self, addr: &ActorAddr) {
+        self.local.write().expect("registry lock").remove(addr);
+    }
+
+    /// Deliver to a local actor. Used for messages that arrived over the transport as well.
+    pub async fn deliver_local(&self, addr: ActorAddr, msg: ActorMessage) -> Result<ActorReply, WireError> {
+        let recipient = self
+            .local
+            .read()
+            .expect("registry lock")
+            .get(&addr)
+            .cloned()
+            .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("no actor {addr} on this node")))?;
+        let label = kind_label(addr.kind);
+        let depth = metrics::gauge!("haven_actor_mailbox_depth", "kind" => label);
+        depth.increment(1.0);
+        let result = tokio::time::timeout(self.timeout, recipient.send(Deliver(msg))).await;
+        depth.decrement(1.0);
+        match result {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => Err(WireError::new(ErrorCode::Unavailable, format!("actor {addr}: {e}"))),
+            Err(_) => Err(WireError::new(ErrorCode::Timeout, format!("actor {addr} did not answer in {:?}", self.timeout))),
+        }
+    }
+
+    /// Send `msg` to the actor at `addr`, wherever it lives.
+    pub async fn send(&self, addr: ActorAddr, msg: ActorMessage) -> Result<ActorReply, WireError> {
+        if addr.node == self.node {
+            return self.deliver_local(addr, msg).await;
+        }
+        let peer = (self.resolve)(addr.node)
+            .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{} is not a cluster member", addr.node)))?;
+        let peer = resolve(&peer).await.map_err(|m| WireError::new(ErrorCode::Unavailable, m))?;
+        let reply = self
+            .transport
+            .request(peer, addr, Body::Actor(msg), 0, self.timeout)
+            .await
+            .map_err(|e| WireError::new(ErrorCode::Unavailable, e.to_string()))?;
+        match reply.body {
+            Body::ActorReply(r) => Ok(r),
+            Body::Error(e) => Err(e),
+            other => Err(WireError::new(ErrorCode::Internal, format!("unexpected reply {:?}", other.kind()))),
+        }
+    }
+}

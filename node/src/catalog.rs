@@ -1,0 +1,194 @@
+//! The catalog: the cluster's replicated state, applied from Raft log entries.
+//!
+//! This module owns the key layout in the `catalog` column family and the meaning of every
+//! [`CatalogCommand`]. Applying is deterministic: it reads only catalog state (through a
+//! [`CatalogTxn`] that sees its own earlier writes) and never clocks, randomness or the network,
+//! so every replica computes the same outcome. Later issues add tables (volumes, plans, pairs, ...)
+//! as new key prefixes here.
+//!
+//! Key layout:
+//! - `kv/<key>` → value bytes (the generic namespace)
+//! - `host/<id as 8 big-endian bytes>` → bincode of [`HostRecord`]
+
+use std::collections::HashMap;
+
+use haven_proto::{CatalogCommand, CatalogQuery, CommandOutcome, HostRecord, QueryResult};
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+
+use crate::raft::{decode, encode};
+use crate::storage::{Store, StoreError, CF_CATALOG};
+
+const KV_PREFIX: &[u8] = b"kv/";
+const HOST_PREFIX: &[u8] = b"host/";
+
+/// Largest number of entries one scan returns.
+pub const MAX_SCAN: u32 = 10_000;
+
+fn kv_key(key: &str) -> Vec<u8> {
+    [KV_PREFIX, key.as_bytes()].concat()
+}
+
+fn host_key(id: u64) -> Vec<u8> {
+    [HOST_PREFIX, &id.to_be_bytes()[..]].concat()
+}
+
+/// A write transaction over the catalog: buffered writes into a batch, with reads that see the
+/// transaction's own earlier writes.
+pub struct CatalogTxn<'a> {
+    store: &'a Store,
+    batch: &'a mut WriteBatch,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> CatalogTxn<'a> {
+    pub fn new(store: &'a Store, batch: &'a mut WriteBatch) -> Self {
+        Self { store, batch, overlay: HashMap::new() }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self.store.db().get_cf(self.store.cf(CF_CATALOG), key)?)
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.put_cf(self.store.cf(CF_CATALOG), &key, &value);
+        self.overlay.insert(key, Some(value));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.batch.delete_cf(self.store.cf(CF_CATALOG), &key);
+        self.overlay.insert(key, None);
+    }
+
+    /// Apply one command. Commands were validated before they were proposed; a command that still
+    /// fails here would fail identically on every replica, so it yields the same outcome
+    /// everywhere rather than an error that would stall the state machine.
+    pub fn apply(&mut self, cmd: &CatalogCommand) -> Result<CommandOutcome, StoreError> {
+        Ok(match cmd {
+            CatalogCommand::KvPut { key, value } => {
+                let k = kv_key(key);
+                let previous = self.get(&k)?;
+                self.put(k, value.clone());
+                CommandOutcome::Put { previous }
+            }
+            CatalogCommand::KvDelete { key } => {
+                let k = kv_key(key);
+                let existed = self.get(&k)?.is_some();
+                self.delete(k);
+                CommandOutcome::Deleted { existed }
+            }
+            CatalogCommand::KvCas { key, expected, new } => {
+                let k = kv_key(key);
+                let current = self.get(&k)?;
+                if current == *expected {
+                    match new {
+                        Some(v) => self.put(k, v.clone()),
+                        None => self.delete(k),
+                    }
+                    CommandOutcome::Cas { succeeded: true, current: new.clone() }
+                } else {
+                    CommandOutcome::Cas { succeeded: false, current }
+                }
+            }
+            CatalogCommand::UpsertHost(host) => {
+                let bytes = encode(host).map_err(|reason| StoreError::Corrupt { cf: CF_CATALOG, reason })?;
+                self.put(host_key(host.id.0), bytes);
+                CommandOutcome::Host
+            }
+            CatalogCommand::RemoveHost { id } => {
+                self.delete(host_key(id.0));
+                CommandOutcome::Host
+            }
+        })
+    }
+}
+
+/// Answer a query from applied state.
+pub fn query(store: &Store, q: &CatalogQuery) -> Result<QueryResult, StoreError> {
+    let db = store.db();
+    let cf = store.cf(CF_CATALOG);
+    Ok(match q {
+        CatalogQuery::KvGet { key } => QueryResult::Value(db.get_cf(cf, kv_key(key))?),
+        CatalogQuery::KvScan { prefix, limit } => {
+            let start = kv_key(prefix);
+            let mut out = Vec::new();
+            for item in db.iterator_cf(cf, IteratorMode::From(&start, Direction::Forward)) {
+                let (k, v) = item?;
+                if !k.starts_with(&start) || out.len() as u32 >= (*limit).min(MAX_SCAN) {
+                    break;
+                }
+                let key = String::from_utf8_lossy(&k[KV_PREFIX.len()..]).into_owned();
+                out.push((key, v.to_vec()));
+            }
+            QueryResult::Entries(out)
+        }
+        CatalogQuery::Hosts => QueryResult::Hosts(hosts(store)?),
+    })
+}
+
+/// Every recorded host, in id order.
+pub fn hosts(store: &Store) -> Result<Vec<HostRecord>, StoreError> {
+    let db = store.db();
+    let mut out = Vec::new();
+    for item in db.iterator_cf(store.cf(CF_CATALOG), IteratorMode::From(HOST_PREFIX, Direction::Forward)) {
+        let (k, v) = item?;
+        if !k.starts_with(HOST_PREFIX) {
+            break;
+        }
+        out.push(decode(&v).map_err(|reason| StoreError::Corrupt { cf: CF_CATALOG, reason })?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply_all(store: &Store, cmds: &[CatalogCommand]) -> Vec<CommandOutcome> {
+        let mut batch = WriteBatch::default();
+        let mut txn = CatalogTxn::new(store, &mut batch);
+        let out = cmds.iter().map(|c| txn.apply(c).unwrap()).collect();
+        store.db().write(batch).unwrap();
+        out
+    }
+
+    #[test]
+    fn cas_sees_earlier_writes_in_the_same_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let out = apply_all(
+            &store,
+            &[
+                CatalogCommand::KvPut { key: "a".into(), value: b"1".to_vec() },
+                CatalogCommand::KvCas { key: "a".into(), expected: Some(b"1".to_vec()), new: Some(b"2".to_vec()) },
+                CatalogCommand::KvCas { key: "a".into(), expected: Some(b"1".to_vec()), new: Some(b"3".to_vec()) },
+                CatalogCommand::KvDelete { key: "b".into() },
+            ],
+        );
+        assert_eq!(out[0], CommandOutcome::Put { previous: None });
+        assert_eq!(out[1], CommandOutcome::Cas { succeeded: true, current: Some(b"2".to_vec()) });
+        assert_eq!(out[2], CommandOutcome::Cas { succeeded: false, current: Some(b"2".to_vec()) });
+        assert_eq!(out[3], CommandOutcome::Deleted { existed: false });
+        assert_eq!(
+            query(&store, &CatalogQuery::KvGet { key: "a".into() }).unwrap(),
+            QueryResult::Value(Some(b"2".to_vec()))
+        );
+    }
+
+    #[test]
+    fn scan_stays_inside_prefix_and_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cmds: Vec<_> = ["x/1", "x/2", "x/3", "y/1"]
+            .iter()
+            .map(|k| CatalogCommand::KvPut { key: k.to_string(), value: vec![1] })
+            .collect();
+        apply_all(&store, &cmds);
+        let QueryResult::Entries(e) = query(&store, &CatalogQuery::KvScan { prefix: "x/".into(), limit: 2 }).unwrap() else {
+            panic!("wrong result kind")
+        };
+        assert_eq!(e.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["x/1", "x/2"]);
+    }
+}

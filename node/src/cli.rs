@@ -1,0 +1,255 @@
+//! The `haven-node` command line: `init` (configuration and certificates), `run` (the server),
+//! `health` (probe a node's admin port; used by container health checks) and `issue-cert`
+//! (client certificates from the cluster CA). Flags override environment variables, which
+//! override the configuration file.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Bootstrap, NodeConfig, CONFIG_FILE, TLS_DIR};
+use crate::pki::CertificateAuthority;
+use crate::raft::RaftTunables;
+
+#[derive(Parser)]
+#[command(name = "haven-node", version, about = "The Haven cluster node", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a data dir: configuration, a node certificate signed by the cluster CA (the CA is
+    /// created in --ca-dir when it does not exist yet), and optionally the bootstrap membership.
+    Init(InitArgs),
+    /// Run the node until SIGTERM or SIGINT.
+    Run(RunArgs),
+    /// Probe a node's /health endpoint; exit 0 when healthy, 1 otherwise.
+    Health(HealthArgs),
+    /// Issue a client certificate (for havenctl or the SDK) from the cluster CA.
+    IssueCert(IssueCertArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Data directory to create.
+    #[arg(long, env = "HAVEN_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Node id, a positive integer unique in the cluster.
+    #[arg(long, env = "HAVEN_NODE_ID")]
+    id: u64,
+    /// QUIC listen address (HOST:PORT).
+    #[arg(long, env = "HAVEN_LISTEN", default_value = "0.0.0.0:7000")]
+    listen: String,
+    /// Address others dial to reach this node (defaults to --listen).
+    #[arg(long, env = "HAVEN_ADVERTISE")]
+    advertise: Option<String>,
+    /// Admin HTTP listen address (HOST:PORT).
+    #[arg(long, env = "HAVEN_ADMIN_LISTEN", default_value = "0.0.0.0:9000")]
+    admin_listen: String,
+    /// Admin address as others reach it (defaults to --admin-listen).
+    #[arg(long, env = "HAVEN_ADVERTISE_ADMIN")]
+    advertise_admin: Option<String>,
+    /// Directory holding the cluster CA (ca.pem, ca.key); created with a new CA if absent.
+    /// Defaults to <data-dir>/ca.
+    #[arg(long, env = "HAVEN_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Initial voters as ID@QUIC_ADDR@ADMIN_ADDR,... — give it on exactly one node of a new
+    /// cluster; that node initialises Raft on its first run.
+    #[arg(long, env = "HAVEN_BOOTSTRAP")]
+    bootstrap: Option<String>,
+    /// Election timeout lower bound in ms (heartbeat is a third of it).
+    #[arg(long, default_value_t = RaftTunables::default().election_timeout_min_ms)]
+    election_timeout_ms: u64,
+    /// Snapshot the catalog after this many log entries.
+    #[arg(long, default_value_t = RaftTunables::default().snapshot_after_entries)]
+    snapshot_after: u64,
+    /// Overwrite an existing configuration.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Data directory created by `haven-node init`.
+    #[arg(long, env = "HAVEN_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Override the QUIC listen address.
+    #[arg(long, env = "HAVEN_LISTEN")]
+    listen: Option<String>,
+    /// Override the admin HTTP listen address.
+    #[arg(long, env = "HAVEN_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Override the per-request deadline in milliseconds.
+    #[arg(long, env = "HAVEN_REQUEST_TIMEOUT_MS")]
+    request_timeout_ms: Option<u64>,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Admin address to probe (HOST:PORT).
+    #[arg(long, conflicts_with = "data_dir")]
+    admin: Option<String>,
+    /// Read the admin address from this data dir's configuration.
+    #[arg(long, env = "HAVEN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 3)]
+    timeout: u64,
+}
+
+#[derive(Args)]
+struct IssueCertArgs {
+    /// Directory holding ca.pem and ca.key.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Output directory (gets ca.pem, <name>.pem, <name>.key).
+    #[arg(long)]
+    out: PathBuf,
+    /// Certificate name (file stem and common name).
+    #[arg(long, default_value = "client")]
+    name: String,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init(a) => init(a),
+        Command::Run(a) => run(a),
+        Command::Health(a) => health(a),
+        Command::IssueCert(a) => issue_cert(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("haven-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
+    let cfg_path = a.data_dir.join(CONFIG_FILE);
+    if cfg_path.exists() && !a.force {
+        bail!("{} already exists; refusing to overwrite an initialised node (use --force)", cfg_path.display());
+    }
+    let min = a.election_timeout_ms;
+    let raft = RaftTunables {
+        heartbeat_ms: (min / 3).max(10),
+        election_timeout_min_ms: min,
+        election_timeout_max_ms: min * 2,
+        snapshot_after_entries: a.snapshot_after,
+        keep_after_snapshot: (a.snapshot_after / 10).max(10),
+    };
+    let cfg = NodeConfig {
+        id: a.id,
+        listen: a.listen,
+        advertise: a.advertise,
+        admin_listen: a.admin_listen,
+        advertise_admin: a.advertise_admin,
+        request_timeout_ms: 5_000,
+        raft,
+    };
+    cfg.validate()?;
+    let bootstrap = a.bootstrap.as_deref().map(Bootstrap::parse_members).transpose()?;
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let ca_dir = a.ca_dir.unwrap_or_else(|| a.data_dir.join("ca"));
+    let ca = CertificateAuthority::load_or_create(&ca_dir)?;
+    ca.issue_into(&a.data_dir.join(TLS_DIR), "node", &format!("node-{}", a.id))?;
+    cfg.save(&a.data_dir)?;
+    if let Some(b) = bootstrap {
+        b.save(&a.data_dir)?;
+    }
+    println!("initialised node {} in {} (CA in {})", a.id, a.data_dir.display(), ca_dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = NodeConfig::load(&a.data_dir)?;
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    if let Some(l) = a.admin_listen {
+        cfg.admin_listen = l;
+    }
+    if let Some(t) = a.request_timeout_ms {
+        cfg.request_timeout_ms = t;
+    }
+    let _telemetry = crate::telemetry::init_tracing("haven-node");
+    let prometheus = crate::telemetry::init_metrics().map_err(|e| anyhow!("metrics recorder: {e}"))?;
+    // Actors run on this thread (actix System); Raft, QUIC and request handling run on the
+    // multi-threaded Tokio pool underneath it.
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("haven-worker")
+            .build()
+            .expect("building the tokio runtime")
+    });
+    let data_dir = a.data_dir.clone();
+    system.block_on(crate::node::run(&data_dir, cfg, prometheus, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn health(a: HealthArgs) -> anyhow::Result<ExitCode> {
+    let admin = match (a.admin, a.data_dir) {
+        (Some(addr), _) => addr,
+        (None, Some(dir)) => NodeConfig::load(&dir)?.advertise_admin().to_string(),
+        (None, None) => bail!("give --admin HOST:PORT or --data-dir DIR"),
+    };
+    let (code, body) = http_get(&admin, "/health", Duration::from_secs(a.timeout))?;
+    print!("{body}");
+    Ok(if code == 200 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A minimal HTTP/1.0 GET for the health probe (no client library needed for one request).
+fn http_get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let sock = addr
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
+    let mut s = TcpStream::connect_timeout(&sock, timeout).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).with_context(|| format!("reading from {addr}"))?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("{addr} did not answer with HTTP"))?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+fn issue_cert(a: IssueCertArgs) -> anyhow::Result<ExitCode> {
+    let ca = CertificateAuthority::load(&a.ca_dir.join(crate::pki::CA_CERT), &a.ca_dir.join(crate::pki::CA_KEY))?;
+    ca.issue_into(&a.out, &a.name, &a.name)?;
+    println!("issued {} in {}", a.name, a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+

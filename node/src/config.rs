@@ -1,0 +1,197 @@
+//! Node configuration: a TOML file in the data dir (written by `haven-node init`), overridden by
+//! environment variables, overridden by flags. This module owns the file format and the data-dir
+//! layout; it must not start anything.
+//!
+//! Data-dir layout:
+//! ```text
+//! <data-dir>/haven.toml       this configuration
+//! <data-dir>/tls/ca.pem       the cluster CA certificate
+//! <data-dir>/tls/node.pem     this node's certificate (signed by the CA)
+//! <data-dir>/tls/node.key     its private key (mode 0600)
+//! <data-dir>/bootstrap.toml   initial members; present until the first run initialises Raft
+//! <data-dir>/db/              RocksDB: raft_log, raft_meta, catalog, sm_meta, snapshot
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use haven_proto::MemberSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::raft::RaftTunables;
+
+pub const CONFIG_FILE: &str = "haven.toml";
+pub const BOOTSTRAP_FILE: &str = "bootstrap.toml";
+pub const TLS_DIR: &str = "tls";
+pub const DB_DIR: &str = "db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id (> 0), unique in the cluster.
+    pub id: u64,
+    /// Address the QUIC endpoint binds.
+    pub listen: String,
+    /// Address other nodes and clients dial (defaults to `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Address the admin HTTP server binds (`/metrics`, `/health`, `/status`).
+    pub admin_listen: String,
+    /// Admin address as others should reach it (defaults to `admin_listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_admin: Option<String>,
+    /// Deadline for a client request handled by this node, in milliseconds.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default)]
+    pub raft: RaftTunables,
+}
+
+fn default_request_timeout_ms() -> u64 {
+    5_000
+}
+
+/// The initial voters, written by `haven-node init --bootstrap` on exactly one node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    pub members: Vec<BootstrapMember>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapMember {
+    pub id: u64,
+    pub addr: String,
+    pub admin_addr: String,
+}
+
+impl From<&BootstrapMember> for MemberSpec {
+    fn from(m: &BootstrapMember) -> Self {
+        MemberSpec { id: m.id.into(), addr: m.addr.clone(), admin_addr: m.admin_addr.clone() }
+    }
+}
+
+impl Bootstrap {
+    /// Parse `id@addr@admin_addr,...` (the `--bootstrap` flag).
+    pub fn parse_members(spec: &str) -> Result<Self, ConfigError> {
+        let mut members = Vec::new();
+        for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+            let fields: Vec<&str> = part.trim().split('@').collect();
+            let [id, addr, admin] = fields[..] else {
+                return Err(ConfigError::Invalid(format!(
+                    "bootstrap member {part:?} is not ID@QUIC_ADDR@ADMIN_ADDR"
+                )));
+            };
+            let id: u64 = id
+                .parse()
+                .map_err(|_| ConfigError::Invalid(format!("bootstrap member {part:?}: id {id:?} is not a number")))?;
+            check_addr("bootstrap member address", addr)?;
+            check_addr("bootstrap member admin address", admin)?;
+            members.push(BootstrapMember { id, addr: addr.into(), admin_addr: admin.into() });
+        }
+        if members.is_empty() {
+            return Err(ConfigError::Invalid("bootstrap needs at least one member".into()));
+        }
+        Ok(Self { members })
+    }
+}
+
+/// Check `host:port` syntax (the host may be a name, resolved when dialled).
+pub fn check_addr(what: &str, addr: &str) -> Result<(), ConfigError> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(ConfigError::Invalid(format!("{what} {addr:?} is not HOST:PORT"))),
+    }
+}
+
+impl NodeConfig {
+    pub fn advertise(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    pub fn advertise_admin(&self) -> &str {
+        self.advertise_admin.as_deref().unwrap_or(&self.admin_listen)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(ConfigError::Invalid("node id must be greater than 0".into()));
+        }
+        check_addr("listen", &self.listen)?;
+        check_addr("admin_listen", &self.admin_listen)?;
+        check_addr("advertise", self.advertise())?;
+        check_addr("advertise_admin", self.advertise_admin())?;
+        self.raft.to_openraft().map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+
+    pub fn load(data_dir: &Path) -> Result<Self, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path, message: e.message().to_string() })
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<(), ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = toml::to_string(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        std::fs::write(&path, text).map_err(|source| ConfigError::Read { path, source })
+    }
+}
+
+impl Bootstrap {
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, ConfigError> {
+        let path = data_dir.join(BOOTSTRAP_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        toml::from_str(&text).map(Some).map_err(|e| ConfigError::Parse { path, message: e.message().to_string() })
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<(), ConfigError> {
+        let path = data_dir.join(BOOTSTRAP_FILE);
+        let text = toml::to_string(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        std::fs::write(&path, text).map_err(|source| ConfigError::Read { path, source })
+    }
+
+    /// Remove the bootstrap file once Raft is initialised, so it is never applied twice.
+    pub fn consume(data_dir: &Path) -> std::io::Result<()> {
+        match std::fs::remove_file(data_dir.join(BOOTSTRAP_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_spec_parses_and_rejects() {
+        let b = Bootstrap::parse_members("1@127.0.0.1:7001@127.0.0.1:9001,2@h2:7001@h2:9001").unwrap();
+        assert_eq!(b.members.len(), 2);
+        assert_eq!(b.members[1].addr, "h2:7001");
+        assert!(Bootstrap::parse_members("x@a:1@b:2").is_err());
+        assert!(Bootstrap::parse_members("1@nope@b:2").is_err());
+        assert!(Bootstrap::parse_members("1@a:1").is_err());
+        assert!(Bootstrap::parse_members("").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = toml::from_str::<NodeConfig>("id = 1\nlisten = \"a:1\"\nadmin_listen = \"a:2\"\nbogus = 3\n").unwrap_err();
+        assert!(err.message().contains("bogus"), "{}", err.message());
+    }
+}

@@ -1,0 +1,6 @@
+//! Controllers: reconcile loops that run on the leader and move the catalog towards what it
+//! should be, one idempotent command at a time. A new leader simply starts reconciling from the
+//! catalog as it finds it, so a leader change never abandons work. Controllers propose commands
+//! through [`crate::service::NodeService::write`]; they must not write storage directly.
+
+pub mod host_registry;

@@ -1,0 +1,18 @@
+//! `haven-node`: the Haven server. See `ARCHITECTURE.md` at the repository root for the map.
+//!
+//! [`node::run`] assembles one node: storage, transport, Raft, actors, controllers and the admin
+//! server; [`cli`] is the `haven-node` command line over it.
+
+pub mod actors;
+pub mod admin;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod controllers;
+pub mod node;
+pub mod pki;
+pub mod raft;
+pub mod service;
+pub mod storage;
+pub mod telemetry;
+pub mod transport;

@@ -1,0 +1,157 @@
+//! Assembles and runs one node: opens the store, binds the transport, starts Raft, the actors,
+//! the controllers and the admin server, applies the bootstrap configuration once, and shuts
+//! everything down in order when asked. This module owns start-up order and shutdown; it must
+//! not contain request logic.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use anyhow::{anyhow, Context as _};
+use haven_client::wire::TlsMaterial;
+use haven_proto::{ActorAddr, MemberSpec, NodeId};
+use metrics_exporter_prometheus::PrometheusHandle;
+use openraft::ServerState;
+use tracing::{info, warn};
+
+use crate::actors::host_agent::HostAgent;
+use crate::actors::ActorRegistry;
+use crate::config::{Bootstrap, NodeConfig, DB_DIR, TLS_DIR};
+use crate::raft::log_store::LogStore;
+use crate::raft::network::NetworkFactory;
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{HavenNode, Raft};
+use crate::service::NodeService;
+use crate::storage::Store;
+use crate::transport::Transport;
+
+/// Load this node's TLS material from `<data-dir>/tls`.
+pub fn load_tls(data_dir: &Path) -> anyhow::Result<TlsMaterial> {
+    let tls = data_dir.join(TLS_DIR);
+    TlsMaterial::load(&tls.join("ca.pem"), &tls.join("node.pem"), &tls.join("node.key"))
+        .map_err(|e| anyhow!("{e} (run `haven-node init` first)"))
+}
+
+/// Run a node until `shutdown` resolves. Must be called inside an actix `System` whose Tokio
+/// runtime is multi-threaded (see `cli`), because actors start on the current thread.
+pub async fn run(
+    data_dir: &Path,
+    cfg: NodeConfig,
+    prometheus: PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let id = NodeId(cfg.id);
+    let tls = load_tls(data_dir)?;
+    let store = Store::open(&data_dir.join(DB_DIR)).with_context(|| format!("opening {}", data_dir.join(DB_DIR).display()))?;
+
+    let listen = crate::transport::resolve(&cfg.listen).await.map_err(|e| anyhow!(e))?;
+    let transport = Transport::bind(id, listen, &tls).with_context(|| format!("binding QUIC on {listen}"))?;
+    let raft_config = Arc::new(cfg.raft.to_openraft().map_err(|e| anyhow!(e))?);
+    let raft = Raft::new(
+        cfg.id,
+        raft_config,
+        NetworkFactory::new(transport.clone()),
+        LogStore::new(store.clone()),
+        StateMachineStore::new(store.clone()),
+    )
+    .await
+    .context("starting raft")?;
+
+    let resolver_raft = raft.clone();
+    let registry = ActorRegistry::new(
+        id,
+        transport.clone(),
+        Arc::new(move |node: NodeId| {
+            resolver_raft.metrics().borrow().membership_config.membership().get_node(&node.0).map(|n| n.addr.clone())
+        }),
+        Duration::from_millis(cfg.request_timeout_ms),
+    );
+    let host_agent = HostAgent::new(id).start();
+    registry.register(ActorAddr::host_agent(id), host_agent.recipient());
+
+    let service = Arc::new(NodeService {
+        id,
+        raft: raft.clone(),
+        store: store.clone(),
+        transport: transport.clone(),
+        registry,
+        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+    });
+
+    let handler_service = service.clone();
+    let server = tokio::spawn(transport.clone().serve(Arc::new(move |env| {
+        let s = handler_service.clone();
+        Box::pin(s.handle(env))
+    })));
+
+    let (admin_listener, admin_addr) =
+        crate::admin::bind(&cfg.admin_listen).await.with_context(|| format!("binding admin HTTP on {}", cfg.admin_listen))?;
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, service.clone(), prometheus, async {
+        let _ = admin_stop_rx.await;
+    }));
+    tokio::spawn(watch_raft_metrics(raft.clone()));
+    tokio::spawn(crate::controllers::host_registry::run(service.clone(), Duration::from_secs(1)));
+
+    bootstrap_if_pending(data_dir, &raft).await?;
+    info!(node = %id, quic = %transport.local_addr()?, admin = %admin_addr, "node running");
+
+    shutdown.await;
+    info!(node = %id, "shutting down");
+    let _ = admin_stop_tx.send(());
+    if let Err(e) = raft.shutdown().await {
+        warn!(error = %e, "raft shutdown");
+    }
+    transport.close();
+    server.abort();
+    let _ = admin.await;
+    store.sync_wal().context("final WAL sync")?;
+    info!(node = %id, "stopped");
+    Ok(())
+}
+
+/// Initialise Raft from `<data-dir>/bootstrap.toml` if it is there, then delete the file so it
+/// is applied exactly once per data dir.
+async fn bootstrap_if_pending(data_dir: &Path, raft: &Raft) -> anyhow::Result<()> {
+    let Some(bootstrap) = Bootstrap::load(data_dir)? else { return Ok(()) };
+    if raft.is_initialized().await? {
+        warn!("bootstrap.toml present but raft state exists; ignoring it");
+    } else {
+        let members: std::collections::BTreeMap<u64, HavenNode> = bootstrap
+            .members
+            .iter()
+            .map(|m| {
+                let spec = MemberSpec::from(m);
+                (spec.id.0, HavenNode { addr: spec.addr, admin_addr: spec.admin_addr })
+            })
+            .collect();
+        info!(members = members.len(), "initialising a new cluster");
+        raft.initialize(members).await.context("initialising raft")?;
+    }
+    Bootstrap::consume(data_dir).context("removing bootstrap.toml")?;
+    Ok(())
+}
+
+/// Publish Raft's state as metrics: term, indexes, leadership and leader changes.
+async fn watch_raft_metrics(raft: Raft) {
+    let mut rx = raft.metrics();
+    let mut last_leader = None;
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            metrics::gauge!("haven_raft_term").set(m.current_term as f64);
+            metrics::gauge!("haven_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+            metrics::gauge!("haven_raft_last_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+            metrics::gauge!("haven_raft_is_leader").set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+            if m.current_leader.is_some() && m.current_leader != last_leader {
+                metrics::counter!("haven_raft_leader_changes_total").increment(1);
+                last_leader = m.current_leader;
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Consensus: openraft configured for Haven.
+//!
+//! The Raft log and the state machine both live in the node's RocksDB ([`log_store`],
+//! [`state_machine`]); RPCs travel as envelopes over the QUIC transport ([`network`]). The state
+//! machine is the catalog ([`crate::catalog`]). This module owns the type configuration and the
+//! Raft tunables; it must not contain catalog logic.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::fmt;
+use std::io::Cursor;
+use std::time::Duration;
+
+use haven_proto::{CatalogCommand, CommandOutcome};
+use serde::{Deserialize, Serialize};
+
+/// What the membership records about each node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HavenNode {
+    /// QUIC address.
+    pub addr: String,
+    /// Admin HTTP address.
+    pub admin_addr: String,
+}
+
+impl fmt::Display for HavenNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (admin {})", self.addr, self.admin_addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// Haven's Raft type configuration.
+    pub TypeConfig:
+        D = CatalogCommand,
+        R = CommandOutcome,
+        NodeId = u64,
+        Node = HavenNode,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<u64>;
+pub type Vote = openraft::Vote<u64>;
+pub type StorageError = openraft::StorageError<u64>;
+pub type StoredMembership = openraft::StoredMembership<u64, HavenNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<u64, HavenNode>;
+
+/// Raft timing and log-compaction knobs (from the node configuration).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftTunables {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log after a snapshot (so slightly-behind followers avoid a snapshot).
+    pub keep_after_snapshot: u64,
+}
+
+impl Default for RaftTunables {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            snapshot_after_entries: 10_000,
+            keep_after_snapshot: 1_000,
+        }
+    }
+}
+
+impl RaftTunables {
+    pub fn to_openraft(&self) -> Result<openraft::Config, String> {
+        let cfg = openraft::Config {
+            cluster_name: "haven".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: self.keep_after_snapshot,
+            install_snapshot_timeout: 5_000,
+            ..Default::default()
+        };
+        cfg.validate().map_err(|e| e.to_string())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+}
+
+/// bincode options used for everything openraft hands us: fixed limits so a hostile peer cannot
+/// make us allocate unbounded memory while decoding.
+pub fn codec() -> impl bincode::Options + Copy {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_limit(haven_proto::MAX_FRAME_LEN as u64)
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    use bincode::Options;
+    codec().serialize(value).map_err(|e| e.to_string())
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    use bincode::Options;
+    codec().deserialize(bytes).map_err(|e| e.to_string())
+}

@@ -1,0 +1,111 @@
+//! openraft's network over the QUIC transport: each Raft RPC is a [`Body::Raft`] envelope whose
+//! payload is the bincode encoding of openraft's request; the reply carries openraft's result.
+//!
+//! Transport failures map onto openraft's error kinds: a peer we cannot dial is `Unreachable`
+//! (openraft backs off), anything else is a `Network` error (retried). This module must not
+//! retry on its own; openraft owns retries and timeouts.
+
+use haven_proto::{ActorAddr, Body, NodeId, RaftRpc};
+use haven_client::wire::WireIoError;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+use super::{decode, encode, HavenNode, TypeConfig};
+use crate::transport::{resolve, Transport};
+
+/// Creates one [`PeerLink`] per target node.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    transport: Transport,
+}
+
+impl NetworkFactory {
+    pub fn new(transport: Transport) -> Self {
+        Self { transport }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, target: u64, node: &HavenNode) -> PeerLink {
+        PeerLink { target, addr: node.addr.clone(), transport: self.transport.clone() }
+    }
+}
+
+/// Raft RPCs to one peer.
+pub struct PeerLink {
+    target: u64,
+    addr: String,
+    transport: Transport,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct LinkError(String);
+
+type RpcErr<E> = RPCError<u64, HavenNode, RaftError<u64, E>>;
+
+impl PeerLink {
+    async fn call<Req, Resp, E>(&self, rpc: RaftRpc, req: &Req, option: &RPCOption) -> Result<Resp, RpcErr<E>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let addr = resolve(&self.addr).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&LinkError(e))))?;
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&LinkError(e))))?;
+        let reply = self
+            .transport
+            .request(addr, ActorAddr::node(NodeId(self.target)), Body::Raft { rpc, payload }, 0, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                WireIoError::Connect { .. } | WireIoError::BackingOff { .. } | WireIoError::Timeout { .. } => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                other => RPCError::Network(NetworkError::new(&other)),
+            })?;
+        match reply.body {
+            Body::RaftReply { payload } => {
+                let result: Result<Resp, RaftError<u64, E>> =
+                    decode(&payload).map_err(|e| RPCError::Network(NetworkError::new(&LinkError(e))))?;
+                result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Body::Error(e) => Err(RPCError::Network(NetworkError::new(&e))),
+            other => Err(RPCError::Network(NetworkError::new(&LinkError(format!(
+                "unexpected reply kind {:?}",
+                other.kind()
+            ))))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr<openraft::error::Infallible>> {
+        self.call(RaftRpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
+        self.call(RaftRpc::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr<openraft::error::Infallible>> {
+        self.call(RaftRpc::Vote, &rpc, &option).await
+    }
+}

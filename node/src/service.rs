@@ -1,0 +1,305 @@
+//! Request handling: what a node does with each validated inbound envelope — Raft RPCs go to
+//! openraft, client requests to the catalog (through the leader), actor messages to the actor
+//! registry.
+//!
+//! Writes and linearizable reads must be served by the leader: a follower forwards them once
+//! (marking the envelope [`EnvelopeFlags::FORWARDED`]) and a forwarded request that lands on a
+//! non-leader is answered `NotLeader` with a hint, never forwarded again. A write is answered
+//! only after openraft reports it committed (durable on a quorum) and applied.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use haven_client::wire::WireIoError;
+use haven_proto::{
+    ActorAddr, Body, CatalogCommand, ClientRequest, ClientResponse, EnvelopeFlags, Envelope, ErrorCode,
+    MemberInfo, MemberSpec, NodeId, NodeRole, NodeStatus, RaftRpc, WireError,
+};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use tracing::{info, warn, Instrument};
+
+use crate::actors::ActorRegistry;
+use crate::catalog;
+use crate::raft::{decode, encode, HavenNode, Raft};
+use crate::storage::Store;
+use crate::transport::{resolve, Transport};
+
+/// Everything needed to answer requests on one node.
+pub struct NodeService {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub store: Store,
+    pub transport: Transport,
+    pub registry: ActorRegistry,
+    pub request_timeout: Duration,
+}
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
+    WireError::new(code, msg)
+}
+
+impl NodeService {
+    /// Handle one inbound envelope and produce the reply body.
+    pub async fn handle(self: Arc<Self>, env: Envelope) -> Body {
+        match env.body {
+            Body::Raft { rpc, payload } => self.handle_raft(rpc, &payload).await,
+            Body::Client(req) => {
+                let name = req.name();
+                let span = tracing::info_span!("client_request", request = name);
+                match self.handle_client(req, env.flags).instrument(span).await {
+                    Ok(r) => Body::ClientReply(r),
+                    Err(e) => {
+                        metrics::counter!("haven_client_errors_total", "request" => name).increment(1);
+                        Body::Error(e)
+                    }
+                }
+            }
+            Body::Actor(msg) => {
+                let routed = if env.dest.node == self.id {
+                    self.registry.deliver_local(env.dest, msg).await
+                } else if env.flags & EnvelopeFlags::FORWARDED == 0 && env.sender == NodeId(0) {
+                    // From a client: route to the owning node, like any local sender would.
+                    self.registry.send(env.dest, msg).await
+                } else {
+                    Err(err(ErrorCode::NotFound, format!("{} does not live on {}", env.dest, self.id)))
+                };
+                match routed {
+                    Ok(r) => Body::ActorReply(r),
+                    Err(e) => Body::Error(e),
+                }
+            }
+            other => Body::Error(err(
+                ErrorCode::InvalidRequest,
+                format!("a {} message is not a request", other.kind().as_str()),
+            )),
+        }
+    }
+
+    async fn handle_raft(&self, rpc: RaftRpc, payload: &[u8]) -> Body {
+        let reply = match rpc {
+            RaftRpc::AppendEntries => match decode(payload) {
+                Ok(req) => encode(&self.raft.append_entries(req).await),
+                Err(e) => Err(e),
+            },
+            RaftRpc::Vote => match decode(payload) {
+                Ok(req) => encode(&self.raft.vote(req).await),
+                Err(e) => Err(e),
+            },
+            RaftRpc::InstallSnapshot => match decode(payload) {
+                Ok(req) => encode(&self.raft.install_snapshot(req).await),
+                Err(e) => Err(e),
+            },
+        };
+        match reply {
+            Ok(payload) => Body::RaftReply { payload },
+            Err(e) => {
+                warn!(?rpc, error = %e, "malformed raft payload");
+                metrics::counter!("haven_transport_errors_total", "kind" => "raft_payload").increment(1);
+                Body::Error(err(ErrorCode::InvalidRequest, format!("malformed {rpc:?} payload: {e}")))
+            }
+        }
+    }
+
+    /// This node's view of itself and the cluster.
+    pub fn status(&self) -> NodeStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members: Vec<MemberInfo> = membership
+            .nodes()
+            .map(|(id, n)| MemberInfo {
+                id: NodeId(*id),
+                addr: n.addr.clone(),
+                admin_addr: n.admin_addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        let is_member = members.iter().any(|x| x.id == self.id);
+        let role = match m.state {
+            _ if members.is_empty() => NodeRole::Uninitialized,
+            ServerState::Leader => NodeRole::Leader,
+            ServerState::Follower => NodeRole::Follower,
+            ServerState::Candidate => NodeRole::Candidate,
+            ServerState::Learner => NodeRole::Learner,
+            ServerState::Shutdown => NodeRole::Shutdown,
+        };
+        NodeStatus {
+            id: self.id,
+            role,
+            term: m.current_term,
+            leader: m.current_leader.map(NodeId),
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            healthy: is_member && m.current_leader.is_some() && role != NodeRole::Shutdown,
+            members,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    async fn handle_client(&self, req: ClientRequest, flags: u32) -> Result<ClientResponse, WireError> {
+        match req {
+            ClientRequest::Status => Ok(ClientResponse::Status(self.status())),
+            ClientRequest::Write { command } => {
+                command.validate().map_err(|m| err(ErrorCode::InvalidRequest, m))?;
+                self.write(command, flags).await
+            }
+            ClientRequest::Read { query, linearizable } => {
+                if linearizable {
+                    let r = tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable()).await;
+                    match r {
+                        Err(_) => return Err(err(ErrorCode::Timeout, "leadership could not be confirmed in time")),
+                        Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
+                            return self
+                                .forward(ClientRequest::Read { query, linearizable }, f.leader_id, f.leader_node, flags)
+                                .await;
+                        }
+                        Ok(Err(e)) => return Err(err(ErrorCode::Unavailable, e.to_string())),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+                catalog::query(&self.store, &query)
+                    .map(ClientResponse::Read)
+                    .map_err(|e| err(ErrorCode::Internal, e.to_string()))
+            }
+            ClientRequest::AddMember { member, voter } => self.add_member(member, voter, flags).await,
+            ClientRequest::RemoveMember { id } => self.remove_member(id, flags).await,
+        }
+    }
+
+    /// Propose a command and wait until it is committed and applied.
+    pub async fn write(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.request_timeout, self.raft.client_write(command.clone())).await;
+        match result {
+            Err(_) => Err(err(ErrorCode::Timeout, "write not committed before the deadline; it may still commit")),
+            Ok(Ok(resp)) => {
+                metrics::histogram!("haven_raft_commit_seconds").record(started.elapsed().as_secs_f64());
+                Ok(ClientResponse::Written { index: resp.log_id.index, outcome: resp.data })
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                self.forward(ClientRequest::Write { command }, f.leader_id, f.leader_node, flags).await
+            }
+            Ok(Err(e)) => Err(err(ErrorCode::Unavailable, e.to_string())),
+        }
+    }
+
+    /// Send a leader-only request to the leader, once.
+    async fn forward(
+        &self,
+        req: ClientRequest,
+        leader: Option<u64>,
+        leader_node: Option<HavenNode>,
+        flags: u32,
+    ) -> Result<ClientResponse, WireError> {
+        let (Some(leader), Some(node)) = (leader, leader_node) else {
+            return Err(err(ErrorCode::NoLeader, "no leader is known; an election may be in progress"));
+        };
+        let hint = Some((leader, node.addr.clone()));
+        if flags & EnvelopeFlags::FORWARDED != 0 || leader == self.id.0 {
+            return Err(WireError { code: ErrorCode::NotLeader, message: format!("leader is node-{leader}"), leader: hint });
+        }
+        let addr = resolve(&node.addr)
+            .await
+            .map_err(|m| WireError { code: ErrorCode::NotLeader, message: m, leader: hint.clone() })?;
+        let reply = self
+            .transport
+            .request(addr, ActorAddr::node(NodeId(leader)), Body::Client(req), EnvelopeFlags::FORWARDED, self.request_timeout)
+            .await;
+        match reply {
+            Ok(Envelope { body: Body::ClientReply(r), .. }) => Ok(r),
+            Ok(Envelope { body: Body::Error(e), .. }) => Err(e),
+            Ok(other) => Err(err(ErrorCode::Internal, format!("leader sent a {} reply", other.kind().as_str()))),
+            Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. })) => {
+                Err(WireError { code: ErrorCode::NotLeader, message: format!("cannot reach leader: {e}"), leader: hint })
+            }
+            Err(e) => Err(err(ErrorCode::Timeout, format!("forwarded to node-{leader}, outcome unknown: {e}"))),
+        }
+    }
+
+    fn leader_only(&self, flags: u32) -> Result<(), (Option<u64>, Option<HavenNode>, u32)> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            return Ok(());
+        }
+        let node = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+        Err((m.current_leader, node, flags))
+    }
+
+    async fn add_member(&self, member: MemberSpec, voter: bool, flags: u32) -> Result<ClientResponse, WireError> {
+        if let Err((leader, node, flags)) = self.leader_only(flags) {
+            return self.forward(ClientRequest::AddMember { member, voter }, leader, node, flags).await;
+        }
+        crate::config::check_addr("member address", &member.addr).map_err(|e| err(ErrorCode::InvalidRequest, e.to_string()))?;
+        crate::config::check_addr("member admin address", &member.admin_addr)
+            .map_err(|e| err(ErrorCode::InvalidRequest, e.to_string()))?;
+        if member.id.0 == 0 {
+            return Err(err(ErrorCode::InvalidRequest, "node id must be greater than 0"));
+        }
+        let status = self.status();
+        if status.members.iter().any(|m| m.id == member.id) {
+            return Err(err(ErrorCode::InvalidRequest, format!("{} is already a member", member.id)));
+        }
+        // Refuse before touching the membership unless the new node answers over mutual TLS as
+        // the id it claims and is not already part of a cluster.
+        let addr = resolve(&member.addr).await.map_err(|m| err(ErrorCode::Unavailable, m))?;
+        let probe = self
+            .transport
+            .request(addr, ActorAddr::node(member.id), Body::Client(ClientRequest::Status), 0, Duration::from_secs(3))
+            .await
+            .map_err(|e| err(ErrorCode::Unavailable, format!("cannot reach {} at {}: {e}", member.id, member.addr)))?;
+        match probe.body {
+            Body::ClientReply(ClientResponse::Status(s)) if s.id != member.id => {
+                return Err(err(ErrorCode::InvalidRequest, format!("{} answers as {}, not {}", member.addr, s.id, member.id)));
+            }
+            Body::ClientReply(ClientResponse::Status(s)) if s.role != NodeRole::Uninitialized => {
+                return Err(err(ErrorCode::InvalidRequest, format!("{} already belongs to a cluster", member.id)));
+            }
+            Body::ClientReply(ClientResponse::Status(_)) => {}
+            other => return Err(err(ErrorCode::Unavailable, format!("unexpected probe reply {:?}", other.kind()))),
+        }
+        let node = HavenNode { addr: member.addr.clone(), admin_addr: member.admin_addr.clone() };
+        let added = tokio::time::timeout(self.request_timeout * 4, self.raft.add_learner(member.id.0, node, true))
+            .await
+            .map_err(|_| err(ErrorCode::Timeout, "the new learner did not catch up in time"))?
+            .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
+        info!(id = %member.id, addr = %member.addr, "added learner");
+        let mut index = added.log_id.index;
+        if voter {
+            let changed = self
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([member.id.0])), false)
+                .await
+                .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
+            index = changed.log_id.index;
+            info!(id = %member.id, "promoted to voter");
+        }
+        Ok(ClientResponse::MembershipChanged { index })
+    }
+
+    async fn remove_member(&self, id: NodeId, flags: u32) -> Result<ClientResponse, WireError> {
+        if let Err((leader, node, flags)) = self.leader_only(flags) {
+            return self.forward(ClientRequest::RemoveMember { id }, leader, node, flags).await;
+        }
+        let status = self.status();
+        let Some(target) = status.members.iter().find(|m| m.id == id) else {
+            return Err(err(ErrorCode::NotFound, format!("{id} is not a member")));
+        };
+        let change = if target.voter {
+            if status.members.iter().filter(|m| m.voter).count() == 1 {
+                return Err(err(ErrorCode::InvalidRequest, format!("{id} is the last voter")));
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id.0]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id.0]))
+        };
+        let changed = self
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
+        info!(%id, "removed member");
+        Ok(ClientResponse::MembershipChanged { index: changed.log_id.index })
+    }
+}

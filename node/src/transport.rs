@@ -1,0 +1,194 @@
+//! The node's QUIC endpoint: accepting peers and clients, validating every inbound frame, and
+//! sending requests to other nodes.
+//!
+//! One quinn endpoint serves and dials, with the cluster CA required on both sides (mutual TLS).
+//! Each inbound stream carries one request envelope; it is size-checked, validated and
+//! version-checked before the [`InboundHandler`] sees it. A bad frame is logged, counted in
+//! `haven_transport_errors_total`, and closes that peer's connection — the node and its other
+//! connections carry on. Control requests and bulk flows use separate connections per peer
+//! ([`Transport::request`] and [`Transport::open_bulk`]), so bulk congestion never delays Raft.
+//! This module must not interpret request bodies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use haven_client::wire::{self, Connector, TlsMaterial, WireIoError};
+use haven_proto::frame::{FRAME_HEADER_LEN, MAX_FRAME_LEN};
+use haven_proto::{ActorAddr, Body, Envelope, NodeId};
+use tracing::{debug, warn, Instrument};
+
+/// QUIC application close code for a peer that sent a bad frame.
+pub const CLOSE_BAD_FRAME: u32 = 0x4856_0001;
+
+/// Handles one validated inbound request and returns the reply body.
+pub type InboundHandler = Arc<dyn Fn(Envelope) -> BoxFuture<'static, Body> + Send + Sync>;
+
+/// The node's transport. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    node: NodeId,
+    endpoint: quinn::Endpoint,
+    control: Connector,
+    bulk: Connector,
+}
+
+impl Transport {
+    /// Bind the endpoint on `listen` with this node's TLS material.
+    pub fn bind(node: NodeId, listen: SocketAddr, tls: &TlsMaterial) -> Result<Self, WireIoError> {
+        let server = tls.quic_server_config()?;
+        let mut endpoint = quinn::Endpoint::server(server, listen)
+            .map_err(|e| WireIoError::Connect { addr: listen, reason: format!("bind: {e}") })?;
+        endpoint.set_default_client_config(tls.quic_client_config()?);
+        let connect_timeout = Duration::from_millis(500);
+        let max_backoff = Duration::from_millis(200);
+        Ok(Self {
+            node,
+            control: Connector::new(endpoint.clone(), connect_timeout, max_backoff),
+            bulk: Connector::new(endpoint.clone(), connect_timeout, max_backoff),
+            endpoint,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// Send a request envelope to the node at `addr` and wait for its reply.
+    pub async fn request(
+        &self,
+        addr: SocketAddr,
+        dest: ActorAddr,
+        body: Body,
+        flags: u32,
+        timeout: Duration,
+    ) -> Result<Envelope, WireIoError> {
+        let mut env = Envelope::new(self.control.next_msg_id(), self.node, dest, body);
+        env.flags = flags;
+        let kind = env.kind().as_str();
+        let span = tracing::debug_span!("rpc", %addr, kind, msg_id = env.msg_id);
+        let fut = async {
+            let conn = self.control.connection(addr).await?;
+            let (reply, sent, received) = wire::exchange(&conn, &env).await.inspect_err(|e| {
+                if matches!(e, WireIoError::Connection(_)) {
+                    self.control.invalidate(addr);
+                }
+            })?;
+            metrics::counter!("haven_transport_messages_total", "direction" => "out", "kind" => kind).increment(1);
+            metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(sent as u64);
+            metrics::counter!("haven_transport_bytes_total", "direction" => "in").increment(received as u64);
+            Ok(reply)
+        }
+        .instrument(span);
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                metrics::counter!("haven_transport_errors_total", "kind" => "request").increment(1);
+                Err(e)
+            }
+            Err(_) => {
+                metrics::counter!("haven_transport_errors_total", "kind" => "timeout").increment(1);
+                Err(WireIoError::Timeout { addr, after: timeout })
+            }
+        }
+    }
+
+    /// Open a stream for a bulk flow (memory pages, blocks) to `addr`, on a connection separate
+    /// from the one that carries Raft and control requests.
+    pub async fn open_bulk(&self, addr: SocketAddr) -> Result<(quinn::SendStream, quinn::RecvStream), WireIoError> {
+        let conn = self.bulk.connection(addr).await?;
+        let (send, recv) = conn.open_bi().await?;
+        // Lower priority than anything else the connection carries.
+        let _ = send.set_priority(-1);
+        Ok((send, recv))
+    }
+
+    /// Accept connections until the endpoint closes, handing each valid request to `handler`.
+    pub async fn serve(self, handler: InboundHandler) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let handler = handler.clone();
+            let node = self.node;
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Includes peers without a certificate signed by the cluster CA.
+                        warn!(%remote, error = %e, "refused connection: handshake failed");
+                        metrics::counter!("haven_transport_errors_total", "kind" => "handshake").increment(1);
+                        return;
+                    }
+                };
+                serve_connection(node, conn, handler).await;
+            });
+        }
+    }
+
+    /// Close the endpoint (graceful shutdown).
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+}
+
+async fn serve_connection(node: NodeId, conn: quinn::Connection, handler: InboundHandler) {
+    let remote = conn.remote_address();
+    debug!(%remote, "connection accepted");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%remote, error = %e, "connection ended");
+                return;
+            }
+        };
+        let handler = handler.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(node, send, recv, handler).await {
+                warn!(%remote, error = %e, "rejected frame; closing connection");
+                metrics::counter!("haven_transport_errors_total", "kind" => "bad_frame").increment(1);
+                conn.close(CLOSE_BAD_FRAME.into(), e.to_string().as_bytes());
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    node: NodeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    handler: InboundHandler,
+) -> Result<(), WireIoError> {
+    let started = Instant::now();
+    let buf = wire::read_frame(&mut recv, MAX_FRAME_LEN).await?;
+    let request = Envelope::decode(&buf)?;
+    let kind = request.kind().as_str();
+    metrics::counter!("haven_transport_messages_total", "direction" => "in", "kind" => kind).increment(1);
+    metrics::counter!("haven_transport_bytes_total", "direction" => "in")
+        .increment((buf.len() + FRAME_HEADER_LEN) as u64);
+    let span = tracing::debug_span!("handle", kind, msg_id = request.msg_id, sender = %request.sender);
+    let reply_body = handler(request.clone()).instrument(span).await;
+    let reply = request.reply(node, reply_body);
+    let sent = wire::write_envelope(&mut send, &reply).await?;
+    send.finish()?;
+    metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(sent as u64);
+    metrics::histogram!("haven_transport_handle_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Resolve `host:port` (a name or an IP literal) to one socket address.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
+}

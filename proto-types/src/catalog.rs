@@ -1,0 +1,187 @@
+//! The catalog's command and query vocabulary.
+//!
+//! A [`CatalogCommand`] is what the leader appends to the Raft log; every node's state machine
+//! applies it deterministically and produces a [`CommandOutcome`]. A [`CatalogQuery`] reads the
+//! applied state. Later capabilities (volumes, plans, pairs, ...) add variants here; they must stay
+//! deterministic: no clocks, no randomness, no I/O outside the state machine's own store.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::ids::NodeId;
+
+/// Largest key in the generic key-value namespace.
+pub const MAX_KV_KEY_LEN: usize = 1024;
+/// Largest value in the generic key-value namespace.
+pub const MAX_KV_VALUE_LEN: usize = 1024 * 1024;
+
+/// A host (cluster member) as the catalog records it.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub struct HostRecord {
+    pub id: NodeId,
+    /// QUIC address peers and clients dial.
+    pub addr: String,
+    /// Admin HTTP address (`/metrics`, `/health`, `/status`).
+    pub admin_addr: String,
+}
+
+/// A state-changing catalog operation, replicated through Raft.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub enum CatalogCommand {
+    /// Set `key` to `value` in the generic namespace.
+    KvPut { key: String, value: Vec<u8> },
+    /// Remove `key` from the generic namespace.
+    KvDelete { key: String },
+    /// Set `key` to `new` only if its current value equals `expected` (`None` = absent).
+    /// `new: None` deletes.
+    KvCas { key: String, expected: Option<Vec<u8>>, new: Option<Vec<u8>> },
+    /// Record (or update) a host.
+    UpsertHost(HostRecord),
+    /// Forget a host.
+    RemoveHost { id: NodeId },
+}
+
+impl CatalogCommand {
+    /// Check sizes and names before the command reaches the log. A command that fails here is
+    /// never proposed, so the log only ever holds commands every node can apply.
+    pub fn validate(&self) -> Result<(), String> {
+        fn key_ok(key: &str) -> Result<(), String> {
+            if key.is_empty() {
+                return Err("key must not be empty".into());
+            }
+            if key.len() > MAX_KV_KEY_LEN {
+                return Err(format!("key is {} bytes, limit {MAX_KV_KEY_LEN}", key.len()));
+            }
+            Ok(())
+        }
+        fn value_ok(v: &[u8]) -> Result<(), String> {
+            if v.len() > MAX_KV_VALUE_LEN {
+                return Err(format!("value is {} bytes, limit {MAX_KV_VALUE_LEN}", v.len()));
+            }
+            Ok(())
+        }
+        match self {
+            Self::KvPut { key, value } => {
+                key_ok(key)?;
+                value_ok(value)
+            }
+            Self::KvDelete { key } => key_ok(key),
+            Self::KvCas { key, expected, new } => {
+                key_ok(key)?;
+                expected.as_deref().map(value_ok).transpose()?;
+                new.as_deref().map(value_ok).transpose()?;
+                Ok(())
+            }
+            Self::UpsertHost(h) => {
+                if h.addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(format!("host address {:?} is not ip:port", h.addr));
+                }
+                Ok(())
+            }
+            Self::RemoveHost { .. } => Ok(()),
+        }
+    }
+}
+
+/// What applying a command did.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub enum CommandOutcome {
+    /// A put; the previous value, if any.
+    Put { previous: Option<Vec<u8>> },
+    /// A delete; whether the key existed.
+    Deleted { existed: bool },
+    /// A compare-and-set; whether it matched, and the value now stored.
+    Cas { succeeded: bool, current: Option<Vec<u8>> },
+    /// A host was recorded or removed.
+    Host,
+    /// A Raft membership or blank entry (no catalog effect).
+    Internal,
+}
+
+/// A read of applied catalog state.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub enum CatalogQuery {
+    KvGet { key: String },
+    /// Keys (and values) starting with `prefix`, in key order, at most `limit`.
+    KvScan { prefix: String, limit: u32 },
+    Hosts,
+}
+
+/// The answer to a [`CatalogQuery`].
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub enum QueryResult {
+    Value(Option<Vec<u8>>),
+    Entries(Vec<(String, Vec<u8>)>),
+    Hosts(Vec<HostRecord>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_refuses_oversized_and_empty() {
+        assert!(CatalogCommand::KvPut { key: "".into(), value: vec![] }.validate().is_err());
+        assert!(CatalogCommand::KvPut { key: "a".repeat(2000), value: vec![] }.validate().is_err());
+        assert!(CatalogCommand::KvPut { key: "a".into(), value: vec![0; MAX_KV_VALUE_LEN + 1] }
+            .validate()
+            .is_err());
+        assert!(CatalogCommand::KvPut { key: "a".into(), value: vec![1] }.validate().is_ok());
+        let bad_host = HostRecord { id: NodeId(1), addr: "nope".into(), admin_addr: String::new() };
+        assert!(CatalogCommand::UpsertHost(bad_host).validate().is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! Request and response vocabularies: what clients ask nodes ([`ClientRequest`]) and what actors
+//! say to each other ([`ActorMessage`]). Both travel inside an [`crate::Envelope`] body; the same
+//! actor message type is used whether the target actor is local or on another node.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::catalog::{CatalogCommand, CatalogQuery, CommandOutcome, QueryResult};
+use crate::ids::NodeId;
+
+/// A member to put in the initial cluster configuration or to add later.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub struct MemberSpec {
+    pub id: NodeId,
+    /// QUIC address (ip:port).
+    pub addr: String,
+    /// Admin HTTP address (ip:port).
+    pub admin_addr: String,
+}
+
+/// A request from a client (SDK, havenctl, another node forwarding).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ClientRequest {
+    /// This node's view of the cluster (answered locally, never forwarded).
+    Status,
+    /// Apply a catalog command through Raft (forwarded to the leader).
+    Write { command: CatalogCommand },
+    /// Read catalog state. `linearizable` reads go through the leader's read index.
+    Read { query: CatalogQuery, linearizable: bool },
+    /// Add a member: as a learner first, then (if `voter`) promoted to voter.
+    AddMember { member: MemberSpec, voter: bool },
+    /// Remove a member from the voters and learners.
+    RemoveMember { id: NodeId },
+}
+
+impl ClientRequest {
+    /// Short name for logs, spans and metrics labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Write { .. } => "write",
+            Self::Read { .. } => "read",
+            Self::AddMember { .. } => "add_member",
+            Self::RemoveMember { .. } => "remove_member",
+        }
+    }
+}
+
+/// A node's role in Raft.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub enum NodeRole {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    /// Not yet part of an initialised cluster.
+    Uninitialized,
+    Shutdown,
+}
+
+/// One member as a node's Raft membership sees it.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub addr: String,
+    pub admin_addr: String,
+    pub voter: bool,
+}
+
+/// A node's view of itself and the cluster.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+#[rkyv(derive(Debug))]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub role: NodeRole,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub members: Vec<MemberInfo>,
+    /// True when this node is a member and knows a leader.
+    pub healthy: bool,
+    pub version: String,
+}
+
+/// A node's answer to a [`ClientRequest`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ClientResponse {
+    Status(NodeStatus),
+    /// A write was committed at `index` and applied with `outcome`.
+    Written { index: u64, outcome: CommandOutcome },
+    Read(QueryResult),
+    /// Membership (or init) done; the membership log index.
+    MembershipChanged { index: u64 },
+}
+
+/// A message to an actor. The host agent answers `Ping` and `Describe` now; VM, device and
+/// memory-bank actors add their variants in later issues.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ActorMessage {
+    /// Liveness probe carrying an opaque nonce that is echoed back.
+    Ping { nonce: u64 },
+    /// Describe the actor and its host.
+    Describe,
+}
+
+/// An actor's reply.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ActorReply {
+    Pong { nonce: u64, from: NodeId },
+    Description { node: NodeId, kind: String, handled: u64, uptime_ms: u64 },
+}
