@@ -21,6 +21,7 @@ use crate::catalog::CatalogTxn;
 use crate::storage::{Store, CF_CATALOG, CF_SM_META, CF_SNAPSHOT};
 use haven_proto::CommandOutcome;
 
+/// Last applied [`LogId`] (absent before the first entry is applied).
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_CURRENT: &[u8] = b"current";
@@ -130,7 +131,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let applied = self.read_meta(KEY_APPLIED)?;
+        let applied: Option<LogId> = self.read_meta(KEY_APPLIED)?;
         let membership = self.read_meta(KEY_MEMBERSHIP)?.unwrap_or_default();
         Ok((applied, membership))
     }
@@ -163,7 +164,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let meta = self.store.cf(CF_SM_META);
         if let Some(l) = last_applied {
-            batch.put_cf(meta, KEY_APPLIED, encode(&Some(l)).map_err(|e| io(StorageIOError::write_state_machine(any(e))))?);
+            batch.put_cf(meta, KEY_APPLIED, encode(&l).map_err(|e| io(StorageIOError::write_state_machine(any(e))))?);
         }
         if let Some(m) = membership {
             batch.put_cf(meta, KEY_MEMBERSHIP, encode(&m).map_err(|e| io(StorageIOError::write_state_machine(any(e))))?);
@@ -208,7 +209,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let sm = self.store.cf(CF_SM_META);
         let w = |e: String| io(StorageIOError::write_state_machine(any(e)));
-        batch.put_cf(sm, KEY_APPLIED, encode(&meta.last_log_id).map_err(w)?);
+        match &meta.last_log_id {
+            Some(l) => batch.put_cf(sm, KEY_APPLIED, encode(l).map_err(w)?),
+            None => batch.delete_cf(sm, KEY_APPLIED),
+        }
         batch.put_cf(sm, KEY_MEMBERSHIP, encode(&meta.last_membership).map_err(w)?);
         // Durable: after this the log before the snapshot may be purged.
         self.store
