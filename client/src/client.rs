@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use haven_proto::{
-    ActorAddr, ActorMessage, ActorReply, Body, CatalogCommand, CatalogQuery, ClientRequest, ClientResponse, CommandOutcome,
-    Envelope, ErrorCode, HostRecord, MemberSpec, NodeId, NodeStatus, QueryResult,
+    ActorAddr, ActorMessage, ActorReply, Body, CatalogCommand, CatalogQuery, ClientRequest, ClientResponse,
+    CommandOutcome, Envelope, ErrorCode, HostRecord, MemberSpec, NodeId, NodeStatus, QueryResult,
 };
 
 use crate::config::ClusterConfig;
@@ -193,7 +193,13 @@ impl HavenClient {
             tried += 1;
             match self.attempt(target, &request).await {
                 Ok(resp) => {
-                    if matches!(request, ClientRequest::Write { .. } | ClientRequest::AddMember { .. } | ClientRequest::RemoveMember { .. } | ClientRequest::Read { linearizable: true, .. }) {
+                    if matches!(
+                        request,
+                        ClientRequest::Write { .. }
+                            | ClientRequest::AddMember { .. }
+                            | ClientRequest::RemoveMember { .. }
+                            | ClientRequest::Read { linearizable: true, .. }
+                    ) {
                         *self.leader.lock().expect("leader lock") = Some(target);
                     }
                     return Ok(resp);
@@ -272,10 +278,9 @@ impl HavenClient {
                     _ => Err(Failure::Final(ClientError::Server(err))),
                 }
             }
-            other => Err(Failure::Final(ClientError::Protocol(format!(
-                "expected a client reply, got {:?}",
-                other.kind()
-            )))),
+            other => {
+                Err(Failure::Final(ClientError::Protocol(format!("expected a client reply, got {:?}", other.kind()))))
+            }
         }
     }
 }

@@ -34,11 +34,10 @@ impl ClusterConfig {
     /// Load from a `client.toml` file or from a directory containing one.
     pub fn load(path: &Path) -> Result<Self, ClientError> {
         let file = if path.is_dir() { path.join(CLIENT_CONFIG_FILE) } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).map_err(|e| {
-            ClientError::Config(format!("cannot read {}: {e}", file.display()))
-        })?;
-        let mut cfg: ClusterConfig = toml::from_str(&text)
-            .map_err(|e| ClientError::Config(format!("{}: {}", file.display(), e.message())))?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| ClientError::Config(format!("cannot read {}: {e}", file.display())))?;
+        let mut cfg: ClusterConfig =
+            toml::from_str(&text).map_err(|e| ClientError::Config(format!("{}: {}", file.display(), e.message())))?;
         let base = file.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.ca, &mut cfg.cert, &mut cfg.key] {
             if p.is_relative() {

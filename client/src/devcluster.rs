@@ -153,12 +153,8 @@ impl LocalCluster {
                 pid: None,
             });
         }
-        let bootstrap = manifest
-            .nodes
-            .iter()
-            .map(|n| format!("{}@{}@{}", n.id, n.addr, n.admin))
-            .collect::<Vec<_>>()
-            .join(",");
+        let bootstrap =
+            manifest.nodes.iter().map(|n| format!("{}@{}@{}", n.id, n.addr, n.admin)).collect::<Vec<_>>().join(",");
         let cluster = Self { dir, manifest, children: BTreeMap::new(), detached: false };
         for i in 0..cluster.manifest.nodes.len() {
             let node = cluster.manifest.nodes[i].clone();
@@ -169,7 +165,14 @@ impl LocalCluster {
             "issuing the client certificate",
             &["issue-cert".as_ref(), "--ca-dir".as_ref(), ca.as_os_str(), "--out".as_ref(), client.as_os_str()],
         )?;
-        cluster.client_config().save(&cluster.dir).map_err(|e| DevClusterError::Setup(e.to_string()))?;
+        // Relative paths keep the directory relocatable; `ClusterConfig::load` resolves them.
+        let portable = ClusterConfig {
+            ca: "client/ca.pem".into(),
+            cert: "client/client.pem".into(),
+            key: "client/client.key".into(),
+            ..cluster.client_config()
+        };
+        portable.save(&cluster.dir).map_err(|e| DevClusterError::Setup(e.to_string()))?;
         cluster.save()?;
         Ok(cluster)
     }
@@ -177,10 +180,11 @@ impl LocalCluster {
     /// Open an existing cluster directory (to stop it, signal it, or add nodes).
     pub fn open(dir: &Path) -> Result<Self, DevClusterError> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| DevClusterError::Setup(format!("{}: {e} (is this a `havenctl dev up` directory?)", path.display())))?;
-        let manifest: Manifest =
-            toml::from_str(&text).map_err(|e| DevClusterError::Setup(format!("{}: {}", path.display(), e.message())))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            DevClusterError::Setup(format!("{}: {e} (is this a `havenctl dev up` directory?)", path.display()))
+        })?;
+        let manifest: Manifest = toml::from_str(&text)
+            .map_err(|e| DevClusterError::Setup(format!("{}: {}", path.display(), e.message())))?;
         Ok(Self { dir: dir.to_path_buf(), manifest, children: BTreeMap::new(), detached: true })
     }
 
@@ -319,7 +323,10 @@ impl LocalCluster {
         // SAFETY: kill(2) with a pid we started and just checked is alive; no memory is touched.
         let rc = unsafe { libc::kill(pid as i32, signal) };
         if rc != 0 {
-            return Err(DevClusterError::Io { what: format!("signalling node {id}"), source: std::io::Error::last_os_error() });
+            return Err(DevClusterError::Io {
+                what: format!("signalling node {id}"),
+                source: std::io::Error::last_os_error(),
+            });
         }
         if signal == libc::SIGKILL || signal == libc::SIGTERM {
             self.reap(id, Duration::from_secs(10));
@@ -395,7 +402,12 @@ impl LocalCluster {
 
     /// Wait until every running member in `expect` reports healthy and they agree on one leader.
     /// Returns the leader's status.
-    pub async fn wait_healthy(&mut self, client: &HavenClient, expect: &[u64], timeout: Duration) -> Result<NodeStatus, DevClusterError> {
+    pub async fn wait_healthy(
+        &mut self,
+        client: &HavenClient,
+        expect: &[u64],
+        timeout: Duration,
+    ) -> Result<NodeStatus, DevClusterError> {
         let start = Instant::now();
         loop {
             let detail = match self.check_health(client, expect).await {
@@ -420,7 +432,9 @@ impl LocalCluster {
             }
             match leader {
                 None => leader = st.leader,
-                Some(l) if Some(l) != st.leader => return Err(format!("nodes disagree on the leader ({l} vs {:?})", st.leader)),
+                Some(l) if Some(l) != st.leader => {
+                    return Err(format!("nodes disagree on the leader ({l} vs {:?})", st.leader))
+                }
                 _ => {}
             }
             if st.role == NodeRole::Leader {

@@ -61,9 +61,7 @@ pub struct TlsMaterial {
 impl TlsMaterial {
     /// Read `ca.pem`, and the cert and key at the given paths.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, WireIoError> {
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|e| WireIoError::Tls(format!("reading {}: {e}", p.display())))
-        };
+        let read = |p: &Path| std::fs::read(p).map_err(|e| WireIoError::Tls(format!("reading {}: {e}", p.display())));
         Ok(Self { ca_pem: read(ca)?, cert_pem: read(cert)?, key_pem: read(key)? })
     }
 
@@ -86,8 +84,8 @@ impl TlsMaterial {
         if certs.is_empty() {
             return Err(WireIoError::Tls("certificate file holds no certificate".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
-            .map_err(|e| WireIoError::Tls(format!("private key: {e}")))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| WireIoError::Tls(format!("private key: {e}")))?;
         Ok((certs, key))
     }
 
@@ -105,8 +103,8 @@ impl TlsMaterial {
             .with_client_auth_cert(certs, key)
             .map_err(|e| WireIoError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        let quic =
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| WireIoError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(transport_config()));
         Ok(config)
@@ -115,10 +113,9 @@ impl TlsMaterial {
     /// QUIC server configuration: requires a client certificate signed by the cluster CA.
     pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, WireIoError> {
         let (certs, key) = self.chain()?;
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
-                .build()
-                .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
+            .build()
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
         let mut tls = rustls::ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| WireIoError::Tls(e.to_string()))?
@@ -126,8 +123,8 @@ impl TlsMaterial {
             .with_single_cert(certs, key)
             .map_err(|e| WireIoError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        let quic =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| WireIoError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(transport_config()));
         Ok(config)
@@ -203,8 +200,8 @@ pub async fn exchange(conn: &quinn::Connection, request: &Envelope) -> Result<(E
 /// A client-only QUIC endpoint on an ephemeral port.
 pub fn client_endpoint(material: &TlsMaterial) -> Result<quinn::Endpoint, WireIoError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
-    let mut endpoint = quinn::Endpoint::client(bind)
-        .map_err(|e| WireIoError::Tls(format!("binding client endpoint: {e}")))?;
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| WireIoError::Tls(format!("binding client endpoint: {e}")))?;
     endpoint.set_default_client_config(material.quic_client_config()?);
     Ok(endpoint)
 }
@@ -261,10 +258,7 @@ impl Connector {
                 if let Some(at) = state.retry_at {
                     let now = Instant::now();
                     if at > now {
-                        return Err(WireIoError::BackingOff {
-                            addr,
-                            remaining_ms: (at - now).as_millis() as u64,
-                        });
+                        return Err(WireIoError::BackingOff { addr, remaining_ms: (at - now).as_millis() as u64 });
                     }
                 }
             }

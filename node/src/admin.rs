@@ -50,7 +50,10 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
 async fn health(State(s): State<AdminState>) -> Response {
     let st = s.service.status();
     if st.healthy {
-        (StatusCode::OK, format!("ok: member of a cluster led by {}\n", st.leader.map(|l| l.to_string()).unwrap_or_default()))
+        (
+            StatusCode::OK,
+            format!("ok: member of a cluster led by {}\n", st.leader.map(|l| l.to_string()).unwrap_or_default()),
+        )
             .into_response()
     } else {
         let why = match (st.role, st.leader) {

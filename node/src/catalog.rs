@@ -186,7 +186,8 @@ mod tests {
             .map(|k| CatalogCommand::KvPut { key: k.to_string(), value: vec![1] })
             .collect();
         apply_all(&store, &cmds);
-        let QueryResult::Entries(e) = query(&store, &CatalogQuery::KvScan { prefix: "x/".into(), limit: 2 }).unwrap() else {
+        let QueryResult::Entries(e) = query(&store, &CatalogQuery::KvScan { prefix: "x/".into(), limit: 2 }).unwrap()
+        else {
             panic!("wrong result kind")
         };
         assert_eq!(e.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["x/1", "x/2"]);

@@ -252,4 +252,3 @@ fn issue_cert(a: IssueCertArgs) -> anyhow::Result<ExitCode> {
     println!("issued {} in {}", a.name, a.out.display());
     Ok(ExitCode::SUCCESS)
 }
-

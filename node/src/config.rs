@@ -89,9 +89,7 @@ impl Bootstrap {
         for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
             let fields: Vec<&str> = part.trim().split('@').collect();
             let [id, addr, admin] = fields[..] else {
-                return Err(ConfigError::Invalid(format!(
-                    "bootstrap member {part:?} is not ID@QUIC_ADDR@ADMIN_ADDR"
-                )));
+                return Err(ConfigError::Invalid(format!("bootstrap member {part:?} is not ID@QUIC_ADDR@ADMIN_ADDR")));
             };
             let id: u64 = id
                 .parse()
@@ -191,7 +189,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
-        let err = toml::from_str::<NodeConfig>("id = 1\nlisten = \"a:1\"\nadmin_listen = \"a:2\"\nbogus = 3\n").unwrap_err();
+        let err =
+            toml::from_str::<NodeConfig>("id = 1\nlisten = \"a:1\"\nadmin_listen = \"a:2\"\nbogus = 3\n").unwrap_err();
         assert!(err.message().contains("bogus"), "{}", err.message());
     }
 }

@@ -44,7 +44,8 @@ pub async fn run(
     cfg.validate()?;
     let id = NodeId(cfg.id);
     let tls = load_tls(data_dir)?;
-    let store = Store::open(&data_dir.join(DB_DIR)).with_context(|| format!("opening {}", data_dir.join(DB_DIR).display()))?;
+    let store =
+        Store::open(&data_dir.join(DB_DIR)).with_context(|| format!("opening {}", data_dir.join(DB_DIR).display()))?;
 
     let listen = crate::transport::resolve(&cfg.listen).await.map_err(|e| anyhow!(e))?;
     let transport = Transport::bind(id, listen, &tls).with_context(|| format!("binding QUIC on {listen}"))?;
@@ -86,8 +87,9 @@ pub async fn run(
         Box::pin(s.handle(env))
     })));
 
-    let (admin_listener, admin_addr) =
-        crate::admin::bind(&cfg.admin_listen).await.with_context(|| format!("binding admin HTTP on {}", cfg.admin_listen))?;
+    let (admin_listener, admin_addr) = crate::admin::bind(&cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding admin HTTP on {}", cfg.admin_listen))?;
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let admin = tokio::spawn(crate::admin::serve(admin_listener, service.clone(), prometheus, async {
         let _ = admin_stop_rx.await;

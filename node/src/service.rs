@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use haven_client::wire::WireIoError;
 use haven_proto::{
-    ActorAddr, Body, CatalogCommand, ClientRequest, ClientResponse, EnvelopeFlags, Envelope, ErrorCode,
-    MemberInfo, MemberSpec, NodeId, NodeRole, NodeStatus, RaftRpc, WireError,
+    ActorAddr, Body, CatalogCommand, ClientRequest, ClientResponse, Envelope, EnvelopeFlags, ErrorCode, MemberInfo,
+    MemberSpec, NodeId, NodeRole, NodeStatus, RaftRpc, WireError,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -198,22 +198,36 @@ impl NodeService {
         };
         let hint = Some((leader, node.addr.clone()));
         if flags & EnvelopeFlags::FORWARDED != 0 || leader == self.id.0 {
-            return Err(WireError { code: ErrorCode::NotLeader, message: format!("leader is node-{leader}"), leader: hint });
+            return Err(WireError {
+                code: ErrorCode::NotLeader,
+                message: format!("leader is node-{leader}"),
+                leader: hint,
+            });
         }
-        let addr = resolve(&node.addr)
-            .await
-            .map_err(|m| WireError { code: ErrorCode::NotLeader, message: m, leader: hint.clone() })?;
+        let addr = resolve(&node.addr).await.map_err(|m| WireError {
+            code: ErrorCode::NotLeader,
+            message: m,
+            leader: hint.clone(),
+        })?;
         let reply = self
             .transport
-            .request(addr, ActorAddr::node(NodeId(leader)), Body::Client(req), EnvelopeFlags::FORWARDED, self.request_timeout)
+            .request(
+                addr,
+                ActorAddr::node(NodeId(leader)),
+                Body::Client(req),
+                EnvelopeFlags::FORWARDED,
+                self.request_timeout,
+            )
             .await;
         match reply {
             Ok(Envelope { body: Body::ClientReply(r), .. }) => Ok(r),
             Ok(Envelope { body: Body::Error(e), .. }) => Err(e),
             Ok(other) => Err(err(ErrorCode::Internal, format!("leader sent a {} reply", other.kind().as_str()))),
-            Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. })) => {
-                Err(WireError { code: ErrorCode::NotLeader, message: format!("cannot reach leader: {e}"), leader: hint })
-            }
+            Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. })) => Err(WireError {
+                code: ErrorCode::NotLeader,
+                message: format!("cannot reach leader: {e}"),
+                leader: hint,
+            }),
             Err(e) => Err(err(ErrorCode::Timeout, format!("forwarded to node-{leader}, outcome unknown: {e}"))),
         }
     }
@@ -231,7 +245,8 @@ impl NodeService {
         if let Err((leader, node, flags)) = self.leader_only(flags) {
             return self.forward(ClientRequest::AddMember { member, voter }, leader, node, flags).await;
         }
-        crate::config::check_addr("member address", &member.addr).map_err(|e| err(ErrorCode::InvalidRequest, e.to_string()))?;
+        crate::config::check_addr("member address", &member.addr)
+            .map_err(|e| err(ErrorCode::InvalidRequest, e.to_string()))?;
         crate::config::check_addr("member admin address", &member.admin_addr)
             .map_err(|e| err(ErrorCode::InvalidRequest, e.to_string()))?;
         if member.id.0 == 0 {
@@ -251,7 +266,10 @@ impl NodeService {
             .map_err(|e| err(ErrorCode::Unavailable, format!("cannot reach {} at {}: {e}", member.id, member.addr)))?;
         match probe.body {
             Body::ClientReply(ClientResponse::Status(s)) if s.id != member.id => {
-                return Err(err(ErrorCode::InvalidRequest, format!("{} answers as {}, not {}", member.addr, s.id, member.id)));
+                return Err(err(
+                    ErrorCode::InvalidRequest,
+                    format!("{} answers as {}, not {}", member.addr, s.id, member.id),
+                ));
             }
             Body::ClientReply(ClientResponse::Status(s)) if s.role != NodeRole::Uninitialized => {
                 return Err(err(ErrorCode::InvalidRequest, format!("{} already belongs to a cluster", member.id)));
@@ -294,11 +312,8 @@ impl NodeService {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id.0]))
         };
-        let changed = self
-            .raft
-            .change_membership(change, false)
-            .await
-            .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
+        let changed =
+            self.raft.change_membership(change, false).await.map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
         info!(%id, "removed member");
         Ok(ClientResponse::MembershipChanged { index: changed.log_id.index })
     }

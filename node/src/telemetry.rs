@@ -30,25 +30,25 @@ impl Drop for TelemetryGuard {
 /// Install the log/trace subscriber. Safe to call once per process.
 pub fn init_tracing(service: &str) -> TelemetryGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|s| !s.is_empty());
-    let provider = endpoint.and_then(|endpoint| {
-        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+    let provider =
+        endpoint.and_then(|endpoint| match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
             Ok(exporter) => Some(
                 SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
-                    .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service.to_string()).build())
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder().with_service_name(service.to_string()).build(),
+                    )
                     .build(),
             ),
             Err(e) => {
                 eprintln!("haven-node: OTLP exporter for {endpoint} not started: {e}");
                 None
             }
-        }
-    });
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
+        });
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
     TelemetryGuard { provider }
 }

@@ -15,17 +15,7 @@ pub const MAX_KV_KEY_LEN: usize = 1024;
 pub const MAX_KV_VALUE_LEN: usize = 1024 * 1024;
 
 /// A host (cluster member) as the catalog records it.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct HostRecord {
     pub id: NodeId,
@@ -36,17 +26,7 @@ pub struct HostRecord {
 }
 
 /// A state-changing catalog operation, replicated through Raft.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum CatalogCommand {
     /// Set `key` to `value` in the generic namespace.
@@ -105,17 +85,7 @@ impl CatalogCommand {
 }
 
 /// What applying a command did.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum CommandOutcome {
     /// A put; the previous value, if any.
@@ -131,37 +101,22 @@ pub enum CommandOutcome {
 }
 
 /// A read of applied catalog state.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum CatalogQuery {
-    KvGet { key: String },
+    KvGet {
+        key: String,
+    },
     /// Keys (and values) starting with `prefix`, in key order, at most `limit`.
-    KvScan { prefix: String, limit: u32 },
+    KvScan {
+        prefix: String,
+        limit: u32,
+    },
     Hosts,
 }
 
 /// The answer to a [`CatalogQuery`].
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum QueryResult {
     Value(Option<Vec<u8>>),
@@ -177,9 +132,7 @@ mod tests {
     fn validation_refuses_oversized_and_empty() {
         assert!(CatalogCommand::KvPut { key: "".into(), value: vec![] }.validate().is_err());
         assert!(CatalogCommand::KvPut { key: "a".repeat(2000), value: vec![] }.validate().is_err());
-        assert!(CatalogCommand::KvPut { key: "a".into(), value: vec![0; MAX_KV_VALUE_LEN + 1] }
-            .validate()
-            .is_err());
+        assert!(CatalogCommand::KvPut { key: "a".into(), value: vec![0; MAX_KV_VALUE_LEN + 1] }.validate().is_err());
         assert!(CatalogCommand::KvPut { key: "a".into(), value: vec![1] }.validate().is_ok());
         let bad_host = HostRecord { id: NodeId(1), addr: "nope".into(), admin_addr: String::new() };
         assert!(CatalogCommand::UpsertHost(bad_host).validate().is_err());

@@ -136,8 +136,8 @@ impl Envelope {
     /// `bytes` must be 16-byte aligned (read frames into an [`AlignedVec`]); an unaligned buffer
     /// is reported as invalid rather than read.
     pub fn access(bytes: &[u8]) -> Result<&ArchivedEnvelope, ProtoError> {
-        let archived = rkyv::access::<ArchivedEnvelope, rancor::Error>(bytes)
-            .map_err(|e| ProtoError::Invalid(e.to_string()))?;
+        let archived =
+            rkyv::access::<ArchivedEnvelope, rancor::Error>(bytes).map_err(|e| ProtoError::Invalid(e.to_string()))?;
         let version = archived.version.to_native();
         if version != PROTOCOL_VERSION {
             return Err(ProtoError::UnsupportedVersion { got: version, supported: PROTOCOL_VERSION });
@@ -148,8 +148,7 @@ impl Envelope {
     /// Validate, check the version, and deserialize into an owned envelope.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, ProtoError> {
         let archived = Self::access(bytes)?;
-        rkyv::deserialize::<Envelope, rancor::Error>(archived)
-            .map_err(|e| ProtoError::Invalid(e.to_string()))
+        rkyv::deserialize::<Envelope, rancor::Error>(archived).map_err(|e| ProtoError::Invalid(e.to_string()))
     }
 }
 
@@ -214,6 +213,31 @@ mod tests {
             let mut b = aligned_copy(&bytes);
             b[i] ^= 0xFF;
             let _ = Envelope::decode(&b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoder: they are refused or decode to a well-formed
+        /// envelope at the current version.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let aligned = aligned_copy(&bytes);
+            if let Ok(env) = Envelope::decode(&aligned) {
+                prop_assert_eq!(env.version, PROTOCOL_VERSION);
+            }
+        }
+
+        #[test]
+        fn any_payload_round_trips(payload in proptest::collection::vec(any::<u8>(), 0..4096), id in any::<u64>()) {
+            let env = Envelope::new(id, NodeId(3), ActorAddr::node(NodeId(4)), Body::Raft { rpc: RaftRpc::Vote, payload });
+            let bytes = env.encode().unwrap();
+            prop_assert_eq!(Envelope::decode(&bytes).unwrap(), env);
         }
     }
 }

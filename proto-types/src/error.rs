@@ -24,18 +24,7 @@ pub enum ProtoError {
 }
 
 /// A machine-readable error class, so clients can decide whether to retry.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[rkyv(derive(Debug, PartialEq, Eq))]
 pub enum ErrorCode {
     /// This node is not the leader; `leader` in the [`WireError`] says who is, if known.
@@ -67,16 +56,7 @@ impl ErrorCode {
 
 /// An error returned by a node in a response envelope.
 #[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-    thiserror::Error,
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error,
 )]
 #[rkyv(derive(Debug))]
 #[error("{code:?}: {message}")]

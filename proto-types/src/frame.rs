@@ -56,10 +56,7 @@ mod tests {
         assert_eq!(FrameHeader::parse(h, MAX_FRAME_LEN).unwrap().len, 1234);
         assert!(matches!(FrameHeader::parse([0; 4], MAX_FRAME_LEN), Err(ProtoError::EmptyFrame)));
         let big = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
-        assert!(matches!(
-            FrameHeader::parse(big, MAX_FRAME_LEN),
-            Err(ProtoError::FrameTooLarge { .. })
-        ));
+        assert!(matches!(FrameHeader::parse(big, MAX_FRAME_LEN), Err(ProtoError::FrameTooLarge { .. })));
         assert!(FrameHeader::encode(MAX_FRAME_LEN + 1).is_err());
     }
 }

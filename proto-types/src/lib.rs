@@ -20,6 +20,5 @@ pub use error::{ErrorCode, ProtoError, WireError};
 pub use frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use ids::{ActorAddr, ActorKind, NodeId, VmId, VolumeId};
 pub use messages::{
-    ActorMessage, ActorReply, ClientRequest, ClientResponse, MemberInfo, MemberSpec, NodeRole,
-    NodeStatus,
+    ActorMessage, ActorReply, ClientRequest, ClientResponse, MemberInfo, MemberSpec, NodeRole, NodeStatus,
 };

@@ -8,17 +8,7 @@ use crate::catalog::{CatalogCommand, CatalogQuery, CommandOutcome, QueryResult};
 use crate::ids::NodeId;
 
 /// A member to put in the initial cluster configuration or to add later.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct MemberSpec {
     pub id: NodeId,
@@ -58,18 +48,7 @@ impl ClientRequest {
 }
 
 /// A node's role in Raft.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum NodeRole {
     Leader,
@@ -82,17 +61,7 @@ pub enum NodeRole {
 }
 
 /// One member as a node's Raft membership sees it.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct MemberInfo {
     pub id: NodeId,
@@ -102,17 +71,7 @@ pub struct MemberInfo {
 }
 
 /// A node's view of itself and the cluster.
-#[derive(
-    Archive,
-    Serialize,
-    Deserialize,
-    serde::Serialize,
-    serde::Deserialize,
-    Debug,
-    Clone,
-    PartialEq,
-    Eq,
-)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct NodeStatus {
     pub id: NodeId,
@@ -133,10 +92,15 @@ pub struct NodeStatus {
 pub enum ClientResponse {
     Status(NodeStatus),
     /// A write was committed at `index` and applied with `outcome`.
-    Written { index: u64, outcome: CommandOutcome },
+    Written {
+        index: u64,
+        outcome: CommandOutcome,
+    },
     Read(QueryResult),
     /// Membership (or init) done; the membership log index.
-    MembershipChanged { index: u64 },
+    MembershipChanged {
+        index: u64,
+    },
 }
 
 /// A message to an actor. The host agent answers `Ping` and `Describe` now; VM, device and

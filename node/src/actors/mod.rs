@@ -79,7 +79,9 @@ impl ActorRegistry {
         match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => Err(WireError::new(ErrorCode::Unavailable, format!("actor {addr}: {e}"))),
-            Err(_) => Err(WireError::new(ErrorCode::Timeout, format!("actor {addr} did not answer in {:?}", self.timeout))),
+            Err(_) => {
+                Err(WireError::new(ErrorCode::Timeout, format!("actor {addr} did not answer in {:?}", self.timeout)))
+            }
         }
     }
 

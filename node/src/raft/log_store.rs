@@ -8,8 +8,8 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 
-use openraft::AnyError;
 use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::AnyError;
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
@@ -41,9 +41,7 @@ impl LogStore {
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         let db = self.store.db();
-        let raw = db
-            .get_cf(self.store.cf(CF_RAFT_META), key)
-            .map_err(|e| io(StorageIOError::read(&e)))?;
+        let raw = db.get_cf(self.store.cf(CF_RAFT_META), key).map_err(|e| io(StorageIOError::read(&e)))?;
         raw.map(|b| decode(&b).map_err(|e| io(StorageIOError::read(any(e))))).transpose()
     }
 
@@ -51,10 +49,7 @@ impl LogStore {
         let bytes = encode(value).map_err(|e| io(StorageIOError::write(any(e))))?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.store.cf(CF_RAFT_META), key, bytes);
-        self.store
-            .db()
-            .write_opt(batch, &Store::durable())
-            .map_err(|e| io(StorageIOError::write(&e)))
+        self.store.db().write_opt(batch, &Store::durable()).map_err(|e| io(StorageIOError::write(&e)))
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
@@ -163,10 +158,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.store.cf(CF_RAFT_LOG), index_key(log_id.index), index_key(u64::MAX));
-        self.store
-            .db()
-            .write_opt(batch, &Store::durable())
-            .map_err(|e| io(StorageIOError::write_logs(&e)))
+        self.store.db().write_opt(batch, &Store::durable()).map_err(|e| io(StorageIOError::write_logs(&e)))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -175,14 +167,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.store.sync_wal().map_err(|e| io(StorageIOError::write_logs(&e)))?;
         self.put_meta_durable(KEY_LAST_PURGED, &log_id)?;
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            self.store.cf(CF_RAFT_LOG),
-            index_key(0),
-            index_key(log_id.index.saturating_add(1)),
-        );
-        self.store
-            .db()
-            .write_opt(batch, &Store::relaxed())
-            .map_err(|e| io(StorageIOError::write_logs(&e)))
+        batch.delete_range_cf(self.store.cf(CF_RAFT_LOG), index_key(0), index_key(log_id.index.saturating_add(1)));
+        self.store.db().write_opt(batch, &Store::relaxed()).map_err(|e| io(StorageIOError::write_logs(&e)))
     }
 }

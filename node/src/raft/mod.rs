@@ -5,6 +5,10 @@
 //! machine is the catalog ([`crate::catalog`]). This module owns the type configuration and the
 //! Raft tunables; it must not contain catalog logic.
 
+// openraft's trait methods return its own (large) StorageError; our helpers return the same type
+// so `?` works without conversions.
+#![allow(clippy::result_large_err)]
+
 pub mod log_store;
 pub mod network;
 pub mod state_machine;

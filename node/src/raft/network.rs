@@ -5,13 +5,13 @@
 //! (openraft backs off), anything else is a `Network` error (retried). This module must not
 //! retry on its own; openraft owns retries and timeouts.
 
-use haven_proto::{ActorAddr, Body, NodeId, RaftRpc};
 use haven_client::wire::WireIoError;
+use haven_proto::{ActorAddr, Body, NodeId, RaftRpc};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 
 use super::{decode, encode, HavenNode, TypeConfig};

@@ -83,10 +83,7 @@ impl StateMachineStore {
         let bytes = encode(snap).map_err(|e| io(StorageIOError::write_snapshot(None, any(e))))?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.store.cf(CF_SNAPSHOT), KEY_CURRENT, bytes);
-        self.store
-            .db()
-            .write_opt(batch, &Store::durable())
-            .map_err(|e| io(StorageIOError::write_snapshot(None, &e)))
+        self.store.db().write_opt(batch, &Store::durable()).map_err(|e| io(StorageIOError::write_snapshot(None, &e)))
     }
 }
 
@@ -97,8 +94,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let db = self.store.db();
         let view = db.snapshot();
         let read = |key: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
-            view.get_cf(self.store.cf(CF_SM_META), key)
-                .map_err(|e| io(StorageIOError::read_state_machine(&e)))
+            view.get_cf(self.store.cf(CF_SM_META), key).map_err(|e| io(StorageIOError::read_state_machine(&e)))
         };
         let applied: Option<LogId> = read(KEY_APPLIED)?
             .map(|b| decode(&b).map_err(|e| io(StorageIOError::read_state_machine(any(e)))))
@@ -151,9 +147,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 last_applied = Some(entry.log_id);
                 let outcome = match &entry.payload {
                     EntryPayload::Blank => CommandOutcome::Internal,
-                    EntryPayload::Normal(cmd) => txn
-                        .apply(cmd)
-                        .map_err(|e| io(StorageIOError::apply(entry.log_id, any(e))))?,
+                    EntryPayload::Normal(cmd) => {
+                        txn.apply(cmd).map_err(|e| io(StorageIOError::apply(entry.log_id, any(e))))?
+                    }
                     EntryPayload::Membership(m) => {
                         membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
                         CommandOutcome::Internal
@@ -167,13 +163,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.put_cf(meta, KEY_APPLIED, encode(&l).map_err(|e| io(StorageIOError::write_state_machine(any(e))))?);
         }
         if let Some(m) = membership {
-            batch.put_cf(meta, KEY_MEMBERSHIP, encode(&m).map_err(|e| io(StorageIOError::write_state_machine(any(e))))?);
+            batch.put_cf(
+                meta,
+                KEY_MEMBERSHIP,
+                encode(&m).map_err(|e| io(StorageIOError::write_state_machine(any(e))))?,
+            );
         }
         // Not fsynced here: see the module comment (the Raft log is the durable record).
-        self.store
-            .db()
-            .write_opt(batch, &Store::relaxed())
-            .map_err(|e| io(StorageIOError::write_state_machine(&e)))?;
+        self.store.db().write_opt(batch, &Store::relaxed()).map_err(|e| io(StorageIOError::write_state_machine(&e)))?;
         Ok(outcomes)
     }
 
@@ -215,18 +212,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         batch.put_cf(sm, KEY_MEMBERSHIP, encode(&meta.last_membership).map_err(w)?);
         // Durable: after this the log before the snapshot may be purged.
-        self.store
-            .db()
-            .write_opt(batch, &Store::durable())
-            .map_err(|e| io(StorageIOError::write_state_machine(&e)))?;
+        self.store.db().write_opt(batch, &Store::durable()).map_err(|e| io(StorageIOError::write_state_machine(&e)))?;
         self.save_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         metrics::counter!("haven_raft_snapshots_installed_total").increment(1);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self
-            .current_snapshot()?
-            .map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        Ok(self.current_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }

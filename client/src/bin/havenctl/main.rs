@@ -147,7 +147,11 @@ async fn dispatch(cli: Cli, out: &Output) -> anyhow::Result<()> {
                 .add_member(MemberSpec { id: NodeId(a.id), addr: a.addr.clone(), admin_addr: a.admin_addr }, !a.learner)
                 .await?;
             out.done(
-                &format!("node-{} added as {} (membership index {index})", a.id, if a.learner { "learner" } else { "voter" }),
+                &format!(
+                    "node-{} added as {} (membership index {index})",
+                    a.id,
+                    if a.learner { "learner" } else { "voter" }
+                ),
                 json!({"added": a.id, "voter": !a.learner, "index": index}),
             );
             Ok(())
@@ -200,7 +204,8 @@ async fn cluster_status(client: &HavenClient, out: &Output) -> anyhow::Result<()
             Err(_) => ("unknown address".to_string(), None),
         };
         let role = health.1.as_ref().map(|s| format!("{:?}", s.role).to_lowercase()).unwrap_or_else(|| "-".into());
-        let applied = health.1.as_ref().and_then(|s| s.last_applied_index).map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+        let applied =
+            health.1.as_ref().and_then(|s| s.last_applied_index).map(|i| i.to_string()).unwrap_or_else(|| "-".into());
         rows.push(vec![
             m.id.to_string(),
             if m.voter { "voter" } else { "learner" }.into(),
@@ -236,7 +241,9 @@ async fn kv(cmd: KvCommand, client: &HavenClient, out: &Output) -> anyhow::Resul
             out.done(&format!("{key} written at index {index}"), json!({"key": key, "index": index}));
         }
         KvCommand::Get { key } => match client.kv_get(&key).await? {
-            Some(v) => out.value(&String::from_utf8_lossy(&v), json!({"key": key, "value": String::from_utf8_lossy(&v)})),
+            Some(v) => {
+                out.value(&String::from_utf8_lossy(&v), json!({"key": key, "value": String::from_utf8_lossy(&v)}))
+            }
             None => bail!("key {key:?} not found"),
         },
         KvCommand::Delete { key } => {
@@ -250,7 +257,8 @@ async fn kv(cmd: KvCommand, client: &HavenClient, out: &Output) -> anyhow::Resul
             if expected.is_none() && !absent {
                 bail!("give --expected VALUE or --absent");
             }
-            let (ok, current) = client.kv_cas(&key, expected.as_deref().map(str::as_bytes), Some(new.as_bytes())).await?;
+            let (ok, current) =
+                client.kv_cas(&key, expected.as_deref().map(str::as_bytes), Some(new.as_bytes())).await?;
             let current = current.map(|c| String::from_utf8_lossy(&c).into_owned());
             if !ok {
                 out.done(
