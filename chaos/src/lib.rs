@@ -1,2 +1,16 @@
-//! The chaos harness (scenarios, fault injection, checkers, reports) is built in its own issue
-//! on top of [`haven_client::devcluster`]; this crate reserves its place in the workspace.
+//! Haven's chaos harness. A [`scenario::Scenario`] names a cluster, a workload, a fault schedule
+//! and checkers; [`run::run`] builds the cluster through a [`backend`], runs the
+//! [`workload`] while faults fire (host faults by signal or docker, link faults through
+//! [`relay`]s), heals everything, and judges the recorded [`history`] with the [`checker`]s. The
+//! [`report`] is JSON, a text summary and a timeline picture. Same scenario and seed, same fault
+//! schedule and same client operations; the report prints the one-line replay command.
+
+pub mod backend;
+pub mod checker;
+pub mod history;
+pub mod monitor;
+pub mod relay;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod workload;

@@ -69,6 +69,14 @@ impl HavenClient {
         }
     }
 
+    /// The leader's status (with replication progress per member).
+    pub async fn leader_status(&self) -> Result<NodeStatus, ClientError> {
+        match self.call(ClientRequest::LeaderStatus).await? {
+            ClientResponse::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Apply a catalog command; returns the log index and the outcome.
     pub async fn write(&self, command: CatalogCommand) -> Result<(u64, CommandOutcome), ClientError> {
         match self.call(ClientRequest::Write { command }).await? {
@@ -306,7 +314,7 @@ impl Failure {
 }
 
 fn request_is_idempotent(request: &ClientRequest) -> bool {
-    matches!(request, ClientRequest::Status | ClientRequest::Read { .. })
+    matches!(request, ClientRequest::Status | ClientRequest::LeaderStatus | ClientRequest::Read { .. })
 }
 
 fn unexpected(resp: &ClientResponse) -> ClientError {

@@ -50,6 +50,8 @@ pub struct DevClusterSpec {
     pub snapshot_after: u64,
     /// Loopback IP to bind (e.g. 127.0.0.1).
     pub host: String,
+    /// Extra environment for every node process.
+    pub env: BTreeMap<String, String>,
 }
 
 impl DevClusterSpec {
@@ -61,6 +63,7 @@ impl DevClusterSpec {
             election_timeout_ms: 150,
             snapshot_after: 10_000,
             host: "127.0.0.1".into(),
+            env: BTreeMap::new(),
         }
     }
 }
@@ -82,6 +85,9 @@ struct Manifest {
     election_timeout_ms: u64,
     snapshot_after: u64,
     host: String,
+    /// Extra environment for every node process (e.g. test-only switches).
+    #[serde(default)]
+    env: BTreeMap<String, String>,
     nodes: Vec<NodeEntry>,
 }
 
@@ -142,6 +148,7 @@ impl LocalCluster {
             election_timeout_ms: spec.election_timeout_ms,
             snapshot_after: spec.snapshot_after,
             host: spec.host.clone(),
+            env: spec.env.clone(),
             nodes: Vec::new(),
         };
         for id in 1..=spec.nodes as u64 {
@@ -292,6 +299,7 @@ impl LocalCluster {
         let log2 = log.try_clone().map_err(io("duplicating log handle"))?;
         let mut cmd = Command::new(&self.manifest.node_bin);
         cmd.arg("run").arg("--data-dir").arg(&node.data_dir).stdin(Stdio::null()).stdout(log).stderr(log2);
+        cmd.envs(&self.manifest.env);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,openraft=warn");
         }
@@ -383,6 +391,19 @@ impl LocalCluster {
         stopped
     }
 
+    /// Make node `id` dial each peer in `via` (peer id → address) instead of the peer's membership
+    /// address; takes effect at the node's next start. Used to route links through relays.
+    pub fn set_dial_via(&self, id: u64, via: &BTreeMap<u64, SocketAddr>) -> Result<(), DevClusterError> {
+        let path = self.node(id)?.data_dir.join("haven.toml");
+        let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
+        let mut doc: toml::Table =
+            toml::from_str(&text).map_err(|e| DevClusterError::Setup(format!("{}: {}", path.display(), e.message())))?;
+        let table: toml::Table = via.iter().map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string()))).collect();
+        doc.insert("dial_via".into(), toml::Value::Table(table));
+        let text = toml::to_string(&doc).map_err(|e| DevClusterError::Setup(e.to_string()))?;
+        std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))
+    }
+
     /// Create and start a new node that is not part of the cluster yet (for `cluster add`).
     pub fn add_node(&mut self) -> Result<NodeEntry, DevClusterError> {
         let id = self.manifest.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
@@ -400,49 +421,47 @@ impl LocalCluster {
         Ok(node)
     }
 
-    /// Wait until every running member in `expect` reports healthy and they agree on one leader.
-    /// Returns the leader's status.
-    pub async fn wait_healthy(
-        &mut self,
-        client: &HavenClient,
-        expect: &[u64],
-        timeout: Duration,
-    ) -> Result<NodeStatus, DevClusterError> {
-        let start = Instant::now();
-        loop {
-            let detail = match self.check_health(client, expect).await {
-                Ok(s) => return Ok(s),
-                Err(d) => d,
-            };
-            if start.elapsed() > timeout {
-                return Err(DevClusterError::NotHealthy { waited: timeout, detail });
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+    /// Wait until every node in `expect` reports healthy and they agree on one leader.
+    pub async fn wait_healthy(&mut self, client: &HavenClient, expect: &[u64], timeout: Duration) -> Result<NodeStatus, DevClusterError> {
+        let nodes = expect.iter().map(|&id| Ok((id, self.node(id)?.addr))).collect::<Result<Vec<_>, DevClusterError>>()?;
+        wait_healthy(client, &nodes, timeout).await
     }
+}
 
-    async fn check_health(&mut self, client: &HavenClient, expect: &[u64]) -> Result<NodeStatus, String> {
-        let mut leader: Option<NodeId> = None;
-        let mut leader_status = None;
-        for &id in expect {
-            let addr = self.node(id).map_err(|e| e.to_string())?.addr;
-            let st = client.status_of(addr).await.map_err(|e| format!("node {id}: {e}"))?;
-            if !st.healthy {
-                return Err(format!("node {id} is {:?} without a leader", st.role));
-            }
-            match leader {
-                None => leader = st.leader,
-                Some(l) if Some(l) != st.leader => {
-                    return Err(format!("nodes disagree on the leader ({l} vs {:?})", st.leader))
-                }
-                _ => {}
-            }
-            if st.role == NodeRole::Leader {
-                leader_status = Some(st);
-            }
+/// Wait until every node in `nodes` (id, address) reports healthy and they agree on one leader,
+/// which must be among them. Returns the leader's status.
+pub async fn wait_healthy(client: &HavenClient, nodes: &[(u64, SocketAddr)], timeout: Duration) -> Result<NodeStatus, DevClusterError> {
+    let start = Instant::now();
+    loop {
+        let detail = match check_health(client, nodes).await {
+            Ok(s) => return Ok(s),
+            Err(d) => d,
+        };
+        if start.elapsed() > timeout {
+            return Err(DevClusterError::NotHealthy { waited: timeout, detail });
         }
-        leader_status.ok_or_else(|| "the leader is not among the expected nodes yet".into())
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+async fn check_health(client: &HavenClient, nodes: &[(u64, SocketAddr)]) -> Result<NodeStatus, String> {
+    let mut leader: Option<NodeId> = None;
+    let mut leader_status = None;
+    for &(id, addr) in nodes {
+        let st = client.status_of(addr).await.map_err(|e| format!("node {id}: {e}"))?;
+        if !st.healthy {
+            return Err(format!("node {id} is {:?} without a leader", st.role));
+        }
+        match leader {
+            None => leader = st.leader,
+            Some(l) if Some(l) != st.leader => return Err(format!("nodes disagree on the leader ({l} vs {:?})", st.leader)),
+            _ => {}
+        }
+        if st.role == NodeRole::Leader {
+            leader_status = Some(st);
+        }
+    }
+    leader_status.ok_or_else(|| "the leader is not among the expected nodes yet".into())
 }
 
 impl Drop for LocalCluster {

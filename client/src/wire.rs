@@ -206,9 +206,15 @@ pub fn client_endpoint(material: &TlsMaterial) -> Result<quinn::Endpoint, WireIo
     Ok(endpoint)
 }
 
+/// A dial in flight, shared by every caller waiting for the same peer. It runs as its own task,
+/// so a caller that gives up (its request timed out) does not abort the handshake: the next
+/// request finds the connection ready instead of starting over.
+type Dial = futures::future::Shared<futures::future::BoxFuture<'static, Result<quinn::Connection, String>>>;
+
 #[derive(Default)]
 struct PeerState {
     conn: Option<quinn::Connection>,
+    dialing: Option<Dial>,
     failures: u32,
     retry_at: Option<Instant>,
 }
@@ -245,48 +251,59 @@ impl Connector {
         self.next_msg_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// A live connection to `addr`, reusing the cached one when it is still open.
+    /// A live connection to `addr`, reusing the cached one when it is still open and joining a
+    /// dial already in flight.
     pub async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, WireIoError> {
-        {
-            let peers = self.peers.lock().expect("peer map lock poisoned");
-            if let Some(state) = peers.get(&addr) {
-                if let Some(conn) = &state.conn {
-                    if conn.close_reason().is_none() {
-                        return Ok(conn.clone());
-                    }
+        let dial = {
+            let mut peers = self.peers.lock().expect("peer map lock poisoned");
+            let state = peers.entry(addr).or_default();
+            if let Some(conn) = &state.conn {
+                if conn.close_reason().is_none() {
+                    return Ok(conn.clone());
                 }
-                if let Some(at) = state.retry_at {
-                    let now = Instant::now();
-                    if at > now {
-                        return Err(WireIoError::BackingOff { addr, remaining_ms: (at - now).as_millis() as u64 });
-                    }
-                }
-            }
-        }
-        let result = self.dial(addr).await;
-        let mut peers = self.peers.lock().expect("peer map lock poisoned");
-        let state = peers.entry(addr).or_default();
-        match result {
-            Ok(conn) => {
-                state.failures = 0;
-                state.retry_at = None;
-                // Another task may have dialled concurrently; keep the first live one.
-                if let Some(existing) = &state.conn {
-                    if existing.close_reason().is_none() {
-                        return Ok(existing.clone());
-                    }
-                }
-                state.conn = Some(conn.clone());
-                Ok(conn)
-            }
-            Err(e) => {
                 state.conn = None;
-                state.failures = state.failures.saturating_add(1);
-                let backoff = Duration::from_millis(20u64 << state.failures.min(8)).min(self.max_backoff);
-                state.retry_at = Some(Instant::now() + backoff);
-                Err(e)
             }
-        }
+            match &state.dialing {
+                Some(d) => d.clone(),
+                None => {
+                    if let Some(at) = state.retry_at {
+                        let now = Instant::now();
+                        if at > now {
+                            return Err(WireIoError::BackingOff { addr, remaining_ms: (at - now).as_millis() as u64 });
+                        }
+                    }
+                    let d = self.spawn_dial(addr);
+                    state.dialing = Some(d.clone());
+                    d
+                }
+            }
+        };
+        dial.await.map_err(|reason| WireIoError::Connect { addr, reason })
+    }
+
+    fn spawn_dial(&self, addr: SocketAddr) -> Dial {
+        use futures::FutureExt;
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let result = this.dial(addr).await;
+            let mut peers = this.peers.lock().expect("peer map lock poisoned");
+            let state = peers.entry(addr).or_default();
+            state.dialing = None;
+            match &result {
+                Ok(conn) => {
+                    state.failures = 0;
+                    state.retry_at = None;
+                    state.conn = Some(conn.clone());
+                }
+                Err(_) => {
+                    state.failures = state.failures.saturating_add(1);
+                    let backoff = Duration::from_millis(20u64 << state.failures.min(8)).min(this.max_backoff);
+                    state.retry_at = Some(Instant::now() + backoff);
+                }
+            }
+            result.map_err(|e| e.to_string())
+        });
+        async move { task.await.unwrap_or_else(|e| Err(format!("dial task failed: {e}"))) }.boxed().shared()
     }
 
     async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, WireIoError> {

@@ -30,6 +30,9 @@ enum Command {
     Init(InitArgs),
     /// Run the node until SIGTERM or SIGINT.
     Run(RunArgs),
+    /// Initialise the data dir on first boot (same flags as `init`), then run. For containers,
+    /// where the data dir is a volume that starts empty.
+    Start(InitArgs),
     /// Probe a node's /health endpoint; exit 0 when healthy, 1 otherwise.
     Health(HealthArgs),
     /// Issue a client certificate (for havenctl or the SDK) from the cluster CA.
@@ -115,6 +118,13 @@ struct IssueCertArgs {
     /// Certificate name (file stem and common name).
     #[arg(long, default_value = "client")]
     name: String,
+    /// Create the CA in --ca-dir if it does not exist yet.
+    #[arg(long)]
+    create_ca: bool,
+    /// Also write a client.toml beside --out for these node addresses (HOST:PORT,...), so
+    /// `havenctl --cluster DIR` works with the issued certificate.
+    #[arg(long, value_delimiter = ',')]
+    client_config_nodes: Vec<std::net::SocketAddr>,
 }
 
 /// Entry point of the binary.
@@ -123,6 +133,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init(a) => init(a),
         Command::Run(a) => run(a),
+        Command::Start(a) => start(a),
         Command::Health(a) => health(a),
         Command::IssueCert(a) => issue_cert(a),
     };
@@ -156,6 +167,7 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         advertise_admin: a.advertise_admin,
         request_timeout_ms: 5_000,
         raft,
+        dial_via: Default::default(),
     };
     cfg.validate()?;
     let bootstrap = a.bootstrap.as_deref().map(Bootstrap::parse_members).transpose()?;
@@ -169,6 +181,14 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
     }
     println!("initialised node {} in {} (CA in {})", a.id, a.data_dir.display(), ca_dir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn start(a: InitArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = a.data_dir.clone();
+    if !data_dir.join(CONFIG_FILE).exists() {
+        init(a)?;
+    }
+    run(RunArgs { data_dir, listen: None, admin_listen: None, request_timeout_ms: None })
 }
 
 fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -247,8 +267,25 @@ fn http_get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u16, S
 }
 
 fn issue_cert(a: IssueCertArgs) -> anyhow::Result<ExitCode> {
-    let ca = CertificateAuthority::load(&a.ca_dir.join(crate::pki::CA_CERT), &a.ca_dir.join(crate::pki::CA_KEY))?;
+    let ca = if a.create_ca {
+        CertificateAuthority::load_or_create(&a.ca_dir)?
+    } else {
+        CertificateAuthority::load(&a.ca_dir.join(crate::pki::CA_CERT), &a.ca_dir.join(crate::pki::CA_KEY))?
+    };
     ca.issue_into(&a.out, &a.name, &a.name)?;
     println!("issued {} in {}", a.name, a.out.display());
+    if !a.client_config_nodes.is_empty() {
+        let dir = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let rel = a.out.file_name().map(PathBuf::from).unwrap_or_default();
+        let cfg = haven_client::ClusterConfig {
+            nodes: a.client_config_nodes.clone(),
+            ca: rel.join(crate::pki::CA_CERT),
+            cert: rel.join(format!("{}.pem", a.name)),
+            key: rel.join(format!("{}.key", a.name)),
+            deadline_ms: 10_000,
+        };
+        let path = cfg.save(dir)?;
+        println!("wrote {}", path.display());
+    }
     Ok(ExitCode::SUCCESS)
 }

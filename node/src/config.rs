@@ -55,6 +55,10 @@ pub struct NodeConfig {
     pub request_timeout_ms: u64,
     #[serde(default)]
     pub raft: RaftTunables,
+    /// Dial these nodes at another address than the one in the membership (node id → HOST:PORT).
+    /// The chaos harness points each link at its own fault-injecting relay this way.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub dial_via: std::collections::BTreeMap<String, String>,
 }
 
 fn default_request_timeout_ms() -> u64 {
@@ -114,6 +118,11 @@ pub fn check_addr(what: &str, addr: &str) -> Result<(), ConfigError> {
 }
 
 impl NodeConfig {
+    /// The `dial_via` table with parsed node ids (call after [`NodeConfig::validate`]).
+    pub fn dial_overrides(&self) -> std::collections::HashMap<u64, String> {
+        self.dial_via.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.clone()))).collect()
+    }
+
     pub fn advertise(&self) -> &str {
         self.advertise.as_deref().unwrap_or(&self.listen)
     }
@@ -131,6 +140,19 @@ impl NodeConfig {
         check_addr("advertise", self.advertise())?;
         check_addr("advertise_admin", self.advertise_admin())?;
         self.raft.to_openraft().map_err(ConfigError::Invalid)?;
+        for (id, addr) in &self.dial_via {
+            id.parse::<u64>().map_err(|_| ConfigError::Invalid(format!("dial_via key {id:?} is not a node id")))?;
+            check_addr(&format!("dial_via.{id}"), addr)?;
+        }
+        for (what, addr) in [("advertise", self.advertise()), ("advertise_admin", self.advertise_admin())] {
+            if let Some(ip) = addr.rsplit_once(':').and_then(|(h, _)| h.parse::<std::net::IpAddr>().ok()) {
+                if ip.is_unspecified() {
+                    return Err(ConfigError::Invalid(format!(
+                        "{what} {addr:?} is not dialable; set it to an address other nodes can reach"
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 

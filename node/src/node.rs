@@ -48,7 +48,7 @@ pub async fn run(
         Store::open(&data_dir.join(DB_DIR)).with_context(|| format!("opening {}", data_dir.join(DB_DIR).display()))?;
 
     let listen = crate::transport::resolve(&cfg.listen).await.map_err(|e| anyhow!(e))?;
-    let transport = Transport::bind(id, listen, &tls).with_context(|| format!("binding QUIC on {listen}"))?;
+    let transport = Transport::bind(id, listen, &tls, cfg.dial_overrides()).with_context(|| format!("binding QUIC on {listen}"))?;
     let raft_config = Arc::new(cfg.raft.to_openraft().map_err(|e| anyhow!(e))?);
     let raft = Raft::new(
         cfg.id,
@@ -79,6 +79,7 @@ pub async fn run(
         transport: transport.clone(),
         registry,
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+        unsafe_ack_before_commit: unsafe_ack_before_commit(),
     });
 
     let handler_service = service.clone();
@@ -156,4 +157,13 @@ async fn watch_raft_metrics(raft: Raft) {
             return;
         }
     }
+}
+
+/// Read the test-only `HAVEN_UNSAFE_ACK_BEFORE_COMMIT` switch, warning loudly when it is on.
+fn unsafe_ack_before_commit() -> bool {
+    let on = std::env::var("HAVEN_UNSAFE_ACK_BEFORE_COMMIT").is_ok_and(|v| v == "1");
+    if on {
+        warn!("HAVEN_UNSAFE_ACK_BEFORE_COMMIT=1: writes are acknowledged BEFORE commit; test use only");
+    }
+    on
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use haven_client::wire::WireIoError;
 use haven_proto::{
-    ActorAddr, Body, CatalogCommand, ClientRequest, ClientResponse, Envelope, EnvelopeFlags, ErrorCode, MemberInfo,
+    ActorAddr, Body, CatalogCommand, ClientRequest, CommandOutcome, ClientResponse, Envelope, EnvelopeFlags, ErrorCode, MemberInfo,
     MemberSpec, NodeId, NodeRole, NodeStatus, RaftRpc, WireError,
 };
 use openraft::error::{ClientWriteError, RaftError};
@@ -24,7 +24,7 @@ use crate::actors::ActorRegistry;
 use crate::catalog;
 use crate::raft::{decode, encode, HavenNode, Raft};
 use crate::storage::Store;
-use crate::transport::{resolve, Transport};
+use crate::transport::Transport;
 
 /// Everything needed to answer requests on one node.
 pub struct NodeService {
@@ -34,6 +34,10 @@ pub struct NodeService {
     pub transport: Transport,
     pub registry: ActorRegistry,
     pub request_timeout: Duration,
+    /// TEST ONLY (`HAVEN_UNSAFE_ACK_BEFORE_COMMIT=1`): acknowledge writes as soon as they are
+    /// proposed, before they are committed. Exists so the chaos harness can prove its checkers
+    /// catch lost acknowledged writes; never set it anywhere else.
+    pub unsafe_ack_before_commit: bool,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
@@ -114,6 +118,11 @@ impl NodeService {
                 addr: n.addr.clone(),
                 admin_addr: n.admin_addr.clone(),
                 voter: voters.contains(id),
+                matched_index: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index),
             })
             .collect();
         let is_member = members.iter().any(|x| x.id == self.id);
@@ -141,6 +150,10 @@ impl NodeService {
     async fn handle_client(&self, req: ClientRequest, flags: u32) -> Result<ClientResponse, WireError> {
         match req {
             ClientRequest::Status => Ok(ClientResponse::Status(self.status())),
+            ClientRequest::LeaderStatus => match self.leader_only(flags) {
+                Ok(()) => Ok(ClientResponse::Status(self.status())),
+                Err((leader, node, flags)) => self.forward(ClientRequest::LeaderStatus, leader, node, flags).await,
+            },
             ClientRequest::Write { command } => {
                 command.validate().map_err(|m| err(ErrorCode::InvalidRequest, m))?;
                 self.write(command, flags).await
@@ -170,6 +183,13 @@ impl NodeService {
 
     /// Propose a command and wait until it is committed and applied.
     pub async fn write(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
+        if self.unsafe_ack_before_commit && self.raft.metrics().borrow().state == ServerState::Leader {
+            // Deliberately broken (see the field): the entry is only proposed, not committed.
+            return match self.raft.client_write_ff(command).await {
+                Ok(_pending) => Ok(ClientResponse::Written { index: 0, outcome: CommandOutcome::Put { previous: None } }),
+                Err(e) => Err(err(ErrorCode::Unavailable, e.to_string())),
+            };
+        }
         let started = Instant::now();
         let result = tokio::time::timeout(self.request_timeout, self.raft.client_write(command.clone())).await;
         match result {
@@ -181,7 +201,8 @@ impl NodeService {
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 self.forward(ClientRequest::Write { command }, f.leader_id, f.leader_node, flags).await
             }
-            Ok(Err(e)) => Err(err(ErrorCode::Unavailable, e.to_string())),
+            // Anything else (e.g. the node shutting down) may strike after the entry was appended.
+            Ok(Err(e)) => Err(err(ErrorCode::Timeout, format!("write outcome unknown: {e}"))),
         }
     }
 
@@ -204,7 +225,7 @@ impl NodeService {
                 leader: hint,
             });
         }
-        let addr = resolve(&node.addr).await.map_err(|m| WireError {
+        let addr = self.transport.dial_addr(NodeId(leader), &node.addr).await.map_err(|m| WireError {
             code: ErrorCode::NotLeader,
             message: m,
             leader: hint.clone(),
@@ -258,7 +279,7 @@ impl NodeService {
         }
         // Refuse before touching the membership unless the new node answers over mutual TLS as
         // the id it claims and is not already part of a cluster.
-        let addr = resolve(&member.addr).await.map_err(|m| err(ErrorCode::Unavailable, m))?;
+        let addr = self.transport.dial_addr(member.id, &member.addr).await.map_err(|m| err(ErrorCode::Unavailable, m))?;
         let probe = self
             .transport
             .request(addr, ActorAddr::node(member.id), Body::Client(ClientRequest::Status), 0, Duration::from_secs(3))

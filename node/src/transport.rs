@@ -9,6 +9,7 @@
 //! ([`Transport::request`] and [`Transport::open_bulk`]), so bulk congestion never delays Raft.
 //! This module must not interpret request bodies.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,11 +33,17 @@ pub struct Transport {
     endpoint: quinn::Endpoint,
     control: Connector,
     bulk: Connector,
+    dial_via: Arc<HashMap<u64, String>>,
 }
 
 impl Transport {
     /// Bind the endpoint on `listen` with this node's TLS material.
-    pub fn bind(node: NodeId, listen: SocketAddr, tls: &TlsMaterial) -> Result<Self, WireIoError> {
+    pub fn bind(
+        node: NodeId,
+        listen: SocketAddr,
+        tls: &TlsMaterial,
+        dial_via: HashMap<u64, String>,
+    ) -> Result<Self, WireIoError> {
         let server = tls.quic_server_config()?;
         let mut endpoint = quinn::Endpoint::server(server, listen)
             .map_err(|e| WireIoError::Connect { addr: listen, reason: format!("bind: {e}") })?;
@@ -48,6 +55,7 @@ impl Transport {
             control: Connector::new(endpoint.clone(), connect_timeout, max_backoff),
             bulk: Connector::new(endpoint.clone(), connect_timeout, max_backoff),
             endpoint,
+            dial_via: Arc::new(dial_via),
         })
     }
 
@@ -57,6 +65,12 @@ impl Transport {
 
     pub fn node_id(&self) -> NodeId {
         self.node
+    }
+
+    /// The address to dial for node `node`, whose membership address is `advertised`: a
+    /// configured `dial_via` override wins; names are resolved.
+    pub async fn dial_addr(&self, node: NodeId, advertised: &str) -> Result<SocketAddr, String> {
+        resolve(self.dial_via.get(&node.0).map(String::as_str).unwrap_or(advertised)).await
     }
 
     /// Send a request envelope to the node at `addr` and wait for its reply.

@@ -24,6 +24,8 @@ pub struct MemberSpec {
 pub enum ClientRequest {
     /// This node's view of the cluster (answered locally, never forwarded).
     Status,
+    /// The leader's view of the cluster, including replication progress (forwarded to the leader).
+    LeaderStatus,
     /// Apply a catalog command through Raft (forwarded to the leader).
     Write { command: CatalogCommand },
     /// Read catalog state. `linearizable` reads go through the leader's read index.
@@ -39,6 +41,7 @@ impl ClientRequest {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Status => "status",
+            Self::LeaderStatus => "leader_status",
             Self::Write { .. } => "write",
             Self::Read { .. } => "read",
             Self::AddMember { .. } => "add_member",
@@ -68,6 +71,8 @@ pub struct MemberInfo {
     pub addr: String,
     pub admin_addr: String,
     pub voter: bool,
+    /// On the leader's status only: the last log index known to be replicated to this member.
+    pub matched_index: Option<u64>,
 }
 
 /// A node's view of itself and the cluster.

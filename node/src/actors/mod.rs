@@ -15,7 +15,7 @@ use std::time::Duration;
 use actix::{Message, Recipient};
 use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, Body, ErrorCode, NodeId, WireError};
 
-use crate::transport::{resolve, Transport};
+use crate::transport::Transport;
 
 /// The message every actor accepts: one [`ActorMessage`], answered with an [`ActorReply`].
 pub struct Deliver(pub ActorMessage);
@@ -92,7 +92,7 @@ impl ActorRegistry {
         }
         let peer = (self.resolve)(addr.node)
             .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{} is not a cluster member", addr.node)))?;
-        let peer = resolve(&peer).await.map_err(|m| WireError::new(ErrorCode::Unavailable, m))?;
+        let peer = self.transport.dial_addr(addr.node, &peer).await.map_err(|m| WireError::new(ErrorCode::Unavailable, m))?;
         let reply = self
             .transport
             .request(peer, addr, Body::Actor(msg), 0, self.timeout)

@@ -15,7 +15,7 @@ use openraft::raft::{
 };
 
 use super::{decode, encode, HavenNode, TypeConfig};
-use crate::transport::{resolve, Transport};
+use crate::transport::Transport;
 
 /// Creates one [`PeerLink`] per target node.
 #[derive(Clone)]
@@ -57,7 +57,7 @@ impl PeerLink {
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
     {
-        let addr = resolve(&self.addr).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&LinkError(e))))?;
+        let addr = self.transport.dial_addr(NodeId(self.target), &self.addr).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&LinkError(e))))?;
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&LinkError(e))))?;
         let reply = self
             .transport

@@ -192,16 +192,26 @@ async fn dispatch(cli: Cli, out: &Output) -> anyhow::Result<()> {
 }
 
 async fn cluster_status(client: &HavenClient, out: &Output) -> anyhow::Result<()> {
-    let st = client.status().await.context("asking for the cluster status")?;
+    let st = match client.clone().with_deadline(Duration::from_secs(3)).leader_status().await {
+        Ok(s) => s,
+        // No leader: show what any node knows.
+        Err(_) => client.status().await.context("asking for the cluster status")?,
+    };
     let mut rows = Vec::new();
     let mut members = Vec::new();
     for m in &st.members {
+        // Ask the member itself; where this machine cannot reach it (e.g. a container name),
+        // fall back to the leader's replication view.
+        let leader_view = || match (m.matched_index, st.last_log_index) {
+            (Some(matched), Some(last)) => format!("replicating ({} behind, leader's view)", last.saturating_sub(matched)),
+            _ => "not reachable from here".to_string(),
+        };
         let health = match m.addr.parse() {
             Ok(addr) => match client.clone().with_deadline(Duration::from_secs(2)).status_of(addr).await {
                 Ok(s) => (if s.healthy { "healthy" } else { "unhealthy" }.to_string(), Some(s)),
                 Err(e) => (format!("unreachable ({e})"), None),
             },
-            Err(_) => ("unknown address".to_string(), None),
+            Err(_) => (leader_view(), None),
         };
         let role = health.1.as_ref().map(|s| format!("{:?}", s.role).to_lowercase()).unwrap_or_else(|| "-".into());
         let applied =

@@ -1,0 +1,53 @@
+//! The operation history a workload records: one [`Op`] per client operation with its invoke
+//! and completion times and its outcome. Checkers judge the run from this alone.
+
+use serde::{Deserialize, Serialize};
+
+/// What an operation asked for. Register values are `u64`; `None` means absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "f", rename_all = "lowercase")]
+pub enum OpKind {
+    Read,
+    Write { value: u64 },
+    Cas { expected: Option<u64>, new: u64 },
+    /// A write to a key no other operation touches (`ack/<client>/<seq>`), for the
+    /// acknowledged-writes checker.
+    Append { value: u64 },
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Outcome {
+    /// Acknowledged. For reads, the value read; for CAS, whether it matched.
+    Ok { read: Option<u64>, cas_matched: Option<bool> },
+    /// Certainly had no effect.
+    Fail,
+    /// May or may not have taken effect (timed out, connection lost in flight).
+    Info,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    pub id: usize,
+    pub client: usize,
+    pub key: String,
+    pub kind: OpKind,
+    /// Microseconds since the run started.
+    pub invoke_us: u64,
+    pub complete_us: u64,
+    pub outcome: Outcome,
+    /// Error text for failed and indeterminate operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Op {
+    pub fn is_ok(&self) -> bool {
+        matches!(self.outcome, Outcome::Ok { .. })
+    }
+
+    pub fn latency_ms(&self) -> f64 {
+        (self.complete_us.saturating_sub(self.invoke_us)) as f64 / 1000.0
+    }
+}

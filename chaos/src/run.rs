@@ -1,0 +1,343 @@
+//! One chaos run: start the backend, run the workload while the fault schedule fires, heal
+//! everything, then judge the run with the checkers and write the report.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::backend::Backend;
+use crate::checker::{self, CheckResult, Stats};
+use crate::history::{Op, Outcome};
+use crate::monitor::{self, LeaderSample};
+use crate::relay::LinkShape;
+use crate::scenario::{FaultKind, FaultSpec, Scenario, Target};
+use crate::workload;
+
+/// A fault as it actually happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub kind: FaultKind,
+    pub target: String,
+    /// The node it hit (None when skipped).
+    pub node: Option<u64>,
+    pub at_ms: u64,
+    pub healed_ms: Option<u64>,
+    /// Whether the node was the leader when the fault fired.
+    pub hit_leader: bool,
+    /// Time until another node led with a higher term (leader faults only).
+    pub failover_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpCounts {
+    pub ok: usize,
+    pub failed: usize,
+    pub indeterminate: usize,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub scenario: Scenario,
+    pub seed: u64,
+    pub replay: String,
+    pub passed: bool,
+    pub wall_seconds: f64,
+    pub faults: Vec<FaultRecord>,
+    pub operations: OpCounts,
+    pub failover_ms: Stats,
+    pub heal_ms: Option<u64>,
+    pub checkers: Vec<CheckResult>,
+    pub leader_timeline: Vec<LeaderSample>,
+    #[serde(skip)]
+    pub history: Vec<Op>,
+}
+
+/// Options that are not part of the scenario.
+pub struct RunOptions {
+    pub scenario_path: PathBuf,
+    pub out_dir: PathBuf,
+}
+
+/// Run `scenario` and write its report into `opts.out_dir`.
+pub async fn run(scenario: Scenario, opts: &RunOptions) -> anyhow::Result<RunReport> {
+    let wall = Instant::now();
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let schedule = scenario.schedule();
+    info!(name = %scenario.name, seed = scenario.seed, faults = schedule.len(), "starting chaos run");
+    let mut backend = Backend::start(&scenario, &opts.out_dir).await?;
+    let result = drive(&scenario, &schedule, &mut backend, opts, wall).await;
+    backend.teardown().await;
+    let report = result?;
+    crate::report::write(&report, &opts.out_dir)?;
+    Ok(report)
+}
+
+async fn drive(
+    scenario: &Scenario,
+    schedule: &[FaultSpec],
+    backend: &mut Backend,
+    opts: &RunOptions,
+    wall: Instant,
+) -> anyhow::Result<RunReport> {
+    backend.wait_healthy(Duration::from_secs(60)).await.context("the cluster did not become healthy")?;
+    let epoch = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let nodes: Vec<(u64, std::net::SocketAddr)> =
+        backend.node_ids().into_iter().filter_map(|id| backend.node_addr(id).map(|a| (id, a))).collect();
+    let monitor = tokio::spawn(monitor::run(
+        backend.client()?,
+        nodes.clone(),
+        epoch,
+        Duration::from_millis(10),
+        stop_rx.clone(),
+        samples.clone(),
+    ));
+    let clients = (0..scenario.workload.clients).map(|_| backend.client()).collect::<anyhow::Result<Vec<_>>>()?;
+    let workload = {
+        let spec = scenario.workload.clone();
+        let (seed, history, stop) = (scenario.seed, history.clone(), stop_rx.clone());
+        tokio::spawn(async move { workload::run(&spec, seed, clients, epoch, stop, history).await })
+    };
+
+    // Fire the schedule. Heals are kept in a queue ordered by time so that process faults heal
+    // in order even when they overlap.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(scenario.seed ^ 0x7a4_9e7);
+    let mut records: Vec<FaultRecord> = Vec::new();
+    let mut pending_heals: BTreeMap<(Duration, usize), (FaultKind, u64)> = BTreeMap::new();
+    let mut faulted: HashMap<u64, FaultKind> = HashMap::new();
+    for spec in schedule {
+        heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, spec.at).await;
+        sleep_until(epoch, spec.at).await;
+        let t_ms = epoch.elapsed().as_millis() as u64;
+        let leader = monitor::leader_at(&samples.lock().expect("samples"), t_ms);
+        let node = pick_target(spec.target, leader.map(|l| l.0), &nodes, &faulted, &mut rng);
+        let mut record = FaultRecord {
+            kind: spec.kind,
+            target: spec.target.to_string(),
+            node,
+            at_ms: t_ms,
+            healed_ms: None,
+            hit_leader: node.is_some() && node == leader.map(|l| l.0),
+            failover_ms: None,
+            skipped: None,
+        };
+        match node {
+            None => record.skipped = Some("no eligible node (all targets already faulted or no leader known)".into()),
+            Some(n) => match inject(backend, spec, n, &nodes).await {
+                Ok(()) => {
+                    info!(kind = %spec.kind, node = n, t_ms, "fault injected");
+                    faulted.insert(n, spec.kind);
+                    pending_heals.insert((spec.at + spec.heal_after, records.len()), (spec.kind, n));
+                }
+                Err(e) => record.skipped = Some(format!("injection failed: {e:#}")),
+            },
+        }
+        records.push(record);
+    }
+    heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, scenario.duration).await;
+    sleep_until(epoch, scenario.duration).await;
+
+    // End of the run: stop the clients, heal everything, and time the recovery.
+    let _ = stop_tx.send(true);
+    let _ = workload.await;
+    heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, Duration::MAX).await;
+    backend.heal_links().await?;
+    let healed_at = Instant::now();
+    let heal = backend.wait_healthy(scenario.checkers.heal_within).await;
+    let heal_ms = heal.as_ref().ok().map(|_| healed_at.elapsed().as_millis() as u64);
+    let _ = monitor.await;
+
+    let history = std::mem::take(&mut *history.lock().expect("history"));
+    let samples = std::mem::take(&mut *samples.lock().expect("samples"));
+    for r in &mut records {
+        if let (true, Some(n)) = (r.hit_leader, r.node) {
+            if let Some((_, term)) = monitor::leader_at(&samples, r.at_ms) {
+                r.failover_ms = monitor::failover_ms(&samples, r.at_ms, n, term);
+            }
+        }
+    }
+
+    let mut checks = Vec::new();
+    checks.push(match &heal {
+        Ok(leader) => CheckResult::pass(
+            "heals",
+            format!("one healthy leader (node-{leader}) {} ms after the last fault healed", heal_ms.unwrap_or(0)),
+        ),
+        Err(e) => CheckResult::fail(
+            "heals",
+            format!("not healthy within {:?} of healing: {e:#}", scenario.checkers.heal_within),
+            Vec::new(),
+        ),
+    });
+    if scenario.checkers.linearizable {
+        checks.push(checker::linearizable(&history));
+    }
+    if scenario.checkers.acknowledged_writes {
+        checks.push(match final_appends(backend, scenario.workload.clients).await {
+            Ok(state) => checker::acknowledged_writes(&history, &state),
+            Err(e) => CheckResult::fail("acknowledged-writes", format!("could not read back the writes: {e:#}"), Vec::new()),
+        });
+    }
+    let leader_faults: Vec<&FaultRecord> = records.iter().filter(|r| r.hit_leader).collect();
+    let failovers: Vec<f64> = leader_faults.iter().filter_map(|r| r.failover_ms).map(|m| m as f64).collect();
+    let unrecovered = leader_faults.iter().filter(|r| r.failover_ms.is_none() && r.kind != FaultKind::Delay).count();
+    checks.push(CheckResult {
+        name: "failover".into(),
+        passed: true,
+        summary: format!(
+            "{} leader faults, {} failovers measured{}",
+            leader_faults.len(),
+            failovers.len(),
+            if unrecovered > 0 { format!(" ({unrecovered} healed before another node took over)") } else { String::new() }
+        ),
+        offending: Vec::new(),
+    });
+
+    let counts = OpCounts {
+        ok: history.iter().filter(|o| o.is_ok()).count(),
+        failed: history.iter().filter(|o| matches!(o.outcome, Outcome::Fail)).count(),
+        indeterminate: history.iter().filter(|o| matches!(o.outcome, Outcome::Info)).count(),
+    };
+    let passed = checks.iter().all(|c| c.passed);
+    Ok(RunReport {
+        replay: replay_command(&opts.scenario_path, scenario.seed),
+        seed: scenario.seed,
+        scenario: scenario.clone(),
+        passed,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        faults: records,
+        operations: counts,
+        failover_ms: Stats::of(failovers),
+        heal_ms,
+        checkers: checks,
+        leader_timeline: samples,
+        history,
+    })
+}
+
+fn replay_command(path: &Path, seed: u64) -> String {
+    format!("havenctl chaos run {} --seed {seed}", path.display())
+}
+
+async fn sleep_until(epoch: Instant, at: Duration) {
+    let now = epoch.elapsed();
+    if at > now && at != Duration::MAX {
+        tokio::time::sleep(at - now).await;
+    }
+}
+
+/// Apply every heal due before `until`, at its time.
+async fn heal_due(
+    backend: &mut Backend,
+    pending: &mut BTreeMap<(Duration, usize), (FaultKind, u64)>,
+    faulted: &mut HashMap<u64, FaultKind>,
+    records: &mut [FaultRecord],
+    epoch: Instant,
+    until: Duration,
+) {
+    while let Some((&(at, idx), &(kind, node))) = pending.iter().next() {
+        if at > until {
+            return;
+        }
+        pending.remove(&(at, idx));
+        if until != Duration::MAX {
+            sleep_until(epoch, at).await;
+        }
+        let result = if kind.is_link_fault() {
+            let mut r = Ok(());
+            for other in backend.node_ids().into_iter().filter(|&o| o != node) {
+                r = r.and(backend.shape(node, other, LinkShape::healthy()).await);
+                r = r.and(backend.shape(other, node, LinkShape::healthy()).await);
+            }
+            r
+        } else {
+            backend.host_heal(kind, node).await
+        };
+        match result {
+            Ok(()) => info!(%kind, node, "fault healed"),
+            Err(e) => warn!(%kind, node, error = %format!("{e:#}"), "heal failed"),
+        }
+        faulted.remove(&node);
+        if let Some(r) = records.get_mut(idx) {
+            r.healed_ms = Some(epoch.elapsed().as_millis() as u64);
+        }
+    }
+}
+
+fn pick_target(
+    target: Target,
+    leader: Option<u64>,
+    nodes: &[(u64, std::net::SocketAddr)],
+    faulted: &HashMap<u64, FaultKind>,
+    rng: &mut impl Rng,
+) -> Option<u64> {
+    let healthy: Vec<u64> = nodes.iter().map(|n| n.0).filter(|n| !faulted.contains_key(n)).collect();
+    let pick = |v: &[u64], rng: &mut dyn rand::RngCore| (!v.is_empty()).then(|| v[rng.random_range(0..v.len())]);
+    match target {
+        Target::Leader => leader.filter(|l| healthy.contains(l)),
+        Target::Follower => {
+            let f: Vec<u64> = healthy.iter().copied().filter(|n| Some(*n) != leader).collect();
+            pick(&f, rng)
+        }
+        Target::Random => pick(&healthy, rng),
+        Target::Node(n) => healthy.contains(&n).then_some(n),
+    }
+}
+
+async fn inject(backend: &mut Backend, spec: &FaultSpec, node: u64, nodes: &[(u64, std::net::SocketAddr)]) -> anyhow::Result<()> {
+    let others: Vec<u64> = nodes.iter().map(|n| n.0).filter(|&n| n != node).collect();
+    let cut = LinkShape { blocked: true, ..LinkShape::default() };
+    match spec.kind {
+        FaultKind::Kill | FaultKind::Pause => backend.host_fault(spec.kind, node).await?,
+        FaultKind::Isolate => {
+            for &o in &others {
+                backend.shape(node, o, cut).await?;
+                backend.shape(o, node, cut).await?;
+            }
+        }
+        FaultKind::Partition => {
+            for &o in &others {
+                backend.shape(node, o, cut).await?;
+            }
+        }
+        FaultKind::Delay | FaultKind::Loss | FaultKind::Reorder => {
+            let amount = spec.amount;
+            let shape = match spec.kind {
+                FaultKind::Delay => LinkShape { delay: Duration::from_millis(amount.unwrap_or(50) as u64), ..LinkShape::default() },
+                FaultKind::Loss => LinkShape { loss_pct: amount.unwrap_or(30), ..LinkShape::default() },
+                _ => LinkShape {
+                    reorder_pct: amount.unwrap_or(30),
+                    delay: Duration::from_millis(1),
+                    ..LinkShape::default()
+                },
+            };
+            for &o in &others {
+                backend.shape(node, o, shape).await?;
+                backend.shape(o, node, shape).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read back every append key through the leader (linearizable scans, one per client).
+async fn final_appends(backend: &Backend, clients: usize) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+    let client = backend.client()?;
+    let mut out = HashMap::new();
+    for c in 0..clients {
+        let entries = client.kv_scan(&format!("{}{c}/", workload::APPEND_PREFIX), 100_000).await?;
+        out.extend(entries);
+    }
+    Ok(out)
+}

@@ -1,0 +1,450 @@
+//! Scenario files: what cluster to build, what workload to run, which faults to inject when, and
+//! which checkers judge the run. This module parses and validates them and expands the fault
+//! schedule deterministically from the seed; it must not touch a cluster.
+//!
+//! ```toml
+//! name = "leader-kills"
+//! seed = 7
+//! duration = "20s"
+//! [cluster]
+//! backend = "local"        # or "compose"
+//! nodes = 3
+//! [workload]
+//! clients = 4
+//! keys = 4                 # registers for read/write/cas (linearizability)
+//! rate = 40                # operations per second per client
+//! [[faults]]
+//! at = "4s"
+//! kind = "kill"            # kill | pause | partition | isolate | delay | loss | reorder
+//! target = "leader"        # leader | follower | random | node:N
+//! heal_after = "2s"        # restart / resume / reconnect after this long
+//! [random_faults]
+//! per_minute = 6
+//! kinds = ["kill", "pause", "isolate"]
+//! [checkers]
+//! heal_within = "15s"
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A parsed, validated scenario.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    /// Seed for the fault schedule and the workload's operations.
+    #[serde(default)]
+    pub seed: u64,
+    /// How long the workload and faults run (faults are healed at the end).
+    #[serde(with = "dur")]
+    pub duration: Duration,
+    pub cluster: ClusterSpec,
+    #[serde(default)]
+    pub workload: WorkloadSpec,
+    #[serde(default)]
+    pub faults: Vec<FaultSpec>,
+    #[serde(default)]
+    pub random_faults: Option<RandomFaults>,
+    #[serde(default)]
+    pub checkers: CheckerSpec,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Local,
+    Compose,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    pub backend: Backend,
+    #[serde(default = "three")]
+    pub nodes: usize,
+    #[serde(default = "election_ms")]
+    pub election_timeout_ms: u64,
+    /// TEST ONLY: nodes acknowledge writes before commit, so checkers must fail.
+    #[serde(default)]
+    pub unsafe_ack_before_commit: bool,
+}
+
+fn three() -> usize {
+    3
+}
+fn election_ms() -> u64 {
+    150
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    #[serde(default = "four")]
+    pub clients: usize,
+    /// Number of registers the read/write/cas operations use.
+    #[serde(default = "four")]
+    pub keys: usize,
+    /// Operations per second per client.
+    #[serde(default = "rate")]
+    pub rate: u32,
+    /// Per-operation deadline (after which the outcome is indeterminate).
+    #[serde(default = "op_timeout", with = "dur")]
+    pub op_timeout: Duration,
+}
+
+fn four() -> usize {
+    4
+}
+fn rate() -> u32 {
+    40
+}
+fn op_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        Self { clients: four(), keys: four(), rate: rate(), op_timeout: op_timeout() }
+    }
+}
+
+/// One kind of fault.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultKind {
+    /// kill -9 the node; restarted at heal.
+    Kill,
+    /// SIGSTOP the node; SIGCONT at heal.
+    Pause,
+    /// Cut every link between the target and the other nodes, both ways.
+    Isolate,
+    /// Cut links from the target to the others only (one-way): it still hears them.
+    Partition,
+    /// Add latency on the target's links.
+    Delay,
+    /// Drop a share of the target's packets.
+    Loss,
+    /// Delay a random share of the target's packets so they arrive out of order.
+    Reorder,
+}
+
+impl FaultKind {
+    /// Whether the fault acts on links (needs relays) rather than processes.
+    pub fn is_link_fault(self) -> bool {
+        matches!(self, Self::Isolate | Self::Partition | Self::Delay | Self::Loss | Self::Reorder)
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+/// Which node a fault hits, resolved when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Target {
+    Leader,
+    Follower,
+    Random,
+    Node(u64),
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "leader" => Ok(Self::Leader),
+            "follower" => Ok(Self::Follower),
+            "random" => Ok(Self::Random),
+            other => other
+                .strip_prefix("node:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Node)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown target {other:?}; use leader, follower, random or node:N"))),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Leader => f.write_str("leader"),
+            Self::Follower => f.write_str("follower"),
+            Self::Random => f.write_str("random"),
+            Self::Node(n) => write!(f, "node:{n}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    #[serde(with = "dur")]
+    pub at: Duration,
+    pub kind: FaultKind,
+    #[serde(default = "leader")]
+    pub target: Target,
+    #[serde(default = "heal_after", with = "dur")]
+    pub heal_after: Duration,
+    /// Delay in ms (delay/reorder) or drop percentage (loss).
+    #[serde(default)]
+    pub amount: Option<u32>,
+}
+
+fn leader() -> Target {
+    Target::Leader
+}
+fn heal_after() -> Duration {
+    Duration::from_secs(2)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RandomFaults {
+    pub per_minute: f64,
+    pub kinds: Vec<FaultKind>,
+    #[serde(default = "heal_after", with = "dur")]
+    pub heal_after: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckerSpec {
+    #[serde(default = "yes")]
+    pub linearizable: bool,
+    #[serde(default = "yes")]
+    pub acknowledged_writes: bool,
+    /// The cluster must have one healthy leader within this long after the last fault heals.
+    #[serde(default = "heal_within", with = "dur")]
+    pub heal_within: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+fn heal_within() -> Duration {
+    Duration::from_secs(15)
+}
+
+impl Default for CheckerSpec {
+    fn default() -> Self {
+        Self { linearizable: true, acknowledged_writes: true, heal_within: heal_within() }
+    }
+}
+
+/// A scenario file could not be used; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text).map_err(|message| ScenarioError::Invalid { path: path.display().to_string(), message })
+    }
+
+    /// Parse and validate scenario text. Errors name the offending field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let s: Scenario = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            match e.span() {
+                Some(span) => {
+                    let start = span.start.min(text.len());
+                    let line = text[..start].matches('\n').count() + 1;
+                    let source = text.lines().nth(line - 1).unwrap_or("").trim();
+                    format!("line {line} (`{source}`): {msg}")
+                }
+                None => msg,
+            }
+        })?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.duration.is_zero() {
+            return Err("duration: must be greater than zero".into());
+        }
+        if !(1..=9).contains(&self.cluster.nodes) {
+            return Err(format!("cluster.nodes: {} is outside 1..=9", self.cluster.nodes));
+        }
+        if self.workload.clients == 0 || self.workload.keys == 0 || self.workload.rate == 0 {
+            return Err("workload: clients, keys and rate must be greater than zero".into());
+        }
+        for (i, f) in self.faults.iter().enumerate() {
+            if f.at >= self.duration {
+                return Err(format!("faults[{i}].at: {:?} is not before the end of the run ({:?})", f.at, self.duration));
+            }
+            if let Target::Node(n) = f.target {
+                if n == 0 || n as usize > self.cluster.nodes {
+                    return Err(format!("faults[{i}].target: node:{n} is not in a {}-node cluster", self.cluster.nodes));
+                }
+            }
+            if f.kind == FaultKind::Loss && f.amount.is_some_and(|a| a > 100) {
+                return Err(format!("faults[{i}].amount: loss is a percentage (0..=100)"));
+            }
+        }
+        if let Some(r) = &self.random_faults {
+            if !(r.per_minute > 0.0 && r.per_minute.is_finite()) {
+                return Err("random_faults.per_minute: must be a positive number".into());
+            }
+            if r.kinds.is_empty() {
+                return Err("random_faults.kinds: give at least one fault kind".into());
+            }
+        }
+        if self.cluster.backend == Backend::Compose {
+            if self.cluster.nodes != 3 {
+                return Err("cluster.nodes: the compose backend runs the 3-node docker-compose.yml".into());
+            }
+            let fine = [FaultKind::Partition, FaultKind::Delay, FaultKind::Loss, FaultKind::Reorder];
+            let kinds: Vec<FaultKind> = self.faults.iter().map(|f| f.kind).chain(self.random_faults.iter().flat_map(|r| r.kinds.clone())).collect();
+            if let Some(k) = kinds.iter().find(|k| fine.contains(k)) {
+                return Err(format!("faults: {k} needs the local backend's relays; the compose backend supports kill, pause and isolate"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every fault of the run, explicit and random, in time order. Same scenario and seed, same
+    /// schedule.
+    pub fn schedule(&self) -> Vec<FaultSpec> {
+        let mut out = self.faults.clone();
+        if let Some(r) = &self.random_faults {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ 0x5eed_fa17);
+            let mean_gap = 60.0 / r.per_minute;
+            let mut t = 0.0f64;
+            loop {
+                // Exponential inter-arrival times (a Poisson process).
+                let u: f64 = rng.random_range(f64::EPSILON..1.0);
+                t += -mean_gap * u.ln();
+                if t >= self.duration.as_secs_f64() {
+                    break;
+                }
+                let kind = r.kinds[rng.random_range(0..r.kinds.len())];
+                let target = match rng.random_range(0..3) {
+                    0 => Target::Leader,
+                    1 => Target::Follower,
+                    _ => Target::Random,
+                };
+                out.push(FaultSpec { at: Duration::from_secs_f64(t), kind, target, heal_after: r.heal_after, amount: None });
+            }
+        }
+        out.sort_by_key(|f| f.at);
+        out
+    }
+
+    /// The fault kinds a run uses (link faults need relays).
+    pub fn fault_kinds(&self) -> BTreeSet<FaultKind> {
+        self.schedule().iter().map(|f| f.kind).collect()
+    }
+}
+
+/// Durations as "250ms", "3s", "2m" (or a bare number of seconds).
+mod dur {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Int(i64),
+        Float(f64),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = match Raw::deserialize(d)? {
+            Raw::Int(n) => n as f64,
+            Raw::Float(f) => f,
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom)?,
+        };
+        if secs < 0.0 || !secs.is_finite() {
+            return Err(serde::de::Error::custom(format!("duration {secs}s is negative")));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    fn parse(t: &str) -> Result<f64, String> {
+        let t = t.trim();
+        let (num, unit) = t.find(|c: char| c.is_ascii_alphabetic()).map(|i| t.split_at(i)).unwrap_or((t, "s"));
+        let n: f64 = num.trim().parse().map_err(|_| format!("duration {t:?} is not a number with a unit (ms, s, m)"))?;
+        let scale = match unit {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            _ => return Err(format!("duration {t:?} has unknown unit {unit:?} (use ms, s or m)")),
+        };
+        if n < 0.0 {
+            return Err(format!("duration {t:?} is negative"));
+        }
+        Ok(n * scale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+name = "t"
+seed = 3
+duration = "10s"
+[cluster]
+backend = "local"
+[[faults]]
+at = "2s"
+kind = "kill"
+[random_faults]
+per_minute = 30
+kinds = ["pause", "isolate"]
+"#;
+
+    #[test]
+    fn parses_and_schedules_deterministically() {
+        let s = Scenario::parse(OK).unwrap();
+        assert_eq!(s.duration, Duration::from_secs(10));
+        let a = s.schedule();
+        assert_eq!(a, s.schedule(), "same seed, same schedule");
+        assert!(a.len() > 1);
+        assert!(a.windows(2).all(|w| w[0].at <= w[1].at));
+        let mut other = s.clone();
+        other.seed = 4;
+        assert_ne!(a, other.schedule(), "another seed, another schedule");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad_kind = OK.replace("kind = \"kill\"", "kind = \"meteor\"");
+        let e = Scenario::parse(&bad_kind).unwrap_err();
+        assert!(e.contains("meteor") && e.contains("line 9 (`kind = \"meteor\"`)"), "{e}");
+        let negative = OK.replace("duration = \"10s\"", "duration = \"-5s\"");
+        let e = Scenario::parse(&negative).unwrap_err();
+        assert!(e.contains("negative") && e.contains("line 4"), "{e}");
+        let missing = OK.replace("backend = \"local\"\n", "");
+        let e = Scenario::parse(&missing).unwrap_err();
+        assert!(e.contains("backend"), "{e}");
+        let late = OK.replace("at = \"2s\"", "at = \"20s\"");
+        assert!(Scenario::parse(&late).unwrap_err().contains("faults[0].at"));
+        let unknown = format!("{OK}\nbogus = 1\n");
+        let e = Scenario::parse(&unknown).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+    }
+}
