@@ -8,11 +8,18 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "f", rename_all = "lowercase")]
 pub enum OpKind {
     Read,
-    Write { value: u64 },
-    Cas { expected: Option<u64>, new: u64 },
+    Write {
+        value: u64,
+    },
+    Cas {
+        expected: Option<u64>,
+        new: u64,
+    },
     /// A write to a key no other operation touches (`ack/<client>/<seq>`), for the
     /// acknowledged-writes checker.
-    Append { value: u64 },
+    Append {
+        value: u64,
+    },
 }
 
 /// How an operation ended.

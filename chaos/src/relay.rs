@@ -131,7 +131,7 @@ impl LinkFabric {
     /// Start a relay for every ordered pair of `nodes` (id → real QUIC address).
     pub async fn start(host: &str, nodes: &BTreeMap<u64, SocketAddr>, seed: u64) -> std::io::Result<Self> {
         let mut relays = BTreeMap::new();
-        for (&a, _) in nodes {
+        for &a in nodes.keys() {
             for (&b, &addr_b) in nodes {
                 if a != b {
                     relays.insert((a, b), Relay::start(host, addr_b, seed ^ (a << 8) ^ b).await?);

@@ -16,7 +16,8 @@ pub fn write(report: &RunReport, dir: &Path) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(dir.join("report.json"), json).context("writing report.json")?;
     std::fs::write(dir.join("summary.txt"), summary(report)).context("writing summary.txt")?;
-    let mut h = std::io::BufWriter::new(std::fs::File::create(dir.join("history.jsonl")).context("creating history.jsonl")?);
+    let mut h =
+        std::io::BufWriter::new(std::fs::File::create(dir.join("history.jsonl")).context("creating history.jsonl")?);
     for op in &report.history {
         serde_json::to_writer(&mut h, op)?;
         h.write_all(b"\n")?;
@@ -56,7 +57,11 @@ pub fn summary(r: &RunReport) -> String {
     let _ = writeln!(s, "operations: {} ok, {} failed, {} indeterminate", o.ok, o.failed, o.indeterminate);
     let fo = &r.failover_ms;
     if fo.samples > 0 {
-        let _ = writeln!(s, "failover: p50 {} ms, p99 {} ms, max {} ms over {} leader faults", fo.p50, fo.p99, fo.max, fo.samples);
+        let _ = writeln!(
+            s,
+            "failover: p50 {} ms, p99 {} ms, max {} ms over {} leader faults",
+            fo.p50, fo.p99, fo.max, fo.samples
+        );
     }
     if let Some(h) = r.heal_ms {
         let _ = writeln!(s, "healthy again {h} ms after healing");
@@ -100,10 +105,14 @@ fn timeline(r: &RunReport, path: &Path) -> anyhow::Result<()> {
         lat.draw_series(std::iter::once(Rectangle::new([(x0, 0.1), (x1, max_lat * 1.2)], color.filled())))?
             .label(format!("{} node-{}", f.kind, f.node.unwrap_or(0)));
     }
-    let point = |o: &crate::history::Op, c: RGBColor| Circle::new((o.complete_us as f64 / 1e6, o.latency_ms().max(0.11)), 2, c.filled());
+    let point = |o: &crate::history::Op, c: RGBColor| {
+        Circle::new((o.complete_us as f64 / 1e6, o.latency_ms().max(0.11)), 2, c.filled())
+    };
     lat.draw_series(r.history.iter().filter(|o| matches!(o.outcome, Outcome::Ok { .. })).map(|o| point(o, GREEN)))?;
     lat.draw_series(r.history.iter().filter(|o| matches!(o.outcome, Outcome::Fail)).map(|o| point(o, RED)))?;
-    lat.draw_series(r.history.iter().filter(|o| matches!(o.outcome, Outcome::Info)).map(|o| point(o, RGBColor(230, 140, 0))))?;
+    lat.draw_series(
+        r.history.iter().filter(|o| matches!(o.outcome, Outcome::Info)).map(|o| point(o, RGBColor(230, 140, 0))),
+    )?;
 
     let nodes = r.leader_timeline.iter().flat_map(|s| s.leaders.iter().map(|l| l.0)).max().unwrap_or(3).max(3);
     let mut lead = ChartBuilder::on(&bottom)

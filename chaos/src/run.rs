@@ -186,7 +186,9 @@ async fn drive(
     if scenario.checkers.acknowledged_writes {
         checks.push(match final_appends(backend, scenario.workload.clients).await {
             Ok(state) => checker::acknowledged_writes(&history, &state),
-            Err(e) => CheckResult::fail("acknowledged-writes", format!("could not read back the writes: {e:#}"), Vec::new()),
+            Err(e) => {
+                CheckResult::fail("acknowledged-writes", format!("could not read back the writes: {e:#}"), Vec::new())
+            }
         });
     }
     let leader_faults: Vec<&FaultRecord> = records.iter().filter(|r| r.hit_leader).collect();
@@ -199,7 +201,11 @@ async fn drive(
             "{} leader faults, {} failovers measured{}",
             leader_faults.len(),
             failovers.len(),
-            if unrecovered > 0 { format!(" ({unrecovered} healed before another node took over)") } else { String::new() }
+            if unrecovered > 0 {
+                format!(" ({unrecovered} healed before another node took over)")
+            } else {
+                String::new()
+            }
         ),
         offending: Vec::new(),
     });
@@ -295,7 +301,12 @@ fn pick_target(
     }
 }
 
-async fn inject(backend: &mut Backend, spec: &FaultSpec, node: u64, nodes: &[(u64, std::net::SocketAddr)]) -> anyhow::Result<()> {
+async fn inject(
+    backend: &mut Backend,
+    spec: &FaultSpec,
+    node: u64,
+    nodes: &[(u64, std::net::SocketAddr)],
+) -> anyhow::Result<()> {
     let others: Vec<u64> = nodes.iter().map(|n| n.0).filter(|&n| n != node).collect();
     let cut = LinkShape { blocked: true, ..LinkShape::default() };
     match spec.kind {
@@ -314,7 +325,9 @@ async fn inject(backend: &mut Backend, spec: &FaultSpec, node: u64, nodes: &[(u6
         FaultKind::Delay | FaultKind::Loss | FaultKind::Reorder => {
             let amount = spec.amount;
             let shape = match spec.kind {
-                FaultKind::Delay => LinkShape { delay: Duration::from_millis(amount.unwrap_or(50) as u64), ..LinkShape::default() },
+                FaultKind::Delay => {
+                    LinkShape { delay: Duration::from_millis(amount.unwrap_or(50) as u64), ..LinkShape::default() }
+                }
                 FaultKind::Loss => LinkShape { loss_pct: amount.unwrap_or(30), ..LinkShape::default() },
                 _ => LinkShape {
                     reorder_pct: amount.unwrap_or(30),

@@ -164,11 +164,9 @@ impl<'de> Deserialize<'de> for Target {
             "leader" => Ok(Self::Leader),
             "follower" => Ok(Self::Follower),
             "random" => Ok(Self::Random),
-            other => other
-                .strip_prefix("node:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Node)
-                .ok_or_else(|| serde::de::Error::custom(format!("unknown target {other:?}; use leader, follower, random or node:N"))),
+            other => other.strip_prefix("node:").and_then(|n| n.parse().ok()).map(Self::Node).ok_or_else(|| {
+                serde::de::Error::custom(format!("unknown target {other:?}; use leader, follower, random or node:N"))
+            }),
         }
     }
 }
@@ -286,11 +284,17 @@ impl Scenario {
         }
         for (i, f) in self.faults.iter().enumerate() {
             if f.at >= self.duration {
-                return Err(format!("faults[{i}].at: {:?} is not before the end of the run ({:?})", f.at, self.duration));
+                return Err(format!(
+                    "faults[{i}].at: {:?} is not before the end of the run ({:?})",
+                    f.at, self.duration
+                ));
             }
             if let Target::Node(n) = f.target {
                 if n == 0 || n as usize > self.cluster.nodes {
-                    return Err(format!("faults[{i}].target: node:{n} is not in a {}-node cluster", self.cluster.nodes));
+                    return Err(format!(
+                        "faults[{i}].target: node:{n} is not in a {}-node cluster",
+                        self.cluster.nodes
+                    ));
                 }
             }
             if f.kind == FaultKind::Loss && f.amount.is_some_and(|a| a > 100) {
@@ -310,7 +314,12 @@ impl Scenario {
                 return Err("cluster.nodes: the compose backend runs the 3-node docker-compose.yml".into());
             }
             let fine = [FaultKind::Partition, FaultKind::Delay, FaultKind::Loss, FaultKind::Reorder];
-            let kinds: Vec<FaultKind> = self.faults.iter().map(|f| f.kind).chain(self.random_faults.iter().flat_map(|r| r.kinds.clone())).collect();
+            let kinds: Vec<FaultKind> = self
+                .faults
+                .iter()
+                .map(|f| f.kind)
+                .chain(self.random_faults.iter().flat_map(|r| r.kinds.clone()))
+                .collect();
             if let Some(k) = kinds.iter().find(|k| fine.contains(k)) {
                 return Err(format!("faults: {k} needs the local backend's relays; the compose backend supports kill, pause and isolate"));
             }
@@ -339,7 +348,13 @@ impl Scenario {
                     1 => Target::Follower,
                     _ => Target::Random,
                 };
-                out.push(FaultSpec { at: Duration::from_secs_f64(t), kind, target, heal_after: r.heal_after, amount: None });
+                out.push(FaultSpec {
+                    at: Duration::from_secs_f64(t),
+                    kind,
+                    target,
+                    heal_after: r.heal_after,
+                    amount: None,
+                });
             }
         }
         out.sort_by_key(|f| f.at);
@@ -385,7 +400,8 @@ mod dur {
     fn parse(t: &str) -> Result<f64, String> {
         let t = t.trim();
         let (num, unit) = t.find(|c: char| c.is_ascii_alphabetic()).map(|i| t.split_at(i)).unwrap_or((t, "s"));
-        let n: f64 = num.trim().parse().map_err(|_| format!("duration {t:?} is not a number with a unit (ms, s, m)"))?;
+        let n: f64 =
+            num.trim().parse().map_err(|_| format!("duration {t:?} is not a number with a unit (ms, s, m)"))?;
         let scale = match unit {
             "ms" => 0.001,
             "s" => 1.0,

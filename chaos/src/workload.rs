@@ -110,7 +110,11 @@ pub async fn run(
 }
 
 /// Returns (value read — `Some` only for reads, whether a CAS matched).
-async fn execute(client: &HavenClient, key: &str, kind: OpKind) -> Result<(Option<Option<u64>>, Option<bool>), ClientError> {
+async fn execute(
+    client: &HavenClient,
+    key: &str,
+    kind: OpKind,
+) -> Result<(Option<Option<u64>>, Option<bool>), ClientError> {
     match kind {
         OpKind::Read => {
             let v = client.kv_get(key).await?;

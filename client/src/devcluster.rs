@@ -94,18 +94,24 @@ struct Manifest {
 /// The `haven-node` binary: `$HAVEN_NODE_BIN`, else next to the running executable (or one
 /// directory up, for test binaries in `target/*/deps`), else `haven-node` on `PATH`.
 pub fn locate_node_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("HAVEN_NODE_BIN") {
+    locate_binary("haven-node", "HAVEN_NODE_BIN")
+}
+
+/// A companion binary `name`: `$env_var`, else next to the running executable (or one directory
+/// up), else `name` on `PATH`.
+pub fn locate_binary(name: &str, env_var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
         return PathBuf::from(p);
     }
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(2) {
-            let candidate = dir.join("haven-node");
+            let candidate = dir.join(name);
             if candidate.is_file() {
                 return candidate;
             }
         }
     }
-    PathBuf::from("haven-node")
+    PathBuf::from(name)
 }
 
 /// Pick a free port (UDP for QUIC, TCP for admin) on `host`.
@@ -396,8 +402,8 @@ impl LocalCluster {
     pub fn set_dial_via(&self, id: u64, via: &BTreeMap<u64, SocketAddr>) -> Result<(), DevClusterError> {
         let path = self.node(id)?.data_dir.join("haven.toml");
         let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
-        let mut doc: toml::Table =
-            toml::from_str(&text).map_err(|e| DevClusterError::Setup(format!("{}: {}", path.display(), e.message())))?;
+        let mut doc: toml::Table = toml::from_str(&text)
+            .map_err(|e| DevClusterError::Setup(format!("{}: {}", path.display(), e.message())))?;
         let table: toml::Table = via.iter().map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string()))).collect();
         doc.insert("dial_via".into(), toml::Value::Table(table));
         let text = toml::to_string(&doc).map_err(|e| DevClusterError::Setup(e.to_string()))?;
@@ -422,15 +428,25 @@ impl LocalCluster {
     }
 
     /// Wait until every node in `expect` reports healthy and they agree on one leader.
-    pub async fn wait_healthy(&mut self, client: &HavenClient, expect: &[u64], timeout: Duration) -> Result<NodeStatus, DevClusterError> {
-        let nodes = expect.iter().map(|&id| Ok((id, self.node(id)?.addr))).collect::<Result<Vec<_>, DevClusterError>>()?;
+    pub async fn wait_healthy(
+        &mut self,
+        client: &HavenClient,
+        expect: &[u64],
+        timeout: Duration,
+    ) -> Result<NodeStatus, DevClusterError> {
+        let nodes =
+            expect.iter().map(|&id| Ok((id, self.node(id)?.addr))).collect::<Result<Vec<_>, DevClusterError>>()?;
         wait_healthy(client, &nodes, timeout).await
     }
 }
 
 /// Wait until every node in `nodes` (id, address) reports healthy and they agree on one leader,
 /// which must be among them. Returns the leader's status.
-pub async fn wait_healthy(client: &HavenClient, nodes: &[(u64, SocketAddr)], timeout: Duration) -> Result<NodeStatus, DevClusterError> {
+pub async fn wait_healthy(
+    client: &HavenClient,
+    nodes: &[(u64, SocketAddr)],
+    timeout: Duration,
+) -> Result<NodeStatus, DevClusterError> {
     let start = Instant::now();
     loop {
         let detail = match check_health(client, nodes).await {
@@ -454,7 +470,9 @@ async fn check_health(client: &HavenClient, nodes: &[(u64, SocketAddr)]) -> Resu
         }
         match leader {
             None => leader = st.leader,
-            Some(l) if Some(l) != st.leader => return Err(format!("nodes disagree on the leader ({l} vs {:?})", st.leader)),
+            Some(l) if Some(l) != st.leader => {
+                return Err(format!("nodes disagree on the leader ({l} vs {:?})", st.leader))
+            }
             _ => {}
         }
         if st.role == NodeRole::Leader {

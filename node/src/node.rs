@@ -48,7 +48,8 @@ pub async fn run(
         Store::open(&data_dir.join(DB_DIR)).with_context(|| format!("opening {}", data_dir.join(DB_DIR).display()))?;
 
     let listen = crate::transport::resolve(&cfg.listen).await.map_err(|e| anyhow!(e))?;
-    let transport = Transport::bind(id, listen, &tls, cfg.dial_overrides()).with_context(|| format!("binding QUIC on {listen}"))?;
+    let transport =
+        Transport::bind(id, listen, &tls, cfg.dial_overrides()).with_context(|| format!("binding QUIC on {listen}"))?;
     let raft_config = Arc::new(cfg.raft.to_openraft().map_err(|e| anyhow!(e))?);
     let raft = Raft::new(
         cfg.id,

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use haven_client::wire::WireIoError;
 use haven_proto::{
-    ActorAddr, Body, CatalogCommand, ClientRequest, CommandOutcome, ClientResponse, Envelope, EnvelopeFlags, ErrorCode, MemberInfo,
-    MemberSpec, NodeId, NodeRole, NodeStatus, RaftRpc, WireError,
+    ActorAddr, Body, CatalogCommand, ClientRequest, ClientResponse, CommandOutcome, Envelope, EnvelopeFlags, ErrorCode,
+    MemberInfo, MemberSpec, NodeId, NodeRole, NodeStatus, RaftRpc, WireError,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
@@ -118,11 +118,7 @@ impl NodeService {
                 addr: n.addr.clone(),
                 admin_addr: n.admin_addr.clone(),
                 voter: voters.contains(id),
-                matched_index: m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(id).cloned().flatten())
-                    .map(|l| l.index),
+                matched_index: m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index),
             })
             .collect();
         let is_member = members.iter().any(|x| x.id == self.id);
@@ -186,7 +182,9 @@ impl NodeService {
         if self.unsafe_ack_before_commit && self.raft.metrics().borrow().state == ServerState::Leader {
             // Deliberately broken (see the field): the entry is only proposed, not committed.
             return match self.raft.client_write_ff(command).await {
-                Ok(_pending) => Ok(ClientResponse::Written { index: 0, outcome: CommandOutcome::Put { previous: None } }),
+                Ok(_pending) => {
+                    Ok(ClientResponse::Written { index: 0, outcome: CommandOutcome::Put { previous: None } })
+                }
                 Err(e) => Err(err(ErrorCode::Unavailable, e.to_string())),
             };
         }
@@ -279,7 +277,8 @@ impl NodeService {
         }
         // Refuse before touching the membership unless the new node answers over mutual TLS as
         // the id it claims and is not already part of a cluster.
-        let addr = self.transport.dial_addr(member.id, &member.addr).await.map_err(|m| err(ErrorCode::Unavailable, m))?;
+        let addr =
+            self.transport.dial_addr(member.id, &member.addr).await.map_err(|m| err(ErrorCode::Unavailable, m))?;
         let probe = self
             .transport
             .request(addr, ActorAddr::node(member.id), Body::Client(ClientRequest::Status), 0, Duration::from_secs(3))

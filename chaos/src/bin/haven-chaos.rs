@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &PathBuf, seed: Option<u64>) -> anyhow::Result<Scenario> {
+fn load(path: &std::path::Path, seed: Option<u64>) -> anyhow::Result<Scenario> {
     let mut s = Scenario::load(path)?;
     if let Some(seed) = seed {
         s.seed = seed;
@@ -81,7 +81,7 @@ fn load(path: &PathBuf, seed: Option<u64>) -> anyhow::Result<Scenario> {
     Ok(s)
 }
 
-fn plan(path: &PathBuf, seed: Option<u64>, json: bool) -> anyhow::Result<bool> {
+fn plan(path: &std::path::Path, seed: Option<u64>, json: bool) -> anyhow::Result<bool> {
     let s = load(path, seed)?;
     let schedule = s.schedule();
     if json {
@@ -89,13 +89,25 @@ fn plan(path: &PathBuf, seed: Option<u64>, json: bool) -> anyhow::Result<bool> {
     } else {
         println!("{} (seed {}), {:?}, {} faults:", s.name, s.seed, s.duration, schedule.len());
         for f in schedule {
-            println!("  {:>8.3} s  {:<9} {:<9} heal after {:?}", f.at.as_secs_f64(), f.kind.to_string(), f.target.to_string(), f.heal_after);
+            println!(
+                "  {:>8.3} s  {:<9} {:<9} heal after {:?}",
+                f.at.as_secs_f64(),
+                f.kind.to_string(),
+                f.target.to_string(),
+                f.heal_after
+            );
         }
     }
     Ok(true)
 }
 
-async fn run_cmd(path: PathBuf, seed: Option<u64>, duration: Option<f64>, out: Option<PathBuf>, json: bool) -> anyhow::Result<bool> {
+async fn run_cmd(
+    path: PathBuf,
+    seed: Option<u64>,
+    duration: Option<f64>,
+    out: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<bool> {
     let mut s = load(&path, seed)?;
     if let Some(d) = duration {
         anyhow::ensure!(d > 0.0 && d.is_finite(), "--duration must be a positive number of seconds");

@@ -32,8 +32,12 @@ fn step(state: State, op: &Op) -> Option<State> {
     match (op.kind, op.outcome) {
         (OpKind::Read, Outcome::Ok { read, .. }) => (read == state).then_some(state),
         (OpKind::Write { value } | OpKind::Append { value }, _) => Some(Some(value)),
-        (OpKind::Cas { expected, new }, Outcome::Ok { cas_matched: Some(true), .. }) => (state == expected).then_some(Some(new)),
-        (OpKind::Cas { expected, .. }, Outcome::Ok { cas_matched: Some(false), .. }) => (state != expected).then_some(state),
+        (OpKind::Cas { expected, new }, Outcome::Ok { cas_matched: Some(true), .. }) => {
+            (state == expected).then_some(Some(new))
+        }
+        (OpKind::Cas { expected, .. }, Outcome::Ok { cas_matched: Some(false), .. }) => {
+            (state != expected).then_some(state)
+        }
         // An indeterminate CAS: if it happened, it behaved as CAS does.
         (OpKind::Cas { expected, new }, Outcome::Info) => Some(if state == expected { Some(new) } else { state }),
         _ => None,
@@ -213,7 +217,12 @@ mod tests {
         let h = vec![
             op(0, OpKind::Write { value: 1 }, (0, 10), ok()),
             op(1, OpKind::Read, (20, 30), read(Some(1))),
-            op(2, OpKind::Cas { expected: Some(1), new: 2 }, (40, 50), Outcome::Ok { read: None, cas_matched: Some(true) }),
+            op(
+                2,
+                OpKind::Cas { expected: Some(1), new: 2 },
+                (40, 50),
+                Outcome::Ok { read: None, cas_matched: Some(true) },
+            ),
             op(3, OpKind::Read, (60, 70), read(Some(2))),
         ];
         assert_eq!(check_key(&h), Verdict::Linearizable);
@@ -249,7 +258,8 @@ mod tests {
 
     #[test]
     fn indeterminate_write_may_or_may_not_happen() {
-        let lost = vec![op(0, OpKind::Write { value: 1 }, (0, 10), Outcome::Info), op(1, OpKind::Read, (20, 30), read(None))];
+        let lost =
+            vec![op(0, OpKind::Write { value: 1 }, (0, 10), Outcome::Info), op(1, OpKind::Read, (20, 30), read(None))];
         assert_eq!(check_key(&lost), Verdict::Linearizable);
         let late = vec![
             op(0, OpKind::Write { value: 1 }, (0, 10), Outcome::Info),
@@ -270,7 +280,12 @@ mod tests {
     fn failed_cas_must_have_seen_another_value() {
         let h = vec![
             op(0, OpKind::Write { value: 5 }, (0, 10), ok()),
-            op(1, OpKind::Cas { expected: Some(5), new: 6 }, (20, 30), Outcome::Ok { read: None, cas_matched: Some(false) }),
+            op(
+                1,
+                OpKind::Cas { expected: Some(5), new: 6 },
+                (20, 30),
+                Outcome::Ok { read: None, cas_matched: Some(false) },
+            ),
         ];
         assert!(matches!(check_key(&h), Verdict::Violation(_)));
     }

@@ -65,8 +65,10 @@ pub fn linearizable(history: &[Op]) -> CheckResult {
 /// Every acknowledged append is present with its value in the healed cluster (`final_state`
 /// is a linearizable scan of the append prefix).
 pub fn acknowledged_writes(history: &[Op], final_state: &HashMap<String, Vec<u8>>) -> CheckResult {
-    let acked: Vec<&Op> =
-        history.iter().filter(|o| matches!(o.kind, OpKind::Append { .. }) && matches!(o.outcome, Outcome::Ok { .. })).collect();
+    let acked: Vec<&Op> = history
+        .iter()
+        .filter(|o| matches!(o.kind, OpKind::Append { .. }) && matches!(o.outcome, Outcome::Ok { .. }))
+        .collect();
     let mut lost = Vec::new();
     for op in &acked {
         let OpKind::Append { value } = op.kind else { continue };
@@ -76,12 +78,20 @@ pub fn acknowledged_writes(history: &[Op], final_state: &HashMap<String, Vec<u8>
         }
     }
     if lost.is_empty() {
-        CheckResult::pass("acknowledged-writes", format!("all {} acknowledged writes are readable after healing", acked.len()))
+        CheckResult::pass(
+            "acknowledged-writes",
+            format!("all {} acknowledged writes are readable after healing", acked.len()),
+        )
     } else {
         let first: Vec<Op> = lost.iter().take(12).cloned().collect();
         CheckResult::fail(
             "acknowledged-writes",
-            format!("{} of {} acknowledged writes are missing after healing (first: {})", lost.len(), acked.len(), lost[0].key),
+            format!(
+                "{} of {} acknowledged writes are missing after healing (first: {})",
+                lost.len(),
+                acked.len(),
+                lost[0].key
+            ),
             first,
         )
     }

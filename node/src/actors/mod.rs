@@ -92,7 +92,8 @@ impl ActorRegistry {
         }
         let peer = (self.resolve)(addr.node)
             .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{} is not a cluster member", addr.node)))?;
-        let peer = self.transport.dial_addr(addr.node, &peer).await.map_err(|m| WireError::new(ErrorCode::Unavailable, m))?;
+        let peer =
+            self.transport.dial_addr(addr.node, &peer).await.map_err(|m| WireError::new(ErrorCode::Unavailable, m))?;
         let reply = self
             .transport
             .request(peer, addr, Body::Actor(msg), 0, self.timeout)

@@ -57,7 +57,11 @@ impl PeerLink {
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
     {
-        let addr = self.transport.dial_addr(NodeId(self.target), &self.addr).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&LinkError(e))))?;
+        let addr = self
+            .transport
+            .dial_addr(NodeId(self.target), &self.addr)
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&LinkError(e))))?;
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&LinkError(e))))?;
         let reply = self
             .transport

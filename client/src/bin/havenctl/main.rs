@@ -49,6 +49,14 @@ enum Command {
     /// Talk to a node's host agent actor.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Run chaos scenarios (fault injection + checkers): `havenctl chaos run SCENARIO.toml`.
+    /// Runs the haven-chaos binary installed beside havenctl; see `havenctl chaos --help`.
+    #[command(disable_help_flag = true)]
+    Chaos {
+        /// Arguments for haven-chaos (e.g. `run chaos/scenarios/smoke.toml --seed 7`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,6 +149,23 @@ async fn dispatch(cli: Cli, out: &Output) -> anyhow::Result<()> {
     let client = || -> anyhow::Result<HavenClient> { Ok(HavenClient::new(&cluster_config(&cli.cluster)?)?) };
     match cli.command {
         Command::Dev(cmd) => dev::run(cmd, out).await,
+        Command::Chaos { mut args } => {
+            let bin = haven_client::devcluster::locate_binary("haven-chaos", "HAVEN_CHAOS_BIN");
+            if args.is_empty() {
+                args.push("--help".into());
+            }
+            if cli.json && args.first().is_some_and(|a| a == "run" || a == "plan") {
+                args.push("--json".into());
+            }
+            let status = std::process::Command::new(&bin).args(&args).status().with_context(|| {
+                format!("starting {} (build it with `cargo build --bin haven-chaos`)", bin.display())
+            })?;
+            if !status.success() {
+                // haven-chaos printed its own summary or error; keep its exit status meaning.
+                std::process::exit(status.code().unwrap_or(1));
+            }
+            Ok(())
+        }
         Command::Cluster(ClusterCommand::Status) => cluster_status(&client()?, out).await,
         Command::Cluster(ClusterCommand::Add(a)) => {
             let index = client()?
@@ -203,7 +228,9 @@ async fn cluster_status(client: &HavenClient, out: &Output) -> anyhow::Result<()
         // Ask the member itself; where this machine cannot reach it (e.g. a container name),
         // fall back to the leader's replication view.
         let leader_view = || match (m.matched_index, st.last_log_index) {
-            (Some(matched), Some(last)) => format!("replicating ({} behind, leader's view)", last.saturating_sub(matched)),
+            (Some(matched), Some(last)) => {
+                format!("replicating ({} behind, leader's view)", last.saturating_sub(matched))
+            }
             _ => "not reachable from here".to_string(),
         };
         let health = match m.addr.parse() {

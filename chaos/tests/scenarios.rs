@@ -1,0 +1,126 @@
+//! The chaos harness end to end, through `havenctl chaos run`: the CI scenario passes every
+//! checker, the deliberately broken cluster is caught, bad scenario files are refused with the
+//! field named, and (when a Docker engine is present) the compose cluster survives a kill.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_haven-chaos")).parent().unwrap().to_path_buf()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn havenctl(args: &[&str]) -> Output {
+    let dir = bin_dir();
+    Command::new(dir.join("havenctl"))
+        .args(args)
+        .env("HAVEN_CHAOS_BIN", env!("CARGO_BIN_EXE_haven-chaos"))
+        .env("HAVEN_NODE_BIN", dir.join("haven-node"))
+        .current_dir(repo())
+        .output()
+        .expect("running havenctl")
+}
+
+fn run_scenario(name: &str, out: &Path) -> (Output, serde_json::Value) {
+    let scenario = repo().join("chaos/scenarios").join(name);
+    let out_s = out.to_str().unwrap();
+    let o = havenctl(&["--json", "chaos", "run", scenario.to_str().unwrap(), "--out", out_s]);
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{name}: no report ({e}); stderr: {}", String::from_utf8_lossy(&o.stderr)));
+    (o, report)
+}
+
+fn checker<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["checkers"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()
+}
+
+#[test]
+fn smoke_scenario_passes_every_checker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, report) = run_scenario("smoke.toml", &tmp.path().join("run"));
+    let summary = std::fs::read_to_string(tmp.path().join("run/summary.txt")).unwrap();
+    assert!(o.status.success(), "smoke run failed:\n{summary}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(report["passed"], true);
+    let faults = report["faults"].as_array().unwrap();
+    assert!(faults.iter().filter(|f| f["skipped"].is_null()).count() >= 4, "{summary}");
+    assert!(report["operations"]["ok"].as_u64().unwrap() > 100, "{summary}");
+    for name in ["heals", "linearizable", "acknowledged-writes"] {
+        assert_eq!(checker(&report, name)["passed"], true, "{summary}");
+    }
+    assert!(report["failover_ms"]["samples"].as_u64().unwrap() >= 2, "{summary}");
+    assert!(report["replay"].as_str().unwrap().contains("--seed 1"));
+    let svg = std::fs::read_to_string(tmp.path().join("run/timeline.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "timeline is an SVG");
+}
+
+#[test]
+fn acknowledging_before_commit_is_caught() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, report) = run_scenario("broken-ack.toml", &tmp.path().join("run"));
+    let summary = std::fs::read_to_string(tmp.path().join("run/summary.txt")).unwrap();
+    assert_eq!(o.status.code(), Some(1), "a failed checker exits 1:\n{summary}");
+    assert_eq!(report["passed"], false);
+    let lost = checker(&report, "acknowledged-writes");
+    let lin = checker(&report, "linearizable");
+    assert!(lost["passed"] == false || lin["passed"] == false, "{summary}");
+    // The offending operations are shown.
+    assert!(summary.contains("FAIL") && summary.contains("invoked"), "{summary}");
+}
+
+#[test]
+fn bad_scenario_files_name_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "unknown kind",
+            "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[[faults]]\nat='1s'\nkind='meteor'\n",
+            "kind='meteor'",
+        ),
+        ("negative duration", "name='x'\nduration='-5s'\n[cluster]\nbackend='local'\n", "duration='-5s'"),
+        ("missing backend", "name='x'\nduration='5s'\n[cluster]\nnodes=3\n", "backend"),
+        ("missing duration", "name='x'\n[cluster]\nbackend='local'\n", "duration"),
+        (
+            "fault after the end",
+            "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[[faults]]\nat='9s'\nkind='kill'\n",
+            "faults[0].at",
+        ),
+        (
+            "compose with a delay",
+            "name='x'\nduration='5s'\n[cluster]\nbackend='compose'\n[[faults]]\nat='1s'\nkind='delay'\n",
+            "local backend",
+        ),
+    ];
+    for (what, text, needle) in cases {
+        let path = tmp.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let o =
+            havenctl(&["chaos", "run", path.to_str().unwrap(), "--out", tmp.path().join("never").to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains(needle), "{what}: expected {needle:?} in {err}");
+        assert!(!tmp.path().join("never/cluster").exists(), "{what}: nothing may start");
+    }
+}
+
+#[test]
+fn compose_cluster_survives_a_container_kill() {
+    let docker = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
+    let compose = Command::new("docker-compose").arg("version").output();
+    match (&docker, &compose) {
+        (Ok(d), Ok(c)) if d.status.success() && c.status.success() => {}
+        _ => {
+            println!("SKIPPED compose_cluster_survives_a_container_kill: no Docker engine or docker-compose here");
+            return;
+        }
+    }
+    let built = Command::new(repo().join("scripts/docker-image")).output().expect("scripts/docker-image");
+    assert!(built.status.success(), "image build failed: {}", String::from_utf8_lossy(&built.stderr));
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, report) = run_scenario("compose.toml", &tmp.path().join("run"));
+    let summary = std::fs::read_to_string(tmp.path().join("run/summary.txt")).unwrap_or_default();
+    assert!(o.status.success(), "compose run failed:\n{summary}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(report["passed"], true, "{summary}");
+}
