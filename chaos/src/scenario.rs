@@ -79,7 +79,7 @@ fn three() -> usize {
     3
 }
 fn election_ms() -> u64 {
-    150
+    80
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -60,7 +60,7 @@ impl DevClusterSpec {
             dir: dir.into(),
             nodes,
             node_bin: locate_node_binary(),
-            election_timeout_ms: 150,
+            election_timeout_ms: 80,
             snapshot_after: 10_000,
             host: "127.0.0.1".into(),
             env: BTreeMap::new(),

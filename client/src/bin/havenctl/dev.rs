@@ -37,7 +37,7 @@ pub struct UpArgs {
     #[arg(long)]
     dir: PathBuf,
     /// Raft election timeout lower bound in ms.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 80)]
     election_timeout_ms: u64,
     /// Path of the haven-node binary (default: next to havenctl, then PATH).
     #[arg(long, env = "HAVEN_NODE_BIN")]
