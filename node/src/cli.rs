@@ -67,7 +67,7 @@ struct InitArgs {
     /// cluster; that node initialises Raft on its first run.
     #[arg(long, env = "HAVEN_BOOTSTRAP")]
     bootstrap: Option<String>,
-    /// Election timeout lower bound in ms (heartbeat is a third of it).
+    /// Election timeout lower bound in ms (upper bound twice that, heartbeat a fifth).
     #[arg(long, default_value_t = RaftTunables::default().election_timeout_min_ms)]
     election_timeout_ms: u64,
     /// Snapshot the catalog after this many log entries.
@@ -153,11 +153,12 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
     }
     let min = a.election_timeout_ms;
     let raft = RaftTunables {
-        heartbeat_ms: (min / 3).max(10),
+        heartbeat_ms: (min / 5).max(5),
         election_timeout_min_ms: min,
         election_timeout_max_ms: min * 2,
         snapshot_after_entries: a.snapshot_after,
         keep_after_snapshot: (a.snapshot_after / 10).max(10),
+        stagger_elections: true,
     };
     let cfg = NodeConfig {
         id: a.id,

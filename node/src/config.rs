@@ -139,7 +139,7 @@ impl NodeConfig {
         check_addr("admin_listen", &self.admin_listen)?;
         check_addr("advertise", self.advertise())?;
         check_addr("advertise_admin", self.advertise_admin())?;
-        self.raft.to_openraft().map_err(ConfigError::Invalid)?;
+        self.raft.to_openraft(self.id).map_err(ConfigError::Invalid)?;
         for (id, addr) in &self.dial_via {
             id.parse::<u64>().map_err(|_| ConfigError::Invalid(format!("dial_via key {id:?} is not a node id")))?;
             check_addr(&format!("dial_via.{id}"), addr)?;

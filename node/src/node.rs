@@ -50,7 +50,7 @@ pub async fn run(
     let listen = crate::transport::resolve(&cfg.listen).await.map_err(|e| anyhow!(e))?;
     let transport =
         Transport::bind(id, listen, &tls, cfg.dial_overrides()).with_context(|| format!("binding QUIC on {listen}"))?;
-    let raft_config = Arc::new(cfg.raft.to_openraft().map_err(|e| anyhow!(e))?);
+    let raft_config = Arc::new(cfg.raft.to_openraft(cfg.id).map_err(|e| anyhow!(e))?);
     let raft = Raft::new(
         cfg.id,
         raft_config,

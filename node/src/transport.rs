@@ -45,8 +45,24 @@ impl Transport {
         dial_via: HashMap<u64, String>,
     ) -> Result<Self, WireIoError> {
         let server = tls.quic_server_config()?;
-        let mut endpoint = quinn::Endpoint::server(server, listen)
-            .map_err(|e| WireIoError::Connect { addr: listen, reason: format!("bind: {e}") })?;
+        // A stateless-reset key that survives restarts (derived from the node's private key):
+        // when a peer sends on a connection to our previous process, this process answers with a
+        // stateless reset and the peer reconnects at once instead of waiting out its idle timeout.
+        let secret = ring::digest::digest(
+            &ring::digest::SHA256,
+            &[b"haven stateless reset v1".as_slice(), &tls.key_pem].concat(),
+        );
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
+        let bind_err = |e: std::io::Error| WireIoError::Connect { addr: listen, reason: format!("bind: {e}") };
+        let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+        // Connection ids carry a keyed hash that the endpoint checks before it answers an unknown
+        // id with a reset; derive that key from the same secret so the restarted process
+        // recognises its predecessor's ids.
+        let cid_key = u64::from_le_bytes(secret.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"));
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+        let mut endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+            .map_err(bind_err)?;
         endpoint.set_default_client_config(tls.quic_client_config()?);
         let connect_timeout = Duration::from_millis(500);
         let max_backoff = Duration::from_millis(200);
@@ -163,10 +179,20 @@ async fn serve_connection(node: NodeId, conn: quinn::Connection, handler: Inboun
         let handler = handler.clone();
         let conn = conn.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(node, send, recv, handler).await {
-                warn!(%remote, error = %e, "rejected frame; closing connection");
-                metrics::counter!("haven_transport_errors_total", "kind" => "bad_frame").increment(1);
-                conn.close(CLOSE_BAD_FRAME.into(), e.to_string().as_bytes());
+            match serve_stream(node, send, recv, handler).await {
+                Ok(()) => {}
+                // The peer sent bytes that are not a valid frame: it is broken or hostile.
+                Err(e @ WireIoError::Proto(_)) => {
+                    warn!(%remote, error = %e, "rejected frame; closing connection");
+                    metrics::counter!("haven_transport_errors_total", "kind" => "bad_frame").increment(1);
+                    conn.close(CLOSE_BAD_FRAME.into(), e.to_string().as_bytes());
+                }
+                // The peer went away or gave up on this request (its timeout): nothing wrong
+                // with the connection's other streams.
+                Err(e) => {
+                    debug!(%remote, error = %e, "stream ended before the reply was delivered");
+                    metrics::counter!("haven_transport_errors_total", "kind" => "abandoned").increment(1);
+                }
             }
         });
     }
@@ -186,8 +212,9 @@ async fn serve_stream(
     metrics::counter!("haven_transport_bytes_total", "direction" => "in")
         .increment((buf.len() + FRAME_HEADER_LEN) as u64);
     let span = tracing::debug_span!("handle", kind, msg_id = request.msg_id, sender = %request.sender);
-    let reply_body = handler(request.clone()).instrument(span).await;
-    let reply = request.reply(node, reply_body);
+    let (msg_id, sender) = (request.msg_id, request.sender);
+    let reply_body = handler(request).instrument(span).await;
+    let reply = Envelope::new(msg_id, node, ActorAddr::node(sender), reply_body);
     let sent = wire::write_envelope(&mut send, &reply).await?;
     send.finish()?;
     metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(sent as u64);

@@ -117,11 +117,6 @@ impl Envelope {
         Self { version: PROTOCOL_VERSION, msg_id, sender, dest, flags: 0, body }
     }
 
-    /// The reply to this envelope: same id, addressed back to the sender's node endpoint.
-    pub fn reply(&self, from: NodeId, body: Body) -> Self {
-        Self::new(self.msg_id, from, ActorAddr::node(self.sender), body)
-    }
-
     pub fn kind(&self) -> MessageKind {
         self.body.kind()
     }

@@ -63,17 +63,19 @@ pub struct RaftTunables {
     pub snapshot_after_entries: u64,
     /// Entries kept in the log after a snapshot (so slightly-behind followers avoid a snapshot).
     pub keep_after_snapshot: u64,
+    /// Give each node its own election-timeout band by node id (see [`RaftTunables::to_openraft`]).
+    pub stagger_elections: bool,
 }
 
-/// Defaults tuned for a LAN: openraft rejects votes while a follower's leader lease
-/// (= `election_timeout_max`) runs, so a failover usually costs two election timeouts; with
-/// 80–160 ms that is ~300 ms (see `benches/`), against etcd's 1 s election timeout alone.
+/// Defaults tuned for a LAN (failover in ~200–300 ms, see `benches/`; etcd's election timeout
+/// alone is 1 s).
 impl Default for RaftTunables {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 25,
+            heartbeat_ms: 15,
             election_timeout_min_ms: 80,
             election_timeout_max_ms: 160,
+            stagger_elections: true,
             snapshot_after_entries: 10_000,
             keep_after_snapshot: 1_000,
         }
@@ -81,12 +83,35 @@ impl Default for RaftTunables {
 }
 
 impl RaftTunables {
-    pub fn to_openraft(&self) -> Result<openraft::Config, String> {
+    /// The openraft configuration for node `node_id`.
+    ///
+    /// openraft 0.9 draws a node's election timeout once per process and checks it on a tick of
+    /// 1.5 heartbeats, so two survivors whose draws land within a tick of each other time out
+    /// together after every split vote — a livelock that lasted seconds in chaos runs. With
+    /// `stagger_elections`, node ids map onto three disjoint bands inside
+    /// [`election_timeout_min_ms`, `election_timeout_max_ms`] (lower ids first), separated by more
+    /// than a tick, so the survivors of any single failure never draw colliding timeouts.
+    ///
+    /// [`election_timeout_min_ms`]: RaftTunables::election_timeout_min_ms
+    /// [`election_timeout_max_ms`]: RaftTunables::election_timeout_max_ms
+    pub fn to_openraft(&self, node_id: u64) -> Result<openraft::Config, String> {
+        let (min, max) = (self.election_timeout_min_ms, self.election_timeout_max_ms);
+        let (lo, hi) = if self.stagger_elections && max > min {
+            // Bands of width (max-min)/8 starting (max-min)*7/16 apart: 80-160 ms gives [80,90),
+            // [115,125), [150,160). Band gaps (25 ms) exceed the tick (1.5 heartbeats), and every
+            // band's lease (its upper end) ends before any other node's first election fires
+            // (lease + own timeout >= 170 ms), so the first candidate after a failure is granted.
+            let k = node_id.saturating_sub(1) % 3;
+            let lo = min + k * (max - min) * 7 / 16;
+            (lo, lo + ((max - min) / 8).max(1))
+        } else {
+            (min, max)
+        };
         let cfg = openraft::Config {
             cluster_name: "haven".into(),
             heartbeat_interval: self.heartbeat_ms,
-            election_timeout_min: self.election_timeout_min_ms,
-            election_timeout_max: self.election_timeout_max_ms,
+            election_timeout_min: lo,
+            election_timeout_max: hi,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
             install_snapshot_timeout: 5_000,
