@@ -99,6 +99,9 @@ pub async fn run(
     tokio::spawn(watch_raft_metrics(raft.clone()));
     tokio::spawn(crate::controllers::host_registry::run(service.clone(), Duration::from_secs(1)));
 
+    if raft.is_initialized().await? {
+        tokio::spawn(rejoin_quietly(raft.clone(), cfg.raft.election_timeout_max_ms));
+    }
     bootstrap_if_pending(data_dir, &raft).await?;
     info!(node = %id, quic = %transport.local_addr()?, admin = %admin_addr, "node running");
 
@@ -136,6 +139,19 @@ async fn bootstrap_if_pending(data_dir: &Path, raft: &Raft) -> anyhow::Result<()
     }
     Bootstrap::consume(data_dir).context("removing bootstrap.toml")?;
     Ok(())
+}
+
+/// A restarted member holds back from campaigning for a grace period of a few election
+/// timeouts. It still votes and follows, so a healthy leader simply reaches it; without the grace,
+/// a node that comes back before the leader's backed-off replication reaches it starts an
+/// election with a higher term and unseats that leader — an extra failover per restart. (The
+/// leader id restored from the persisted vote cannot tell us whether that leader is still alive,
+/// so the grace is time-based.) After a full-cluster restart this delays the first election by
+/// the grace period.
+async fn rejoin_quietly(raft: Raft, election_timeout_max_ms: u64) {
+    raft.runtime_config().elect(false);
+    tokio::time::sleep(Duration::from_millis(election_timeout_max_ms * 6)).await;
+    raft.runtime_config().elect(true);
 }
 
 /// Publish Raft's state as metrics: term, indexes, leadership and leader changes.
