@@ -1,8 +1,8 @@
 //! The Raft log and vote in RocksDB (`raft_log`, `raft_meta` column families).
 //!
-//! Invariant: an entry or a vote is fsynced before openraft is told it is stored — `append`
-//! calls the flush callback only after a synchronous write, and `save_vote` returns only after
-//! one. Entries are keyed by big-endian index so iteration order is log order. This module must
+//! Invariant: an entry or a vote is fsynced before openraft is told it is stored — `append`'s
+//! flush callback is called by the WAL syncer thread only after an fsync that covers the entries,
+//! and `save_vote` returns only after a synchronous write. Entries are keyed by big-endian index so iteration order is log order. This module must
 //! not interpret entry payloads.
 
 use std::fmt::Debug;
@@ -28,15 +28,22 @@ fn any(msg: String) -> AnyError {
     AnyError::error(msg)
 }
 
-/// The Raft log store. Clones share the database.
+/// The Raft log store. Clones share the database and the WAL syncer.
 #[derive(Clone)]
 pub struct LogStore {
     store: Store,
+    syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
 }
 
 impl LogStore {
     pub fn new(store: Store) -> Self {
-        Self { store }
+        let (syncer, pending) = std::sync::mpsc::channel();
+        let sync_store = store.clone();
+        std::thread::Builder::new()
+            .name("haven-wal-sync".into())
+            .spawn(move || wal_syncer(sync_store, pending))
+            .expect("spawning the WAL sync thread");
+        Self { store, syncer }
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -46,10 +53,19 @@ impl LogStore {
     }
 
     fn put_meta_durable<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
+        self.put_meta(key, value, &Store::durable())
+    }
+
+    fn put_meta<T: serde::Serialize>(
+        &self,
+        key: &[u8],
+        value: &T,
+        opts: &rocksdb::WriteOptions,
+    ) -> Result<(), StorageError> {
         let bytes = encode(value).map_err(|e| io(StorageIOError::write(any(e))))?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.store.cf(CF_RAFT_META), key, bytes);
-        self.store.db().write_opt(batch, &Store::durable()).map_err(|e| io(StorageIOError::write(&e)))
+        self.store.db().write_opt(batch, opts).map_err(|e| io(StorageIOError::write(&e)))
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
@@ -62,6 +78,26 @@ impl LogStore {
                 let entry: Entry = decode(&v).map_err(|e| io(StorageIOError::read_logs(any(e))))?;
                 Ok(Some(entry.log_id))
             }
+        }
+    }
+}
+
+/// Durability point of the Raft log. Takes every append waiting for durability, fsyncs the WAL
+/// once (which covers all of them: they were written before they were queued), then reports them
+/// stored, in order. Ends when every `LogStore` clone is dropped.
+fn wal_syncer(store: Store, pending: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = pending.recv() {
+        let mut batch = vec![first];
+        batch.extend(pending.try_iter());
+        let started = std::time::Instant::now();
+        let result = store.sync_wal();
+        metrics::histogram!("haven_raft_wal_sync_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("haven_raft_wal_sync_batch").record(batch.len() as f64);
+        for callback in batch {
+            callback.log_io_completed(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            });
         }
     }
 }
@@ -122,7 +158,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.put_meta_durable(KEY_COMMITTED, &committed)
+        // Not fsynced: a committed id that is lost or stale after a crash is only lower than the
+        // truth, which is safe (the leader re-sends it); fsyncing here would block RaftCore on
+        // every commit.
+        self.put_meta(KEY_COMMITTED, &committed, &Store::relaxed())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -140,19 +179,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = encode(&entry).map_err(|e| io(StorageIOError::write_logs(any(e))))?;
             batch.put_cf(cf, index_key(entry.log_id.index), bytes);
         }
-        // Durability point of the Raft log: the batch is fsynced (WAL sync) before the callback
-        // tells openraft the entries are stored, and only then may they count towards a quorum.
-        let result = self.store.db().write_opt(batch, &Store::durable());
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(io(StorageIOError::write_logs(&e)))
-            }
+        // The entries are written to the WAL now and made durable by the syncer thread, which
+        // calls `callback` only after an fsync that covers them (see `wal_syncer`): only then do
+        // they count towards a quorum. RaftCore is not blocked meanwhile, and appends that arrive
+        // during one fsync share the next (group commit).
+        if let Err(e) = self.store.db().write_opt(batch, &Store::relaxed()) {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Err(io(StorageIOError::write_logs(&e)));
         }
+        if let Err(std::sync::mpsc::SendError(callback)) = self.syncer.send(callback) {
+            callback.log_io_completed(Err(std::io::Error::other("WAL sync thread stopped")));
+            return Err(io(StorageIOError::write_logs(any("WAL sync thread stopped".into()))));
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
