@@ -25,7 +25,12 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct HavenClient {
     connector: Connector,
     nodes: Arc<Mutex<Vec<SocketAddr>>>,
+    /// The node that last answered a leader-only request (the leader, or a follower that
+    /// forwards to it); requests go there first.
     leader: Arc<Mutex<Option<SocketAddr>>>,
+    /// Where the rotation over `nodes` continues, shared by all calls so that one dead node is
+    /// not every call's first try.
+    rotation: Arc<std::sync::atomic::AtomicUsize>,
     deadline: Duration,
 }
 
@@ -35,9 +40,10 @@ impl HavenClient {
         let tls = config.tls()?;
         let endpoint = client_endpoint(&tls)?;
         Ok(Self {
-            connector: Connector::new(endpoint, Duration::from_secs(2), Duration::from_millis(500)),
+            connector: Connector::new(endpoint, Duration::from_millis(500), Duration::from_millis(500)),
             nodes: Arc::new(Mutex::new(config.nodes.clone())),
             leader: Arc::new(Mutex::new(None)),
+            rotation: Arc::default(),
             deadline: Duration::from_millis(config.deadline_ms),
         })
     }
@@ -50,7 +56,7 @@ impl HavenClient {
 
     /// Send one request to one node, without retries or redirects.
     pub async fn call_node(&self, addr: SocketAddr, request: ClientRequest) -> Result<ClientResponse, ClientError> {
-        self.attempt(addr, &request).await.map_err(|f| f.into_error())
+        self.attempt(addr, &request, self.deadline).await.map_err(|f| f.into_error())
     }
 
     /// This node's status.
@@ -164,10 +170,9 @@ impl HavenClient {
     /// owns the actor. Retried at another node only when the first could not be reached.
     pub async fn actor(&self, dest: ActorAddr, msg: ActorMessage) -> Result<ActorReply, ClientError> {
         let start = Instant::now();
-        let mut rotation = 0usize;
         let mut tried = 0;
         loop {
-            let target = self.pick_target(&mut rotation);
+            let target = self.pick_target();
             tried += 1;
             let env = Envelope::new(self.connector.next_msg_id(), NodeId(0), dest, Body::Actor(msg.clone()));
             match self.connector.request(target, &env, ATTEMPT_TIMEOUT).await {
@@ -195,11 +200,11 @@ impl HavenClient {
         let mut tried = 0usize;
         let mut pause = Duration::from_millis(20);
         let mut last;
-        let mut rotation = 0usize;
         loop {
-            let target = self.pick_target(&mut rotation);
+            let target = self.pick_target();
             tried += 1;
-            match self.attempt(target, &request).await {
+            let budget = self.deadline.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
+            match self.attempt(target, &request, budget).await {
                 Ok(resp) => {
                     if matches!(
                         request,
@@ -243,14 +248,12 @@ impl HavenClient {
         }
     }
 
-    fn pick_target(&self, rotation: &mut usize) -> SocketAddr {
+    fn pick_target(&self) -> SocketAddr {
         if let Some(l) = *self.leader.lock().expect("leader lock") {
             return l;
         }
         let nodes = self.nodes.lock().expect("nodes lock");
-        let t = nodes[*rotation % nodes.len()];
-        *rotation += 1;
-        t
+        nodes[self.rotation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % nodes.len()]
     }
 
     fn learn_node(&self, addr: SocketAddr) {
@@ -260,14 +263,19 @@ impl HavenClient {
         }
     }
 
-    async fn attempt(&self, addr: SocketAddr, request: &ClientRequest) -> Result<ClientResponse, Failure> {
+    async fn attempt(
+        &self,
+        addr: SocketAddr,
+        request: &ClientRequest,
+        budget: Duration,
+    ) -> Result<ClientResponse, Failure> {
         let env = Envelope::new(
             self.connector.next_msg_id(),
             NodeId(0),
             ActorAddr::node(NodeId(0)),
             Body::Client(request.clone()),
         );
-        let reply = match self.connector.request(addr, &env, ATTEMPT_TIMEOUT).await {
+        let reply = match self.connector.request(addr, &env, ATTEMPT_TIMEOUT.min(budget)).await {
             Ok(r) => r,
             Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. } | WireIoError::Tls(_))) => {
                 return Err(Failure::NotApplied { reason: e.to_string(), leader: None })

@@ -135,9 +135,10 @@ impl TlsMaterial {
 /// a dead peer within a few seconds.
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // A peer that vanished without a reset (killed host, cut link) is given up after 2 s.
-    t.keep_alive_interval(Some(Duration::from_millis(400)));
-    t.max_idle_timeout(Some(Duration::from_secs(2).try_into().expect("2 s fits a VarInt")));
+    // A peer that vanished without a reset (killed host, cut link) is given up after 1 s, so
+    // requests stuck on it fail over instead of waiting for their own deadline.
+    t.keep_alive_interval(Some(Duration::from_millis(250)));
+    t.max_idle_timeout(Some(Duration::from_secs(1).try_into().expect("1 s fits a VarInt")));
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(256u32.into());
     // Larger windows for bulk streams on fast links.

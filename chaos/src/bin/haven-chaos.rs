@@ -112,6 +112,11 @@ async fn run_cmd(
     if let Some(d) = duration {
         anyhow::ensure!(d > 0.0 && d.is_finite(), "--duration must be a positive number of seconds");
         s.duration = std::time::Duration::from_secs_f64(d);
+        let before = s.faults.len();
+        s.faults.retain(|f| f.at < s.duration);
+        if s.faults.len() < before {
+            eprintln!("haven-chaos: --duration drops {} fault(s) scheduled after the new end", before - s.faults.len());
+        }
     }
     let out = out.unwrap_or_else(|| PathBuf::from("chaos-runs").join(format!("{}-{}", s.name, s.seed)));
     anyhow::ensure!(!out.join("cluster").exists(), "{} already holds a run; choose another --out", out.display());
