@@ -379,3 +379,17 @@ mod tests {
         assert_eq!(j["all_targets_met"], json!(true));
     }
 }
+
+/// Flags every benchmark binary takes (`#[command(flatten)]`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct RunFlags {
+    /// Short run for CI (well under a minute).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the figures as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit with status 3 when a target is missed.
+    #[arg(long)]
+    pub enforce_targets: bool,
+}

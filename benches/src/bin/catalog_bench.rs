@@ -66,15 +66,8 @@ struct Args {
     /// Keep the scratch directory (node logs) after the run.
     #[arg(long)]
     keep_dir: bool,
-    /// Short run for CI (well under a minute).
-    #[arg(long)]
-    quick: bool,
-    /// Print the figures as JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Exit with status 3 when a target is missed.
-    #[arg(long)]
-    enforce_targets: bool,
+    #[command(flatten)]
+    run: haven_benches::report::RunFlags,
 }
 
 /// The figures of one load run.
@@ -225,8 +218,8 @@ fn rocksdb_baseline(scratch: &ScratchDir, secs: Duration, value: &[u8], keys: u6
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(!args.clients.is_empty(), "--clients must name at least one level");
-    let secs = Duration::from_secs_f64(args.secs.unwrap_or(if args.quick { 3.0 } else { 10.0 }).max(0.1));
-    let warmup = Duration::from_secs_f64(args.warmup_secs.unwrap_or(if args.quick { 1.0 } else { 2.0 }).max(0.0));
+    let secs = Duration::from_secs_f64(args.secs.unwrap_or(if args.run.quick { 3.0 } else { 10.0 }).max(0.1));
+    let warmup = Duration::from_secs_f64(args.warmup_secs.unwrap_or(if args.run.quick { 1.0 } else { 2.0 }).max(0.0));
     let node_bin = node_binary(args.node_bin.clone())?;
     let scratch = ScratchDir::new("haven-catalog-bench", args.dir.as_deref(), args.keep_dir)?;
     let mut value = vec![0u8; args.value_bytes];
@@ -310,7 +303,7 @@ async fn main() -> anyhow::Result<()> {
         haven_benches::cpus(),
         node_bin.display()
     ));
-    let code = report.print(args.json, args.enforce_targets);
+    let code = report.print(args.run.json, args.run.enforce_targets);
     // `exit` skips destructors: remove the scratch directory first.
     drop(scratch);
     std::process::exit(code);

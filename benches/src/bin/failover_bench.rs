@@ -86,15 +86,8 @@ struct Args {
     /// Keep the scratch directory (node logs) after the run.
     #[arg(long)]
     keep_dir: bool,
-    /// Short run for CI.
-    #[arg(long)]
-    quick: bool,
-    /// Print the figures as JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Exit with status 3 when a target is missed.
-    #[arg(long)]
-    enforce_targets: bool,
+    #[command(flatten)]
+    run: haven_benches::report::RunFlags,
 }
 
 /// What one round measured; `None` when the round gave up first.
@@ -337,8 +330,8 @@ fn stats_row(t: &mut Table, name: &str, samples: &[Option<Duration>], target: &s
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.nodes >= 3, "--nodes must be at least 3 so a quorum survives the kill");
-    let rounds = args.rounds.unwrap_or(if args.quick { 5 } else { 20 }).max(1);
-    let settle = Duration::from_millis(args.settle_ms.unwrap_or(if args.quick { 500 } else { 1000 }));
+    let rounds = args.rounds.unwrap_or(if args.run.quick { 5 } else { 20 }).max(1);
+    let settle = Duration::from_millis(args.settle_ms.unwrap_or(if args.run.quick { 500 } else { 1000 }));
     let poll = Duration::from_millis(args.poll_ms.max(1));
     let probe_timeout = Duration::from_millis(args.probe_timeout_ms.max(1));
     let election_ms = args.election_timeout_ms.unwrap_or_else(default_election_timeout_ms);
@@ -472,7 +465,7 @@ async fn main() -> anyhow::Result<()> {
     if failed > 0 {
         report.note(format!("{failed} round(s) gave up after {} s", args.round_timeout_secs));
     }
-    let code = report.print(args.json, args.enforce_targets);
+    let code = report.print(args.run.json, args.run.enforce_targets);
     // `exit` skips destructors: remove the scratch directory first.
     drop(scratch);
     std::process::exit(code);

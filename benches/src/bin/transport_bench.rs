@@ -52,15 +52,8 @@ struct Args {
     /// Request and response size in bytes for the round-trip test.
     #[arg(long, default_value_t = 64)]
     msg_bytes: usize,
-    /// Short run for CI.
-    #[arg(long)]
-    quick: bool,
-    /// Print the figures as JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Exit with status 3 when a target is missed.
-    #[arg(long)]
-    enforce_targets: bool,
+    #[command(flatten)]
+    run: haven_benches::report::RunFlags,
 }
 
 struct BulkResult {
@@ -362,8 +355,8 @@ async fn run(args: &Args, bulk_bytes: u64, round_trips: usize) -> anyhow::Result
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bulk_mib = args.bulk_mib.unwrap_or(if args.quick { 64 } else { 256 }).max(1);
-    let round_trips = args.round_trips.unwrap_or(if args.quick { 2_000 } else { 10_000 }).max(1);
+    let bulk_mib = args.bulk_mib.unwrap_or(if args.run.quick { 64 } else { 256 }).max(1);
+    let round_trips = args.round_trips.unwrap_or(if args.run.quick { 2_000 } else { 10_000 }).max(1);
     let f = run(&args, bulk_mib << 20, round_trips).await?;
 
     let mut report = Report::new(
@@ -431,5 +424,5 @@ async fn main() -> anyhow::Result<()> {
         "QUIC runs TLS 1.3 (ring) with client certificates; the TCP baseline is unencrypted, so the ratio includes \
          the cost of encryption as well as of the QUIC stack. Server and client share one Tokio runtime.",
     );
-    std::process::exit(report.print(args.json, args.enforce_targets));
+    std::process::exit(report.print(args.run.json, args.run.enforce_targets));
 }
