@@ -176,8 +176,8 @@ impl HavenClient {
             tried += 1;
             let env = Envelope::new(self.connector.next_msg_id(), NodeId(0), dest, Body::Actor(msg.clone()));
             match self.connector.request(target, &env, ATTEMPT_TIMEOUT).await {
-                Ok(reply) => {
-                    return match reply.body {
+                Ok(done) => {
+                    return match done.reply.body {
                         Body::ActorReply(r) => Ok(r),
                         Body::Error(e) => Err(ClientError::Server(e)),
                         other => Err(ClientError::Protocol(format!("expected an actor reply, got {:?}", other.kind()))),
@@ -276,7 +276,7 @@ impl HavenClient {
             Body::Client(request.clone()),
         );
         let reply = match self.connector.request(addr, &env, ATTEMPT_TIMEOUT.min(budget)).await {
-            Ok(r) => r,
+            Ok(done) => done.reply,
             Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. } | WireIoError::Tls(_))) => {
                 return Err(Failure::NotApplied { reason: e.to_string(), leader: None })
             }

@@ -199,6 +199,14 @@ pub async fn exchange(conn: &quinn::Connection, request: &Envelope) -> Result<(E
     Ok((reply, sent, received))
 }
 
+/// A completed request: the reply and the bytes each way (frame headers included).
+#[derive(Debug)]
+pub struct Exchanged {
+    pub reply: Envelope,
+    pub sent: usize,
+    pub received: usize,
+}
+
 /// A client-only QUIC endpoint on an ephemeral port.
 pub fn client_endpoint(material: &TlsMaterial) -> Result<quinn::Endpoint, WireIoError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
@@ -338,11 +346,11 @@ impl Connector {
         addr: SocketAddr,
         request: &Envelope,
         timeout: Duration,
-    ) -> Result<Envelope, WireIoError> {
+    ) -> Result<Exchanged, WireIoError> {
         let fut = async {
             let conn = self.connection(addr).await?;
             match exchange(&conn, request).await {
-                Ok((reply, _, _)) => Ok(reply),
+                Ok((reply, sent, received)) => Ok(Exchanged { reply, sent, received }),
                 Err(e) => {
                     if matches!(e, WireIoError::Connection(_)) {
                         self.invalidate(addr);

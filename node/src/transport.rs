@@ -102,28 +102,17 @@ impl Transport {
         env.flags = flags;
         let kind = env.kind().as_str();
         let span = tracing::debug_span!("rpc", %addr, kind, msg_id = env.msg_id);
-        let fut = async {
-            let conn = self.control.connection(addr).await?;
-            let (reply, sent, received) = wire::exchange(&conn, &env).await.inspect_err(|e| {
-                if matches!(e, WireIoError::Connection(_)) {
-                    self.control.invalidate(addr);
-                }
-            })?;
-            metrics::counter!("haven_transport_messages_total", "direction" => "out", "kind" => kind).increment(1);
-            metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(sent as u64);
-            metrics::counter!("haven_transport_bytes_total", "direction" => "in").increment(received as u64);
-            Ok(reply)
-        }
-        .instrument(span);
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
-                metrics::counter!("haven_transport_errors_total", "kind" => "request").increment(1);
-                Err(e)
+        match self.control.request(addr, &env, timeout).instrument(span).await {
+            Ok(done) => {
+                metrics::counter!("haven_transport_messages_total", "direction" => "out", "kind" => kind).increment(1);
+                metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(done.sent as u64);
+                metrics::counter!("haven_transport_bytes_total", "direction" => "in").increment(done.received as u64);
+                Ok(done.reply)
             }
-            Err(_) => {
-                metrics::counter!("haven_transport_errors_total", "kind" => "timeout").increment(1);
-                Err(WireIoError::Timeout { addr, after: timeout })
+            Err(e) => {
+                let what = if matches!(e, WireIoError::Timeout { .. }) { "timeout" } else { "request" };
+                metrics::counter!("haven_transport_errors_total", "kind" => what).increment(1);
+                Err(e)
             }
         }
     }

@@ -1,8 +1,8 @@
 //! The envelope: the one archived type that crosses a process boundary.
 //!
 //! Every frame holds exactly one [`Envelope`]. [`Envelope::decode`] validates the archive with
-//! bytecheck, then checks the protocol version, and only then deserializes; it never uses
-//! `access_unchecked`. A failure is a typed [`ProtoError`] for the transport to log and to close
+//! bytecheck, then checks the protocol version, and only then deserializes; it never reads an
+//! archive unchecked. A failure is a typed [`ProtoError`] for the transport to log and to close
 //! the peer connection with.
 
 use rkyv::rancor;
