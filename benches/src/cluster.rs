@@ -114,3 +114,27 @@ pub fn client_for(cluster: &LocalCluster, nodes: &[u64]) -> anyhow::Result<Haven
     cfg.nodes = nodes.iter().map(|id| cluster.node(*id).map(|n| n.addr)).collect::<Result<_, _>>()?;
     Ok(HavenClient::new(&cfg)?)
 }
+
+/// Flags of the benchmarks that start clusters (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterFlags {
+    /// The haven-node binary (default: $HAVEN_NODE_BIN, else next to this executable).
+    #[arg(long)]
+    pub node_bin: Option<std::path::PathBuf>,
+    /// Directory for cluster data and any local baseline (default: the system temp dir). Put it
+    /// on the filesystem whose fsync cost you want to measure.
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Keep the scratch directory (node logs) after the run.
+    #[arg(long)]
+    pub keep_dir: bool,
+}
+
+impl ClusterFlags {
+    /// The haven-node binary and a scratch directory named after `bench`.
+    pub fn prepare(&self, bench: &str) -> anyhow::Result<(std::path::PathBuf, ScratchDir)> {
+        let node_bin = node_binary(self.node_bin.clone())?;
+        let scratch = ScratchDir::new(bench, self.dir.as_deref(), self.keep_dir)?;
+        Ok((node_bin, scratch))
+    }
+}

@@ -14,13 +14,12 @@
 //! Each task overwrites its own `--keys-per-client` keys in turn with `--value-bytes` values.
 //! Only one cluster runs at a time, so the baseline cluster does not compete for CPU.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use haven_benches::cluster::{default_election_timeout_ms, node_binary, RunningCluster, ScratchDir};
+use haven_benches::cluster::{default_election_timeout_ms, RunningCluster, ScratchDir};
 use haven_benches::latency::Latency;
 use haven_benches::report::ratio;
 use haven_benches::{Cell, LatencySummary, Report, Table, TargetCheck};
@@ -56,16 +55,8 @@ struct Args {
     /// (default: `DevClusterSpec`'s, the same as `havenctl dev up`).
     #[arg(long)]
     election_timeout_ms: Option<u64>,
-    /// The haven-node binary (default: $HAVEN_NODE_BIN, else next to this executable).
-    #[arg(long)]
-    node_bin: Option<PathBuf>,
-    /// Directory for cluster data and the RocksDB baseline (default: the system temp dir).
-    /// Put it on the filesystem whose fsync cost you want to measure.
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Keep the scratch directory (node logs) after the run.
-    #[arg(long)]
-    keep_dir: bool,
+    #[command(flatten)]
+    cluster: haven_benches::cluster::ClusterFlags,
     #[command(flatten)]
     run: haven_benches::report::RunFlags,
 }
@@ -220,8 +211,7 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!args.clients.is_empty(), "--clients must name at least one level");
     let secs = Duration::from_secs_f64(args.secs.unwrap_or(if args.run.quick { 3.0 } else { 10.0 }).max(0.1));
     let warmup = Duration::from_secs_f64(args.warmup_secs.unwrap_or(if args.run.quick { 1.0 } else { 2.0 }).max(0.0));
-    let node_bin = node_binary(args.node_bin.clone())?;
-    let scratch = ScratchDir::new("haven-catalog-bench", args.dir.as_deref(), args.keep_dir)?;
+    let (node_bin, scratch) = args.cluster.prepare("haven-catalog-bench")?;
     let mut value = vec![0u8; args.value_bytes];
     rand::rng().fill_bytes(&mut value);
     let value = Arc::new(value);

@@ -22,13 +22,10 @@
 //! Targets: median <= 300 ms, p99 < 1 s.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use haven_benches::cluster::{
-    client_for, default_election_timeout_ms, node_binary, RunningCluster, ScratchDir, HEALTHY_TIMEOUT,
-};
+use haven_benches::cluster::{client_for, default_election_timeout_ms, RunningCluster, HEALTHY_TIMEOUT};
 use haven_benches::latency::quantile_ms;
 use haven_benches::{Cell, Report, Table, TargetCheck};
 use haven_client::proto::{CatalogCommand, ClientRequest, ClientResponse, NodeId, NodeStatus};
@@ -77,15 +74,8 @@ struct Args {
     /// Nodes in the cluster.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// The haven-node binary (default: $HAVEN_NODE_BIN, else next to this executable).
-    #[arg(long)]
-    node_bin: Option<PathBuf>,
-    /// Directory for cluster data (default: the system temp dir).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Keep the scratch directory (node logs) after the run.
-    #[arg(long)]
-    keep_dir: bool,
+    #[command(flatten)]
+    cluster: haven_benches::cluster::ClusterFlags,
     #[command(flatten)]
     run: haven_benches::report::RunFlags,
 }
@@ -335,8 +325,7 @@ async fn main() -> anyhow::Result<()> {
     let poll = Duration::from_millis(args.poll_ms.max(1));
     let probe_timeout = Duration::from_millis(args.probe_timeout_ms.max(1));
     let election_ms = args.election_timeout_ms.unwrap_or_else(default_election_timeout_ms);
-    let node_bin = node_binary(args.node_bin.clone())?;
-    let scratch = ScratchDir::new("haven-failover-bench", args.dir.as_deref(), args.keep_dir)?;
+    let (node_bin, scratch) = args.cluster.prepare("haven-failover-bench")?;
 
     let dir = scratch.path().join("cluster");
     eprintln!("failover_bench: starting a {}-node cluster in {}", args.nodes, dir.display());
