@@ -55,7 +55,7 @@ pub async fn run(
         cfg.id,
         raft_config,
         NetworkFactory::new(transport.clone()),
-        LogStore::new(store.clone()),
+        LogStore::new(store.clone()).context("starting the WAL sync thread")?,
         StateMachineStore::new(store.clone()),
     )
     .await

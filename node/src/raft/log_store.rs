@@ -36,14 +36,12 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    pub fn new(store: Store) -> Self {
+    /// A log store over `store`, with its WAL sync thread started.
+    pub fn new(store: Store) -> std::io::Result<Self> {
         let (syncer, pending) = std::sync::mpsc::channel();
         let sync_store = store.clone();
-        std::thread::Builder::new()
-            .name("haven-wal-sync".into())
-            .spawn(move || wal_syncer(sync_store, pending))
-            .expect("spawning the WAL sync thread");
-        Self { store, syncer }
+        std::thread::Builder::new().name("haven-wal-sync".into()).spawn(move || wal_syncer(sync_store, pending))?;
+        Ok(Self { store, syncer })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
