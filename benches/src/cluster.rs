@@ -128,9 +128,18 @@ pub struct ClusterFlags {
     /// Keep the scratch directory (node logs) after the run.
     #[arg(long)]
     pub keep_dir: bool,
+    /// Raft election timeout lower bound for the clusters, in ms; the upper bound is twice this
+    /// (default: `DevClusterSpec`'s, the same as `havenctl dev up`).
+    #[arg(long)]
+    pub election_timeout_ms: Option<u64>,
 }
 
 impl ClusterFlags {
+    /// The election timeout asked for, or the dev-cluster default.
+    pub fn election_timeout_ms(&self) -> u64 {
+        self.election_timeout_ms.unwrap_or_else(default_election_timeout_ms)
+    }
+
     /// The haven-node binary and a scratch directory named after `bench`.
     pub fn prepare(&self, bench: &str) -> anyhow::Result<(std::path::PathBuf, ScratchDir)> {
         let node_bin = node_binary(self.node_bin.clone())?;

@@ -84,10 +84,16 @@ impl LatencySummary {
 /// The `q` quantile (0..=1) of a small sample of durations, by nearest rank; NaN when empty.
 /// Used where the sample is a handful of rounds, too few for a histogram to add anything.
 pub fn quantile_ms(samples: &[Duration], q: f64) -> f64 {
-    if samples.is_empty() {
+    let ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    quantile(&ms, q)
+}
+
+/// The `q` quantile (0..=1) of `values` by nearest rank; NaN when empty.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
         return f64::NAN;
     }
-    let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let rank = (q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1]
@@ -117,5 +123,9 @@ mod tests {
         assert_eq!(quantile_ms(&d, 0.99), 20.0);
         assert_eq!(quantile_ms(&d, 1.0), 20.0);
         assert!(quantile_ms(&[], 0.5).is_nan());
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 10.0);
+        assert_eq!(quantile(&v, 0.99), 20.0);
+        assert!(quantile(&[], 0.5).is_nan());
     }
 }

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod latency;
 pub mod report;
+pub mod volume;
 
 pub use latency::{Latency, LatencySummary};
 pub use report::{Cell, Report, Table, TargetCheck};

@@ -1,5 +1,6 @@
 //! The operation history a workload records: one [`Op`] per client operation with its invoke
-//! and completion times and its outcome. Checkers judge the run from this alone.
+//! and completion times and its outcome. Checkers judge the run from this alone. Register and
+//! append operations come from the register workload, `block_write`s from the block workload.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,19 @@ pub enum OpKind {
     Append {
         value: u64,
     },
+    /// A write of one 4 KiB block of the block workload's volume (key `blk/<block>`): the `n`th
+    /// write attempted to that block. Only the block checker looks at these.
+    #[serde(rename = "block_write")]
+    BlockWrite {
+        block: u64,
+        n: u64,
+    },
+}
+
+impl OpKind {
+    pub fn is_block(&self) -> bool {
+        matches!(self, Self::BlockWrite { .. })
+    }
 }
 
 /// How an operation ended.
@@ -50,6 +64,13 @@ pub struct Op {
 }
 
 impl Op {
+    /// Append a completed operation to the run's shared history; its id is its position there.
+    pub fn record(self, history: &std::sync::Mutex<Vec<Op>>) {
+        let mut h = history.lock().expect("history lock");
+        let id = h.len();
+        h.push(Op { id, ..self });
+    }
+
     pub fn is_ok(&self) -> bool {
         matches!(self.outcome, Outcome::Ok { .. })
     }

@@ -3,9 +3,12 @@
 //! [`workload`] while faults fire (host faults by signal or docker, link faults through
 //! [`relay`]s), heals everything, and judges the recorded [`history`] with the [`checker`]s. The
 //! [`report`] is JSON, a text summary and a timeline picture. Same scenario and seed, same fault
-//! schedule and same client operations; the report prints the one-line replay command.
+//! schedule and same client operations; the report prints the one-line replay command. With a
+//! `[blocks]` section a [`blocks`] workload writes to a replicated volume alongside, judged by
+//! [`checker::blocks`].
 
 pub mod backend;
+pub mod blocks;
 pub mod checker;
 pub mod history;
 pub mod monitor;

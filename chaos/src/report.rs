@@ -42,19 +42,43 @@ pub fn summary(r: &RunReport) -> String {
     let _ = writeln!(s, "faults: {injected} injected, {} skipped", r.faults.len() - injected);
     for f in &r.faults {
         let node = f.node.map(|n| format!("node-{n}")).unwrap_or_else(|| "-".into());
+        let node = match f.peer {
+            Some(p) => format!("{node}<->node-{p}"),
+            None => node,
+        };
         let _ = writeln!(
             s,
-            "  {:>7} ms  {:<9} {:<8} {:<7}{}{}",
+            "  {:>7} ms  {:<9} {:<14} {:<7}{}{}{}",
             f.at_ms,
             f.kind.to_string(),
             f.target,
             node,
+            if f.hit_volume_primary { "  (volume primary)" } else { "" },
             f.failover_ms.map(|m| format!("  failover {m} ms")).unwrap_or_default(),
             f.skipped.as_ref().map(|r| format!("  skipped: {r}")).unwrap_or_default()
         );
     }
     let o = &r.operations;
     let _ = writeln!(s, "operations: {} ok, {} failed, {} indeterminate", o.ok, o.failed, o.indeterminate);
+    if let Some(b) = &r.block_writes {
+        let _ =
+            writeln!(s, "block writes: {} acknowledged, {} failed, {} indeterminate", b.ok, b.failed, b.indeterminate);
+    }
+    if let Some(b) = &r.blocks {
+        let v = b.final_volume.as_ref().unwrap_or(&b.volume);
+        let _ = writeln!(
+            s,
+            "volume {} {:?}: replicas {}, primary {} (was {}), in sync {}, epoch {}; {} events",
+            v.id,
+            v.name,
+            list(&v.replicas),
+            v.primary,
+            b.volume.primary,
+            list(&v.in_sync),
+            v.epoch,
+            b.events.len()
+        );
+    }
     let fo = &r.failover_ms;
     if fo.samples > 0 {
         let _ = writeln!(
@@ -69,6 +93,21 @@ pub fn summary(r: &RunReport) -> String {
     let _ = writeln!(s, "checkers:");
     for c in &r.checkers {
         let _ = writeln!(s, "  [{}] {:<20} {}", if c.passed { "pass" } else { "FAIL" }, c.name, c.summary);
+        if c.name == crate::checker::blocks::NAME {
+            let violations = r.blocks.iter().flat_map(|b| b.check.iter()).flat_map(|c| c.violations.iter());
+            for v in violations.take(20) {
+                let range = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
+                let _ = writeln!(
+                    s,
+                    "         block {:<5} writer {} expected n {}..={}: {}",
+                    v.block,
+                    v.writer,
+                    v.last_acked_n.map_or("0 (zeroes)".to_string(), |n| n.to_string()),
+                    range(v.max_attempted_n),
+                    v.found
+                );
+            }
+        }
         for op in &c.offending {
             let _ = writeln!(
                 s,
@@ -79,6 +118,10 @@ pub fn summary(r: &RunReport) -> String {
     }
     let _ = writeln!(s, "replay: {}", r.replay);
     s
+}
+
+fn list(ids: &[haven_client::proto::NodeId]) -> String {
+    format!("[{}]", ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
 }
 
 fn timeline(r: &RunReport, path: &Path) -> anyhow::Result<()> {

@@ -1,5 +1,7 @@
 //! One chaos run: start the backend, run the workload while the fault schedule fires, heal
-//! everything, then judge the run with the checkers and write the report.
+//! everything, then judge the run with the checkers and write the report. With `[blocks]`, the
+//! volume is created once the cluster is healthy (before the clock starts) and the block
+//! workload runs alongside the register workload.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -12,12 +14,15 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::backend::Backend;
+use crate::blocks::{self, InSync};
+use crate::checker::blocks::BlockCheck;
 use crate::checker::{self, CheckResult, Stats};
 use crate::history::{Op, Outcome};
 use crate::monitor::{self, LeaderSample};
 use crate::relay::LinkShape;
 use crate::scenario::{FaultKind, FaultSpec, Scenario, Target};
 use crate::workload;
+use haven_client::proto::volume::{VolumeEvent, VolumeRecord};
 
 /// A fault as it actually happened.
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +35,11 @@ pub struct FaultRecord {
     pub healed_ms: Option<u64>,
     /// Whether the node was the leader when the fault fired.
     pub hit_leader: bool,
+    /// Whether the node was the block volume's primary (as the catalog last said) when it fired.
+    pub hit_volume_primary: bool,
+    /// The other end of a `cut`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<u64>,
     /// Time until another node led with a higher term (leader faults only).
     pub failover_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -43,6 +53,30 @@ pub struct OpCounts {
     pub indeterminate: usize,
 }
 
+impl OpCounts {
+    fn of<'a>(ops: impl Iterator<Item = &'a Op> + Clone) -> Self {
+        Self {
+            ok: ops.clone().filter(|o| o.is_ok()).count(),
+            failed: ops.clone().filter(|o| matches!(o.outcome, Outcome::Fail)).count(),
+            indeterminate: ops.filter(|o| matches!(o.outcome, Outcome::Info)).count(),
+        }
+    }
+}
+
+/// What the block workload did and how its volume ended up.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockReport {
+    /// The volume as created.
+    pub volume: VolumeRecord,
+    /// The volume as the catalog recorded it after the checks.
+    pub final_volume: Option<VolumeRecord>,
+    /// The acknowledged-blocks checker's counts and violations (absent when that checker is off).
+    pub check: Option<BlockCheck>,
+    /// Replica progress after healing (reported, not judged).
+    pub in_sync: InSync,
+    /// The volume's last 100 events.
+    pub events: Vec<VolumeEvent>,
+}
 /// Everything a run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -52,7 +86,13 @@ pub struct RunReport {
     pub passed: bool,
     pub wall_seconds: f64,
     pub faults: Vec<FaultRecord>,
+    /// Register-workload operations.
     pub operations: OpCounts,
+    /// Block writes (with `[blocks]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_writes: Option<OpCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<BlockReport>,
     pub failover_ms: Stats,
     pub heal_ms: Option<u64>,
     pub checkers: Vec<CheckResult>,
@@ -89,6 +129,14 @@ async fn drive(
     wall: Instant,
 ) -> anyhow::Result<RunReport> {
     backend.wait_healthy(Duration::from_secs(60)).await.context("the cluster did not become healthy")?;
+    let volume = match &scenario.blocks {
+        Some(spec) => Some(
+            blocks::setup_volume(&backend.client()?, spec, Duration::from_secs(60))
+                .await
+                .context("setting up the block workload's volume")?,
+        ),
+        None => None,
+    };
     let epoch = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let history = Arc::new(Mutex::new(Vec::new()));
@@ -109,6 +157,18 @@ async fn drive(
         let (seed, history, stop) = (scenario.seed, history.clone(), stop_rx.clone());
         tokio::spawn(async move { workload::run(&spec, seed, clients, epoch, stop, history).await })
     };
+    let block_workload = match (&scenario.blocks, &volume) {
+        (Some(spec), Some(vol)) => {
+            let clients = (0..spec.writers).map(|_| backend.client()).collect::<anyhow::Result<Vec<_>>>()?;
+            let (spec, id, seed, history, stop) =
+                (spec.clone(), vol.id, scenario.seed, history.clone(), stop_rx.clone());
+            Some(tokio::spawn(async move { blocks::run(&spec, seed, id, clients, epoch, stop, history).await }))
+        }
+        _ => None,
+    };
+    // Asks the catalog for the volume's primary when a fault fires.
+    let probe = backend.client()?.with_deadline(Duration::from_secs(1));
+    let mut volume_primary = volume.as_ref().map(|v| v.primary.0);
 
     // Fire the schedule. Heals are kept in a queue ordered by time so that process faults heal
     // in order even when they overlap.
@@ -119,9 +179,18 @@ async fn drive(
     for spec in schedule {
         heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, spec.at).await;
         sleep_until(epoch, spec.at).await;
+        if let Some(vol) = &volume {
+            // The catalog's view; when it cannot be asked, the last answer stands.
+            if let Ok(v) = probe.volume(&vol.id.0.to_string()).await {
+                volume_primary = Some(v.primary.0);
+            }
+            // Asking may have taken a while: apply the heals that fell due meanwhile first.
+            let now = epoch.elapsed();
+            heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, now).await;
+        }
         let t_ms = epoch.elapsed().as_millis() as u64;
         let leader = monitor::leader_at(&samples.lock().expect("samples"), t_ms);
-        let node = pick_target(spec.target, leader.map(|l| l.0), &nodes, &faulted, &mut rng);
+        let node = pick_target(spec.target, leader.map(|l| l.0), volume_primary, &nodes, &faulted, &mut rng);
         let mut record = FaultRecord {
             kind: spec.kind,
             target: spec.target.to_string(),
@@ -129,13 +198,19 @@ async fn drive(
             at_ms: t_ms,
             healed_ms: None,
             hit_leader: node.is_some() && node == leader.map(|l| l.0),
+            hit_volume_primary: node.is_some() && node == volume_primary,
+            peer: None,
             failover_ms: None,
             skipped: None,
         };
         match node {
-            None => record.skipped = Some("no eligible node (all targets already faulted or no leader known)".into()),
-            Some(n) => match inject(backend, spec, n, &nodes).await {
-                Ok(()) => {
+            None => {
+                record.skipped =
+                    Some("no eligible node (all targets already faulted, or no leader / primary known)".into())
+            }
+            Some(n) => match inject(backend, spec, n, &nodes, &mut rng).await {
+                Ok(peer) => {
+                    record.peer = peer;
                     info!(kind = %spec.kind, node = n, t_ms, "fault injected");
                     faulted.insert(n, spec.kind);
                     pending_heals.insert((spec.at + spec.heal_after, records.len()), (spec.kind, n));
@@ -151,6 +226,9 @@ async fn drive(
     // End of the run: stop the clients, heal everything, and time the recovery.
     let _ = stop_tx.send(true);
     let _ = workload.await;
+    if let Some(w) = block_workload {
+        let _ = w.await;
+    }
     heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, Duration::MAX).await;
     backend.heal_links().await?;
     let healed_at = Instant::now();
@@ -180,10 +258,11 @@ async fn drive(
             Vec::new(),
         ),
     });
-    if scenario.checkers.linearizable {
+    let registers = scenario.workload.clients > 0;
+    if scenario.checkers.linearizable && registers {
         checks.push(checker::linearizable(&history));
     }
-    if scenario.checkers.acknowledged_writes {
+    if scenario.checkers.acknowledged_writes && registers {
         checks.push(match final_appends(backend, scenario.workload.clients).await {
             Ok(state) => checker::acknowledged_writes(&history, &state),
             Err(e) => {
@@ -191,6 +270,26 @@ async fn drive(
             }
         });
     }
+    let block_report = match (&scenario.blocks, volume) {
+        (Some(spec), Some(vol)) => {
+            let client = backend.client()?;
+            let check = if scenario.checkers.acknowledged_blocks {
+                let read = blocks::read_back(&client, spec, vol.id, spec.recover_within).await;
+                let (result, check) = checker::blocks::acknowledged_blocks(&history, spec, &read);
+                checks.push(result);
+                Some(check)
+            } else {
+                None
+            };
+            let in_sync = match blocks::wait_in_sync(&client, vol.id, spec.in_sync_within).await {
+                Ok(s) | Err(s) => s,
+            };
+            checks.push(CheckResult::pass("replicas-in-sync", in_sync.describe()));
+            let (final_volume, events) = blocks::describe_volume(&client, vol.id).await;
+            Some(BlockReport { volume: vol, final_volume, check, in_sync, events })
+        }
+        _ => None,
+    };
     let leader_faults: Vec<&FaultRecord> = records.iter().filter(|r| r.hit_leader).collect();
     let failovers: Vec<f64> = leader_faults.iter().filter_map(|r| r.failover_ms).map(|m| m as f64).collect();
     let unrecovered = leader_faults.iter().filter(|r| r.failover_ms.is_none() && r.kind != FaultKind::Delay).count();
@@ -210,11 +309,8 @@ async fn drive(
         offending: Vec::new(),
     });
 
-    let counts = OpCounts {
-        ok: history.iter().filter(|o| o.is_ok()).count(),
-        failed: history.iter().filter(|o| matches!(o.outcome, Outcome::Fail)).count(),
-        indeterminate: history.iter().filter(|o| matches!(o.outcome, Outcome::Info)).count(),
-    };
+    let counts = OpCounts::of(history.iter().filter(|o| !o.kind.is_block()));
+    let block_writes = scenario.blocks.as_ref().map(|_| OpCounts::of(history.iter().filter(|o| o.kind.is_block())));
     let passed = checks.iter().all(|c| c.passed);
     Ok(RunReport {
         replay: replay_command(&opts.scenario_path, scenario.seed),
@@ -224,6 +320,8 @@ async fn drive(
         wall_seconds: wall.elapsed().as_secs_f64(),
         faults: records,
         operations: counts,
+        block_writes,
+        blocks: block_report,
         failover_ms: Stats::of(failovers),
         heal_ms,
         checkers: checks,
@@ -284,6 +382,7 @@ async fn heal_due(
 fn pick_target(
     target: Target,
     leader: Option<u64>,
+    volume_primary: Option<u64>,
     nodes: &[(u64, std::net::SocketAddr)],
     faulted: &HashMap<u64, FaultKind>,
     rng: &mut impl Rng,
@@ -298,18 +397,28 @@ fn pick_target(
         }
         Target::Random => pick(&healthy, rng),
         Target::Node(n) => healthy.contains(&n).then_some(n),
+        Target::VolumePrimary => volume_primary.filter(|p| healthy.contains(p)),
     }
 }
 
+/// Inject `spec` on `node`; returns the other end of a `cut`.
 async fn inject(
     backend: &mut Backend,
     spec: &FaultSpec,
     node: u64,
     nodes: &[(u64, std::net::SocketAddr)],
-) -> anyhow::Result<()> {
+    rng: &mut impl Rng,
+) -> anyhow::Result<Option<u64>> {
     let others: Vec<u64> = nodes.iter().map(|n| n.0).filter(|&n| n != node).collect();
     let cut = LinkShape { blocked: true, ..LinkShape::default() };
     match spec.kind {
+        FaultKind::Cut => {
+            anyhow::ensure!(!others.is_empty(), "a cut needs a second node");
+            let peer = others[rng.random_range(0..others.len())];
+            backend.shape(node, peer, cut).await?;
+            backend.shape(peer, node, cut).await?;
+            return Ok(Some(peer));
+        }
         FaultKind::Kill | FaultKind::Pause => backend.host_fault(spec.kind, node).await?,
         FaultKind::Isolate => {
             for &o in &others {
@@ -341,7 +450,7 @@ async fn inject(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Read back every append key through the leader (linearizable scans, one per client).

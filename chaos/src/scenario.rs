@@ -15,15 +15,24 @@
 //! rate = 40                # operations per second per client
 //! [[faults]]
 //! at = "4s"
-//! kind = "kill"            # kill | pause | partition | isolate | delay | loss | reorder
-//! target = "leader"        # leader | follower | random | node:N
+//! kind = "kill"            # kill | pause | partition | isolate | cut | delay | loss | reorder
+//! target = "leader"        # leader | follower | random | node:N | volume_primary
 //! heal_after = "2s"        # restart / resume / reconnect after this long
 //! [random_faults]
 //! per_minute = 6
 //! kinds = ["kill", "pause", "isolate"]
+//! targets = ["leader", "volume_primary"]   # optional; default leader, follower, random
+//! [blocks]                 # optional: a block-volume workload (absent = none)
+//! volume_size = "16MiB"    # or a number of bytes
+//! replicas = 2             # 2 or 3
+//! writers = 4
+//! blocks_per_writer = 64   # each writer owns a disjoint range of 4 KiB blocks
+//! rate = 200               # block writes per second, all writers together
 //! [checkers]
 //! heal_within = "15s"
 //! ```
+//!
+//! `workload.clients = 0` turns the register workload off (for block-only runs).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -51,6 +60,9 @@ pub struct Scenario {
     pub faults: Vec<FaultSpec>,
     #[serde(default)]
     pub random_faults: Option<RandomFaults>,
+    /// The block-volume workload, if any.
+    #[serde(default)]
+    pub blocks: Option<BlockSpec>,
     #[serde(default)]
     pub checkers: CheckerSpec,
 }
@@ -85,6 +97,7 @@ fn election_ms() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
+    /// Register-workload clients; 0 turns the register workload off.
     #[serde(default = "four")]
     pub clients: usize,
     /// Number of registers the read/write/cas operations use.
@@ -114,6 +127,83 @@ impl Default for WorkloadSpec {
     }
 }
 
+/// The block-volume workload: `writers` writers, each owning `blocks_per_writer` consecutive
+/// 4 KiB blocks of one volume, overwrite their blocks with self-describing content; the
+/// `acknowledged_blocks` checker reads them back after healing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlockSpec {
+    /// The volume's name.
+    #[serde(default = "volume_name")]
+    pub volume: String,
+    /// "16MiB", "1GiB", "4096B" or a number of bytes; a multiple of 4 KiB.
+    #[serde(default = "volume_size", with = "size")]
+    pub volume_size: u64,
+    /// Copies of each block (2 or 3).
+    #[serde(default = "two")]
+    pub replicas: u8,
+    #[serde(default = "four")]
+    pub writers: usize,
+    #[serde(default = "sixty_four")]
+    pub blocks_per_writer: u64,
+    /// Block writes per second, all writers together.
+    #[serde(default = "block_rate")]
+    pub rate: u32,
+    /// Per-write deadline (after which the outcome is indeterminate).
+    #[serde(default = "op_timeout", with = "dur")]
+    pub op_timeout: Duration,
+    /// After healing, how long the volume may take to serve reads again.
+    #[serde(default = "recover_within", with = "dur")]
+    pub recover_within: Duration,
+    /// After healing, how long to wait for every replica to be in sync (reported, not judged).
+    #[serde(default = "in_sync_within", with = "dur")]
+    pub in_sync_within: Duration,
+}
+
+/// The block size the block workload writes (the volume's default block size).
+pub const BLOCK_BYTES: u64 = 4096;
+
+fn volume_name() -> String {
+    "chaos-blocks".into()
+}
+fn volume_size() -> u64 {
+    16 << 20
+}
+fn two() -> u8 {
+    2
+}
+fn sixty_four() -> u64 {
+    64
+}
+fn block_rate() -> u32 {
+    200
+}
+fn recover_within() -> Duration {
+    Duration::from_secs(20)
+}
+fn in_sync_within() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl BlockSpec {
+    /// The block numbers writer `w` owns.
+    pub fn blocks_of(&self, w: usize) -> std::ops::Range<u64> {
+        let first = w as u64 * self.blocks_per_writer;
+        first..first + self.blocks_per_writer
+    }
+
+    /// Which writer owns `block`, if any.
+    pub fn owner(&self, block: u64) -> Option<usize> {
+        let w = (block / self.blocks_per_writer) as usize;
+        (w < self.writers).then_some(w)
+    }
+
+    /// Every owned block.
+    pub fn owned_blocks(&self) -> std::ops::Range<u64> {
+        0..self.writers as u64 * self.blocks_per_writer
+    }
+}
+
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
@@ -132,12 +222,14 @@ pub enum FaultKind {
     Loss,
     /// Delay a random share of the target's packets so they arrive out of order.
     Reorder,
+    /// Cut the links between the target and one other node (chosen by the seed), both ways.
+    Cut,
 }
 
 impl FaultKind {
     /// Whether the fault acts on links (needs relays) rather than processes.
     pub fn is_link_fault(self) -> bool {
-        matches!(self, Self::Isolate | Self::Partition | Self::Delay | Self::Loss | Self::Reorder)
+        matches!(self, Self::Isolate | Self::Partition | Self::Delay | Self::Loss | Self::Reorder | Self::Cut)
     }
 }
 
@@ -155,6 +247,8 @@ pub enum Target {
     Follower,
     Random,
     Node(u64),
+    /// The block workload volume's primary, as the catalog names it when the fault fires.
+    VolumePrimary,
 }
 
 impl<'de> Deserialize<'de> for Target {
@@ -164,8 +258,11 @@ impl<'de> Deserialize<'de> for Target {
             "leader" => Ok(Self::Leader),
             "follower" => Ok(Self::Follower),
             "random" => Ok(Self::Random),
+            "volume_primary" => Ok(Self::VolumePrimary),
             other => other.strip_prefix("node:").and_then(|n| n.parse().ok()).map(Self::Node).ok_or_else(|| {
-                serde::de::Error::custom(format!("unknown target {other:?}; use leader, follower, random or node:N"))
+                serde::de::Error::custom(format!(
+                    "unknown target {other:?}; use leader, follower, random, volume_primary or node:N"
+                ))
             }),
         }
     }
@@ -178,6 +275,7 @@ impl fmt::Display for Target {
             Self::Follower => f.write_str("follower"),
             Self::Random => f.write_str("random"),
             Self::Node(n) => write!(f, "node:{n}"),
+            Self::VolumePrimary => f.write_str("volume_primary"),
         }
     }
 }
@@ -211,6 +309,9 @@ pub struct RandomFaults {
     pub kinds: Vec<FaultKind>,
     #[serde(default = "heal_after", with = "dur")]
     pub heal_after: Duration,
+    /// Targets to draw from (default: leader, follower, random).
+    #[serde(default)]
+    pub targets: Option<Vec<Target>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -220,6 +321,9 @@ pub struct CheckerSpec {
     pub linearizable: bool,
     #[serde(default = "yes")]
     pub acknowledged_writes: bool,
+    /// Every acknowledged block write is present after healing (only with `[blocks]`).
+    #[serde(default = "yes")]
+    pub acknowledged_blocks: bool,
     /// The cluster must have one healthy leader within this long after the last fault heals.
     #[serde(default = "heal_within", with = "dur")]
     pub heal_within: Duration,
@@ -234,7 +338,7 @@ fn heal_within() -> Duration {
 
 impl Default for CheckerSpec {
     fn default() -> Self {
-        Self { linearizable: true, acknowledged_writes: true, heal_within: heal_within() }
+        Self { linearizable: true, acknowledged_writes: true, acknowledged_blocks: true, heal_within: heal_within() }
     }
 }
 
@@ -279,9 +383,23 @@ impl Scenario {
         if !(1..=9).contains(&self.cluster.nodes) {
             return Err(format!("cluster.nodes: {} is outside 1..=9", self.cluster.nodes));
         }
-        if self.workload.clients == 0 || self.workload.keys == 0 || self.workload.rate == 0 {
-            return Err("workload: clients, keys and rate must be greater than zero".into());
+        if self.workload.keys == 0 || self.workload.rate == 0 {
+            return Err("workload: keys and rate must be greater than zero (clients = 0 turns it off)".into());
         }
+        if let Some(b) = &self.blocks {
+            b.validate(self.cluster.nodes)?;
+        }
+        let check_target = |what: &str, t: Target| -> Result<(), String> {
+            match t {
+                Target::Node(n) if n == 0 || n as usize > self.cluster.nodes => {
+                    Err(format!("{what}: node:{n} is not in a {}-node cluster", self.cluster.nodes))
+                }
+                Target::VolumePrimary if self.blocks.is_none() => {
+                    Err(format!("{what}: volume_primary needs a [blocks] section (a volume to have a primary)"))
+                }
+                _ => Ok(()),
+            }
+        };
         for (i, f) in self.faults.iter().enumerate() {
             if f.at >= self.duration {
                 return Err(format!(
@@ -289,14 +407,7 @@ impl Scenario {
                     f.at, self.duration
                 ));
             }
-            if let Target::Node(n) = f.target {
-                if n == 0 || n as usize > self.cluster.nodes {
-                    return Err(format!(
-                        "faults[{i}].target: node:{n} is not in a {}-node cluster",
-                        self.cluster.nodes
-                    ));
-                }
-            }
+            check_target(&format!("faults[{i}].target"), f.target)?;
             if f.kind == FaultKind::Loss && f.amount.is_some_and(|a| a > 100) {
                 return Err(format!("faults[{i}].amount: loss is a percentage (0..=100)"));
             }
@@ -308,12 +419,20 @@ impl Scenario {
             if r.kinds.is_empty() {
                 return Err("random_faults.kinds: give at least one fault kind".into());
             }
+            if let Some(targets) = &r.targets {
+                if targets.is_empty() {
+                    return Err("random_faults.targets: give at least one target (or leave it out)".into());
+                }
+                for (i, t) in targets.iter().enumerate() {
+                    check_target(&format!("random_faults.targets[{i}]"), *t)?;
+                }
+            }
         }
         if self.cluster.backend == Backend::Compose {
             if self.cluster.nodes != 3 {
                 return Err("cluster.nodes: the compose backend runs the 3-node docker-compose.yml".into());
             }
-            let fine = [FaultKind::Partition, FaultKind::Delay, FaultKind::Loss, FaultKind::Reorder];
+            let fine = [FaultKind::Partition, FaultKind::Delay, FaultKind::Loss, FaultKind::Reorder, FaultKind::Cut];
             let kinds: Vec<FaultKind> = self
                 .faults
                 .iter()
@@ -343,10 +462,13 @@ impl Scenario {
                     break;
                 }
                 let kind = r.kinds[rng.random_range(0..r.kinds.len())];
-                let target = match rng.random_range(0..3) {
-                    0 => Target::Leader,
-                    1 => Target::Follower,
-                    _ => Target::Random,
+                let target = match &r.targets {
+                    Some(targets) => targets[rng.random_range(0..targets.len())],
+                    None => match rng.random_range(0..3) {
+                        0 => Target::Leader,
+                        1 => Target::Follower,
+                        _ => Target::Random,
+                    },
                 };
                 out.push(FaultSpec {
                     at: Duration::from_secs_f64(t),
@@ -364,6 +486,84 @@ impl Scenario {
     /// The fault kinds a run uses (link faults need relays).
     pub fn fault_kinds(&self) -> BTreeSet<FaultKind> {
         self.schedule().iter().map(|f| f.kind).collect()
+    }
+}
+
+impl BlockSpec {
+    fn validate(&self, nodes: usize) -> Result<(), String> {
+        if self.volume.is_empty() || self.volume.len() > 128 {
+            return Err("blocks.volume: the name must be 1..=128 bytes".into());
+        }
+        if !(2..=3).contains(&self.replicas) {
+            return Err(format!("blocks.replicas: {} is not 2 or 3", self.replicas));
+        }
+        if self.replicas as usize > nodes {
+            return Err(format!(
+                "blocks.replicas: {} replicas need as many nodes; the cluster has {nodes}",
+                self.replicas
+            ));
+        }
+        if self.volume_size == 0 || !self.volume_size.is_multiple_of(BLOCK_BYTES) {
+            return Err(format!("blocks.volume_size: {} bytes is not a positive multiple of 4 KiB", self.volume_size));
+        }
+        if self.writers == 0 || self.blocks_per_writer == 0 {
+            return Err("blocks: writers and blocks_per_writer must be greater than zero".into());
+        }
+        let needed = (self.writers as u64).saturating_mul(self.blocks_per_writer).saturating_mul(BLOCK_BYTES);
+        if needed > self.volume_size {
+            return Err(format!(
+                "blocks.volume_size: {} writers x {} blocks x 4 KiB = {needed} bytes do not fit in {} bytes",
+                self.writers, self.blocks_per_writer, self.volume_size
+            ));
+        }
+        if !(1..=5000).contains(&self.rate) {
+            return Err(format!("blocks.rate: {} writes per second is outside 1..=5000", self.rate));
+        }
+        if self.op_timeout.is_zero() {
+            return Err("blocks.op_timeout: must be greater than zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Byte sizes as "16MiB", "512KiB", "4096B" (or a bare number of bytes).
+mod size {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*n)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => u64::try_from(n).map_err(|_| serde::de::Error::custom(format!("size {n} is negative"))),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    pub(super) fn parse(t: &str) -> Result<u64, String> {
+        let t = t.trim();
+        let (num, unit) = t.find(|c: char| c.is_ascii_alphabetic()).map(|i| t.split_at(i)).unwrap_or((t, "B"));
+        let n: u64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("size {t:?} is not a whole number with a unit (B, KiB, MiB, GiB)"))?;
+        let scale: u64 = match unit {
+            "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            _ => return Err(format!("size {t:?} has unknown unit {unit:?} (use B, KiB, MiB, GiB or TiB)")),
+        };
+        n.checked_mul(scale).ok_or_else(|| format!("size {t:?} is too large"))
     }
 }
 
@@ -462,5 +662,45 @@ kinds = ["pause", "isolate"]
         let unknown = format!("{OK}\nbogus = 1\n");
         let e = Scenario::parse(&unknown).unwrap_err();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn blocks_section_parses_and_validates() {
+        assert!(Scenario::parse(OK).unwrap().blocks.is_none(), "absent = no block workload");
+        let with = |b: &str| format!("{OK}\n[blocks]\n{b}\n");
+        let s = Scenario::parse(&with("volume_size = \"16MiB\"\nreplicas = 3\nwriters = 2")).unwrap();
+        let b = s.blocks.unwrap();
+        assert_eq!((b.volume_size, b.replicas, b.writers, b.blocks_per_writer), (16 << 20, 3, 2, 64));
+        assert_eq!(b.blocks_of(1), 64..128);
+        assert_eq!((b.owner(127), b.owner(128)), (Some(1), None));
+        assert_eq!(Scenario::parse(&with("volume_size = 1048576")).unwrap().blocks.unwrap().volume_size, 1 << 20);
+        let e = Scenario::parse(&with("volume_size = \"16MB\"")).unwrap_err();
+        assert!(e.contains("line 15") && e.contains("unknown unit"), "{e}");
+        let e = Scenario::parse(&with("replicas = 1")).unwrap_err();
+        assert!(e.contains("blocks.replicas"), "{e}");
+        let e = Scenario::parse(&with("volume_size = \"64KiB\"")).unwrap_err();
+        assert!(e.contains("blocks.volume_size") && e.contains("do not fit"), "{e}");
+        let e = Scenario::parse(&with("volume_size = 5000")).unwrap_err();
+        assert!(e.contains("multiple of 4 KiB"), "{e}");
+        let e = Scenario::parse(&with("writerz = 2")).unwrap_err();
+        assert!(e.contains("writerz") && e.contains("line 15"), "{e}");
+        let small = OK.replace("[cluster]\nbackend = \"local\"", "[cluster]\nbackend = \"local\"\nnodes = 2");
+        let e = Scenario::parse(&format!("{small}\n[blocks]\nreplicas = 3\n")).unwrap_err();
+        assert!(e.contains("blocks.replicas") && e.contains("has 2"), "{e}");
+    }
+
+    #[test]
+    fn volume_primary_targets_need_blocks() {
+        let primary = OK.replace("kind = \"kill\"", "kind = \"kill\"\ntarget = \"volume_primary\"");
+        let e = Scenario::parse(&primary).unwrap_err();
+        assert!(e.contains("faults[0].target") && e.contains("[blocks]"), "{e}");
+        let s = Scenario::parse(&format!("{primary}\n[blocks]\n")).unwrap();
+        assert_eq!(s.faults[0].target, Target::VolumePrimary);
+        let targets =
+            OK.replace("kinds = [\"pause\", \"isolate\"]", "kinds = [\"cut\"]\ntargets = [\"volume_primary\"]");
+        assert!(Scenario::parse(&targets).unwrap_err().contains("random_faults.targets[0]"));
+        let s = Scenario::parse(&format!("{targets}\n[blocks]\n")).unwrap();
+        let random: Vec<_> = s.schedule().into_iter().filter(|f| f.kind == FaultKind::Cut).collect();
+        assert!(!random.is_empty() && random.iter().all(|f| f.target == Target::VolumePrimary));
     }
 }

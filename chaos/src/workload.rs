@@ -86,20 +86,17 @@ pub async fn run(
                     }
                     Err(e) => (classify(&e), Some(e.to_string())),
                 };
-                {
-                    let mut h = history.lock().expect("history lock");
-                    let id = h.len();
-                    h.push(Op {
-                        id,
-                        client: c,
-                        key,
-                        kind,
-                        invoke_us: invoke.as_micros() as u64,
-                        complete_us: complete.as_micros() as u64,
-                        outcome,
-                        error,
-                    });
+                Op {
+                    id: 0,
+                    client: c,
+                    key,
+                    kind,
+                    invoke_us: invoke.as_micros() as u64,
+                    complete_us: complete.as_micros() as u64,
+                    outcome,
+                    error,
                 }
+                .record(&history);
                 tokio::time::sleep(gap.saturating_sub(complete - invoke)).await;
             }
         }));
@@ -131,5 +128,6 @@ async fn execute(
                 client.kv_cas(key, exp.as_deref().map(str::as_bytes), Some(new.to_string().as_bytes())).await?;
             Ok((None, Some(matched)))
         }
+        OpKind::BlockWrite { .. } => Err(ClientError::Protocol("block writes belong to the block workload".into())),
     }
 }

@@ -1,6 +1,7 @@
 //! The chaos harness end to end, through `havenctl chaos run`: the CI scenario passes every
 //! checker, the deliberately broken cluster is caught, bad scenario files are refused with the
-//! field named, and (when a Docker engine is present) the compose cluster survives a kill.
+//! field named, a replicated block volume keeps every acknowledged write through primary kills
+//! and link faults, and (when a Docker engine is present) the compose cluster survives a kill.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -57,6 +58,29 @@ fn smoke_scenario_passes_every_checker() {
 }
 
 #[test]
+fn volume_keeps_every_acknowledged_block_through_primary_kills() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, report) = run_scenario("volume-faults.toml", &tmp.path().join("run"));
+    let summary = std::fs::read_to_string(tmp.path().join("run/summary.txt")).unwrap();
+    assert!(o.status.success(), "volume-faults run failed:\n{summary}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(report["passed"], true, "{summary}");
+    for name in ["heals", "acknowledged-blocks", "replicas-in-sync", "linearizable", "acknowledged-writes"] {
+        assert_eq!(checker(&report, name)["passed"], true, "{name}: {summary}");
+    }
+    let acked = report["block_writes"]["ok"].as_u64().unwrap();
+    assert!(acked > 0, "no block write was acknowledged:\n{summary}");
+    let check = &report["blocks"]["check"];
+    assert_eq!(check["acknowledged_writes"].as_u64(), Some(acked), "{summary}");
+    assert_eq!(check["blocks_checked"].as_u64(), Some(4 * 64), "{summary}");
+    assert!(check["violations"].as_array().unwrap().is_empty(), "{summary}");
+    let kills: Vec<&serde_json::Value> =
+        report["faults"].as_array().unwrap().iter().filter(|f| f["kind"] == "kill" && f["skipped"].is_null()).collect();
+    assert!(kills.iter().any(|f| f["hit_volume_primary"] == true), "no kill hit the volume's primary:\n{summary}");
+    assert!(summary.contains("block writes:") && summary.contains("(volume primary)"), "{summary}");
+    println!("{summary}");
+}
+
+#[test]
 fn acknowledging_before_commit_is_caught() {
     let tmp = tempfile::tempdir().unwrap();
     let (o, report) = run_scenario("broken-ack.toml", &tmp.path().join("run"));
@@ -86,6 +110,21 @@ fn bad_scenario_files_name_the_field() {
             "fault after the end",
             "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[[faults]]\nat='9s'\nkind='kill'\n",
             "faults[0].at",
+        ),
+        (
+            "block replicas",
+            "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[blocks]\nreplicas=4\n",
+            "blocks.replicas",
+        ),
+        (
+            "block size unit",
+            "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[blocks]\nvolume_size='16MB'\n",
+            "volume_size='16MB'",
+        ),
+        (
+            "volume primary without blocks",
+            "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[[faults]]\nat='1s'\nkind='kill'\ntarget='volume_primary'\n",
+            "faults[0].target",
         ),
         (
             "compose with a delay",

@@ -287,9 +287,11 @@ impl HavenClient {
             Body::Error(err) => {
                 let leader = err.leader.as_ref().and_then(|(_, a)| a.parse().ok());
                 match err.code {
-                    ErrorCode::NotLeader | ErrorCode::NoLeader | ErrorCode::NotInitialized | ErrorCode::Unavailable => {
-                        Err(Failure::NotApplied { reason: err.message.clone(), leader })
-                    }
+                    ErrorCode::NotLeader
+                    | ErrorCode::NoLeader
+                    | ErrorCode::NotInitialized
+                    | ErrorCode::Unavailable
+                    | ErrorCode::NotPrimary => Err(Failure::NotApplied { reason: err.message.clone(), leader }),
                     ErrorCode::Timeout => Err(Failure::Unknown(err.message)),
                     _ => Err(Failure::Final(ClientError::Server(err))),
                 }
@@ -322,7 +324,10 @@ impl Failure {
 }
 
 fn request_is_idempotent(request: &ClientRequest) -> bool {
-    matches!(request, ClientRequest::Status | ClientRequest::LeaderStatus | ClientRequest::Read { .. })
+    match request {
+        ClientRequest::Volume(r) => r.is_idempotent(),
+        _ => matches!(request, ClientRequest::Status | ClientRequest::LeaderStatus | ClientRequest::Read { .. }),
+    }
 }
 
 fn unexpected(resp: &ClientResponse) -> ClientError {

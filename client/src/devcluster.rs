@@ -52,6 +52,8 @@ pub struct DevClusterSpec {
     pub host: String,
     /// Extra environment for every node process.
     pub env: BTreeMap<String, String>,
+    /// Host/replica failure detection threshold in ms (None = the node's default).
+    pub failure_detect_ms: Option<u64>,
 }
 
 impl DevClusterSpec {
@@ -64,6 +66,7 @@ impl DevClusterSpec {
             snapshot_after: 10_000,
             host: "127.0.0.1".into(),
             env: BTreeMap::new(),
+            failure_detect_ms: None,
         }
     }
 }
@@ -74,6 +77,9 @@ pub struct NodeEntry {
     pub id: u64,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// NBD server address (volumes as NBD exports).
+    #[serde(default)]
+    pub nbd: Option<SocketAddr>,
     pub data_dir: PathBuf,
     #[serde(default)]
     pub pid: Option<u32>,
@@ -88,6 +94,8 @@ struct Manifest {
     /// Extra environment for every node process (e.g. test-only switches).
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    failure_detect_ms: Option<u64>,
     nodes: Vec<NodeEntry>,
 }
 
@@ -155,6 +163,7 @@ impl LocalCluster {
             snapshot_after: spec.snapshot_after,
             host: spec.host.clone(),
             env: spec.env.clone(),
+            failure_detect_ms: spec.failure_detect_ms,
             nodes: Vec::new(),
         };
         for id in 1..=spec.nodes as u64 {
@@ -162,6 +171,7 @@ impl LocalCluster {
                 id,
                 addr: free_port(&spec.host, true)?,
                 admin: free_port(&spec.host, false)?,
+                nbd: Some(free_port(&spec.host, false)?),
                 data_dir: dir.join(format!("node-{id}")),
                 pid: None,
             });
@@ -243,6 +253,16 @@ impl LocalCluster {
             "--snapshot-after".as_ref(),
             snapshot.as_ref(),
         ];
+        let nbd = node.nbd.map(|a| a.to_string());
+        if let Some(nbd) = &nbd {
+            args.push("--nbd-listen".as_ref());
+            args.push(nbd.as_ref());
+        }
+        let detect = self.manifest.failure_detect_ms.map(|v| v.to_string());
+        if let Some(d) = &detect {
+            args.push("--failure-detect-ms".as_ref());
+            args.push(d.as_ref());
+        }
         if let Some(b) = bootstrap {
             args.push("--bootstrap".as_ref());
             args.push(b.as_ref());
@@ -417,6 +437,7 @@ impl LocalCluster {
             id,
             addr: free_port(&self.manifest.host, true)?,
             admin: free_port(&self.manifest.host, false)?,
+            nbd: Some(free_port(&self.manifest.host, false)?),
             data_dir: self.dir.join(format!("node-{id}")),
             pid: None,
         };

@@ -36,11 +36,23 @@ fn describe(e: &WireError) -> String {
         ErrorCode::AlreadyInitialized => "already initialised",
         ErrorCode::Unavailable => "unavailable",
         ErrorCode::Internal => "internal error",
+        ErrorCode::NotPrimary => "not the volume's primary",
     };
     format!("{what}: {}", e.message)
 }
 
 impl ClientError {
+    /// A request the catalog refused (`not_found`: because what it names does not exist).
+    pub(crate) fn refused(reason: String, not_found: bool) -> Self {
+        let code = if not_found { ErrorCode::NotFound } else { ErrorCode::InvalidRequest };
+        Self::Server(WireError::new(code, reason))
+    }
+
+    /// A node answered with something that does not fit the request.
+    pub(crate) fn unexpected<T: std::fmt::Debug>(what: T) -> Self {
+        Self::Protocol(format!("unexpected answer {what:?}"))
+    }
+
     /// The server's error code, if a node answered with an error.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {

@@ -11,6 +11,8 @@ pub mod client;
 pub mod config;
 pub mod devcluster;
 pub mod error;
+pub mod vms;
+pub mod volumes;
 pub mod wire;
 
 pub use client::HavenClient;

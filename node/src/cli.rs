@@ -73,6 +73,16 @@ struct InitArgs {
     /// Snapshot the catalog after this many log entries.
     #[arg(long, default_value_t = RaftTunables::default().snapshot_after_entries)]
     snapshot_after: u64,
+    /// Guest memory this host offers to VMs, in MiB.
+    #[arg(long, env = "HAVEN_VM_MEMORY_MIB", default_value_t = 16 * 1024)]
+    vm_memory_mib: u64,
+    /// NBD listen address (HOST:PORT): volumes are served as NBD exports there.
+    #[arg(long, env = "HAVEN_NBD_LISTEN")]
+    nbd_listen: Option<String>,
+    /// How long a host or replica may stay silent before it is treated as failed, in ms
+    /// (the leader's host-down threshold and the primary's replica acknowledgement deadline).
+    #[arg(long, default_value_t = crate::volume::replica::VolumeTunables::default().host_down_ms)]
+    failure_detect_ms: u64,
     /// Overwrite an existing configuration.
     #[arg(long)]
     force: bool,
@@ -92,6 +102,10 @@ struct RunArgs {
     /// Override the per-request deadline in milliseconds.
     #[arg(long, env = "HAVEN_REQUEST_TIMEOUT_MS")]
     request_timeout_ms: Option<u64>,
+    /// Cap the bandwidth of each resync this node drives, in bytes per second (0 = no cap), so a
+    /// returning replica does not starve foreground I/O.
+    #[arg(long, env = "HAVEN_RESYNC_MAX_BYTES_PER_SEC")]
+    resync_max_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Args)]
@@ -169,6 +183,13 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         request_timeout_ms: 5_000,
         raft,
         dial_via: Default::default(),
+        nbd_listen: a.nbd_listen,
+        vm_memory_mib: a.vm_memory_mib,
+        volume: crate::volume::replica::VolumeTunables {
+            host_down_ms: a.failure_detect_ms,
+            replica_ack_timeout_ms: a.failure_detect_ms,
+            ..Default::default()
+        },
     };
     cfg.validate()?;
     let bootstrap = a.bootstrap.as_deref().map(Bootstrap::parse_members).transpose()?;
@@ -189,7 +210,13 @@ fn start(a: InitArgs) -> anyhow::Result<ExitCode> {
     if !data_dir.join(CONFIG_FILE).exists() {
         init(a)?;
     }
-    run(RunArgs { data_dir, listen: None, admin_listen: None, request_timeout_ms: None })
+    run(RunArgs {
+        data_dir,
+        listen: None,
+        admin_listen: None,
+        request_timeout_ms: None,
+        resync_max_bytes_per_sec: None,
+    })
 }
 
 fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -199,6 +226,9 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(l) = a.admin_listen {
         cfg.admin_listen = l;
+    }
+    if let Some(r) = a.resync_max_bytes_per_sec {
+        cfg.volume.resync_max_bytes_per_sec = r;
     }
     if let Some(t) = a.request_timeout_ms {
         cfg.request_timeout_ms = t;

@@ -55,10 +55,22 @@ pub struct NodeConfig {
     pub request_timeout_ms: u64,
     #[serde(default)]
     pub raft: RaftTunables,
+    /// Address the NBD server binds (volumes as NBD exports); none = no NBD server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_listen: Option<String>,
+    #[serde(default)]
+    pub volume: crate::volume::replica::VolumeTunables,
+    /// Guest memory this host offers to VMs, in MiB.
+    #[serde(default = "default_vm_memory_mib")]
+    pub vm_memory_mib: u64,
     /// Dial these nodes at another address than the one in the membership (node id → HOST:PORT).
     /// The chaos harness points each link at its own fault-injecting relay this way.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub dial_via: std::collections::BTreeMap<String, String>,
+}
+
+fn default_vm_memory_mib() -> u64 {
+    16 * 1024
 }
 
 fn default_request_timeout_ms() -> u64 {

@@ -81,7 +81,14 @@ pub async fn run(
         registry,
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         unsafe_ack_before_commit: unsafe_ack_before_commit(),
+        volumes: std::sync::OnceLock::new(),
+        vms: std::sync::OnceLock::new(),
     });
+    let vms = crate::vm::host::VmHost::new(service.clone(), cfg.vm_memory_mib);
+    let _ = service.vms.set(vms.clone());
+    transport.set_stream_handler(crate::vm::host::stream_handler(vms.clone()));
+    let volumes = crate::volume::host::VolumeHost::new(service.clone(), cfg.volume.clone());
+    let _ = service.volumes.set(volumes.clone());
 
     let handler_service = service.clone();
     let server = tokio::spawn(transport.clone().serve(Arc::new(move |env| {
@@ -98,6 +105,28 @@ pub async fn run(
     }));
     tokio::spawn(watch_raft_metrics(raft.clone()));
     tokio::spawn(crate::controllers::host_registry::run(service.clone(), Duration::from_secs(1)));
+    tokio::spawn(crate::controllers::volumes::run(service.clone(), cfg.volume.clone()));
+    // Device actors start on this (the actix system's) thread.
+    actix::spawn(volumes.clone().run());
+    actix::spawn(vms.clone().run());
+    let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(nbd_listen) = &cfg.nbd_listen {
+        let addr = crate::transport::resolve(nbd_listen).await.map_err(|e| anyhow!(e))?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding NBD on {nbd_listen}"))?;
+        info!(node = %id, nbd = %addr, "serving volumes over NBD");
+        tokio::spawn(crate::nbd::serve(
+            listener,
+            crate::volume::export::VolumeExports::new(volumes.clone()),
+            crate::nbd::NbdServerConfig {
+                max_payload: haven_proto::volume::MAX_IO_LEN,
+                ..crate::nbd::NbdServerConfig::default()
+            },
+            async {
+                let _ = nbd_stop_rx.await;
+            },
+        ));
+    }
 
     if raft.is_initialized().await? {
         tokio::spawn(rejoin_quietly(raft.clone(), cfg.raft.election_timeout_max_ms));
@@ -108,6 +137,7 @@ pub async fn run(
     shutdown.await;
     info!(node = %id, "shutting down");
     let _ = admin_stop_tx.send(());
+    let _ = nbd_stop_tx.send(());
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }

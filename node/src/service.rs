@@ -38,6 +38,10 @@ pub struct NodeService {
     /// proposed, before they are committed. Exists so the chaos harness can prove its checkers
     /// catch lost acknowledged writes; never set it anywhere else.
     pub unsafe_ack_before_commit: bool,
+    /// The node's volumes (set once at start-up, after this service exists).
+    pub volumes: std::sync::OnceLock<Arc<crate::volume::host::VolumeHost>>,
+    /// The node's VMs (set once at start-up).
+    pub vms: std::sync::OnceLock<Arc<crate::vm::host::VmHost>>,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
@@ -104,6 +108,11 @@ impl NodeService {
                 Body::Error(err(ErrorCode::InvalidRequest, format!("malformed {rpc:?} payload: {e}")))
             }
         }
+    }
+
+    /// The node's volume host, once started.
+    pub fn volumes(&self) -> Option<Arc<crate::volume::host::VolumeHost>> {
+        self.volumes.get().cloned()
     }
 
     /// This node's view of itself and the cluster.
@@ -174,6 +183,15 @@ impl NodeService {
             }
             ClientRequest::AddMember { member, voter } => self.add_member(member, voter, flags).await,
             ClientRequest::RemoveMember { id } => self.remove_member(id, flags).await,
+            ClientRequest::Volume(req) => {
+                let host = self.volumes().ok_or_else(|| err(ErrorCode::Unavailable, "volumes are not running yet"))?;
+                host.client(req).await.map(ClientResponse::Volume)
+            }
+            ClientRequest::Vm(req) => {
+                let host =
+                    self.vms.get().cloned().ok_or_else(|| err(ErrorCode::Unavailable, "VMs are not running yet"))?;
+                host.client(req).await.map(ClientResponse::Vm)
+            }
         }
     }
 

@@ -22,7 +22,12 @@ pub const CF_SM_META: &str = "sm_meta";
 /// The current state-machine snapshot.
 pub const CF_SNAPSHOT: &str = "snapshot";
 
-const ALL_CFS: [&str; 5] = [CF_RAFT_LOG, CF_RAFT_META, CF_CATALOG, CF_SM_META, CF_SNAPSHOT];
+/// Volume block versions on this host (see `volume::blockstore`).
+pub const CF_BLOCKS: &str = "blocks";
+/// Per-host volume replica metadata: local snapshots, resync cursors, preserved divergent writes.
+pub const CF_VOLUME_META: &str = "volume_meta";
+
+const ALL_CFS: [&str; 7] = [CF_RAFT_LOG, CF_RAFT_META, CF_CATALOG, CF_SM_META, CF_SNAPSHOT, CF_BLOCKS, CF_VOLUME_META];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,7 +50,34 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
-        let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf_opts = Options::default();
+            if *name == CF_BLOCKS {
+                // Values are whole volume blocks (4 KiB): 64 KiB table blocks keep range reads to
+                // a few block-cache lookups per MiB instead of one per volume block (~6x faster
+                // 1 MiB reads), and a cache of our own keeps a working set hot.
+                let mut table = rocksdb::BlockBasedOptions::default();
+                table.set_block_size(64 << 10);
+                table.set_block_cache(&rocksdb::Cache::new_lru_cache(64 << 20));
+                cf_opts.set_block_based_table_factory(&table);
+                // Block contents go to blob files at flush and stay there: compaction rewrites only
+                // the small keys, not every 4 KiB value again at each level (LSM write
+                // amplification was most of the write path's cost). Blob GC reclaims overwritten
+                // blocks.
+                cf_opts.set_enable_blob_files(true);
+                cf_opts.set_min_blob_size(1024);
+                cf_opts.set_enable_blob_gc(true);
+                cf_opts.set_write_buffer_size(128 << 20);
+            }
+            if *name == CF_VOLUME_META {
+                // Volume high-water marks are raised with a u64-max merge (see volume::blockstore).
+                cf_opts.set_merge_operator_associative(
+                    crate::volume::blockstore::HWM_MERGE_OPERATOR,
+                    crate::volume::blockstore::hwm_merge,
+                );
+            }
+            ColumnFamilyDescriptor::new(*name, cf_opts)
+        });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         Ok(Self { db: Arc::new(db) })
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use haven_client::wire::{self, Connector, TlsMaterial, WireIoError};
 use haven_proto::frame::{FRAME_HEADER_LEN, MAX_FRAME_LEN};
-use haven_proto::{ActorAddr, Body, Envelope, NodeId};
+use haven_proto::{ActorAddr, Body, Envelope, EnvelopeFlags, NodeId};
 use tracing::{debug, warn, Instrument};
 
 /// QUIC application close code for a peer that sent a bad frame.
@@ -25,6 +25,11 @@ pub const CLOSE_BAD_FRAME: u32 = 0x4856_0001;
 
 /// Handles one validated inbound request and returns the reply body.
 pub type InboundHandler = Arc<dyn Fn(Envelope) -> BoxFuture<'static, Body> + Send + Sync>;
+
+/// Takes over a bulk stream opened by a request flagged [`EnvelopeFlags::STREAM`] (for example a
+/// live migration's page stream); it owns both halves from then on.
+pub type StreamHandler =
+    Arc<dyn Fn(Envelope, quinn::SendStream, quinn::RecvStream) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// The node's transport. Cheap to clone.
 #[derive(Clone)]
@@ -34,6 +39,7 @@ pub struct Transport {
     control: Connector,
     bulk: Connector,
     dial_via: Arc<HashMap<u64, String>>,
+    streams: Arc<std::sync::OnceLock<StreamHandler>>,
 }
 
 impl Transport {
@@ -72,6 +78,7 @@ impl Transport {
             bulk: Connector::new(endpoint.clone(), connect_timeout, max_backoff),
             endpoint,
             dial_via: Arc::new(dial_via),
+            streams: Arc::default(),
         })
     }
 
@@ -127,10 +134,31 @@ impl Transport {
         Ok((send, recv))
     }
 
+    /// Register the handler for inbound bulk streams (once, at start-up).
+    pub fn set_stream_handler(&self, handler: StreamHandler) {
+        let _ = self.streams.set(handler);
+    }
+
+    /// Open a bulk stream to `addr`: `body` (flagged [`EnvelopeFlags::STREAM`]) tells the peer
+    /// what the stream is for; the returned halves then carry the caller's own framing.
+    pub async fn open_stream(
+        &self,
+        addr: SocketAddr,
+        dest: ActorAddr,
+        body: Body,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), WireIoError> {
+        let (mut send, recv) = self.open_bulk(addr).await?;
+        let mut env = Envelope::new(self.bulk.next_msg_id(), self.node, dest, body);
+        env.flags = EnvelopeFlags::STREAM;
+        wire::write_envelope(&mut send, &env).await?;
+        Ok((send, recv))
+    }
+
     /// Accept connections until the endpoint closes, handing each valid request to `handler`.
     pub async fn serve(self, handler: InboundHandler) {
         while let Some(incoming) = self.endpoint.accept().await {
             let handler = handler.clone();
+            let streams = self.streams.clone();
             let node = self.node;
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
@@ -143,7 +171,7 @@ impl Transport {
                         return;
                     }
                 };
-                serve_connection(node, conn, handler).await;
+                serve_connection(node, conn, handler, streams).await;
             });
         }
     }
@@ -154,7 +182,12 @@ impl Transport {
     }
 }
 
-async fn serve_connection(node: NodeId, conn: quinn::Connection, handler: InboundHandler) {
+async fn serve_connection(
+    node: NodeId,
+    conn: quinn::Connection,
+    handler: InboundHandler,
+    streams: Arc<std::sync::OnceLock<StreamHandler>>,
+) {
     let remote = conn.remote_address();
     debug!(%remote, "connection accepted");
     loop {
@@ -166,9 +199,10 @@ async fn serve_connection(node: NodeId, conn: quinn::Connection, handler: Inboun
             }
         };
         let handler = handler.clone();
+        let streams = streams.clone();
         let conn = conn.clone();
         tokio::spawn(async move {
-            match serve_stream(node, send, recv, handler).await {
+            match serve_stream(node, send, recv, handler, streams).await {
                 Ok(()) => {}
                 // The peer sent bytes that are not a valid frame: it is broken or hostile.
                 Err(e @ WireIoError::Proto(_)) => {
@@ -192,10 +226,20 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     handler: InboundHandler,
+    streams: Arc<std::sync::OnceLock<StreamHandler>>,
 ) -> Result<(), WireIoError> {
     let started = Instant::now();
     let buf = wire::read_frame(&mut recv, MAX_FRAME_LEN).await?;
     let request = Envelope::decode(&buf)?;
+    if request.flags & EnvelopeFlags::STREAM != 0 {
+        match streams.get() {
+            Some(h) => h(request, send, recv).await,
+            None => {
+                let _ = send.reset(0u32.into());
+            }
+        }
+        return Ok(());
+    }
     let kind = request.kind().as_str();
     metrics::counter!("haven_transport_messages_total", "direction" => "in", "kind" => kind).increment(1);
     metrics::counter!("haven_transport_bytes_total", "direction" => "in")

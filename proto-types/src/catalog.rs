@@ -8,6 +8,8 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::ids::NodeId;
+use crate::vm::{VmCommand, VmOutcome, VmQuery, VmQueryResult};
+use crate::volume::{VolumeCommand, VolumeOutcome, VolumeQuery, VolumeQueryResult};
 
 /// Largest key in the generic key-value namespace.
 pub const MAX_KV_KEY_LEN: usize = 1024;
@@ -40,6 +42,10 @@ pub enum CatalogCommand {
     UpsertHost(HostRecord),
     /// Forget a host.
     RemoveHost { id: NodeId },
+    /// Volumes, snapshots, policies, relationships, events.
+    Volume(VolumeCommand),
+    /// VMs and host capacity.
+    Vm(VmCommand),
 }
 
 impl CatalogCommand {
@@ -80,6 +86,8 @@ impl CatalogCommand {
                 Ok(())
             }
             Self::RemoveHost { .. } => Ok(()),
+            Self::Volume(v) => v.validate(),
+            Self::Vm(v) => v.validate(),
         }
     }
 }
@@ -89,15 +97,24 @@ impl CatalogCommand {
 #[rkyv(derive(Debug))]
 pub enum CommandOutcome {
     /// A put; the previous value, if any.
-    Put { previous: Option<Vec<u8>> },
+    Put {
+        previous: Option<Vec<u8>>,
+    },
     /// A delete; whether the key existed.
-    Deleted { existed: bool },
+    Deleted {
+        existed: bool,
+    },
     /// A compare-and-set; whether it matched, and the value now stored.
-    Cas { succeeded: bool, current: Option<Vec<u8>> },
+    Cas {
+        succeeded: bool,
+        current: Option<Vec<u8>>,
+    },
     /// A host was recorded or removed.
     Host,
     /// A Raft membership or blank entry (no catalog effect).
     Internal,
+    Volume(VolumeOutcome),
+    Vm(VmOutcome),
 }
 
 /// A read of applied catalog state.
@@ -113,6 +130,8 @@ pub enum CatalogQuery {
         limit: u32,
     },
     Hosts,
+    Volume(VolumeQuery),
+    Vm(VmQuery),
 }
 
 /// The answer to a [`CatalogQuery`].
@@ -122,6 +141,8 @@ pub enum QueryResult {
     Value(Option<Vec<u8>>),
     Entries(Vec<(String, Vec<u8>)>),
     Hosts(Vec<HostRecord>),
+    Volume(VolumeQueryResult),
+    Vm(VmQueryResult),
 }
 
 #[cfg(test)]

@@ -22,6 +22,9 @@ pub struct EnvelopeFlags;
 impl EnvelopeFlags {
     /// The request was forwarded by another node; the receiver must not forward it again.
     pub const FORWARDED: u32 = 1;
+    /// The request opens a bulk stream: after this envelope the stream carries the body's own
+    /// (validated) framing in both directions instead of one reply envelope.
+    pub const STREAM: u32 = 2;
 }
 
 /// Which Raft RPC a [`Body::Raft`] carries.

@@ -45,12 +45,14 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or a storage failure on the node.
     Internal,
+    /// This host is not (or no longer) the volume's primary; the catalog names the current one.
+    NotPrimary,
 }
 
 impl ErrorCode {
     /// Whether a client may retry the same request (possibly at another node).
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::NotLeader | Self::NoLeader | Self::Timeout | Self::Unavailable)
+        matches!(self, Self::NotLeader | Self::NoLeader | Self::Timeout | Self::Unavailable | Self::NotPrimary)
     }
 }
 

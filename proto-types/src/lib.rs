@@ -13,6 +13,8 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod messages;
+pub mod vm;
+pub mod volume;
 
 pub use catalog::{CatalogCommand, CatalogQuery, CommandOutcome, HostRecord, QueryResult};
 pub use envelope::{aligned_copy, Body, Envelope, EnvelopeFlags, MessageKind, RaftRpc, PROTOCOL_VERSION};

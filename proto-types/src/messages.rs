@@ -6,6 +6,8 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::catalog::{CatalogCommand, CatalogQuery, CommandOutcome, QueryResult};
 use crate::ids::NodeId;
+use crate::vm::{VmMessage, VmRequest, VmResponse};
+use crate::volume::{DeviceMessage, DeviceReply, VolumeRequest, VolumeResponse};
 
 /// A member to put in the initial cluster configuration or to add later.
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -34,6 +36,10 @@ pub enum ClientRequest {
     AddMember { member: MemberSpec, voter: bool },
     /// Remove a member from the voters and learners.
     RemoveMember { id: NodeId },
+    /// A volume data or snapshot request, routed to the volume's primary.
+    Volume(VolumeRequest),
+    /// A request about a running VM, routed to the VM's host.
+    Vm(VmRequest),
 }
 
 impl ClientRequest {
@@ -46,6 +52,8 @@ impl ClientRequest {
             Self::Read { .. } => "read",
             Self::AddMember { .. } => "add_member",
             Self::RemoveMember { .. } => "remove_member",
+            Self::Volume(_) => "volume",
+            Self::Vm(_) => "vm",
         }
     }
 }
@@ -106,10 +114,12 @@ pub enum ClientResponse {
     MembershipChanged {
         index: u64,
     },
+    Volume(VolumeResponse),
+    Vm(VmResponse),
 }
 
-/// A message to an actor. The host agent answers `Ping` and `Describe` now; VM, device and
-/// memory-bank actors add their variants in later issues.
+/// A message to an actor. Every actor answers `Ping` and `Describe`; device actors take
+/// [`DeviceMessage`]s; VM and memory-bank actors add their variants in later issues.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum ActorMessage {
@@ -117,6 +127,10 @@ pub enum ActorMessage {
     Ping { nonce: u64 },
     /// Describe the actor and its host.
     Describe,
+    /// For a device actor (one per volume replica per host).
+    Device(DeviceMessage),
+    /// For a VM actor (one per VM, on its host).
+    Vm(VmMessage),
 }
 
 /// An actor's reply.
@@ -125,4 +139,6 @@ pub enum ActorMessage {
 pub enum ActorReply {
     Pong { nonce: u64, from: NodeId },
     Description { node: NodeId, kind: String, handled: u64, uptime_ms: u64 },
+    Device(DeviceReply),
+    Vm(VmResponse),
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use haven_benches::cluster::{default_election_timeout_ms, RunningCluster, ScratchDir};
+use haven_benches::cluster::{RunningCluster, ScratchDir};
 use haven_benches::latency::Latency;
 use haven_benches::report::ratio;
 use haven_benches::{Cell, LatencySummary, Report, Table, TargetCheck};
@@ -51,10 +51,6 @@ struct Args {
     /// Distinct keys each client task cycles through (bounds the catalog's size).
     #[arg(long, default_value_t = 1024)]
     keys_per_client: u64,
-    /// Raft election timeout lower bound for the clusters, in ms.
-    /// (default: `DevClusterSpec`'s, the same as `havenctl dev up`).
-    #[arg(long)]
-    election_timeout_ms: Option<u64>,
     #[command(flatten)]
     cluster: haven_benches::cluster::ClusterFlags,
     #[command(flatten)]
@@ -148,7 +144,7 @@ async fn bench_cluster(
 ) -> anyhow::Result<Vec<LoadResult>> {
     let dir = scratch.path().join(format!("cluster-{nodes}"));
     eprintln!("catalog_bench: starting a {nodes}-node cluster in {}", dir.display());
-    let election_ms = args.election_timeout_ms.unwrap_or_else(default_election_timeout_ms);
+    let election_ms = args.cluster.election_timeout_ms();
     let running = RunningCluster::start(&dir, nodes, node_bin, election_ms).await?;
     let client = running.client_leader_first(running.leader.id)?;
     eprintln!("catalog_bench: {nodes}-node cluster healthy, leader {}; warming up", running.leader.id);
@@ -234,7 +230,7 @@ async fn main() -> anyhow::Result<()> {
     report.param("warmup_secs", warmup.as_secs_f64());
     report.param("value_bytes", args.value_bytes as u64);
     report.param("keys_per_client", args.keys_per_client);
-    report.param("election_timeout_ms", args.election_timeout_ms.unwrap_or_else(default_election_timeout_ms));
+    report.param("election_timeout_ms", args.cluster.election_timeout_ms());
     report.param("dir", scratch.path().display().to_string());
 
     let mut t = Table::new(

@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use haven_benches::cluster::{client_for, default_election_timeout_ms, RunningCluster, HEALTHY_TIMEOUT};
+use haven_benches::cluster::{client_for, RunningCluster, HEALTHY_TIMEOUT};
 use haven_benches::latency::quantile_ms;
 use haven_benches::{Cell, Report, Table, TargetCheck};
 use haven_client::proto::{CatalogCommand, ClientRequest, ClientResponse, NodeId, NodeStatus};
@@ -41,10 +41,6 @@ struct Args {
     /// Kill/restart rounds (default 20; 5 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Raft election timeout lower bound in ms (the upper bound is twice this).
-    /// (default: `DevClusterSpec`'s, the same as `havenctl dev up`).
-    #[arg(long)]
-    election_timeout_ms: Option<u64>,
     /// Interval between status polls and between write probes, in ms.
     #[arg(long, default_value_t = 5)]
     poll_ms: u64,
@@ -324,7 +320,7 @@ async fn main() -> anyhow::Result<()> {
     let settle = Duration::from_millis(args.settle_ms.unwrap_or(if args.run.quick { 500 } else { 1000 }));
     let poll = Duration::from_millis(args.poll_ms.max(1));
     let probe_timeout = Duration::from_millis(args.probe_timeout_ms.max(1));
-    let election_ms = args.election_timeout_ms.unwrap_or_else(default_election_timeout_ms);
+    let election_ms = args.cluster.election_timeout_ms();
     let (node_bin, scratch) = args.cluster.prepare("haven-failover-bench")?;
 
     let dir = scratch.path().join("cluster");

@@ -90,7 +90,7 @@ fn plan(path: &std::path::Path, seed: Option<u64>, json: bool) -> anyhow::Result
         println!("{} (seed {}), {:?}, {} faults:", s.name, s.seed, s.duration, schedule.len());
         for f in schedule {
             println!(
-                "  {:>8.3} s  {:<9} {:<9} heal after {:?}",
+                "  {:>8.3} s  {:<9} {:<14} heal after {:?}",
                 f.at.as_secs_f64(),
                 f.kind.to_string(),
                 f.target.to_string(),

@@ -1,6 +1,7 @@
 //! Checkers: each judges one property of a finished run and returns a [`CheckResult`]. They read
 //! the recorded history and what the healed cluster says; they never change the cluster.
 
+pub mod blocks;
 pub mod linearizability;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,7 +35,7 @@ impl CheckResult {
 /// Linearizability of every register's history.
 pub fn linearizable(history: &[Op]) -> CheckResult {
     let mut by_key: BTreeMap<&str, Vec<Op>> = BTreeMap::new();
-    for op in history.iter().filter(|o| !o.key.starts_with(APPEND_PREFIX)) {
+    for op in history.iter().filter(|o| !o.key.starts_with(APPEND_PREFIX) && !o.kind.is_block()) {
         by_key.entry(&op.key).or_default().push(op.clone());
     }
     let mut inconclusive = Vec::new();

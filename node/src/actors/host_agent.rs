@@ -38,6 +38,18 @@ impl Handler<Deliver> for HostAgent {
                 handled: self.handled,
                 uptime_ms: self.started.elapsed().as_millis() as u64,
             },
+            ActorMessage::Vm(_) => {
+                return Err(WireError::new(
+                    haven_proto::ErrorCode::InvalidRequest,
+                    "the host agent takes no VM messages",
+                ))
+            }
+            ActorMessage::Device(m) => {
+                return Err(WireError::new(
+                    haven_proto::ErrorCode::InvalidRequest,
+                    format!("the host agent takes no device messages (got one for {})", m.volume()),
+                ))
+            }
         })
     }
 }

@@ -6,7 +6,9 @@
 //! locally. Actors own their state and are reached only by message. This module owns routing and
 //! the mailbox-depth gauge; it must not contain actor behaviour (that lives in one file per kind).
 
+pub mod device;
 pub mod host_agent;
+pub mod vm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -87,6 +89,17 @@ impl ActorRegistry {
 
     /// Send `msg` to the actor at `addr`, wherever it lives.
     pub async fn send(&self, addr: ActorAddr, msg: ActorMessage) -> Result<ActorReply, WireError> {
+        self.send_timeout(addr, msg, self.timeout).await
+    }
+
+    /// [`Self::send`] with a deadline of its own (replication uses a short one to notice a dead
+    /// replica quickly).
+    pub async fn send_timeout(
+        &self,
+        addr: ActorAddr,
+        msg: ActorMessage,
+        timeout: Duration,
+    ) -> Result<ActorReply, WireError> {
         if addr.node == self.node {
             return self.deliver_local(addr, msg).await;
         }
@@ -94,11 +107,10 @@ impl ActorRegistry {
             .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{} is not a cluster member", addr.node)))?;
         let peer =
             self.transport.dial_addr(addr.node, &peer).await.map_err(|m| WireError::new(ErrorCode::Unavailable, m))?;
-        let reply = self
-            .transport
-            .request(peer, addr, Body::Actor(msg), 0, self.timeout)
-            .await
-            .map_err(|e| WireError::new(ErrorCode::Unavailable, e.to_string()))?;
+        let reply = self.transport.request(peer, addr, Body::Actor(msg), 0, timeout).await.map_err(|e| match e {
+            haven_client::wire::WireIoError::Timeout { .. } => WireError::new(ErrorCode::Timeout, e.to_string()),
+            e => WireError::new(ErrorCode::Unavailable, e.to_string()),
+        })?;
         match reply.body {
             Body::ActorReply(r) => Ok(r),
             Body::Error(e) => Err(e),

@@ -4,3 +4,4 @@
 //! through [`crate::service::NodeService::write`]; they must not write storage directly.
 
 pub mod host_registry;
+pub mod volumes;

@@ -99,12 +99,17 @@ async fn up(a: UpArgs, out: &Output) -> anyhow::Result<()> {
     let nodes: Vec<_> = cluster
         .nodes()
         .iter()
-        .map(|n| json!({"id": n.id, "addr": n.addr.to_string(), "admin": n.admin.to_string(), "pid": n.pid}))
+        .map(|n| {
+            json!({"id": n.id, "addr": n.addr.to_string(), "admin": n.admin.to_string(),
+                   "nbd": n.nbd.map(|a| a.to_string()), "pid": n.pid})
+        })
         .collect();
+    let nbd = cluster.nodes()[0].nbd.map_or_else(|| "(no NBD server)".to_string(), |a| a.to_string());
     out.done(
         &format!(
             "Haven cluster of {} nodes is up; leader is {} (term {}).\n\
              \n  export HAVEN_CLUSTER={dir}\n  havenctl cluster status\n  havenctl kv put hello world && havenctl kv get hello\n\
+             \n  havenctl volume create disk1 --size 64MiB --replicas 2\n  qemu-io -f raw nbd://{nbd}/disk1 -c 'write -P 0xab 0 1M'\n\
              \nMetrics and health: http://{}/metrics  http://{}/health\nLogs: {dir}/node-*/node.log\n\
              Stop it with: havenctl dev down --dir {dir}",
             ids.len(),

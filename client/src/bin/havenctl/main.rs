@@ -3,6 +3,8 @@
 
 mod dev;
 mod output;
+mod vm;
+mod volume;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +51,24 @@ enum Command {
     /// Talk to a node's host agent actor.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Replicated block volumes: create, list, show, resize, delete, read, write, status, events.
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
+    /// Volume snapshots: create, list, delete, rollback, clone, verify and repair.
+    #[command(subcommand)]
+    Snapshot(volume::SnapshotCmd),
+    /// Labeled snapshot policies (periodic snapshots compared across replicas).
+    #[command(subcommand)]
+    Policy(volume::PolicyCmd),
+    /// Asynchronous (DR) replication relationships and replication progress.
+    #[command(subcommand)]
+    Replication(volume::ReplicationCmd),
+    /// Virtual machines: create, list, show, start, pause, resume, stop, delete, check, capacity.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
+    /// Live migration of VMs between hosts: start, watch, cancel, list.
+    #[command(subcommand)]
+    Migration(vm::MigrationCmd),
     /// Run chaos scenarios (fault injection + checkers): `havenctl chaos run SCENARIO.toml`.
     /// Runs the haven-chaos binary installed beside havenctl; see `havenctl chaos --help`.
     #[command(disable_help_flag = true)]
@@ -187,6 +207,12 @@ async fn dispatch(cli: Cli, out: &Output) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Kv(cmd) => kv(cmd, &client()?, out).await,
+        Command::Volume(cmd) => volume::volume(cmd, &client, out).await,
+        Command::Snapshot(cmd) => volume::snapshot(cmd, &client, out).await,
+        Command::Policy(cmd) => volume::policy(cmd, &client, out).await,
+        Command::Replication(cmd) => volume::replication(cmd, &client, out).await,
+        Command::Vm(cmd) => vm::vm(cmd, &client, out).await,
+        Command::Migration(cmd) => vm::migration(cmd, &client, out).await,
         Command::Host(HostCommand::Ping { id }) => {
             let c = client()?;
             let started = std::time::Instant::now();

@@ -9,14 +9,21 @@
 //! Key layout:
 //! - `kv/<key>` → value bytes (the generic namespace)
 //! - `host/<id as 8 big-endian bytes>` → bincode of [`HostRecord`]
+//! - volume tables: see [`volumes`]; VM tables: see [`vms`]
 
-use std::collections::HashMap;
+pub mod vms;
+pub mod volumes;
+
+use std::collections::{BTreeMap, HashMap};
 
 use haven_proto::{CatalogCommand, CatalogQuery, CommandOutcome, HostRecord, QueryResult};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use crate::raft::{decode, encode};
 use crate::storage::{Store, StoreError, CF_CATALOG};
+
+/// One catalog key and its value.
+type KeyValue = (Vec<u8>, Vec<u8>);
 
 const KV_PREFIX: &[u8] = b"kv/";
 const HOST_PREFIX: &[u8] = b"host/";
@@ -62,6 +69,54 @@ impl<'a> CatalogTxn<'a> {
         self.overlay.insert(key, None);
     }
 
+    /// A bincode record at `key`, seeing this transaction's own writes.
+    fn get_as<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.get(key)?.map(|v| decode(&v).map_err(corrupt)).transpose()
+    }
+
+    fn put_as<T: serde::Serialize>(&mut self, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
+        let bytes = encode(value).map_err(corrupt)?;
+        self.put(key, bytes);
+        Ok(())
+    }
+
+    /// Every bincode record under `prefix`, in key order (see [`Self::scan`]).
+    fn scan_as<T: serde::de::DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
+        self.scan(prefix)?.into_iter().map(|(_, v)| decode(&v).map_err(corrupt)).collect()
+    }
+
+    /// The next id of `table` (1, 2, ...), from the counter at `counter/<table>`.
+    fn next_id(&mut self, table: &str) -> Result<u64, StoreError> {
+        let k = [b"counter/".as_slice(), table.as_bytes()].concat();
+        let next = match self.get(&k)? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| corrupt(format!("counter {table}")))?),
+            None => 1,
+        };
+        self.put(k, (next + 1).to_be_bytes().to_vec());
+        Ok(next)
+    }
+
+    /// Every key under `prefix` with its value, in key order, including this transaction's own
+    /// writes: Raft applies entries in batches whose boundaries differ between nodes, so a scan
+    /// that missed earlier entries of its own batch would make replicas disagree.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let db = self.store.db();
+        for item in db.iterator_cf(self.store.cf(CF_CATALOG), IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        for (k, v) in &self.overlay {
+            if k.starts_with(prefix) {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
+    }
+
     /// Apply one command. Commands were validated before they were proposed; a command that still
     /// fails here would fail identically on every replica, so it yields the same outcome
     /// everywhere rather than an error that would stall the state machine.
@@ -101,6 +156,8 @@ impl<'a> CatalogTxn<'a> {
                 self.delete(host_key(id.0));
                 CommandOutcome::Host
             }
+            CatalogCommand::Volume(v) => CommandOutcome::Volume(self.apply_volume(v)?),
+            CatalogCommand::Vm(v) => CommandOutcome::Vm(self.apply_vm(v)?),
         })
     }
 }
@@ -125,21 +182,58 @@ pub fn query(store: &Store, q: &CatalogQuery) -> Result<QueryResult, StoreError>
             QueryResult::Entries(out)
         }
         CatalogQuery::Hosts => QueryResult::Hosts(hosts(store)?),
+        CatalogQuery::Volume(q) => QueryResult::Volume(volumes::query(store, q)?),
+        CatalogQuery::Vm(q) => QueryResult::Vm(vms::query(store, q)?),
     })
 }
 
 /// Every recorded host, in id order.
 pub fn hosts(store: &Store) -> Result<Vec<HostRecord>, StoreError> {
-    let db = store.db();
+    scan_store(store, HOST_PREFIX)
+}
+
+fn corrupt(reason: String) -> StoreError {
+    StoreError::Corrupt { cf: CF_CATALOG, reason }
+}
+
+/// Every applied bincode record under `prefix`, in key order.
+fn scan_store<T: serde::de::DeserializeOwned>(store: &Store, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
     let mut out = Vec::new();
-    for item in db.iterator_cf(store.cf(CF_CATALOG), IteratorMode::From(HOST_PREFIX, Direction::Forward)) {
+    for item in store.db().iterator_cf(store.cf(CF_CATALOG), IteratorMode::From(prefix, Direction::Forward)) {
         let (k, v) = item?;
-        if !k.starts_with(HOST_PREFIX) {
+        if !k.starts_with(prefix) {
             break;
         }
-        out.push(decode(&v).map_err(|reason| StoreError::Corrupt { cf: CF_CATALOG, reason })?);
+        out.push(decode(&v).map_err(corrupt)?);
     }
     Ok(out)
+}
+
+/// Resolve `name_or_id` for a table whose ids print as `<id_prefix><n>` and whose names are
+/// indexed at `<name_index><name>` → id (big-endian): `vol-7`, `7` and `disk1` all work.
+fn resolve_name(
+    store: &Store,
+    name_or_id: &str,
+    id_prefix: &str,
+    name_index: &[u8],
+) -> Result<Option<u64>, StoreError> {
+    let digits = name_or_id.strip_prefix(id_prefix).unwrap_or(name_or_id);
+    if let Ok(id) = digits.parse::<u64>() {
+        return Ok(Some(id));
+    }
+    let key = [name_index, name_or_id.as_bytes()].concat();
+    match store.db().get_cf(store.cf(CF_CATALOG), key)? {
+        Some(v) => {
+            let bytes = v.as_slice().try_into().map_err(|_| corrupt(format!("name index entry for {name_or_id:?}")))?;
+            Ok(Some(u64::from_be_bytes(bytes)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// One applied bincode record.
+fn get_store<T: serde::de::DeserializeOwned>(store: &Store, key: &[u8]) -> Result<Option<T>, StoreError> {
+    store.db().get_cf(store.cf(CF_CATALOG), key)?.map(|v| decode(&v).map_err(corrupt)).transpose()
 }
 
 #[cfg(test)]

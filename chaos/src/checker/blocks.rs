@@ -1,0 +1,266 @@
+//! The `acknowledged_blocks` checker: every acknowledged block write is present after healing.
+//!
+//! For each block a writer owns, let `acked` be the highest n of an acknowledged write to it and
+//! `attempted` the highest n of any write attempted to it. Writes to one block are issued one at
+//! a time by its owner, so a read-back passes iff it is
+//! - an intact block (magic, checksum, filler) naming the right writer and block, with
+//!   `acked <= n <= attempted`: a later unacknowledged write may have landed, an earlier one may
+//!   not replace an acknowledged one, and nothing never written may appear; or
+//! - all zeroes, when no write to the block was ever acknowledged.
+//!
+//! Every write that was not acknowledged (failed or indeterminate) counts as maybe applied.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::CheckResult;
+use crate::blocks::{decode, Decoded};
+use crate::history::{Op, OpKind, Outcome};
+use crate::scenario::BlockSpec;
+
+pub const NAME: &str = "acknowledged-blocks";
+
+/// A block that read back wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockViolation {
+    pub block: u64,
+    pub writer: usize,
+    /// n of the last acknowledged write (the smallest n allowed).
+    pub last_acked_n: Option<u64>,
+    /// n of the last attempted write (the largest n allowed).
+    pub max_attempted_n: Option<u64>,
+    /// n found, when the block was intact.
+    pub found_n: Option<u64>,
+    /// What was found, in words.
+    pub found: String,
+}
+
+/// The block checker's counts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BlockCheck {
+    pub attempted_writes: usize,
+    pub acknowledged_writes: usize,
+    pub failed_writes: usize,
+    pub indeterminate_writes: usize,
+    pub blocks_checked: usize,
+    /// Blocks with at least one acknowledged write.
+    pub blocks_acknowledged: usize,
+    /// Blocks that read back as a later, unacknowledged write.
+    pub blocks_with_unacked_newer: usize,
+    pub violations: Vec<BlockViolation>,
+}
+
+#[derive(Default)]
+struct PerBlock<'a> {
+    acked: Option<u64>,
+    attempted: Option<u64>,
+    last_acked_op: Option<&'a Op>,
+}
+
+/// Judge `read_back` (every owned block: its bytes, or why it could not be read) against the
+/// `block_write`s of `history`.
+pub fn acknowledged_blocks(
+    history: &[Op],
+    spec: &BlockSpec,
+    read_back: &BTreeMap<u64, Result<Vec<u8>, String>>,
+) -> (CheckResult, BlockCheck) {
+    let mut per: BTreeMap<u64, PerBlock> = BTreeMap::new();
+    let mut check = BlockCheck::default();
+    for op in history {
+        let OpKind::BlockWrite { block, n } = op.kind else { continue };
+        check.attempted_writes += 1;
+        let p = per.entry(block).or_default();
+        p.attempted = p.attempted.max(Some(n));
+        match op.outcome {
+            Outcome::Ok { .. } => {
+                check.acknowledged_writes += 1;
+                if p.acked < Some(n) {
+                    p.acked = Some(n);
+                    p.last_acked_op = Some(op);
+                }
+            }
+            Outcome::Fail => check.failed_writes += 1,
+            Outcome::Info => check.indeterminate_writes += 1,
+        }
+    }
+    let mut offending = Vec::new();
+    for block in spec.owned_blocks() {
+        let writer = spec.owner(block).expect("owned block has an owner");
+        let p = per.remove(&block).unwrap_or_default();
+        check.blocks_checked += 1;
+        if p.acked.is_some() {
+            check.blocks_acknowledged += 1;
+        }
+        // (n found, what was found) when the block is wrong.
+        let wrong: Option<(Option<u64>, String)> = match read_back.get(&block) {
+            None => Some((None, "not read back".into())),
+            Some(Err(e)) => Some((None, format!("unreadable: {e}"))),
+            Some(Ok(bytes)) => match decode(bytes) {
+                Decoded::Zero => p.acked.map(|a| (None, format!("zeroes, but write n={a} was acknowledged"))),
+                Decoded::Corrupt(why) => Some((None, format!("corrupt: {why}"))),
+                Decoded::Valid { writer: w, block: b, n } => {
+                    if w != writer as u64 || b != block {
+                        Some((Some(n), format!("writer {w}'s block {b} (n={n}) instead of writer {writer}'s")))
+                    } else if let Some(a) = p.acked.filter(|&a| n < a) {
+                        Some((
+                            Some(n),
+                            format!("n={n}, older than the acknowledged n={a}: an acknowledged write was lost"),
+                        ))
+                    } else if p.attempted.is_none_or(|a| n > a) {
+                        let last = p.attempted.map_or("none".to_string(), |a| format!("n={a}"));
+                        Some((Some(n), format!("n={n}, but the last write attempted was {last}")))
+                    } else {
+                        if p.acked < Some(n) {
+                            check.blocks_with_unacked_newer += 1;
+                        }
+                        None
+                    }
+                }
+            },
+        };
+        if let Some((found_n, found)) = wrong {
+            check.violations.push(BlockViolation {
+                block,
+                writer,
+                last_acked_n: p.acked,
+                max_attempted_n: p.attempted,
+                found_n,
+                found,
+            });
+            if let Some(op) = p.last_acked_op {
+                offending.push(op.clone());
+            }
+        }
+    }
+    let result = if check.violations.is_empty() {
+        CheckResult::pass(
+            NAME,
+            format!(
+                "{} blocks hold their last acknowledged write or a later attempt ({} acknowledged writes to {} blocks; {} blocks show a later unacknowledged write)",
+                check.blocks_checked, check.acknowledged_writes, check.blocks_acknowledged, check.blocks_with_unacked_newer
+            ),
+        )
+    } else {
+        let first = &check.violations[0];
+        offending.truncate(12);
+        CheckResult::fail(
+            NAME,
+            format!(
+                "{} of {} blocks read back wrong ({} acknowledged writes); first: block {} (writer {}): expected n in {}..={}, found {}",
+                check.violations.len(),
+                check.blocks_checked,
+                check.acknowledged_writes,
+                first.block,
+                first.writer,
+                first.last_acked_n.map_or("0 (zeroes)".into(), |n| n.to_string()),
+                first.max_attempted_n.map_or("-".into(), |n| n.to_string()),
+                first.found
+            ),
+            offending,
+        )
+    };
+    (result, check)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::{block_key, encode};
+    use crate::scenario::Scenario;
+
+    fn spec() -> BlockSpec {
+        let s = Scenario::parse(
+            "name='t'\nduration='5s'\n[cluster]\nbackend='local'\n[blocks]\nwriters=2\nblocks_per_writer=4\n",
+        )
+        .unwrap();
+        s.blocks.unwrap()
+    }
+
+    fn write(id: usize, block: u64, n: u64, outcome: Outcome) -> Op {
+        Op {
+            id,
+            client: (block / 4) as usize,
+            key: block_key(block),
+            kind: OpKind::BlockWrite { block, n },
+            invoke_us: id as u64 * 10,
+            complete_us: id as u64 * 10 + 5,
+            outcome,
+            error: None,
+        }
+    }
+
+    const OK: Outcome = Outcome::Ok { read: None, cas_matched: None };
+
+    /// Every owned block zero except `overrides`.
+    fn state(overrides: &[(u64, Vec<u8>)]) -> BTreeMap<u64, Result<Vec<u8>, String>> {
+        let mut m: BTreeMap<u64, Result<Vec<u8>, String>> = (0..8).map(|b| (b, Ok(vec![0u8; 4096]))).collect();
+        for (b, d) in overrides {
+            m.insert(*b, Ok(d.clone()));
+        }
+        m
+    }
+
+    #[test]
+    fn older_value_after_an_ack_is_a_violation() {
+        let h = vec![write(0, 1, 1, OK), write(1, 1, 2, OK)];
+        let (r, c) = acknowledged_blocks(&h, &spec(), &state(&[(1, encode(0, 1, 1))]));
+        assert!(!r.passed, "{}", r.summary);
+        assert_eq!(c.violations.len(), 1);
+        let v = &c.violations[0];
+        assert_eq!(
+            (v.block, v.writer, v.last_acked_n, v.max_attempted_n, v.found_n),
+            (1, 0, Some(2), Some(2), Some(1))
+        );
+        assert_eq!(r.offending.len(), 1);
+        assert_eq!(r.offending[0].kind, OpKind::BlockWrite { block: 1, n: 2 });
+    }
+
+    #[test]
+    fn later_unacknowledged_value_passes() {
+        let h = vec![
+            write(0, 5, 1, OK),
+            write(1, 5, 2, Outcome::Info),
+            write(2, 5, 3, Outcome::Fail),
+            write(3, 6, 1, Outcome::Info),
+        ];
+        let read = state(&[(5, encode(1, 5, 3)), (6, encode(1, 6, 1))]);
+        let (r, c) = acknowledged_blocks(&h, &spec(), &read);
+        assert!(r.passed, "{}", r.summary);
+        assert_eq!((c.acknowledged_writes, c.attempted_writes, c.blocks_checked), (1, 4, 8));
+        assert_eq!(c.blocks_with_unacked_newer, 2);
+        // The acknowledged value itself also passes.
+        let (r, _) = acknowledged_blocks(&h, &spec(), &state(&[(5, encode(1, 5, 1))]));
+        assert!(r.passed, "{}", r.summary);
+    }
+
+    #[test]
+    fn zeroes_pass_only_when_never_acknowledged() {
+        let h = vec![write(0, 2, 1, Outcome::Info), write(1, 3, 1, Outcome::Fail)];
+        let (r, _) = acknowledged_blocks(&h, &spec(), &state(&[]));
+        assert!(r.passed, "zeroes for never-acknowledged blocks: {}", r.summary);
+        let h = vec![write(0, 2, 1, OK)];
+        let (r, c) = acknowledged_blocks(&h, &spec(), &state(&[]));
+        assert!(!r.passed, "zeroes after an ack: {}", r.summary);
+        assert_eq!((c.violations[0].block, c.violations[0].found_n), (2, None));
+        assert!(c.violations[0].found.contains("zeroes"));
+    }
+
+    #[test]
+    fn foreign_future_corrupt_and_unreadable_blocks_are_violations() {
+        let h = vec![write(0, 0, 1, OK), write(1, 4, 1, Outcome::Info)];
+        let mut torn = encode(0, 0, 1);
+        torn[4000] ^= 0xff;
+        let mut read = state(&[
+            (0, torn),
+            (1, encode(1, 1, 1)), // another writer's content
+            (4, encode(1, 4, 2)), // n never attempted
+            (7, encode(1, 7, 1)), // written though never attempted
+        ]);
+        read.insert(3, Err("timed out".into()));
+        let (r, c) = acknowledged_blocks(&h, &spec(), &read);
+        assert!(!r.passed);
+        let blocks: Vec<u64> = c.violations.iter().map(|v| v.block).collect();
+        assert_eq!(blocks, vec![0, 1, 3, 4, 7]);
+    }
+}

@@ -1,0 +1,170 @@
+//! The SDK's VM API: create, list, start, pause, resume, stop and delete VMs; live status and
+//! memory checks; live migration (start, progress, cancel); host capacity.
+//!
+//! Catalog changes go through Raft; live requests go to the VM's host through any node.
+
+use haven_proto::vm::{
+    HostCapacity, MigrationOptions, MigrationReport, VmCommand, VmOutcome, VmQuery, VmQueryResult, VmRecord, VmRequest,
+    VmResponse, VmRunState, VmStatus, WorkloadKind,
+};
+use haven_proto::{
+    CatalogCommand, CatalogQuery, ClientRequest, ClientResponse, CommandOutcome, NodeId, QueryResult, VmId,
+};
+
+use crate::error::ClientError;
+use crate::HavenClient;
+
+/// What `create_vm` needs.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub workload: WorkloadKind,
+    /// Page writes per second the guest's workload aims at (0 = idle).
+    pub dirty_pages_per_sec: u64,
+    /// Place on this host instead of letting the leader choose.
+    pub host: Option<NodeId>,
+}
+
+impl VmSpec {
+    pub fn new(name: impl Into<String>, memory_mib: u64) -> Self {
+        Self {
+            name: name.into(),
+            memory_mib,
+            vcpus: 1,
+            workload: WorkloadKind::Uniform,
+            dirty_pages_per_sec: 0,
+            host: None,
+        }
+    }
+}
+
+/// Memory check result of a running guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryCheck {
+    pub pages_written: u64,
+    pub max_seq: u64,
+    pub last_seq: u64,
+}
+
+impl HavenClient {
+    async fn vm_command(&self, cmd: VmCommand) -> Result<VmOutcome, ClientError> {
+        cmd.validate().map_err(|m| ClientError::refused(m, false))?;
+        match self.write(CatalogCommand::Vm(cmd)).await? {
+            (_, CommandOutcome::Vm(VmOutcome::Refused { reason, not_found })) => {
+                Err(ClientError::refused(reason, not_found))
+            }
+            (_, CommandOutcome::Vm(o)) => Ok(o),
+            (_, other) => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    async fn vm_query(&self, q: VmQuery) -> Result<VmQueryResult, ClientError> {
+        match self.read(CatalogQuery::Vm(q), true).await? {
+            QueryResult::Vm(r) => Ok(r),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    async fn vm_request(&self, req: VmRequest) -> Result<VmResponse, ClientError> {
+        match self.call(ClientRequest::Vm(req)).await? {
+            ClientResponse::Vm(r) => Ok(r),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    pub async fn create_vm(&self, spec: &VmSpec) -> Result<VmRecord, ClientError> {
+        let cmd = VmCommand::Create {
+            name: spec.name.clone(),
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            workload: spec.workload,
+            dirty_pages_per_sec: spec.dirty_pages_per_sec,
+            host: spec.host,
+        };
+        match self.vm_command(cmd).await? {
+            VmOutcome::Vm(v) => Ok(v),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    pub async fn vms(&self) -> Result<Vec<VmRecord>, ClientError> {
+        match self.vm_query(VmQuery::Vms).await? {
+            VmQueryResult::Vms(v) => Ok(v),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    /// A VM by name, `vm-N` or `N`; a clear `NotFound` error if there is none.
+    pub async fn vm(&self, name_or_id: &str) -> Result<VmRecord, ClientError> {
+        match self.vm_query(VmQuery::Vm { name_or_id: name_or_id.into() }).await? {
+            VmQueryResult::Vm(Some(v)) => Ok(v),
+            VmQueryResult::Vm(None) => Err(ClientError::refused(format!("no VM {name_or_id:?}"), true)),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    /// Ask for a run state (start = Running, pause = Paused, stop = Stopped); the VM's host
+    /// applies it within a moment.
+    pub async fn set_vm_state(&self, vm: VmId, desired: VmRunState) -> Result<VmRecord, ClientError> {
+        match self.vm_command(VmCommand::SetDesired { vm, desired }).await? {
+            VmOutcome::Vm(v) => Ok(v),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    pub async fn delete_vm(&self, vm: VmId) -> Result<(), ClientError> {
+        self.vm_command(VmCommand::Delete { vm }).await.map(|_| ())
+    }
+
+    pub async fn vm_status(&self, vm: VmId) -> Result<VmStatus, ClientError> {
+        match self.vm_request(VmRequest::Status { vm }).await? {
+            VmResponse::Status(s) => Ok(s),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    /// Verify the guest's memory on its host: every written page intact, the last write present.
+    pub async fn vm_check(&self, vm: VmId) -> Result<MemoryCheck, ClientError> {
+        match self.vm_request(VmRequest::Check { vm }).await? {
+            VmResponse::Check { pages_written, max_seq, last_seq } => {
+                Ok(MemoryCheck { pages_written, max_seq, last_seq })
+            }
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    /// Start a live migration to `to`; follow it with [`Self::migration_progress`].
+    pub async fn migrate_vm(
+        &self,
+        vm: VmId,
+        to: NodeId,
+        options: MigrationOptions,
+    ) -> Result<MigrationReport, ClientError> {
+        match self.vm_request(VmRequest::Migrate { vm, to, options }).await? {
+            VmResponse::Migration(r) => Ok(r),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    /// The migration under way or the last one, as the source host reports it.
+    pub async fn migration_progress(&self, vm: VmId) -> Result<MigrationReport, ClientError> {
+        match self.vm_request(VmRequest::MigrationProgress { vm }).await? {
+            VmResponse::Migration(r) => Ok(r),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    pub async fn cancel_migration(&self, vm: VmId) -> Result<(), ClientError> {
+        self.vm_request(VmRequest::CancelMigration { vm }).await.map(|_| ())
+    }
+
+    /// Each host's VM memory capacity and the memory its VMs use (MiB).
+    pub async fn vm_capacity(&self) -> Result<Vec<(HostCapacity, u64)>, ClientError> {
+        match self.vm_query(VmQuery::Capacity).await? {
+            VmQueryResult::Capacity(c) => Ok(c),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+}

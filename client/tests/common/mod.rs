@@ -1,0 +1,64 @@
+//! Helpers shared by the CLI end-to-end tests: run `havenctl` against a cluster directory and
+//! assert on its exit status, stderr and JSON output.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_havenctl"))
+}
+
+pub fn run(args: &[&str], cluster: &Path) -> Output {
+    Command::new(bin())
+        .env_remove("HAVEN_CLUSTER")
+        .arg("--cluster")
+        .arg(cluster)
+        .args(args)
+        .output()
+        .expect("running havenctl")
+}
+
+pub fn ok(args: &[&str], cluster: &Path) -> Output {
+    let out = run(args, cluster);
+    assert!(
+        out.status.success(),
+        "havenctl {args:?} failed ({:?}): {}{}; node logs in {}/node-*/node.log",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout),
+        cluster.display()
+    );
+    out
+}
+
+pub fn parse(args: &[&str], out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("havenctl {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+pub fn ok_json(args: &[&str], cluster: &Path) -> Value {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    parse(args, &ok(&full, cluster))
+}
+
+/// Assert a command fails with exit status `code` and one clear line on stderr containing `needle`.
+pub fn fails_with(args: &[&str], cluster: &Path, code: i32, needle: &str) -> Output {
+    let out = run(args, cluster);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "havenctl {args:?}: stderr {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "havenctl {args:?}: one line expected, got:\n{stderr}");
+    assert!(stderr.contains(needle), "havenctl {args:?}: expected {needle:?} in {stderr:?}");
+    out
+}
+
+/// Like `fails_with`, for clap usage errors (exit 2; clap may add a usage hint after the message).
+pub fn usage_error(args: &[&str], cluster: &Path, needle: &str) {
+    let out = run(args, cluster);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "havenctl {args:?}: stderr {stderr}");
+    assert!(stderr.contains(needle), "havenctl {args:?}: expected {needle:?} in {stderr:?}");
+}

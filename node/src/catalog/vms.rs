@@ -1,0 +1,197 @@
+//! The catalog's VM tables: VMs and host capacity, and the meaning of every [`VmCommand`].
+//!
+//! Deterministic like the rest of the catalog. Placement is capacity aware: a VM goes to the
+//! host with the most free memory that fits it (ties by id), or to the host asked for if it has
+//! room. A host without a recorded capacity offers none. Invariants kept by [`apply`]: a VM has
+//! exactly one `host`; `CommitMigration` moves it only from a matching `generation` and an
+//! announced `migrating_to`, and bumps the generation.
+//!
+//! Key layout: `vm/<id BE>` → bincode [`VmRecord`]; `vmname/<name>` → id; `cap/<host BE>` →
+//! bincode [`HostCapacity`].
+
+use haven_proto::vm::{HostCapacity, VmCommand, VmOutcome, VmQuery, VmQueryResult, VmRecord, VmRunState};
+use haven_proto::{NodeId, VmId};
+
+use super::{get_store, resolve_name, scan_store, CatalogTxn};
+use crate::storage::{Store, StoreError};
+
+const VM: &[u8] = b"vm/";
+const VMNAME: &[u8] = b"vmname/";
+const CAP: &[u8] = b"cap/";
+
+fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {
+    [prefix, &id.to_be_bytes()[..]].concat()
+}
+
+fn name_key(name: &str) -> Vec<u8> {
+    [VMNAME, name.as_bytes()].concat()
+}
+
+fn refused(reason: impl Into<String>) -> VmOutcome {
+    VmOutcome::Refused { reason: reason.into(), not_found: false }
+}
+
+fn not_found(reason: impl Into<String>) -> VmOutcome {
+    VmOutcome::Refused { reason: reason.into(), not_found: true }
+}
+
+/// Memory used on `host` by `vms`, counting a VM migrating there on both ends.
+fn used_on(vms: &[VmRecord], host: NodeId) -> u64 {
+    vms.iter().filter(|v| v.host == host || v.migrating_to == Some(host)).map(|v| v.memory_mib).sum()
+}
+
+impl CatalogTxn<'_> {
+    fn vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+        self.get_as(&id_key(VM, id.0))
+    }
+
+    fn put_vm(&mut self, v: &VmRecord) -> Result<(), StoreError> {
+        self.put_as(id_key(VM, v.id.0), v)
+    }
+
+    fn free_mib(&self, host: NodeId) -> Result<Option<u64>, StoreError> {
+        let caps: Vec<HostCapacity> = self.scan_as(CAP)?;
+        let vms: Vec<VmRecord> = self.scan_as(VM)?;
+        Ok(caps.iter().find(|c| c.host == host).map(|c| c.memory_mib.saturating_sub(used_on(&vms, host))))
+    }
+
+    /// Apply one VM command.
+    pub fn apply_vm(&mut self, cmd: &VmCommand) -> Result<VmOutcome, StoreError> {
+        Ok(match cmd {
+            VmCommand::Create { name, memory_mib, vcpus, workload, dirty_pages_per_sec, host } => {
+                if self.get(&name_key(name))?.is_some() {
+                    return Ok(refused(format!("a VM named {name:?} already exists")));
+                }
+                let caps: Vec<HostCapacity> = self.scan_as(CAP)?;
+                let vms: Vec<VmRecord> = self.scan_as(VM)?;
+                let free = |h: NodeId| {
+                    caps.iter().find(|c| c.host == h).map(|c| c.memory_mib.saturating_sub(used_on(&vms, h)))
+                };
+                let placed = match host {
+                    Some(h) => match free(*h) {
+                        None => return Ok(not_found(format!("{h} is not a host that offers VM memory"))),
+                        Some(f) if f < *memory_mib => {
+                            return Ok(refused(format!("{h} has {f} MiB free; the VM needs {memory_mib} MiB")))
+                        }
+                        Some(_) => *h,
+                    },
+                    None => {
+                        let mut best: Option<(u64, NodeId)> = None;
+                        for c in &caps {
+                            let f = free(c.host).unwrap_or(0);
+                            if f >= *memory_mib && best.is_none_or(|(bf, bh)| f > bf || (f == bf && c.host < bh)) {
+                                best = Some((f, c.host));
+                            }
+                        }
+                        match best {
+                            Some((_, h)) => h,
+                            None => return Ok(refused(format!("no host has {memory_mib} MiB free for the VM"))),
+                        }
+                    }
+                };
+                let next = self.next_id("vm")?;
+                let record = VmRecord {
+                    id: VmId(next),
+                    name: name.clone(),
+                    memory_mib: *memory_mib,
+                    vcpus: *vcpus,
+                    workload: *workload,
+                    dirty_pages_per_sec: *dirty_pages_per_sec,
+                    host: placed,
+                    desired: VmRunState::Stopped,
+                    generation: 1,
+                    migrating_to: None,
+                };
+                self.put_vm(&record)?;
+                self.put(name_key(name), next.to_be_bytes().to_vec());
+                VmOutcome::Vm(record)
+            }
+            VmCommand::SetDesired { vm, desired } => {
+                let Some(mut v) = self.vm(*vm)? else { return Ok(not_found(format!("no VM {vm}"))) };
+                v.desired = *desired;
+                self.put_vm(&v)?;
+                VmOutcome::Vm(v)
+            }
+            VmCommand::Delete { vm } => {
+                let Some(v) = self.vm(*vm)? else { return Ok(not_found(format!("no VM {vm}"))) };
+                if v.migrating_to.is_some() {
+                    return Ok(refused(format!("{vm} is migrating; cancel the migration first")));
+                }
+                self.delete(id_key(VM, vm.0));
+                self.delete(name_key(&v.name));
+                VmOutcome::Done
+            }
+            VmCommand::SetCapacity(c) => {
+                self.put_as(id_key(CAP, c.host.0), c)?;
+                VmOutcome::Done
+            }
+            VmCommand::BeginMigration { vm, to } => {
+                let Some(mut v) = self.vm(*vm)? else { return Ok(not_found(format!("no VM {vm}"))) };
+                if v.host == *to {
+                    return Ok(refused(format!("{vm} already runs on {to}")));
+                }
+                if let Some(t) = v.migrating_to {
+                    return Ok(refused(format!("{vm} is already migrating to {t}")));
+                }
+                match self.free_mib(*to)? {
+                    None => return Ok(not_found(format!("{to} is not a host that offers VM memory"))),
+                    Some(f) if f < v.memory_mib => {
+                        return Ok(refused(format!("{to} has {f} MiB free; {vm} needs {} MiB", v.memory_mib)))
+                    }
+                    Some(_) => {}
+                }
+                v.migrating_to = Some(*to);
+                self.put_vm(&v)?;
+                VmOutcome::Vm(v)
+            }
+            VmCommand::CommitMigration { vm, expected_generation, to } => {
+                let Some(mut v) = self.vm(*vm)? else { return Ok(not_found(format!("no VM {vm}"))) };
+                if v.generation != *expected_generation || v.migrating_to != Some(*to) {
+                    return Ok(refused(format!(
+                        "{vm} is at generation {} migrating to {:?}; not committing a move to {to}",
+                        v.generation, v.migrating_to
+                    )));
+                }
+                v.host = *to;
+                v.migrating_to = None;
+                v.generation += 1;
+                self.put_vm(&v)?;
+                VmOutcome::Vm(v)
+            }
+            VmCommand::AbortMigration { vm } => {
+                let Some(mut v) = self.vm(*vm)? else { return Ok(not_found(format!("no VM {vm}"))) };
+                v.migrating_to = None;
+                self.put_vm(&v)?;
+                VmOutcome::Vm(v)
+            }
+        })
+    }
+}
+
+pub fn vms(store: &Store) -> Result<Vec<VmRecord>, StoreError> {
+    scan_store(store, VM)
+}
+
+pub fn vm(store: &Store, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+    get_store(store, &id_key(VM, id.0))
+}
+
+/// A VM by name, `vm-<id>` or `<id>`.
+pub fn find_vm(store: &Store, name_or_id: &str) -> Result<Option<VmRecord>, StoreError> {
+    match resolve_name(store, name_or_id, "vm-", VMNAME)? {
+        Some(id) => vm(store, VmId(id)),
+        None => Ok(None),
+    }
+}
+
+pub fn query(store: &Store, q: &VmQuery) -> Result<VmQueryResult, StoreError> {
+    Ok(match q {
+        VmQuery::Vms => VmQueryResult::Vms(vms(store)?),
+        VmQuery::Vm { name_or_id } => VmQueryResult::Vm(find_vm(store, name_or_id)?),
+        VmQuery::Capacity => {
+            let all = vms(store)?;
+            let caps: Vec<HostCapacity> = scan_store(store, CAP)?;
+            VmQueryResult::Capacity(caps.into_iter().map(|c| (c.clone(), used_on(&all, c.host))).collect())
+        }
+    })
+}

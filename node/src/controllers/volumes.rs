@@ -1,0 +1,131 @@
+//! The leader's volume controller: notices hosts that stopped answering and fails their volumes
+//! over to an in-sync replica, and runs labeled snapshot policies on schedule.
+//!
+//! Failover: every `probe_ms` the leader pings each host's agent; a host silent for
+//! `host_down_ms` is down. A volume whose primary is down gets a new primary chosen from its
+//! in-sync replicas that are up (lowest id first), through one `SetReplication` command that
+//! also removes the old primary from the in-sync set — so the old primary, when it returns, is
+//! a stale replica that must resync (C5) before it counts again. Only in-sync replicas hold
+//! every acknowledged write, so no acknowledged write is lost. The controller keeps no state a
+//! new leader would need: it starts from the catalog and fresh probes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use haven_proto::volume::{SnapshotKind, VolumeCommand, VolumeRequest};
+use haven_proto::{ActorAddr, ActorMessage, CatalogCommand, NodeId};
+use openraft::ServerState;
+use tracing::{info, warn};
+
+use crate::catalog;
+use crate::service::NodeService;
+use crate::volume::replica::VolumeTunables;
+
+/// Run until the process ends; acts only while this node leads.
+pub async fn run(service: Arc<NodeService>, tunables: VolumeTunables) {
+    let probe = Duration::from_millis(tunables.probe_ms);
+    let down_after = Duration::from_millis(tunables.host_down_ms);
+    let mut last_ok: HashMap<NodeId, Instant> = HashMap::new();
+    let mut policy_runs: HashMap<String, Instant> = HashMap::new();
+    let mut was_leader = false;
+    loop {
+        tokio::time::sleep(probe).await;
+        let leader = service.raft.metrics().borrow().state == ServerState::Leader;
+        if !leader {
+            was_leader = false;
+            continue;
+        }
+        let now = Instant::now();
+        if !was_leader {
+            // Fresh leadership: give every host a full detection window before judging it.
+            last_ok.clear();
+            policy_runs.clear();
+            was_leader = true;
+        }
+        let Ok(hosts) = catalog::hosts(&service.store) else { continue };
+        let probes = hosts.iter().filter(|h| h.id != service.id).map(|h| {
+            let (service, id) = (service.clone(), h.id);
+            async move {
+                let ok = service
+                    .registry
+                    .send_timeout(ActorAddr::host_agent(id), ActorMessage::Ping { nonce: 0 }, probe * 2)
+                    .await
+                    .is_ok();
+                (id, ok)
+            }
+        });
+        for (id, ok) in futures::future::join_all(probes).await {
+            let entry = last_ok.entry(id).or_insert(now);
+            if ok {
+                *entry = Instant::now();
+            }
+        }
+        last_ok.insert(service.id, Instant::now());
+        let is_up = |id: &NodeId| last_ok.get(id).is_some_and(|t| t.elapsed() < down_after);
+        fail_over(&service, &is_up).await;
+        run_policies(&service, &mut policy_runs).await;
+    }
+}
+
+async fn fail_over(service: &Arc<NodeService>, is_up: &impl Fn(&NodeId) -> bool) {
+    let Ok(volumes) = catalog::volumes::volumes(&service.store) else { return };
+    for v in volumes {
+        if is_up(&v.primary) {
+            continue;
+        }
+        let Some(new_primary) = v.in_sync.iter().copied().filter(|h| *h != v.primary).find(is_up) else {
+            warn!(vol = %v.id, primary = %v.primary, "primary is down and no in-sync replica is up; waiting");
+            continue;
+        };
+        let in_sync: Vec<NodeId> = v.in_sync.iter().copied().filter(|h| *h != v.primary).collect();
+        let cmd =
+            VolumeCommand::SetReplication { volume: v.id, expected_epoch: v.epoch, primary: new_primary, in_sync };
+        match service.write(CatalogCommand::Volume(cmd), 0).await {
+            Ok(_) => {
+                metrics::counter!("haven_volume_failovers_total").increment(1);
+                info!(vol = %v.id, old = %v.primary, new = %new_primary, "failed over");
+                let msg = format!("{} stopped answering; {new_primary} promoted to primary", v.primary);
+                let event =
+                    VolumeCommand::Event { volume: v.id, kind: "failover".into(), message: msg, host: Some(v.primary) };
+                let _ = service.write(CatalogCommand::Volume(event), 0).await;
+            }
+            Err(e) => warn!(vol = %v.id, error = %e, "failover not committed"),
+        }
+    }
+}
+
+async fn run_policies(service: &Arc<NodeService>, runs: &mut HashMap<String, Instant>) {
+    let Ok(policies) = catalog::volumes::policies(&service.store) else { return };
+    let Some(host) = service.volumes() else { return };
+    for p in policies.into_iter().filter(|p| p.interval_secs > 0) {
+        let due = runs.get(&p.name).is_none_or(|t| t.elapsed() >= Duration::from_secs(p.interval_secs));
+        if !due {
+            continue;
+        }
+        runs.insert(p.name.clone(), Instant::now());
+        let host = host.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+            let req = VolumeRequest::Snapshot {
+                volume: p.volume,
+                name: format!("{}-{ms}", p.label),
+                label: Some(p.label.clone()),
+                kind: SnapshotKind::Labeled,
+            };
+            if let Err(e) = host.client(req).await {
+                warn!(policy = %p.name, error = %e, "scheduled labeled snapshot failed");
+                return;
+            }
+            // Keep the newest `keep` snapshots carrying the label.
+            let Ok(snaps) = catalog::volumes::snapshots(&service.store, p.volume) else { return };
+            let labeled: Vec<u64> =
+                snaps.iter().filter(|s| s.label.as_deref() == Some(p.label.as_str())).map(|s| s.id).collect();
+            let excess = labeled.len().saturating_sub(p.keep as usize);
+            for id in labeled.into_iter().take(excess) {
+                let _ = host.client(VolumeRequest::DeleteSnapshot { volume: p.volume, snapshot: id }).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,490 @@
+//! The VM side of one node: runs the guests the catalog places here, applies their desired run
+//! state, answers VM requests (routing them to the VM's host), and drives live migrations — as
+//! source (over a QUIC bulk stream to the destination) and as destination.
+//!
+//! A VM never runs in two places: the source pauses the guest for stop-and-copy, the destination
+//! verifies the memory digest, the catalog moves the VM (`CommitMigration`, a compare-and-set on
+//! the VM's generation), and only then does the source stop its guest and the destination resume
+//! its copy. If the commit does not happen, the source resumes and the destination drops its copy.
+//! Whatever is interrupted, the catalog's `host` says which copy may run, and every node's
+//! reconcile loop obeys it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::Actor;
+use haven_proto::vm::{
+    HostCapacity, MigrationOptions, MigrationReport, VmCommand, VmMessage, VmOutcome, VmRecord, VmRequest, VmResponse,
+    VmRunState, VmStatus, WorkloadKind,
+};
+use haven_proto::{
+    ActorAddr, ActorKind, ActorMessage, ActorReply, Body, CatalogCommand, ClientResponse, CommandOutcome, ErrorCode,
+    NodeId, VmId, WireError,
+};
+use tracing::{info, warn};
+
+use super::guest::{GuestDriver, GuestSpec, RunState, SimulatedGuest, WorkloadPattern};
+use super::migration::{self, CancelToken, MigrationConfig, MigrationProgress};
+use crate::actors::vm::VmActor;
+use crate::service::NodeService;
+
+fn wire(code: ErrorCode, msg: impl Into<String>) -> WireError {
+    WireError::new(code, msg)
+}
+
+fn internal(e: impl std::fmt::Display) -> WireError {
+    wire(ErrorCode::Internal, e.to_string())
+}
+
+fn spec_of(r: &VmRecord) -> GuestSpec {
+    GuestSpec {
+        memory_pages: r.memory_pages(),
+        vcpus: r.vcpus,
+        pattern: match r.workload {
+            WorkloadKind::Uniform => WorkloadPattern::Uniform,
+            WorkloadKind::HotSet { hot_pages } => WorkloadPattern::HotSet { hot_pages },
+            WorkloadKind::Sequential => WorkloadPattern::Sequential,
+        },
+        dirty_pages_per_sec: r.dirty_pages_per_sec,
+        seed: r.id.0,
+    }
+}
+
+fn hex(h: &[u8]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn report_from(p: &MigrationProgress, to: NodeId) -> MigrationReport {
+    MigrationReport {
+        phase: format!("{:?}", p.phase).to_lowercase(),
+        to: Some(to),
+        round: p.round,
+        bytes_sent: p.bytes_sent,
+        bytes_remaining: p.bytes_remaining,
+        dirty_pages_per_sec: p.dirty_pages_per_sec as u64,
+        bandwidth_bytes_per_sec: p.bandwidth_bytes_per_sec as u64,
+        eta_ms: p.eta_ms,
+        expected_downtime_ms: p.expected_downtime_ms,
+        throttle_percent: p.throttle_percent,
+        ..Default::default()
+    }
+}
+
+/// One VM on this host.
+pub struct VmInstance {
+    pub id: VmId,
+    pub guest: Arc<dyn GuestDriver>,
+    /// The latest migration's report (live while one runs).
+    migration: Mutex<Option<MigrationReport>>,
+    cancel: Mutex<Option<CancelToken>>,
+    actor: Mutex<Option<actix::Addr<VmActor>>>,
+}
+
+/// This node's VMs.
+pub struct VmHost {
+    pub node: NodeId,
+    service: Arc<NodeService>,
+    capacity_mib: u64,
+    vms: Mutex<HashMap<VmId, Arc<VmInstance>>>,
+    /// Guests received by migration, waiting for the catalog to place them here.
+    incoming: Mutex<HashMap<VmId, Arc<dyn GuestDriver>>>,
+    /// Final reports of migrations that ended here (as destination).
+    reports: Mutex<HashMap<VmId, MigrationReport>>,
+    /// Link rate measured by the last migration from here (bytes/s), for predictions.
+    last_bandwidth: Mutex<u64>,
+}
+
+impl VmHost {
+    pub fn new(service: Arc<NodeService>, capacity_mib: u64) -> Arc<Self> {
+        Arc::new(Self {
+            node: service.id,
+            service,
+            capacity_mib,
+            vms: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
+            reports: Mutex::new(HashMap::new()),
+            last_bandwidth: Mutex::new(256 << 20),
+        })
+    }
+
+    pub fn instance(&self, vm: VmId) -> Option<Arc<VmInstance>> {
+        self.vms.lock().expect("vms lock").get(&vm).cloned()
+    }
+
+    /// Keep guests in step with the catalog. Runs on the actix system thread (starts actors).
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.reconcile().await {
+                warn!(error = %e, "vm reconcile failed");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn reconcile(self: &Arc<Self>) -> Result<(), WireError> {
+        let store = &self.service.store;
+        if self.service.status().healthy {
+            let caps = crate::catalog::vms::query(store, &haven_proto::vm::VmQuery::Capacity).map_err(internal)?;
+            let recorded = match caps {
+                haven_proto::vm::VmQueryResult::Capacity(c) => {
+                    c.iter().any(|(c, _)| c.host == self.node && c.memory_mib == self.capacity_mib)
+                }
+                _ => false,
+            };
+            if !recorded {
+                let cmd = VmCommand::SetCapacity(HostCapacity { host: self.node, memory_mib: self.capacity_mib });
+                let _ = self.service.write(CatalogCommand::Vm(cmd), 0).await;
+            }
+        }
+        let records = crate::catalog::vms::vms(store).map_err(internal)?;
+        let mine: HashMap<VmId, VmRecord> =
+            records.into_iter().filter(|r| r.host == self.node).map(|r| (r.id, r)).collect();
+        // Stop guests the catalog placed elsewhere (migrated away) or deleted.
+        let gone: Vec<VmId> =
+            self.vms.lock().expect("vms lock").keys().filter(|id| !mine.contains_key(id)).copied().collect();
+        for id in gone {
+            if let Some(inst) = self.vms.lock().expect("vms lock").remove(&id) {
+                let _ = inst.guest.stop();
+                self.service.registry.unregister(&ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 });
+                info!(vm = %id, "guest stopped here (moved or deleted)");
+            }
+        }
+        for (id, record) in mine {
+            let inst = match self.instance(id) {
+                Some(i) => i,
+                None => {
+                    // A guest that arrived by migration keeps its memory; otherwise a new guest
+                    // boots (a host restart loses a simulated guest's memory, like a power cut).
+                    let arrived = self.incoming.lock().expect("incoming lock").remove(&id);
+                    let guest: Arc<dyn GuestDriver> = match arrived {
+                        Some(g) => g,
+                        None => SimulatedGuest::new(spec_of(&record)),
+                    };
+                    self.install(id, guest)
+                }
+            };
+            if record.migrating_to.is_some() {
+                continue; // the migration owns the run state until it ends
+            }
+            let state = inst.guest.state();
+            let result = match (record.desired, state) {
+                (VmRunState::Running, RunState::Created | RunState::Stopped) => inst.guest.start(),
+                (VmRunState::Running, RunState::Paused) => inst.guest.resume(),
+                (VmRunState::Paused, RunState::Running) => inst.guest.pause(),
+                (VmRunState::Stopped, RunState::Running | RunState::Paused) => inst.guest.stop(),
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                warn!(vm = %id, error = %e, "could not apply the desired run state");
+            }
+        }
+        Ok(())
+    }
+
+    fn install(self: &Arc<Self>, id: VmId, guest: Arc<dyn GuestDriver>) -> Arc<VmInstance> {
+        let inst = Arc::new(VmInstance {
+            id,
+            guest,
+            migration: Mutex::new(None),
+            cancel: Mutex::new(None),
+            actor: Mutex::new(None),
+        });
+        let actor = VmActor::new(self.clone(), id).start();
+        self.service
+            .registry
+            .register(ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 }, actor.clone().recipient());
+        *inst.actor.lock().expect("actor lock") = Some(actor);
+        self.vms.lock().expect("vms lock").insert(id, inst.clone());
+        info!(vm = %id, "guest installed");
+        inst
+    }
+
+    fn record(&self, vm: VmId) -> Result<VmRecord, WireError> {
+        crate::catalog::vms::vm(&self.service.store, vm)
+            .map_err(internal)?
+            .ok_or_else(|| wire(ErrorCode::NotFound, format!("no VM {vm}")))
+    }
+
+    /// A client's VM request: handled here if the VM runs here, else sent to its host.
+    pub async fn client(self: &Arc<Self>, req: VmRequest) -> Result<VmResponse, WireError> {
+        let record = self.record(req.vm())?;
+        if record.host == self.node {
+            return self.handle(VmMessage::Client(req)).await;
+        }
+        let addr = ActorAddr { node: record.host, kind: ActorKind::Vm, id: record.id.0 };
+        match self.service.registry.send(addr, ActorMessage::Vm(VmMessage::Client(req))).await? {
+            ActorReply::Vm(r) => Ok(r),
+            other => Err(internal(format!("VM actor answered {other:?}"))),
+        }
+    }
+
+    /// A message for one of this host's VM actors.
+    pub async fn handle(self: &Arc<Self>, msg: VmMessage) -> Result<VmResponse, WireError> {
+        match msg {
+            VmMessage::Client(req) => {
+                let vm = req.vm();
+                let inst = self
+                    .instance(vm)
+                    .ok_or_else(|| wire(ErrorCode::Unavailable, format!("{vm} is not running on {} yet", self.node)))?;
+                match req {
+                    VmRequest::Status { .. } => {
+                        let s = inst.guest.workload_stats();
+                        Ok(VmResponse::Status(VmStatus {
+                            vm,
+                            host: self.node,
+                            state: format!("{:?}", inst.guest.state()).to_lowercase(),
+                            writes: s.writes,
+                            last_seq: s.last_seq,
+                            throttle_percent: s.throttle_percent,
+                            digest: hex(&inst.guest.memory_digest()),
+                        }))
+                    }
+                    VmRequest::Check { .. } => {
+                        let c = inst.guest.check_memory().map_err(|e| wire(ErrorCode::Internal, e.to_string()))?;
+                        Ok(VmResponse::Check {
+                            pages_written: c.pages_written,
+                            max_seq: c.max_seq,
+                            last_seq: c.last_seq,
+                        })
+                    }
+                    VmRequest::Migrate { to, options, .. } => self.start_migration(inst, to, options).await,
+                    VmRequest::MigrationProgress { .. } => inst
+                        .migration
+                        .lock()
+                        .expect("migration lock")
+                        .clone()
+                        .or_else(|| self.reports.lock().expect("reports lock").get(&vm).cloned())
+                        .map(VmResponse::Migration)
+                        .ok_or_else(|| {
+                            wire(ErrorCode::NotFound, format!("{vm} has no migration on record at {}", self.node))
+                        }),
+                    VmRequest::CancelMigration { .. } => match inst.cancel.lock().expect("cancel lock").as_ref() {
+                        Some(token) => {
+                            token.cancel();
+                            Ok(VmResponse::Done)
+                        }
+                        None => Err(wire(ErrorCode::InvalidRequest, format!("{vm} is not migrating"))),
+                    },
+                }
+            }
+            VmMessage::ResumeMigrated { vm, report } => {
+                self.reports.lock().expect("reports lock").insert(vm, report);
+                // The catalog already names this host; reconcile installs and starts the guest.
+                if let Err(e) = self.reconcile().await {
+                    warn!(%vm, error = %e, "reconcile after migration");
+                }
+                Ok(VmResponse::Done)
+            }
+            VmMessage::IncomingMigration { .. } => {
+                Err(wire(ErrorCode::InvalidRequest, "an incoming migration arrives as a bulk stream"))
+            }
+        }
+    }
+
+    async fn propose(&self, cmd: VmCommand) -> Result<VmRecord, WireError> {
+        match self.service.write(CatalogCommand::Vm(cmd), 0).await? {
+            ClientResponse::Written { outcome: CommandOutcome::Vm(VmOutcome::Vm(v)), .. } => Ok(v),
+            ClientResponse::Written {
+                outcome: CommandOutcome::Vm(VmOutcome::Refused { reason, not_found }), ..
+            } => Err(wire(if not_found { ErrorCode::NotFound } else { ErrorCode::InvalidRequest }, reason)),
+            other => Err(internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    /// Source side: announce the migration, open the stream, and run it in the background.
+    async fn start_migration(
+        self: &Arc<Self>,
+        inst: Arc<VmInstance>,
+        to: NodeId,
+        options: MigrationOptions,
+    ) -> Result<VmResponse, WireError> {
+        if to == self.node {
+            return Err(wire(ErrorCode::InvalidRequest, format!("{} already runs on {to}", inst.id)));
+        }
+        if inst.guest.state() != RunState::Running {
+            return Err(wire(ErrorCode::InvalidRequest, format!("{} is not running", inst.id)));
+        }
+        let peer = self
+            .service
+            .status()
+            .members
+            .into_iter()
+            .find(|m| m.id == to)
+            .ok_or_else(|| wire(ErrorCode::NotFound, format!("{to} is not a cluster host")))?;
+        // Predict from the guest's measured dirty rate and the last link rate seen (or a
+        // conservative default) before touching anything; refuse what cannot meet the limit.
+        let dirty = (inst.guest.workload_stats().achieved_pages_per_sec * super::guest::PAGE_SIZE as f64) as u64;
+        let bandwidth = *self.last_bandwidth.lock().expect("bandwidth lock");
+        let memory = inst.guest.spec().memory_pages * super::guest::PAGE_SIZE as u64;
+        let prediction = migration::predict(memory, dirty, bandwidth, options.max_downtime_ms);
+        if !prediction.converges && !options.auto_converge {
+            return Err(wire(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "{} dirties {} MiB/s against a link of about {} MiB/s: it cannot reach a {} ms pause without \
+                     throttling (needs {}); allow auto-converge or raise the downtime limit",
+                    inst.id,
+                    dirty >> 20,
+                    bandwidth >> 20,
+                    options.max_downtime_ms,
+                    prediction.needs_throttle_percent.map_or("more than 99%".to_string(), |p| format!("{p}% throttle")),
+                ),
+            ));
+        }
+        let record = self.propose(VmCommand::BeginMigration { vm: inst.id, to }).await?;
+        let addr = match self.service.transport.dial_addr(to, &peer.addr).await {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
+                return Err(wire(ErrorCode::Unavailable, e));
+            }
+        };
+        let hello =
+            Body::Actor(ActorMessage::Vm(VmMessage::IncomingMigration { vm: inst.id, generation: record.generation }));
+        let (send, recv) = match self
+            .service
+            .transport
+            .open_stream(addr, ActorAddr { node: to, kind: ActorKind::Vm, id: inst.id.0 }, hello)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
+                return Err(wire(ErrorCode::Unavailable, format!("cannot open a migration stream to {to}: {e}")));
+            }
+        };
+        let cancel = CancelToken::new();
+        *inst.cancel.lock().expect("cancel lock") = Some(cancel.clone());
+        let first = MigrationReport { phase: "precopy".into(), to: Some(to), ..Default::default() };
+        *inst.migration.lock().expect("migration lock") = Some(first.clone());
+        let me = self.clone();
+        let config = MigrationConfig {
+            max_downtime_ms: options.max_downtime_ms,
+            auto_converge: options.auto_converge,
+            ..MigrationConfig::default()
+        };
+        tokio::spawn(async move {
+            me.run_source(inst, to, record.generation, config, tokio::io::join(recv, send), cancel).await
+        });
+        Ok(VmResponse::Migration(first))
+    }
+
+    async fn run_source<S>(
+        self: Arc<Self>,
+        inst: Arc<VmInstance>,
+        to: NodeId,
+        generation: u64,
+        config: MigrationConfig,
+        stream: S,
+        cancel: CancelToken,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, mut rx) = tokio::sync::watch::channel(MigrationProgress::default());
+        let watcher = {
+            let inst = inst.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let p = rx.borrow_and_update().clone();
+                    *inst.migration.lock().expect("migration lock") = Some(report_from(&p, to));
+                }
+            })
+        };
+        let result = migration::migrate_source(inst.guest.clone(), stream, config, tx, cancel.clone()).await;
+        watcher.abort();
+        let mut report = inst.migration.lock().expect("migration lock").clone().unwrap_or_default();
+        match result {
+            Ok(outcome) => {
+                // The source is paused and the destination holds a verified copy: move the VM.
+                match self
+                    .propose(VmCommand::CommitMigration { vm: inst.id, expected_generation: generation, to })
+                    .await
+                {
+                    Ok(_) => {
+                        let _ = inst.guest.stop();
+                        report.phase = "done".into();
+                        report.downtime_ms = Some(outcome.downtime_ms);
+                        report.total_ms = Some(outcome.total_ms);
+                        report.bytes_sent = outcome.bytes_sent;
+                        report.round = outcome.rounds;
+                        if report.bandwidth_bytes_per_sec > 0 {
+                            *self.last_bandwidth.lock().expect("bandwidth lock") = report.bandwidth_bytes_per_sec;
+                        }
+                        info!(vm = %inst.id, %to, downtime_ms = outcome.downtime_ms, "migrated");
+                        let addr = ActorAddr { node: to, kind: ActorKind::Vm, id: inst.id.0 };
+                        // The destination installs the VM once it sees the commit; its actor may
+                        // take a moment to appear.
+                        let msg = VmMessage::ResumeMigrated { vm: inst.id, report: report.clone() };
+                        for _ in 0..40 {
+                            if self.service.registry.send(addr, ActorMessage::Vm(msg.clone())).await.is_ok() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(vm = %inst.id, error = %e, "migration not committed; resuming at the source");
+                        let _ = inst.guest.resume();
+                        let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
+                        report.phase = "failed".into();
+                        report.reason = Some(format!("commit refused: {e}"));
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(vm = %inst.id, error = %e, "migration ended without moving the VM");
+                let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
+                report.phase = if cancel.is_cancelled() { "cancelled".into() } else { "failed".into() };
+                report.reason = Some(e.to_string());
+            }
+        }
+        *inst.migration.lock().expect("migration lock") = Some(report);
+        *inst.cancel.lock().expect("cancel lock") = None;
+    }
+
+    /// Destination side: receive a migration on a bulk stream.
+    pub async fn incoming(self: Arc<Self>, vm: VmId, send: quinn::SendStream, recv: quinn::RecvStream) {
+        // The source opens the stream right after `BeginMigration` committed; this node may not
+        // have applied that entry yet, so give the catalog a moment before refusing.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let record = loop {
+            match self.record(vm) {
+                Ok(r) if r.migrating_to == Some(self.node) => break r,
+                Ok(r) if tokio::time::Instant::now() >= deadline => {
+                    warn!(%vm, "refusing a migration the catalog does not announce (to {:?})", r.migrating_to);
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    warn!(%vm, error = %e, "refusing a migration of an unknown VM");
+                    return;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let guest: Arc<dyn GuestDriver> = SimulatedGuest::new(spec_of(&record));
+        let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+        match migration::migrate_destination(guest.clone(), tokio::io::join(recv, send), tx).await {
+            Ok(_) => {
+                info!(%vm, "migration received; waiting for the catalog to place the VM here");
+                self.incoming.lock().expect("incoming lock").insert(vm, guest);
+            }
+            Err(e) => warn!(%vm, error = %e, "incoming migration failed; copy dropped"),
+        }
+    }
+}
+
+/// Route a stream that opened with an `IncomingMigration` envelope.
+pub fn stream_handler(host: Arc<VmHost>) -> crate::transport::StreamHandler {
+    Arc::new(move |env, send, recv| {
+        let host = host.clone();
+        Box::pin(async move {
+            match env.body {
+                Body::Actor(ActorMessage::Vm(VmMessage::IncomingMigration { vm, .. })) => {
+                    host.incoming(vm, send, recv).await
+                }
+                other => warn!(kind = other.kind().as_str(), "unexpected bulk stream; dropped"),
+            }
+        })
+    })
+}

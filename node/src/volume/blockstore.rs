@@ -1,0 +1,1646 @@
+//! The per-host block store: every volume replica's block versions and local snapshots, kept in
+//! the node's RocksDB.
+//!
+//! This module owns the `blocks` and `volume_meta` column families. It does no networking and
+//! knows nothing of the catalog: which replicas exist, who is primary and when a snapshot is
+//! taken are decided elsewhere (the device actor and the controllers); this module only stores
+//! what it is told and answers reads, diffs and Merkle digests of what it has.
+//!
+//! # Versions and snapshots
+//!
+//! Every write a primary accepts carries a write-order sequence number `seq` (strictly increasing
+//! per volume, starting at 1; seq 0 is used only by [`BlockStore::rebase`]). A block is stored as
+//! versions keyed by seq, and a local snapshot is just a seq point: the view at seq `S` is, for
+//! each block, its newest version with seq ≤ `S`. Blocks never written, and versions written as
+//! [`BlockContent::Zero`], read as zeros.
+//!
+//! # Key layout
+//!
+//! All integers are big-endian so that key order is numeric order.
+//!
+//! - `blocks`: `vol(8) | block(8) | seq(8)` → the block's bytes (exactly the block size), or an
+//!   empty value for `Zero`. The versions of one block are adjacent and ascending by seq, and the
+//!   blocks of one volume are adjacent and ascending, so a range read, a diff or a Merkle tree is
+//!   one forward pass.
+//! - `volume_meta`:
+//!   - `vol(8) | 0x01` → high-water mark, `seq(8)`: the largest seq ever applied. Raised with a
+//!     u64-max merge ([`HWM_MERGE_OPERATOR`], installed by `Store::open`) so concurrent applies
+//!     need not read it; set with a plain put by rollback and rebase.
+//!   - `vol(8) | 0x02 | id(8)` → `seq(8)`: local snapshot `id` at seq point `seq`.
+//!   - `vol(8) | 0x03 | key(utf-8)` → caller's bytes ([`BlockStore::meta_put`] and friends).
+//!
+//! # Retention invariant
+//!
+//! Let the distinct snapshot seqs be `S1 < S2 < … < Sk`; they cut the seq line into intervals
+//! `[0, S1], (S1, S2], …, (Sk, ∞)`. For each block the store keeps exactly the newest version in
+//! each interval that has one: the newest one in `(Sj-1, Sj]` is what snapshot `Sj` sees (older
+//! intervals' maxima are shadowed only if this one is non-empty), and the newest one in the last
+//! interval is the current content. Every other version is invisible to every view and is deleted
+//! (or never written) by [`BlockStore::apply`]; deleting a snapshot merges two intervals and
+//! deletes the loser. A version is only ever dropped because a *newer version in the same
+//! interval* is known to be stored (or written in the same batch).
+//!
+//! Consequently the views that are exact are the current one and those at local snapshot seqs.
+//! A snapshot must be created at a seq point no write above which has been applied yet (in
+//! practice: at the current high-water mark, once every write up to it has arrived), otherwise
+//! versions it would need may already have been dropped. Likewise [`BlockStore::rollback`] and
+//! [`BlockStore::changed_blocks`] are exact at snapshot seqs, the high-water mark and `None`.
+//!
+//! # Concurrency
+//!
+//! Each volume has an in-memory snapshot list behind a `RwLock`. `apply` holds it shared while it
+//! reads the touched blocks' existing versions, computes what to keep and writes its batch, so
+//! several applies on one volume run concurrently but never while the snapshot list changes;
+//! snapshot create/delete, rollback, rebase, truncate and delete_volume hold it exclusively.
+//! Two concurrent applies may each miss the other's versions. That is harmless because an
+//! apply drops a version only when it sees a newer one in the same interval, and that newer one
+//! is never dropped unless something newer still in that interval exists: the newest version of
+//! each interval over *all* applies is never dropped by anyone. The worst a race can do is leave
+//! an unneeded older version behind (each apply thought the other's version was absent); reads
+//! always pick the newest eligible version, so it is invisible, and the next apply to that block
+//! or the next snapshot delete removes it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use haven_proto::VolumeId;
+use rocksdb::{DBRawIterator, MergeOperands, ReadOptions, WriteBatch};
+
+use crate::storage::{Store, CF_BLOCKS, CF_VOLUME_META};
+use crate::volume::merkle::{
+    block_hash, chunk_count, chunk_hash, chunk_len, zero_block_hash, zero_chunk_hash, Hash, MerkleTree, CHUNK_BLOCKS,
+};
+
+/// Name of the u64-max merge operator `Store::open` installs on `volume_meta`.
+pub const HWM_MERGE_OPERATOR: &str = "haven.u64_max";
+
+const TAG_HWM: u8 = 0x01;
+const TAG_SNAPSHOT: u8 = 0x02;
+const TAG_META: u8 = 0x03;
+
+const BLOCK_KEY_LEN: usize = 24;
+
+/// Rebase rewrites every block; it commits in batches of about this many bytes.
+const REBASE_BATCH_BYTES: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockStoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt record in {cf}: {reason}")]
+    Corrupt { cf: &'static str, reason: String },
+    #[error("invalid write: {0}")]
+    InvalidWrite(String),
+    /// A read or scan asked for something impossible (zero block size, range overflow).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("snapshot {id} of {vol} exists at seq {existing}, not {requested}")]
+    SnapshotConflict { vol: VolumeId, id: u64, existing: u64, requested: u64 },
+    #[error("block {block} of {vol} was never written")]
+    NotWritten { vol: VolumeId, block: u64 },
+}
+
+fn corrupt(cf: &'static str, reason: impl Into<String>) -> BlockStoreError {
+    BlockStoreError::Corrupt { cf, reason: reason.into() }
+}
+
+/// The content of one block version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockContent {
+    /// Exactly block-size bytes.
+    Data(Vec<u8>),
+    /// An all-zero block (stored as an empty value).
+    Zero,
+}
+
+/// One block version to store.
+#[derive(Debug, Clone)]
+pub struct BlockWrite {
+    pub block: u64,
+    pub seq: u64,
+    pub content: BlockContent,
+}
+
+/// A local snapshot: the view of the volume at seq point `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LocalSnapshot {
+    pub id: u64,
+    pub seq: u64,
+}
+
+/// The volume's snapshots as cached in memory.
+#[derive(Debug, Default)]
+struct Snapshots {
+    /// Ordered by (seq, id).
+    list: Vec<LocalSnapshot>,
+    /// The distinct seqs of `list`, ascending: the interval boundaries of the retention rule.
+    seqs: Vec<u64>,
+}
+
+impl Snapshots {
+    fn new(mut list: Vec<LocalSnapshot>) -> Self {
+        list.sort_by_key(|s| (s.seq, s.id));
+        let mut seqs: Vec<u64> = list.iter().map(|s| s.seq).collect();
+        seqs.dedup();
+        Self { list, seqs }
+    }
+}
+
+/// Which retention interval `seq` falls in, given the ascending distinct snapshot seqs: 0 for
+/// `[0, S1]`, j for `(Sj, Sj+1]`, k for `(Sk, ∞)`.
+fn interval(snap_seqs: &[u64], seq: u64) -> usize {
+    snap_seqs.partition_point(|&s| s < seq)
+}
+
+/// Given one block's version seqs (ascending, distinct), calls `keep(i, needed)` for each:
+/// needed iff it is the newest version of its retention interval.
+fn retention(snap_seqs: &[u64], seqs: &[u64], mut keep: impl FnMut(usize, bool)) {
+    for (i, &s) in seqs.iter().enumerate() {
+        let needed = match seqs.get(i + 1) {
+            None => true,
+            Some(&next) => interval(snap_seqs, next) != interval(snap_seqs, s),
+        };
+        keep(i, needed);
+    }
+}
+
+#[derive(Default)]
+struct VolState {
+    /// `None` until loaded from disk.
+    snaps: RwLock<Option<Snapshots>>,
+}
+
+struct Inner {
+    store: Store,
+    vols: Mutex<HashMap<VolumeId, Arc<VolState>>>,
+}
+
+/// The block store of this host. Cheap to clone.
+#[derive(Clone)]
+pub struct BlockStore {
+    inner: Arc<Inner>,
+}
+
+// ---- keys ----
+
+fn block_key(vol: VolumeId, block: u64, seq: u64) -> [u8; BLOCK_KEY_LEN] {
+    let mut k = [0u8; BLOCK_KEY_LEN];
+    k[..8].copy_from_slice(&vol.0.to_be_bytes());
+    k[8..16].copy_from_slice(&block.to_be_bytes());
+    k[16..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// (block, seq) of a `blocks` key that must belong to `vol`.
+fn parse_block_key(vol: VolumeId, key: &[u8]) -> Result<(u64, u64), BlockStoreError> {
+    let k: &[u8; BLOCK_KEY_LEN] =
+        key.try_into().map_err(|_| corrupt(CF_BLOCKS, format!("block key of {} bytes", key.len())))?;
+    if k[..8] != vol.0.to_be_bytes() {
+        return Err(corrupt(CF_BLOCKS, format!("key of another volume in the range of {vol}")));
+    }
+    let block = u64::from_be_bytes([k[8], k[9], k[10], k[11], k[12], k[13], k[14], k[15]]);
+    let seq = u64::from_be_bytes([k[16], k[17], k[18], k[19], k[20], k[21], k[22], k[23]]);
+    Ok((block, seq))
+}
+
+fn vol_prefix(vol: VolumeId) -> Vec<u8> {
+    vol.0.to_be_bytes().to_vec()
+}
+
+/// The smallest key greater than every key starting with `prefix`; `None` if there is none
+/// (the prefix is all 0xFF).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last != 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Exclusive upper key for blocks `< end_block` of `vol` (`None`: to the end of the volume).
+fn blocks_upper(vol: VolumeId, end_block: Option<u64>) -> Option<Vec<u8>> {
+    match end_block {
+        Some(b) => Some(block_key(vol, b, 0).to_vec()),
+        None => prefix_end(&vol_prefix(vol)),
+    }
+}
+
+fn hwm_key(vol: VolumeId) -> Vec<u8> {
+    let mut k = vol_prefix(vol);
+    k.push(TAG_HWM);
+    k
+}
+
+fn snapshot_prefix(vol: VolumeId) -> Vec<u8> {
+    let mut k = vol_prefix(vol);
+    k.push(TAG_SNAPSHOT);
+    k
+}
+
+fn snapshot_key(vol: VolumeId, id: u64) -> Vec<u8> {
+    let mut k = snapshot_prefix(vol);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn meta_key(vol: VolumeId, key: &str) -> Vec<u8> {
+    let mut k = vol_prefix(vol);
+    k.push(TAG_META);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn decode_u64(cf: &'static str, what: &str, v: &[u8]) -> Result<u64, BlockStoreError> {
+    let b: [u8; 8] = v.try_into().map_err(|_| corrupt(cf, format!("{what} of {} bytes", v.len())))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn check_len(value: &[u8], block_size: u32, block: u64, seq: u64) -> Result<(), BlockStoreError> {
+    if value.is_empty() || value.len() == block_size as usize {
+        Ok(())
+    } else {
+        Err(corrupt(CF_BLOCKS, format!("block {block} seq {seq}: {} bytes, block size {block_size}", value.len())))
+    }
+}
+
+fn check_block_size(block_size: u32) -> Result<(), BlockStoreError> {
+    if block_size == 0 {
+        return Err(BlockStoreError::InvalidRequest("block size 0".into()));
+    }
+    Ok(())
+}
+
+/// The u64-max merge operator of the high-water mark (installed on `volume_meta` by
+/// `Store::open` under [`HWM_MERGE_OPERATOR`]). It never fails: a failing merge during compaction
+/// would stop RocksDB's background work, so malformed input yields an empty (poisoned) value that
+/// [`BlockStore::high_water_mark`] reports as corrupt; a later put (rollback, rebase) replaces it.
+pub fn hwm_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let mut max = 0u64;
+    for v in existing.into_iter().chain(operands.iter()) {
+        match <[u8; 8]>::try_from(v) {
+            Ok(b) => max = max.max(u64::from_be_bytes(b)),
+            Err(_) => return Some(Vec::new()),
+        }
+    }
+    Some(max.to_be_bytes().to_vec())
+}
+
+impl BlockStore {
+    pub fn new(store: Store) -> Self {
+        Self { inner: Arc::new(Inner { store, vols: Mutex::new(HashMap::new()) }) }
+    }
+
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn vol_state(&self, vol: VolumeId) -> Arc<VolState> {
+        // Entries are never removed, so every caller for one volume shares one lock.
+        let mut vols = self.inner.vols.lock().unwrap_or_else(PoisonError::into_inner);
+        vols.entry(vol).or_default().clone()
+    }
+
+    fn load_snapshots(&self, vol: VolumeId) -> Result<Snapshots, BlockStoreError> {
+        let prefix = snapshot_prefix(vol);
+        let mut it = self.iter(CF_VOLUME_META, prefix.clone(), prefix_end(&prefix));
+        it.seek(&prefix);
+        let mut list = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let id = decode_u64(CF_VOLUME_META, "snapshot key id", k.get(prefix.len()..).unwrap_or_default())?;
+            let seq = decode_u64(CF_VOLUME_META, "snapshot seq", v)?;
+            list.push(LocalSnapshot { id, seq });
+            it.next();
+        }
+        it.status()?;
+        Ok(Snapshots::new(list))
+    }
+
+    /// Runs `f` with the volume's snapshot list held shared (loading it first if needed).
+    fn with_snapshots<R>(
+        &self,
+        vol: VolumeId,
+        f: impl FnOnce(&Snapshots) -> Result<R, BlockStoreError>,
+    ) -> Result<R, BlockStoreError> {
+        let state = self.vol_state(vol);
+        loop {
+            {
+                let guard = state.snaps.read().unwrap_or_else(PoisonError::into_inner);
+                if let Some(snaps) = guard.as_ref() {
+                    return f(snaps);
+                }
+            }
+            let mut guard = state.snaps.write().unwrap_or_else(PoisonError::into_inner);
+            if guard.is_none() {
+                *guard = Some(self.load_snapshots(vol)?);
+            }
+        }
+    }
+
+    /// Runs `f` with the volume's snapshot list held exclusively (loading it first if needed).
+    /// `f` must update the list only after its writes succeeded.
+    fn with_snapshots_mut<R>(
+        &self,
+        vol: VolumeId,
+        f: impl FnOnce(&mut Snapshots) -> Result<R, BlockStoreError>,
+    ) -> Result<R, BlockStoreError> {
+        let state = self.vol_state(vol);
+        let mut guard = state.snaps.write().unwrap_or_else(PoisonError::into_inner);
+        if guard.is_none() {
+            *guard = Some(self.load_snapshots(vol)?);
+        }
+        f(guard.get_or_insert_with(Snapshots::default))
+    }
+
+    /// A raw iterator over `cf` bounded to `[lower, upper)`, not yet positioned.
+    fn iter(&self, cf: &'static str, lower: Vec<u8>, upper: Option<Vec<u8>>) -> DBRawIterator<'_> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(lower);
+        if let Some(upper) = upper {
+            opts.set_iterate_upper_bound(upper);
+        }
+        let store = self.store();
+        store.db().raw_iterator_cf_opt(store.cf(cf), opts)
+    }
+
+    /// An iterator over the blocks `[first, end)` of `vol` (`end` None: to the end), positioned
+    /// at the first key.
+    fn block_iter(&self, vol: VolumeId, first: u64, end: Option<u64>) -> DBRawIterator<'_> {
+        let lower = block_key(vol, first, 0).to_vec();
+        let mut it = self.iter(CF_BLOCKS, lower.clone(), blocks_upper(vol, end));
+        it.seek(&lower);
+        it
+    }
+
+    fn write(&self, batch: WriteBatch, durable: bool) -> Result<(), BlockStoreError> {
+        let opts = if durable { Store::durable() } else { Store::relaxed() };
+        Ok(self.store().db().write_opt(batch, &opts)?)
+    }
+
+    /// Calls `f(block, seqs)` for every block of `vol` in `[first, end)` that has versions, with
+    /// its version seqs ascending. Keys only (one forward pass).
+    fn scan_versions(
+        &self,
+        vol: VolumeId,
+        first: u64,
+        end: Option<u64>,
+        mut f: impl FnMut(u64, &[u64]) -> Result<(), BlockStoreError>,
+    ) -> Result<(), BlockStoreError> {
+        let mut it = self.block_iter(vol, first, end);
+        let mut current: Option<u64> = None;
+        let mut seqs: Vec<u64> = Vec::new();
+        while let Some(k) = it.key() {
+            let (block, seq) = parse_block_key(vol, k)?;
+            if current != Some(block) {
+                if let Some(b) = current {
+                    f(b, &seqs)?;
+                }
+                current = Some(block);
+                seqs.clear();
+            }
+            seqs.push(seq);
+            it.next();
+        }
+        it.status()?;
+        if let Some(b) = current {
+            f(b, &seqs)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(block, content)` for every block of `vol` in `[first, end)` that has a version
+    /// visible at `at`, ascending, with that version's stored value (empty for Zero).
+    fn scan_view(
+        &self,
+        vol: VolumeId,
+        first: u64,
+        end: Option<u64>,
+        at: Option<u64>,
+        mut f: impl FnMut(u64, u64, &[u8]) -> Result<(), BlockStoreError>,
+    ) -> Result<(), BlockStoreError> {
+        let mut it = self.block_iter(vol, first, end);
+        // The candidate of the current block: a later version of the same block visible at `at`
+        // replaces it, so it is handed to `f` only when the next block starts.
+        let mut pending: Option<(u64, u64)> = None;
+        let mut buf: Vec<u8> = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let (block, seq) = parse_block_key(vol, k)?;
+            if at.is_none_or(|at| seq <= at) {
+                if let Some((b, s)) = pending {
+                    if b != block {
+                        f(b, s, &buf)?;
+                    }
+                }
+                pending = Some((block, seq));
+                buf.clear();
+                buf.extend_from_slice(v);
+            }
+            it.next();
+        }
+        it.status()?;
+        if let Some((b, s)) = pending {
+            f(b, s, &buf)?;
+        }
+        Ok(())
+    }
+
+    /// Apply writes atomically in one RocksDB write batch; `durable` fsyncs the WAL before
+    /// returning. Data must be exactly `block_size` bytes. A version whose (block, seq) is
+    /// already stored is overwritten identically; within one call the last of several writes
+    /// with the same (block, seq) wins. Old versions are pruned per the retention invariant
+    /// (module doc) in the same batch, and the volume's high-water mark is raised to the largest
+    /// seq in `writes`. Safe to call concurrently for one volume (module doc, Concurrency).
+    pub fn apply(
+        &self,
+        vol: VolumeId,
+        block_size: u32,
+        writes: &[BlockWrite],
+        durable: bool,
+    ) -> Result<(), BlockStoreError> {
+        if block_size == 0 {
+            return Err(BlockStoreError::InvalidWrite("block size 0".into()));
+        }
+        for w in writes {
+            if let BlockContent::Data(d) = &w.content {
+                if d.len() != block_size as usize {
+                    return Err(BlockStoreError::InvalidWrite(format!(
+                        "block {} seq {}: {} bytes, block size {block_size}",
+                        w.block,
+                        w.seq,
+                        d.len()
+                    )));
+                }
+            }
+        }
+        let Some(max_seq) = writes.iter().map(|w| w.seq).max() else {
+            return Ok(());
+        };
+        // Writes by (block, seq); the stable sort keeps the caller's order among duplicates, and
+        // the dedup keeps the last of them.
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        order.sort_by_key(|&i| (writes[i].block, writes[i].seq));
+        let mut deduped: Vec<usize> = Vec::with_capacity(order.len());
+        for i in order {
+            match deduped.last_mut() {
+                Some(last) if (writes[*last].block, writes[*last].seq) == (writes[i].block, writes[i].seq) => *last = i,
+                _ => deduped.push(i),
+            }
+        }
+
+        self.with_snapshots(vol, |snaps| {
+            let store = self.store();
+            let blocks_cf = store.cf(CF_BLOCKS);
+            let mut batch = WriteBatch::default();
+            // One iterator for the whole call. Touched blocks are visited ascending, so after a
+            // block's versions the iterator already sits on the first key of a later block: it
+            // is re-seeked only when that key is before the next touched block (sparse writes).
+            let lower = block_key(vol, writes[deduped[0]].block, 0).to_vec();
+            let mut it = self.iter(CF_BLOCKS, lower.clone(), blocks_upper(vol, None));
+            it.seek(&lower);
+            // (seq, index into `writes` if written now, already stored)
+            let mut versions: Vec<(u64, Option<usize>, bool)> = Vec::new();
+            let mut seqs: Vec<u64> = Vec::new();
+            let mut start = 0;
+            while start < deduped.len() {
+                let block = writes[deduped[start]].block;
+                let mut end = start;
+                while end < deduped.len() && writes[deduped[end]].block == block {
+                    end += 1;
+                }
+                let group = &deduped[start..end];
+                start = end;
+
+                let first_key = block_key(vol, block, 0);
+                if it.key().is_some_and(|k| k < &first_key[..]) {
+                    it.seek(first_key);
+                }
+                versions.clear();
+                let mut next_new = group.iter().peekable();
+                while let Some(k) = it.key() {
+                    if k[..k.len().min(16)] != first_key[..16] {
+                        break;
+                    }
+                    let (_, seq) = parse_block_key(vol, k)?;
+                    while let Some(&&i) = next_new.peek() {
+                        if writes[i].seq < seq {
+                            versions.push((writes[i].seq, Some(i), false));
+                            next_new.next();
+                        } else {
+                            break;
+                        }
+                    }
+                    match next_new.peek() {
+                        Some(&&i) if writes[i].seq == seq => {
+                            versions.push((seq, Some(i), true));
+                            next_new.next();
+                        }
+                        _ => versions.push((seq, None, true)),
+                    }
+                    it.next();
+                }
+                it.status()?;
+                versions.extend(next_new.map(|&i| (writes[i].seq, Some(i), false)));
+
+                seqs.clear();
+                seqs.extend(versions.iter().map(|v| v.0));
+                retention(&snaps.seqs, &seqs, |idx, needed| {
+                    let (seq, new, stored) = versions[idx];
+                    match (needed, new) {
+                        (true, Some(i)) => match &writes[i].content {
+                            BlockContent::Data(d) => batch.put_cf(blocks_cf, block_key(vol, block, seq), d),
+                            BlockContent::Zero => batch.put_cf(blocks_cf, block_key(vol, block, seq), b""),
+                        },
+                        (false, _) if stored => batch.delete_cf(blocks_cf, block_key(vol, block, seq)),
+                        _ => {}
+                    }
+                });
+            }
+            drop(it);
+            batch.merge_cf(store.cf(CF_VOLUME_META), hwm_key(vol), max_seq.to_be_bytes());
+            self.write(batch, durable)
+        })
+    }
+
+    /// `count` blocks from `first` as seen at `at` (None: newest; Some(S): newest version with
+    /// seq ≤ S): `count * block_size` bytes, zeros for blocks never written or written Zero.
+    /// One iterator pass over the range.
+    pub fn read(
+        &self,
+        vol: VolumeId,
+        block_size: u32,
+        first: u64,
+        count: u32,
+        at: Option<u64>,
+    ) -> Result<Vec<u8>, BlockStoreError> {
+        check_block_size(block_size)?;
+        let bs = block_size as usize;
+        let len = (count as usize)
+            .checked_mul(bs)
+            .ok_or_else(|| BlockStoreError::InvalidRequest(format!("{count} blocks of {block_size} bytes")))?;
+        // One past the last block; None when that is 2^64 (the range ends with block u64::MAX).
+        let end_wide = u128::from(first) + u128::from(count);
+        if end_wide > 1u128 << 64 {
+            return Err(BlockStoreError::InvalidRequest(format!("blocks {first}+{count} overflow")));
+        }
+        let end = u64::try_from(end_wide).ok();
+        let mut out = vec![0u8; len];
+        if count == 0 {
+            return Ok(out);
+        }
+        let mut it = self.block_iter(vol, first, end);
+        // Versions of a block come oldest first: each visible one overwrites the previous, so
+        // the slot ends up holding the newest visible version.
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let (block, seq) = parse_block_key(vol, k)?;
+            if at.is_none_or(|at| seq <= at) {
+                check_len(v, block_size, block, seq)?;
+                if block < first || end.is_some_and(|end| block >= end) {
+                    return Err(corrupt(CF_BLOCKS, format!("block {block} outside iterated range")));
+                }
+                let off = (block - first) as usize * bs;
+                let slot = &mut out[off..off + bs];
+                if v.is_empty() {
+                    slot.fill(0);
+                } else {
+                    slot.copy_from_slice(v);
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// The newest version of `block` visible at `at`, with its seq (None if there is none).
+    pub fn read_version(
+        &self,
+        vol: VolumeId,
+        block: u64,
+        at: Option<u64>,
+    ) -> Result<Option<(u64, BlockContent)>, BlockStoreError> {
+        let lower = block_key(vol, block, 0).to_vec();
+        let upper = match block.checked_add(1) {
+            Some(next) => blocks_upper(vol, Some(next)),
+            None => blocks_upper(vol, None),
+        };
+        let mut it = self.iter(CF_BLOCKS, lower, upper);
+        it.seek_for_prev(block_key(vol, block, at.unwrap_or(u64::MAX)));
+        let found = match (it.key(), it.value()) {
+            (Some(k), Some(v)) => {
+                let (b, seq) = parse_block_key(vol, k)?;
+                if b != block {
+                    return Err(corrupt(CF_BLOCKS, format!("found block {b} looking for {block}")));
+                }
+                let content = if v.is_empty() { BlockContent::Zero } else { BlockContent::Data(v.to_vec()) };
+                Some((seq, content))
+            }
+            _ => None,
+        };
+        it.status()?;
+        Ok(found)
+    }
+
+    /// The largest seq ever applied to `vol` (0 if none), as lowered by rollback and rebase.
+    pub fn high_water_mark(&self, vol: VolumeId) -> Result<u64, BlockStoreError> {
+        let store = self.store();
+        match store.db().get_pinned_cf(store.cf(CF_VOLUME_META), hwm_key(vol))? {
+            None => Ok(0),
+            Some(v) => decode_u64(CF_VOLUME_META, "high-water mark", &v),
+        }
+    }
+
+    /// Record local snapshot `id` at seq point `seq`, durably. Idempotent for the same
+    /// (id, seq); [`BlockStoreError::SnapshotConflict`] if `id` exists at another seq.
+    /// The snapshot preserves the view at `seq` only if no write above `seq` has been applied
+    /// yet (see the module doc).
+    pub fn snapshot_create(&self, vol: VolumeId, id: u64, seq: u64) -> Result<(), BlockStoreError> {
+        self.with_snapshots_mut(vol, |snaps| {
+            if let Some(s) = snaps.list.iter().find(|s| s.id == id) {
+                if s.seq == seq {
+                    return Ok(());
+                }
+                return Err(BlockStoreError::SnapshotConflict { vol, id, existing: s.seq, requested: seq });
+            }
+            let store = self.store();
+            let mut batch = WriteBatch::default();
+            batch.put_cf(store.cf(CF_VOLUME_META), snapshot_key(vol, id), seq.to_be_bytes());
+            self.write(batch, true)?;
+            let mut list = std::mem::take(&mut snaps.list);
+            list.push(LocalSnapshot { id, seq });
+            *snaps = Snapshots::new(list);
+            Ok(())
+        })
+    }
+
+    /// Forget snapshot `id` and delete the versions only it needed, durably (one pass over the
+    /// volume's keys unless another snapshot shares its seq). Returns whether it existed.
+    pub fn snapshot_delete(&self, vol: VolumeId, id: u64) -> Result<bool, BlockStoreError> {
+        self.with_snapshots_mut(vol, |snaps| {
+            let Some(pos) = snaps.list.iter().position(|s| s.id == id) else {
+                return Ok(false);
+            };
+            let mut remaining = snaps.list.clone();
+            let gone = remaining.remove(pos);
+            let after = Snapshots::new(remaining);
+            let store = self.store();
+            let blocks_cf = store.cf(CF_BLOCKS);
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(store.cf(CF_VOLUME_META), snapshot_key(vol, id));
+            if !after.seqs.contains(&gone.seq) {
+                // Only versions of the two merged intervals around `gone.seq` can lose.
+                self.scan_versions(vol, 0, None, |block, seqs| {
+                    retention(&after.seqs, seqs, |i, needed| {
+                        if !needed {
+                            batch.delete_cf(blocks_cf, block_key(vol, block, seqs[i]));
+                        }
+                    });
+                    Ok(())
+                })?;
+            }
+            self.write(batch, true)?;
+            *snaps = after;
+            Ok(true)
+        })
+    }
+
+    /// The volume's local snapshots, ordered by seq (then id).
+    pub fn snapshots(&self, vol: VolumeId) -> Result<Vec<LocalSnapshot>, BlockStoreError> {
+        self.with_snapshots(vol, |snaps| Ok(snaps.list.clone()))
+    }
+
+    /// Distinct block numbers having a stored version with seq in `(after, upto]` (`upto` None:
+    /// no upper bound), ascending. Exact when `upto` is None, the high-water mark or a local
+    /// snapshot's seq (other versions may have been pruned). One pass over the volume's keys.
+    pub fn changed_blocks(&self, vol: VolumeId, after: u64, upto: Option<u64>) -> Result<Vec<u64>, BlockStoreError> {
+        let mut out = Vec::new();
+        self.scan_versions(vol, 0, None, |block, seqs| {
+            if seqs.iter().any(|&s| s > after && upto.is_none_or(|u| s <= u)) {
+                out.push(block);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Drop every version with seq > `to_seq` and every snapshot with seq > `to_seq`, and set
+    /// the high-water mark to `to_seq`, durably. Returns the affected blocks ascending. The view
+    /// at `to_seq` is exact when `to_seq` is a local snapshot's seq (or ≥ the high-water mark).
+    pub fn rollback(&self, vol: VolumeId, to_seq: u64) -> Result<Vec<u64>, BlockStoreError> {
+        self.with_snapshots_mut(vol, |snaps| {
+            let store = self.store();
+            let blocks_cf = store.cf(CF_BLOCKS);
+            let meta_cf = store.cf(CF_VOLUME_META);
+            let mut batch = WriteBatch::default();
+            let mut affected = Vec::new();
+            self.scan_versions(vol, 0, None, |block, seqs| {
+                let mut hit = false;
+                for &s in seqs.iter().filter(|&&s| s > to_seq) {
+                    batch.delete_cf(blocks_cf, block_key(vol, block, s));
+                    hit = true;
+                }
+                if hit {
+                    affected.push(block);
+                }
+                Ok(())
+            })?;
+            let (keep, dropped): (Vec<_>, Vec<_>) = snaps.list.iter().copied().partition(|s| s.seq <= to_seq);
+            for s in dropped {
+                batch.delete_cf(meta_cf, snapshot_key(vol, s.id));
+            }
+            batch.put_cf(meta_cf, hwm_key(vol), to_seq.to_be_bytes());
+            self.write(batch, true)?;
+            *snaps = Snapshots::new(keep);
+            Ok(affected)
+        })
+    }
+
+    /// Collapse every block to its newest content stored at seq 0, drop all snapshots, set the
+    /// high-water mark to 0; durable. Commits in several batches for large volumes: snapshots
+    /// go first, then blocks (each block's collapse is atomic, so the current view is intact at
+    /// every point), then the high-water mark; an interrupted rebase can simply be repeated.
+    pub fn rebase(&self, vol: VolumeId) -> Result<(), BlockStoreError> {
+        self.with_snapshots_mut(vol, |snaps| {
+            let store = self.store();
+            let blocks_cf = store.cf(CF_BLOCKS);
+            let meta_cf = store.cf(CF_VOLUME_META);
+
+            let mut batch = WriteBatch::default();
+            for s in &snaps.list {
+                batch.delete_cf(meta_cf, snapshot_key(vol, s.id));
+            }
+            self.write(batch, true)?;
+            *snaps = Snapshots::default();
+
+            let mut batch = WriteBatch::default();
+            let mut it = self.block_iter(vol, 0, None);
+            let mut current: Option<u64> = None;
+            let mut seqs: Vec<u64> = Vec::new();
+            let mut newest: Vec<u8> = Vec::new();
+            let flush = |batch: &mut WriteBatch, block: u64, seqs: &[u64], newest: &[u8]| {
+                if seqs == [0] {
+                    return;
+                }
+                for &s in seqs.iter().filter(|&&s| s != 0) {
+                    batch.delete_cf(blocks_cf, block_key(vol, block, s));
+                }
+                batch.put_cf(blocks_cf, block_key(vol, block, 0), newest);
+            };
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                let (block, seq) = parse_block_key(vol, k)?;
+                if current != Some(block) {
+                    if let Some(b) = current {
+                        flush(&mut batch, b, &seqs, &newest);
+                        if batch.size_in_bytes() >= REBASE_BATCH_BYTES {
+                            self.write(std::mem::take(&mut batch), false)?;
+                        }
+                    }
+                    current = Some(block);
+                    seqs.clear();
+                }
+                seqs.push(seq);
+                newest.clear();
+                newest.extend_from_slice(v);
+                it.next();
+            }
+            it.status()?;
+            drop(it);
+            if let Some(b) = current {
+                flush(&mut batch, b, &seqs, &newest);
+            }
+            batch.put_cf(meta_cf, hwm_key(vol), 0u64.to_be_bytes());
+            self.write(batch, true)
+        })
+    }
+
+    /// The Merkle tree of the view at `at` over blocks `[0, size_blocks)`: one ordered pass over
+    /// the volume's keys; chunks with no stored block use the cached all-zero chunk hash.
+    pub fn merkle(
+        &self,
+        vol: VolumeId,
+        block_size: u32,
+        size_blocks: u64,
+        at: Option<u64>,
+    ) -> Result<MerkleTree, BlockStoreError> {
+        check_block_size(block_size)?;
+        let n_chunks = chunk_count(size_blocks);
+        let zero = zero_block_hash(block_size);
+        let mut chunks: Vec<Hash> = Vec::new();
+        let pad = |chunks: &mut Vec<Hash>, upto: u64| {
+            while (chunks.len() as u64) < upto {
+                chunks.push(zero_chunk_hash(block_size, chunk_len(size_blocks, chunks.len() as u64)));
+            }
+        };
+        // The chunk being filled and its block hashes.
+        let mut current: Option<(u64, Vec<Hash>)> = None;
+        self.scan_view(vol, 0, Some(size_blocks), at, |block, seq, value| {
+            check_len(value, block_size, block, seq)?;
+            let chunk = block / CHUNK_BLOCKS;
+            if current.as_ref().is_none_or(|(c, _)| *c != chunk) {
+                if let Some((_, hashes)) = current.take() {
+                    chunks.push(chunk_hash(&hashes));
+                }
+                pad(&mut chunks, chunk);
+                current = Some((chunk, vec![zero; chunk_len(size_blocks, chunk) as usize]));
+            }
+            if let Some((_, hashes)) = current.as_mut() {
+                let slot = hashes
+                    .get_mut((block % CHUNK_BLOCKS) as usize)
+                    .ok_or_else(|| corrupt(CF_BLOCKS, format!("block {block} beyond {size_blocks}")))?;
+                *slot = if value.is_empty() { zero } else { block_hash(value) };
+            }
+            Ok(())
+        })?;
+        if let Some((_, hashes)) = current.take() {
+            chunks.push(chunk_hash(&hashes));
+        }
+        pad(&mut chunks, n_chunks);
+        Ok(MerkleTree::from_chunk_hashes(block_size, size_blocks, chunks))
+    }
+
+    /// The block hashes of chunk `chunk` at `at`: [`CHUNK_BLOCKS`] entries, fewer for a short
+    /// last chunk, none past the end.
+    pub fn chunk_block_hashes(
+        &self,
+        vol: VolumeId,
+        block_size: u32,
+        size_blocks: u64,
+        chunk: u64,
+        at: Option<u64>,
+    ) -> Result<Vec<Hash>, BlockStoreError> {
+        check_block_size(block_size)?;
+        let len = chunk_len(size_blocks, chunk);
+        let zero = zero_block_hash(block_size);
+        let mut hashes = vec![zero; len as usize];
+        if len == 0 {
+            return Ok(hashes);
+        }
+        let first = chunk * CHUNK_BLOCKS;
+        self.scan_view(vol, first, Some(first + len), at, |block, seq, value| {
+            check_len(value, block_size, block, seq)?;
+            let slot = block
+                .checked_sub(first)
+                .and_then(|i| hashes.get_mut(i as usize))
+                .ok_or_else(|| corrupt(CF_BLOCKS, format!("block {block} outside chunk {chunk}")))?;
+            *slot = if value.is_empty() { zero } else { block_hash(value) };
+            Ok(())
+        })?;
+        Ok(hashes)
+    }
+
+    /// Delete `[from, to)` of `cf` (`to` None: to the end of the key space) in `batch`.
+    fn delete_range(
+        &self,
+        batch: &mut WriteBatch,
+        cf: &'static str,
+        from: Vec<u8>,
+        to: Option<Vec<u8>>,
+    ) -> Result<(), BlockStoreError> {
+        let handle = self.store().cf(cf);
+        match to {
+            Some(to) => batch.delete_range_cf(handle, from, to),
+            None => {
+                // Only for the volume u64::MAX, whose keys are the last of the key space.
+                let mut it = self.iter(cf, from.clone(), None);
+                it.seek(&from);
+                while let Some(k) = it.key() {
+                    batch.delete_cf(handle, k);
+                    it.next();
+                }
+                it.status()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop blocks ≥ `new_size_blocks` (all versions), durably.
+    pub fn truncate(&self, vol: VolumeId, new_size_blocks: u64) -> Result<(), BlockStoreError> {
+        self.with_snapshots_mut(vol, |_| {
+            let mut batch = WriteBatch::default();
+            self.delete_range(
+                &mut batch,
+                CF_BLOCKS,
+                block_key(vol, new_size_blocks, 0).to_vec(),
+                blocks_upper(vol, None),
+            )?;
+            self.write(batch, true)
+        })
+    }
+
+    /// Remove everything of `vol`: blocks, snapshots, high-water mark and metadata. Durable.
+    pub fn delete_volume(&self, vol: VolumeId) -> Result<(), BlockStoreError> {
+        self.with_snapshots_mut(vol, |snaps| {
+            let prefix = vol_prefix(vol);
+            let mut batch = WriteBatch::default();
+            self.delete_range(&mut batch, CF_BLOCKS, prefix.clone(), prefix_end(&prefix))?;
+            self.delete_range(&mut batch, CF_VOLUME_META, prefix.clone(), prefix_end(&prefix))?;
+            self.write(batch, true)?;
+            *snaps = Snapshots::default();
+            Ok(())
+        })
+    }
+
+    /// FAULT INJECTION (chaos harness and integrity tests only): overwrite the stored bytes of
+    /// the newest version of `block` in place, keeping its seq, as silent corruption would.
+    /// `data` must be empty (the version then reads as Zero) or, if the stored version is Data,
+    /// of the same length. [`BlockStoreError::NotWritten`] if the block has no version.
+    pub fn inject_corruption(&self, vol: VolumeId, block: u64, data: &[u8]) -> Result<(), BlockStoreError> {
+        self.with_snapshots(vol, |_| {
+            let Some((seq, content)) = self.read_version(vol, block, None)? else {
+                return Err(BlockStoreError::NotWritten { vol, block });
+            };
+            if let BlockContent::Data(old) = &content {
+                if !data.is_empty() && data.len() != old.len() {
+                    return Err(BlockStoreError::InvalidWrite(format!(
+                        "corruption of {} bytes for a block of {}",
+                        data.len(),
+                        old.len()
+                    )));
+                }
+            }
+            let store = self.store();
+            let mut batch = WriteBatch::default();
+            batch.put_cf(store.cf(CF_BLOCKS), block_key(vol, block, seq), data);
+            self.write(batch, true)
+        })
+    }
+
+    /// A per-volume metadata value.
+    pub fn meta_get(&self, vol: VolumeId, key: &str) -> Result<Option<Vec<u8>>, BlockStoreError> {
+        let store = self.store();
+        Ok(store.db().get_cf(store.cf(CF_VOLUME_META), meta_key(vol, key))?)
+    }
+
+    /// Store a per-volume metadata value, durably.
+    pub fn meta_put(&self, vol: VolumeId, key: &str, value: &[u8]) -> Result<(), BlockStoreError> {
+        let store = self.store();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(store.cf(CF_VOLUME_META), meta_key(vol, key), value);
+        self.write(batch, true)
+    }
+
+    /// Delete a per-volume metadata value, durably (absent keys are fine).
+    pub fn meta_delete(&self, vol: VolumeId, key: &str) -> Result<(), BlockStoreError> {
+        let store = self.store();
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(store.cf(CF_VOLUME_META), meta_key(vol, key));
+        self.write(batch, true)
+    }
+
+    /// Every per-volume metadata entry whose key starts with `prefix`, ascending by key.
+    pub fn meta_scan(&self, vol: VolumeId, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, BlockStoreError> {
+        let lower = meta_key(vol, prefix);
+        let skip = lower.len() - prefix.len();
+        let mut it = self.iter(CF_VOLUME_META, lower.clone(), prefix_end(&lower));
+        it.seek(&lower);
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let key = std::str::from_utf8(k.get(skip..).unwrap_or_default())
+                .map_err(|_| corrupt(CF_VOLUME_META, "metadata key is not utf-8"))?
+                .to_owned();
+            out.push((key, v.to_vec()));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const BS: u32 = 512;
+    const VOL: VolumeId = VolumeId(7);
+
+    fn open() -> (tempfile::TempDir, BlockStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, BlockStore::new(store))
+    }
+
+    fn data(bs: u32, fill: u8) -> BlockContent {
+        BlockContent::Data(vec![fill; bs as usize])
+    }
+
+    fn w(block: u64, seq: u64, fill: u8) -> BlockWrite {
+        BlockWrite { block, seq, content: data(BS, fill) }
+    }
+
+    fn wz(block: u64, seq: u64) -> BlockWrite {
+        BlockWrite { block, seq, content: BlockContent::Zero }
+    }
+
+    /// The (block, seq) keys stored for `vol`.
+    fn keys(s: &BlockStore, vol: VolumeId) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        s.scan_versions(vol, 0, None, |b, seqs| {
+            out.extend(seqs.iter().map(|&q| (b, q)));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    fn raw_key_count(s: &BlockStore, cf: &'static str) -> usize {
+        let store = s.store();
+        store.db().iterator_cf(store.cf(cf), rocksdb::IteratorMode::Start).count()
+    }
+
+    /// The expected read result: one fill byte per block (0 for zero/unwritten).
+    fn expect(bs: u32, fills: &[u8]) -> Vec<u8> {
+        fills.iter().flat_map(|&f| std::iter::repeat_n(f, bs as usize)).collect()
+    }
+
+    #[test]
+    fn read_newest_and_at_snapshot_points() {
+        let (_d, s) = open();
+        s.apply(VOL, BS, &[w(0, 1, 0xA), w(1, 2, 0xB)], true).unwrap();
+        s.snapshot_create(VOL, 1, 2).unwrap();
+        s.apply(VOL, BS, &[w(0, 3, 0xC), wz(1, 4)], false).unwrap();
+        s.apply(VOL, BS, &[w(2, 5, 0xD)], false).unwrap();
+
+        assert_eq!(s.read(VOL, BS, 0, 4, None).unwrap(), expect(BS, &[0xC, 0, 0xD, 0]));
+        assert_eq!(s.read(VOL, BS, 0, 4, Some(2)).unwrap(), expect(BS, &[0xA, 0xB, 0, 0]));
+        assert_eq!(s.read(VOL, BS, 1, 2, Some(4)).unwrap(), expect(BS, &[0, 0]));
+        assert_eq!(s.read(VOL, BS, 0, 4, Some(0)).unwrap(), expect(BS, &[0, 0, 0, 0]));
+        assert_eq!(s.read(VOL, BS, 10, 0, None).unwrap(), Vec::<u8>::new());
+        // Another volume sees nothing.
+        assert_eq!(s.read(VolumeId(8), BS, 0, 2, None).unwrap(), expect(BS, &[0, 0]));
+
+        assert_eq!(s.read_version(VOL, 0, None).unwrap(), Some((3, data(BS, 0xC))));
+        assert_eq!(s.read_version(VOL, 0, Some(2)).unwrap(), Some((1, data(BS, 0xA))));
+        assert_eq!(s.read_version(VOL, 1, None).unwrap(), Some((4, BlockContent::Zero)));
+        assert_eq!(s.read_version(VOL, 2, Some(4)).unwrap(), None);
+        assert_eq!(s.read_version(VOL, 3, None).unwrap(), None);
+        assert_eq!(s.read_version(VOL, u64::MAX, None).unwrap(), None);
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 5);
+        assert_eq!(s.high_water_mark(VolumeId(8)).unwrap(), 0);
+        assert_eq!(s.snapshots(VOL).unwrap(), vec![LocalSnapshot { id: 1, seq: 2 }]);
+
+        // Everything survives a reopen (snapshots reloaded lazily).
+        let path = _d.path().to_owned();
+        drop(s);
+        let s = BlockStore::new(Store::open(&path).unwrap());
+        assert_eq!(s.read(VOL, BS, 0, 4, Some(2)).unwrap(), expect(BS, &[0xA, 0xB, 0, 0]));
+        assert_eq!(s.snapshots(VOL).unwrap(), vec![LocalSnapshot { id: 1, seq: 2 }]);
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 5);
+    }
+
+    #[test]
+    fn retention_keeps_exactly_what_snapshots_need() {
+        let (_d, s) = open();
+        for seq in 1..=5 {
+            s.apply(VOL, BS, &[w(0, seq, seq as u8)], false).unwrap();
+        }
+        assert_eq!(keys(&s, VOL), vec![(0, 5)]);
+        s.snapshot_create(VOL, 10, 5).unwrap();
+        s.apply(VOL, BS, &[w(0, 6, 6)], false).unwrap();
+        s.apply(VOL, BS, &[w(0, 7, 7), w(1, 7, 7)], false).unwrap();
+        assert_eq!(keys(&s, VOL), vec![(0, 5), (0, 7), (1, 7)]);
+        s.snapshot_create(VOL, 11, 7).unwrap();
+        s.snapshot_create(VOL, 12, 7).unwrap();
+        s.snapshot_create(VOL, 12, 7).unwrap(); // idempotent
+        assert!(matches!(s.snapshot_create(VOL, 12, 8), Err(BlockStoreError::SnapshotConflict { .. })));
+        s.apply(VOL, BS, &[w(0, 8, 8)], false).unwrap();
+        s.apply(VOL, BS, &[w(0, 9, 9)], false).unwrap();
+        assert_eq!(keys(&s, VOL), vec![(0, 5), (0, 7), (0, 9), (1, 7)]);
+
+        assert!(s.snapshot_delete(VOL, 10).unwrap());
+        assert!(!s.snapshot_delete(VOL, 10).unwrap());
+        assert_eq!(keys(&s, VOL), vec![(0, 7), (0, 9), (1, 7)]);
+        // Another snapshot still holds seq 7.
+        assert!(s.snapshot_delete(VOL, 11).unwrap());
+        assert_eq!(keys(&s, VOL), vec![(0, 7), (0, 9), (1, 7)]);
+        assert_eq!(s.read(VOL, BS, 0, 2, Some(7)).unwrap(), expect(BS, &[7, 7]));
+        assert!(s.snapshot_delete(VOL, 12).unwrap());
+        assert_eq!(keys(&s, VOL), vec![(0, 9), (1, 7)]);
+        assert_eq!(s.snapshots(VOL).unwrap(), vec![]);
+        assert_eq!(raw_key_count(&s, CF_BLOCKS), 2);
+        assert_eq!(s.read(VOL, BS, 0, 2, None).unwrap(), expect(BS, &[9, 7]));
+    }
+
+    #[test]
+    fn out_of_order_and_duplicate_applies_are_harmless() {
+        let (_d, s) = open();
+        s.apply(VOL, BS, &[w(0, 2, 2)], true).unwrap();
+        s.snapshot_create(VOL, 1, 2).unwrap();
+        s.apply(VOL, BS, &[w(0, 4, 4)], false).unwrap();
+        s.apply(VOL, BS, &[w(0, 3, 3)], false).unwrap(); // late: shadowed by 4, not stored
+        s.apply(VOL, BS, &[w(0, 2, 2)], false).unwrap(); // retry of a stored version
+        s.apply(VOL, BS, &[w(0, 1, 1)], false).unwrap(); // late, below the snapshot: shadowed by 2
+        s.apply(VOL, BS, &[w(0, 4, 4), w(0, 4, 4)], false).unwrap(); // duplicate within a batch
+        assert_eq!(keys(&s, VOL), vec![(0, 2), (0, 4)]);
+        assert_eq!(s.read(VOL, BS, 0, 1, None).unwrap(), expect(BS, &[4]));
+        assert_eq!(s.read(VOL, BS, 0, 1, Some(2)).unwrap(), expect(BS, &[2]));
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 4);
+
+        // One batch out of order, with several versions of one block: only the newest lands.
+        s.apply(VOL, BS, &[w(1, 9, 9), w(1, 7, 7), w(2, 8, 8), w(1, 8, 8)], false).unwrap();
+        assert_eq!(keys(&s, VOL), vec![(0, 2), (0, 4), (1, 9), (2, 8)]);
+        // A late write to an untouched interval below the snapshot is kept: the snapshot sees it.
+        s.apply(VOL, BS, &[w(3, 1, 1)], false).unwrap();
+        assert_eq!(s.read(VOL, BS, 3, 1, Some(2)).unwrap(), expect(BS, &[1]));
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 9);
+        s.apply(VOL, BS, &[], true).unwrap();
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 9);
+    }
+
+    #[test]
+    fn sparse_and_dense_batches_find_existing_versions() {
+        let (_d, s) = open();
+        let first: Vec<_> = (0..300).map(|b| w(b, 1, 1)).chain([w(1 << 40, 1, 1), w(u64::MAX, 1, 1)]).collect();
+        s.apply(VOL, BS, &first, false).unwrap();
+        let second: Vec<_> =
+            (0..300).step_by(3).map(|b| w(b, 2, 2)).chain([w(1 << 40, 2, 2), w(u64::MAX, 2, 2)]).collect();
+        s.apply(VOL, BS, &second, false).unwrap();
+        let k = keys(&s, VOL);
+        assert_eq!(k.len(), 302);
+        assert!(k.iter().all(|&(b, q)| q == if b % 3 == 0 || b >= 300 { 2 } else { 1 }));
+        let fills: Vec<u8> = (0..300).map(|b| if b % 3 == 0 { 2 } else { 1 }).collect();
+        assert_eq!(s.read(VOL, BS, 0, 300, None).unwrap(), expect(BS, &fills));
+        assert_eq!(s.read(VOL, BS, u64::MAX, 1, None).unwrap(), expect(BS, &[2]));
+    }
+
+    #[test]
+    fn changed_blocks_between_seq_points() {
+        let (_d, s) = open();
+        s.apply(VOL, BS, &[w(0, 1, 1), w(5, 2, 1)], false).unwrap();
+        s.snapshot_create(VOL, 1, 2).unwrap();
+        s.apply(VOL, BS, &[w(3, 3, 1), wz(5, 4)], false).unwrap();
+        s.snapshot_create(VOL, 2, 4).unwrap();
+        s.apply(VOL, BS, &[w(9, 5, 1), w(3, 6, 1)], false).unwrap();
+        assert_eq!(s.changed_blocks(VOL, 0, None).unwrap(), vec![0, 3, 5, 9]);
+        assert_eq!(s.changed_blocks(VOL, 2, None).unwrap(), vec![3, 5, 9]);
+        assert_eq!(s.changed_blocks(VOL, 2, Some(4)).unwrap(), vec![3, 5]);
+        assert_eq!(s.changed_blocks(VOL, 0, Some(2)).unwrap(), vec![0, 5]);
+        assert_eq!(s.changed_blocks(VOL, 4, None).unwrap(), vec![3, 9]);
+        assert_eq!(s.changed_blocks(VOL, 6, None).unwrap(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn rollback_to_a_snapshot() {
+        let (_d, s) = open();
+        s.apply(VOL, BS, &[w(0, 1, 1), w(1, 2, 2)], true).unwrap();
+        s.snapshot_create(VOL, 1, 2).unwrap();
+        s.apply(VOL, BS, &[w(0, 3, 3), w(2, 4, 4)], true).unwrap();
+        s.snapshot_create(VOL, 2, 4).unwrap();
+        s.apply(VOL, BS, &[w(0, 5, 5), w(3, 6, 6)], true).unwrap();
+        let before = s.read(VOL, BS, 0, 4, Some(2)).unwrap();
+        assert_eq!(s.rollback(VOL, 2).unwrap(), vec![0, 2, 3]);
+        assert_eq!(s.read(VOL, BS, 0, 4, None).unwrap(), before);
+        assert_eq!(s.snapshots(VOL).unwrap(), vec![LocalSnapshot { id: 1, seq: 2 }]);
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 2);
+        assert_eq!(keys(&s, VOL), vec![(0, 1), (1, 2)]);
+        // Writes resume above the rollback point and the high-water mark follows them.
+        s.apply(VOL, BS, &[w(2, 3, 9)], true).unwrap();
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 3);
+        assert_eq!(s.rollback(VOL, 10).unwrap(), Vec::<u64>::new());
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 10);
+    }
+
+    #[test]
+    fn rebase_collapses_to_seq_zero() {
+        let (_d, s) = open();
+        s.apply(VOL, BS, &[w(0, 1, 1), w(1, 2, 2), w(2, 3, 3)], true).unwrap();
+        s.snapshot_create(VOL, 1, 3).unwrap();
+        s.apply(VOL, BS, &[w(0, 4, 4), wz(1, 5)], true).unwrap();
+        s.rebase(VOL).unwrap();
+        assert_eq!(keys(&s, VOL), vec![(0, 0), (1, 0), (2, 0)]);
+        assert_eq!(s.read(VOL, BS, 0, 3, None).unwrap(), expect(BS, &[4, 0, 3]));
+        assert_eq!(s.read_version(VOL, 0, None).unwrap(), Some((0, data(BS, 4))));
+        assert_eq!(s.read_version(VOL, 1, None).unwrap(), Some((0, BlockContent::Zero)));
+        assert_eq!(s.snapshots(VOL).unwrap(), vec![]);
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 0);
+        // Idempotent, and new writes stack on top.
+        s.rebase(VOL).unwrap();
+        assert_eq!(keys(&s, VOL), vec![(0, 0), (1, 0), (2, 0)]);
+        s.apply(VOL, BS, &[w(2, 1, 7)], true).unwrap();
+        assert_eq!(keys(&s, VOL), vec![(0, 0), (1, 0), (2, 1)]);
+        assert_eq!(s.read(VOL, BS, 2, 1, None).unwrap(), expect(BS, &[7]));
+    }
+
+    #[test]
+    fn merkle_matches_across_write_orders_and_localizes_corruption() {
+        const SIZE: u64 = 600; // chunks of 256, 256, 88
+        let bs = 4096;
+        let dw = |block, seq, fill| BlockWrite { block, seq, content: data(bs, fill) };
+        let (_da, a) = open();
+        let (_db, b) = open();
+        // Same final content: a writes it directly; b writes other things first, in another
+        // order and with other seqs, represents zeros three ways, and keeps a snapshot.
+        a.apply(VOL, bs, &[dw(0, 1, 1), dw(300, 2, 2), dw(599, 3, 3), dw(10, 4, 0)], true).unwrap();
+        b.apply(VOL, bs, &[dw(599, 10, 3), dw(300, 11, 9), dw(7, 12, 5)], true).unwrap();
+        b.snapshot_create(VOL, 1, 12).unwrap();
+        b.apply(VOL, bs, &[dw(300, 20, 2), BlockWrite { block: 7, seq: 21, content: BlockContent::Zero }], true)
+            .unwrap();
+        b.apply(VOL, bs, &[dw(0, 22, 1)], true).unwrap();
+        b.apply(VOL, bs, &[dw(700, 23, 1)], true).unwrap(); // beyond the size: ignored
+        let ta = a.merkle(VOL, bs, SIZE, None).unwrap();
+        let tb = b.merkle(VOL, bs, SIZE, None).unwrap();
+        assert_eq!(ta.chunks.len(), 3);
+        assert_eq!(ta, tb);
+        assert_ne!(b.merkle(VOL, bs, SIZE, Some(12)).unwrap(), tb);
+        assert_eq!(b.merkle(VOL, bs, SIZE, Some(12)).unwrap().differing_chunks(&tb), vec![0, 1]);
+
+        // An empty volume's tree is the all-zero tree.
+        let empty = a.merkle(VolumeId(99), bs, SIZE, None).unwrap();
+        let z = zero_block_hash(bs);
+        let zeros = |n: usize| chunk_hash(&vec![z; n]);
+        assert_eq!(empty, MerkleTree::from_chunk_hashes(bs, SIZE, vec![zeros(256), zeros(256), zeros(88)]));
+        assert_eq!(a.merkle(VOL, bs, 0, None).unwrap().chunks, Vec::<Hash>::new());
+
+        // The tree agrees with per-chunk block hashes.
+        for c in 0..3 {
+            let hashes = a.chunk_block_hashes(VOL, bs, SIZE, c, None).unwrap();
+            assert_eq!(hashes.len(), chunk_len(SIZE, c) as usize);
+            assert_eq!(chunk_hash(&hashes), ta.chunks[c as usize]);
+        }
+        assert!(a.chunk_block_hashes(VOL, bs, SIZE, 3, None).unwrap().is_empty());
+
+        let mut bad = vec![2u8; bs as usize];
+        bad[100] ^= 0xFF;
+        b.inject_corruption(VOL, 300, &bad).unwrap();
+        assert_eq!(b.read_version(VOL, 300, None).unwrap(), Some((20, BlockContent::Data(bad.clone()))));
+        let tb = b.merkle(VOL, bs, SIZE, None).unwrap();
+        assert_eq!(ta.differing_chunks(&tb), vec![1]);
+        let ha = a.chunk_block_hashes(VOL, bs, SIZE, 1, None).unwrap();
+        let hb = b.chunk_block_hashes(VOL, bs, SIZE, 1, None).unwrap();
+        let differing: Vec<usize> = (0..ha.len()).filter(|&i| ha[i] != hb[i]).collect();
+        assert_eq!(differing, vec![300 - 256]);
+        assert_eq!(hb[44], block_hash(&bad));
+
+        assert!(matches!(b.inject_corruption(VOL, 301, &bad), Err(BlockStoreError::NotWritten { .. })));
+        assert!(matches!(b.inject_corruption(VOL, 300, &bad[..10]), Err(BlockStoreError::InvalidWrite(_))));
+    }
+
+    #[test]
+    fn truncate_drops_blocks_past_the_end() {
+        let (_d, s) = open();
+        let writes: Vec<_> = (0..10).map(|b| w(b, b + 1, 1)).collect();
+        s.apply(VOL, BS, &writes, true).unwrap();
+        s.snapshot_create(VOL, 1, 10).unwrap();
+        s.apply(VOL, BS, &[w(7, 11, 2), w(2, 12, 2)], true).unwrap();
+        s.truncate(VOL, 5).unwrap();
+        assert_eq!(keys(&s, VOL).into_iter().map(|(b, _)| b).collect::<BTreeSet<_>>(), (0..5).collect());
+        assert_eq!(s.read(VOL, BS, 0, 10, None).unwrap(), expect(BS, &[1, 1, 2, 1, 1, 0, 0, 0, 0, 0]));
+        assert_eq!(s.read(VOL, BS, 0, 10, Some(10)).unwrap(), expect(BS, &[1, 1, 1, 1, 1, 0, 0, 0, 0, 0]));
+        s.truncate(VOL, 0).unwrap();
+        assert_eq!(keys(&s, VOL), vec![]);
+    }
+
+    #[test]
+    fn delete_volume_leaves_no_keys() {
+        let (_d, s) = open();
+        for vol in [VOL, VolumeId(u64::MAX)] {
+            s.apply(vol, BS, &[w(0, 1, 1), w(u64::MAX, 2, 2)], true).unwrap();
+            s.snapshot_create(vol, 1, 1).unwrap();
+            s.apply(vol, BS, &[w(0, 3, 3)], true).unwrap();
+            s.meta_put(vol, "cursor", b"x").unwrap();
+        }
+        s.apply(VolumeId(8), BS, &[w(0, 1, 1)], true).unwrap();
+        s.meta_put(VolumeId(8), "cursor", b"y").unwrap();
+        let blocks_before = raw_key_count(&s, CF_BLOCKS);
+        assert_eq!(blocks_before, 3 + 3 + 1);
+
+        s.delete_volume(VOL).unwrap();
+        s.delete_volume(VolumeId(u64::MAX)).unwrap();
+        assert_eq!(raw_key_count(&s, CF_BLOCKS), 1);
+        // Only volume 8's high-water mark and metadata remain.
+        assert_eq!(raw_key_count(&s, CF_VOLUME_META), 2);
+        for vol in [VOL, VolumeId(u64::MAX)] {
+            assert_eq!(keys(&s, vol), vec![]);
+            assert_eq!(s.snapshots(vol).unwrap(), vec![]);
+            assert_eq!(s.high_water_mark(vol).unwrap(), 0);
+            assert_eq!(s.meta_get(vol, "cursor").unwrap(), None);
+        }
+        assert_eq!(s.read(VolumeId(8), BS, 0, 1, None).unwrap(), expect(BS, &[1]));
+        assert_eq!(s.meta_get(VolumeId(8), "cursor").unwrap(), Some(b"y".to_vec()));
+    }
+
+    #[test]
+    fn bad_block_size_is_refused_with_nothing_stored() {
+        let (_d, s) = open();
+        let short = BlockWrite { block: 1, seq: 2, content: BlockContent::Data(vec![1; BS as usize - 1]) };
+        assert!(matches!(s.apply(VOL, BS, &[w(0, 1, 1), short], true), Err(BlockStoreError::InvalidWrite(_))));
+        assert!(matches!(s.apply(VOL, 0, &[wz(0, 1)], true), Err(BlockStoreError::InvalidWrite(_))));
+        assert_eq!(raw_key_count(&s, CF_BLOCKS), 0);
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 0);
+        assert!(matches!(s.read(VOL, 0, 0, 1, None), Err(BlockStoreError::InvalidRequest(_))));
+        assert!(matches!(s.read(VOL, BS, u64::MAX, 2, None), Err(BlockStoreError::InvalidRequest(_))));
+    }
+
+    #[test]
+    fn corrupt_records_are_errors_not_panics() {
+        let (_d, s) = open();
+        s.apply(VOL, BS, &[w(0, 1, 1)], true).unwrap();
+        let store = s.store().clone();
+        // A value of the wrong length.
+        store.db().put_cf(store.cf(CF_BLOCKS), block_key(VOL, 1, 1), [1u8; 3]).unwrap();
+        assert!(matches!(s.read(VOL, BS, 0, 2, None), Err(BlockStoreError::Corrupt { .. })));
+        assert!(matches!(s.merkle(VOL, BS, 10, None), Err(BlockStoreError::Corrupt { .. })));
+        // A key of the wrong length.
+        store.db().put_cf(store.cf(CF_BLOCKS), [0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 5], b"").unwrap();
+        assert!(matches!(s.changed_blocks(VOL, 0, None), Err(BlockStoreError::Corrupt { .. })));
+        assert!(matches!(s.read(VOL, BS, 4, 2, None), Err(BlockStoreError::Corrupt { .. })));
+        // Writes next to it neither see it nor fail.
+        s.apply(VOL, BS, &[w(4, 2, 1), w(5, 2, 1)], true).unwrap();
+        // A bad high-water mark and a bad snapshot record.
+        store.db().put_cf(store.cf(CF_VOLUME_META), hwm_key(VolumeId(3)), [1u8; 2]).unwrap();
+        assert!(matches!(s.high_water_mark(VolumeId(3)), Err(BlockStoreError::Corrupt { .. })));
+        store.db().put_cf(store.cf(CF_VOLUME_META), snapshot_key(VolumeId(4), 1), [1u8; 2]).unwrap();
+        assert!(matches!(s.snapshots(VolumeId(4)), Err(BlockStoreError::Corrupt { .. })));
+        store.db().put_cf(store.cf(CF_VOLUME_META), meta_key(VolumeId(5), "a"), b"ok").unwrap();
+        let mut bad = meta_key(VolumeId(5), "b");
+        bad.push(0xFF);
+        store.db().put_cf(store.cf(CF_VOLUME_META), bad, b"x").unwrap();
+        assert!(matches!(s.meta_scan(VolumeId(5), ""), Err(BlockStoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn hwm_merge_takes_the_max_and_poisons_bad_input() {
+        let (_d, s) = open();
+        let store = s.store().clone();
+        let cf = store.cf(CF_VOLUME_META);
+        for v in [5u64, 3, 9, 1] {
+            store.db().merge_cf(cf, hwm_key(VOL), v.to_be_bytes()).unwrap();
+        }
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 9);
+        store.db().flush_cf(cf).unwrap();
+        store.db().merge_cf(cf, hwm_key(VOL), 4u64.to_be_bytes()).unwrap();
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 9);
+        store.db().merge_cf(cf, hwm_key(VOL), [1u8]).unwrap();
+        assert!(matches!(s.high_water_mark(VOL), Err(BlockStoreError::Corrupt { .. })));
+        store.db().compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        assert!(matches!(s.high_water_mark(VOL), Err(BlockStoreError::Corrupt { .. })));
+        s.rollback(VOL, 2).unwrap();
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 2);
+    }
+
+    #[test]
+    fn metadata_get_put_delete_scan() {
+        let (_d, s) = open();
+        s.meta_put(VOL, "resync/a", b"1").unwrap();
+        s.meta_put(VOL, "resync/b", b"2").unwrap();
+        s.meta_put(VOL, "resyncz", b"3").unwrap();
+        s.meta_put(VOL, "preserved/9", b"4").unwrap();
+        s.meta_put(VolumeId(8), "resync/a", b"5").unwrap();
+        assert_eq!(s.meta_get(VOL, "resync/a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(s.meta_get(VOL, "missing").unwrap(), None);
+        assert_eq!(
+            s.meta_scan(VOL, "resync/").unwrap(),
+            vec![("resync/a".to_string(), b"1".to_vec()), ("resync/b".to_string(), b"2".to_vec())]
+        );
+        assert_eq!(s.meta_scan(VOL, "").unwrap().len(), 4);
+        s.meta_delete(VOL, "resync/a").unwrap();
+        s.meta_delete(VOL, "never").unwrap();
+        assert_eq!(s.meta_scan(VOL, "resync/").unwrap(), vec![("resync/b".to_string(), b"2".to_vec())]);
+        // Metadata does not disturb the block store's own records.
+        s.apply(VOL, BS, &[w(0, 4, 1)], true).unwrap();
+        s.snapshot_create(VOL, 1, 4).unwrap();
+        assert_eq!(s.meta_scan(VOL, "").unwrap().len(), 3);
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 4);
+    }
+
+    #[test]
+    fn concurrent_applies_read_the_newest_version() {
+        let (_d, s) = open();
+        const THREADS: u64 = 4;
+        const ROUNDS: u64 = 50;
+        std::thread::scope(|scope| {
+            for t in 0..THREADS {
+                let s = s.clone();
+                scope.spawn(move || {
+                    for r in 0..ROUNDS {
+                        // Seqs interleave across threads; every thread touches blocks 0..8.
+                        let seq = r * THREADS + t + 1;
+                        let writes: Vec<_> = (0..8).map(|b| w(b, seq, (seq % 251) as u8)).collect();
+                        s.apply(VOL, BS, &writes, false).unwrap();
+                        if t == 0 && r == ROUNDS / 2 {
+                            // Snapshots may interleave with applies: they are serialized against them.
+                            let _ = s.snapshot_create(VOL, 1, seq);
+                        }
+                    }
+                });
+            }
+        });
+        let max = ROUNDS * THREADS;
+        assert_eq!(s.high_water_mark(VOL).unwrap(), max);
+        assert_eq!(s.read(VOL, BS, 0, 8, None).unwrap(), expect(BS, &[(max % 251) as u8; 8]));
+        // Leftovers of races disappear on the next write to the block.
+        s.snapshot_delete(VOL, 1).unwrap();
+        let writes: Vec<_> = (0..8).map(|b| w(b, max + 1, 1)).collect();
+        s.apply(VOL, BS, &writes, false).unwrap();
+        assert_eq!(keys(&s, VOL), (0..8).map(|b| (b, max + 1)).collect::<Vec<_>>());
+    }
+
+    // ---- model-based property test ----
+
+    const PBS: u32 = 64;
+    const PSIZE: u64 = 300;
+    const PBLOCKS: [u64; 7] = [0, 1, 2, 255, 256, 257, 299];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// New writes with fresh seqs (block index, fill: None = Zero), applied as one batch or
+        /// one by one in reverse seq order.
+        Writes(Vec<(usize, Option<u8>)>, bool),
+        /// Re-apply a version from the model's history.
+        Dup(usize),
+        Snap,
+        DelSnap(usize),
+        Rollback(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (
+                proptest::collection::vec((0..PBLOCKS.len(), proptest::option::of(any::<u8>())), 1..5),
+                any::<bool>()
+            )
+                .prop_map(|(w, rev)| Op::Writes(w, rev)),
+            2 => any::<usize>().prop_map(Op::Dup),
+            2 => Just(Op::Snap),
+            1 => any::<usize>().prop_map(Op::DelSnap),
+            1 => any::<usize>().prop_map(Op::Rollback),
+        ]
+    }
+
+    #[derive(Default)]
+    struct Model {
+        /// block → seq → fill (None = Zero): every version ever applied (not pruned).
+        history: BTreeMap<u64, BTreeMap<u64, Option<u8>>>,
+        snaps: BTreeMap<u64, u64>,
+        hwm: u64,
+    }
+
+    impl Model {
+        fn view(&self, block: u64, at: Option<u64>) -> u8 {
+            self.history
+                .get(&block)
+                .and_then(|v| v.range(..=at.unwrap_or(u64::MAX)).next_back())
+                .and_then(|(_, f)| *f)
+                .unwrap_or(0)
+        }
+
+        fn snap_seqs(&self) -> Vec<u64> {
+            self.snaps.values().copied().collect::<BTreeSet<_>>().into_iter().collect()
+        }
+
+        /// The versions the retention invariant says are stored.
+        fn needed(&self) -> Vec<(u64, u64)> {
+            let seqs = self.snap_seqs();
+            let mut out = Vec::new();
+            for (&b, versions) in &self.history {
+                let vs: Vec<u64> = versions.keys().copied().collect();
+                retention(&seqs, &vs, |i, needed| {
+                    if needed {
+                        out.push((b, vs[i]));
+                    }
+                });
+            }
+            out
+        }
+    }
+
+    fn content(fill: Option<u8>) -> BlockContent {
+        match fill {
+            Some(f) => data(PBS, f),
+            None => BlockContent::Zero,
+        }
+    }
+
+    fn check(s: &BlockStore, m: &Model) -> Result<(), TestCaseError> {
+        prop_assert_eq!(keys(s, VOL), m.needed());
+        prop_assert_eq!(s.high_water_mark(VOL).unwrap(), m.hwm);
+        let mut expected_snaps: Vec<LocalSnapshot> =
+            m.snaps.iter().map(|(&id, &seq)| LocalSnapshot { id, seq }).collect();
+        expected_snaps.sort_by_key(|s| (s.seq, s.id));
+        prop_assert_eq!(s.snapshots(VOL).unwrap(), expected_snaps);
+        let points: Vec<Option<u64>> = std::iter::once(None).chain(m.snap_seqs().into_iter().map(Some)).collect();
+        for &at in &points {
+            let fills: Vec<u8> = (0..PSIZE).map(|b| m.view(b, at)).collect();
+            prop_assert_eq!(s.read(VOL, PBS, 0, PSIZE as u32, at).unwrap(), expect(PBS, &fills));
+            for &b in &PBLOCKS {
+                let got = s.read_version(VOL, b, at).unwrap().map(|(_, c)| c);
+                let want = m
+                    .history
+                    .get(&b)
+                    .and_then(|v| v.range(..=at.unwrap_or(u64::MAX)).next_back())
+                    .map(|(_, &f)| content(f));
+                prop_assert_eq!(got, want);
+            }
+            let chunks: Vec<Hash> = (0..chunk_count(PSIZE))
+                .map(|c| {
+                    let first = c * CHUNK_BLOCKS;
+                    let hashes: Vec<Hash> = (first..first + chunk_len(PSIZE, c))
+                        .map(|b| block_hash(&vec![m.view(b, at); PBS as usize]))
+                        .collect();
+                    chunk_hash(&hashes)
+                })
+                .collect();
+            prop_assert_eq!(s.merkle(VOL, PBS, PSIZE, at).unwrap(), MerkleTree::from_chunk_hashes(PBS, PSIZE, chunks));
+            // Blocks changed after each snapshot point, up to this point.
+            for &after in m.snap_seqs().iter().filter(|&&a| at.is_none_or(|at| a <= at)) {
+                let want: Vec<u64> = m
+                    .history
+                    .iter()
+                    .filter(|(_, v)| v.keys().any(|&q| q > after && at.is_none_or(|at| q <= at)))
+                    .map(|(&b, _)| b)
+                    .collect();
+                prop_assert_eq!(s.changed_blocks(VOL, after, at).unwrap(), want);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn matches_in_memory_model(ops in proptest::collection::vec(op(), 1..30)) {
+            let (_d, s) = open();
+            let mut m = Model::default();
+            let mut next_seq = 1u64;
+            let mut next_snap = 1u64;
+            for op in ops {
+                match op {
+                    Op::Writes(ws, reverse) => {
+                        let writes: Vec<BlockWrite> = ws
+                            .iter()
+                            .map(|&(i, fill)| {
+                                let seq = next_seq;
+                                next_seq += 1;
+                                BlockWrite { block: PBLOCKS[i], seq, content: content(fill) }
+                            })
+                            .collect();
+                        if reverse {
+                            for wr in writes.iter().rev() {
+                                s.apply(VOL, PBS, std::slice::from_ref(wr), false).unwrap();
+                            }
+                        } else {
+                            s.apply(VOL, PBS, &writes, true).unwrap();
+                        }
+                        for (wr, &(_, fill)) in writes.iter().zip(&ws) {
+                            m.history.entry(wr.block).or_default().insert(wr.seq, fill);
+                            m.hwm = m.hwm.max(wr.seq);
+                        }
+                    }
+                    Op::Dup(i) => {
+                        let all: Vec<(u64, u64, Option<u8>)> = m
+                            .history
+                            .iter()
+                            .flat_map(|(&b, v)| v.iter().map(move |(&q, &f)| (b, q, f)))
+                            .collect();
+                        if !all.is_empty() {
+                            let (block, seq, fill) = all[i % all.len()];
+                            s.apply(VOL, PBS, &[BlockWrite { block, seq, content: content(fill) }], false).unwrap();
+                        }
+                    }
+                    Op::Snap => {
+                        s.snapshot_create(VOL, next_snap, m.hwm).unwrap();
+                        m.snaps.insert(next_snap, m.hwm);
+                        next_snap += 1;
+                    }
+                    Op::DelSnap(i) => {
+                        let ids: Vec<u64> = m.snaps.keys().copied().collect();
+                        if ids.is_empty() {
+                            prop_assert!(!s.snapshot_delete(VOL, 999).unwrap());
+                        } else {
+                            let id = ids[i % ids.len()];
+                            prop_assert!(s.snapshot_delete(VOL, id).unwrap());
+                            m.snaps.remove(&id);
+                        }
+                    }
+                    Op::Rollback(i) => {
+                        let seqs = m.snap_seqs();
+                        if !seqs.is_empty() {
+                            let to = seqs[i % seqs.len()];
+                            let want: Vec<u64> = m
+                                .needed()
+                                .into_iter()
+                                .filter(|&(_, q)| q > to)
+                                .map(|(b, _)| b)
+                                .collect::<BTreeSet<_>>()
+                                .into_iter()
+                                .collect();
+                            prop_assert_eq!(s.rollback(VOL, to).unwrap(), want);
+                            for v in m.history.values_mut() {
+                                v.retain(|&q, _| q <= to);
+                            }
+                            m.history.retain(|_, v| !v.is_empty());
+                            m.snaps.retain(|_, &mut q| q <= to);
+                            m.hwm = to;
+                        }
+                    }
+                }
+                check(&s, &m)?;
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Volumes as NBD exports: every volume is an export named after it (read-write, through its
+//! primary), and every complete snapshot is a read-only export named `<volume>@<snapshot>`.
+//!
+//! This module only adapts [`VolumeHost`] to the NBD server's [`ExportResolver`] and
+//! [`ExportBackend`] traits and maps errors to NBD errnos; the NBD server has already checked
+//! offsets, lengths and alignment against [`ExportInfo`] before a call reaches here.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use haven_proto::volume::{SnapshotRecord, VolumeRecord};
+use haven_proto::{ErrorCode, VolumeId, WireError};
+
+use super::host::VolumeHost;
+use crate::nbd::{BackendError, ExportBackend, ExportInfo, ExportResolver, NbdErrno};
+
+/// Resolves export names against the catalog.
+pub struct VolumeExports {
+    host: Arc<VolumeHost>,
+}
+
+impl VolumeExports {
+    pub fn new(host: Arc<VolumeHost>) -> Arc<Self> {
+        Arc::new(Self { host })
+    }
+}
+
+fn to_backend(e: WireError) -> BackendError {
+    let errno = match e.code {
+        ErrorCode::InvalidRequest => NbdErrno::Inval,
+        ErrorCode::NotFound => NbdErrno::Inval,
+        _ => NbdErrno::Io,
+    };
+    BackendError::new(errno, e.to_string())
+}
+
+fn store_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::new(NbdErrno::Io, e.to_string())
+}
+
+impl ExportResolver for VolumeExports {
+    fn list(&self) -> BoxFuture<'static, Result<Vec<String>, BackendError>> {
+        let store = self.host.service().store.clone();
+        Box::pin(async move {
+            let mut names = Vec::new();
+            for v in crate::catalog::volumes::volumes(&store).map_err(store_err)? {
+                names.push(v.name.clone());
+                for s in crate::catalog::volumes::snapshots(&store, v.id).map_err(store_err)? {
+                    if s.complete {
+                        names.push(format!("{}@{}", v.name, s.name));
+                    }
+                }
+            }
+            Ok(names)
+        })
+    }
+
+    fn open(&self, name: &str) -> BoxFuture<'static, Result<Arc<dyn ExportBackend>, BackendError>> {
+        let host = self.host.clone();
+        let name = name.to_string();
+        Box::pin(async move {
+            let store = host.service().store.clone();
+            let (vol_name, snap_name) = match name.split_once('@') {
+                Some((v, s)) => (v.to_string(), Some(s.to_string())),
+                None => (name.clone(), None),
+            };
+            let unknown = || BackendError::new(NbdErrno::Inval, format!("no export named {name:?}"));
+            let volume =
+                crate::catalog::volumes::find_volume(&store, &vol_name).map_err(store_err)?.ok_or_else(unknown)?;
+            let snapshot = match snap_name {
+                Some(s) => Some(
+                    crate::catalog::volumes::snapshots(&store, volume.id)
+                        .map_err(store_err)?
+                        .into_iter()
+                        .find(|r| r.complete && (r.name == s || r.id.to_string() == s))
+                        .ok_or_else(unknown)?,
+                ),
+                None => None,
+            };
+            let backend: Arc<dyn ExportBackend> = Arc::new(VolumeExport { host, volume: volume.id, snapshot });
+            Ok(backend)
+        })
+    }
+}
+
+/// One open export of a volume (or of one of its snapshots, read-only).
+pub struct VolumeExport {
+    host: Arc<VolumeHost>,
+    volume: VolumeId,
+    snapshot: Option<SnapshotRecord>,
+}
+
+impl VolumeExport {
+    fn record(&self) -> Option<VolumeRecord> {
+        crate::catalog::volumes::volume(&self.host.service().store, self.volume).ok().flatten()
+    }
+}
+
+impl ExportBackend for VolumeExport {
+    fn info(&self) -> ExportInfo {
+        let rec = self.record();
+        let (size, block_size, name) =
+            rec.map_or((0, 4096, self.volume.to_string()), |r| (r.size_bytes, r.block_size, r.name));
+        ExportInfo {
+            size,
+            block_size,
+            read_only: self.snapshot.is_some(),
+            description: match &self.snapshot {
+                Some(s) => format!("Haven snapshot {} of volume {name} (read-only)", s.name),
+                None => format!("Haven volume {name} ({})", self.volume),
+            },
+        }
+    }
+
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'static, Result<Vec<u8>, BackendError>> {
+        let (host, vol, snap) = (self.host.clone(), self.volume, self.snapshot.as_ref().map(|s| s.id));
+        Box::pin(async move { host.read_from(vol, offset, len, snap).await.map_err(to_backend) })
+    }
+
+    fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'static, Result<(), BackendError>> {
+        let (host, vol) = (self.host.clone(), self.volume);
+        Box::pin(async move { host.write_to(vol, offset, data, fua).await.map(|_| ()).map_err(to_backend) })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> BoxFuture<'static, Result<(), BackendError>> {
+        let (host, vol) = (self.host.clone(), self.volume);
+        Box::pin(async move { host.write_blocks(vol, offset, None, len, fua).await.map(|_| ()).map_err(to_backend) })
+    }
+
+    fn trim(&self, offset: u64, len: u32) -> BoxFuture<'static, Result<(), BackendError>> {
+        // Trimmed blocks read back as zeroes, so a trim is a zeroing write.
+        self.write_zeroes(offset, len, false)
+    }
+
+    fn flush(&self) -> BoxFuture<'static, Result<(), BackendError>> {
+        let (host, vol) = (self.host.clone(), self.volume);
+        Box::pin(async move { host.flush(vol).await.map_err(to_backend) })
+    }
+}

@@ -1,0 +1,256 @@
+//! The volume side of one node: keeps a device actor (and its [`VolumeReplica`] engine) for
+//! every volume this host holds a replica or an async copy of, in step with the catalog, and
+//! routes client and NBD requests to each volume's primary.
+//!
+//! Routing retries while a volume fails over: a request refused with `NotPrimary` or failing to
+//! reach the primary is retried against whatever primary the catalog names next, for up to
+//! `failover_wait_ms`. Only requests whose repetition is harmless are retried after an unknown
+//! outcome (writes of whole blocks are: writing the same bytes twice leaves the same volume).
+//! This module must not decide failover (the leader's volume controller does).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::Actor;
+use haven_proto::volume::{DeviceMessage, DeviceReply, RelationshipState, VolumeRecord, VolumeRequest, VolumeResponse};
+use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, ErrorCode, NodeId, VolumeId, WireError};
+use tracing::{info, warn};
+
+use super::blockstore::BlockStore;
+use super::replica::{internal, wire, VolumeReplica, VolumeTunables};
+use crate::actors::device::DeviceActor;
+use crate::service::NodeService;
+
+/// A running device: the engine and its actor's address.
+type Device = (Arc<VolumeReplica>, actix::Addr<DeviceActor>);
+
+/// This node's volumes.
+pub struct VolumeHost {
+    pub node: NodeId,
+    service: Arc<NodeService>,
+    blocks: BlockStore,
+    pub tunables: VolumeTunables,
+    engines: Mutex<HashMap<VolumeId, Device>>,
+}
+
+impl VolumeHost {
+    pub fn new(service: Arc<NodeService>, tunables: VolumeTunables) -> Arc<Self> {
+        let blocks = BlockStore::new(service.store.clone());
+        Arc::new(Self { node: service.id, service, blocks, tunables, engines: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn engine(&self, vol: VolumeId) -> Option<Arc<VolumeReplica>> {
+        self.engines.lock().expect("engines lock").get(&vol).map(|(e, _)| e.clone())
+    }
+
+    /// Keep device actors in step with the catalog until the node shuts down. Must run on the
+    /// actix system's thread (it starts actors).
+    pub async fn run(self: Arc<Self>) {
+        let poll = Duration::from_millis(self.tunables.catalog_poll_ms);
+        let mut last_tick = Instant::now();
+        loop {
+            if let Err(e) = self.reconcile().await {
+                warn!(error = %e, "volume reconcile failed");
+            }
+            if last_tick.elapsed() >= Duration::from_millis(self.tunables.resync_retry_ms) {
+                last_tick = Instant::now();
+                for e in self.engines.lock().expect("engines lock").values().map(|(e, _)| e.clone()) {
+                    super::resync::tick(&e);
+                    e.publish_lag();
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    async fn reconcile(&self) -> Result<(), WireError> {
+        let store = &self.service.store;
+        let volumes = crate::catalog::volumes::volumes(store).map_err(internal)?;
+        let rels = crate::catalog::volumes::relationships(store).map_err(internal)?;
+        let mut wanted: HashMap<VolumeId, (VolumeRecord, Vec<(NodeId, u64)>)> = HashMap::new();
+        for v in volumes {
+            let targets: Vec<(NodeId, u64)> = rels
+                .iter()
+                .filter(|r| r.volume == v.id && r.state == RelationshipState::Active)
+                .map(|r| (r.target, r.max_lag_bytes))
+                .collect();
+            let holds =
+                v.replicas.contains(&self.node) || rels.iter().any(|r| r.volume == v.id && r.target == self.node);
+            if holds {
+                wanted.insert(v.id, (v, targets));
+            }
+        }
+        // Stop and delete what we no longer hold.
+        let gone: Vec<VolumeId> =
+            self.engines.lock().expect("engines lock").keys().filter(|id| !wanted.contains_key(id)).copied().collect();
+        for id in gone {
+            if let Some((_, addr)) = self.engines.lock().expect("engines lock").remove(&id) {
+                self.service.registry.unregister(&ActorAddr { node: self.node, kind: ActorKind::Device, id: id.0 });
+                drop(addr);
+            }
+            let blocks = self.blocks.clone();
+            tokio::task::spawn_blocking(move || blocks.delete_volume(id)).await.map_err(internal)?.map_err(internal)?;
+            info!(vol = %id, "volume removed from this host");
+        }
+        for (id, (record, targets)) in wanted {
+            let engine = match self.engine(id) {
+                Some(e) => e,
+                None => {
+                    let engine = VolumeReplica::open(
+                        self.node,
+                        record.clone(),
+                        self.service.clone(),
+                        self.blocks.clone(),
+                        self.tunables.clone(),
+                    )?;
+                    let actor = DeviceActor::new(engine.clone()).start();
+                    self.service.registry.register(
+                        ActorAddr { node: self.node, kind: ActorKind::Device, id: id.0 },
+                        actor.clone().recipient(),
+                    );
+                    self.engines.lock().expect("engines lock").insert(id, (engine.clone(), actor));
+                    info!(vol = %id, primary = %record.primary, "device actor started");
+                    engine
+                }
+            };
+            if record.size_bytes < engine.record().size_bytes {
+                let (blocks, bs) = (self.blocks.clone(), record.block_size as u64);
+                let size = record.size_bytes / bs;
+                tokio::task::spawn_blocking(move || blocks.truncate(id, size))
+                    .await
+                    .map_err(internal)?
+                    .map_err(internal)?;
+            }
+            // Observing may run a takeover that talks to other hosts; do not hold up the others,
+            // and do not start a second one while one is under way.
+            if !engine.observing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let e = engine.clone();
+                tokio::spawn(async move {
+                    e.observe(record, targets).await;
+                    e.observing.store(false, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn volume_record(&self, vol: VolumeId) -> Result<VolumeRecord, WireError> {
+        crate::catalog::volumes::volume(&self.service.store, vol)
+            .map_err(internal)?
+            .ok_or_else(|| wire(ErrorCode::NotFound, format!("no volume {vol}")))
+    }
+
+    /// Send `msg` to `vol`'s primary device, retrying across a failover.
+    /// Boxed because it is recursive: a request handled here may route another one (a clone
+    /// copying into a volume whose primary is also this host).
+    pub fn route(
+        &self,
+        vol: VolumeId,
+        msg: DeviceMessage,
+        retry_unknown: bool,
+    ) -> futures::future::BoxFuture<'_, Result<DeviceReply, WireError>> {
+        Box::pin(async move {
+            let deadline = Instant::now() + Duration::from_millis(self.tunables.failover_wait_ms);
+            let mut backoff = Duration::from_millis(20);
+            loop {
+                // Fast path: this host serves as the volume's primary (no catalog read).
+                let local = self.engine(vol).filter(|e| matches!(e.role(), super::replica::Role::Primary { .. }));
+                let record = match local {
+                    Some(_) => None,
+                    None => Some(self.volume_record(vol)?),
+                };
+                let result = if let Some(e) = local {
+                    e.handle(msg.clone()).await
+                } else if let Some(record) = record.as_ref().filter(|r| r.primary == self.node) {
+                    match self.engine(record.id) {
+                        Some(e) => e.handle(msg.clone()).await,
+                        None => Err(wire(ErrorCode::Unavailable, format!("{vol} is not open on {} yet", self.node))),
+                    }
+                } else if let Some(record) = record {
+                    let addr = ActorAddr { node: record.primary, kind: ActorKind::Device, id: vol.0 };
+                    let timeout = self.service.request_timeout;
+                    match self.service.registry.send_timeout(addr, ActorMessage::Device(msg.clone()), timeout).await {
+                        Ok(ActorReply::Device(r)) => Ok(r),
+                        Ok(other) => Err(internal(format!("device answered {other:?}"))),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    Err(internal("no route to the primary"))
+                };
+                match result {
+                    Err(e) if Instant::now() < deadline && retryable(&e, retry_unknown) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(250));
+                    }
+                    other => return other,
+                }
+            }
+        })
+    }
+
+    /// A client's volume request, answered by the primary.
+    pub async fn client(&self, req: VolumeRequest) -> Result<VolumeResponse, WireError> {
+        req.validate().map_err(|m| wire(ErrorCode::InvalidRequest, m))?;
+        let vol = req.volume();
+        let retry = req.is_idempotent();
+        match self.route(vol, DeviceMessage::Client(req), retry).await? {
+            DeviceReply::Client(r) => Ok(r),
+            other => Err(internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Write whole blocks of `vol` through its primary (`data: None` = zero `len` bytes).
+    pub async fn write_to(&self, vol: VolumeId, offset: u64, data: Vec<u8>, durable: bool) -> Result<u64, WireError> {
+        let len = data.len() as u32;
+        self.write_blocks(vol, offset, Some(data), len, durable).await
+    }
+
+    pub async fn write_blocks(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        data: Option<Vec<u8>>,
+        len: u32,
+        durable: bool,
+    ) -> Result<u64, WireError> {
+        match self.route(vol, DeviceMessage::WriteBlocks { volume: vol, offset, data, len, durable }, true).await? {
+            DeviceReply::Applied { seq } => Ok(seq),
+            other => Err(internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn read_from(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        len: u32,
+        snapshot: Option<u64>,
+    ) -> Result<Vec<u8>, WireError> {
+        match self.client(VolumeRequest::Read { volume: vol, offset, len, snapshot }).await? {
+            VolumeResponse::Data(d) => Ok(d),
+            other => Err(internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn flush(&self, vol: VolumeId) -> Result<(), WireError> {
+        self.route(vol, DeviceMessage::Flush { volume: vol }, true).await.map(|_| ())
+    }
+
+    pub fn service(&self) -> &Arc<NodeService> {
+        &self.service
+    }
+}
+
+/// Whether a failed routed request may be tried again against a (possibly new) primary.
+fn retryable(e: &WireError, retry_unknown: bool) -> bool {
+    match e.code {
+        ErrorCode::NotPrimary | ErrorCode::NotLeader | ErrorCode::NoLeader => true,
+        // The new primary's device actor is not started yet.
+        ErrorCode::NotFound => e.message.starts_with("no actor"),
+        // Unavailable covers "could not reach the primary" (nothing sent) as well as "could
+        // not confirm"; Timeout is an unknown outcome.
+        ErrorCode::Unavailable | ErrorCode::Timeout => retry_unknown,
+        _ => false,
+    }
+}

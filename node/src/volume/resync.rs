@@ -1,0 +1,580 @@
+//! Resync after an offline event (C5): bring a replica (or an async copy) that missed writes back
+//! in sync, sending only what it lacks.
+//!
+//! Protocol (primary drives, replica obeys):
+//! 1. `ResyncPrepare` carries the primary's snapshots. The replica picks the newest one it shares
+//!    (same id at the same write point). Its own writes after that point never reached the
+//!    others' in-sync set; it **preserves** their current content (listed by
+//!    `VolumeRequest::Preserved`, reported as an event) and rolls back to the common point. With
+//!    no common snapshot it collapses its blocks to one version each (`rebase`) for a Merkle
+//!    compare. It persists a cursor so an interrupted resync resumes instead of starting over.
+//! 2. With its I/O gate held, the primary pins its view at target point `T` (an internal
+//!    snapshot), tells the replica `T` (the replica's sequencer jumps to `T + 1`), and starts
+//!    forwarding new writes to it.
+//! 3. The primary sends, in chunks of [`RESYNC_CHUNK_BLOCKS`], the blocks changed in `(S, T]`
+//!    (common snapshot `S`) — or, with no common snapshot, the blocks whose hashes differ — as of
+//!    `T`. The replica applies each chunk durably, then advances its cursor, so an interruption
+//!    re-sends at most the chunk in flight.
+//! 4. With the gate held again and every forwarded write acknowledged, the primary adds the
+//!    replica to the in-sync set through Raft.
+//!
+//! This module must not decide *when* a replica needs resync beyond "listed but not in sync";
+//! the primary's supervisor tick calls [`resync_one`].
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use haven_proto::volume::{DeviceMessage, DeviceReply, PreservedWrites, ReplicaBlock, ResyncProgress, VolumeCommand};
+use haven_proto::{ErrorCode, NodeId, WireError};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::blockstore::BlockContent;
+use super::merkle::{MerkleTree, CHUNK_BLOCKS};
+use super::replica::{
+    from_content, internal, to_block_write, wire, FollowKind, Follower, Role, VolumeReplica, INTERNAL_SNAPSHOT_BASE,
+};
+
+/// Blocks per resync message (1 MiB at 4 KiB blocks): the most an interruption can re-send.
+pub const RESYNC_CHUNK_BLOCKS: usize = 256;
+
+const CURSOR_KEY: &str = "resync/cursor";
+const PRESERVED_PREFIX: &str = "preserved/";
+
+/// The replica's persisted resync state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Cursor {
+    /// The common snapshot (id, seq) the resync started from; None = Merkle compare.
+    base: Option<(u64, u64)>,
+    /// The target point of the transfer under way (0 = not started).
+    target: u64,
+    /// Every block below this has been received for `target`.
+    next_block: u64,
+}
+
+fn load_cursor(replica: &VolumeReplica) -> Result<Option<Cursor>, WireError> {
+    match replica.blocks.meta_get(replica.vol, CURSOR_KEY).map_err(internal)? {
+        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(internal),
+        None => Ok(None),
+    }
+}
+
+fn store_cursor(replica: &VolumeReplica, c: &Cursor) -> Result<(), WireError> {
+    let bytes = serde_json::to_vec(c).map_err(internal)?;
+    replica.blocks.meta_put(replica.vol, CURSOR_KEY, &bytes).map_err(internal)
+}
+
+/// Replica side of step 1.
+pub async fn prepare(
+    replica: &Arc<VolumeReplica>,
+    epoch: u64,
+    primary_snaps: Vec<(u64, u64)>,
+) -> Result<DeviceReply, WireError> {
+    if matches!(replica.role(), Role::Primary { .. }) {
+        return Err(wire(ErrorCode::InvalidRequest, "a primary is not resynced"));
+    }
+    if let Some(c) = load_cursor(replica)? {
+        return Ok(DeviceReply::ResyncReady {
+            common: c.base,
+            resume: (c.target > 0).then_some((c.target, c.next_block)),
+        });
+    }
+    let local = replica.blocks.snapshots(replica.vol).map_err(internal)?;
+    let common = local
+        .iter()
+        .filter(|s| s.id < INTERNAL_SNAPSHOT_BASE && primary_snaps.contains(&(s.id, s.seq)))
+        .max_by_key(|s| s.seq)
+        .map(|s| (s.id, s.seq));
+    let (blocks, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
+    match common {
+        Some((id, seq)) => {
+            let changed = divergent_blocks(replica, seq).await?;
+            if !changed.is_empty() {
+                let pid = preserve(replica, Some(id), &changed).await?;
+                replica
+                    .event(
+                        "divergent_writes_preserved",
+                        format!(
+                            "{} block(s) written on {} after snapshot {id} are not on the primary; \
+                             kept as preserved set {pid} there before resync",
+                            changed.len(),
+                            replica.node
+                        ),
+                        Some(replica.node),
+                    )
+                    .await;
+            }
+            replica.seq.reset(epoch, seq + 1, || blocks.rollback(vol, seq)).await.map_err(internal)?;
+        }
+        None => {
+            replica.seq.reset(epoch, 1, || blocks.rebase(vol)).await.map_err(internal)?;
+        }
+    }
+    let _ = bs;
+    store_cursor(replica, &Cursor { base: common, target: 0, next_block: 0 })?;
+    info!(vol = %replica.vol, ?common, "prepared for resync");
+    Ok(DeviceReply::ResyncReady { common, resume: None })
+}
+
+/// Blocks this (rejoining) host changed after point `base` whose newest local version the
+/// primary does not hold at the same point with the same content: writes that never reached it.
+async fn divergent_blocks(replica: &Arc<VolumeReplica>, base: u64) -> Result<Vec<u64>, WireError> {
+    let (store, vol) = (replica.blocks.clone(), replica.vol);
+    let mine = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, u64, [u8; 32])>, WireError> {
+        let mut out = Vec::new();
+        for b in store.changed_blocks(vol, base, None).map_err(internal)? {
+            if let Some((seq, content)) = store.read_version(vol, b, None).map_err(internal)? {
+                let h = match content {
+                    BlockContent::Data(d) => super::merkle::block_hash(&d),
+                    BlockContent::Zero => [1u8; 32],
+                };
+                out.push((b, seq, h));
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(internal)??;
+    if mine.is_empty() {
+        return Ok(Vec::new());
+    }
+    let primary = replica.record().primary;
+    let zero = super::merkle::zero_block_hash(replica.block_size);
+    let theirs = match replica
+        .send_device(
+            primary,
+            DeviceMessage::VersionHashes {
+                volume: replica.vol,
+                versions: mine.iter().map(|(b, s, _)| (*b, *s)).collect(),
+            },
+            replica.ack_timeout().max(Duration::from_secs(30)),
+        )
+        .await
+    {
+        Ok(DeviceReply::Hashes(h)) => h,
+        // Cannot tell: keep everything rather than risk dropping a write.
+        _ => return Ok(mine.into_iter().map(|(b, _, _)| b).collect()),
+    };
+    Ok(mine
+        .iter()
+        .zip(theirs)
+        .filter(|((_, _, h), t)| {
+            let same = *h == *t || (*h == [1u8; 32] && *t == zero);
+            !same
+        })
+        .map(|((b, _, _), _)| *b)
+        .collect())
+}
+
+/// Keep the current content of `blocks` under a new preserved set; returns its id.
+async fn preserve(replica: &Arc<VolumeReplica>, base: Option<u64>, blocks: &[u64]) -> Result<u64, WireError> {
+    let existing = replica.blocks.meta_scan(replica.vol, PRESERVED_PREFIX).map_err(internal)?;
+    let pid = existing.iter().filter(|(k, _)| k.ends_with("/set")).count() as u64 + 1;
+    for &b in blocks {
+        let data = replica.read(b, 1, None).await?;
+        replica
+            .blocks
+            .meta_put(replica.vol, &format!("{PRESERVED_PREFIX}{pid:08}/block/{b:020}"), &data)
+            .map_err(internal)?;
+    }
+    let set = PreservedWrites { id: pid, host: replica.node, base_snapshot: base, blocks: blocks.to_vec() };
+    let bytes = serde_json::to_vec(&set).map_err(internal)?;
+    replica.blocks.meta_put(replica.vol, &format!("{PRESERVED_PREFIX}{pid:08}/set"), &bytes).map_err(internal)?;
+    Ok(pid)
+}
+
+/// The preserved sets on this host.
+pub fn list_preserved(replica: &VolumeReplica) -> Result<Vec<PreservedWrites>, WireError> {
+    replica
+        .blocks
+        .meta_scan(replica.vol, PRESERVED_PREFIX)
+        .map_err(internal)?
+        .into_iter()
+        .filter(|(k, _)| k.ends_with("/set"))
+        .map(|(_, v)| serde_json::from_slice(&v).map_err(internal))
+        .collect()
+}
+
+/// Replica side of steps 2 and 3.
+pub async fn receive(
+    replica: &Arc<VolumeReplica>,
+    epoch: u64,
+    target: u64,
+    blocks: Vec<ReplicaBlock>,
+    next_block: u64,
+) -> Result<DeviceReply, WireError> {
+    let mut cursor = load_cursor(replica)?.ok_or_else(|| {
+        wire(ErrorCode::InvalidRequest, format!("{} on {} is not prepared for resync", replica.vol, replica.node))
+    })?;
+    if cursor.target != target {
+        // A (re)started transfer: writes after `target` will be forwarded from now on.
+        replica.seq.reset(epoch, target + 1, || ()).await;
+        cursor.target = target;
+        store_cursor(replica, &cursor)?;
+    } else {
+        // The same transfer after this process restarted: its sequencer restarted from the
+        // high-water mark, but everything up to `target` arrives by resync.
+        replica.seq.advance_to(target + 1).await;
+    }
+    if !blocks.is_empty() {
+        let writes: Vec<_> = blocks.iter().map(to_block_write).collect();
+        let (store, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
+        // Durable before the cursor moves past them.
+        tokio::task::spawn_blocking(move || store.apply(vol, bs, &writes, true))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+    }
+    cursor.next_block = next_block;
+    store_cursor(replica, &cursor)?;
+    Ok(DeviceReply::Applied { seq: target })
+}
+
+/// Replica side of step 4: the cursor goes only once every forwarded write up to `last` is
+/// applied, so a refused finish leaves a resumable resync behind.
+pub async fn finish(replica: &Arc<VolumeReplica>, target: u64, last: u64) -> Result<DeviceReply, WireError> {
+    let cursor = load_cursor(replica)?;
+    if cursor.as_ref().map(|c| c.target) != Some(target) {
+        return Err(wire(ErrorCode::InvalidRequest, format!("no resync to point {target} is under way")));
+    }
+    let applied = replica.seq.next() - 1;
+    if applied < last {
+        return Err(wire(
+            ErrorCode::Unavailable,
+            format!("{} on {} has applied up to {applied}, not {last}", replica.vol, replica.node),
+        ));
+    }
+    replica.blocks.meta_delete(replica.vol, CURSOR_KEY).map_err(internal)?;
+    Ok(DeviceReply::Applied { seq: applied })
+}
+
+/// Primary side of the divergence check: hashes of our versions written at exactly the given
+/// points (zeroes where we have no such version).
+pub async fn version_hashes(replica: &Arc<VolumeReplica>, versions: Vec<(u64, u64)>) -> Result<DeviceReply, WireError> {
+    let (store, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
+    let out = tokio::task::spawn_blocking(move || -> Result<Vec<[u8; 32]>, WireError> {
+        let zero = super::merkle::zero_block_hash(bs);
+        versions
+            .into_iter()
+            .map(|(block, seq)| {
+                Ok(match store.read_version(vol, block, Some(seq)).map_err(internal)? {
+                    Some((s, BlockContent::Data(d))) if s == seq => super::merkle::block_hash(&d),
+                    Some((s, BlockContent::Zero)) if s == seq => zero,
+                    _ => [0u8; 32],
+                })
+            })
+            .collect()
+    })
+    .await
+    .map_err(internal)??;
+    Ok(DeviceReply::Hashes(out))
+}
+
+fn set_progress(replica: &VolumeReplica, host: NodeId, f: impl FnOnce(&mut ResyncProgress)) {
+    if let Some(fol) = replica.followers.lock().expect("followers lock").get_mut(&host) {
+        f(fol.resync.get_or_insert_with(ResyncProgress::default));
+    }
+}
+
+fn follower_broken(replica: &VolumeReplica, host: NodeId) -> bool {
+    replica.followers.lock().expect("followers lock").get(&host).is_none_or(|f| f.broken)
+}
+
+/// Primary side: resync `host` (a listed replica not in sync, or an async copy with a hole).
+/// Returns the number of blocks sent.
+pub async fn resync_one(replica: Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireError> {
+    if !replica.resyncs_running.lock().expect("resync lock").insert(host) {
+        return Ok(0);
+    }
+    let result = run(&replica, host).await;
+    replica.resyncs_running.lock().expect("resync lock").remove(&host);
+    if let Err(e) = &result {
+        warn!(vol = %replica.vol, %host, error = %e, "resync interrupted; it will resume");
+        if let Some(f) = replica.followers.lock().expect("followers lock").get_mut(&host) {
+            f.broken = true;
+        }
+    }
+    result
+}
+
+async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireError> {
+    let epoch = replica.primary_epoch()?;
+    let long = replica.ack_timeout().max(Duration::from_secs(30));
+    let snaps: Vec<(u64, u64)> = replica
+        .blocks
+        .snapshots(replica.vol)
+        .map_err(internal)?
+        .into_iter()
+        .filter(|s| s.id < INTERNAL_SNAPSHOT_BASE)
+        .map(|s| (s.id, s.seq))
+        .collect();
+    let ready = replica
+        .send_device(host, DeviceMessage::ResyncPrepare { volume: replica.vol, epoch, snapshots: snaps }, long)
+        .await?;
+    let DeviceReply::ResyncReady { common, resume } = ready else {
+        return Err(internal(format!("unexpected reply {ready:?}")));
+    };
+    let pin = INTERNAL_SNAPSHOT_BASE + host.0;
+    let is_async = replica
+        .followers
+        .lock()
+        .expect("followers lock")
+        .get(&host)
+        .is_some_and(|f| matches!(f.kind, FollowKind::Async { .. }));
+    // Step 2: pin T and start forwarding, with no write in flight.
+    let target = {
+        let _gate = replica.gate.write().await;
+        let target = replica.next_seq.load(Ordering::SeqCst) - 1;
+        let _ = replica.blocks.snapshot_delete(replica.vol, pin);
+        replica.blocks.snapshot_create(replica.vol, pin, target).map_err(internal)?;
+        let start = resume.map_or(0, |(_, nb)| nb);
+        replica
+            .send_device(
+                host,
+                DeviceMessage::ResyncBlocks {
+                    volume: replica.vol,
+                    epoch,
+                    target_seq: target,
+                    blocks: vec![],
+                    next_block: start,
+                },
+                long,
+            )
+            .await?;
+        let mut followers = replica.followers.lock().expect("followers lock");
+        let kind = followers.get(&host).map_or(FollowKind::Resync, |f| f.kind);
+        let mut f = Follower::new(kind, target);
+        f.resync = Some(ResyncProgress {
+            mode: if common.is_some() { "common_snapshot".into() } else { "merkle".into() },
+            base_snapshot: common.map(|(id, _)| id),
+            target_seq: target,
+            resumed_at_block: start,
+            ..Default::default()
+        });
+        followers.insert(host, f);
+        target
+    };
+    // Step 3: what to send.
+    let size_blocks = replica.record().size_blocks();
+    let to_send: Vec<u64> = match common {
+        Some((_, base_seq)) => {
+            let (store, vol) = (replica.blocks.clone(), replica.vol);
+            tokio::task::spawn_blocking(move || -> Result<Vec<u64>, WireError> {
+                let mut set: BTreeSet<u64> = BTreeSet::new();
+                match resume {
+                    Some((old_target, nb)) => {
+                        set.extend(
+                            store
+                                .changed_blocks(vol, base_seq, Some(target))
+                                .map_err(internal)?
+                                .into_iter()
+                                .filter(|b| *b >= nb),
+                        );
+                        set.extend(
+                            store
+                                .changed_blocks(vol, old_target, Some(target))
+                                .map_err(internal)?
+                                .into_iter()
+                                .filter(|b| *b < nb),
+                        );
+                    }
+                    None => set.extend(store.changed_blocks(vol, base_seq, Some(target)).map_err(internal)?),
+                }
+                Ok(set.into_iter().filter(|b| *b < size_blocks).collect())
+            })
+            .await
+            .map_err(internal)??
+        }
+        None => merkle_diff(replica, host, pin, target, size_blocks, long).await?,
+    };
+    set_progress(replica, host, |p| p.blocks_total = to_send.len() as u64);
+    info!(vol = %replica.vol, %host, ?common, target, blocks = to_send.len(), "resync started");
+    let started = Instant::now();
+    let mut sent_blocks = 0u64;
+    let mut sent_bytes = 0u64;
+    for chunk in to_send.chunks(RESYNC_CHUNK_BLOCKS) {
+        if follower_broken(replica, host) {
+            return Err(wire(ErrorCode::Unavailable, "a forwarded write failed during resync"));
+        }
+        let (store, vol, wanted) = (replica.blocks.clone(), replica.vol, chunk.to_vec());
+        let blocks = tokio::task::spawn_blocking(move || -> Result<Vec<ReplicaBlock>, WireError> {
+            wanted
+                .into_iter()
+                .map(|b| {
+                    Ok(match store.read_version(vol, b, Some(target)).map_err(internal)? {
+                        Some((seq, content)) => from_content(b, seq, content),
+                        None => ReplicaBlock { block: b, seq: 0, data: None },
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(internal)??;
+        let bytes: u64 = blocks.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum();
+        let next_block = chunk.last().map_or(0, |b| b + 1);
+        replica
+            .send_device(
+                host,
+                DeviceMessage::ResyncBlocks { volume: replica.vol, epoch, target_seq: target, blocks, next_block },
+                long,
+            )
+            .await?;
+        sent_blocks += chunk.len() as u64;
+        metrics::counter!("haven_resync_blocks_total").increment(chunk.len() as u64);
+        metrics::counter!("haven_resync_bytes_total").increment(bytes);
+        set_progress(replica, host, |p| {
+            p.blocks_sent += chunk.len() as u64;
+            p.bytes_sent += bytes;
+        });
+        sent_bytes += bytes;
+        let rate = replica.tunables.resync_max_bytes_per_sec;
+        if rate > 0 {
+            // Stay under the configured bandwidth: sleep until the bytes sent so far are due.
+            let due = Duration::from_secs_f64(sent_bytes as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(ahead).await;
+            }
+        }
+    }
+    // Step 4: join the in-sync set once every forwarded write is acknowledged.
+    {
+        let _gate = replica.gate.write().await;
+        let deadline = Instant::now() + long;
+        loop {
+            let (broken, outstanding) = {
+                let f = replica.followers.lock().expect("followers lock");
+                let fol = f.get(&host);
+                (fol.is_none_or(|f| f.broken), fol.map_or(0, |f| f.outstanding.len()))
+            };
+            if broken {
+                return Err(wire(ErrorCode::Unavailable, "a forwarded write failed during resync"));
+            }
+            if outstanding == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(wire(ErrorCode::Timeout, "forwarded writes not acknowledged"));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let last = replica.next_seq.load(Ordering::SeqCst) - 1;
+        let reply = replica
+            .send_device(
+                host,
+                DeviceMessage::ResyncFinish { volume: replica.vol, epoch, target_seq: target, last_seq: last },
+                long,
+            )
+            .await?;
+        match reply {
+            DeviceReply::Applied { seq } if seq >= last => {}
+            other => return Err(internal(format!("replica not caught up at finish: {other:?} (primary at {last})"))),
+        }
+        if is_async {
+            if let Some(f) = replica.followers.lock().expect("followers lock").get_mut(&host) {
+                f.acked_seq = last;
+                if let Some(r) = f.resync.as_mut() {
+                    r.done = true;
+                }
+            }
+        } else {
+            let record = replica.record();
+            let mut in_sync = record.in_sync.clone();
+            in_sync.push(host);
+            let rec = replica
+                .propose(VolumeCommand::SetReplication {
+                    volume: replica.vol,
+                    expected_epoch: record.epoch,
+                    primary: replica.node,
+                    in_sync,
+                })
+                .await?;
+            replica.followers.lock().expect("followers lock").remove(&host);
+            replica.set_record(rec);
+        }
+    }
+    let _ = replica.blocks.snapshot_delete(replica.vol, pin);
+    let mode = if common.is_some() { "common snapshot" } else { "Merkle compare" };
+    replica
+        .event(
+            "resync_done",
+            format!(
+                "{host} resynced by {mode} to point {target}: {sent_blocks} block(s) sent in {:.1}s",
+                started.elapsed().as_secs_f64()
+            ),
+            Some(host),
+        )
+        .await;
+    Ok(sent_blocks)
+}
+
+/// Blocks whose hashes differ between our view at `target` and the replica's current view.
+async fn merkle_diff(
+    replica: &Arc<VolumeReplica>,
+    host: NodeId,
+    pin: u64,
+    target: u64,
+    size_blocks: u64,
+    long: Duration,
+) -> Result<Vec<u64>, WireError> {
+    let (store, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
+    let ours = tokio::task::spawn_blocking(move || store.merkle(vol, bs, size_blocks, Some(target)))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let theirs = match replica
+        .send_device(host, DeviceMessage::MerkleChunks { volume: replica.vol, snapshot: None }, long)
+        .await?
+    {
+        DeviceReply::Chunks { block_size, size_blocks, chunks } => {
+            MerkleTree::from_chunk_hashes(block_size, size_blocks, chunks)
+        }
+        other => return Err(internal(format!("unexpected reply {other:?}"))),
+    };
+    let mut out = Vec::new();
+    for chunk in ours.differing_chunks(&theirs) {
+        let (store, vol) = (replica.blocks.clone(), replica.vol);
+        let mine =
+            tokio::task::spawn_blocking(move || store.chunk_block_hashes(vol, bs, size_blocks, chunk, Some(target)))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+        let DeviceReply::Hashes(other) = replica
+            .send_device(host, DeviceMessage::ChunkHashes { volume: replica.vol, snapshot: None, chunk }, long)
+            .await?
+        else {
+            return Err(internal("unexpected chunk hash reply"));
+        };
+        let first = chunk * CHUNK_BLOCKS;
+        for i in 0..mine.len() {
+            if mine.get(i) != other.get(i) {
+                out.push(first + i as u64);
+            }
+        }
+    }
+    let _ = pin;
+    Ok(out)
+}
+
+/// Primary: start resyncs for listed replicas that are not in sync and async copies with a hole.
+pub fn tick(replica: &Arc<VolumeReplica>) {
+    if !matches!(replica.role(), Role::Primary { .. }) {
+        return;
+    }
+    let record = replica.record();
+    let mut wanted: Vec<NodeId> =
+        record.replicas.iter().copied().filter(|h| *h != replica.node && !record.in_sync.contains(h)).collect();
+    {
+        let f = replica.followers.lock().expect("followers lock");
+        wanted.retain(|h| f.get(h).is_none_or(|f| f.broken));
+        wanted
+            .extend(f.iter().filter(|(_, f)| f.broken && matches!(f.kind, FollowKind::Async { .. })).map(|(h, _)| *h));
+    }
+    for host in wanted {
+        if replica.resyncs_running.lock().expect("resync lock").contains(&host) {
+            continue;
+        }
+        tokio::spawn(resync_one(replica.clone(), host));
+    }
+}
