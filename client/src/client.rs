@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use haven_proto::volume::VolumeRequest;
 use haven_proto::{
     ActorAddr, ActorMessage, ActorReply, Body, CatalogCommand, CatalogQuery, ClientRequest, ClientResponse,
     CommandOutcome, Envelope, ErrorCode, HostRecord, MemberSpec, NodeId, NodeStatus, QueryResult,
@@ -200,6 +201,9 @@ impl HavenClient {
         let mut tried = 0usize;
         let mut pause = Duration::from_millis(20);
         let mut last;
+        // An attempt whose outcome is unknown may still take effect, so a request that changes
+        // something is then Indeterminate however the later attempts fail.
+        let mut maybe_applied = false;
         loop {
             let target = self.pick_target();
             tried += 1;
@@ -235,12 +239,18 @@ impl HavenClient {
                     *self.leader.lock().expect("leader lock") = None;
                     if request_is_idempotent(&request) {
                         last = format!("{target}: {reason}");
+                        maybe_applied |= !request_is_read_only(&request);
                     } else {
                         return Err(ClientError::Indeterminate(format!("{target}: {reason}")));
                     }
                 }
             }
             if start.elapsed() + pause >= self.deadline {
+                if maybe_applied {
+                    return Err(ClientError::Indeterminate(format!(
+                        "an earlier attempt may have been applied; last attempt: {last}"
+                    )));
+                }
                 return Err(ClientError::Unreachable { tried, last });
             }
             tokio::time::sleep(pause).await;
@@ -320,6 +330,20 @@ impl Failure {
             Failure::Unknown(r) => ClientError::Indeterminate(r),
             Failure::Final(e) => e,
         }
+    }
+}
+
+/// Requests that change nothing, whatever happens to them.
+fn request_is_read_only(request: &ClientRequest) -> bool {
+    match request {
+        ClientRequest::Volume(r) => matches!(
+            r,
+            VolumeRequest::Read { .. }
+                | VolumeRequest::Verify { .. }
+                | VolumeRequest::ReplicationStatus { .. }
+                | VolumeRequest::Preserved { .. }
+        ),
+        _ => matches!(request, ClientRequest::Status | ClientRequest::LeaderStatus | ClientRequest::Read { .. }),
     }
 }
 

@@ -191,12 +191,32 @@ pub async fn read_envelope(recv: &mut quinn::RecvStream) -> Result<(Envelope, us
 }
 
 /// One request/response exchange on a fresh stream of `conn`.
+///
+/// A caller that stops waiting (its timeout dropped this future) abandons the request: the
+/// stream is reset, so QUIC stops retransmitting it. Without that, a request held up by a
+/// partition would still be delivered — and carried out — when the link heals, long after its
+/// sender reported it failed.
 pub async fn exchange(conn: &quinn::Connection, request: &Envelope) -> Result<(Envelope, usize, usize), WireIoError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let sent = write_envelope(&mut send, request).await?;
-    send.finish()?;
+    let (send, mut recv) = conn.open_bi().await?;
+    let mut send = ResetUnlessAnswered(Some(send));
+    let stream = send.0.as_mut().expect("stream present until answered");
+    let sent = write_envelope(stream, request).await?;
+    stream.finish()?;
     let (reply, received) = read_envelope(&mut recv).await?;
+    send.0 = None;
     Ok((reply, sent, received))
+}
+
+/// Resets the request stream when dropped before the reply arrived (see [`exchange`]).
+struct ResetUnlessAnswered(Option<quinn::SendStream>);
+
+impl Drop for ResetUnlessAnswered {
+    fn drop(&mut self) {
+        if let Some(mut stream) = self.0.take() {
+            // Fails only if the peer already received everything or stopped the stream.
+            let _ = stream.reset(quinn::VarInt::from_u32(0));
+        }
+    }
 }
 
 /// A completed request: the reply and the bytes each way (frame headers included).

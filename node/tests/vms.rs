@@ -75,7 +75,7 @@ async fn guest_under_load_live_migrates_and_keeps_its_memory() {
     client.set_vm_state(v.id, VmRunState::Running).await.unwrap();
     let before = running(&client, v.id).await;
     let to = other_host(&c, &v);
-    let opts = MigrationOptions { max_downtime_ms: 50, auto_converge: true };
+    let opts = MigrationOptions::default();
     client.migrate_vm(v.id, to, opts).await.expect("start migration");
     let report = wait_migration(&client, v.id).await;
     assert_eq!(report.phase, "done", "{report:?}");
@@ -107,7 +107,7 @@ async fn destination_killed_mid_migration_leaves_the_vm_running_at_the_source() 
     let leader = client.leader_status().await.unwrap().id;
     let to =
         c.nodes().iter().map(|n| NodeId(n.id)).find(|n| *n != v.host && *n != leader).unwrap_or(other_host(&c, &v));
-    let opts = MigrationOptions { max_downtime_ms: 50, auto_converge: true };
+    let opts = MigrationOptions::default();
     client.migrate_vm(v.id, to, opts).await.expect("start migration");
     tokio::time::sleep(Duration::from_millis(100)).await;
     c.kill(to.0).unwrap();
@@ -128,7 +128,7 @@ async fn bad_vm_requests_get_clear_errors() {
     let e = client.vm_status(VmId(999)).await.unwrap_err();
     assert_eq!(code(e), Some(ErrorCode::NotFound));
     let v = client.create_vm(&VmSpec::new("g3", 64)).await.unwrap();
-    let e = client.migrate_vm(v.id, v.host, MigrationOptions { max_downtime_ms: 50, auto_converge: true }).await;
+    let e = client.migrate_vm(v.id, v.host, MigrationOptions::default()).await;
     assert!(e.is_err(), "migration to the same host must be refused");
     let e = client.create_vm(&VmSpec::new("huge", 60 * 1024)).await.unwrap_err();
     assert!(e.to_string().contains("free"), "{e}");
@@ -137,4 +137,48 @@ async fn bad_vm_requests_get_clear_errors() {
     let mut on_missing = VmSpec::new("g4", 64);
     on_missing.host = Some(NodeId(42));
     assert_eq!(code(client.create_vm(&on_missing).await.unwrap_err()), Some(ErrorCode::NotFound));
+}
+
+/// A guest that dirties memory faster than the (capped) link copies it: with auto-converge the
+/// source throttles it and the migration still finishes with the memory intact; without, the
+/// migration is refused up front (or ends cancelled/failed) with a reason that says what to do,
+/// and the VM keeps running at the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_outpacing_the_link_converges_only_with_auto_converge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, client) = cluster(tmp.path()).await;
+    let mut spec = VmSpec::new("hot", 32);
+    spec.dirty_pages_per_sec = 4000; // ~16 MiB/s of page writes over 8192 pages
+    let v = client.create_vm(&spec).await.expect("create vm");
+    client.set_vm_state(v.id, VmRunState::Running).await.unwrap();
+    let before = running(&client, v.id).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the dirty rate be measured
+    let to = other_host(&c, &v);
+    let slow = MigrationOptions { max_bandwidth_bytes_per_sec: 4 << 20, ..MigrationOptions::default() };
+
+    // Without auto-converge: refused, or ended without moving the VM, with a clear reason.
+    let strict = MigrationOptions { auto_converge: false, ..slow.clone() };
+    match client.migrate_vm(v.id, to, strict).await {
+        Err(e) => assert!(e.to_string().contains("auto-converge"), "unclear refusal: {e}"),
+        Ok(_) => {
+            let r = wait_migration(&client, v.id).await;
+            assert!(matches!(r.phase.as_str(), "failed" | "cancelled"), "{r:?}");
+            assert!(r.reason.as_deref().is_some_and(|m| m.contains("converge")), "{r:?}");
+        }
+    }
+    let r = client.vm("hot").await.unwrap();
+    assert_eq!((r.host, r.migrating_to), (v.host, None));
+    assert_eq!(client.vm_status(v.id).await.unwrap().state, "running");
+
+    // With auto-converge: throttled, and done.
+    client.migrate_vm(v.id, to, slow).await.expect("start migration");
+    let report = wait_migration(&client, v.id).await;
+    eprintln!("auto-converged migration: {report:?}");
+    assert_eq!(report.phase, "done", "{report:?}");
+    assert!(report.throttle_percent > 0, "the guest was never throttled: {report:?}");
+    assert_eq!(client.vm("hot").await.unwrap().host, to);
+    let after = running(&client, v.id).await;
+    assert!(after > before, "workload did not continue: {after} <= {before}");
+    let check = client.vm_check(v.id).await.expect("memory check at the destination");
+    assert!(check.max_seq <= check.last_seq, "{check:?}");
 }

@@ -175,6 +175,14 @@ pub enum VmQueryResult {
 pub struct MigrationOptions {
     pub max_downtime_ms: u64,
     pub auto_converge: bool,
+    /// Cap on the migration stream's rate in bytes per second (0 = as fast as the link goes).
+    pub max_bandwidth_bytes_per_sec: u64,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self { max_downtime_ms: 50, auto_converge: true, max_bandwidth_bytes_per_sec: 0 }
+    }
 }
 
 /// A request about a running VM, answered by the VM actor on its host.

@@ -6,9 +6,14 @@
 //! - an intact block (magic, checksum, filler) naming the right writer and block, with
 //!   `acked <= n <= attempted`: a later unacknowledged write may have landed, an earlier one may
 //!   not replace an acknowledged one, and nothing never written may appear; or
-//! - all zeroes, when no write to the block was ever acknowledged.
+//! - all zeroes, when no write to the block was ever acknowledged; or
+//! - an intact block holding an *indeterminate* write older than the last acknowledged one: a
+//!   write that never completed may take effect at any time after it was issued (that is
+//!   linearizable), so only a failed or acknowledged older write replacing a newer acknowledged
+//!   one is a loss.
 //!
-//! Every write that was not acknowledged (failed or indeterminate) counts as maybe applied.
+//! Every write that was not acknowledged (failed or indeterminate) counts as maybe applied when
+//! it is newer than the last acknowledged one.
 
 use std::collections::BTreeMap;
 
@@ -48,6 +53,9 @@ pub struct BlockCheck {
     pub blocks_acknowledged: usize,
     /// Blocks that read back as a later, unacknowledged write.
     pub blocks_with_unacked_newer: usize,
+    /// Blocks that read back as an indeterminate write older than their last acknowledged one
+    /// (it took effect late).
+    pub blocks_with_late_indeterminate: usize,
     pub violations: Vec<BlockViolation>,
 }
 
@@ -56,6 +64,7 @@ struct PerBlock<'a> {
     acked: Option<u64>,
     attempted: Option<u64>,
     last_acked_op: Option<&'a Op>,
+    indeterminate: std::collections::BTreeSet<u64>,
 }
 
 /// Judge `read_back` (every owned block: its bytes, or why it could not be read) against the
@@ -81,7 +90,10 @@ pub fn acknowledged_blocks(
                 }
             }
             Outcome::Fail => check.failed_writes += 1,
-            Outcome::Info => check.indeterminate_writes += 1,
+            Outcome::Info => {
+                check.indeterminate_writes += 1;
+                p.indeterminate.insert(n);
+            }
         }
     }
     let mut offending = Vec::new();
@@ -102,6 +114,9 @@ pub fn acknowledged_blocks(
                 Decoded::Valid { writer: w, block: b, n } => {
                     if w != writer as u64 || b != block {
                         Some((Some(n), format!("writer {w}'s block {b} (n={n}) instead of writer {writer}'s")))
+                    } else if p.acked.is_some_and(|a| n < a) && p.indeterminate.contains(&n) {
+                        check.blocks_with_late_indeterminate += 1;
+                        None
                     } else if let Some(a) = p.acked.filter(|&a| n < a) {
                         Some((
                             Some(n),
@@ -137,8 +152,9 @@ pub fn acknowledged_blocks(
         CheckResult::pass(
             NAME,
             format!(
-                "{} blocks hold their last acknowledged write or a later attempt ({} acknowledged writes to {} blocks; {} blocks show a later unacknowledged write)",
-                check.blocks_checked, check.acknowledged_writes, check.blocks_acknowledged, check.blocks_with_unacked_newer
+                "{} blocks hold their last acknowledged write or a later attempt ({} acknowledged writes to {} blocks; {} blocks show a later unacknowledged write, {} an older indeterminate one that took effect late)",
+                check.blocks_checked, check.acknowledged_writes, check.blocks_acknowledged, check.blocks_with_unacked_newer,
+                check.blocks_with_late_indeterminate
             ),
         )
     } else {
@@ -214,6 +230,20 @@ mod tests {
         );
         assert_eq!(r.offending.len(), 1);
         assert_eq!(r.offending[0].kind, OpKind::BlockWrite { block: 1, n: 2 });
+    }
+
+    #[test]
+    fn older_indeterminate_value_may_land_late_but_an_older_failed_one_may_not() {
+        // n=1 never completed, n=2 was acknowledged: n=1 may still take effect after n=2.
+        let h = vec![write(0, 1, 1, Outcome::Info), write(1, 1, 2, OK)];
+        let (r, c) = acknowledged_blocks(&h, &spec(), &state(&[(1, encode(0, 1, 1))]));
+        assert!(r.passed, "{}", r.summary);
+        assert_eq!(c.blocks_with_late_indeterminate, 1);
+        // A write reported failed must never replace a later acknowledged one.
+        let h = vec![write(0, 1, 1, Outcome::Fail), write(1, 1, 2, OK)];
+        let (r, c) = acknowledged_blocks(&h, &spec(), &state(&[(1, encode(0, 1, 1))]));
+        assert!(!r.passed, "{}", r.summary);
+        assert_eq!(c.violations[0].found_n, Some(1));
     }
 
     #[test]

@@ -107,9 +107,16 @@ impl ActorRegistry {
             .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{} is not a cluster member", addr.node)))?;
         let peer =
             self.transport.dial_addr(addr.node, &peer).await.map_err(|m| WireError::new(ErrorCode::Unavailable, m))?;
-        let reply = self.transport.request(peer, addr, Body::Actor(msg), 0, timeout).await.map_err(|e| match e {
-            haven_client::wire::WireIoError::Timeout { .. } => WireError::new(ErrorCode::Timeout, e.to_string()),
-            e => WireError::new(ErrorCode::Unavailable, e.to_string()),
+        // Only a failure to connect proves the message was not delivered; anything after it may
+        // have been (`Timeout` = outcome unknown).
+        let reply = self.transport.request(peer, addr, Body::Actor(msg), 0, timeout).await.map_err(|e| {
+            use haven_client::wire::WireIoError as E;
+            match e {
+                E::Connect { .. } | E::BackingOff { .. } | E::Tls(_) => {
+                    WireError::new(ErrorCode::Unavailable, e.to_string())
+                }
+                e => WireError::new(ErrorCode::Timeout, format!("outcome unknown: {e}")),
+            }
         })?;
         match reply.body {
             Body::ActorReply(r) => Ok(r),

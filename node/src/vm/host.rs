@@ -315,7 +315,10 @@ impl VmHost {
         // Predict from the guest's measured dirty rate and the last link rate seen (or a
         // conservative default) before touching anything; refuse what cannot meet the limit.
         let dirty = (inst.guest.workload_stats().achieved_pages_per_sec * super::guest::PAGE_SIZE as f64) as u64;
-        let bandwidth = *self.last_bandwidth.lock().expect("bandwidth lock");
+        let mut bandwidth = *self.last_bandwidth.lock().expect("bandwidth lock");
+        if options.max_bandwidth_bytes_per_sec > 0 {
+            bandwidth = bandwidth.min(options.max_bandwidth_bytes_per_sec);
+        }
         let memory = inst.guest.spec().memory_pages * super::guest::PAGE_SIZE as u64;
         let prediction = migration::predict(memory, dirty, bandwidth, options.max_downtime_ms);
         if !prediction.converges && !options.auto_converge {
@@ -362,6 +365,7 @@ impl VmHost {
         let config = MigrationConfig {
             max_downtime_ms: options.max_downtime_ms,
             auto_converge: options.auto_converge,
+            max_bandwidth_bytes_per_sec: options.max_bandwidth_bytes_per_sec,
             ..MigrationConfig::default()
         };
         tokio::spawn(async move {
@@ -391,6 +395,7 @@ impl VmHost {
                 }
             })
         };
+        let capped = config.max_bandwidth_bytes_per_sec > 0;
         let result = migration::migrate_source(inst.guest.clone(), stream, config, tx, cancel.clone()).await;
         watcher.abort();
         let mut report = inst.migration.lock().expect("migration lock").clone().unwrap_or_default();
@@ -408,7 +413,8 @@ impl VmHost {
                         report.total_ms = Some(outcome.total_ms);
                         report.bytes_sent = outcome.bytes_sent;
                         report.round = outcome.rounds;
-                        if report.bandwidth_bytes_per_sec > 0 {
+                        // A capped migration measured the cap, not the link.
+                        if report.bandwidth_bytes_per_sec > 0 && !capped {
                             *self.last_bandwidth.lock().expect("bandwidth lock") = report.bandwidth_bytes_per_sec;
                         }
                         info!(vm = %inst.id, %to, downtime_ms = outcome.downtime_ms, "migrated");

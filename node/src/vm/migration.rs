@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 
 use super::guest::{GuestDriver, GuestError, RunState, PAGE_SIZE};
+use super::link::RateLimited;
 
 /// First bytes each side writes on the stream.
 pub const MAGIC: [u8; 4] = *b"HVMG";
@@ -98,6 +99,8 @@ pub struct MigrationConfig {
     pub converge_check_ms: u64,
     /// Pages of previously sent content the source keeps for XOR deltas (0 disables deltas).
     pub xbzrle_cache_pages: u64,
+    /// Pace the stream to this many bytes per second (0 = as fast as the link goes).
+    pub max_bandwidth_bytes_per_sec: u64,
 }
 
 impl Default for MigrationConfig {
@@ -109,6 +112,7 @@ impl Default for MigrationConfig {
             converge_check_rounds: 3,
             converge_check_ms: 5000,
             xbzrle_cache_pages: 16384,
+            max_bandwidth_bytes_per_sec: 0,
         }
     }
 }
@@ -598,6 +602,19 @@ fn ms(d: Duration) -> u64 {
 /// with throttle 0 and dirty logging stopped; the destination has been told to `Abort` where the
 /// stream still allowed it.
 pub async fn migrate_source<S: AsyncRead + AsyncWrite + Unpin>(
+    guest: Arc<dyn GuestDriver>,
+    stream: S,
+    config: MigrationConfig,
+    progress: watch::Sender<MigrationProgress>,
+    cancel: CancelToken,
+) -> Result<SourceOutcome, MigrationError> {
+    match config.max_bandwidth_bytes_per_sec {
+        0 => migrate_source_on(guest, stream, config, progress, cancel).await,
+        cap => migrate_source_on(guest, RateLimited::new(stream, cap), config, progress, cancel).await,
+    }
+}
+
+async fn migrate_source_on<S: AsyncRead + AsyncWrite + Unpin>(
     guest: Arc<dyn GuestDriver>,
     stream: S,
     config: MigrationConfig,
@@ -1410,69 +1427,12 @@ impl Destination {
 mod tests {
     use super::*;
     use crate::vm::guest::{GuestSpec, MemoryCheck, SimulatedGuest, WorkloadPattern, WorkloadStats};
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{ready, Context, Poll};
-    use tokio::io::{DuplexStream, ReadBuf};
+    use tokio::io::DuplexStream;
 
     const MIB: u64 = 1 << 20;
 
     fn spec(pages: u64, pattern: WorkloadPattern, rate: u64) -> GuestSpec {
         GuestSpec { memory_pages: pages, vcpus: 2, pattern, dirty_pages_per_sec: rate, seed: 7 }
-    }
-
-    /// Write side rate-limited to `rate` bytes/s (64 KiB burst).
-    struct Limited<S> {
-        inner: S,
-        rate: f64,
-        start: Instant,
-        sent: u64,
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
-
-    impl<S> Limited<S> {
-        fn new(inner: S, rate: u64) -> Self {
-            Limited { inner, rate: rate as f64, start: Instant::now(), sent: 0, sleep: None }
-        }
-    }
-
-    impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.inner).poll_read(cx, buf)
-        }
-    }
-
-    impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
-        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-            loop {
-                if let Some(s) = self.sleep.as_mut() {
-                    ready!(s.as_mut().poll(cx));
-                    self.sleep = None;
-                }
-                let budget = (self.start.elapsed().as_secs_f64() * self.rate) as u64 + 65536;
-                let allowed = budget.saturating_sub(self.sent);
-                if allowed == 0 {
-                    self.sleep = Some(Box::pin(tokio::time::sleep(Duration::from_millis(2))));
-                    continue;
-                }
-                let n = buf.len().min(allowed as usize).min(65536);
-                let r = ready!(Pin::new(&mut self.inner).poll_write(cx, &buf[..n]));
-                if let Ok(k) = &r {
-                    self.sent += *k as u64;
-                }
-                return Poll::Ready(r);
-            }
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.inner).poll_flush(cx)
-        }
-        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.inner).poll_shutdown(cx)
-        }
     }
 
     struct Run {
@@ -1510,7 +1470,7 @@ mod tests {
             });
         }
         let src = match limit {
-            Some(rate) => migrate_source(source, Limited::new(a, rate), config, tx, cancel).await,
+            Some(rate) => migrate_source(source, RateLimited::new(a, rate), config, tx, cancel).await,
             None => migrate_source::<DuplexStream>(source, a, config, tx, cancel).await,
         };
         let dst = dst.await.unwrap();

@@ -10,4 +10,5 @@
 
 pub mod guest;
 pub mod host;
+pub mod link;
 pub mod migration;

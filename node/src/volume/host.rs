@@ -153,6 +153,9 @@ impl VolumeHost {
         Box::pin(async move {
             let deadline = Instant::now() + Duration::from_millis(self.tunables.failover_wait_ms);
             let mut backoff = Duration::from_millis(20);
+            // Set once an attempt may have been carried out: whatever the last attempt says,
+            // the request's outcome is then unknown, and the answer must say so.
+            let mut maybe_applied = false;
             loop {
                 // Fast path: this host serves as the volume's primary (no catalog read).
                 let local = self.engine(vol).filter(|e| matches!(e.role(), super::replica::Role::Primary { .. }));
@@ -178,10 +181,22 @@ impl VolumeHost {
                 } else {
                     Err(internal("no route to the primary"))
                 };
+                if let Err(e) = &result {
+                    maybe_applied |= e.code == ErrorCode::Timeout;
+                }
                 match result {
                     Err(e) if Instant::now() < deadline && retryable(&e, retry_unknown) => {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_millis(250));
+                    }
+                    Err(e) if maybe_applied && e.code != ErrorCode::Timeout => {
+                        return Err(wire(
+                            ErrorCode::Timeout,
+                            format!(
+                                "outcome unknown: an earlier attempt may have been applied; last attempt: {}",
+                                e.message
+                            ),
+                        ))
                     }
                     other => return other,
                 }
@@ -248,8 +263,9 @@ fn retryable(e: &WireError, retry_unknown: bool) -> bool {
         ErrorCode::NotPrimary | ErrorCode::NotLeader | ErrorCode::NoLeader => true,
         // The new primary's device actor is not started yet.
         ErrorCode::NotFound => e.message.starts_with("no actor"),
-        // Unavailable covers "could not reach the primary" (nothing sent) as well as "could
-        // not confirm"; Timeout is an unknown outcome.
+        // Unavailable: the primary could not be reached, or refused part-way through a
+        // multi-step request; Timeout: the outcome is unknown. Either is retried only when
+        // repeating the request is harmless.
         ErrorCode::Unavailable | ErrorCode::Timeout => retry_unknown,
         _ => false,
     }

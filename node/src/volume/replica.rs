@@ -110,6 +110,13 @@ impl Follower {
     }
 }
 
+/// A write that failed after it was handed to the replicas: it may be applied (and may become
+/// visible), so the caller must not treat it as "not applied". `Timeout` is the wire's code for
+/// an unknown outcome.
+fn outcome_unknown(seq: u64, e: impl std::fmt::Display) -> WireError {
+    wire(ErrorCode::Timeout, format!("outcome unknown: write {seq} was sent to the replicas but not confirmed: {e}"))
+}
+
 pub(crate) fn wire(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
 }
@@ -438,12 +445,9 @@ impl VolumeReplica {
         let local_writes: Vec<BlockWrite> = blocks.into_iter().map(into_block_write).collect();
         let local = self.seq.submit(epoch, seq, local_writes, durable);
         let (local, remote) = futures::join!(local, remote);
-        local.map_err(|e| match e {
-            SequencerError::StaleEpoch { .. } | SequencerError::Discarded { .. } => {
-                wire(ErrorCode::NotPrimary, e.to_string())
-            }
-            other => internal(other),
-        })?;
+        // From here on a failure leaves the write applied somewhere (here, or on a replica that
+        // may become primary): its outcome is unknown, never "not applied".
+        local.map_err(|e| outcome_unknown(seq, e))?;
         let failed: Vec<NodeId> = sync_targets
             .iter()
             .zip(remote)
@@ -461,7 +465,7 @@ impl VolumeReplica {
             .collect();
         if !failed.is_empty() {
             // Not acknowledged until the catalog no longer counts them as in sync.
-            self.drop_in_sync(&failed, epoch).await?;
+            self.drop_in_sync(&failed, epoch).await.map_err(|e| outcome_unknown(seq, e))?;
         }
         metrics::histogram!("haven_volume_write_seconds", "durable" => if durable { "yes" } else { "no" })
             .record(started.elapsed().as_secs_f64());

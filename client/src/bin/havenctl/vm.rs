@@ -137,6 +137,10 @@ pub struct StartArgs {
     /// Do not slow the guest down when its writes outpace the copy.
     #[arg(long)]
     no_auto_converge: bool,
+    /// Cap the migration stream at this many bytes per second (e.g. 100MiB; 0 = no cap), to
+    /// leave room for other traffic on the link.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    max_bandwidth: u64,
     /// Follow the migration with a progress bar until it ends (exit 1 unless it is done).
     #[arg(long)]
     watch: bool,
@@ -446,7 +450,11 @@ pub async fn migration(cmd: MigrationCmd, client: ClientFn<'_>, out: &Output) ->
                     v.name
                 );
             }
-            let options = MigrationOptions { max_downtime_ms: a.max_downtime, auto_converge: !a.no_auto_converge };
+            let options = MigrationOptions {
+                max_downtime_ms: a.max_downtime,
+                auto_converge: !a.no_auto_converge,
+                max_bandwidth_bytes_per_sec: a.max_bandwidth,
+            };
             let first = c.migrate_vm(v.id, a.to, options).await?;
             if a.watch {
                 if !out.is_json() {
