@@ -147,14 +147,14 @@ async fn bad_vm_requests_get_clear_errors() {
 async fn a_guest_outpacing_the_link_converges_only_with_auto_converge() {
     let tmp = tempfile::tempdir().unwrap();
     let (c, client) = cluster(tmp.path()).await;
-    let mut spec = VmSpec::new("hot", 32);
-    spec.dirty_pages_per_sec = 4000; // ~16 MiB/s of page writes over 8192 pages
+    let mut spec = VmSpec::new("hot", 16);
+    spec.dirty_pages_per_sec = 4000; // ~10 MiB/s of distinct pages dirtied over 4096 pages
     let v = client.create_vm(&spec).await.expect("create vm");
     client.set_vm_state(v.id, VmRunState::Running).await.unwrap();
     let before = running(&client, v.id).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // let the dirty rate be measured
     let to = other_host(&c, &v);
-    let slow = MigrationOptions { max_bandwidth_bytes_per_sec: 4 << 20, ..MigrationOptions::default() };
+    let slow = MigrationOptions { max_bandwidth_bytes_per_sec: 6 << 20, ..MigrationOptions::default() };
 
     // Without auto-converge: refused, or ended without moving the VM, with a clear reason.
     let strict = MigrationOptions { auto_converge: false, ..slow.clone() };
