@@ -429,13 +429,22 @@ impl VmHost {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
-                    Err(e) => {
-                        warn!(vm = %inst.id, error = %e, "migration not committed; resuming at the source");
-                        let _ = inst.guest.resume();
-                        let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
-                        report.phase = "failed".into();
-                        report.reason = Some(format!("commit refused: {e}"));
-                    }
+                    Err(e) => match self.settle_commit(inst.id, generation, to).await {
+                        // The commit did land (its answer was lost): the destination owns the VM.
+                        CommitFate::Moved => {
+                            let _ = inst.guest.stop();
+                            report.phase = "done".into();
+                            report.downtime_ms = Some(outcome.downtime_ms);
+                            report.total_ms = Some(outcome.total_ms);
+                            info!(vm = %inst.id, %to, "migration committed (its answer was lost)");
+                        }
+                        CommitFate::Stayed => {
+                            warn!(vm = %inst.id, error = %e, "migration not committed; resuming at the source");
+                            let _ = inst.guest.resume();
+                            report.phase = "failed".into();
+                            report.reason = Some(format!("commit refused: {e}"));
+                        }
+                    },
                 }
             }
             Err(e) => {
@@ -447,6 +456,26 @@ impl VmHost {
         }
         *inst.migration.lock().expect("migration lock") = Some(report);
         *inst.cancel.lock().expect("cancel lock") = None;
+    }
+
+    /// After a `CommitMigration` whose answer was an error: find out whether it landed, by
+    /// proposing `AbortMigration` — a no-op if the commit landed, which the record it returns
+    /// shows (the VM at `to` with a newer generation); otherwise it ends the migration, and the
+    /// source may resume. The guest stays paused until the catalog answers — resuming on a guess
+    /// could run the VM in two places — so this keeps asking while the cluster is unreachable.
+    async fn settle_commit(&self, vm: VmId, generation: u64, to: NodeId) -> CommitFate {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.propose(VmCommand::AbortMigration { vm }).await {
+                Ok(r) if r.host == to && r.generation > generation => return CommitFate::Moved,
+                Ok(_) => return CommitFate::Stayed,
+                // Deleted meanwhile: nothing may run it.
+                Err(e) if e.code == ErrorCode::NotFound => return CommitFate::Moved,
+                Err(e) => warn!(%vm, error = %e, "cannot settle a migration commit yet; the guest stays paused"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Destination side: receive a migration on a bulk stream.
@@ -478,6 +507,14 @@ impl VmHost {
             Err(e) => warn!(%vm, error = %e, "incoming migration failed; copy dropped"),
         }
     }
+}
+
+/// Whether a migration's commit landed, as the catalog says once it can be asked.
+enum CommitFate {
+    /// The catalog places the VM at the destination (or it was deleted): the source must not run it.
+    Moved,
+    /// The VM is still placed at the source: the source may resume it.
+    Stayed,
 }
 
 /// Route a stream that opened with an `IncomingMigration` envelope.
