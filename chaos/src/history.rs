@@ -28,11 +28,27 @@ pub enum OpKind {
         block: u64,
         n: u64,
     },
+    /// A live migration of VM `vm` to host `to` by the VM workload (key `vm/<vm>`): Ok = the
+    /// migration finished there, Fail = it ended without moving the VM, Info = unknown.
+    #[serde(rename = "migrate")]
+    Migrate {
+        vm: u64,
+        to: u64,
+    },
 }
 
 impl OpKind {
     pub fn is_block(&self) -> bool {
         matches!(self, Self::BlockWrite { .. })
+    }
+
+    pub fn is_migration(&self) -> bool {
+        matches!(self, Self::Migrate { .. })
+    }
+
+    /// An operation of the register workload (judged by `linearizable` / `acknowledged-writes`).
+    pub fn is_register(&self) -> bool {
+        matches!(self, Self::Read | Self::Write { .. } | Self::Cas { .. } | Self::Append { .. })
     }
 }
 

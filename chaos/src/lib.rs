@@ -5,7 +5,8 @@
 //! [`report`] is JSON, a text summary and a timeline picture. Same scenario and seed, same fault
 //! schedule and same client operations; the report prints the one-line replay command. With a
 //! `[blocks]` section a [`blocks`] workload writes to a replicated volume alongside, judged by
-//! [`checker::blocks`].
+//! [`checker::blocks`]; with `[vms]` a [`vms`] workload live-migrates guests between hosts,
+//! judged by [`checker::vms`] (no VM lost, none running twice, memory intact).
 
 pub mod backend;
 pub mod blocks;
@@ -16,4 +17,5 @@ pub mod relay;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod vms;
 pub mod workload;

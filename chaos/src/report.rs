@@ -79,6 +79,17 @@ pub fn summary(r: &RunReport) -> String {
             b.events.len()
         );
     }
+    if let Some(m) = &r.migrations {
+        let _ = writeln!(
+            s,
+            "migrations: {} done, {} ended without moving the VM, {} unknown",
+            m.ok, m.failed, m.indeterminate
+        );
+    }
+    if let Some(v) = &r.vms {
+        let placed: Vec<String> = v.final_vms.iter().map(|r| format!("{} on {}", r.id, r.host)).collect();
+        let _ = writeln!(s, "vms after healing: {}; {} sightings during the run", placed.join(", "), v.sightings);
+    }
     let fo = &r.failover_ms;
     if fo.samples > 0 {
         let _ = writeln!(

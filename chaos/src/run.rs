@@ -21,8 +21,11 @@ use crate::history::{Op, Outcome};
 use crate::monitor::{self, LeaderSample};
 use crate::relay::LinkShape;
 use crate::scenario::{FaultKind, FaultSpec, Scenario, Target};
+use crate::vms;
 use crate::workload;
+use haven_client::proto::vm::VmRecord;
 use haven_client::proto::volume::{VolumeEvent, VolumeRecord};
+use haven_client::proto::VmId;
 
 /// A fault as it actually happened.
 #[derive(Debug, Clone, Serialize)]
@@ -77,6 +80,17 @@ pub struct BlockReport {
     /// The volume's last 100 events.
     pub events: Vec<VolumeEvent>,
 }
+/// What the VM workload saw and how its VMs ended up.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmReport {
+    /// The VMs as the catalog recorded them after healing.
+    pub final_vms: Vec<VmRecord>,
+    /// Where each VM was installed after healing (one entry per node holding it).
+    pub final_sightings: Vec<crate::vms::GuestSighting>,
+    /// Surveys taken during the run.
+    pub sightings: usize,
+}
+
 /// Everything a run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -93,6 +107,11 @@ pub struct RunReport {
     pub block_writes: Option<OpCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocks: Option<BlockReport>,
+    /// Migrations (with `[vms]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<OpCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vms: Option<VmReport>,
     pub failover_ms: Stats,
     pub heal_ms: Option<u64>,
     pub checkers: Vec<CheckResult>,
@@ -137,6 +156,14 @@ async fn drive(
         ),
         None => None,
     };
+    let vm_records = match &scenario.vms {
+        Some(spec) => Some(
+            vms::setup(&backend.client()?, spec, Duration::from_secs(60))
+                .await
+                .context("setting up the VM workload's guests")?,
+        ),
+        None => None,
+    };
     let epoch = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let history = Arc::new(Mutex::new(Vec::new()));
@@ -163,6 +190,19 @@ async fn drive(
             let (spec, id, seed, history, stop) =
                 (spec.clone(), vol.id, scenario.seed, history.clone(), stop_rx.clone());
             Some(tokio::spawn(async move { blocks::run(&spec, seed, id, clients, epoch, stop, history).await }))
+        }
+        _ => None,
+    };
+    let sightings: vms::Sightings = Arc::default();
+    let vm_workload = match (&scenario.vms, &vm_records) {
+        (Some(spec), Some(records)) => {
+            let ids: Vec<VmId> = records.iter().map(|r| r.id).collect();
+            let node_ids: Vec<u64> = nodes.iter().map(|n| n.0).collect();
+            let (spec, seed, history, stop, sightings, client) =
+                (spec.clone(), scenario.seed, history.clone(), stop_rx.clone(), sightings.clone(), backend.client()?);
+            Some(tokio::spawn(async move {
+                vms::run(&spec, seed, ids, node_ids, client, epoch, stop, history, sightings).await
+            }))
         }
         _ => None,
     };
@@ -229,6 +269,9 @@ async fn drive(
     if let Some(w) = block_workload {
         let _ = w.await;
     }
+    if let Some(w) = vm_workload {
+        let _ = w.await;
+    }
     heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, Duration::MAX).await;
     backend.heal_links().await?;
     let healed_at = Instant::now();
@@ -290,6 +333,27 @@ async fn drive(
         }
         _ => None,
     };
+    let vm_report = match (&scenario.vms, vm_records) {
+        (Some(spec), Some(records)) => {
+            let client = backend.client()?;
+            let ids: Vec<VmId> = records.iter().map(|r| r.id).collect();
+            let node_ids: Vec<u64> = nodes.iter().map(|n| n.0).collect();
+            let (final_vms, final_sightings) =
+                vms::final_survey(&client, &ids, &node_ids, epoch, spec.recover_within).await;
+            let seen = std::mem::take(&mut *sightings.lock().expect("sightings"));
+            let raw: Vec<u64> = ids.iter().map(|v| v.0).collect();
+            checks.push(checker::vms::runs_once(
+                checker::vms::runs_twice_during(&seen),
+                checker::vms::placed_once_at_end(&raw, &final_vms, &final_sightings),
+                ids.len(),
+                seen.len(),
+            ));
+            checks.push(checker::vms::memory(&vms::memory_checks(&client, &ids).await));
+            checks.push(checker::vms::migrations(&history));
+            Some(VmReport { final_vms, final_sightings, sightings: seen.len() })
+        }
+        _ => None,
+    };
     let leader_faults: Vec<&FaultRecord> = records.iter().filter(|r| r.hit_leader).collect();
     let failovers: Vec<f64> = leader_faults.iter().filter_map(|r| r.failover_ms).map(|m| m as f64).collect();
     let unrecovered = leader_faults.iter().filter(|r| r.failover_ms.is_none() && r.kind != FaultKind::Delay).count();
@@ -309,7 +373,7 @@ async fn drive(
         offending: Vec::new(),
     });
 
-    let counts = OpCounts::of(history.iter().filter(|o| !o.kind.is_block()));
+    let counts = OpCounts::of(history.iter().filter(|o| o.kind.is_register()));
     let block_writes = scenario.blocks.as_ref().map(|_| OpCounts::of(history.iter().filter(|o| o.kind.is_block())));
     let passed = checks.iter().all(|c| c.passed);
     Ok(RunReport {
@@ -322,6 +386,8 @@ async fn drive(
         operations: counts,
         block_writes,
         blocks: block_report,
+        migrations: scenario.vms.as_ref().map(|_| OpCounts::of(history.iter().filter(|o| o.kind.is_migration()))),
+        vms: vm_report,
         failover_ms: Stats::of(failovers),
         heal_ms,
         checkers: checks,

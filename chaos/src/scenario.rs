@@ -28,6 +28,11 @@
 //! writers = 4
 //! blocks_per_writer = 64   # each writer owns a disjoint range of 4 KiB blocks
 //! rate = 200               # block writes per second, all writers together
+//! [vms]                    # optional: running guests live-migrated between hosts (absent = none)
+//! count = 3
+//! memory_mib = 32
+//! dirty_rate = 500         # page writes per second per guest
+//! migrate_every = "2s"     # start a migration this often
 //! [checkers]
 //! heal_within = "15s"
 //! ```
@@ -63,6 +68,9 @@ pub struct Scenario {
     /// The block-volume workload, if any.
     #[serde(default)]
     pub blocks: Option<BlockSpec>,
+    /// The VM live-migration workload, if any.
+    #[serde(default)]
+    pub vms: Option<VmWorkloadSpec>,
     #[serde(default)]
     pub checkers: CheckerSpec,
 }
@@ -158,6 +166,74 @@ pub struct BlockSpec {
     /// After healing, how long to wait for every replica to be in sync (reported, not judged).
     #[serde(default = "in_sync_within", with = "dur")]
     pub in_sync_within: Duration,
+}
+
+/// The VM workload: `count` running guests, live-migrated one at a time to a random other host
+/// every `migrate_every` while the faults fire; the `vm-runs-once` and `vm-memory` checkers judge
+/// where and how they run after healing (and `vm-runs-once` also samples during the run).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmWorkloadSpec {
+    #[serde(default = "three")]
+    pub count: usize,
+    /// Guest memory in MiB.
+    #[serde(default = "vm_memory_mib")]
+    pub memory_mib: u64,
+    /// Page writes per second of each guest's workload.
+    #[serde(default = "vm_dirty_rate")]
+    pub dirty_rate: u64,
+    /// A migration starts this often (of a VM not already moving).
+    #[serde(default = "migrate_every", with = "dur")]
+    pub migrate_every: Duration,
+    /// Longest pause the migrations accept.
+    #[serde(default = "max_downtime", with = "dur")]
+    pub max_downtime: Duration,
+    /// A migration not ended after this long counts as indeterminate.
+    #[serde(default = "migration_timeout", with = "dur")]
+    pub migration_timeout: Duration,
+    /// After healing, how long every VM may take to run again exactly where the catalog says.
+    #[serde(default = "recover_within", with = "dur")]
+    pub recover_within: Duration,
+}
+
+fn vm_memory_mib() -> u64 {
+    32
+}
+fn vm_dirty_rate() -> u64 {
+    500
+}
+fn migrate_every() -> Duration {
+    Duration::from_secs(2)
+}
+fn max_downtime() -> Duration {
+    Duration::from_millis(300)
+}
+fn migration_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+
+impl VmWorkloadSpec {
+    fn validate(&self, nodes: usize) -> Result<(), String> {
+        if !(1..=16).contains(&self.count) {
+            return Err(format!("vms.count: {} is outside 1..=16", self.count));
+        }
+        if !(1..=1024).contains(&self.memory_mib) {
+            return Err(format!("vms.memory_mib: {} is outside 1..=1024", self.memory_mib));
+        }
+        if nodes < 2 {
+            return Err("vms: migrations need at least 2 nodes".into());
+        }
+        if self.dirty_rate > 1_000_000 {
+            return Err(format!("vms.dirty_rate: {} page writes/s is above 1000000", self.dirty_rate));
+        }
+        if self.migrate_every < Duration::from_millis(100) {
+            return Err("vms.migrate_every: must be at least 100ms".into());
+        }
+        if self.migration_timeout.is_zero() || self.recover_within.is_zero() {
+            return Err("vms: migration_timeout and recover_within must be greater than zero".into());
+        }
+        Ok(())
+    }
 }
 
 /// The block size the block workload writes (the volume's default block size).
@@ -388,6 +464,9 @@ impl Scenario {
         }
         if let Some(b) = &self.blocks {
             b.validate(self.cluster.nodes)?;
+        }
+        if let Some(v) = &self.vms {
+            v.validate(self.cluster.nodes)?;
         }
         let check_target = |what: &str, t: Target| -> Result<(), String> {
             match t {

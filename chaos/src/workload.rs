@@ -128,6 +128,8 @@ async fn execute(
                 client.kv_cas(key, exp.as_deref().map(str::as_bytes), Some(new.to_string().as_bytes())).await?;
             Ok((None, Some(matched)))
         }
-        OpKind::BlockWrite { .. } => Err(ClientError::Protocol("block writes belong to the block workload".into())),
+        OpKind::BlockWrite { .. } | OpKind::Migrate { .. } => {
+            Err(ClientError::Protocol("block writes and migrations belong to their own workloads".into()))
+        }
     }
 }

@@ -81,6 +81,23 @@ fn volume_keeps_every_acknowledged_block_through_primary_kills() {
 }
 
 #[test]
+fn vms_migrate_under_host_and_link_faults_and_run_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, report) = run_scenario("vm-migrations.toml", &tmp.path().join("run"));
+    let summary = std::fs::read_to_string(tmp.path().join("run/summary.txt")).unwrap();
+    assert!(o.status.success(), "vm-migrations run failed:\n{summary}\n{}", String::from_utf8_lossy(&o.stderr));
+    for name in ["heals", "vm-runs-once", "vm-memory", "migrations", "linearizable"] {
+        assert_eq!(checker(&report, name)["passed"], true, "{name}: {summary}");
+    }
+    assert!(report["migrations"]["ok"].as_u64().unwrap() > 0, "{summary}");
+    assert!(report["vms"]["sightings"].as_u64().unwrap() > 0, "the sampler saw nothing:\n{summary}");
+    let vms = report["vms"]["final_vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 3, "{summary}");
+    assert!(vms.iter().all(|v| v["migrating_to"].is_null()), "{summary}");
+    println!("{summary}");
+}
+
+#[test]
 fn acknowledging_before_commit_is_caught() {
     let tmp = tempfile::tempdir().unwrap();
     let (o, report) = run_scenario("broken-ack.toml", &tmp.path().join("run"));

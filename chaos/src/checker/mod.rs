@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod linearizability;
+pub mod vms;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -35,7 +36,7 @@ impl CheckResult {
 /// Linearizability of every register's history.
 pub fn linearizable(history: &[Op]) -> CheckResult {
     let mut by_key: BTreeMap<&str, Vec<Op>> = BTreeMap::new();
-    for op in history.iter().filter(|o| !o.key.starts_with(APPEND_PREFIX) && !o.kind.is_block()) {
+    for op in history.iter().filter(|o| !o.key.starts_with(APPEND_PREFIX) && o.kind.is_register()) {
         by_key.entry(&op.key).or_default().push(op.clone());
     }
     let mut inconclusive = Vec::new();

@@ -164,8 +164,18 @@ impl VmHost {
                     self.install(id, guest)
                 }
             };
-            if record.migrating_to.is_some() {
-                continue; // the migration owns the run state until it ends
+            if let Some(to) = record.migrating_to {
+                // The migration owns the run state until it ends. One announced in the catalog
+                // but not running here (this process restarted, or its end was never recorded)
+                // is over: record that, and the next pass applies the desired state again.
+                let running_here = inst.cancel.lock().expect("cancel lock").is_some();
+                if !running_here {
+                    warn!(vm = %id, %to, "a migration the catalog announces is not running here; ending it");
+                    if let Err(e) = self.propose(VmCommand::AbortMigration { vm: id }).await {
+                        warn!(vm = %id, error = %e, "could not record the end of an abandoned migration yet");
+                    }
+                }
+                continue;
             }
             let state = inst.guest.state();
             let result = match (record.desired, state) {
@@ -335,11 +345,28 @@ impl VmHost {
                 ),
             ));
         }
-        let record = self.propose(VmCommand::BeginMigration { vm: inst.id, to }).await?;
+        // Claim the VM for this migration before announcing it, so reconcile never mistakes it
+        // for an abandoned one.
+        let cancel = CancelToken::new();
+        {
+            let mut slot = inst.cancel.lock().expect("cancel lock");
+            if slot.is_some() {
+                return Err(wire(ErrorCode::InvalidRequest, format!("{} is already migrating", inst.id)));
+            }
+            *slot = Some(cancel.clone());
+        }
+        let record = match self.propose(VmCommand::BeginMigration { vm: inst.id, to }).await {
+            Ok(r) => r,
+            Err(e) => {
+                *inst.cancel.lock().expect("cancel lock") = None;
+                return Err(e);
+            }
+        };
         let addr = match self.service.transport.dial_addr(to, &peer.addr).await {
             Ok(a) => a,
             Err(e) => {
                 let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
+                *inst.cancel.lock().expect("cancel lock") = None;
                 return Err(wire(ErrorCode::Unavailable, e));
             }
         };
@@ -354,11 +381,10 @@ impl VmHost {
             Ok(s) => s,
             Err(e) => {
                 let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
+                *inst.cancel.lock().expect("cancel lock") = None;
                 return Err(wire(ErrorCode::Unavailable, format!("cannot open a migration stream to {to}: {e}")));
             }
         };
-        let cancel = CancelToken::new();
-        *inst.cancel.lock().expect("cancel lock") = Some(cancel.clone());
         let first = MigrationReport { phase: "precopy".into(), to: Some(to), ..Default::default() };
         *inst.migration.lock().expect("migration lock") = Some(first.clone());
         let me = self.clone();
