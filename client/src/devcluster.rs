@@ -122,14 +122,37 @@ pub fn locate_binary(name: &str, env_var: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Pick a free port (UDP for QUIC, TCP for admin) on `host`.
+/// Pick a free port (UDP for QUIC, TCP for admin and NBD) on `host`.
+///
+/// The port is free when chosen but only bound later, by the node. A port from the kernel's
+/// ephemeral range could meanwhile be handed to any process's outgoing socket (a QUIC client
+/// endpoint, say), and the node would fail to bind it. So ports are drawn at random from below
+/// that range, where the kernel never allocates on its own; only another explicit pick can
+/// collide, and the bind check below rules out ports already taken.
 fn free_port(host: &str, udp: bool) -> Result<SocketAddr, DevClusterError> {
-    let addr = format!("{host}:0");
-    if udp {
-        UdpSocket::bind(&addr).and_then(|s| s.local_addr()).map_err(io(format!("finding a free UDP port on {host}")))
-    } else {
-        TcpListener::bind(&addr).and_then(|s| s.local_addr()).map_err(io(format!("finding a free TCP port on {host}")))
+    use rand::Rng;
+    let check = |port: u16| -> std::io::Result<SocketAddr> {
+        let addr = format!("{host}:{port}");
+        if udp {
+            UdpSocket::bind(&addr).and_then(|s| s.local_addr())
+        } else {
+            TcpListener::bind(&addr).and_then(|s| s.local_addr())
+        }
+    };
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    if ephemeral_start > 12_000 {
+        let mut rng = rand::rng();
+        for _ in 0..64 {
+            if let Ok(a) = check(rng.random_range(10_000..ephemeral_start)) {
+                return Ok(a);
+            }
+        }
     }
+    let what = if udp { "UDP" } else { "TCP" };
+    check(0).map_err(io(format!("finding a free {what} port on {host}")))
 }
 
 /// A local cluster. Children started by this value are killed when it is dropped unless
