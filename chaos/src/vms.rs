@@ -157,7 +157,7 @@ pub async fn run(
             }
         })
     };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_76);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f76);
     let in_flight: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
     let mut waiters = Vec::new();
     let mut stop_main = stop.clone();
