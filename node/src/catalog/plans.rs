@@ -142,8 +142,9 @@ impl CatalogTxn<'_> {
             ))));
         }
         if to == from {
+            let verb = if vms.len() == 1 { "runs" } else { "run" };
             return Ok(Err(refused(format!(
-                "{} already run on {to}: the source and the destination are the same host",
+                "{} already {verb} on {to}: the source and the destination are the same host",
                 list(vms)
             ))));
         }
@@ -178,9 +179,14 @@ impl CatalogTxn<'_> {
         let id = self.next_id("plan")?;
         let mut vms: Vec<VmId> = records.iter().map(|r| r.id).collect();
         vms.sort();
+        let name = match (name, drain) {
+            (Some(n), _) => n,
+            (None, true) => format!("drain-{}-to-{}-{id}", from.0, to.0),
+            (None, false) => format!("plan-{id}"),
+        };
         let mut plan = MigrationPlan {
             id,
-            name: name.unwrap_or_else(|| format!("plan-{id}")),
+            name,
             progress: vms.iter().map(|v| PlanVm { vm: *v, phase: PlanVmPhase::Waiting, note: None }).collect(),
             vms,
             from,
@@ -473,8 +479,7 @@ impl CatalogTxn<'_> {
         }
         let mut plans = Vec::new();
         for (to, records) in groups {
-            let name = format!("drain-{}-to-{}-{at_ms}", host.0, to.0);
-            let mut plan = self.new_plan(Some(name), &records, host, to, settings, true, at_ms)?;
+            let mut plan = self.new_plan(None, &records, host, to, settings, true, at_ms)?;
             push_step(&mut plan, at_ms, &format!("{host} is draining"));
             self.put_plan(&plan)?;
             plans.push(plan);
