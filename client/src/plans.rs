@@ -74,7 +74,7 @@ impl HavenClient {
             at_ms: now_ms(),
         };
         match self.plan_command(cmd).await? {
-            PlanOutcome::Plan(p) => Ok(p),
+            PlanOutcome::Plan(p) => Ok(*p),
             other => Err(ClientError::unexpected(other)),
         }
     }
@@ -89,7 +89,7 @@ impl HavenClient {
     ) -> Result<MigrationPlan, ClientError> {
         let cmd = PlanCommand::Create { name, vms, to, settings, at_ms: now_ms() };
         match self.plan_command(cmd).await? {
-            PlanOutcome::Plan(p) => Ok(p),
+            PlanOutcome::Plan(p) => Ok(*p),
             other => Err(ClientError::unexpected(other)),
         }
     }
@@ -105,7 +105,7 @@ impl HavenClient {
     /// A plan by `plan-N`, `N` or name (the newest with that name); `NotFound` if none.
     pub async fn plan(&self, name_or_id: &str) -> Result<MigrationPlan, ClientError> {
         match self.plan_query(PlanQuery::Plan { name_or_id: name_or_id.into() }).await? {
-            PlanQueryResult::Plan(Some(p)) => Ok(p),
+            PlanQueryResult::Plan(Some(p)) => Ok(*p),
             PlanQueryResult::Plan(None) => Err(ClientError::refused(format!("no plan {name_or_id:?}"), true)),
             other => Err(ClientError::unexpected(other)),
         }
@@ -115,7 +115,7 @@ impl HavenClient {
     pub async fn cancel_plan(&self, id: u64, reason: &str) -> Result<MigrationPlan, ClientError> {
         let cmd = PlanCommand::Cancel { id, reason: reason.into(), at_ms: now_ms() };
         match self.plan_command(cmd).await? {
-            PlanOutcome::Plan(p) => Ok(p),
+            PlanOutcome::Plan(p) => Ok(*p),
             other => Err(ClientError::unexpected(other)),
         }
     }

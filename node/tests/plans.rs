@@ -1,8 +1,9 @@
 //! Group live-migration plans (C1) end to end on real `haven-node` processes: a three-VM group
 //! under load moves and is consolidated at the destination; a destination killed -9 mid-plan
 //! makes the plan fail back with the whole group restored at the source from its recovery
-//! snapshot; the leader killed mid-plan leaves the plan to the next leader, which finishes it;
-//! bad plans are refused with clear, typed errors.
+//! snapshot; a source killed -9 and restarted mid-plan restores the group from the images on its
+//! disk; the leader killed mid-plan leaves the plan to the next leader, which finishes it; bad
+//! plans are refused with clear, typed errors.
 //!
 //! Invariant checked throughout: a VM runs only where the catalog's `host` says — no other node
 //! answers for it.
@@ -256,6 +257,7 @@ async fn a_three_vm_group_moves_and_is_consolidated_at_the_destination() {
     for (vm, seq) in vms.iter().zip(before) {
         assert_runs_only_on(&k.c, client, *vm, k.dst).await;
         let s = client.vm_status(*vm).await.unwrap();
+        assert_eq!(s.origin, "migrated", "{vm}: {s:?}");
         assert!(s.last_seq > seq, "{vm} did not keep running: {} <= {seq}", s.last_seq);
         check_memory(client, *vm).await;
     }
@@ -292,7 +294,43 @@ async fn destination_killed_mid_plan_fails_back_to_the_recovery_snapshot() {
         assert_runs_only_on(&k.c, &client, *vm, k.src).await;
         let image = p.image(*vm).expect("image");
         let s = client.vm_status(*vm).await.unwrap();
+        assert_eq!(s.origin, "restored", "{vm}: {s:?}");
         assert!(s.last_seq >= image.last_seq, "{vm} is behind its recovery point: {} < {}", s.last_seq, image.last_seq);
+        check_memory(&client, *vm).await;
+    }
+    wait_released(&k.c, &client, plan.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_restarted_mid_plan_restores_the_group_from_images_on_its_disk() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = cluster(tmp.path(), &[]).await;
+    let client = k.client.clone();
+    let vms = group(&client, "s", 3, 64, 8000, k.src).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let plan = client.create_plan_by_id(None, vms.clone(), k.dst, settings(1)).await.expect("create plan");
+    let p =
+        wait_plan_until(&client, plan.id, "moved a VM", |p| p.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived))
+            .await;
+    assert_eq!(p.state, PlanState::Migrating, "the plan got past migrating before the kill:\n{}", steps_text(&p));
+    // The source loses every guest it ran; only its recovery images (fsynced) survive.
+    k.c.kill(k.src.0).unwrap();
+    k.c.start(k.src.0).unwrap();
+    let p = wait_end(&client, plan.id).await;
+    assert_eq!(p.state, PlanState::FailedBack, "{}", steps_text(&p));
+    assert_eq!(p.fail_back, Some(FailBackMode::RestoredFromSnapshot), "{}", steps_text(&p));
+    for vm in &vms {
+        assert_runs_only_on(&k.c, &client, *vm, k.src).await;
+        let image = p.image(*vm).expect("image");
+        let s = client.vm_status(*vm).await.unwrap();
+        assert_eq!(s.origin, "restored", "{vm}: {s:?}");
+        assert!(
+            s.last_seq >= image.last_seq,
+            "{vm} was not restored from its image: {} < {}",
+            s.last_seq,
+            image.last_seq
+        );
         check_memory(&client, *vm).await;
     }
     wait_released(&k.c, &client, plan.id).await;

@@ -124,6 +124,9 @@ pub struct RecoveryImage {
 pub struct RecoveryPoint {
     /// Where the images are (the plan's source).
     pub host: NodeId,
+    /// The source's process incarnation when it took the snapshot: if it differs now, the
+    /// source restarted and every guest it held lost its memory.
+    pub host_incarnation: u64,
     pub taken_at_ms: u64,
     /// How long the group was paused to take it.
     pub paused_ms: u64,
@@ -430,7 +433,7 @@ pub struct DrainSkip {
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum PlanOutcome {
-    Plan(MigrationPlan),
+    Plan(Box<MigrationPlan>),
     Drained { host: NodeId, plans: Vec<MigrationPlan>, skipped: Vec<DrainSkip> },
     Refused { reason: String, not_found: bool },
 }
@@ -449,7 +452,7 @@ pub enum PlanQuery {
 #[rkyv(derive(Debug))]
 pub enum PlanQueryResult {
     Plans(Vec<MigrationPlan>),
-    Plan(Option<MigrationPlan>),
+    Plan(Option<Box<MigrationPlan>>),
 }
 
 /// A group operation on one host, asked of its host agent by the leader's plan controller.
@@ -488,9 +491,11 @@ impl GroupRequest {
 pub enum GroupResponse {
     /// The job is still running; ask again.
     Pending,
+    /// `incarnation`: the host process that took it (see `ActorReply::Description`).
     Snapshot {
         images: Vec<RecoveryImage>,
         paused_ms: u64,
+        incarnation: u64,
     },
     Consolidated {
         resume_spread_ms: u64,

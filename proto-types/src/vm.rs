@@ -231,6 +231,9 @@ pub struct VmStatus {
     pub throttle_percent: u8,
     /// blake3 of all guest memory, hex.
     pub digest: String,
+    /// Where the guest's memory came from on this host: `booted` (fresh memory: created here,
+    /// or the host restarted), `migrated` or `restored` (from a recovery snapshot).
+    pub origin: String,
 }
 
 /// A migration's progress or result as the source reports it.

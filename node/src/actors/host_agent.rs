@@ -43,6 +43,7 @@ impl Handler<Deliver> for HostAgent {
                 kind: "host_agent".into(),
                 handled: self.handled,
                 uptime_ms: self.started.elapsed().as_millis() as u64,
+                incarnation: super::incarnation(),
             }),
             ActorMessage::Vm(VmMessage::Group(req)) => match self.vms.clone() {
                 Some(vms) => {

@@ -245,7 +245,15 @@ impl CatalogTxn<'_> {
                     }
                     Some(_) => {}
                 }
-                PlanOutcome::Plan(self.new_plan(name.clone(), &records, from, *to, settings, false, *at_ms)?)
+                PlanOutcome::Plan(Box::new(self.new_plan(
+                    name.clone(),
+                    &records,
+                    from,
+                    *to,
+                    settings,
+                    false,
+                    *at_ms,
+                )?))
             }
             PlanCommand::Drain { host, settings, at_ms } => self.drain(*host, settings, *at_ms)?,
             PlanCommand::Adopt { id, term, leader, at_ms } => {
@@ -268,7 +276,7 @@ impl CatalogTxn<'_> {
                     push_step(&mut plan, *at_ms, &note);
                     self.put_plan(&plan)?;
                 }
-                PlanOutcome::Plan(plan)
+                PlanOutcome::Plan(Box::new(plan))
             }
             PlanCommand::Advance { id, term, leader, expected, to, patch, note, at_ms } => {
                 let Some(mut plan) = self.plan(*id)? else { return Ok(not_found(format!("no plan {id}"))) };
@@ -328,7 +336,7 @@ impl CatalogTxn<'_> {
                     self.finish(&plan)?;
                 }
                 self.put_plan(&plan)?;
-                PlanOutcome::Plan(plan)
+                PlanOutcome::Plan(Box::new(plan))
             }
             PlanCommand::VmPhase { id, term, vm, phase, note, at_ms } => {
                 let Some(mut plan) = self.plan(*id)? else { return Ok(not_found(format!("no plan {id}"))) };
@@ -353,7 +361,7 @@ impl CatalogTxn<'_> {
                 }
                 plan.driver_term = plan.driver_term.max(*term);
                 self.put_plan(&plan)?;
-                PlanOutcome::Plan(plan)
+                PlanOutcome::Plan(Box::new(plan))
             }
             PlanCommand::RestoreGroup { id, term, reason, at_ms } => {
                 let Some(mut plan) = self.plan(*id)? else { return Ok(not_found(format!("no plan {id}"))) };
@@ -361,7 +369,7 @@ impl CatalogTxn<'_> {
                     return Ok(refused(format!("plan {id} is driven by the leader of term {}", plan.driver_term)));
                 }
                 if plan.restore.is_some() {
-                    return Ok(PlanOutcome::Plan(plan)); // already done: idempotent
+                    return Ok(PlanOutcome::Plan(Box::new(plan))); // already done: idempotent
                 }
                 if plan.state != PlanState::FailingBack {
                     return Ok(refused(format!("plan {id} is {}; only a plan failing back is restored", plan.state)));
@@ -386,7 +394,7 @@ impl CatalogTxn<'_> {
                 );
                 push_step(&mut plan, *at_ms, &note);
                 self.put_plan(&plan)?;
-                PlanOutcome::Plan(plan)
+                PlanOutcome::Plan(Box::new(plan))
             }
             PlanCommand::RecoveryReleased { id, term, at_ms } => {
                 let Some(mut plan) = self.plan(*id)? else { return Ok(not_found(format!("no plan {id}"))) };
@@ -400,7 +408,7 @@ impl CatalogTxn<'_> {
                     push_step(&mut plan, *at_ms, &format!("recovery images deleted from {host}"));
                     self.put_plan(&plan)?;
                 }
-                PlanOutcome::Plan(plan)
+                PlanOutcome::Plan(Box::new(plan))
             }
             PlanCommand::Cancel { id, reason, at_ms } => {
                 let Some(mut plan) = self.plan(*id)? else { return Ok(not_found(format!("no plan {id}"))) };
@@ -410,7 +418,7 @@ impl CatalogTxn<'_> {
                         plan.failure = Some(bounded_note(&format!("cancelled: {reason}")));
                         push_step(&mut plan, *at_ms, &format!("cancelled: {reason}"));
                         self.put_plan(&plan)?;
-                        PlanOutcome::Plan(plan)
+                        PlanOutcome::Plan(Box::new(plan))
                     }
                     PlanState::Consolidating => {
                         return Ok(refused(format!(
@@ -542,7 +550,7 @@ fn find_plan(store: &Store, name_or_id: &str) -> Result<Option<MigrationPlan>, S
 pub fn query(store: &Store, q: &PlanQuery) -> Result<PlanQueryResult, StoreError> {
     Ok(match q {
         PlanQuery::Plans => PlanQueryResult::Plans(plans(store)?),
-        PlanQuery::Plan { name_or_id } => PlanQueryResult::Plan(find_plan(store, name_or_id)?),
+        PlanQuery::Plan { name_or_id } => PlanQueryResult::Plan(find_plan(store, name_or_id)?.map(Box::new)),
     })
 }
 
@@ -585,7 +593,7 @@ mod tests {
 
     fn the_plan(o: PlanOutcome) -> MigrationPlan {
         match o {
-            PlanOutcome::Plan(p) => p,
+            PlanOutcome::Plan(p) => *p,
             other => panic!("expected a plan, got {other:?}"),
         }
     }
@@ -641,6 +649,7 @@ mod tests {
     fn recovery(vms: &[u64]) -> RecoveryPoint {
         RecoveryPoint {
             host: NodeId(1),
+            host_incarnation: 7,
             taken_at_ms: 1500,
             paused_ms: 3,
             images: vms

@@ -180,10 +180,10 @@ impl CatalogTxn<'_> {
                 let active = self.active_plan_of(*vm)?;
                 match (&active, plan) {
                     (Some(p), Some(id)) if p.id == *id => {}
-                    (Some(p), _) => return Ok(refused(format!(
-                        "{vm} is in migration plan {} ({}); the plan moves it (cancel the plan to move it yourself)",
-                        p.id, p.state
-                    ))),
+                    (Some(p), _) => {
+                        let why = format!("{vm} is in migration plan {} ({}); the plan moves it", p.id, p.state);
+                        return Ok(refused(format!("{why} (cancel the plan to move it yourself)")));
+                    }
                     (None, Some(id)) => return Ok(refused(format!("{vm} is not in an active plan {id}"))),
                     (None, None) => {}
                 }

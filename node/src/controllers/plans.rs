@@ -116,12 +116,12 @@ pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
         tasks.retain(|_, h| !h.is_finished());
         // Non-final plans every round (cheap: an index); final plans still holding recovery
         // images now and then (a scan of every plan).
-        let plans = if rounds % 50 == 0 {
+        let plans = if rounds == 0 {
             catalog::plans::plans_needing_work(&service.store)
         } else {
             catalog::plans::active_plans(&service.store)
         };
-        rounds += 1;
+        rounds = (rounds + 1) % 50;
         let Ok(plans) = plans else { continue };
         for p in plans {
             if tasks.contains_key(&p.id) || !p.needs_work() {
@@ -273,7 +273,7 @@ impl Driver {
 
     async fn propose(&self, cmd: PlanCommand) -> Result<MigrationPlan, StepError> {
         match self.service.write(CatalogCommand::Plan(cmd), 0).await {
-            Ok(ClientResponse::Written { outcome: CommandOutcome::Plan(PlanOutcome::Plan(p)), .. }) => Ok(p),
+            Ok(ClientResponse::Written { outcome: CommandOutcome::Plan(PlanOutcome::Plan(p)), .. }) => Ok(*p),
             Ok(ClientResponse::Written {
                 outcome: CommandOutcome::Plan(PlanOutcome::Refused { reason, .. }), ..
             }) => {
@@ -323,13 +323,24 @@ impl Driver {
         self.propose(cmd).await.map(|_| ())
     }
 
-    async fn alive(&self, host: NodeId) -> bool {
+    /// `host`'s process incarnation (it changes when the node restarts), if its agent answers.
+    async fn incarnation(&self, host: NodeId) -> Option<u64> {
         let wait = Duration::from_millis((self.t.host_down_ms / 2).clamp(100, 1000));
-        self.service
-            .registry
-            .send_timeout(ActorAddr::host_agent(host), ActorMessage::Ping { nonce: 0 }, wait)
-            .await
-            .is_ok()
+        match self.service.registry.send_timeout(ActorAddr::host_agent(host), ActorMessage::Describe, wait).await {
+            Ok(ActorReply::Description { incarnation, .. }) => Some(incarnation),
+            _ => None,
+        }
+    }
+
+    async fn alive(&self, host: NodeId) -> bool {
+        self.incarnation(host).await.is_some()
+    }
+
+    /// Whether the source restarted since it took the recovery snapshot: every guest it held
+    /// then lost its memory.
+    async fn source_restarted(&self, plan: &MigrationPlan) -> bool {
+        let Some(r) = &plan.recovery else { return false };
+        self.incarnation(r.host).await.is_some_and(|now| now != r.host_incarnation)
     }
 
     /// Ask `host` for a group operation and wait for its result (polling its job).
@@ -402,7 +413,7 @@ impl Driver {
         }
         let req = GroupRequest::Snapshot { plan: plan.id, vms: plan.vms.clone() };
         match self.group_call(plan.from, req).await {
-            Ok(GroupResponse::Snapshot { images, paused_ms }) => {
+            Ok(GroupResponse::Snapshot { images, paused_ms, incarnation }) => {
                 let bytes: u64 = images.iter().map(|i| i.bytes).sum();
                 let note = format!(
                     "recovery snapshot on {}: {} images, {} MiB, group paused {paused_ms} ms; migrating up to {} at once",
@@ -413,6 +424,7 @@ impl Driver {
                 );
                 let point = RecoveryPoint {
                     host: plan.from,
+                    host_incarnation: incarnation,
                     taken_at_ms: now_ms(),
                     paused_ms,
                     images,
@@ -431,6 +443,7 @@ impl Driver {
         let vm_timeout = Duration::from_millis(self.t.vm_migration_timeout_ms);
         let mut started: HashMap<VmId, Instant> = HashMap::new();
         let mut silent_since: Option<Instant> = None;
+        let mut dest_incarnation: Option<u64> = None;
         loop {
             if !self.leading() {
                 return Err(Lost);
@@ -445,12 +458,30 @@ impl Driver {
                     ms_text(plan.timeout_ms)
                 )));
             }
-            if self.alive(plan.to).await {
-                silent_since = None;
-            } else if silent_since.get_or_insert_with(Instant::now).elapsed()
-                >= Duration::from_millis(self.t.host_down_ms)
-            {
-                return Err(Fail(format!("destination {} stopped answering", plan.to)));
+            // The destination must stay up and keep what it received; the source must not restart
+            // (a restarted host lost its guests).
+            match self.incarnation(plan.to).await {
+                Some(now) => {
+                    silent_since = None;
+                    let first = *dest_incarnation.get_or_insert(now);
+                    let received = plan.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived);
+                    if now != first && received {
+                        return Err(Fail(format!(
+                            "destination {} restarted: the VMs it had received are lost",
+                            plan.to
+                        )));
+                    }
+                    dest_incarnation = Some(now);
+                }
+                None => {
+                    let down = Duration::from_millis(self.t.host_down_ms);
+                    if silent_since.get_or_insert_with(Instant::now).elapsed() >= down {
+                        return Err(Fail(format!("destination {} stopped answering", plan.to)));
+                    }
+                }
+            }
+            if self.source_restarted(&plan).await {
+                return Err(Fail(format!("source {} restarted since the recovery snapshot", plan.from)));
             }
             let mut arrived = 0;
             let mut in_flight = 0;
@@ -590,6 +621,21 @@ impl Driver {
         if let Some(r) = records.iter().find(|r| r.host != plan.from && r.host != plan.to) {
             need_image = Some(format!("{} turned up on {}", r.id, r.host));
         }
+        // A host that restarted lost the guests it held: the source since the snapshot, the
+        // destination since a VM arrived (its guest there was booted fresh).
+        if need_image.is_none() && self.source_restarted(plan).await {
+            need_image = Some(format!("{} restarted since the recovery snapshot", plan.from));
+        }
+        for r in records.iter().filter(|r| r.host == plan.to) {
+            if need_image.is_some() {
+                break;
+            }
+            if let Ok(s) = self.status(r.id).await {
+                if s.origin == "booted" {
+                    need_image = Some(format!("{} restarted: {} lost the memory it had received", plan.to, r.id));
+                }
+            }
+        }
         // A VM at the source behind its recovery point lost its memory (its host restarted).
         if plan.recovery.is_some() && need_image.is_none() {
             for r in records.iter().filter(|r| r.host == plan.from) {
@@ -631,7 +677,7 @@ impl Driver {
         }
         let plan = self.load(plan.id)?;
         let moved_back = plan.progress.iter().any(|p| matches!(p.phase, PlanVmPhase::Arrived | PlanVmPhase::Returning));
-        match self.verify(&plan).await {
+        match self.verify(&plan, false).await {
             Ok(summary) => {
                 let (mode, how) = if moved_back {
                     (FailBackMode::MigratedBack, "the VMs that had moved were live-migrated back")
@@ -726,7 +772,7 @@ impl Driver {
             Err(e) if e.code == ErrorCode::NotLeader => return Err(Lost),
             Err(e) => return Err(Retry(format!("restore on {}: {}", recovery.host, e.message))),
         }
-        let summary = self.verify(plan).await.map_err(|e| match e {
+        let summary = self.verify(plan, true).await.map_err(|e| match e {
             Unverified::Lost(w) | Unverified::NotYet(w) => Retry(w),
         })?;
         let note = format!(
@@ -738,8 +784,12 @@ impl Driver {
 
     /// Every VM of the group runs at the source (as desired), its memory checks out, and it is
     /// not behind its recovery point.
-    async fn verify(&self, plan: &MigrationPlan) -> Result<String, Unverified> {
+    /// After a restore (`restored`), each guest must be the one loaded from its image.
+    async fn verify(&self, plan: &MigrationPlan, restored: bool) -> Result<String, Unverified> {
         use Unverified::{Lost as Gone, NotYet};
+        if !restored && self.source_restarted(plan).await {
+            return Err(Gone(format!("{} restarted since the recovery snapshot", plan.from)));
+        }
         let mut checked = 0;
         for r in self.records(plan).map_err(|e| NotYet(format!("{e:?}")))? {
             if r.host != plan.from || r.migrating_to.is_some() {
@@ -759,6 +809,9 @@ impl Driver {
                     _ => tokio::time::sleep(self.poll).await,
                 }
             };
+            if restored && status.origin != "restored" {
+                return Err(NotYet(format!("{} on {} is {}, not restored yet", r.id, plan.from, status.origin)));
+            }
             if status.host != plan.from {
                 return Err(NotYet(format!("{} answers from {}, not {}", r.id, status.host, plan.from)));
             }

@@ -46,7 +46,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::guest::{GuestDriver, GuestError, GuestSpec, RunState, SimulatedGuest, PAGE_SIZE};
-use super::host::{VmHost, VmInstance};
+use super::host::{Origin, VmHost, VmInstance};
 use super::migration::MAX_VCPU_STATE_BYTES;
 
 /// Directory under the data dir holding recovery images.
@@ -340,6 +340,8 @@ pub fn load_image(
 // Group jobs
 
 type JobResult = Result<GroupResponse, WireError>;
+/// Group jobs by (plan, kind), each with the channel its result arrives on.
+type Jobs = HashMap<(u64, &'static str), watch::Receiver<Option<JobResult>>>;
 
 /// The host's group-operation state (part of [`VmHost`]).
 pub struct GroupState {
@@ -347,7 +349,7 @@ pub struct GroupState {
     capture_limit_bytes: u64,
     /// One group job at a time on this host.
     serial: tokio::sync::Mutex<()>,
-    jobs: Mutex<HashMap<(u64, &'static str), watch::Receiver<Option<JobResult>>>>,
+    jobs: Mutex<Jobs>,
     /// VMs a group job holds: the reconcile loop leaves their run state alone. Reconcile applies
     /// run states while holding this lock, so a job that inserted a VM here knows reconcile will
     /// not resume it underneath.
@@ -600,13 +602,20 @@ impl VmHost {
         .map_err(|e| wire(ErrorCode::Internal, e.to_string()))?;
         info!(plan, vms = images.len(), paused_ms, in_memory, "recovery snapshot taken");
         metrics::histogram!("haven_plan_snapshot_pause_seconds").record(paused_ms as f64 / 1e3);
-        Ok(GroupResponse::Snapshot { images, paused_ms })
+        Ok(GroupResponse::Snapshot { images, paused_ms, incarnation: crate::actors::incarnation() })
     }
 
-    /// Pause the whole group here, then resume it together.
+    /// Pause the whole group here, then resume it together. Refused if a VM's guest here did not
+    /// arrive by migration (this host restarted and booted it fresh: its memory is lost).
     async fn consolidate(self: Arc<Self>, plan: u64, vms: Vec<VmId>) -> JobResult {
         let _serial = self.group.serial.lock().await;
         let group = self.local_group(&vms).await?;
+        if let Some((_, i)) = group.iter().find(|(_, i)| i.origin == Origin::Booted) {
+            return Err(wire(
+                ErrorCode::Internal,
+                format!("{} was booted fresh on {} (the host restarted): its migrated memory is lost", i.id, self.node),
+            ));
+        }
         let insts: Vec<Arc<VmInstance>> = group.iter().map(|(_, i)| i.clone()).collect();
         let hold = Hold::new(&self.group, &vms);
         let started = Instant::now();
@@ -701,7 +710,7 @@ impl VmHost {
                     let _ = old.guest.stop();
                 }
                 self.drop_incoming(r.id);
-                installed.push((r.desired, self.install(r.id, guest, g)));
+                installed.push((r.desired, self.install(r.id, guest, g, Origin::Restored)));
             }
             // Start the group together (as the catalog wants it).
             for (desired, inst) in &installed {
@@ -768,6 +777,7 @@ impl VmHost {
             last_seq: s.last_seq,
             throttle_percent: s.throttle_percent,
             digest: hex(&inst.guest.memory_digest()),
+            origin: inst.origin.as_str().into(),
         }
     }
 

@@ -82,10 +82,32 @@ pub struct VmInstance {
     pub guest: Arc<dyn GuestDriver>,
     /// The catalog generation this guest was installed for.
     generation: AtomicU64,
+    pub origin: Origin,
     /// The latest migration's report (live while one runs).
     migration: Mutex<Option<MigrationReport>>,
     cancel: Mutex<Option<CancelToken>>,
     actor: Mutex<Option<actix::Addr<VmActor>>>,
+}
+
+/// Where a local guest's memory came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Booted here with fresh memory (created here, or this host restarted).
+    Booted,
+    /// Received by live migration.
+    Migrated,
+    /// Loaded from a recovery image.
+    Restored,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Booted => "booted",
+            Origin::Migrated => "migrated",
+            Origin::Restored => "restored",
+        }
+    }
 }
 
 impl VmInstance {
@@ -204,11 +226,11 @@ impl VmHost {
                     // A guest that arrived by migration keeps its memory; otherwise a new guest
                     // boots (a host restart loses a simulated guest's memory, like a power cut).
                     let arrived = self.incoming.lock().expect("incoming lock").remove(&id);
-                    let guest: Arc<dyn GuestDriver> = match arrived {
-                        Some(g) => g,
-                        None => SimulatedGuest::new(spec_of(&record)),
+                    let (guest, origin): (Arc<dyn GuestDriver>, _) = match arrived {
+                        Some(g) => (g, Origin::Migrated),
+                        None => (SimulatedGuest::new(spec_of(&record)), Origin::Booted),
                     };
-                    self.install(id, guest, record.generation)
+                    self.install(id, guest, record.generation, origin)
                 }
             };
             if record.migrating_to.is_some() {
@@ -251,11 +273,18 @@ impl VmHost {
         self.incoming.lock().expect("incoming lock").remove(&id);
     }
 
-    pub(super) fn install(self: &Arc<Self>, id: VmId, guest: Arc<dyn GuestDriver>, generation: u64) -> Arc<VmInstance> {
+    pub(super) fn install(
+        self: &Arc<Self>,
+        id: VmId,
+        guest: Arc<dyn GuestDriver>,
+        generation: u64,
+        origin: Origin,
+    ) -> Arc<VmInstance> {
         let inst = Arc::new(VmInstance {
             id,
             guest,
             generation: AtomicU64::new(generation),
+            origin,
             migration: Mutex::new(None),
             cancel: Mutex::new(None),
             actor: Mutex::new(None),
