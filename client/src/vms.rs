@@ -142,7 +142,7 @@ impl HavenClient {
         to: NodeId,
         options: MigrationOptions,
     ) -> Result<MigrationReport, ClientError> {
-        match self.vm_request(VmRequest::Migrate { vm, to, options }).await? {
+        match self.vm_request(VmRequest::Migrate { vm, to, options, plan: None }).await? {
             VmResponse::Migration(r) => Ok(r),
             other => Err(ClientError::unexpected(other)),
         }

@@ -80,7 +80,8 @@ struct InitArgs {
     #[arg(long, env = "HAVEN_NBD_LISTEN")]
     nbd_listen: Option<String>,
     /// How long a host or replica may stay silent before it is treated as failed, in ms
-    /// (the leader's host-down threshold and the primary's replica acknowledgement deadline).
+    /// (the leader's host-down threshold, the primary's replica acknowledgement deadline, and how
+    /// long a migration plan waits for a silent destination before failing back).
     #[arg(long, default_value_t = crate::volume::replica::VolumeTunables::default().host_down_ms)]
     failure_detect_ms: u64,
     /// Overwrite an existing configuration.
@@ -106,6 +107,9 @@ struct RunArgs {
     /// returning replica does not starve foreground I/O.
     #[arg(long, env = "HAVEN_RESYNC_MAX_BYTES_PER_SEC")]
     resync_max_bytes_per_sec: Option<u64>,
+    /// Override the guest memory this host offers to VMs, in MiB.
+    #[arg(long, env = "HAVEN_VM_MEMORY_MIB")]
+    vm_memory_mib: Option<u64>,
 }
 
 #[derive(Args)]
@@ -190,6 +194,7 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
             replica_ack_timeout_ms: a.failure_detect_ms,
             ..Default::default()
         },
+        plans: crate::controllers::plans::PlanTunables { host_down_ms: a.failure_detect_ms, ..Default::default() },
     };
     cfg.validate()?;
     let bootstrap = a.bootstrap.as_deref().map(Bootstrap::parse_members).transpose()?;
@@ -216,6 +221,7 @@ fn start(a: InitArgs) -> anyhow::Result<ExitCode> {
         admin_listen: None,
         request_timeout_ms: None,
         resync_max_bytes_per_sec: None,
+        vm_memory_mib: None,
     })
 }
 
@@ -232,6 +238,9 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(t) = a.request_timeout_ms {
         cfg.request_timeout_ms = t;
+    }
+    if let Some(m) = a.vm_memory_mib {
+        cfg.vm_memory_mib = m;
     }
     let _telemetry = crate::telemetry::init_tracing("haven-node");
     let prometheus = crate::telemetry::init_metrics().map_err(|e| anyhow!("metrics recorder: {e}"))?;

@@ -10,6 +10,7 @@
 //! <data-dir>/tls/node.key     its private key (mode 0600)
 //! <data-dir>/bootstrap.toml   initial members; present until the first run initialises Raft
 //! <data-dir>/db/              RocksDB: raft_log, raft_meta, catalog, sm_meta, snapshot
+//! <data-dir>/recovery/plan-N/vm-M.img   recovery images of migration plan N (source host only)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -63,6 +64,9 @@ pub struct NodeConfig {
     /// Guest memory this host offers to VMs, in MiB.
     #[serde(default = "default_vm_memory_mib")]
     pub vm_memory_mib: u64,
+    /// Timing of migration plans (the leader's plan controller and group operations).
+    #[serde(default)]
+    pub plans: crate::controllers::plans::PlanTunables,
     /// Dial these nodes at another address than the one in the membership (node id → HOST:PORT).
     /// The chaos harness points each link at its own fault-injecting relay this way.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

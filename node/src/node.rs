@@ -70,9 +70,6 @@ pub async fn run(
         }),
         Duration::from_millis(cfg.request_timeout_ms),
     );
-    let host_agent = HostAgent::new(id).start();
-    registry.register(ActorAddr::host_agent(id), host_agent.recipient());
-
     let service = Arc::new(NodeService {
         id,
         raft: raft.clone(),
@@ -84,8 +81,15 @@ pub async fn run(
         volumes: std::sync::OnceLock::new(),
         vms: std::sync::OnceLock::new(),
     });
-    let vms = crate::vm::host::VmHost::new(service.clone(), cfg.vm_memory_mib);
+    let vms = crate::vm::host::VmHost::new(
+        service.clone(),
+        cfg.vm_memory_mib,
+        data_dir.to_path_buf(),
+        cfg.plans.capture_in_memory_mib << 20,
+    );
     let _ = service.vms.set(vms.clone());
+    let host_agent = HostAgent::new(id, Some(vms.clone())).start();
+    service.registry.register(ActorAddr::host_agent(id), host_agent.recipient());
     transport.set_stream_handler(crate::vm::host::stream_handler(vms.clone()));
     let volumes = crate::volume::host::VolumeHost::new(service.clone(), cfg.volume.clone());
     let _ = service.volumes.set(volumes.clone());
@@ -106,6 +110,7 @@ pub async fn run(
     tokio::spawn(watch_raft_metrics(raft.clone()));
     tokio::spawn(crate::controllers::host_registry::run(service.clone(), Duration::from_secs(1)));
     tokio::spawn(crate::controllers::volumes::run(service.clone(), cfg.volume.clone()));
+    tokio::spawn(crate::controllers::plans::run(service.clone(), cfg.plans.clone()));
     // Device actors start on this (the actix system's) thread.
     actix::spawn(volumes.clone().run());
     actix::spawn(vms.clone().run());

@@ -8,6 +8,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::ids::NodeId;
+use crate::plan::{PlanCommand, PlanOutcome, PlanQuery, PlanQueryResult};
 use crate::vm::{VmCommand, VmOutcome, VmQuery, VmQueryResult};
 use crate::volume::{VolumeCommand, VolumeOutcome, VolumeQuery, VolumeQueryResult};
 
@@ -46,6 +47,8 @@ pub enum CatalogCommand {
     Volume(VolumeCommand),
     /// VMs and host capacity.
     Vm(VmCommand),
+    /// Group live-migration plans and host drain.
+    Plan(PlanCommand),
 }
 
 impl CatalogCommand {
@@ -88,6 +91,7 @@ impl CatalogCommand {
             Self::RemoveHost { .. } => Ok(()),
             Self::Volume(v) => v.validate(),
             Self::Vm(v) => v.validate(),
+            Self::Plan(p) => p.validate(),
         }
     }
 }
@@ -115,6 +119,7 @@ pub enum CommandOutcome {
     Internal,
     Volume(VolumeOutcome),
     Vm(VmOutcome),
+    Plan(PlanOutcome),
 }
 
 /// A read of applied catalog state.
@@ -132,6 +137,7 @@ pub enum CatalogQuery {
     Hosts,
     Volume(VolumeQuery),
     Vm(VmQuery),
+    Plan(PlanQuery),
 }
 
 /// The answer to a [`CatalogQuery`].
@@ -143,6 +149,7 @@ pub enum QueryResult {
     Hosts(Vec<HostRecord>),
     Volume(VolumeQueryResult),
     Vm(VmQueryResult),
+    Plan(PlanQueryResult),
 }
 
 #[cfg(test)]

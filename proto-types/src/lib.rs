@@ -13,6 +13,7 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod messages;
+pub mod plan;
 pub mod vm;
 pub mod volume;
 

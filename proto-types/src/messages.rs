@@ -137,8 +137,19 @@ pub enum ActorMessage {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum ActorReply {
-    Pong { nonce: u64, from: NodeId },
-    Description { node: NodeId, kind: String, handled: u64, uptime_ms: u64 },
+    Pong {
+        nonce: u64,
+        from: NodeId,
+    },
+    /// `incarnation` is drawn at random when the node process starts: it changes exactly when
+    /// the node restarted.
+    Description {
+        node: NodeId,
+        kind: String,
+        handled: u64,
+        uptime_ms: u64,
+        incarnation: u64,
+    },
     Device(DeviceReply),
     Vm(VmResponse),
 }

@@ -1,12 +1,14 @@
 //! The VM vocabulary: what the catalog records about virtual machines and host capacity
 //! ([`VmRecord`], [`HostCapacity`]), the catalog commands that change it ([`VmCommand`]), and what
-//! clients ask of a VM ([`VmRequest`]), answered by the VM actor on the VM's host.
+//! clients ask of a VM ([`VmRequest`]), answered by the VM actor on the VM's host. Host drain
+//! marks live here too (`SetDraining`); group migration plans are in [`crate::plan`].
 //!
 //! Names and sizes are checked by `validate` before anything is proposed. No I/O here.
 
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::ids::{NodeId, VmId};
+use crate::plan::{GroupRequest, GroupResponse};
 
 /// Guest page size.
 pub const VM_PAGE_SIZE: u64 = 4096;
@@ -89,10 +91,13 @@ pub enum VmCommand {
         vm: VmId,
     },
     SetCapacity(HostCapacity),
-    /// Record that a migration to `to` started (refused if one is under way or `to` lacks room).
+    /// Record that a migration to `to` started (refused if one is under way, `to` lacks room or
+    /// is draining, or the VM is in a plan other than `plan`). A plan failing back may move its
+    /// VMs home to a draining source.
     BeginMigration {
         vm: VmId,
         to: NodeId,
+        plan: Option<u64>,
     },
     /// Move the VM to `to` (the destination holds its memory; the source is paused). Bumps the
     /// generation; refused unless the VM is still at `expected_generation` and migrating to `to`.
@@ -104,6 +109,11 @@ pub enum VmCommand {
     /// The migration ended without moving the VM (failed or cancelled).
     AbortMigration {
         vm: VmId,
+    },
+    /// Mark a host draining (no VM is placed on it or migrated to it) or clear the mark.
+    SetDraining {
+        host: NodeId,
+        draining: bool,
     },
 }
 
@@ -158,6 +168,8 @@ pub enum VmQuery {
         name_or_id: String,
     },
     Capacity,
+    /// Hosts marked draining.
+    Draining,
 }
 
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -165,8 +177,9 @@ pub enum VmQuery {
 pub enum VmQueryResult {
     Vms(Vec<VmRecord>),
     Vm(Option<VmRecord>),
-    /// Each host's capacity and the memory its VMs use.
+    /// Each host's capacity and the memory its VMs use (or that plans reserve there).
     Capacity(Vec<(HostCapacity, u64)>),
+    Draining(Vec<NodeId>),
 }
 
 /// Migration settings a client may choose.
@@ -193,8 +206,8 @@ pub enum VmRequest {
     Status { vm: VmId },
     /// Verify the guest's memory (every written page intact, the last write present).
     Check { vm: VmId },
-    /// Live-migrate to `to`.
-    Migrate { vm: VmId, to: NodeId, options: MigrationOptions },
+    /// Live-migrate to `to` (on behalf of migration plan `plan`, if any).
+    Migrate { vm: VmId, to: NodeId, options: MigrationOptions, plan: Option<u64> },
     /// Progress of the migration under way (or the last one).
     MigrationProgress { vm: VmId },
     /// Cancel the migration under way; the VM keeps running at the source.
@@ -226,6 +239,9 @@ pub struct VmStatus {
     pub throttle_percent: u8,
     /// blake3 of all guest memory, hex.
     pub digest: String,
+    /// Where the guest's memory came from on this host: `booted` (fresh memory: created here,
+    /// or the host restarted), `migrated` or `restored` (from a recovery snapshot).
+    pub origin: String,
 }
 
 /// A migration's progress or result as the source reports it.
@@ -256,9 +272,15 @@ pub struct MigrationReport {
 #[rkyv(derive(Debug))]
 pub enum VmResponse {
     Status(VmStatus),
-    Check { pages_written: u64, max_seq: u64, last_seq: u64 },
+    Check {
+        pages_written: u64,
+        max_seq: u64,
+        last_seq: u64,
+    },
     Migration(MigrationReport),
     Done,
+    /// Answer to a [`VmMessage::Group`].
+    Group(GroupResponse),
 }
 
 /// Messages to VM actors (one per VM on its host).
@@ -278,4 +300,6 @@ pub enum VmMessage {
         vm: VmId,
         report: MigrationReport,
     },
+    /// Leader's plan controller → a host agent: a group operation on that host's VMs.
+    Group(GroupRequest),
 }

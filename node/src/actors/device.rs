@@ -47,6 +47,7 @@ impl Handler<Deliver> for DeviceActor {
                     kind: format!("device {} ({:?})", engine.vol, engine.role()),
                     handled: self.handled,
                     uptime_ms: self.started.elapsed().as_millis() as u64,
+                    incarnation: super::incarnation(),
                 };
                 Box::pin(async move { Ok(reply) })
             }

@@ -19,6 +19,13 @@ use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, Body, ErrorCod
 
 use crate::transport::Transport;
 
+/// This node process's incarnation (random, drawn once per process start), reported in every
+/// actor's description: a peer that sees it change knows the node restarted.
+pub fn incarnation() -> u64 {
+    static INCARNATION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *INCARNATION.get_or_init(|| rand::random::<u64>().max(1))
+}
+
 /// The message every actor accepts: one [`ActorMessage`], answered with an [`ActorReply`].
 pub struct Deliver(pub ActorMessage);
 

@@ -35,9 +35,13 @@ impl Handler<Deliver> for VmActor {
         Box::pin(async move {
             match msg {
                 ActorMessage::Ping { nonce } => Ok(ActorReply::Pong { nonce, from: host.node }),
-                ActorMessage::Describe => {
-                    Ok(ActorReply::Description { node: host.node, kind: format!("vm {vm}"), handled: 0, uptime_ms: 0 })
-                }
+                ActorMessage::Describe => Ok(ActorReply::Description {
+                    node: host.node,
+                    kind: format!("vm {vm}"),
+                    handled: 0,
+                    uptime_ms: 0,
+                    incarnation: super::incarnation(),
+                }),
                 ActorMessage::Vm(m) => match tokio::spawn(async move { host.handle(m).await }).await {
                     Ok(r) => r.map(ActorReply::Vm),
                     Err(e) => Err(WireError::new(ErrorCode::Internal, format!("VM task failed: {e}"))),

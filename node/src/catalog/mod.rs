@@ -9,8 +9,9 @@
 //! Key layout:
 //! - `kv/<key>` → value bytes (the generic namespace)
 //! - `host/<id as 8 big-endian bytes>` → bincode of [`HostRecord`]
-//! - volume tables: see [`volumes`]; VM tables: see [`vms`]
+//! - volume tables: see [`volumes`]; VM tables: see [`vms`]; migration plans: see [`plans`]
 
+pub mod plans;
 pub mod vms;
 pub mod volumes;
 
@@ -158,6 +159,7 @@ impl<'a> CatalogTxn<'a> {
             }
             CatalogCommand::Volume(v) => CommandOutcome::Volume(self.apply_volume(v)?),
             CatalogCommand::Vm(v) => CommandOutcome::Vm(self.apply_vm(v)?),
+            CatalogCommand::Plan(p) => CommandOutcome::Plan(self.apply_plan(p)?),
         })
     }
 }
@@ -184,6 +186,7 @@ pub fn query(store: &Store, q: &CatalogQuery) -> Result<QueryResult, StoreError>
         CatalogQuery::Hosts => QueryResult::Hosts(hosts(store)?),
         CatalogQuery::Volume(q) => QueryResult::Volume(volumes::query(store, q)?),
         CatalogQuery::Vm(q) => QueryResult::Vm(vms::query(store, q)?),
+        CatalogQuery::Plan(q) => QueryResult::Plan(plans::query(store, q)?),
     })
 }
 

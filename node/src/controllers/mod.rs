@@ -4,4 +4,5 @@
 //! through [`crate::service::NodeService::write`]; they must not write storage directly.
 
 pub mod host_registry;
+pub mod plans;
 pub mod volumes;

@@ -8,15 +8,23 @@
 //! its copy. If the commit does not happen, the source resumes and the destination drops its copy.
 //! Whatever is interrupted, the catalog's `host` says which copy may run, and every node's
 //! reconcile loop obeys it.
+//!
+//! Migration plans add two hooks (the group operations themselves live in [`super::group`]):
+//! reconcile leaves the run state of VMs a group job holds alone, and does not boot a VM that a
+//! plan failing back placed here to be restored from its recovery snapshot — the restore job
+//! installs it from the image. Each local guest remembers the catalog generation it was
+//! installed for, which is how a restore knows what it already replaced.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::Actor;
+use haven_proto::plan::PlanState;
 use haven_proto::vm::{
     HostCapacity, MigrationOptions, MigrationReport, VmCommand, VmMessage, VmOutcome, VmRecord, VmRequest, VmResponse,
-    VmRunState, VmStatus, WorkloadKind,
+    VmRunState, WorkloadKind,
 };
 use haven_proto::{
     ActorAddr, ActorKind, ActorMessage, ActorReply, Body, CatalogCommand, ClientResponse, CommandOutcome, ErrorCode,
@@ -24,6 +32,7 @@ use haven_proto::{
 };
 use tracing::{info, warn};
 
+use super::group::GroupState;
 use super::guest::{GuestDriver, GuestSpec, RunState, SimulatedGuest, WorkloadPattern};
 use super::migration::{self, CancelToken, MigrationConfig, MigrationProgress};
 use crate::actors::vm::VmActor;
@@ -37,7 +46,7 @@ fn internal(e: impl std::fmt::Display) -> WireError {
     wire(ErrorCode::Internal, e.to_string())
 }
 
-fn spec_of(r: &VmRecord) -> GuestSpec {
+pub(super) fn spec_of(r: &VmRecord) -> GuestSpec {
     GuestSpec {
         memory_pages: r.memory_pages(),
         vcpus: r.vcpus,
@@ -49,10 +58,6 @@ fn spec_of(r: &VmRecord) -> GuestSpec {
         dirty_pages_per_sec: r.dirty_pages_per_sec,
         seed: r.id.0,
     }
-}
-
-fn hex(h: &[u8]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn report_from(p: &MigrationProgress, to: NodeId) -> MigrationReport {
@@ -75,10 +80,40 @@ fn report_from(p: &MigrationProgress, to: NodeId) -> MigrationReport {
 pub struct VmInstance {
     pub id: VmId,
     pub guest: Arc<dyn GuestDriver>,
+    /// The catalog generation this guest was installed for.
+    generation: AtomicU64,
+    pub origin: Origin,
     /// The latest migration's report (live while one runs).
     migration: Mutex<Option<MigrationReport>>,
     cancel: Mutex<Option<CancelToken>>,
     actor: Mutex<Option<actix::Addr<VmActor>>>,
+}
+
+/// Where a local guest's memory came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Booted here with fresh memory (created here, or this host restarted).
+    Booted,
+    /// Received by live migration.
+    Migrated,
+    /// Loaded from a recovery image.
+    Restored,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Booted => "booted",
+            Origin::Migrated => "migrated",
+            Origin::Restored => "restored",
+        }
+    }
+}
+
+impl VmInstance {
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
 }
 
 /// This node's VMs.
@@ -93,10 +128,28 @@ pub struct VmHost {
     reports: Mutex<HashMap<VmId, MigrationReport>>,
     /// Link rate measured by the last migration from here (bytes/s), for predictions.
     last_bandwidth: Mutex<u64>,
+    /// Group operations of migration plans (see [`super::group`]).
+    pub(super) group: GroupState,
+    /// Since when each local VM's catalog record announces a migration no migration here runs.
+    stale: Mutex<HashMap<VmId, std::time::Instant>>,
+    /// The actix system's arbiter (set by [`VmHost::run`]): VM actors start there, also when a
+    /// guest is installed from another thread (a restore job).
+    arbiter: std::sync::OnceLock<actix::ArbiterHandle>,
 }
 
+/// How long an announced migration with no migration running for it may stand (see
+/// [`VmHost::withdraw_stale`]); longer than any gap between the announcement and the start.
+const STALE_MIGRATION: Duration = Duration::from_secs(3);
+
 impl VmHost {
-    pub fn new(service: Arc<NodeService>, capacity_mib: u64) -> Arc<Self> {
+    /// `data_dir` holds recovery images (`<data-dir>/recovery`); group snapshots up to
+    /// `capture_limit_bytes` are captured in memory while the group is paused.
+    pub fn new(
+        service: Arc<NodeService>,
+        capacity_mib: u64,
+        data_dir: std::path::PathBuf,
+        capture_limit_bytes: u64,
+    ) -> Arc<Self> {
         Arc::new(Self {
             node: service.id,
             service,
@@ -105,6 +158,9 @@ impl VmHost {
             incoming: Mutex::new(HashMap::new()),
             reports: Mutex::new(HashMap::new()),
             last_bandwidth: Mutex::new(256 << 20),
+            group: GroupState::new(data_dir, capture_limit_bytes),
+            stale: Mutex::new(HashMap::new()),
+            arbiter: std::sync::OnceLock::new(),
         })
     }
 
@@ -114,6 +170,7 @@ impl VmHost {
 
     /// Keep guests in step with the catalog. Runs on the actix system thread (starts actors).
     pub async fn run(self: Arc<Self>) {
+        let _ = self.arbiter.set(actix::Arbiter::current());
         loop {
             if let Err(e) = self.reconcile().await {
                 warn!(error = %e, "vm reconcile failed");
@@ -138,44 +195,53 @@ impl VmHost {
             }
         }
         let records = crate::catalog::vms::vms(store).map_err(internal)?;
+        // Drop copies received by migrations that ended without moving the VM here.
+        self.incoming.lock().expect("incoming lock").retain(|vm, _| {
+            records.iter().any(|r| r.id == *vm && (r.host == self.node || r.migrating_to == Some(self.node)))
+        });
         let mine: HashMap<VmId, VmRecord> =
             records.into_iter().filter(|r| r.host == self.node).map(|r| (r.id, r)).collect();
+        // Plans failing back whose group this host restores from recovery images.
+        let restoring: Vec<_> = crate::catalog::plans::active_plans(store)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|p| p.state == PlanState::FailingBack && p.from == self.node && p.restore.is_some())
+            .collect();
         // Stop guests the catalog placed elsewhere (migrated away) or deleted.
         let gone: Vec<VmId> =
             self.vms.lock().expect("vms lock").keys().filter(|id| !mine.contains_key(id)).copied().collect();
         for id in gone {
-            if let Some(inst) = self.vms.lock().expect("vms lock").remove(&id) {
+            if let Some(inst) = self.remove_instance(id) {
                 let _ = inst.guest.stop();
-                self.service.registry.unregister(&ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 });
                 info!(vm = %id, "guest stopped here (moved or deleted)");
             }
         }
         for (id, record) in mine {
+            if !restoring.is_empty() && self.restore_pending(&record, &restoring) {
+                continue; // the plan's restore job installs it from its recovery image
+            }
             let inst = match self.instance(id) {
                 Some(i) => i,
                 None => {
                     // A guest that arrived by migration keeps its memory; otherwise a new guest
                     // boots (a host restart loses a simulated guest's memory, like a power cut).
                     let arrived = self.incoming.lock().expect("incoming lock").remove(&id);
-                    let guest: Arc<dyn GuestDriver> = match arrived {
-                        Some(g) => g,
-                        None => SimulatedGuest::new(spec_of(&record)),
+                    let (guest, origin): (Arc<dyn GuestDriver>, _) = match arrived {
+                        Some(g) => (g, Origin::Migrated),
+                        None => (SimulatedGuest::new(spec_of(&record)), Origin::Booted),
                     };
-                    self.install(id, guest)
+                    self.install(id, guest, record.generation, origin)
                 }
             };
-            if let Some(to) = record.migrating_to {
-                // The migration owns the run state until it ends. One announced in the catalog
-                // but not running here (this process restarted, or its end was never recorded)
-                // is over: record that, and the next pass applies the desired state again.
-                let running_here = inst.cancel.lock().expect("cancel lock").is_some();
-                if !running_here {
-                    warn!(vm = %id, %to, "a migration the catalog announces is not running here; ending it");
-                    if let Err(e) = self.propose(VmCommand::AbortMigration { vm: id }).await {
-                        warn!(vm = %id, error = %e, "could not record the end of an abandoned migration yet");
-                    }
-                }
-                continue;
+            if record.migrating_to.is_some() {
+                self.withdraw_stale(&record, &inst);
+                continue; // the migration owns the run state until it ends
+            }
+            self.stale.lock().expect("stale lock").remove(&id);
+            // Hold the lock while applying, so a group job that holds this VM is not undone.
+            let held = self.group.held.lock().expect("held lock");
+            if held.contains(&id) {
+                continue; // a group job (snapshot, consolidation, restore) owns the run state
             }
             let state = inst.guest.state();
             let result = match (record.desired, state) {
@@ -185,6 +251,7 @@ impl VmHost {
                 (VmRunState::Stopped, RunState::Running | RunState::Paused) => inst.guest.stop(),
                 _ => Ok(()),
             };
+            drop(held);
             if let Err(e) = result {
                 warn!(vm = %id, error = %e, "could not apply the desired run state");
             }
@@ -192,15 +259,41 @@ impl VmHost {
         Ok(())
     }
 
-    fn install(self: &Arc<Self>, id: VmId, guest: Arc<dyn GuestDriver>) -> Arc<VmInstance> {
+    /// Remove a local VM's instance and its actor (the caller stops the guest).
+    pub(super) fn remove_instance(&self, id: VmId) -> Option<Arc<VmInstance>> {
+        let inst = self.vms.lock().expect("vms lock").remove(&id);
+        if inst.is_some() {
+            self.service.registry.unregister(&ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 });
+        }
+        inst
+    }
+
+    /// Forget a guest received by migration that the catalog never placed here.
+    pub(super) fn drop_incoming(&self, id: VmId) {
+        self.incoming.lock().expect("incoming lock").remove(&id);
+    }
+
+    pub(super) fn install(
+        self: &Arc<Self>,
+        id: VmId,
+        guest: Arc<dyn GuestDriver>,
+        generation: u64,
+        origin: Origin,
+    ) -> Arc<VmInstance> {
         let inst = Arc::new(VmInstance {
             id,
             guest,
+            generation: AtomicU64::new(generation),
+            origin,
             migration: Mutex::new(None),
             cancel: Mutex::new(None),
             actor: Mutex::new(None),
         });
-        let actor = VmActor::new(self.clone(), id).start();
+        let me = self.clone();
+        let actor = match self.arbiter.get() {
+            Some(arbiter) => VmActor::start_in_arbiter(arbiter, move |_| VmActor::new(me, id)),
+            None => VmActor::new(me, id).start(),
+        };
         self.service
             .registry
             .register(ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 }, actor.clone().recipient());
@@ -210,7 +303,7 @@ impl VmHost {
         inst
     }
 
-    fn record(&self, vm: VmId) -> Result<VmRecord, WireError> {
+    pub(super) fn record(&self, vm: VmId) -> Result<VmRecord, WireError> {
         crate::catalog::vms::vm(&self.service.store, vm)
             .map_err(internal)?
             .ok_or_else(|| wire(ErrorCode::NotFound, format!("no VM {vm}")))
@@ -238,18 +331,7 @@ impl VmHost {
                     .instance(vm)
                     .ok_or_else(|| wire(ErrorCode::Unavailable, format!("{vm} is not running on {} yet", self.node)))?;
                 match req {
-                    VmRequest::Status { .. } => {
-                        let s = inst.guest.workload_stats();
-                        Ok(VmResponse::Status(VmStatus {
-                            vm,
-                            host: self.node,
-                            state: format!("{:?}", inst.guest.state()).to_lowercase(),
-                            writes: s.writes,
-                            last_seq: s.last_seq,
-                            throttle_percent: s.throttle_percent,
-                            digest: hex(&inst.guest.memory_digest()),
-                        }))
-                    }
+                    VmRequest::Status { .. } => Ok(VmResponse::Status(self.status_of(&inst))),
                     VmRequest::Check { .. } => {
                         let c = inst.guest.check_memory().map_err(|e| wire(ErrorCode::Internal, e.to_string()))?;
                         Ok(VmResponse::Check {
@@ -258,7 +340,7 @@ impl VmHost {
                             last_seq: c.last_seq,
                         })
                     }
-                    VmRequest::Migrate { to, options, .. } => self.start_migration(inst, to, options).await,
+                    VmRequest::Migrate { to, options, plan, .. } => self.start_migration(inst, to, options, plan).await,
                     VmRequest::MigrationProgress { .. } => inst
                         .migration
                         .lock()
@@ -289,6 +371,7 @@ impl VmHost {
             VmMessage::IncomingMigration { .. } => {
                 Err(wire(ErrorCode::InvalidRequest, "an incoming migration arrives as a bulk stream"))
             }
+            VmMessage::Group(req) => self.group(req).await.map(VmResponse::Group),
         }
     }
 
@@ -308,6 +391,7 @@ impl VmHost {
         inst: Arc<VmInstance>,
         to: NodeId,
         options: MigrationOptions,
+        plan: Option<u64>,
     ) -> Result<VmResponse, WireError> {
         if to == self.node {
             return Err(wire(ErrorCode::InvalidRequest, format!("{} already runs on {to}", inst.id)));
@@ -345,28 +429,34 @@ impl VmHost {
                 ),
             ));
         }
-        // Claim the VM for this migration before announcing it, so reconcile never mistakes it
-        // for an abandoned one.
+        // The token marks this VM's migration as under way from before it is announced until its
+        // outcome is recorded: no second migration starts meanwhile, and reconcile does not treat
+        // the announcement as stale.
         let cancel = CancelToken::new();
         {
             let mut slot = inst.cancel.lock().expect("cancel lock");
             if slot.is_some() {
-                return Err(wire(ErrorCode::InvalidRequest, format!("{} is already migrating", inst.id)));
+                return Err(wire(
+                    ErrorCode::InvalidRequest,
+                    format!("a migration of {} is under way or ending", inst.id),
+                ));
             }
             *slot = Some(cancel.clone());
         }
-        let record = match self.propose(VmCommand::BeginMigration { vm: inst.id, to }).await {
+        let release = |inst: &VmInstance| *inst.cancel.lock().expect("cancel lock") = None;
+        let record = match self.propose(VmCommand::BeginMigration { vm: inst.id, to, plan }).await {
             Ok(r) => r,
             Err(e) => {
-                *inst.cancel.lock().expect("cancel lock") = None;
+                // If the announcement committed after all, reconcile withdraws it once it is stale.
+                release(&inst);
                 return Err(e);
             }
         };
         let addr = match self.service.transport.dial_addr(to, &peer.addr).await {
             Ok(a) => a,
             Err(e) => {
-                let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
-                *inst.cancel.lock().expect("cancel lock") = None;
+                self.abort_recorded(inst.id, to, record.generation).await;
+                release(&inst);
                 return Err(wire(ErrorCode::Unavailable, e));
             }
         };
@@ -380,8 +470,8 @@ impl VmHost {
         {
             Ok(s) => s,
             Err(e) => {
-                let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
-                *inst.cancel.lock().expect("cancel lock") = None;
+                self.abort_recorded(inst.id, to, record.generation).await;
+                release(&inst);
                 return Err(wire(ErrorCode::Unavailable, format!("cannot open a migration stream to {to}: {e}")));
             }
         };
@@ -428,11 +518,8 @@ impl VmHost {
         match result {
             Ok(outcome) => {
                 // The source is paused and the destination holds a verified copy: move the VM.
-                match self
-                    .propose(VmCommand::CommitMigration { vm: inst.id, expected_generation: generation, to })
-                    .await
-                {
-                    Ok(_) => {
+                match self.commit_recorded(inst.id, generation, to).await {
+                    Ok(()) => {
                         let _ = inst.guest.stop();
                         report.phase = "done".into();
                         report.downtime_ms = Some(outcome.downtime_ms);
@@ -455,27 +542,18 @@ impl VmHost {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
-                    Err(e) => match self.settle_commit(inst.id, generation, to).await {
-                        // The commit did land (its answer was lost): the destination owns the VM.
-                        CommitFate::Moved => {
-                            let _ = inst.guest.stop();
-                            report.phase = "done".into();
-                            report.downtime_ms = Some(outcome.downtime_ms);
-                            report.total_ms = Some(outcome.total_ms);
-                            info!(vm = %inst.id, %to, "migration committed (its answer was lost)");
-                        }
-                        CommitFate::Stayed => {
-                            warn!(vm = %inst.id, error = %e, "migration not committed; resuming at the source");
-                            let _ = inst.guest.resume();
-                            report.phase = "failed".into();
-                            report.reason = Some(format!("commit refused: {e}"));
-                        }
-                    },
+                    Err(e) => {
+                        warn!(vm = %inst.id, error = %e, "migration not committed; resuming at the source");
+                        let _ = inst.guest.resume();
+                        self.abort_recorded(inst.id, to, generation).await;
+                        report.phase = "failed".into();
+                        report.reason = Some(format!("commit refused: {e}"));
+                    }
                 }
             }
             Err(e) => {
                 warn!(vm = %inst.id, error = %e, "migration ended without moving the VM");
-                let _ = self.propose(VmCommand::AbortMigration { vm: inst.id }).await;
+                self.abort_recorded(inst.id, to, generation).await;
                 report.phase = if cancel.is_cancelled() { "cancelled".into() } else { "failed".into() };
                 report.reason = Some(e.to_string());
             }
@@ -484,24 +562,84 @@ impl VmHost {
         *inst.cancel.lock().expect("cancel lock") = None;
     }
 
-    /// After a `CommitMigration` whose answer was an error: find out whether it landed, by
-    /// proposing `AbortMigration` — a no-op if the commit landed, which the record it returns
-    /// shows (the VM at `to` with a newer generation); otherwise it ends the migration, and the
-    /// source may resume. The guest stays paused until the catalog answers — resuming on a guess
-    /// could run the VM in two places — so this keeps asking while the cluster is unreachable.
-    async fn settle_commit(&self, vm: VmId, generation: u64, to: NodeId) -> CommitFate {
+    /// Commit the move of `vm` to `to` and learn its outcome for certain. A commit whose outcome
+    /// is unknown (leader lost, deadline passed) is retried; the catalog applied here decides:
+    /// moved (generation bumped, `host` = `to`) is success, anything else but the undecided
+    /// announcement is failure. Meanwhile the guest stays paused, so it can never run on both
+    /// hosts; without a quorum this waits as long as it takes.
+    async fn commit_recorded(&self, vm: VmId, generation: u64, to: NodeId) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(50);
+        let mut warned = false;
         loop {
-            match self.propose(VmCommand::AbortMigration { vm }).await {
-                Ok(r) if r.host == to && r.generation > generation => return CommitFate::Moved,
-                Ok(_) => return CommitFate::Stayed,
-                // Deleted meanwhile: nothing may run it.
-                Err(e) if e.code == ErrorCode::NotFound => return CommitFate::Moved,
-                Err(e) => warn!(%vm, error = %e, "cannot settle a migration commit yet; the guest stays paused"),
+            let last = match self.propose(VmCommand::CommitMigration { vm, expected_generation: generation, to }).await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => e.message,
+            };
+            match self.record(vm) {
+                Ok(r) if r.host == to && r.generation > generation => return Ok(()),
+                Ok(r) if r.host == self.node && r.generation == generation && r.migrating_to == Some(to) => {}
+                Ok(r) => {
+                    return Err(format!(
+                        "{last} (the catalog has {vm} on {}, generation {}, migrating to {:?})",
+                        r.host, r.generation, r.migrating_to
+                    ))
+                }
+                Err(e) if e.code == ErrorCode::NotFound => return Err(format!("{vm} was deleted: {last}")),
+                Err(_) => {}
+            }
+            if !warned && started.elapsed() > Duration::from_secs(5) {
+                warn!(%vm, %to, error = %last, "migration commit undecided; the guest stays paused until it is");
+                warned = true;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
+    }
+
+    /// Withdraw the announced migration of `vm` to `to`, retrying until the catalog applied here
+    /// no longer shows it (the caller still holds the VM's migration token, so no newer migration
+    /// of the VM can be announced meanwhile).
+    async fn abort_recorded(&self, vm: VmId, to: NodeId, generation: u64) {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.record(vm) {
+                Ok(r) if r.migrating_to != Some(to) || r.generation != generation => return,
+                Err(e) if e.code == ErrorCode::NotFound => return,
+                _ => {}
+            }
+            match self.propose(VmCommand::AbortMigration { vm }).await {
+                Ok(r) if r.migrating_to.is_none() => {
+                    // Applied; wait for this node's catalog to show it before returning.
+                }
+                Err(e) if e.code == ErrorCode::NotFound => return,
+                Err(e) => warn!(%vm, error = %e, "withdrawing the migration announcement; retrying"),
+                Ok(_) => {}
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Withdraw announcements of migrations from this host that no migration here runs for
+    /// (their source restarted, or the announcement's outcome was unknown to its proposer), once
+    /// they have been stale for a while.
+    fn withdraw_stale(self: &Arc<Self>, record: &VmRecord, inst: &VmInstance) {
+        let running = inst.cancel.lock().expect("cancel lock").is_some();
+        let mut stale = self.stale.lock().expect("stale lock");
+        let Some(to) = record.migrating_to.filter(|_| !running) else {
+            stale.remove(&record.id);
+            return;
+        };
+        let since = *stale.entry(record.id).or_insert_with(std::time::Instant::now);
+        if since.elapsed() < STALE_MIGRATION {
+            return;
+        }
+        stale.remove(&record.id);
+        warn!(vm = %record.id, %to, "withdrawing a migration announcement no migration here runs for");
+        let (me, vm, generation) = (self.clone(), record.id, record.generation);
+        tokio::spawn(async move { me.abort_recorded(vm, to, generation).await });
     }
 
     /// Destination side: receive a migration on a bulk stream.
@@ -533,14 +671,6 @@ impl VmHost {
             Err(e) => warn!(%vm, error = %e, "incoming migration failed; copy dropped"),
         }
     }
-}
-
-/// Whether a migration's commit landed, as the catalog says once it can be asked.
-enum CommitFate {
-    /// The catalog places the VM at the destination (or it was deleted): the source must not run it.
-    Moved,
-    /// The VM is still placed at the source: the source may resume it.
-    Stayed,
 }
 
 /// Route a stream that opened with an `IncomingMigration` envelope.

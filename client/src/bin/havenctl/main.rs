@@ -3,6 +3,7 @@
 
 mod dev;
 mod output;
+mod plan;
 mod vm;
 mod volume;
 
@@ -48,7 +49,7 @@ enum Command {
     /// The generic key-value namespace of the catalog.
     #[command(subcommand)]
     Kv(KvCommand),
-    /// Talk to a node's host agent actor.
+    /// Hosts: list, ping a host agent, drain (move every VM off) and undrain.
     #[command(subcommand)]
     Host(HostCommand),
     /// Replicated block volumes: create, list, show, resize, delete, read, write, status, events.
@@ -66,7 +67,8 @@ enum Command {
     /// Virtual machines: create, list, show, start, pause, resume, stop, delete, check, capacity.
     #[command(subcommand)]
     Vm(vm::VmCmd),
-    /// Live migration of VMs between hosts: start, watch, cancel, list.
+    /// Live migration of VMs between hosts: start, watch, cancel, list; group plans with a
+    /// recovery snapshot: plan, plans, plan-show, plan-watch, plan-cancel.
     #[command(subcommand)]
     Migration(vm::MigrationCmd),
     /// Run chaos scenarios (fault injection + checkers): `havenctl chaos run SCENARIO.toml`.
@@ -135,8 +137,10 @@ enum KvCommand {
 enum HostCommand {
     /// Ping node ID's host agent (routed through any node).
     Ping { id: u64 },
-    /// Show the hosts recorded in the catalog.
+    /// Show the hosts recorded in the catalog and whether each is draining.
     List,
+    #[command(flatten)]
+    Drain(plan::HostDrainCmd),
 }
 
 fn main() -> ExitCode {
@@ -230,12 +234,30 @@ async fn dispatch(cli: Cli, out: &Output) -> anyhow::Result<()> {
                 other => Err(anyhow!("unexpected reply {other:?}")),
             }
         }
+        Command::Host(HostCommand::Drain(cmd)) => plan::host(cmd, &client, out).await,
         Command::Host(HostCommand::List) => {
-            let hosts = client()?.hosts().await?;
+            let c = client()?;
+            let hosts = c.hosts().await?;
+            let draining = c.draining_hosts().await?;
             out.table(
-                &["id", "address", "admin"],
-                hosts.iter().map(|h| vec![h.id.to_string(), h.addr.clone(), h.admin_addr.clone()]).collect(),
-                serde_json::to_value(&hosts)?,
+                &["id", "address", "admin", "draining"],
+                hosts
+                    .iter()
+                    .map(|h| {
+                        let d = if draining.contains(&h.id) { "yes" } else { "no" };
+                        vec![h.id.to_string(), h.addr.clone(), h.admin_addr.clone(), d.into()]
+                    })
+                    .collect(),
+                serde_json::Value::Array(
+                    hosts
+                        .iter()
+                        .map(|h| {
+                            let mut v = serde_json::to_value(h).unwrap_or_default();
+                            v["draining"] = json!(draining.contains(&h.id));
+                            v
+                        })
+                        .collect(),
+                ),
             );
             Ok(())
         }

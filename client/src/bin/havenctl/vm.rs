@@ -1,5 +1,6 @@
 //! `havenctl vm | migration`: virtual machines (create, list, show, run state, delete, memory
 //! check, host capacity) and their live migration (start, watch with a progress bar, cancel, list).
+//! Group migration plans (`migration plan …`) live in `plan.rs`.
 //!
 //! VMs are named by name, `vm-N` or `N`; hosts by `N` or `node-N`. Memory sizes, workloads,
 //! rates and durations are checked by clap value parsers before anything is sent.
@@ -122,6 +123,8 @@ pub enum MigrationCmd {
     },
     /// List VMs with the migration under way and the last migration report their host gives.
     List,
+    #[command(flatten)]
+    Plans(crate::plan::PlanCmd),
 }
 
 #[derive(Args)]
@@ -184,7 +187,7 @@ fn parse_workload(s: &str) -> Result<WorkloadKind, String> {
 }
 
 /// Milliseconds: `50`, `50ms`, `2s`.
-fn parse_millis(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_millis(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid duration {s:?}: expected milliseconds such as 50, 50ms or 1s");
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -525,6 +528,7 @@ pub async fn migration(cmd: MigrationCmd, client: ClientFn<'_>, out: &Output) ->
                 Value::Array(machine),
             );
         }
+        MigrationCmd::Plans(cmd) => crate::plan::plan(cmd, client, out).await?,
     }
     Ok(())
 }

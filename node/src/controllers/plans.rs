@@ -1,0 +1,857 @@
+//! The leader's migration-plan controller (C1): drives every plan that is not final through
+//! `Snapshotting → Migrating → Consolidating → Succeeded`, or through `FailingBack → FailedBack`
+//! on any failure, and deletes a final plan's recovery images.
+//!
+//! Every step is idempotent and starts from the catalog: a new leader adopts each plan it finds
+//! (`PlanCommand::Adopt`, recorded in the step log) and continues from the plan's state and the
+//! VMs' records — a half-taken snapshot is taken again (the host's job joins or repeats it), a
+//! VM found migrating is followed, a VM found at the source after its migration was recorded as
+//! started has failed. Every state change is a compare-and-set carrying this leader's term, so a
+//! deposed leader's controller cannot move a plan. A plan is never abandoned: forward steps fail
+//! back on any error or on the plan's deadline; fail-back steps retry until every VM runs at the
+//! source again.
+//!
+//! Fail-back: cancel in-flight migrations (those VMs keep running at the source); VMs that
+//! arrived come back by live migration if the destination answers; otherwise — or if a VM at the
+//! source lost its memory (its host restarted), or a migration back fails — the whole group is
+//! restored at the source from the recovery snapshot (`RestoreGroup` forces every VM back to the
+//! source with a generation bump, then the source installs each guest from its image). Then each
+//! VM is checked at the source (`check_memory`, running, not behind its recovery point).
+//!
+//! This module proposes catalog commands through the service and asks hosts to act by message;
+//! it must not write storage directly or touch guests itself. It keeps no state a new leader
+//! would need.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use haven_proto::plan::{
+    FailBackMode, GroupRequest, GroupResponse, MigrationPlan, PlanCommand, PlanOutcome, PlanPatch, PlanState,
+    PlanVmPhase, RecoveryPoint,
+};
+use haven_proto::vm::{VmRecord, VmRequest, VmResponse, VmRunState, VmStatus};
+use haven_proto::{
+    ActorAddr, ActorMessage, ActorReply, CatalogCommand, ClientResponse, CommandOutcome, ErrorCode, NodeId, VmId,
+    WireError,
+};
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::catalog;
+use crate::service::NodeService;
+use crate::vm::host::VmHost;
+
+/// Timing of migration plans. Tests shrink these.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanTunables {
+    /// How often the controller looks at plans and polls migrations.
+    pub poll_ms: u64,
+    /// A destination silent this long fails the plan back.
+    pub host_down_ms: u64,
+    /// Longest one VM's live migration may take before the plan fails back.
+    pub vm_migration_timeout_ms: u64,
+    /// Longest a group operation (snapshot, consolidation, restore) may take on a host.
+    pub group_op_timeout_ms: u64,
+    /// How long fail-back waits for cancelled migrations to stop before it retries.
+    pub cancel_wait_ms: u64,
+    /// Group snapshots up to this many MiB of guest memory are captured in memory while the
+    /// group is paused and written after it resumes; bigger ones are written while paused.
+    pub capture_in_memory_mib: u64,
+}
+
+impl Default for PlanTunables {
+    fn default() -> Self {
+        Self {
+            poll_ms: 100,
+            host_down_ms: 2_000,
+            vm_migration_timeout_ms: 300_000,
+            group_op_timeout_ms: 120_000,
+            cancel_wait_ms: 30_000,
+            capture_in_memory_mib: 1024,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms_text(ms: u64) -> String {
+    if ms >= 10_000 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
+/// Run until the process ends; acts only while this node leads.
+pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
+    let poll = Duration::from_millis(t.poll_ms.max(10));
+    let mut tasks: HashMap<u64, JoinHandle<()>> = HashMap::new();
+    let mut term: Option<u64> = None;
+    let mut rounds = 0u64;
+    loop {
+        tokio::time::sleep(poll).await;
+        let (state, current_term) = {
+            let m = service.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_term)
+        };
+        let leading = state == ServerState::Leader;
+        if !leading || term != Some(current_term) {
+            for (_, h) in tasks.drain() {
+                h.abort();
+            }
+            term = leading.then_some(current_term);
+            rounds = 0;
+            if !leading {
+                continue;
+            }
+        }
+        let Some(vms) = service.vms.get().cloned() else { continue };
+        tasks.retain(|_, h| !h.is_finished());
+        // Non-final plans every round (cheap: an index); final plans still holding recovery
+        // images now and then (a scan of every plan).
+        let plans = if rounds == 0 {
+            catalog::plans::plans_needing_work(&service.store)
+        } else {
+            catalog::plans::active_plans(&service.store)
+        };
+        rounds = (rounds + 1) % 50;
+        let Ok(plans) = plans else { continue };
+        for p in plans {
+            if tasks.contains_key(&p.id) || !p.needs_work() {
+                continue;
+            }
+            let driver = Driver { service: service.clone(), vms: vms.clone(), t: t.clone(), term: current_term, poll };
+            tasks.insert(p.id, tokio::spawn(driver.drive(p.id)));
+        }
+    }
+}
+
+/// Why a step did not complete.
+#[derive(Debug)]
+enum StepError {
+    /// The plan must fail back, for this reason.
+    Fail(String),
+    /// Transient: try the step again later.
+    Retry(String),
+    /// This node no longer leads (or the plan is gone): stop driving.
+    Lost,
+}
+
+use StepError::{Fail, Lost, Retry};
+
+/// Why the group could not be verified at the source.
+enum Unverified {
+    /// A VM lost or damaged its memory: only the recovery snapshot can bring the group back.
+    Lost(String),
+    /// Not yet (a VM still starting, a host not answering): check again later.
+    NotYet(String),
+}
+
+type Step = Result<(), StepError>;
+
+/// Drives one plan for one leadership term.
+struct Driver {
+    service: Arc<NodeService>,
+    vms: Arc<VmHost>,
+    t: PlanTunables,
+    term: u64,
+    poll: Duration,
+}
+
+impl Driver {
+    fn me(&self) -> NodeId {
+        self.service.id
+    }
+
+    fn leading(&self) -> bool {
+        let m = self.service.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_term == self.term
+    }
+
+    fn load(&self, id: u64) -> Result<MigrationPlan, StepError> {
+        match catalog::plans::plan(&self.service.store, id) {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => Err(Lost),
+            Err(e) => Err(Retry(format!("reading plan {id}: {e}"))),
+        }
+    }
+
+    fn record(&self, vm: VmId) -> Result<Option<VmRecord>, StepError> {
+        catalog::vms::vm(&self.service.store, vm).map_err(|e| Retry(format!("reading {vm}: {e}")))
+    }
+
+    async fn drive(self, id: u64) {
+        let mut backoff = self.poll;
+        let mut last_retry = String::new();
+        let mut adopted = false;
+        loop {
+            if !self.leading() {
+                return;
+            }
+            let plan = match self.load(id) {
+                Ok(p) => p,
+                Err(Lost) => return,
+                Err(e) => {
+                    warn!(plan = id, error = ?e, "plan unreadable");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if !adopted && !plan.state.is_terminal() {
+                let cmd = PlanCommand::Adopt { id, term: self.term, leader: self.me(), at_ms: now_ms() };
+                match self.propose(cmd).await {
+                    Ok(_) => adopted = true,
+                    Err(e) => {
+                        if !self.leading() {
+                            return;
+                        }
+                        warn!(plan = id, error = ?e, "could not adopt the plan");
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                }
+            }
+            let result = if plan.state.is_forward() && now_ms() > plan.created_at_ms.saturating_add(plan.timeout_ms) {
+                Err(Fail(format!("the plan did not move its VMs within its timeout of {}", ms_text(plan.timeout_ms))))
+            } else {
+                match plan.state {
+                    PlanState::Created => {
+                        let note = format!("taking the recovery snapshot of the group on {}", plan.from);
+                        self.advance(&plan, PlanState::Snapshotting, PlanPatch::None, note).await
+                    }
+                    PlanState::Snapshotting => self.snapshot(&plan).await,
+                    PlanState::Migrating => self.migrate(&plan).await,
+                    PlanState::Consolidating => self.consolidate(&plan).await,
+                    PlanState::FailingBack => self.fail_back(&plan).await,
+                    PlanState::Succeeded | PlanState::FailedBack => match self.release(&plan).await {
+                        Ok(()) => return,
+                        Err(e) => Err(e),
+                    },
+                }
+            };
+            match result {
+                Ok(()) => {
+                    backoff = self.poll;
+                    last_retry.clear();
+                }
+                Err(Lost) => return,
+                Err(Fail(reason)) => {
+                    warn!(plan = id, %reason, "plan fails back");
+                    let plan = match self.load(id) {
+                        Ok(p) => p,
+                        Err(_) => continue,
+                    };
+                    if plan.state.may_advance_to(PlanState::FailingBack) {
+                        let note = format!("failing back: {reason}");
+                        if let Err(e) =
+                            self.advance(&plan, PlanState::FailingBack, PlanPatch::Failure(reason), note).await
+                        {
+                            warn!(plan = id, error = ?e, "could not record the failure; retrying");
+                            tokio::time::sleep(backoff).await;
+                        }
+                    }
+                }
+                Err(Retry(reason)) => {
+                    if reason != last_retry {
+                        warn!(plan = id, state = %plan.state, %reason, "plan step will be retried");
+                        last_retry = reason;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn propose(&self, cmd: PlanCommand) -> Result<MigrationPlan, StepError> {
+        match self.service.write(CatalogCommand::Plan(cmd), 0).await {
+            Ok(ClientResponse::Written { outcome: CommandOutcome::Plan(PlanOutcome::Plan(p)), .. }) => Ok(*p),
+            Ok(ClientResponse::Written {
+                outcome: CommandOutcome::Plan(PlanOutcome::Refused { reason, .. }), ..
+            }) => {
+                if self.leading() {
+                    Err(Retry(format!("refused: {reason}")))
+                } else {
+                    Err(Lost)
+                }
+            }
+            Ok(other) => Err(Retry(format!("unexpected answer {other:?}"))),
+            Err(e) if !self.leading() => {
+                warn!(error = %e, "lost leadership while proposing a plan step");
+                Err(Lost)
+            }
+            Err(e) => Err(Retry(e.message)),
+        }
+    }
+
+    async fn advance(&self, plan: &MigrationPlan, to: PlanState, patch: PlanPatch, note: String) -> Step {
+        info!(plan = plan.id, from = %plan.state, %to, %note, "plan advances");
+        let cmd = PlanCommand::Advance {
+            id: plan.id,
+            term: self.term,
+            leader: self.me(),
+            expected: plan.state,
+            to,
+            patch,
+            note,
+            at_ms: now_ms(),
+        };
+        self.propose(cmd).await?;
+        match to {
+            PlanState::Succeeded => metrics::counter!("haven_plans_succeeded_total").increment(1),
+            PlanState::FailedBack => metrics::counter!("haven_plans_failed_back_total").increment(1),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Record where `vm` is, if that changed.
+    async fn vm_phase(&self, plan: &MigrationPlan, vm: VmId, phase: PlanVmPhase, note: Option<String>) -> Step {
+        let current = plan.progress.iter().find(|p| p.vm == vm);
+        if current.is_some_and(|p| p.phase == phase && (note.is_none() || p.note == note)) {
+            return Ok(());
+        }
+        let cmd = PlanCommand::VmPhase { id: plan.id, term: self.term, vm, phase, note, at_ms: now_ms() };
+        self.propose(cmd).await.map(|_| ())
+    }
+
+    /// `host`'s process incarnation (it changes when the node restarts), if its agent answers.
+    async fn incarnation(&self, host: NodeId) -> Option<u64> {
+        let wait = Duration::from_millis((self.t.host_down_ms / 2).clamp(100, 1000));
+        match self.service.registry.send_timeout(ActorAddr::host_agent(host), ActorMessage::Describe, wait).await {
+            Ok(ActorReply::Description { incarnation, .. }) => Some(incarnation),
+            _ => None,
+        }
+    }
+
+    async fn alive(&self, host: NodeId) -> bool {
+        self.incarnation(host).await.is_some()
+    }
+
+    /// Whether the source restarted since it took the recovery snapshot: every guest it held
+    /// then lost its memory.
+    async fn source_restarted(&self, plan: &MigrationPlan) -> bool {
+        let Some(r) = &plan.recovery else { return false };
+        self.incarnation(r.host).await.is_some_and(|now| now != r.host_incarnation)
+    }
+
+    /// Ask `host` for a group operation and wait for its result (polling its job).
+    async fn group_call(&self, host: NodeId, req: GroupRequest) -> Result<GroupResponse, WireError> {
+        let deadline = Instant::now() + Duration::from_millis(self.t.group_op_timeout_ms);
+        let mut silent_since: Option<Instant> = None;
+        loop {
+            if !self.leading() {
+                return Err(WireError::new(ErrorCode::NotLeader, "lost leadership"));
+            }
+            let sent = self
+                .service
+                .registry
+                .send(ActorAddr::host_agent(host), ActorMessage::Vm(haven_proto::vm::VmMessage::Group(req.clone())))
+                .await;
+            match sent {
+                Ok(ActorReply::Vm(VmResponse::Group(GroupResponse::Pending))) => silent_since = None,
+                Ok(ActorReply::Vm(VmResponse::Group(r))) => return Ok(r),
+                Ok(other) => {
+                    return Err(WireError::new(ErrorCode::Internal, format!("{host} answered {other:?}")));
+                }
+                Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                    let since = *silent_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= Duration::from_millis(self.t.host_down_ms) {
+                        return Err(WireError::new(e.code, format!("{host} does not answer: {}", e.message)));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Err(WireError::new(
+                    ErrorCode::Timeout,
+                    format!("{host} did not finish within {}", ms_text(self.t.group_op_timeout_ms)),
+                ));
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    async fn status(&self, vm: VmId) -> Result<VmStatus, WireError> {
+        match self.vms.client(VmRequest::Status { vm }).await? {
+            VmResponse::Status(s) => Ok(s),
+            other => Err(WireError::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Why `vm`'s last migration ended, as its host reports it.
+    async fn migration_reason(&self, vm: VmId) -> String {
+        match self.vms.client(VmRequest::MigrationProgress { vm }).await {
+            Ok(VmResponse::Migration(r)) => {
+                format!("{} ({})", r.phase, r.reason.unwrap_or_else(|| "no reason given".into()))
+            }
+            Ok(other) => format!("unexpected answer {other:?}"),
+            Err(e) => format!("ended without moving it (no report: {})", e.message),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Forward steps
+
+    async fn snapshot(&self, plan: &MigrationPlan) -> Step {
+        for vm in &plan.vms {
+            let r = self.record(*vm)?.ok_or_else(|| Fail(format!("{vm} no longer exists")))?;
+            if r.host != plan.from || r.migrating_to.is_some() {
+                return Err(Fail(format!(
+                    "{vm} is on {} (migrating to {:?}), not resting on {}",
+                    r.host, r.migrating_to, plan.from
+                )));
+            }
+        }
+        let req = GroupRequest::Snapshot { plan: plan.id, vms: plan.vms.clone() };
+        match self.group_call(plan.from, req).await {
+            Ok(GroupResponse::Snapshot { images, paused_ms, incarnation }) => {
+                let bytes: u64 = images.iter().map(|i| i.bytes).sum();
+                let note = format!(
+                    "recovery snapshot on {}: {} images, {} MiB, group paused {paused_ms} ms; migrating up to {} at once",
+                    plan.from,
+                    images.len(),
+                    bytes >> 20,
+                    plan.max_parallel
+                );
+                let point = RecoveryPoint {
+                    host: plan.from,
+                    host_incarnation: incarnation,
+                    taken_at_ms: now_ms(),
+                    paused_ms,
+                    images,
+                    volume_snapshots: Vec::new(),
+                };
+                self.advance(plan, PlanState::Migrating, PlanPatch::Recovery(point), note).await
+            }
+            Ok(other) => Err(Fail(format!("{} answered the snapshot with {other:?}", plan.from))),
+            Err(e) if e.code == ErrorCode::NotLeader => Err(Lost),
+            Err(e) => Err(Fail(format!("recovery snapshot on {} failed: {}", plan.from, e.message))),
+        }
+    }
+
+    async fn migrate(&self, plan: &MigrationPlan) -> Step {
+        let deadline = plan.created_at_ms.saturating_add(plan.timeout_ms);
+        let vm_timeout = Duration::from_millis(self.t.vm_migration_timeout_ms);
+        let mut started: HashMap<VmId, Instant> = HashMap::new();
+        let mut silent_since: Option<Instant> = None;
+        let mut dest_incarnation: Option<u64> = None;
+        loop {
+            if !self.leading() {
+                return Err(Lost);
+            }
+            let plan = self.load(plan.id)?;
+            if plan.state != PlanState::Migrating {
+                return Ok(()); // cancelled (or moved on): the caller reloads
+            }
+            if now_ms() > deadline {
+                return Err(Fail(format!(
+                    "the plan did not move its VMs within its timeout of {}",
+                    ms_text(plan.timeout_ms)
+                )));
+            }
+            // The destination must stay up and keep what it received; the source must not restart
+            // (a restarted host lost its guests).
+            match self.incarnation(plan.to).await {
+                Some(now) => {
+                    silent_since = None;
+                    let first = *dest_incarnation.get_or_insert(now);
+                    let received = plan.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived);
+                    if now != first && received {
+                        return Err(Fail(format!(
+                            "destination {} restarted: the VMs it had received are lost",
+                            plan.to
+                        )));
+                    }
+                    dest_incarnation = Some(now);
+                }
+                None => {
+                    let down = Duration::from_millis(self.t.host_down_ms);
+                    if silent_since.get_or_insert_with(Instant::now).elapsed() >= down {
+                        return Err(Fail(format!("destination {} stopped answering", plan.to)));
+                    }
+                }
+            }
+            if self.source_restarted(&plan).await {
+                return Err(Fail(format!("source {} restarted since the recovery snapshot", plan.from)));
+            }
+            let mut arrived = 0;
+            let mut in_flight = 0;
+            let mut waiting = Vec::new();
+            for vm in &plan.vms {
+                let r = self.record(*vm)?.ok_or_else(|| Fail(format!("{vm} no longer exists")))?;
+                let phase = plan.vm_phase(*vm);
+                if r.host == plan.to && r.migrating_to.is_none() {
+                    arrived += 1;
+                    self.vm_phase(&plan, *vm, PlanVmPhase::Arrived, None).await?;
+                } else if r.host == plan.from && r.migrating_to == Some(plan.to) {
+                    in_flight += 1;
+                    let since = *started.entry(*vm).or_insert_with(Instant::now);
+                    self.vm_phase(&plan, *vm, PlanVmPhase::Migrating, None).await?;
+                    if since.elapsed() > vm_timeout {
+                        let _ = self.vms.client(VmRequest::CancelMigration { vm: *vm }).await;
+                        let why = format!("did not finish within {}", ms_text(self.t.vm_migration_timeout_ms));
+                        self.vm_phase(&plan, *vm, PlanVmPhase::Failed, Some(why.clone())).await?;
+                        return Err(Fail(format!("{vm} {why}")));
+                    }
+                } else if r.host == plan.from && r.migrating_to.is_none() {
+                    if phase == Some(PlanVmPhase::Migrating) {
+                        // Started (by this leader or an earlier one) and back at the source.
+                        let why = self.migration_reason(*vm).await;
+                        self.vm_phase(&plan, *vm, PlanVmPhase::Failed, Some(why.clone())).await?;
+                        return Err(Fail(format!("migration of {vm} to {} failed: {why}", plan.to)));
+                    }
+                    waiting.push(*vm);
+                } else {
+                    return Err(Fail(format!(
+                        "{vm} is on {} (migrating to {:?}); the plan moves it from {} to {}",
+                        r.host, r.migrating_to, plan.from, plan.to
+                    )));
+                }
+            }
+            if arrived == plan.vms.len() {
+                let note = format!("all {} VMs arrived at {}; restoring group consistency there", arrived, plan.to);
+                return self.advance(&plan, PlanState::Consolidating, PlanPatch::None, note).await;
+            }
+            let room = (plan.max_parallel as usize).saturating_sub(in_flight);
+            for vm in waiting.into_iter().take(room) {
+                let req = VmRequest::Migrate { vm, to: plan.to, options: plan.options.clone(), plan: Some(plan.id) };
+                match self.vms.client(req).await {
+                    Ok(_) => {
+                        started.insert(vm, Instant::now());
+                        info!(plan = plan.id, %vm, to = %plan.to, "migration started");
+                        self.vm_phase(&plan, vm, PlanVmPhase::Migrating, None).await?;
+                    }
+                    Err(e) => {
+                        if !self.leading() {
+                            return Err(Lost);
+                        }
+                        self.vm_phase(&plan, vm, PlanVmPhase::Failed, Some(e.message.clone())).await?;
+                        return Err(Fail(format!("{vm} could not start migrating to {}: {}", plan.to, e.message)));
+                    }
+                }
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    async fn consolidate(&self, plan: &MigrationPlan) -> Step {
+        for vm in &plan.vms {
+            let r = self.record(*vm)?.ok_or_else(|| Fail(format!("{vm} no longer exists")))?;
+            if r.host != plan.to || r.migrating_to.is_some() {
+                return Err(Fail(format!("{vm} is on {}, not {}", r.host, plan.to)));
+            }
+        }
+        let req = GroupRequest::Consolidate { plan: plan.id, vms: plan.vms.clone() };
+        match self.group_call(plan.to, req).await {
+            Ok(GroupResponse::Consolidated { resume_spread_ms, paused_ms }) => {
+                let note = format!(
+                    "group consistent on {}: paused together {paused_ms} ms, resumed within {resume_spread_ms} ms",
+                    plan.to
+                );
+                let patch = PlanPatch::Consolidated { resume_spread_ms, paused_ms };
+                self.advance(plan, PlanState::Succeeded, patch, note).await
+            }
+            Ok(other) => Err(Fail(format!("{} answered the consolidation with {other:?}", plan.to))),
+            Err(e) if e.code == ErrorCode::NotLeader => Err(Lost),
+            Err(e) => Err(Fail(format!("consolidation on {} failed: {}", plan.to, e.message))),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Fail-back
+
+    /// The group's records; a VM that vanished is left out (it cannot run anywhere).
+    fn records(&self, plan: &MigrationPlan) -> Result<Vec<VmRecord>, StepError> {
+        let mut out = Vec::new();
+        for vm in &plan.vms {
+            match self.record(*vm)? {
+                Some(r) => out.push(r),
+                None => warn!(plan = plan.id, %vm, "a VM of the plan no longer exists"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cancel the group's migrations under way and wait (bounded) until none is.
+    async fn stop_migrations(&self, plan: &MigrationPlan) -> Step {
+        let deadline = Instant::now() + Duration::from_millis(self.t.cancel_wait_ms);
+        let mut asked = false;
+        loop {
+            let moving: Vec<VmId> =
+                self.records(plan)?.into_iter().filter(|r| r.migrating_to.is_some()).map(|r| r.id).collect();
+            if moving.is_empty() {
+                return Ok(());
+            }
+            if !asked {
+                for vm in &moving {
+                    if let Err(e) = self.vms.client(VmRequest::CancelMigration { vm: *vm }).await {
+                        warn!(plan = plan.id, %vm, error = %e, "cancel request not delivered; waiting for the migration to end");
+                    }
+                }
+                asked = true;
+            }
+            if !self.leading() {
+                return Err(Lost);
+            }
+            if Instant::now() >= deadline {
+                let list: Vec<String> = moving.iter().map(|v| v.to_string()).collect();
+                return Err(Retry(format!("waiting for the migrations of {} to stop", list.join(", "))));
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    async fn fail_back(&self, plan: &MigrationPlan) -> Step {
+        if plan.restore.is_some() {
+            return self.finish_restore(plan).await;
+        }
+        self.stop_migrations(plan).await?;
+        let plan = &self.load(plan.id)?;
+        let records = self.records(plan)?;
+        let mut need_image: Option<String> = None;
+        if let Some(r) = records.iter().find(|r| r.host != plan.from && r.host != plan.to) {
+            need_image = Some(format!("{} turned up on {}", r.id, r.host));
+        }
+        // A host that restarted lost the guests it held: the source since the snapshot, the
+        // destination since a VM arrived (its guest there was booted fresh).
+        if need_image.is_none() && self.source_restarted(plan).await {
+            need_image = Some(format!("{} restarted since the recovery snapshot", plan.from));
+        }
+        for r in records.iter().filter(|r| r.host == plan.to) {
+            if need_image.is_some() {
+                break;
+            }
+            if let Ok(s) = self.status(r.id).await {
+                if s.origin == "booted" {
+                    need_image = Some(format!("{} restarted: {} lost the memory it had received", plan.to, r.id));
+                }
+            }
+        }
+        // A VM at the source behind its recovery point lost its memory (its host restarted).
+        if plan.recovery.is_some() && need_image.is_none() {
+            for r in records.iter().filter(|r| r.host == plan.from) {
+                let s =
+                    self.status(r.id).await.map_err(|e| Retry(format!("{} at {}: {}", r.id, plan.from, e.message)))?;
+                if let Some(image) = plan.image(r.id) {
+                    if s.last_seq < image.last_seq {
+                        need_image = Some(format!(
+                            "{} on {} is at write {}, behind its recovery point ({}): it lost its memory",
+                            r.id, plan.from, s.last_seq, image.last_seq
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        let at_dest: Vec<VmId> = records.iter().filter(|r| r.host == plan.to).map(|r| r.id).collect();
+        if need_image.is_none() && !at_dest.is_empty() {
+            if self.alive(plan.to).await {
+                match self.migrate_back(plan, &at_dest).await {
+                    Ok(()) => {}
+                    Err(Lost) => return Err(Lost),
+                    Err(Fail(why) | Retry(why)) => {
+                        self.stop_migrations(plan).await?;
+                        need_image = Some(format!("migrating back failed: {why}"));
+                    }
+                }
+            } else {
+                need_image = Some(format!("destination {} does not answer", plan.to));
+            }
+        }
+        if let Some(reason) = need_image {
+            if plan.recovery.is_none() {
+                return Err(Retry(format!("{reason}, and the plan has no recovery snapshot; waiting")));
+            }
+            let cmd = PlanCommand::RestoreGroup { id: plan.id, term: self.term, reason, at_ms: now_ms() };
+            self.propose(cmd).await?;
+            return Ok(()); // reload: the restore continues from the catalog
+        }
+        let plan = self.load(plan.id)?;
+        let moved_back = plan.progress.iter().any(|p| matches!(p.phase, PlanVmPhase::Arrived | PlanVmPhase::Returning));
+        match self.verify(&plan, false).await {
+            Ok(summary) => {
+                let (mode, how) = if moved_back {
+                    (FailBackMode::MigratedBack, "the VMs that had moved were live-migrated back")
+                } else {
+                    (FailBackMode::NothingMoved, "no VM had left the source")
+                };
+                let note = format!("failed back: {how}; {summary}");
+                self.advance(&plan, PlanState::FailedBack, PlanPatch::FailedBack(mode), note).await
+            }
+            Err(Unverified::Lost(why)) if plan.recovery.is_some() => {
+                let cmd = PlanCommand::RestoreGroup { id: plan.id, term: self.term, reason: why, at_ms: now_ms() };
+                self.propose(cmd).await.map(|_| ())
+            }
+            Err(Unverified::Lost(why) | Unverified::NotYet(why)) => Err(Retry(why)),
+        }
+    }
+
+    /// Live-migrate `vms` from the destination back to the source, `max_parallel` at once.
+    async fn migrate_back(&self, plan: &MigrationPlan, vms: &[VmId]) -> Step {
+        let timeout = Duration::from_millis(self.t.vm_migration_timeout_ms);
+        let mut started: HashMap<VmId, Instant> = HashMap::new();
+        let mut silent_since: Option<Instant> = None;
+        loop {
+            if !self.leading() {
+                return Err(Lost);
+            }
+            let plan = self.load(plan.id)?;
+            if self.alive(plan.to).await {
+                silent_since = None;
+            } else if silent_since.get_or_insert_with(Instant::now).elapsed()
+                >= Duration::from_millis(self.t.host_down_ms)
+            {
+                return Err(Fail(format!("{} stopped answering", plan.to)));
+            }
+            let mut home = 0;
+            let mut in_flight = 0;
+            let mut waiting = Vec::new();
+            for vm in vms {
+                let Some(r) = self.record(*vm)? else {
+                    home += 1;
+                    continue;
+                };
+                if r.host == plan.from && r.migrating_to.is_none() {
+                    home += 1;
+                } else if r.host == plan.to && r.migrating_to == Some(plan.from) {
+                    in_flight += 1;
+                    if started.entry(*vm).or_insert_with(Instant::now).elapsed() > timeout {
+                        let _ = self.vms.client(VmRequest::CancelMigration { vm: *vm }).await;
+                        return Err(Fail(format!(
+                            "{vm} did not come back within {}",
+                            ms_text(self.t.vm_migration_timeout_ms)
+                        )));
+                    }
+                } else if r.host == plan.to {
+                    if started.contains_key(vm) {
+                        let why = self.migration_reason(*vm).await;
+                        return Err(Fail(format!("{vm} could not migrate back: {why}")));
+                    }
+                    waiting.push(*vm);
+                } else {
+                    return Err(Fail(format!("{vm} is on {}", r.host)));
+                }
+            }
+            if home == vms.len() {
+                return Ok(());
+            }
+            let room = (plan.max_parallel as usize).saturating_sub(in_flight);
+            for vm in waiting.into_iter().take(room) {
+                self.vm_phase(&plan, vm, PlanVmPhase::Returning, None).await?;
+                let req = VmRequest::Migrate { vm, to: plan.from, options: plan.options.clone(), plan: Some(plan.id) };
+                match self.vms.client(req).await {
+                    Ok(_) => {
+                        started.insert(vm, Instant::now());
+                    }
+                    Err(e) => return Err(Fail(format!("{vm} could not start migrating back: {}", e.message))),
+                }
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    /// The group was forced back to the source: have the source install it from the images.
+    async fn finish_restore(&self, plan: &MigrationPlan) -> Step {
+        let (Some(recovery), Some(generations)) = (&plan.recovery, &plan.restore) else {
+            return Err(Retry("restore without a recovery point".into()));
+        };
+        let req =
+            GroupRequest::Restore { plan: plan.id, images: recovery.images.clone(), generations: generations.clone() };
+        match self.group_call(recovery.host, req).await {
+            Ok(GroupResponse::Restored(_)) => {}
+            Ok(other) => return Err(Retry(format!("{} answered the restore with {other:?}", recovery.host))),
+            Err(e) if e.code == ErrorCode::NotLeader => return Err(Lost),
+            Err(e) => return Err(Retry(format!("restore on {}: {}", recovery.host, e.message))),
+        }
+        let summary = self.verify(plan, true).await.map_err(|e| match e {
+            Unverified::Lost(w) | Unverified::NotYet(w) => Retry(w),
+        })?;
+        let note = format!(
+            "failed back: the whole group was restored on {} from the recovery snapshot; {summary}",
+            recovery.host
+        );
+        self.advance(plan, PlanState::FailedBack, PlanPatch::FailedBack(FailBackMode::RestoredFromSnapshot), note).await
+    }
+
+    /// Every VM of the group runs at the source (as desired), its memory checks out, and it is
+    /// not behind its recovery point.
+    /// After a restore (`restored`), each guest must be the one loaded from its image.
+    async fn verify(&self, plan: &MigrationPlan, restored: bool) -> Result<String, Unverified> {
+        use Unverified::{Lost as Gone, NotYet};
+        if !restored && self.source_restarted(plan).await {
+            return Err(Gone(format!("{} restarted since the recovery snapshot", plan.from)));
+        }
+        let mut checked = 0;
+        for r in self.records(plan).map_err(|e| NotYet(format!("{e:?}")))? {
+            if r.host != plan.from || r.migrating_to.is_some() {
+                return Err(NotYet(format!(
+                    "{} is on {} (migrating to {:?}), not {}",
+                    r.id, r.host, r.migrating_to, plan.from
+                )));
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let status = loop {
+                match self.status(r.id).await {
+                    Ok(s) if r.desired != VmRunState::Running || s.state == "running" => break s,
+                    Ok(s) if Instant::now() >= deadline => {
+                        return Err(NotYet(format!("{} is {} on {}, not running", r.id, s.state, plan.from)))
+                    }
+                    Err(e) if Instant::now() >= deadline => return Err(NotYet(format!("{}: {}", r.id, e.message))),
+                    _ => tokio::time::sleep(self.poll).await,
+                }
+            };
+            if restored && status.origin != "restored" {
+                return Err(NotYet(format!("{} on {} is {}, not restored yet", r.id, plan.from, status.origin)));
+            }
+            if status.host != plan.from {
+                return Err(NotYet(format!("{} answers from {}, not {}", r.id, status.host, plan.from)));
+            }
+            if let Some(image) = plan.image(r.id) {
+                if status.last_seq < image.last_seq {
+                    return Err(Gone(format!(
+                        "{} is behind its recovery point ({} < {}): it lost its memory",
+                        r.id, status.last_seq, image.last_seq
+                    )));
+                }
+            }
+            match self.vms.client(VmRequest::Check { vm: r.id }).await {
+                Ok(VmResponse::Check { .. }) => checked += 1,
+                Ok(other) => return Err(NotYet(format!("{}: unexpected answer {other:?}", r.id))),
+                Err(e) if e.code == ErrorCode::Internal => {
+                    return Err(Gone(format!("memory check of {} failed: {}", r.id, e.message)))
+                }
+                Err(e) => return Err(NotYet(format!("memory check of {}: {}", r.id, e.message))),
+            }
+        }
+        Ok(format!("{checked} VMs run on {} and their memory checks out", plan.from))
+    }
+
+    /// Delete a final plan's recovery images from the host that holds them.
+    async fn release(&self, plan: &MigrationPlan) -> Step {
+        let Some(recovery) = &plan.recovery else { return Ok(()) };
+        if plan.recovery_released {
+            return Ok(());
+        }
+        match self.group_call(recovery.host, GroupRequest::Release { plan: plan.id }).await {
+            Ok(GroupResponse::Released { .. }) => {}
+            Ok(other) => return Err(Retry(format!("{} answered the release with {other:?}", recovery.host))),
+            Err(e) if e.code == ErrorCode::NotLeader => return Err(Lost),
+            Err(e) => {
+                // The images stay until their host answers; try again much later.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                return Err(Retry(format!("deleting recovery images on {}: {}", recovery.host, e.message)));
+            }
+        }
+        let cmd = PlanCommand::RecoveryReleased { id: plan.id, term: self.term, at_ms: now_ms() };
+        self.propose(cmd).await.map(|_| ())
+    }
+}
