@@ -719,8 +719,7 @@ async fn run(args: &Args) -> anyhow::Result<i32> {
         met: all_updates_backwards == 0 && all_updates > 0,
     });
 
-    report
-        .note("group-plan targets (migrating several VMs as one plan) are not measured: group plans are not built yet");
+    report.note("group-plan targets (several VMs moved as one plan) are measured by plan_bench");
     report.note(
         "progress updates are what a tokio watch receiver saw (it keeps only the latest value, so updates published \
          back to back can be coalesced); every seen pair is compared",
