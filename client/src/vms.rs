@@ -114,6 +114,22 @@ impl HavenClient {
         }
     }
 
+    /// Attach `volume` as a disk of `vm` (snapshotted and rolled back with it by plans).
+    pub async fn attach_volume(&self, vm: VmId, volume: haven_proto::VolumeId) -> Result<VmRecord, ClientError> {
+        match self.vm_command(VmCommand::AttachVolume { vm, volume }).await? {
+            VmOutcome::Vm(v) => Ok(v),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    /// Detach `volume` from `vm`.
+    pub async fn detach_volume(&self, vm: VmId, volume: haven_proto::VolumeId) -> Result<VmRecord, ClientError> {
+        match self.vm_command(VmCommand::DetachVolume { vm, volume }).await? {
+            VmOutcome::Vm(v) => Ok(v),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
     pub async fn delete_vm(&self, vm: VmId) -> Result<(), ClientError> {
         self.vm_command(VmCommand::Delete { vm }).await.map(|_| ())
     }

@@ -21,6 +21,7 @@ use haven_client::proto::plan::{FailBackMode, MigrationPlan, PlanSettings, PlanS
 use haven_client::proto::vm::{MigrationOptions, VmMessage, VmRequest, VmResponse, VmRunState, WorkloadKind};
 use haven_client::proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, ErrorCode, NodeId, VmId};
 use haven_client::vms::VmSpec;
+use haven_client::volumes::VolumeSpec;
 use haven_client::HavenClient;
 
 const HEALTHY: Duration = Duration::from_secs(30);
@@ -275,8 +276,21 @@ async fn destination_killed_mid_plan_fails_back_to_the_recovery_snapshot() {
     let mut k = cluster(tmp.path(), &[]).await;
     let client = k.client.clone();
     let vms = group(&client, "d", 3, 64, 8000, k.src).await;
+    // The first VM has a disk (a replica on every host, so it survives the kill): what it held at
+    // the recovery snapshot must be what it holds after failing back.
+    let disk = client.create_volume(&VolumeSpec::new("d-disk", 1 << 20, 3)).await.expect("create volume");
+    client.write_volume(disk.id, 0, &[0xaa; 4096]).await.expect("write before the plan");
+    client.attach_volume(vms[0], disk.id).await.expect("attach the disk");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let plan = client.create_plan_by_id(None, vms.clone(), k.dst, settings(1)).await.expect("create plan");
+    let p = wait_plan_until(&client, plan.id, "took its recovery snapshot", |p| p.recovery.is_some()).await;
+    let r = p.recovery.as_ref().expect("recovery point");
+    assert_eq!(r.volume_snapshots.len(), 1, "the disk is in the recovery snapshot: {r:?}");
+    assert_eq!(r.volume_snapshots[0].0, disk.id);
+    // Written after the recovery point: the fail-back rolls it back.
+    client.write_volume(disk.id, 0, &[0xbb; 4096]).await.expect("write after the recovery snapshot");
+    let e = client.delete_volume(disk.id).await.expect_err("an attached disk cannot be deleted");
+    assert!(e.to_string().contains("detach"), "{e}");
     // Kill the destination once the first VM lives there and the others have not arrived.
     let p =
         wait_plan_until(&client, plan.id, "moved a VM", |p| p.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived))
@@ -298,7 +312,11 @@ async fn destination_killed_mid_plan_fails_back_to_the_recovery_snapshot() {
         assert!(s.last_seq >= image.last_seq, "{vm} is behind its recovery point: {} < {}", s.last_seq, image.last_seq);
         check_memory(&client, *vm).await;
     }
+    let back = client.read_volume(disk.id, 0, 4096, None).await.expect("read the disk");
+    assert!(back.iter().all(|b| *b == 0xaa), "the disk was not rolled back to the recovery snapshot");
     wait_released(&k.c, &client, plan.id).await;
+    let snaps = client.snapshots(disk.id).await.unwrap();
+    assert!(snaps.iter().all(|s| !s.name.starts_with("plan-")), "recovery snapshot not released: {snaps:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,6 +401,18 @@ async fn bad_plans_get_clear_typed_errors() {
         ErrorCode::NotFound,
         "no VM vm-999",
     );
+    // Disks: unknown volume, unknown VM, one volume on two VMs, detaching what is not attached.
+    let e = client.attach_volume(vms[0], haven_client::proto::VolumeId(77)).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::NotFound), "{e}");
+    let disk = client.create_volume(&VolumeSpec::new("b-disk", 1 << 20, 2)).await.expect("create volume");
+    let e = client.attach_volume(VmId(999), disk.id).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::NotFound), "{e}");
+    assert_eq!(client.attach_volume(vms[0], disk.id).await.expect("attach").volumes, vec![disk.id]);
+    let e = client.attach_volume(vms[1], disk.id).await.unwrap_err();
+    assert!(e.to_string().contains("already a disk of"), "{e}");
+    assert!(client.detach_volume(vms[0], disk.id).await.expect("detach").volumes.is_empty());
+    let e = client.detach_volume(vms[0], disk.id).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::NotFound), "{e}");
     refuse(client.create_plan_by_id(None, vms.clone(), NodeId(42), settings(1)).await, ErrorCode::NotFound, "node-42");
     refuse(
         client.create_plan_by_id(None, vms.clone(), k.src, settings(1)).await,

@@ -462,17 +462,24 @@ pub enum PlanQueryResult {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum GroupRequest {
-    /// At the source: pause every VM of the group, take each guest's memory image, resume them
-    /// all; write the images durably (fsync) under `<data-dir>/recovery/plan-<plan>/`.
+    /// At the source: pause every VM of the group, take each guest's memory image and a recovery
+    /// snapshot of each of its disks, resume them all; write the images durably (fsync) under
+    /// `<data-dir>/recovery/plan-<plan>/`.
     Snapshot { plan: u64, vms: Vec<VmId> },
     /// At the destination: pause every VM of the group, then resume them together.
     Consolidate { plan: u64, vms: Vec<VmId> },
     /// At the source: replace each VM's guest with the one in its recovery image (checked
     /// against the recorded digests), at the generation the catalog gave it, and start them
     /// together. All images load or nothing changes.
-    Restore { plan: u64, images: Vec<RecoveryImage>, generations: Vec<(VmId, u64)> },
-    /// Delete the plan's recovery images.
-    Release { plan: u64 },
+    /// The group's disks are rolled back to `volume_snapshots` first.
+    Restore {
+        plan: u64,
+        images: Vec<RecoveryImage>,
+        generations: Vec<(VmId, u64)>,
+        volume_snapshots: Vec<(VolumeId, u64)>,
+    },
+    /// Delete the plan's recovery images and its disks' recovery snapshots.
+    Release { plan: u64, volume_snapshots: Vec<(VolumeId, u64)> },
 }
 
 impl GroupRequest {
@@ -481,7 +488,7 @@ impl GroupRequest {
             Self::Snapshot { plan, .. }
             | Self::Consolidate { plan, .. }
             | Self::Restore { plan, .. }
-            | Self::Release { plan } => *plan,
+            | Self::Release { plan, .. } => *plan,
         }
     }
 }
@@ -494,6 +501,8 @@ pub enum GroupResponse {
     /// `incarnation`: the host process that took it (see `ActorReply::Description`).
     Snapshot {
         images: Vec<RecoveryImage>,
+        /// One recovery snapshot per disk of the group's VMs, taken while the group was paused.
+        volume_snapshots: Vec<(VolumeId, u64)>,
         paused_ms: u64,
         incarnation: u64,
     },

@@ -7,7 +7,7 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
-use crate::ids::{NodeId, VmId};
+use crate::ids::{NodeId, VmId, VolumeId};
 use crate::plan::{GroupRequest, GroupResponse};
 
 /// Guest page size.
@@ -53,7 +53,13 @@ pub struct VmRecord {
     pub generation: u64,
     /// The migration under way, if any.
     pub migrating_to: Option<NodeId>,
+    /// The VM's disks: a migration plan's recovery snapshot snapshots them with the group's
+    /// memory, and failing back to it rolls them back.
+    pub volumes: Vec<VolumeId>,
 }
+
+/// Most volumes attached to one VM.
+pub const MAX_VM_VOLUMES: usize = 16;
 
 impl VmRecord {
     pub fn memory_pages(&self) -> u64 {
@@ -109,6 +115,16 @@ pub enum VmCommand {
     /// The migration ended without moving the VM (failed or cancelled).
     AbortMigration {
         vm: VmId,
+    },
+    /// Attach a volume as one of the VM's disks (refused while the VM migrates or is in a plan).
+    AttachVolume {
+        vm: VmId,
+        volume: VolumeId,
+    },
+    /// Detach a volume (refused while the VM migrates or is in a plan).
+    DetachVolume {
+        vm: VmId,
+        volume: VolumeId,
     },
     /// Mark a host draining (no VM is placed on it or migrated to it) or clear the mark.
     SetDraining {

@@ -195,6 +195,7 @@ mod tests {
             desired: VmRunState::Running,
             generation: 3,
             migrating_to: None,
+            volumes: Vec::new(),
         };
         let ok = vec![seen(0, 1, "running", 5, 1, 3)];
         assert!(placed_once_at_end(&[1], std::slice::from_ref(&rec), &ok).is_empty());

@@ -82,6 +82,11 @@ impl CatalogTxn<'_> {
             .map(|c| c.memory_mib.saturating_sub(used_on(&vms, host, &res, excluding))))
     }
 
+    /// The VM `volume` is a disk of, if any.
+    pub(super) fn vm_with_disk(&self, volume: haven_proto::VolumeId) -> Result<Option<VmRecord>, StoreError> {
+        Ok(self.scan_as::<VmRecord>(VM)?.into_iter().find(|v| v.volumes.contains(&volume)))
+    }
+
     /// Apply one VM command.
     pub fn apply_vm(&mut self, cmd: &VmCommand) -> Result<VmOutcome, StoreError> {
         Ok(match cmd {
@@ -139,6 +144,7 @@ impl CatalogTxn<'_> {
                     desired: VmRunState::Stopped,
                     generation: 1,
                     migrating_to: None,
+                    volumes: Vec::new(),
                 };
                 self.put_vm(&record)?;
                 self.put(name_key(name), next.to_be_bytes().to_vec());
@@ -222,6 +228,41 @@ impl CatalogTxn<'_> {
             VmCommand::AbortMigration { vm } => {
                 let Some(mut v) = self.vm(*vm)? else { return Ok(not_found(format!("no VM {vm}"))) };
                 v.migrating_to = None;
+                self.put_vm(&v)?;
+                VmOutcome::Vm(v)
+            }
+            VmCommand::AttachVolume { vm, volume } | VmCommand::DetachVolume { vm, volume } => {
+                let attach = matches!(cmd, VmCommand::AttachVolume { .. });
+                let Some(mut v) = self.vm(*vm)? else { return Ok(not_found(format!("no VM {vm}"))) };
+                if v.migrating_to.is_some() {
+                    return Ok(refused(format!("{vm} is migrating; attach or detach disks when it rests")));
+                }
+                if let Some(p) = self.active_plan_of(*vm)? {
+                    return Ok(refused(format!(
+                        "{vm} is in migration plan {} ({}); its disks are fixed",
+                        p.id, p.state
+                    )));
+                }
+                if attach {
+                    if self.volume(*volume)?.is_none() {
+                        return Ok(not_found(format!("no volume {volume}")));
+                    }
+                    if let Some(other) = self.vm_with_disk(*volume)? {
+                        return Ok(refused(format!("{volume} is already a disk of {} {:?}", other.id, other.name)));
+                    }
+                    if v.volumes.len() >= haven_proto::vm::MAX_VM_VOLUMES {
+                        return Ok(refused(format!(
+                            "{vm} has {} disks, the most a VM may have",
+                            haven_proto::vm::MAX_VM_VOLUMES
+                        )));
+                    }
+                    v.volumes.push(*volume);
+                } else {
+                    if !v.volumes.contains(volume) {
+                        return Ok(not_found(format!("{volume} is not a disk of {vm}")));
+                    }
+                    v.volumes.retain(|x| x != volume);
+                }
                 self.put_vm(&v)?;
                 VmOutcome::Vm(v)
             }

@@ -57,7 +57,7 @@ fn not_found(reason: impl Into<String>) -> VolumeOutcome {
 }
 
 impl CatalogTxn<'_> {
-    fn volume(&self, id: VolumeId) -> Result<Option<VolumeRecord>, StoreError> {
+    pub(super) fn volume(&self, id: VolumeId) -> Result<Option<VolumeRecord>, StoreError> {
         self.get_as(&key(VOL, &[id.0]))
     }
 
@@ -125,6 +125,9 @@ impl CatalogTxn<'_> {
             }
             VolumeCommand::Delete { volume } => {
                 let Some(v) = self.volume(*volume)? else { return Ok(not_found(format!("no volume {volume}"))) };
+                if let Some(vm) = self.vm_with_disk(*volume)? {
+                    return Ok(refused(format!("{volume} is a disk of {} {:?}; detach it first", vm.id, vm.name)));
+                }
                 self.delete(key(VOL, &[volume.0]));
                 self.delete(name_key(VOLNAME, &v.name));
                 for (k, _) in self.scan(&key(SNAP, &[volume.0]))? {

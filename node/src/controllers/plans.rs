@@ -413,13 +413,15 @@ impl Driver {
         }
         let req = GroupRequest::Snapshot { plan: plan.id, vms: plan.vms.clone() };
         match self.group_call(plan.from, req).await {
-            Ok(GroupResponse::Snapshot { images, paused_ms, incarnation }) => {
+            Ok(GroupResponse::Snapshot { images, volume_snapshots, paused_ms, incarnation }) => {
                 let bytes: u64 = images.iter().map(|i| i.bytes).sum();
                 let note = format!(
-                    "recovery snapshot on {}: {} images, {} MiB, group paused {paused_ms} ms; migrating up to {} at once",
+                    "recovery snapshot on {}: {} images, {} MiB, {} disk snapshots, group paused {paused_ms} ms; \
+                     migrating up to {} at once",
                     plan.from,
                     images.len(),
                     bytes >> 20,
+                    volume_snapshots.len(),
                     plan.max_parallel
                 );
                 let point = RecoveryPoint {
@@ -428,7 +430,7 @@ impl Driver {
                     taken_at_ms: now_ms(),
                     paused_ms,
                     images,
-                    volume_snapshots: Vec::new(),
+                    volume_snapshots,
                 };
                 self.advance(plan, PlanState::Migrating, PlanPatch::Recovery(point), note).await
             }
@@ -764,8 +766,12 @@ impl Driver {
         let (Some(recovery), Some(generations)) = (&plan.recovery, &plan.restore) else {
             return Err(Retry("restore without a recovery point".into()));
         };
-        let req =
-            GroupRequest::Restore { plan: plan.id, images: recovery.images.clone(), generations: generations.clone() };
+        let req = GroupRequest::Restore {
+            plan: plan.id,
+            images: recovery.images.clone(),
+            generations: generations.clone(),
+            volume_snapshots: recovery.volume_snapshots.clone(),
+        };
         match self.group_call(recovery.host, req).await {
             Ok(GroupResponse::Restored(_)) => {}
             Ok(other) => return Err(Retry(format!("{} answered the restore with {other:?}", recovery.host))),
@@ -841,7 +847,8 @@ impl Driver {
         if plan.recovery_released {
             return Ok(());
         }
-        match self.group_call(recovery.host, GroupRequest::Release { plan: plan.id }).await {
+        let release = GroupRequest::Release { plan: plan.id, volume_snapshots: recovery.volume_snapshots.clone() };
+        match self.group_call(recovery.host, release).await {
             Ok(GroupResponse::Released { .. }) => {}
             Ok(other) => return Err(Retry(format!("{} answered the release with {other:?}", recovery.host))),
             Err(e) if e.code == ErrorCode::NotLeader => return Err(Lost),

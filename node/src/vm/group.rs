@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 
 use haven_proto::plan::{GroupRequest, GroupResponse, RecoveryImage};
 use haven_proto::vm::{VmRecord, VmRunState, VmStatus};
-use haven_proto::{ErrorCode, VmId, WireError};
+use haven_proto::volume::{SnapshotKind, VolumeRequest, VolumeResponse};
+use haven_proto::{ErrorCode, VmId, VolumeId, WireError};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -442,11 +443,12 @@ impl VmHost {
                 let me = self.clone();
                 self.job(plan, "consolidate", async move { me.consolidate(plan, vms).await }).await
             }
-            GroupRequest::Restore { images, generations, .. } => {
+            GroupRequest::Restore { images, generations, volume_snapshots, .. } => {
                 let me = self.clone();
-                self.job(plan, "restore", async move { me.restore(plan, images, generations).await }).await
+                self.job(plan, "restore", async move { me.restore(plan, images, generations, volume_snapshots).await })
+                    .await
             }
-            GroupRequest::Release { .. } => self.release(plan).await,
+            GroupRequest::Release { volume_snapshots, .. } => self.release(plan, volume_snapshots).await,
         }
     }
 
@@ -565,6 +567,11 @@ impl VmHost {
             })
             .await
         };
+        // The disks too, still paused: memory and disks are one cut.
+        let disks = match &captured {
+            Ok(Ok(_)) => Some(self.snapshot_disks(plan, &vms).await),
+            _ => None,
+        };
         let (errors, _) = resume_all(&insts);
         let paused_ms = paused_at.elapsed().as_millis() as u64;
         drop(hold);
@@ -572,6 +579,7 @@ impl VmHost {
             warn!(plan, ?errors, "could not resume every VM after the recovery snapshot; reconcile will retry");
         }
         let captured = captured.map_err(blocking_failed)?.map_err(|e| wire(ErrorCode::Internal, e))?;
+        let volume_snapshots = disks.unwrap_or(Ok(Vec::new()))?;
         let images = tokio::task::spawn_blocking(move || -> Result<Vec<RecoveryImage>, ImageError> {
             captured
                 .into_iter()
@@ -602,7 +610,7 @@ impl VmHost {
         .map_err(|e| wire(ErrorCode::Internal, e.to_string()))?;
         info!(plan, vms = images.len(), paused_ms, in_memory, "recovery snapshot taken");
         metrics::histogram!("haven_plan_snapshot_pause_seconds").record(paused_ms as f64 / 1e3);
-        Ok(GroupResponse::Snapshot { images, paused_ms, incarnation: crate::actors::incarnation() })
+        Ok(GroupResponse::Snapshot { images, volume_snapshots, paused_ms, incarnation: crate::actors::incarnation() })
     }
 
     /// Pause the whole group here, then resume it together. Refused if a VM's guest here did not
@@ -639,6 +647,7 @@ impl VmHost {
         plan: u64,
         images: Vec<RecoveryImage>,
         generations: Vec<(VmId, u64)>,
+        volume_snapshots: Vec<(VolumeId, u64)>,
     ) -> JobResult {
         let _serial = self.group.serial.lock().await;
         // Wait for the catalog here to place every VM here at its new generation.
@@ -704,12 +713,18 @@ impl VmHost {
             .map_err(|e| wire(ErrorCode::Internal, format!("recovery snapshot unusable: {e}")))?;
             let ids: Vec<VmId> = loaded.iter().map(|(r, _, _)| r.id).collect();
             let hold = Hold::new(&self.group, &ids);
-            let mut installed = Vec::new();
-            for (r, g, guest) in loaded {
+            // The live guests are given up for the snapshot: stop them before their disks go back.
+            for (r, _, _) in &loaded {
                 if let Some(old) = self.remove_instance(r.id) {
                     let _ = old.guest.stop();
                 }
                 self.drop_incoming(r.id);
+            }
+            // A failed rollback fails the job; the controller asks again (rolling back to the same
+            // snapshot twice is harmless), and reconcile boots none of these VMs meanwhile.
+            self.rollback_disks(&volume_snapshots).await?;
+            let mut installed = Vec::new();
+            for (r, g, guest) in loaded {
                 installed.push((r.desired, self.install(r.id, guest, g, Origin::Restored)));
             }
             // Start the group together (as the catalog wants it).
@@ -734,8 +749,67 @@ impl VmHost {
         Ok(GroupResponse::Restored(statuses))
     }
 
-    /// Delete the plan's recovery images and forget its jobs.
-    async fn release(self: &Arc<Self>, plan: u64) -> JobResult {
+    /// One recovery snapshot of every disk of `vms` (the group is paused). A snapshot left by an
+    /// earlier attempt of the same plan is replaced: it does not match the new memory images.
+    async fn snapshot_disks(&self, plan: u64, vms: &[VmId]) -> Result<Vec<(VolumeId, u64)>, WireError> {
+        let mut disks = Vec::new();
+        for vm in vms {
+            disks.extend(self.record(*vm)?.volumes);
+        }
+        if disks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let volumes = self.volume_host()?;
+        let name = format!("plan-{plan}-recovery");
+        let mut out = Vec::new();
+        for vol in disks {
+            let stale = crate::catalog::volumes::snapshots(&self.service.store, vol)
+                .map_err(|e| wire(ErrorCode::Internal, e.to_string()))?
+                .into_iter()
+                .find(|s| s.name == name);
+            if let Some(s) = stale {
+                volumes.client(VolumeRequest::DeleteSnapshot { volume: vol, snapshot: s.id }).await?;
+            }
+            let req =
+                VolumeRequest::Snapshot { volume: vol, name: name.clone(), label: None, kind: SnapshotKind::Recovery };
+            match volumes.client(req).await? {
+                VolumeResponse::Snapshot(s) => out.push((vol, s.id)),
+                other => return Err(wire(ErrorCode::Internal, format!("{vol} answered a snapshot with {other:?}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Roll every disk back to its recovery snapshot.
+    async fn rollback_disks(&self, snapshots: &[(VolumeId, u64)]) -> Result<(), WireError> {
+        if snapshots.is_empty() {
+            return Ok(());
+        }
+        let volumes = self.volume_host()?;
+        for (vol, snap) in snapshots {
+            volumes.client(VolumeRequest::Rollback { volume: *vol, snapshot: *snap }).await.map_err(|e| {
+                wire(e.code, format!("rolling {vol} back to its recovery snapshot {snap}: {}", e.message))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn volume_host(&self) -> Result<Arc<crate::volume::host::VolumeHost>, WireError> {
+        self.service.volumes().ok_or_else(|| wire(ErrorCode::Unavailable, "volumes are not running on this node yet"))
+    }
+
+    /// Delete the plan's recovery images and its disks' recovery snapshots, and forget its jobs.
+    async fn release(self: &Arc<Self>, plan: u64, volume_snapshots: Vec<(VolumeId, u64)>) -> JobResult {
+        if !volume_snapshots.is_empty() {
+            let volumes = self.volume_host()?;
+            for (vol, snap) in &volume_snapshots {
+                match volumes.client(VolumeRequest::DeleteSnapshot { volume: *vol, snapshot: *snap }).await {
+                    Ok(_) => {}
+                    Err(e) if e.code == ErrorCode::NotFound => {} // released before, or the volume is gone
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         self.group.jobs.lock().expect("jobs lock").retain(|(p, _), _| *p != plan);
         let dir = plan_dir(&self.group.data_dir, plan);
         let files = tokio::task::spawn_blocking(move || -> std::io::Result<u32> {

@@ -119,7 +119,7 @@ impl VmInstance {
 /// This node's VMs.
 pub struct VmHost {
     pub node: NodeId,
-    service: Arc<NodeService>,
+    pub(super) service: Arc<NodeService>,
     capacity_mib: u64,
     vms: Mutex<HashMap<VmId, Arc<VmInstance>>>,
     /// Guests received by migration, waiting for the catalog to place them here.

@@ -74,6 +74,21 @@ pub enum VmCmd {
         /// VM name, vm-N or N.
         vm: String,
     },
+    /// Attach a volume as a disk of a VM (a migration plan snapshots and rolls back a VM's disks
+    /// with its memory).
+    Attach {
+        /// VM name, vm-N or N.
+        vm: String,
+        /// Volume name, vol-N or N.
+        volume: String,
+    },
+    /// Detach a disk from a VM.
+    Detach {
+        /// VM name, vm-N or N.
+        vm: String,
+        /// Volume name, vol-N or N.
+        volume: String,
+    },
     /// Memory each host offers to VMs: capacity, used and free.
     Capacity,
 }
@@ -357,6 +372,8 @@ pub async fn vm(cmd: VmCmd, client: ClientFn<'_>, out: &Output) -> anyhow::Resul
             c.delete_vm(v.id).await?;
             out.done(&format!("deleted {} {:?}", v.id, v.name), json!({"deleted": v.id, "name": v.name}));
         }
+        VmCmd::Attach { vm, volume } => attach_disk(&c, &vm, &volume, true, out).await?,
+        VmCmd::Detach { vm, volume } => attach_disk(&c, &vm, &volume, false, out).await?,
         VmCmd::Check { vm } => {
             let v = c.vm(&vm).await?;
             let check = c.vm_check(v.id).await.map_err(|e| anyhow!("memory check of {} failed: {e}", v.id))?;
@@ -409,6 +426,28 @@ async fn set_state(c: &HavenClient, name: &str, desired: VmRunState, out: &Outpu
     Ok(())
 }
 
+/// `vm attach` / `vm detach`.
+async fn attach_disk(c: &HavenClient, vm: &str, volume: &str, attach: bool, out: &Output) -> anyhow::Result<()> {
+    let v = c.vm(vm).await?;
+    let vol = c.volume(volume).await?;
+    let r = if attach { c.attach_volume(v.id, vol.id).await? } else { c.detach_volume(v.id, vol.id).await? };
+    let disks: Vec<String> = r.volumes.iter().map(|d| d.to_string()).collect();
+    out.done(
+        &format!(
+            "{} {} {:?} {} {} {:?}; its disks: {}",
+            if attach { "attached" } else { "detached" },
+            vol.id,
+            vol.name,
+            if attach { "to" } else { "from" },
+            v.id,
+            v.name,
+            if disks.is_empty() { "none".to_string() } else { disks.join(", ") }
+        ),
+        json!({"vm": v.id, "volume": vol.id, "attached": attach, "volumes": r.volumes}),
+    );
+    Ok(())
+}
+
 async fn show(c: &HavenClient, name: &str, out: &Output) -> anyhow::Result<()> {
     let v = c.vm(name).await?;
     // The host may be unreachable (that may be why someone is looking): show the record anyway.
@@ -422,6 +461,10 @@ async fn show(c: &HavenClient, name: &str, out: &Output) -> anyhow::Result<()> {
         return Ok(());
     }
     out.headline(&vm_summary(&v));
+    if !v.volumes.is_empty() {
+        let disks: Vec<String> = v.volumes.iter().map(|d| d.to_string()).collect();
+        out.headline(&format!("Disks: {}", disks.join(", ")));
+    }
     match &status {
         Ok(s) => out.headline(&format!(
             "Live on {}: {}, {} writes, last write seq {}, throttle {}%, memory digest {}",
