@@ -6,24 +6,14 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bin, fails_with, ok, ok_json, run, usage_error};
-use haven_client::devcluster::{DevClusterSpec, LocalCluster};
+use common::{fails_with, healthy_cluster, ok, ok_json, run, usage_error};
 use serde_json::Value;
 
 #[test]
 fn volume_snapshot_corrupt_verify_repair_and_bad_input() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
-    let mut spec = DevClusterSpec::new(tmp.path().join("c"), 3);
-    spec.node_bin = bin().with_file_name("haven-node");
-    let mut cluster = LocalCluster::create(&spec).expect("creating the cluster");
-    cluster.start_all().expect("starting the nodes");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let client = cluster.client().unwrap();
-        cluster.wait_healthy(&client, &[1, 2, 3], Duration::from_secs(30)).await
-    })
-    .unwrap_or_else(|e| panic!("{e}; logs in {}/node-*/node.log", cluster.dir().display()));
+    let cluster = healthy_cluster(tmp.path());
     let c = cluster.dir().to_path_buf();
     let c = c.as_path();
 

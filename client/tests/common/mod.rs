@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use haven_client::devcluster::{DevClusterSpec, LocalCluster};
 use serde_json::Value;
 
 pub fn bin() -> PathBuf {
@@ -61,4 +62,20 @@ pub fn usage_error(args: &[&str], cluster: &Path, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "havenctl {args:?}: stderr {stderr}");
     assert!(stderr.contains(needle), "havenctl {args:?}: expected {needle:?} in {stderr:?}");
+}
+
+/// A healthy three-node cluster under `dir` (the haven-node binary beside havenctl), for tests
+/// that then drive it only through the CLI.
+pub fn healthy_cluster(dir: &Path) -> LocalCluster {
+    let mut spec = DevClusterSpec::new(dir.join("c"), 3);
+    spec.node_bin = bin().with_file_name("haven-node");
+    let mut cluster = LocalCluster::create(&spec).expect("creating the cluster");
+    cluster.start_all().expect("starting the nodes");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = cluster.client().unwrap();
+        cluster.wait_healthy(&client, &[1, 2, 3], std::time::Duration::from_secs(30)).await
+    })
+    .unwrap_or_else(|e| panic!("{e}; logs in {}/node-*/node.log", cluster.dir().display()));
+    cluster
 }
