@@ -88,6 +88,11 @@ pub fn quantile_ms(samples: &[Duration], q: f64) -> f64 {
     quantile(&ms, q)
 }
 
+/// The largest of `values`; NaN when empty.
+pub fn max_of(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NAN, f64::max)
+}
+
 /// The `q` quantile (0..=1) of `values` by nearest rank; NaN when empty.
 pub fn quantile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {

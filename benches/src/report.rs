@@ -341,6 +341,15 @@ impl Report {
 }
 
 /// A ratio `a / b`, or NaN when `b` is zero.
+/// End a benchmark binary: exit with `run`'s status, or print its error as `bench: ...` and exit 1.
+pub fn exit_with(bench: &str, run: anyhow::Result<i32>) -> ! {
+    let code = run.unwrap_or_else(|e| {
+        eprintln!("{bench}: {e:#}");
+        1
+    });
+    std::process::exit(code)
+}
+
 pub fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 {
         f64::NAN

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use haven_benches::latency::quantile;
+use haven_benches::latency::{max_of, quantile};
 use haven_benches::report::ratio;
 use haven_benches::{Cell, Report, Table, TargetCheck};
 use haven_node::vm::guest::{GuestDriver, GuestSpec, SimulatedGuest, WorkloadPattern, PAGE_SIZE};
@@ -275,21 +275,10 @@ async fn one_migration(
     Ok(MigRun { outcome, pause_to_ready_ms, wall, dest_check, achieved_pps, writes_during, updates, not_converging })
 }
 
-fn max_of(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NAN, f64::max)
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args = Args::parse();
-    let code = match run(&args).await {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("migration_bench: {e:#}");
-            1
-        }
-    };
-    std::process::exit(code);
+    haven_benches::report::exit_with("migration_bench", run(&args).await)
 }
 
 /// Per-rate aggregate.

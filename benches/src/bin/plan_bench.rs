@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use haven_benches::cluster::ClusterFlags;
-use haven_benches::cluster::{node_binary, RunningCluster, ScratchDir};
+use haven_benches::cluster::{ClusterFlags, RunningCluster};
+use haven_benches::latency::max_of;
 use haven_benches::{Cell, Report, Table, TargetCheck};
 use haven_client::plans::PlanSpec;
 use haven_client::proto::plan::{PlanSettings, PlanState};
@@ -144,21 +144,10 @@ async fn as_plan(client: &HavenClient, vms: &[VmId], to: NodeId, parallel: u32) 
     })
 }
 
-fn max_of(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NAN, f64::max)
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args = Args::parse();
-    let code = match run(&args).await {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("plan_bench: {e:#}");
-            1
-        }
-    };
-    std::process::exit(code);
+    haven_benches::report::exit_with("plan_bench", run(&args).await)
 }
 
 async fn run(args: &Args) -> anyhow::Result<i32> {
@@ -176,8 +165,7 @@ async fn run(args: &Args) -> anyhow::Result<i32> {
     report.param("runs", runs as u64);
     report.param("parallel", args.parallel as u64);
 
-    let node_bin = node_binary(args.cluster.node_bin.clone())?;
-    let scratch = ScratchDir::new("plan-bench-", args.cluster.dir.as_deref(), args.cluster.keep_dir)?;
+    let (node_bin, scratch) = args.cluster.prepare("haven-plan-bench")?;
     let cluster = RunningCluster::start(scratch.path(), 3, &node_bin, args.cluster.election_timeout_ms()).await?;
     let client = cluster.cluster.client()?;
     let deadline = Instant::now() + Duration::from_secs(30);

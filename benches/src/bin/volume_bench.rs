@@ -1013,14 +1013,7 @@ async fn start_cluster(args: &Args, scratch: &std::path::Path, node_bin: &std::p
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let code = match run(&args).await {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("volume_bench: {e:#}");
-            1
-        }
-    };
-    std::process::exit(code);
+    haven_benches::report::exit_with("volume_bench", run(&args).await)
 }
 
 async fn run(args: &Args) -> anyhow::Result<i32> {
