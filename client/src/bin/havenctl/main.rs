@@ -4,6 +4,7 @@
 mod dev;
 mod output;
 mod plan;
+mod units;
 mod vm;
 mod volume;
 

@@ -23,6 +23,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::output::Output;
+use crate::units::{duration_text, number_and_unit};
 use crate::vm::parse_millis;
 use crate::volume::{human_bytes, parse_host};
 
@@ -154,10 +155,7 @@ pub enum HostDrainCmd {
 /// `90s`, `10m`, `1h`, `500ms` or bare milliseconds; at least one second.
 fn parse_timeout(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid timeout {s:?}: expected e.g. 90s, 10m, 1h or milliseconds");
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits_end);
-    let n: u64 = num.parse().map_err(|_| bad())?;
+    let (n, unit) = number_and_unit(s).ok_or_else(bad)?;
     let ms = match unit.trim() {
         "" | "ms" => Some(n),
         "s" => n.checked_mul(1000),
@@ -174,18 +172,6 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
 
 // ---------------------------------------------------------------------------------------------
 // Formatting
-
-fn ms_text(ms: u64) -> String {
-    if ms >= 120_000 {
-        format!("{} min", ms / 60_000)
-    } else if ms >= 10_000 {
-        format!("{} s", ms / 1000)
-    } else if ms >= 1000 {
-        format!("{:.1} s", ms as f64 / 1e3)
-    } else {
-        format!("{ms} ms")
-    }
-}
 
 fn vm_list(vms: &[VmId]) -> String {
     vms.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
@@ -420,7 +406,7 @@ async fn show(c: &HavenClient, p: &MigrationPlan, out: &Output) -> anyhow::Resul
         p.max_parallel,
         p.options.max_downtime_ms,
         if p.options.auto_converge { "" } else { " (no auto-converge)" },
-        ms_text(p.timeout_ms)
+        duration_text(p.timeout_ms)
     ));
     match p.state {
         PlanState::Succeeded | PlanState::FailedBack => out.headline(&outcome_text(p)),
@@ -468,7 +454,7 @@ async fn show(c: &HavenClient, p: &MigrationPlan, out: &Output) -> anyhow::Resul
             .iter()
             .map(|s| {
                 vec![
-                    format!("+{}", ms_text(s.at_ms.saturating_sub(p.created_at_ms))),
+                    format!("+{}", duration_text(s.at_ms.saturating_sub(p.created_at_ms))),
                     s.state.to_string(),
                     s.note.clone(),
                 ]

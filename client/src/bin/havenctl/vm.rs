@@ -20,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::output::Output;
+use crate::units::{duration_text, number_and_unit};
 use crate::volume::{human_bytes, parse_host, parse_size};
 
 // ---------------------------------------------------------------------------------------------
@@ -204,10 +205,7 @@ fn parse_workload(s: &str) -> Result<WorkloadKind, String> {
 /// Milliseconds: `50`, `50ms`, `2s`.
 pub(crate) fn parse_millis(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid duration {s:?}: expected milliseconds such as 50, 50ms or 1s");
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits_end);
-    let n: u64 = num.parse().map_err(|_| bad())?;
+    let (n, unit) = number_and_unit(s).ok_or_else(bad)?;
     let ms = match unit.trim() {
         "" | "ms" => Some(n),
         "s" => n.checked_mul(1000),
@@ -260,16 +258,6 @@ fn vm_summary(v: &VmRecord) -> String {
     )
 }
 
-fn ms_text(ms: u64) -> String {
-    if ms >= 10_000 {
-        format!("{:.0} s", ms as f64 / 1e3)
-    } else if ms >= 1000 {
-        format!("{:.1} s", ms as f64 / 1e3)
-    } else {
-        format!("{ms} ms")
-    }
-}
-
 fn is_final(phase: &str) -> bool {
     matches!(phase, "done" | "failed" | "cancelled")
 }
@@ -282,7 +270,7 @@ fn report_text(vm: VmId, r: &MigrationReport) -> String {
             human_bytes(r.bytes_sent),
             r.round,
             if r.round == 1 { "" } else { "s" },
-            r.total_ms.map(|t| format!(", {}", ms_text(t))).unwrap_or_default(),
+            r.total_ms.map(|t| format!(", {}", duration_text(t))).unwrap_or_default(),
             r.downtime_ms.map(|d| format!(", downtime {d} ms")).unwrap_or_default()
         ),
         "failed" | "cancelled" => format!(
@@ -307,7 +295,7 @@ fn progress_message(r: &MigrationReport) -> String {
         r.round,
         r.dirty_pages_per_sec,
         r.throttle_percent,
-        ms_text(r.eta_ms),
+        duration_text(r.eta_ms),
         r.expected_downtime_ms
     )
 }
@@ -596,7 +584,7 @@ fn report_extra(r: &MigrationReport) -> String {
             "{to}{} round(s){}{}",
             r.round,
             r.downtime_ms.map(|d| format!(", downtime {d} ms")).unwrap_or_default(),
-            r.total_ms.map(|t| format!(", total {}", ms_text(t))).unwrap_or_default()
+            r.total_ms.map(|t| format!(", total {}", duration_text(t))).unwrap_or_default()
         ),
         "failed" | "cancelled" => format!("{to}{}", r.reason.as_deref().unwrap_or("no reason given")),
         _ => format!("{to}{}", progress_message(r)),
@@ -698,7 +686,7 @@ async fn watch(
         machine["watched_ms"] = json!(started.elapsed().as_millis() as u64);
         human.push_str(&format!(
             " (watched for {}; the source's final report with the downtime was no longer available)",
-            ms_text(started.elapsed().as_millis() as u64)
+            duration_text(started.elapsed().as_millis() as u64)
         ));
     }
     out.done(&human, machine);

@@ -23,6 +23,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::output::Output;
+use crate::units::number_and_unit;
 
 // ---------------------------------------------------------------------------------------------
 // Commands
@@ -355,13 +356,7 @@ pub enum ReplicationCmd {
 /// Bytes, or a number with K, M, G or T (powers of 1024) and an optional `iB`/`B` suffix.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid size {s:?}: expected bytes or a number with K, M, G or T (e.g. 4096, 64MiB, 1G)");
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(bad());
-    }
-    let n: u64 = num.parse().map_err(|_| bad())?;
+    let (n, unit) = number_and_unit(s).ok_or_else(bad)?;
     let unit = unit.trim().to_ascii_lowercase();
     let shift = match unit.as_str() {
         "" | "b" => 0,
@@ -421,10 +416,7 @@ pub fn parse_byte(s: &str) -> Result<u8, String> {
 /// Seconds: `0`, `90`, `90s`, `15m`, `24h`, `7d`.
 pub fn parse_interval(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid interval {s:?}: expected e.g. 0, 90s, 15m, 24h or 7d");
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits_end);
-    let n: u64 = num.parse().map_err(|_| bad())?;
+    let (n, unit) = number_and_unit(s).ok_or_else(bad)?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
