@@ -26,7 +26,7 @@ use anyhow::bail;
 use haven_client::proto::volume::{VolumeEvent, VolumeRecord};
 use haven_client::proto::VolumeId;
 use haven_client::volumes::{ReplicationStatus, VolumeSpec};
-use haven_client::{ClientError, HavenClient};
+use haven_client::HavenClient;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -167,13 +167,6 @@ pub async fn setup_volume(client: &HavenClient, spec: &BlockSpec, within: Durati
     Ok(volume)
 }
 
-fn classify(e: &ClientError) -> Outcome {
-    match e {
-        ClientError::Unreachable { .. } | ClientError::Server(_) | ClientError::Config(_) => Outcome::Fail,
-        ClientError::Indeterminate(_) | ClientError::Protocol(_) | ClientError::Wire(_) => Outcome::Info,
-    }
-}
-
 /// Run one writer per client until `stop`, appending `block_write`s to `history`.
 pub async fn run(
     spec: &BlockSpec,
@@ -207,7 +200,7 @@ pub async fn run(
                 let complete = epoch.elapsed();
                 let (outcome, error) = match result {
                     Ok(_) => (Outcome::Ok { read: None, cas_matched: None }, None),
-                    Err(e) => (classify(&e), Some(e.to_string())),
+                    Err(e) => (Outcome::of_error(&e), Some(e.to_string())),
                 };
                 Op {
                     id: 0,

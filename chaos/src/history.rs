@@ -64,6 +64,18 @@ pub enum Outcome {
     Info,
 }
 
+impl Outcome {
+    /// How an operation that returned `e` ended: `Fail` only when the error proves it had no
+    /// effect (nothing reachable, or the cluster refused it), else `Info`.
+    pub fn of_error(e: &haven_client::ClientError) -> Self {
+        use haven_client::ClientError as E;
+        match e {
+            E::Unreachable { .. } | E::Server(_) | E::Config(_) => Self::Fail,
+            E::Indeterminate(_) | E::Protocol(_) | E::Wire(_) => Self::Info,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Op {
     pub id: usize,

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use haven_client::proto::vm::{MigrationOptions, VmMessage, VmRecord, VmRequest, VmResponse, VmRunState};
 use haven_client::proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, NodeId, VmId};
 use haven_client::vms::{MemoryCheck, VmSpec};
-use haven_client::{ClientError, HavenClient};
+use haven_client::HavenClient;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -212,12 +212,7 @@ async fn migrate_and_wait(
 ) -> (Outcome, Option<String>) {
     let started = Instant::now();
     if let Err(e) = client.migrate_vm(vm, to, options).await {
-        return match e {
-            ClientError::Indeterminate(_) | ClientError::Protocol(_) | ClientError::Wire(_) => {
-                (Outcome::Info, Some(e.to_string()))
-            }
-            _ => (Outcome::Fail, Some(e.to_string())),
-        };
+        return (Outcome::of_error(&e), Some(e.to_string()));
     }
     let mut last = None;
     while started.elapsed() < timeout {

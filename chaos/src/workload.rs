@@ -30,13 +30,6 @@ fn decode(v: Option<Vec<u8>>) -> Result<Option<u64>, String> {
     }
 }
 
-fn classify(e: &ClientError) -> Outcome {
-    match e {
-        ClientError::Unreachable { .. } | ClientError::Server(_) | ClientError::Config(_) => Outcome::Fail,
-        ClientError::Indeterminate(_) | ClientError::Protocol(_) | ClientError::Wire(_) => Outcome::Info,
-    }
-}
-
 /// Run `spec.clients` clients until `stop`, appending to `history`.
 pub async fn run(
     spec: &WorkloadSpec,
@@ -84,7 +77,7 @@ pub async fn run(
                         }
                         (Outcome::Ok { read: read.flatten(), cas_matched }, None)
                     }
-                    Err(e) => (classify(&e), Some(e.to_string())),
+                    Err(e) => (Outcome::of_error(&e), Some(e.to_string())),
                 };
                 Op {
                     id: 0,
