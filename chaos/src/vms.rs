@@ -103,9 +103,15 @@ async fn status_on(client: &HavenClient, node: u64, vm: VmId) -> Option<(String,
     }
 }
 
-/// Survey every node about every VM once (each VM's catalog record read first).
-async fn survey(client: &HavenClient, vms: &[VmId], nodes: &[u64], epoch: Instant) -> Vec<GuestSighting> {
-    let mut out = Vec::new();
+/// Survey every node about every VM once (each VM's catalog record read first); returns the
+/// records read and the sightings.
+async fn survey(
+    client: &HavenClient,
+    vms: &[VmId],
+    nodes: &[u64],
+    epoch: Instant,
+) -> (Vec<VmRecord>, Vec<GuestSighting>) {
+    let (mut records, mut out) = (Vec::new(), Vec::new());
     for &vm in vms {
         let Ok(record) = client.vm(&vm.0.to_string()).await else { continue };
         let mut asks = tokio::task::JoinSet::new();
@@ -126,8 +132,9 @@ async fn survey(client: &HavenClient, vms: &[VmId], nodes: &[u64], epoch: Instan
                 });
             }
         }
+        records.push(record);
     }
-    out
+    (records, out)
 }
 
 /// Run the migrator and the sampler until `stop`.
@@ -148,7 +155,7 @@ pub async fn run(
             (client.clone().with_deadline(Duration::from_secs(1)), vms.clone(), nodes.clone(), stop.clone(), sightings);
         tokio::spawn(async move {
             while !*stop.borrow() {
-                let seen = survey(&client, &vms, &nodes, epoch).await;
+                let (_, seen) = survey(&client, &vms, &nodes, epoch).await;
                 sightings.lock().expect("sightings").extend(seen);
                 tokio::select! {
                     _ = tokio::time::sleep(SAMPLE_EVERY) => {}
@@ -243,24 +250,10 @@ pub async fn final_survey(
 ) -> (Vec<VmRecord>, Vec<GuestSighting>) {
     let client = client.clone().with_deadline(Duration::from_secs(2));
     let deadline = Instant::now() + within;
+    let ids: Vec<u64> = vms.iter().map(|v| v.0).collect();
     loop {
-        let records: Vec<VmRecord> = {
-            let mut out = Vec::new();
-            for vm in vms {
-                if let Ok(r) = client.vm(&vm.0.to_string()).await {
-                    out.push(r);
-                }
-            }
-            out
-        };
-        let seen = survey(&client, vms, nodes, epoch).await;
-        let settled = records.len() == vms.len()
-            && records.iter().all(|r| {
-                r.migrating_to.is_none() && {
-                    let on: Vec<&GuestSighting> = seen.iter().filter(|s| s.vm == r.id.0).collect();
-                    on.len() == 1 && on[0].node == r.host.0 && on[0].state == "running"
-                }
-            });
+        let (records, seen) = survey(&client, vms, nodes, epoch).await;
+        let settled = crate::checker::vms::placed_once_at_end(&ids, &records, &seen).is_empty();
         if settled || Instant::now() >= deadline {
             return (records, seen);
         }

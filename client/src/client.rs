@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use haven_proto::volume::VolumeRequest;
 use haven_proto::{
     ActorAddr, ActorMessage, ActorReply, Body, CatalogCommand, CatalogQuery, ClientRequest, ClientResponse,
     CommandOutcome, Envelope, ErrorCode, HostRecord, MemberSpec, NodeId, NodeStatus, QueryResult,
@@ -336,13 +335,7 @@ impl Failure {
 /// Requests that change nothing, whatever happens to them.
 fn request_is_read_only(request: &ClientRequest) -> bool {
     match request {
-        ClientRequest::Volume(r) => matches!(
-            r,
-            VolumeRequest::Read { .. }
-                | VolumeRequest::Verify { .. }
-                | VolumeRequest::ReplicationStatus { .. }
-                | VolumeRequest::Preserved { .. }
-        ),
+        ClientRequest::Volume(r) => r.is_read_only(),
         _ => matches!(request, ClientRequest::Status | ClientRequest::LeaderStatus | ClientRequest::Read { .. }),
     }
 }

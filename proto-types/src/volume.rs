@@ -497,6 +497,15 @@ impl VolumeRequest {
         )
     }
 
+    /// Requests that change no data: reads, and checks that at most record what they find. An
+    /// unknown outcome of one of these is nothing to report as indeterminate.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Self::Read { .. } | Self::Verify { .. } | Self::ReplicationStatus { .. } | Self::Preserved { .. }
+        )
+    }
+
     /// Sizes checked before routing (alignment and range need the volume record).
     pub fn validate(&self) -> Result<(), String> {
         match self {
