@@ -348,7 +348,7 @@ async fn drive(
                 ids.len(),
                 seen.len(),
             ));
-            checks.push(checker::vms::memory(&vms::memory_checks(&client, &ids).await));
+            checks.push(checker::vms::data(&vms::data_checks(&client, &ids).await));
             checks.push(checker::vms::migrations(&history));
             Some(VmReport { final_vms, final_sightings, sightings: seen.len() })
         }

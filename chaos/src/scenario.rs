@@ -169,8 +169,9 @@ pub struct BlockSpec {
 }
 
 /// The VM workload: `count` running guests, live-migrated one at a time to a random other host
-/// every `migrate_every` while the faults fire; the `vm-runs-once` and `vm-memory` checkers judge
+/// every `migrate_every` while the faults fire; the `vm-runs-once` and `vm-data` checkers judge
 /// where and how they run after healing (and `vm-runs-once` also samples during the run).
+/// With a `disk_rate`, each guest also writes a disk of its own (see `disk_mib`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmWorkloadSpec {
@@ -182,6 +183,12 @@ pub struct VmWorkloadSpec {
     /// Page writes per second of each guest's workload.
     #[serde(default = "vm_dirty_rate")]
     pub dirty_rate: u64,
+    /// Block writes per second of each guest's disk workload (0 = the guests have no disks).
+    #[serde(default)]
+    pub disk_rate: u64,
+    /// Size of each guest's disk, a 2-replica volume attached to it when `disk_rate` > 0.
+    #[serde(default = "vm_disk_mib")]
+    pub disk_mib: u64,
     /// A migration starts this often (of a VM not already moving).
     #[serde(default = "migrate_every", with = "dur")]
     pub migrate_every: Duration,
@@ -201,6 +208,9 @@ fn vm_memory_mib() -> u64 {
 }
 fn vm_dirty_rate() -> u64 {
     500
+}
+fn vm_disk_mib() -> u64 {
+    8
 }
 fn migrate_every() -> Duration {
     Duration::from_secs(2)

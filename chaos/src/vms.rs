@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use haven_client::proto::vm::{MigrationOptions, VmMessage, VmRecord, VmRequest, VmResponse, VmRunState};
 use haven_client::proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, NodeId, VmId};
-use haven_client::vms::{MemoryCheck, VmSpec};
+use haven_client::vms::{VmCheck, VmSpec};
+use haven_client::volumes::VolumeSpec;
 use haven_client::HavenClient;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -52,14 +53,26 @@ pub async fn setup(client: &HavenClient, spec: &VmWorkloadSpec, within: Duration
     let mut vms = Vec::new();
     for i in 0..spec.count {
         let name = vm_name(i);
-        let record = match client.vm(&name).await {
+        let mut record = match client.vm(&name).await {
             Ok(r) => r,
             Err(_) => {
                 let mut s = VmSpec::new(&name, spec.memory_mib);
                 s.dirty_pages_per_sec = spec.dirty_rate;
+                s.disk_writes_per_sec = spec.disk_rate;
                 client.create_vm(&s).await.with_context(|| format!("creating {name}"))?
             }
         };
+        if spec.disk_rate > 0 && record.volumes.is_empty() {
+            let disk = format!("{name}-disk");
+            let volume = match client.volume(&disk).await {
+                Ok(v) => v,
+                Err(_) => client
+                    .create_volume(&VolumeSpec::new(&disk, spec.disk_mib << 20, 2))
+                    .await
+                    .with_context(|| format!("creating {disk}"))?,
+            };
+            record = client.attach_volume(record.id, volume.id).await.with_context(|| format!("attaching {disk}"))?;
+        }
         client.set_vm_state(record.id, VmRunState::Running).await.with_context(|| format!("starting {name}"))?;
         vms.push(record);
     }
@@ -261,9 +274,9 @@ pub async fn final_survey(
     }
 }
 
-/// Each VM's memory check through its host (retried briefly: a guest just restarted may still
-/// be starting).
-pub async fn memory_checks(client: &HavenClient, vms: &[VmId]) -> BTreeMap<u64, Result<MemoryCheck, String>> {
+/// Each VM's memory and disk check through its host (retried briefly: a guest just restarted
+/// may still be starting, a disk's primary may still be failing over).
+pub async fn data_checks(client: &HavenClient, vms: &[VmId]) -> BTreeMap<u64, Result<VmCheck, String>> {
     let mut out = BTreeMap::new();
     for &vm in vms {
         let mut result = Err("not checked".to_string());

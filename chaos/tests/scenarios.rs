@@ -86,7 +86,7 @@ fn vms_migrate_under_host_and_link_faults_and_run_exactly_once() {
     let (o, report) = run_scenario("vm-migrations.toml", &tmp.path().join("run"));
     let summary = std::fs::read_to_string(tmp.path().join("run/summary.txt")).unwrap();
     assert!(o.status.success(), "vm-migrations run failed:\n{summary}\n{}", String::from_utf8_lossy(&o.stderr));
-    for name in ["heals", "vm-runs-once", "vm-memory", "migrations", "linearizable"] {
+    for name in ["heals", "vm-runs-once", "vm-data", "migrations", "linearizable"] {
         assert_eq!(checker(&report, name)["passed"], true, "{name}: {summary}");
     }
     assert!(report["migrations"]["ok"].as_u64().unwrap() > 0, "{summary}");

@@ -1,8 +1,9 @@
 //! The SDK's VM API: create, list, start, pause, resume, stop and delete VMs; live status and
-//! memory checks; live migration (start, progress, cancel); host capacity.
+//! memory and disk checks; live migration (start, progress, cancel); host capacity.
 //!
 //! Catalog changes go through Raft; live requests go to the VM's host through any node.
 
+pub use haven_proto::vm::DiskCheckReport;
 use haven_proto::vm::{
     HostCapacity, MigrationOptions, MigrationReport, VmCommand, VmOutcome, VmQuery, VmQueryResult, VmRecord, VmRequest,
     VmResponse, VmRunState, VmStatus, WorkloadKind,
@@ -23,6 +24,8 @@ pub struct VmSpec {
     pub workload: WorkloadKind,
     /// Page writes per second the guest's workload aims at (0 = idle).
     pub dirty_pages_per_sec: u64,
+    /// Block writes per second the guest's workload aims at, over its attached disks (0 = none).
+    pub disk_writes_per_sec: u64,
     /// Place on this host instead of letting the leader choose.
     pub host: Option<NodeId>,
 }
@@ -35,17 +38,19 @@ impl VmSpec {
             vcpus: 1,
             workload: WorkloadKind::Uniform,
             dirty_pages_per_sec: 0,
+            disk_writes_per_sec: 0,
             host: None,
         }
     }
 }
 
-/// Memory check result of a running guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct MemoryCheck {
+/// What checking a guest verified: its memory, and each disk its workload writes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmCheck {
     pub pages_written: u64,
     pub max_seq: u64,
     pub last_seq: u64,
+    pub disks: Vec<DiskCheckReport>,
 }
 
 impl HavenClient {
@@ -81,6 +86,7 @@ impl HavenClient {
             vcpus: spec.vcpus,
             workload: spec.workload,
             dirty_pages_per_sec: spec.dirty_pages_per_sec,
+            disk_writes_per_sec: spec.disk_writes_per_sec,
             host: spec.host,
         };
         match self.vm_command(cmd).await? {
@@ -141,11 +147,12 @@ impl HavenClient {
         }
     }
 
-    /// Verify the guest's memory on its host: every written page intact, the last write present.
-    pub async fn vm_check(&self, vm: VmId) -> Result<MemoryCheck, ClientError> {
+    /// Verify the guest on its host: every written page intact and the last write present; on
+    /// every disk, every acknowledged write present and nothing the guest did not write.
+    pub async fn vm_check(&self, vm: VmId) -> Result<VmCheck, ClientError> {
         match self.vm_request(VmRequest::Check { vm }).await? {
-            VmResponse::Check { pages_written, max_seq, last_seq } => {
-                Ok(MemoryCheck { pages_written, max_seq, last_seq })
+            VmResponse::Check { pages_written, max_seq, last_seq, disks } => {
+                Ok(VmCheck { pages_written, max_seq, last_seq, disks })
             }
             other => Err(ClientError::unexpected(other)),
         }

@@ -52,28 +52,51 @@ async fn cluster(dir: &Path, env: &[(&str, &str)]) -> Cluster {
     Cluster { c, client, leader, src: others[0], dst: others[1] }
 }
 
+/// Disk writes per second of each group VM's disk workload.
+const DISK_RATE: u64 = 100;
+/// Size of each group VM's disk; the disk workload writes its first 4 MiB, so a test may write
+/// its own marks at [`MARK_OFFSET`].
+const DISK_BYTES: u64 = 8 << 20;
+const MARK_OFFSET: u64 = 6 << 20;
+
 /// Create `n` running VMs named `{prefix}1..` on `host` and wait until each has written memory.
-/// A sequential workload fills every page quickly, so each VM has its whole memory to move.
-async fn group(client: &HavenClient, prefix: &str, n: usize, mib: u64, rate: u64, host: NodeId) -> Vec<VmId> {
+/// A sequential workload fills every page quickly, so each VM has its whole memory to move. With
+/// `disks`, each VM also writes a disk of its own, `{prefix}{i}-disk` (a replica on every host, so
+/// it outlives any one host), and has acknowledged disk writes before this returns.
+async fn group(
+    client: &HavenClient,
+    prefix: &str,
+    n: usize,
+    mib: u64,
+    rate: u64,
+    host: NodeId,
+    disks: bool,
+) -> Vec<VmId> {
     let mut ids = Vec::new();
     for i in 1..=n {
         let mut spec = VmSpec::new(format!("{prefix}{i}"), mib);
         spec.dirty_pages_per_sec = rate;
+        spec.disk_writes_per_sec = if disks { DISK_RATE } else { 0 };
         spec.workload = WorkloadKind::Sequential;
         spec.host = Some(host);
         let v = client.create_vm(&spec).await.expect("create vm");
+        if disks {
+            let disk = VolumeSpec::new(format!("{prefix}{i}-disk"), DISK_BYTES, 3);
+            let disk = client.create_volume(&disk).await.expect("create volume");
+            client.attach_volume(v.id, disk.id).await.expect("attach the disk");
+        }
         client.set_vm_state(v.id, VmRunState::Running).await.unwrap();
         ids.push(v.id);
     }
     for vm in &ids {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(s) = client.vm_status(*vm).await {
-                if s.state == "running" && s.writes > 0 {
-                    break;
-                }
+            let ran = client.vm_status(*vm).await.is_ok_and(|s| s.state == "running" && s.writes > 0);
+            let wrote_disk = !disks || client.vm_check(*vm).await.is_ok_and(|c| c.disks.iter().any(|d| d.acked > 0));
+            if ran && wrote_disk {
+                break;
             }
-            assert!(Instant::now() < deadline, "{vm} never ran");
+            assert!(Instant::now() < deadline, "{vm} never ran (or never wrote its disk)");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -169,9 +192,23 @@ async fn assert_runs_only_on(c: &LocalCluster, client: &HavenClient, vm: VmId, h
     }
 }
 
-async fn check_memory(client: &HavenClient, vm: VmId) {
-    let check = client.vm_check(vm).await.unwrap_or_else(|e| panic!("memory check of {vm} failed: {e}"));
+/// `vm`'s memory checks out, and so does each of its disks: every disk write the guest's journal
+/// says was acknowledged is on the disk, and nothing the journal does not know of. After a
+/// restore, that proves memory and disks came back to one cut. Returns the disks' acknowledged
+/// write counts.
+async fn check_guest(client: &HavenClient, vm: VmId) -> Vec<u64> {
+    // A disk whose primary just failed over may be briefly unreadable: `Unavailable`, ask again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let check = loop {
+        match client.vm_check(vm).await {
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => break other.unwrap_or_else(|e| panic!("check of {vm} failed: {e}")),
+        }
+    };
     assert!(check.max_seq <= check.last_seq && check.pages_written > 0, "{vm}: {check:?}");
+    check.disks.iter().map(|d| d.acked).collect()
 }
 
 fn image_dir(c: &LocalCluster, host: NodeId, plan: u64) -> PathBuf {
@@ -206,7 +243,7 @@ async fn a_three_vm_group_moves_and_is_consolidated_at_the_destination() {
     let tmp = tempfile::tempdir().unwrap();
     let k = cluster(tmp.path(), &[]).await;
     let client = &k.client;
-    let vms = group(client, "g", 3, 48, 2000, k.src).await;
+    let vms = group(client, "g", 3, 48, 2000, k.src, true).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut before = Vec::new();
     for vm in &vms {
@@ -255,13 +292,18 @@ async fn a_three_vm_group_moves_and_is_consolidated_at_the_destination() {
         steps_text(&p)
     );
     assert!(p.steps.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "{}", steps_text(&p));
-    for (vm, seq) in vms.iter().zip(before) {
+    for (i, (vm, seq)) in vms.iter().zip(before).enumerate() {
         assert_runs_only_on(&k.c, client, *vm, k.dst).await;
         let s = client.vm_status(*vm).await.unwrap();
         assert_eq!(s.origin, "migrated", "{vm}: {s:?}");
         assert!(s.last_seq > seq, "{vm} did not keep running: {} <= {seq}", s.last_seq);
-        check_memory(client, *vm).await;
+        // Each disk's primary moved with its VM (the destination holds an in-sync replica), and
+        // every disk write acknowledged on either side of the move is there.
+        let disk = client.volume(&format!("g{}-disk", i + 1)).await.unwrap();
+        assert_eq!(disk.primary, k.dst, "{}'s primary stayed behind:\n{}", disk.id, steps_text(&p));
+        assert!(check_guest(client, *vm).await.iter().all(|acked| *acked > 0), "{vm} wrote no disk");
     }
+    assert!(p.steps.iter().any(|s| s.note.contains("disk primaries moved here")), "{}", steps_text(&p));
     wait_released(&k.c, client, plan.id).await;
     // The VMs are free for another plan.
     let back = client.create_plan_by_id(None, vms.clone(), k.src, settings(3)).await.expect("plan back");
@@ -275,20 +317,21 @@ async fn destination_killed_mid_plan_fails_back_to_the_recovery_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let mut k = cluster(tmp.path(), &[]).await;
     let client = k.client.clone();
-    let vms = group(&client, "d", 3, 64, 8000, k.src).await;
-    // The first VM has a disk (a replica on every host, so it survives the kill): what it held at
-    // the recovery snapshot must be what it holds after failing back.
-    let disk = client.create_volume(&VolumeSpec::new("d-disk", 1 << 20, 3)).await.expect("create volume");
-    client.write_volume(disk.id, 0, &[0xaa; 4096]).await.expect("write before the plan");
-    client.attach_volume(vms[0], disk.id).await.expect("attach the disk");
+    // Every VM writes a disk (a replica on every host, so it survives the kill): after failing
+    // back, each disk must be exactly what its guest's restored journal says — the guests keep
+    // writing their disks after the recovery point, so a disk not rolled back with its memory
+    // fails the check.
+    let vms = group(&client, "d", 3, 64, 8000, k.src, true).await;
+    let disk = client.volume("d1-disk").await.expect("the first VM's disk");
+    client.write_volume(disk.id, MARK_OFFSET, &[0xaa; 4096]).await.expect("write before the plan");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let plan = client.create_plan_by_id(None, vms.clone(), k.dst, settings(1)).await.expect("create plan");
     let p = wait_plan_until(&client, plan.id, "took its recovery snapshot", |p| p.recovery.is_some()).await;
     let r = p.recovery.as_ref().expect("recovery point");
-    assert_eq!(r.volume_snapshots.len(), 1, "the disk is in the recovery snapshot: {r:?}");
-    assert_eq!(r.volume_snapshots[0].0, disk.id);
+    assert_eq!(r.volume_snapshots.len(), 3, "every disk is in the recovery snapshot: {r:?}");
+    assert!(r.volume_snapshots.iter().any(|(v, _)| *v == disk.id), "{r:?}");
     // Written after the recovery point: the fail-back rolls it back.
-    client.write_volume(disk.id, 0, &[0xbb; 4096]).await.expect("write after the recovery snapshot");
+    client.write_volume(disk.id, MARK_OFFSET, &[0xbb; 4096]).await.expect("write after the recovery snapshot");
     let e = client.delete_volume(disk.id).await.expect_err("an attached disk cannot be deleted");
     assert!(e.to_string().contains("detach"), "{e}");
     // Kill the destination once the first VM lives there and the others have not arrived.
@@ -310,9 +353,9 @@ async fn destination_killed_mid_plan_fails_back_to_the_recovery_snapshot() {
         let s = client.vm_status(*vm).await.unwrap();
         assert_eq!(s.origin, "restored", "{vm}: {s:?}");
         assert!(s.last_seq >= image.last_seq, "{vm} is behind its recovery point: {} < {}", s.last_seq, image.last_seq);
-        check_memory(&client, *vm).await;
+        check_guest(&client, *vm).await;
     }
-    let back = client.read_volume(disk.id, 0, 4096, None).await.expect("read the disk");
+    let back = client.read_volume(disk.id, MARK_OFFSET, 4096, None).await.expect("read the disk");
     assert!(back.iter().all(|b| *b == 0xaa), "the disk was not rolled back to the recovery snapshot");
     wait_released(&k.c, &client, plan.id).await;
     let snaps = client.snapshots(disk.id).await.unwrap();
@@ -325,7 +368,7 @@ async fn source_restarted_mid_plan_restores_the_group_from_images_on_its_disk() 
     let tmp = tempfile::tempdir().unwrap();
     let mut k = cluster(tmp.path(), &[]).await;
     let client = k.client.clone();
-    let vms = group(&client, "s", 3, 64, 8000, k.src).await;
+    let vms = group(&client, "s", 3, 64, 8000, k.src, true).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let plan = client.create_plan_by_id(None, vms.clone(), k.dst, settings(1)).await.expect("create plan");
     let p =
@@ -349,7 +392,7 @@ async fn source_restarted_mid_plan_restores_the_group_from_images_on_its_disk() 
             s.last_seq,
             image.last_seq
         );
-        check_memory(&client, *vm).await;
+        check_guest(&client, *vm).await;
     }
     wait_released(&k.c, &client, plan.id).await;
 }
@@ -360,7 +403,7 @@ async fn leader_killed_mid_plan_the_next_leader_finishes_it() {
     let tmp = tempfile::tempdir().unwrap();
     let mut k = cluster(tmp.path(), &[]).await;
     let client = k.client.clone();
-    let vms = group(&client, "l", 3, 64, 8000, k.src).await;
+    let vms = group(&client, "l", 3, 64, 8000, k.src, true).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let plan = client.create_plan_by_id(None, vms.clone(), k.dst, settings(1)).await.expect("create plan");
     let p =
@@ -377,7 +420,7 @@ async fn leader_killed_mid_plan_the_next_leader_finishes_it() {
     let home = if p.state == PlanState::Succeeded { k.dst } else { k.src };
     for vm in &vms {
         assert_runs_only_on(&k.c, &client, *vm, home).await;
-        check_memory(&client, *vm).await;
+        check_guest(&client, *vm).await;
     }
     wait_released(&k.c, &client, plan.id).await;
 }
@@ -389,7 +432,7 @@ async fn bad_plans_get_clear_typed_errors() {
     // Small hosts, so "no room" is easy to reach.
     let k = cluster(tmp.path(), &[("HAVEN_VM_MEMORY_MIB", "256")]).await;
     let client = &k.client;
-    let vms = group(client, "b", 2, 32, 200, k.src).await;
+    let vms = group(client, "b", 2, 32, 200, k.src, false).await;
     let code = |e: &ClientError| e.code();
     let refuse = |r: Result<MigrationPlan, ClientError>, c: ErrorCode, needle: &str| {
         let e = r.expect_err("the plan must be refused");

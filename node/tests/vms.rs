@@ -1,5 +1,6 @@
 //! VMs end to end: real `haven-node` processes run simulated guests; a guest under a steady
-//! workload live-migrates over QUIC and its memory checks out at the destination; a destination
+//! memory and disk workload live-migrates over QUIC, and its memory and every disk write it was
+//! acknowledged check out at the destination; a destination
 //! killed mid-migration leaves the VM running at the source; bad requests get clear errors.
 
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use haven_client::error::ClientError;
 use haven_client::proto::vm::{MigrationOptions, VmRecord, VmRunState};
 use haven_client::proto::{ErrorCode, NodeId, VmId};
 use haven_client::vms::VmSpec;
+use haven_client::volumes::VolumeSpec;
 use haven_client::HavenClient;
 
 const HEALTHY: Duration = Duration::from_secs(30);
@@ -71,9 +73,14 @@ async fn guest_under_load_live_migrates_and_keeps_its_memory() {
     let (c, client) = cluster(tmp.path()).await;
     let mut spec = VmSpec::new("g1", 256);
     spec.dirty_pages_per_sec = 2000;
+    spec.disk_writes_per_sec = 200;
     let v = client.create_vm(&spec).await.expect("create vm");
+    // Its disk: two replicas, neither necessarily on the VM's hosts (writes go to the primary).
+    let disk = client.create_volume(&VolumeSpec::new("g1-disk", 8 << 20, 2)).await.expect("create volume");
+    client.attach_volume(v.id, disk.id).await.expect("attach");
     client.set_vm_state(v.id, VmRunState::Running).await.unwrap();
     let before = running(&client, v.id).await;
+    let disk_before = wait_disk_writes(&client, v.id, 50).await;
     let to = other_host(&c, &v);
     let opts = MigrationOptions::default();
     client.migrate_vm(v.id, to, opts).await.expect("start migration");
@@ -90,6 +97,27 @@ async fn guest_under_load_live_migrates_and_keeps_its_memory() {
     let check = client.vm_check(v.id).await.expect("memory check at the destination");
     assert!(check.last_seq >= after && check.max_seq <= check.last_seq, "{check:?}");
     assert_eq!(client.vm_status(v.id).await.unwrap().host, to);
+    // The disk journal came along: the guest keeps writing its disk from where it was, and every
+    // write acknowledged before, during and after the move is on the disk.
+    let disk_after = wait_disk_writes(&client, v.id, disk_before + 50).await;
+    let check = client.vm_check(v.id).await.expect("disk check at the destination");
+    assert_eq!(check.disks.len(), 1, "{check:?}");
+    assert!(check.disks[0].acked >= disk_after && check.disks[0].blocks_written > 0, "{check:?}");
+}
+
+/// Wait until `vm`'s guest has at least `n` acknowledged disk writes (its check passing each time).
+async fn wait_disk_writes(client: &HavenClient, vm: VmId, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let check = client.vm_check(vm).await;
+        if let Ok(c) = &check {
+            if let Some(d) = c.disks.first().filter(|d| d.acked >= n) {
+                return d.acked;
+            }
+        }
+        assert!(Instant::now() < deadline, "{vm} never reached {n} acknowledged disk writes: {check:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -509,6 +509,10 @@ pub enum GroupResponse {
     Consolidated {
         resume_spread_ms: u64,
         paused_ms: u64,
+        /// The group's disks whose primary moved to the destination during the pause.
+        disks_moved: Vec<VolumeId>,
+        /// The group's disks whose primary stayed where it was, each with the reason.
+        disks_kept: Vec<(VolumeId, String)>,
     },
     Restored(Vec<VmStatus>),
     Released {

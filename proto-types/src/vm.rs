@@ -48,6 +48,8 @@ pub struct VmRecord {
     pub workload: WorkloadKind,
     /// Page writes per second the guest's workload aims at.
     pub dirty_pages_per_sec: u64,
+    /// Block writes per second the guest's workload aims at, spread over its disks.
+    pub disk_writes_per_sec: u64,
     pub host: NodeId,
     pub desired: VmRunState,
     pub generation: u64,
@@ -60,6 +62,8 @@ pub struct VmRecord {
 
 /// Most volumes attached to one VM.
 pub const MAX_VM_VOLUMES: usize = 16;
+/// Highest disk write rate a guest's workload may aim at.
+pub const MAX_DISK_WRITES_PER_SEC: u64 = 100_000;
 
 impl VmRecord {
     pub fn memory_pages(&self) -> u64 {
@@ -87,6 +91,7 @@ pub enum VmCommand {
         vcpus: u32,
         workload: WorkloadKind,
         dirty_pages_per_sec: u64,
+        disk_writes_per_sec: u64,
         host: Option<NodeId>,
     },
     SetDesired {
@@ -149,8 +154,13 @@ fn name_ok(name: &str) -> Result<(), String> {
 impl VmCommand {
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            Self::Create { name, memory_mib, vcpus, .. } => {
+            Self::Create { name, memory_mib, vcpus, disk_writes_per_sec, .. } => {
                 name_ok(name)?;
+                if *disk_writes_per_sec > MAX_DISK_WRITES_PER_SEC {
+                    return Err(format!(
+                        "{disk_writes_per_sec} disk writes per second: at most {MAX_DISK_WRITES_PER_SEC}"
+                    ));
+                }
                 if *memory_mib == 0 || *memory_mib > MAX_VM_MEMORY_MIB {
                     return Err(format!("memory {memory_mib} MiB must be in 1..={MAX_VM_MEMORY_MIB}"));
                 }
@@ -220,7 +230,8 @@ impl Default for MigrationOptions {
 pub enum VmRequest {
     /// Live state: run state, workload counters, memory digest.
     Status { vm: VmId },
-    /// Verify the guest's memory (every written page intact, the last write present).
+    /// Verify the guest's memory (every written page intact, the last write present) and its
+    /// disks (every acknowledged disk write present, nothing the guest did not write).
     Check { vm: VmId },
     /// Live-migrate to `to` (on behalf of migration plan `plan`, if any).
     Migrate { vm: VmId, to: NodeId, options: MigrationOptions, plan: Option<u64> },
@@ -292,11 +303,26 @@ pub enum VmResponse {
         pages_written: u64,
         max_seq: u64,
         last_seq: u64,
+        /// One entry per disk the guest writes.
+        disks: Vec<DiskCheckReport>,
     },
     Migration(MigrationReport),
     Done,
     /// Answer to a [`VmMessage::Group`].
     Group(GroupResponse),
+}
+
+/// What checking one of a guest's disks verified.
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct DiskCheckReport {
+    pub volume: VolumeId,
+    /// Blocks holding a write of the guest's current write stream.
+    pub blocks_written: u64,
+    /// Disk writes acknowledged when the check began (every one verified present or superseded).
+    pub acked: u64,
+    /// Disk writes issued when the check ended (nothing later found on the disk).
+    pub issued: u64,
 }
 
 /// Messages to VM actors (one per VM on its host).

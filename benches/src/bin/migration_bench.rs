@@ -136,8 +136,14 @@ async fn link_rate(bytes: u64, cap: u64) -> anyhow::Result<(f64, Duration)> {
 
 /// A guest of `pages` pages with `fill` of them written (uniformly placed writes), not started.
 fn make_guest(pages: u64, rate: u64, fill: f64, seed: u64) -> Arc<SimulatedGuest> {
-    let spec =
-        GuestSpec { memory_pages: pages, vcpus: 2, pattern: WorkloadPattern::Uniform, dirty_pages_per_sec: rate, seed };
+    let spec = GuestSpec {
+        memory_pages: pages,
+        vcpus: 2,
+        pattern: WorkloadPattern::Uniform,
+        dirty_pages_per_sec: rate,
+        disk_writes_per_sec: 0,
+        seed,
+    };
     let g = SimulatedGuest::new(spec);
     // Uniform writes: non-zero fraction = 1 - exp(-writes / pages).
     let f = fill.clamp(0.0, 0.99);

@@ -7,14 +7,15 @@
 //!   (so no migration committed in between: a source stops its copy as soon as the commit lands,
 //!   and one that cannot tell keeps it paused). After healing: every VM is installed on exactly
 //!   one host, its catalog host, and runs there, with no migration left announced.
-//! - `vm-memory` — every VM's memory checks out (each written page intact, none newer than the
-//!   guest's last write).
+//! - `vm-data` — every VM's memory checks out (each written page intact, none newer than the
+//!   guest's last write) and so does every disk it writes (each acknowledged disk write present or
+//!   superseded, nothing the guest did not write, no torn or misplaced block).
 //! - `migrations` — at least one migration finished: a run that moved nothing tested nothing.
 
 use std::collections::BTreeMap;
 
 use haven_client::proto::vm::VmRecord;
-use haven_client::vms::MemoryCheck;
+use haven_client::vms::VmCheck;
 use serde::Serialize;
 
 use super::CheckResult;
@@ -111,9 +112,9 @@ pub fn runs_once(during: Vec<VmViolation>, at_end: Vec<VmViolation>, vms: usize,
     )
 }
 
-/// `vm-memory`: every check passed.
-pub fn memory(checks: &BTreeMap<u64, Result<MemoryCheck, String>>) -> CheckResult {
-    const NAME: &str = "vm-memory";
+/// `vm-data`: every check passed.
+pub fn data(checks: &BTreeMap<u64, Result<VmCheck, String>>) -> CheckResult {
+    const NAME: &str = "vm-data";
     let bad: Vec<String> = checks
         .iter()
         .filter_map(|(vm, r)| match r {
@@ -126,8 +127,18 @@ pub fn memory(checks: &BTreeMap<u64, Result<MemoryCheck, String>>) -> CheckResul
         })
         .collect();
     if bad.is_empty() {
-        let pages: u64 = checks.values().filter_map(|r| r.as_ref().ok()).map(|c| c.pages_written).sum();
-        CheckResult::pass(NAME, format!("{} VMs' memory checks out ({pages} written pages verified)", checks.len()))
+        let ok: Vec<&VmCheck> = checks.values().filter_map(|r| r.as_ref().ok()).collect();
+        let pages: u64 = ok.iter().map(|c| c.pages_written).sum();
+        let disks: usize = ok.iter().map(|c| c.disks.len()).sum();
+        let acked: u64 = ok.iter().flat_map(|c| &c.disks).map(|d| d.acked).sum();
+        CheckResult::pass(
+            NAME,
+            format!(
+                "{} VMs' memory and {disks} disks check out ({pages} written pages, {acked} acknowledged disk \
+                 writes verified)",
+                checks.len()
+            ),
+        )
     } else {
         CheckResult::fail(NAME, format!("{} VM(s) failed: {}", bad.len(), bad.join("; ")), Vec::new())
     }
@@ -191,6 +202,7 @@ mod tests {
             vcpus: 1,
             workload: WorkloadKind::Uniform,
             dirty_pages_per_sec: 0,
+            disk_writes_per_sec: 0,
             host: NodeId(1),
             desired: VmRunState::Running,
             generation: 3,

@@ -614,6 +614,7 @@ mod tests {
                     vcpus: 1,
                     workload: WorkloadKind::Uniform,
                     dirty_pages_per_sec: 0,
+                    disk_writes_per_sec: 0,
                     host: Some(NodeId(1)),
                 },
             );
@@ -684,6 +685,7 @@ mod tests {
             vcpus: 1,
             workload: WorkloadKind::Uniform,
             dirty_pages_per_sec: 0,
+            disk_writes_per_sec: 0,
             host: Some(NodeId(2)),
         };
         assert!(matches!(vm_cmd(&small, filler), VmOutcome::Vm(_)));
@@ -811,6 +813,7 @@ mod tests {
             vcpus: 1,
             workload: WorkloadKind::Uniform,
             dirty_pages_per_sec: 0,
+            disk_writes_per_sec: 0,
             host: Some(NodeId(1)),
         };
         let VmOutcome::Refused { reason, .. } = vm_cmd(&store, late) else { panic!() };

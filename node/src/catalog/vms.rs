@@ -90,7 +90,7 @@ impl CatalogTxn<'_> {
     /// Apply one VM command.
     pub fn apply_vm(&mut self, cmd: &VmCommand) -> Result<VmOutcome, StoreError> {
         Ok(match cmd {
-            VmCommand::Create { name, memory_mib, vcpus, workload, dirty_pages_per_sec, host } => {
+            VmCommand::Create { name, memory_mib, vcpus, workload, dirty_pages_per_sec, disk_writes_per_sec, host } => {
                 if self.get(&name_key(name))?.is_some() {
                     return Ok(refused(format!("a VM named {name:?} already exists")));
                 }
@@ -140,6 +140,7 @@ impl CatalogTxn<'_> {
                     vcpus: *vcpus,
                     workload: *workload,
                     dirty_pages_per_sec: *dirty_pages_per_sec,
+                    disk_writes_per_sec: *disk_writes_per_sec,
                     host: placed,
                     desired: VmRunState::Stopped,
                     generation: 1,

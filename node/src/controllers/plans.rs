@@ -58,8 +58,9 @@ pub struct PlanTunables {
     pub group_op_timeout_ms: u64,
     /// How long fail-back waits for cancelled migrations to stop before it retries.
     pub cancel_wait_ms: u64,
-    /// Group snapshots up to this many MiB of guest memory are captured in memory while the
-    /// group is paused and written after it resumes; bigger ones are written while paused.
+    /// Group snapshots up to this many MiB of guest memory are pre-copied into in-memory shadows
+    /// while the group runs (the pause copies only the pages written since the last round) and
+    /// written after it resumes; bigger ones are written to disk while the group is paused.
     pub capture_in_memory_mib: u64,
 }
 
@@ -554,11 +555,18 @@ impl Driver {
         }
         let req = GroupRequest::Consolidate { plan: plan.id, vms: plan.vms.clone() };
         match self.group_call(plan.to, req).await {
-            Ok(GroupResponse::Consolidated { resume_spread_ms, paused_ms }) => {
-                let note = format!(
+            Ok(GroupResponse::Consolidated { resume_spread_ms, paused_ms, disks_moved, disks_kept }) => {
+                let mut note = format!(
                     "group consistent on {}: paused together {paused_ms} ms, resumed within {resume_spread_ms} ms",
                     plan.to
                 );
+                if !disks_moved.is_empty() {
+                    let list: Vec<String> = disks_moved.iter().map(|v| v.to_string()).collect();
+                    note.push_str(&format!("; disk primaries moved here: {}", list.join(", ")));
+                }
+                for (vol, why) in &disks_kept {
+                    note.push_str(&format!("; {vol} keeps its primary: {why}"));
+                }
                 let patch = PlanPatch::Consolidated { resume_spread_ms, paused_ms };
                 self.advance(plan, PlanState::Succeeded, patch, note).await
             }

@@ -1,11 +1,14 @@
 //! Group operations on one host's VMs for migration plans (C1): pause a consistency group at
-//! once, take its recovery snapshot (each guest's memory image, written durably), resume it
-//! together; consolidate a group at the destination (pause all, resume all, measure the resume
-//! spread); restore a group from its recovery images; release the images.
+//! once, take its recovery snapshot (each guest's memory image — pre-copied into a shadow while
+//! the group runs, so the pause copies only the last dirty pages — written durably, and a
+//! snapshot of each of its disks), resume it together; consolidate a group at the destination
+//! (pause all, move the disks' primaries here, resume all, measure the resume spread); restore a
+//! group from its recovery images and disk snapshots; release them.
 //!
 //! This module owns the recovery image file format and the host's group jobs. It must not
-//! decide anything about plans (the leader's controller does) nor write the catalog; it reads
-//! the catalog only to check that the VMs it touches are placed here. Everything read from an
+//! decide anything about plans (the leader's controller does); the only catalog change it makes
+//! is the disks' primary handover during consolidation (a compare-and-set on each volume's
+//! epoch). It reads the catalog to check that the VMs it touches are placed here. Everything read from an
 //! image file is validated and bounded before use: the header against the VM the catalog names,
 //! sizes against the file length, pages strictly ascending and in range, the whole file against
 //! its trailing blake3 and the digest recorded in the catalog, and the loaded guest's memory
@@ -41,8 +44,8 @@ use std::time::{Duration, Instant};
 
 use haven_proto::plan::{GroupRequest, GroupResponse, RecoveryImage};
 use haven_proto::vm::{VmRecord, VmRunState, VmStatus};
-use haven_proto::volume::{SnapshotKind, VolumeRequest, VolumeResponse};
-use haven_proto::{ErrorCode, VmId, VolumeId, WireError};
+use haven_proto::volume::{SnapshotKind, VolumeCommand, VolumeOutcome, VolumeRequest, VolumeResponse};
+use haven_proto::{CatalogCommand, ClientResponse, CommandOutcome, ErrorCode, VmId, VolumeId, WireError};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -61,6 +64,12 @@ const TRAILER_LEN: u64 = 32;
 const JOB_WAIT: Duration = Duration::from_millis(1500);
 /// How long a group job waits for the catalog (applied here) to place the group here.
 const PLACEMENT_WAIT: Duration = Duration::from_secs(10);
+/// Longest a consolidation waits for the paused group's disk writes before it leaves the disks'
+/// primaries where they are.
+const DISK_HANDOVER_DRAIN: Duration = Duration::from_secs(1);
+/// Longest a consolidation waits for the disks' primary handovers to commit (they are proposed
+/// together, so this bounds the extra pause).
+const DISK_HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a recovery image could not be written or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +364,9 @@ pub struct GroupState {
     /// run states while holding this lock, so a job that inserted a VM here knows reconcile will
     /// not resume it underneath.
     pub(super) held: Mutex<HashSet<VmId>>,
+    /// Guests a restore stopped whose disk writes may still be in flight: every restore waits for
+    /// them before rolling disks back, also when an earlier attempt gave up waiting.
+    retired: Mutex<Vec<(String, Arc<dyn GuestDriver>)>>,
 }
 
 impl GroupState {
@@ -365,6 +377,7 @@ impl GroupState {
             serial: tokio::sync::Mutex::new(()),
             jobs: Mutex::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
+            retired: Mutex::new(Vec::new()),
         }
     }
 }
@@ -410,6 +423,11 @@ fn pause_all(insts: &[Arc<VmInstance>]) -> Result<(), WireError> {
         }
     }
     Ok(())
+}
+
+/// The guests of `insts`, named, for [`super::disk::drain`].
+fn named_guests(insts: &[Arc<VmInstance>]) -> Vec<(String, Arc<dyn GuestDriver>)> {
+    insts.iter().map(|i| (i.id.to_string(), i.guest.clone())).collect()
 }
 
 /// Resume every paused guest back to back; the instants of the first and last resume.
@@ -530,7 +548,10 @@ impl VmHost {
         }
     }
 
-    /// Pause the group, capture each guest, resume the group, write the images durably.
+    /// Pre-copy each guest into a shadow while it runs (groups within the in-memory limit), pause
+    /// the group, drain its disk writes, finish the capture (the shadows' last dirty pages and
+    /// device state, or whole images for a group over the limit), snapshot its disks, resume the
+    /// group, write the images durably.
     async fn snapshot(self: Arc<Self>, plan: u64, vms: Vec<VmId>) -> JobResult {
         let _serial = self.group.serial.lock().await;
         let group = self.local_group(&vms).await?;
@@ -539,29 +560,43 @@ impl VmHost {
         let in_memory = total <= self.group.capture_limit_bytes;
         let data_dir = self.group.data_dir.clone();
         let hold = Hold::new(&self.group, &vms);
+        // While the group runs: copy memory into shadows, then the pages written meanwhile,
+        // until few are left; the pause then copies only the last of them.
+        let shadows = if in_memory {
+            let sources: Vec<_> = insts.iter().map(|i| (i.id, i.guest.clone())).collect();
+            let shadows = tokio::task::spawn_blocking(move || Shadows::precopy(sources))
+                .await
+                .map_err(blocking_failed)?
+                .map_err(|e| wire(ErrorCode::Internal, format!("pre-copying the group: {e}")))?;
+            Some(shadows)
+        } else {
+            None
+        };
         let paused_at = Instant::now();
         pause_all(&insts)?;
+        // Disk writes in flight finish first: each guest's journal then says exactly what its
+        // disks hold, and the disks' snapshots below hold nothing the journals do not know.
+        if let Err(e) = super::disk::drain(named_guests(&insts), super::disk::DISK_DRAIN_LIMIT).await {
+            resume_all(&insts);
+            return Err(wire(ErrorCode::Unavailable, format!("recovery snapshot not taken: {e}")));
+        }
         // All paused: the group is frozen at one point, so what is captured now is
         // crash-consistent across the group.
         let captured = {
             let insts = insts.clone();
             let data_dir = data_dir.clone();
             tokio::task::spawn_blocking(move || -> Result<Vec<Captured>, String> {
+                if let Some(shadows) = shadows {
+                    return shadows.finish().map_err(|e| format!("finishing the capture: {e}"));
+                }
                 insts
                     .iter()
                     .map(|inst| {
-                        if in_memory {
-                            let mut body = Vec::new();
-                            let (md, seq) = encode_body(inst.guest.as_ref(), plan, inst.id, &mut body)
-                                .map_err(|e| format!("capturing {}: {e}", inst.id))?;
-                            Ok(Captured::Body(inst.id, body, md, seq))
-                        } else {
-                            let path = image_path(&data_dir, plan, inst.id);
-                            let guest = inst.guest.clone();
-                            let s = write_image_file(&path, |w| encode_body(guest.as_ref(), plan, inst.id, w))
-                                .map_err(|e| e.to_string())?;
-                            Ok(Captured::Written(inst.id, s))
-                        }
+                        let path = image_path(&data_dir, plan, inst.id);
+                        let guest = inst.guest.clone();
+                        let s = write_image_file(&path, |w| encode_body(guest.as_ref(), plan, inst.id, w))
+                            .map_err(|e| e.to_string())?;
+                        Ok(Captured::Written(inst.id, s))
                     })
                     .collect()
             })
@@ -586,10 +621,9 @@ impl VmHost {
                 .map(|c| {
                     let (vm, summary) = match c {
                         Captured::Written(vm, s) => (vm, s),
-                        Captured::Body(vm, body, md, seq) => {
+                        Captured::Shadow(vm, copy) => {
                             let s = write_image_file(&image_path(&data_dir, plan, vm), |w| {
-                                w.write_all(&body)?;
-                                Ok((md, seq))
+                                encode_body(copy.as_ref(), plan, vm, w)
                             })?;
                             (vm, s)
                         }
@@ -613,8 +647,9 @@ impl VmHost {
         Ok(GroupResponse::Snapshot { images, volume_snapshots, paused_ms, incarnation: crate::actors::incarnation() })
     }
 
-    /// Pause the whole group here, then resume it together. Refused if a VM's guest here did not
-    /// arrive by migration (this host restarted and booted it fresh: its memory is lost).
+    /// Pause the whole group here, drain its disk writes, hand its disks' primaries to this host,
+    /// then resume the group together. Refused if a VM's guest here did not arrive by migration
+    /// (this host restarted and booted it fresh: its memory is lost).
     async fn consolidate(self: Arc<Self>, plan: u64, vms: Vec<VmId>) -> JobResult {
         let _serial = self.group.serial.lock().await;
         let group = self.local_group(&vms).await?;
@@ -628,6 +663,14 @@ impl VmHost {
         let hold = Hold::new(&self.group, &vms);
         let started = Instant::now();
         pause_all(&insts)?;
+        // With no disk write in flight, the disks' primaries move without a write to retry.
+        let (disks_moved, disks_kept) = match super::disk::drain(named_guests(&insts), DISK_HANDOVER_DRAIN).await {
+            Ok(()) => self.take_disk_primaries(&group).await,
+            Err(e) => {
+                let kept = group.iter().flat_map(|(r, _)| r.volumes.iter().map(|v| (*v, e.clone()))).collect();
+                (Vec::new(), kept)
+            }
+        };
         let (errors, span) = resume_all(&insts);
         drop(hold);
         if !errors.is_empty() {
@@ -636,9 +679,69 @@ impl VmHost {
         let (first, last) = span.unwrap_or((started, started));
         let spread_ms = (last - first).as_millis() as u64;
         let paused_ms = (last - started).as_millis() as u64;
-        info!(plan, spread_us = (last - first).as_micros() as u64, paused_ms, "group consolidated");
+        info!(
+            plan,
+            spread_us = (last - first).as_micros() as u64,
+            paused_ms,
+            disks_moved = disks_moved.len(),
+            "group consolidated"
+        );
         metrics::histogram!("haven_plan_resume_spread_seconds").record((last - first).as_secs_f64());
-        Ok(GroupResponse::Consolidated { resume_spread_ms: spread_ms, paused_ms })
+        Ok(GroupResponse::Consolidated { resume_spread_ms: spread_ms, paused_ms, disks_moved, disks_kept })
+    }
+
+    /// Make this host the primary of every disk of `group` it holds an in-sync replica of (a
+    /// compare-and-set on each volume's epoch, so a failover that raced ahead wins). Disks without
+    /// an in-sync replica here, or whose change did not commit in time, keep their primary; the
+    /// reasons are returned for the plan's log. The group is paused and drained meanwhile.
+    async fn take_disk_primaries(
+        &self,
+        group: &[(VmRecord, Arc<VmInstance>)],
+    ) -> (Vec<VolumeId>, Vec<(VolumeId, String)>) {
+        let (mut moved, mut kept) = (Vec::new(), Vec::new());
+        let mut handovers = Vec::new();
+        for vol in group.iter().flat_map(|(r, _)| r.volumes.iter().copied()) {
+            let record = match crate::catalog::volumes::volume(&self.service.store, vol) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue, // deleted: nothing to move
+                Err(e) => {
+                    kept.push((vol, format!("catalog read failed: {e}")));
+                    continue;
+                }
+            };
+            if record.primary == self.node {
+                continue;
+            }
+            if !record.in_sync.contains(&self.node) {
+                kept.push((
+                    vol,
+                    format!("{} holds no in-sync replica; the primary stays on {}", self.node, record.primary),
+                ));
+                continue;
+            }
+            let cmd = VolumeCommand::SetReplication {
+                volume: vol,
+                expected_epoch: record.epoch,
+                primary: self.node,
+                in_sync: record.in_sync.clone(),
+            };
+            let write = self.service.write(CatalogCommand::Volume(cmd), 0);
+            handovers.push(async move { (vol, record.primary, tokio::time::timeout(DISK_HANDOVER_WAIT, write).await) });
+        }
+        for (vol, from, result) in futures::future::join_all(handovers).await {
+            match result {
+                Ok(Ok(ClientResponse::Written {
+                    outcome: CommandOutcome::Volume(VolumeOutcome::Volume(v)), ..
+                })) if v.primary == self.node => {
+                    info!(%vol, %from, to = %self.node, "disk primary moved with its VM");
+                    moved.push(vol);
+                }
+                Ok(Ok(other)) => kept.push((vol, format!("handover refused: {other:?}"))),
+                Ok(Err(e)) => kept.push((vol, format!("handover not committed: {e}"))),
+                Err(_) => kept.push((vol, format!("handover undecided after {} ms", DISK_HANDOVER_WAIT.as_millis()))),
+            }
+        }
+        (moved, kept)
     }
 
     /// Replace the group's guests with the ones in their recovery images and start them together.
@@ -713,13 +816,23 @@ impl VmHost {
             .map_err(|e| wire(ErrorCode::Internal, format!("recovery snapshot unusable: {e}")))?;
             let ids: Vec<VmId> = loaded.iter().map(|(r, _, _)| r.id).collect();
             let hold = Hold::new(&self.group, &ids);
-            // The live guests are given up for the snapshot: stop them before their disks go back.
-            for (r, _, _) in &loaded {
-                if let Some(old) = self.remove_instance(r.id) {
-                    let _ = old.guest.stop();
+            // The live guests are given up for the snapshot: stop them, and let their disk writes
+            // in flight finish, before their disks go back.
+            let retired = {
+                let mut retired = self.group.retired.lock().expect("retired lock");
+                for (r, _, _) in &loaded {
+                    if let Some(old) = self.remove_instance(r.id) {
+                        let _ = old.guest.stop();
+                        retired.push((old.id.to_string(), old.guest.clone()));
+                    }
+                    self.drop_incoming(r.id);
                 }
-                self.drop_incoming(r.id);
-            }
+                retired.clone()
+            };
+            super::disk::drain(retired, super::disk::DISK_DRAIN_LIMIT)
+                .await
+                .map_err(|e| wire(ErrorCode::Unavailable, format!("restore waits for the old guests: {e}")))?;
+            self.group.retired.lock().expect("retired lock").retain(|(_, g)| g.disk_writes_in_flight() > 0);
             // A failed rollback fails the job; the controller asks again (rolling back to the same
             // snapshot twice is harmless), and reconcile boots none of these VMs meanwhile.
             self.rollback_disks(&volume_snapshots).await?;
@@ -761,23 +874,26 @@ impl VmHost {
         }
         let volumes = self.volume_host()?;
         let name = format!("plan-{plan}-recovery");
-        let mut out = Vec::new();
-        for vol in disks {
-            let stale = crate::catalog::volumes::snapshots(&self.service.store, vol)
-                .map_err(|e| wire(ErrorCode::Internal, e.to_string()))?
-                .into_iter()
-                .find(|s| s.name == name);
-            if let Some(s) = stale {
-                volumes.client(VolumeRequest::DeleteSnapshot { volume: vol, snapshot: s.id }).await?;
+        // The disks are independent volumes: snapshot them together, so the pause lasts about
+        // one snapshot rather than one per disk.
+        let snapshot_one = |vol: VolumeId| {
+            let (volumes, name) = (volumes.clone(), name.clone());
+            async move {
+                let stale = crate::catalog::volumes::snapshots(&self.service.store, vol)
+                    .map_err(|e| wire(ErrorCode::Internal, e.to_string()))?
+                    .into_iter()
+                    .find(|s| s.name == name);
+                if let Some(s) = stale {
+                    volumes.client(VolumeRequest::DeleteSnapshot { volume: vol, snapshot: s.id }).await?;
+                }
+                let req = VolumeRequest::Snapshot { volume: vol, name, label: None, kind: SnapshotKind::Recovery };
+                match volumes.client(req).await? {
+                    VolumeResponse::Snapshot(s) => Ok((vol, s.id)),
+                    other => Err(wire(ErrorCode::Internal, format!("{vol} answered a snapshot with {other:?}"))),
+                }
             }
-            let req =
-                VolumeRequest::Snapshot { volume: vol, name: name.clone(), label: None, kind: SnapshotKind::Recovery };
-            match volumes.client(req).await? {
-                VolumeResponse::Snapshot(s) => out.push((vol, s.id)),
-                other => return Err(wire(ErrorCode::Internal, format!("{vol} answered a snapshot with {other:?}"))),
-            }
-        }
-        Ok(out)
+        };
+        futures::future::join_all(disks.into_iter().map(snapshot_one)).await.into_iter().collect()
     }
 
     /// Roll every disk back to its recovery snapshot.
@@ -872,10 +988,83 @@ impl VmHost {
 
 /// What a snapshot captured of one guest while the group was paused.
 enum Captured {
-    /// The image body in memory (written after the group resumed), its memory digest and seq.
-    Body(VmId, Vec<u8>, [u8; 32], u64),
+    /// A frozen copy of the guest as it was paused (its image is written after the group resumed).
+    Shadow(VmId, Arc<SimulatedGuest>),
     /// Written to disk while paused (groups over the in-memory limit).
     Written(VmId, ImageSummary),
+}
+
+/// Pre-copy rounds while the group runs before the pause copies the rest.
+const SHADOW_ROUNDS: usize = 6;
+/// A round that found this few pages written since the previous one ends the pre-copy.
+const SHADOW_SETTLED_PAGES: usize = 256;
+
+/// Live copies of a group's guests, kept current by dirty logging (the recovery snapshot's
+/// pre-copy: the group is paused only for the pages written since the last round). Dirty logging
+/// on the sources ends when the shadows are finished or dropped.
+struct Shadows {
+    guests: Vec<(VmId, Arc<dyn GuestDriver>, Arc<SimulatedGuest>)>,
+}
+
+impl Shadows {
+    /// Copy every guest's memory while it runs, then what was written meanwhile, until a round
+    /// finds few pages (or [`SHADOW_ROUNDS`] passed). On a blocking thread.
+    fn precopy(sources: Vec<(VmId, Arc<dyn GuestDriver>)>) -> Result<Self, GuestError> {
+        let guests: Vec<_> =
+            sources.into_iter().map(|(vm, g)| (vm, g.clone(), SimulatedGuest::new(g.spec()))).collect();
+        let shadows = Shadows { guests };
+        for (_, source, _) in &shadows.guests {
+            source.start_dirty_log(); // every page counts as dirty once
+        }
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for _ in 0..SHADOW_ROUNDS {
+            let mut copied = 0;
+            for (_, source, copy) in &shadows.guests {
+                copied = copied.max(copy_dirty(source.as_ref(), copy, &mut buf)?);
+            }
+            if copied <= SHADOW_SETTLED_PAGES {
+                break;
+            }
+        }
+        Ok(shadows)
+    }
+
+    /// With the group paused: copy the last dirty pages and the device state of every guest.
+    fn finish(self) -> Result<Vec<Captured>, GuestError> {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let mut out = Vec::with_capacity(self.guests.len());
+        for (vm, source, copy) in &self.guests {
+            copy_dirty(source.as_ref(), copy, &mut buf)?;
+            copy.load_vcpu_state(&source.vcpu_state())?;
+            out.push(Captured::Shadow(*vm, copy.clone()));
+        }
+        Ok(out) // dropping `self` ends the dirty logging
+    }
+}
+
+impl Drop for Shadows {
+    fn drop(&mut self) {
+        for (_, source, _) in &self.guests {
+            source.stop_dirty_log();
+        }
+    }
+}
+
+/// Copy the pages `source` dirtied since the last call into `copy`; how many.
+fn copy_dirty(source: &dyn GuestDriver, copy: &SimulatedGuest, buf: &mut [u8]) -> Result<usize, GuestError> {
+    let dirty = source.take_dirty();
+    for &page in &dirty {
+        if source.is_zero_page(page)? {
+            if !copy.is_zero_page(page)? {
+                buf.fill(0);
+                copy.write_page(page, buf)?;
+            }
+            continue;
+        }
+        source.read_page(page, buf)?;
+        copy.write_page(page, buf)?;
+    }
+    Ok(dirty.len())
 }
 
 #[cfg(test)]
@@ -884,7 +1073,14 @@ mod tests {
     use super::*;
 
     fn spec(pages: u64) -> GuestSpec {
-        GuestSpec { memory_pages: pages, vcpus: 2, pattern: WorkloadPattern::Uniform, dirty_pages_per_sec: 0, seed: 7 }
+        GuestSpec {
+            memory_pages: pages,
+            vcpus: 2,
+            pattern: WorkloadPattern::Uniform,
+            dirty_pages_per_sec: 0,
+            disk_writes_per_sec: 0,
+            seed: 7,
+        }
     }
 
     fn record_of(s: &ImageSummary, vm: VmId) -> RecoveryImage {
@@ -922,6 +1118,34 @@ mod tests {
         g.step(5);
         assert_eq!(restored.memory_digest(), g.memory_digest());
         assert!(!path.with_extension("img.tmp").exists());
+    }
+
+    #[test]
+    fn shadows_pre_copied_while_running_equal_the_paused_guests() {
+        let mut s = spec(2048);
+        s.dirty_pages_per_sec = 20_000;
+        let guests: Vec<Arc<SimulatedGuest>> =
+            (0..2).map(|i| SimulatedGuest::new(GuestSpec { seed: i, ..s.clone() })).collect();
+        for g in &guests {
+            g.step(3000);
+            g.start().unwrap();
+        }
+        let sources = guests.iter().enumerate().map(|(i, g)| (VmId(i as u64), g.clone() as Arc<dyn GuestDriver>));
+        let shadows = Shadows::precopy(sources.collect()).unwrap();
+        std::thread::sleep(Duration::from_millis(30)); // the guests keep writing after the pre-copy
+        for g in &guests {
+            g.pause().unwrap();
+        }
+        let captured = shadows.finish().unwrap();
+        for (g, c) in guests.iter().zip(captured) {
+            let Captured::Shadow(_, copy) = c else { panic!("in-memory capture expected") };
+            assert_eq!(copy.memory_digest(), g.memory_digest());
+            assert_eq!(copy.vcpu_state(), g.vcpu_state());
+            assert!(copy.check_memory().is_ok());
+            // Dirty logging ended with the capture.
+            g.step(10);
+            assert!(g.take_dirty().is_empty());
+        }
     }
 
     #[test]

@@ -37,9 +37,11 @@
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use super::disk::{DiskGeometry, DiskLog, DiskWrite, DISK_LOG_BYTES, MAX_GUEST_DISKS};
 
 /// Bytes in one guest page.
 pub const PAGE_SIZE: usize = 4096;
@@ -58,7 +60,9 @@ const PACING_INTERVAL: Duration = Duration::from_millis(1);
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 
 const VCPU_STATE_MAGIC: [u8; 4] = *b"HVCS";
-const VCPU_STATE_VERSION: u16 = 1;
+/// Version 2 appends the disk journal (a count, then one [`DiskLog`] per disk); version 1 (no
+/// disks) is still read.
+const VCPU_STATE_VERSION: u16 = 2;
 /// Fake registers per vCPU: rip, rsp, rax, rbx, rcx, rdx, rflags, cr3.
 const REGS_PER_VCPU: usize = 8;
 /// magic, version, flags, memory_pages, vcpus, seed, pattern tag, hot_pages, last_seq,
@@ -85,6 +89,9 @@ pub struct GuestSpec {
     pub pattern: WorkloadPattern,
     /// page writes per second the workload aims at (0 = idle)
     pub dirty_pages_per_sec: u64,
+    /// Disk writes per second the workload aims at, spread over its disks (0 = none); the host's
+    /// block backend performs them (see [`super::disk`]).
+    pub disk_writes_per_sec: u64,
     /// Seeds the workload's page and vCPU choices (together with the write's sequence number).
     pub seed: u64,
 }
@@ -183,6 +190,35 @@ pub trait GuestDriver: Send + Sync + 'static {
     fn workload_stats(&self) -> WorkloadStats;
     /// Validates every written page and that the last write is present; see [`MemoryCheck`].
     fn check_memory(&self) -> Result<MemoryCheck, GuestError>;
+
+    // Virtual disks. The host's block backend serves the guest's disk queue through these (see
+    // `super::disk_backend`); a hypervisor doing its own disk I/O keeps the defaults.
+
+    /// The disks the guest has now (from the catalog, any order). A disk it did not have starts a
+    /// new write stream; a disk no longer listed is forgotten; a listed disk whose geometry
+    /// changed starts over with a new stream.
+    fn set_disks(&self, _disks: &[DiskGeometry]) {}
+    /// The next disk write the guest wants performed now: only while running, only on a disk with
+    /// no write outstanding (a failed write is issued again before any later one), round-robin
+    /// over the disks. Its outcome must be reported with [`GuestDriver::complete_disk_write`].
+    fn next_disk_write(&self) -> Option<DiskWrite> {
+        None
+    }
+    /// The outcome of write `seq` to `volume`: acknowledged durable, or not (issued again later).
+    fn complete_disk_write(&self, _volume: u64, _seq: u64, _acked: bool) {}
+    /// Disk writes handed out and not completed.
+    fn disk_writes_in_flight(&self) -> usize {
+        0
+    }
+    /// Blocks until no disk write is in flight or `limit` passed; whether none is. For a blocking
+    /// thread, after `pause`/`stop` (so no new write is issued meanwhile).
+    fn wait_disk_idle(&self, _limit: Duration) -> bool {
+        true
+    }
+    /// The disk journal, ordered by volume (see [`super::disk`]); part of [`GuestDriver::vcpu_state`].
+    fn disk_journal(&self) -> Vec<DiskLog> {
+        Vec::new()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -491,6 +527,30 @@ struct Control {
     worker: Option<Worker>,
 }
 
+/// The guest's disk queue: its journal (ordered by volume) and the writes handed out.
+#[derive(Default)]
+struct DiskQueue {
+    journal: Vec<DiskLog>,
+    /// `(volume, seq)` of each write handed out and not completed.
+    in_flight: Vec<(u64, u64)>,
+    /// Index in `journal` the round-robin looks at first.
+    next: usize,
+}
+
+/// A fresh, practically unique stream nonce for a disk of the guest seeded `seed` (never 0).
+fn new_stream(seed: u64, volume: u64) -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    h.update(b"haven disk stream");
+    h.update(&seed.to_le_bytes());
+    h.update(&volume.to_le_bytes());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    le_u64(&h.finalize().as_bytes()[..8]).max(1)
+}
+
 /// The guest model on hosts without a hypervisor. See the module docs.
 pub struct SimulatedGuest {
     spec: GuestSpec,
@@ -507,6 +567,10 @@ pub struct SimulatedGuest {
     throttle: AtomicU8,
     writes: AtomicU64,
     achieved_bits: AtomicU64,
+    /// The disk queue (lock order: `ctl`, then `cursor`, then `disks`).
+    disks: Mutex<DiskQueue>,
+    /// Signalled when the last disk write in flight completes.
+    disk_idle: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -528,6 +592,8 @@ impl SimulatedGuest {
             throttle: AtomicU8::new(0),
             writes: AtomicU64::new(0),
             achieved_bits: AtomicU64::new(0f64.to_bits()),
+            disks: Mutex::new(DiskQueue::default()),
+            disk_idle: Condvar::new(),
             me: me.clone(),
             spec,
         })
@@ -650,7 +716,7 @@ impl SimulatedGuest {
         self.achieved_bits.store(0f64.to_bits(), Ordering::Relaxed);
     }
 
-    fn encode_vcpu_state(&self, cur: &Cursor) -> Vec<u8> {
+    fn encode_vcpu_state(&self, cur: &Cursor, disks: &[DiskLog]) -> Vec<u8> {
         let mut out = Vec::with_capacity(VCPU_HEADER_LEN + cur.regs.len() * REGS_PER_VCPU * 8 + VCPU_CHECKSUM_LEN);
         out.extend_from_slice(&VCPU_STATE_MAGIC);
         out.extend_from_slice(&VCPU_STATE_VERSION.to_le_bytes());
@@ -674,17 +740,22 @@ impl SimulatedGuest {
                 out.extend_from_slice(&r.to_le_bytes());
             }
         }
+        out.extend_from_slice(&(disks.len() as u32).to_le_bytes());
+        for log in disks {
+            log.encode(&mut out);
+        }
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
         out
     }
 
-    fn decode_vcpu_state(&self, state: &[u8]) -> Result<Cursor, GuestError> {
+    /// The cursor and disk journal in `state` (version 1 carries no disks).
+    fn decode_vcpu_state(&self, state: &[u8]) -> Result<(Cursor, Vec<DiskLog>), GuestError> {
         let bad = |m: String| GuestError::BadVcpuState(m);
         let nregs = self.spec.vcpus.max(1) as usize;
-        let expected = VCPU_HEADER_LEN + nregs * REGS_PER_VCPU * 8 + VCPU_CHECKSUM_LEN;
-        if state.len() != expected {
-            return Err(bad(format!("{} bytes, expected {expected} for this guest", state.len())));
+        let least = VCPU_HEADER_LEN + nregs * REGS_PER_VCPU * 8 + VCPU_CHECKSUM_LEN;
+        if state.len() < least {
+            return Err(bad(format!("{} bytes, expected at least {least} for this guest", state.len())));
         }
         let (body, sum) = state.split_at(state.len() - VCPU_CHECKSUM_LEN);
         if blake3::hash(body).as_bytes() != sum {
@@ -695,7 +766,7 @@ impl SimulatedGuest {
             return Err(bad("bad magic".into()));
         }
         let version = r.u16()?;
-        if version != VCPU_STATE_VERSION {
+        if version != VCPU_STATE_VERSION && version != 1 {
             return Err(bad(format!("unsupported version {version}")));
         }
         let _flags = r.u16()?;
@@ -738,7 +809,24 @@ impl SimulatedGuest {
                 *reg = r.u64()?;
             }
         }
-        Ok(Cursor { last_seq, last_page, regs })
+        let mut disks: Vec<DiskLog> = Vec::new();
+        if version >= 2 {
+            let count = r.u32()? as usize;
+            if count > MAX_GUEST_DISKS {
+                return Err(bad(format!("{count} disks (at most {MAX_GUEST_DISKS})")));
+            }
+            for _ in 0..count {
+                let log = DiskLog::decode(r.take(DISK_LOG_BYTES)?).map_err(bad)?;
+                if disks.last().is_some_and(|prev| prev.geometry.volume >= log.geometry.volume) {
+                    return Err(bad("disks out of order or repeated".into()));
+                }
+                disks.push(log);
+            }
+        }
+        if r.pos != body.len() {
+            return Err(bad(format!("{} bytes left over", body.len() - r.pos)));
+        }
+        Ok((Cursor { last_seq, last_page, regs }, disks))
     }
 }
 
@@ -917,7 +1005,8 @@ impl GuestDriver for SimulatedGuest {
 
     fn vcpu_state(&self) -> Vec<u8> {
         let cur = lock(&self.cursor);
-        self.encode_vcpu_state(&cur)
+        let disks = lock(&self.disks);
+        self.encode_vcpu_state(&cur, &disks.journal)
     }
 
     fn load_vcpu_state(&self, state: &[u8]) -> Result<(), GuestError> {
@@ -925,8 +1014,11 @@ impl GuestDriver for SimulatedGuest {
         if ctl.state == RunState::Running {
             return Err(GuestError::BadState { from: ctl.state, op: "load_vcpu_state" });
         }
-        let loaded = self.decode_vcpu_state(state)?;
-        *lock(&self.cursor) = loaded;
+        let (cursor, journal) = self.decode_vcpu_state(state)?;
+        *lock(&self.cursor) = cursor;
+        let mut disks = lock(&self.disks);
+        disks.journal = journal;
+        disks.next = 0;
         Ok(())
     }
 
@@ -970,6 +1062,90 @@ impl GuestDriver for SimulatedGuest {
         }
         Ok(check)
     }
+
+    fn set_disks(&self, disks: &[DiskGeometry]) {
+        let mut wanted: Vec<DiskGeometry> = disks.to_vec();
+        wanted.sort_by_key(|g| g.volume);
+        wanted.dedup_by_key(|g| g.volume);
+        wanted.truncate(MAX_GUEST_DISKS);
+        let mut q = lock(&self.disks);
+        if q.journal.iter().map(|l| l.geometry).eq(wanted.iter().copied()) {
+            return;
+        }
+        let old = std::mem::take(&mut q.journal);
+        q.journal = wanted
+            .into_iter()
+            .map(|g| {
+                old.iter()
+                    .find(|l| l.geometry == g)
+                    .copied()
+                    .unwrap_or_else(|| DiskLog::new(g, new_stream(self.spec.seed, g.volume)))
+            })
+            .collect();
+        q.next = 0;
+    }
+
+    fn next_disk_write(&self) -> Option<DiskWrite> {
+        // Under the lifecycle lock: once `pause` or `stop` returned, nothing new is issued.
+        let ctl = lock(&self.ctl);
+        if ctl.state != RunState::Running {
+            return None;
+        }
+        let mut q = lock(&self.disks);
+        let n = q.journal.len();
+        let (log, seq) = (0..n).find_map(|i| {
+            let idx = (q.next + i) % n;
+            let log = q.journal[idx];
+            let volume = log.geometry.volume;
+            if q.in_flight.iter().any(|(v, _)| *v == volume) {
+                return None;
+            }
+            // A failed write goes again, before anything later.
+            let seq = if log.issued > log.acked { log.issued } else { log.acked + 1 };
+            q.journal[idx].issued = seq;
+            q.in_flight.push((volume, seq));
+            q.next = (idx + 1) % n;
+            Some((log, seq))
+        })?;
+        drop(q);
+        drop(ctl);
+        Some(DiskWrite::of(&log, self.spec.pattern, seq))
+    }
+
+    fn complete_disk_write(&self, volume: u64, seq: u64, acked: bool) {
+        let mut q = lock(&self.disks);
+        let before = q.in_flight.len();
+        q.in_flight.retain(|w| *w != (volume, seq));
+        if q.in_flight.len() == before {
+            return; // not handed out by this guest's journal (it was replaced meanwhile)
+        }
+        if acked {
+            if let Some(log) = q.journal.iter_mut().find(|l| l.geometry.volume == volume && l.issued == seq) {
+                debug_assert_eq!(log.acked + 1, seq, "one write per disk is outstanding");
+                log.acked = seq;
+            }
+        }
+        if q.in_flight.is_empty() {
+            self.disk_idle.notify_all();
+        }
+    }
+
+    fn disk_writes_in_flight(&self) -> usize {
+        lock(&self.disks).in_flight.len()
+    }
+
+    fn wait_disk_idle(&self, limit: Duration) -> bool {
+        let q = lock(&self.disks);
+        let (q, _) = self
+            .disk_idle
+            .wait_timeout_while(q, limit, |q| !q.in_flight.is_empty())
+            .unwrap_or_else(PoisonError::into_inner);
+        q.in_flight.is_empty()
+    }
+
+    fn disk_journal(&self) -> Vec<DiskLog> {
+        lock(&self.disks).journal.clone()
+    }
 }
 
 #[cfg(test)]
@@ -978,7 +1154,14 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn spec(pages: u64, pattern: WorkloadPattern, rate: u64) -> GuestSpec {
-        GuestSpec { memory_pages: pages, vcpus: 2, pattern, dirty_pages_per_sec: rate, seed: 42 }
+        GuestSpec {
+            memory_pages: pages,
+            vcpus: 2,
+            pattern,
+            dirty_pages_per_sec: rate,
+            disk_writes_per_sec: 0,
+            seed: 42,
+        }
     }
 
     fn page_buf() -> Vec<u8> {
@@ -1317,6 +1500,98 @@ mod tests {
         assert!(g.workload_stats().writes > 100);
         assert_eq!(g.memory_digest(), g.memory_digest_from_scratch());
         g.check_memory().unwrap();
+    }
+
+    fn disk(volume: u64) -> DiskGeometry {
+        DiskGeometry { volume, block_size: 512, blocks: 8 }
+    }
+
+    #[test]
+    fn disk_queue_issues_one_write_per_disk_and_retries_failures_first() {
+        let g = SimulatedGuest::new(spec(16, WorkloadPattern::Sequential, 0));
+        g.set_disks(&[disk(9), disk(4)]);
+        assert_eq!(g.next_disk_write(), None, "a guest that is not running issues nothing");
+        g.start().unwrap();
+        let a = g.next_disk_write().unwrap();
+        let b = g.next_disk_write().unwrap();
+        assert_eq!((a.volume, a.seq, b.volume, b.seq), (4, 1, 9, 1), "round-robin, by volume");
+        assert_eq!(g.next_disk_write(), None, "one write in flight per disk");
+        assert_eq!(g.disk_writes_in_flight(), 2);
+        g.complete_disk_write(4, 1, true);
+        g.complete_disk_write(9, 1, false); // failed: issued again, same block and bytes
+        let mut two = [g.next_disk_write().unwrap(), g.next_disk_write().unwrap()];
+        two.sort_by_key(|w| w.volume);
+        let [next, again] = two;
+        assert_eq!((again.volume, again.seq, again.data == b.data), (9, 1, true));
+        assert_eq!((next.volume, next.seq, next.block), (4, 2, 1));
+        g.complete_disk_write(9, 1, true);
+        // A completion nobody handed out changes nothing.
+        g.complete_disk_write(4, 7, true);
+        let journal = g.disk_journal();
+        assert_eq!(
+            journal.iter().map(|l| (l.geometry.volume, l.acked, l.issued)).collect::<Vec<_>>(),
+            [(4, 1, 2), (9, 1, 1)]
+        );
+        // Paused: nothing new, and waiting for the one in flight ends when it completes.
+        g.pause().unwrap();
+        assert_eq!(g.next_disk_write(), None);
+        assert!(!g.wait_disk_idle(Duration::from_millis(20)));
+        let waiter = {
+            let g = g.clone();
+            std::thread::spawn(move || g.wait_disk_idle(Duration::from_secs(10)))
+        };
+        g.complete_disk_write(4, 2, true);
+        assert!(waiter.join().unwrap());
+        // Detaching forgets the disk; a disk seen again starts a new stream.
+        let stream = g.disk_journal()[0].stream;
+        g.set_disks(&[disk(9)]);
+        g.set_disks(&[disk(9), disk(4)]);
+        let fresh = g.disk_journal()[0];
+        assert_eq!((fresh.geometry.volume, fresh.acked, fresh.issued), (4, 0, 0));
+        assert_ne!(fresh.stream, stream);
+    }
+
+    #[test]
+    fn the_disk_journal_travels_in_the_vcpu_state() {
+        let g = SimulatedGuest::new(spec(16, WorkloadPattern::Uniform, 0));
+        g.set_disks(&[disk(2), disk(5)]);
+        g.start().unwrap();
+        for _ in 0..3 {
+            let w = g.next_disk_write().unwrap();
+            g.complete_disk_write(w.volume, w.seq, true);
+        }
+        let pending = g.next_disk_write().unwrap(); // in flight when the state is taken
+        g.pause().unwrap();
+        let state = g.vcpu_state();
+        let copy = SimulatedGuest::new(g.spec());
+        copy.load_vcpu_state(&state).unwrap();
+        assert_eq!(copy.disk_journal(), g.disk_journal());
+        assert_eq!(copy.vcpu_state(), state);
+        // The copy issues the write that was in flight again before anything later.
+        copy.start().unwrap();
+        let first = copy.next_disk_write().unwrap();
+        let other = copy.next_disk_write().unwrap();
+        let mut got = [(first.volume, first.seq), (other.volume, other.seq)];
+        got.sort_unstable();
+        assert!(got.contains(&(pending.volume, pending.seq)), "{got:?} lacks {pending:?}");
+        // Damaged disk sections are refused, and nothing changes.
+        let mut bad = state.clone();
+        let at = bad.len() - VCPU_CHECKSUM_LEN - 1;
+        bad[at] ^= 1;
+        let body_len = bad.len() - VCPU_CHECKSUM_LEN;
+        let sum = blake3::hash(&bad[..body_len]);
+        bad[body_len..].copy_from_slice(sum.as_bytes());
+        let fresh = SimulatedGuest::new(g.spec());
+        assert!(matches!(fresh.load_vcpu_state(&bad), Err(GuestError::BadVcpuState(_))));
+        assert!(fresh.disk_journal().is_empty());
+        // A version 1 state (no disk section) still loads, with no disks.
+        let mut v1 = state[..VCPU_HEADER_LEN + 2 * REGS_PER_VCPU * 8].to_vec();
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let sum = blake3::hash(&v1);
+        v1.extend_from_slice(sum.as_bytes());
+        fresh.load_vcpu_state(&v1).unwrap();
+        assert!(fresh.disk_journal().is_empty());
+        assert_eq!(fresh.workload_stats().last_seq, g.workload_stats().last_seq);
     }
 
     #[test]

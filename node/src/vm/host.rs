@@ -56,6 +56,7 @@ pub(super) fn spec_of(r: &VmRecord) -> GuestSpec {
             WorkloadKind::Sequential => WorkloadPattern::Sequential,
         },
         dirty_pages_per_sec: r.dirty_pages_per_sec,
+        disk_writes_per_sec: r.disk_writes_per_sec,
         seed: r.id.0,
     }
 }
@@ -238,6 +239,8 @@ impl VmHost {
                 continue; // the migration owns the run state until it ends
             }
             self.stale.lock().expect("stale lock").remove(&id);
+            // Attach and detach are refused while a VM migrates, so its disks change only here.
+            inst.guest.set_disks(&super::disk_backend::geometries(store, &record.volumes));
             // Hold the lock while applying, so a group job that holds this VM is not undone.
             let held = self.group.held.lock().expect("held lock");
             if held.contains(&id) {
@@ -299,6 +302,7 @@ impl VmHost {
             .register(ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 }, actor.clone().recipient());
         *inst.actor.lock().expect("actor lock") = Some(actor);
         self.vms.lock().expect("vms lock").insert(id, inst.clone());
+        super::disk_backend::spawn(self, &inst);
         info!(vm = %id, "guest installed");
         inst
     }
@@ -334,10 +338,12 @@ impl VmHost {
                     VmRequest::Status { .. } => Ok(VmResponse::Status(self.status_of(&inst))),
                     VmRequest::Check { .. } => {
                         let c = inst.guest.check_memory().map_err(|e| wire(ErrorCode::Internal, e.to_string()))?;
+                        let disks = super::disk_backend::check_disks(self, &inst).await?;
                         Ok(VmResponse::Check {
                             pages_written: c.pages_written,
                             max_seq: c.max_seq,
                             last_seq: c.last_seq,
+                            disks,
                         })
                     }
                     VmRequest::Migrate { to, options, plan, .. } => self.start_migration(inst, to, options, plan).await,

@@ -1,5 +1,7 @@
-//! Virtual machines (C1): the simulated guest behind a driver trait ([`guest`]), the pre-copy
-//! live-migration engine that moves a guest's memory between hosts ([`migration`]), and the
+//! Virtual machines (C1): the simulated guest behind a driver trait ([`guest`]), its disk
+//! workload and the check that proves its disks lost nothing ([`disk`], served by
+//! [`disk_backend`]), the pre-copy live-migration engine that moves a guest's memory between
+//! hosts ([`migration`]), and the
 //! group operations of migration plans — pause-all, recovery images, consolidation, restore
 //! ([`group`]).
 //!
@@ -11,6 +13,8 @@
 //! catalog; [`host`] is the node-side glue that does (placement, run state, migration streams),
 //! and [`group`] acts on a host's VMs for the leader's plan controller without writing the catalog.
 
+pub mod disk;
+pub mod disk_backend;
 pub mod group;
 pub mod guest;
 pub mod host;

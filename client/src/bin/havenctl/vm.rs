@@ -69,8 +69,9 @@ pub enum VmCmd {
         #[arg(long)]
         yes: bool,
     },
-    /// Verify the guest's memory on its host (every written page intact, the last write present);
-    /// exits 1 if the check fails.
+    /// Verify the guest on its host: memory (every written page intact, the last write present)
+    /// and disks (every acknowledged disk write present, nothing the guest did not write); exits 1
+    /// if the check fails.
     Check {
         /// VM name, vm-N or N.
         vm: String,
@@ -111,6 +112,11 @@ pub struct CreateArgs {
     /// Page writes per second the guest's workload aims at (0 = idle).
     #[arg(long, default_value_t = 0, value_name = "PAGES_PER_SEC")]
     dirty_rate: u64,
+    /// Block writes per second the guest's workload aims at, spread over the disks attached to it
+    /// (`vm attach`); each write carries a sequence number and checksum that `vm check` verifies.
+    #[arg(long, default_value_t = 0, value_name = "WRITES_PER_SEC",
+          value_parser = clap::value_parser!(u64).range(0..=haven_client::proto::vm::MAX_DISK_WRITES_PER_SEC))]
+    disk_rate: u64,
     /// Place the VM on this host (N or node-N) instead of letting the cluster choose.
     #[arg(long, value_parser = parse_host)]
     host: Option<NodeId>,
@@ -243,7 +249,7 @@ fn mib(n: u64) -> String {
 
 fn vm_summary(v: &VmRecord) -> String {
     format!(
-        "{} {:?}: {}, {} vCPU{}, workload {} at {} pages/s; on {}, desired {}, generation {}{}",
+        "{} {:?}: {}, {} vCPU{}, workload {} at {} pages/s{}; on {}, desired {}, generation {}{}",
         v.id,
         v.name,
         mib(v.memory_mib),
@@ -251,6 +257,7 @@ fn vm_summary(v: &VmRecord) -> String {
         if v.vcpus == 1 { "" } else { "s" },
         workload_text(&v.workload),
         v.dirty_pages_per_sec,
+        if v.disk_writes_per_sec > 0 { format!(" and {} disk writes/s", v.disk_writes_per_sec) } else { String::new() },
         v.host,
         state_text(v.desired),
         v.generation,
@@ -315,6 +322,7 @@ pub async fn vm(cmd: VmCmd, client: ClientFn<'_>, out: &Output) -> anyhow::Resul
                 vcpus: a.vcpus,
                 workload: a.workload,
                 dirty_pages_per_sec: a.dirty_rate,
+                disk_writes_per_sec: a.disk_rate,
                 host: a.host,
             };
             if let WorkloadKind::HotSet { hot_pages } = spec.workload {
@@ -364,17 +372,21 @@ pub async fn vm(cmd: VmCmd, client: ClientFn<'_>, out: &Output) -> anyhow::Resul
         VmCmd::Detach { vm, volume } => attach_disk(&c, &vm, &volume, false, out).await?,
         VmCmd::Check { vm } => {
             let v = c.vm(&vm).await?;
-            let check = c.vm_check(v.id).await.map_err(|e| anyhow!("memory check of {} failed: {e}", v.id))?;
-            let mut machine = serde_json::to_value(check)?;
+            let check = c.vm_check(v.id).await.map_err(|e| anyhow!("check of {} failed: {e}", v.id))?;
+            let mut machine = serde_json::to_value(&check)?;
             machine["vm"] = json!(v.id);
             machine["host"] = json!(v.host);
-            out.done(
-                &format!(
-                    "memory of {} {:?} on {} is intact: {} pages written, last write seq {} present (max seq {})",
-                    v.id, v.name, v.host, check.pages_written, check.last_seq, check.max_seq
-                ),
-                machine,
+            let mut text = format!(
+                "memory of {} {:?} on {} is intact: {} pages written, last write seq {} present (max seq {})",
+                v.id, v.name, v.host, check.pages_written, check.last_seq, check.max_seq
             );
+            for d in &check.disks {
+                text.push_str(&format!(
+                    "\ndisk {} is intact: all {} acknowledged writes present ({} blocks written, {} issued)",
+                    d.volume, d.acked, d.blocks_written, d.issued
+                ));
+            }
+            out.done(&text, machine);
         }
         VmCmd::Capacity => {
             let caps = c.vm_capacity().await?;

@@ -1,0 +1,465 @@
+//! The simulated guest's disk workload: which block each disk write goes to, the self-checking
+//! record it leaves there, the journal of acknowledged writes the guest keeps, and the check that
+//! proves from journal and disk contents that no acknowledged write was lost, torn, misplaced or
+//! rolled back.
+//!
+//! # Streams and the journal
+//!
+//! Every disk a guest has (a volume attached to the VM in the catalog) carries one write *stream*:
+//! a nonce chosen when the guest first sees the disk, and a sequence of writes numbered from 1.
+//! Write `seq` goes to block [`choose_block`]`(pattern, stream, seq)` within the disk's first
+//! `blocks` blocks (at most [`DISK_REGION_BLOCKS`]) and fills it with a record: magic, stream,
+//! block, seq, checksum, and filler derived from them. The guest's journal entry per disk,
+//! [`DiskLog`], says how far the stream got: `acked` (the last write the volume acknowledged as
+//! durable on every in-sync replica) and `issued` (`acked`, or `acked + 1` while a write is in
+//! flight or failed; a failed write is issued again before any later one). So at most one write
+//! per disk is outstanding, and the disk's content is a function of the journal.
+//!
+//! The journal is part of the guest's device state (`GuestDriver::vcpu_state`), like a real
+//! guest's knowledge of what its disk acknowledged lives in its memory: it moves with a live
+//! migration and is captured in a plan's recovery image. After a fail-back, the disks (rolled back
+//! to their recovery snapshot) and the journal (restored from the image) must agree, which
+//! [`check_disk`] verifies block by block:
+//!
+//! - every block holds, for this stream, exactly the last write the journal says went there, or a
+//!   later one the journal had issued by the end of the check (never an older one: **lost**);
+//! - no block holds a write the journal never issued (**future**: the disk is ahead of the guest,
+//!   e.g. not rolled back with its memory), a record of another block (**foreign**), or a record
+//!   whose checksum or filler does not match (**torn**).
+//!
+//! Blocks of other streams (an earlier attachment, another writer) count as never written.
+//!
+//! [`drain`] is the one way to wait for a paused guest's disk writes in flight.
+//!
+//! Must not: do I/O — the host's block backend (`super::disk_backend`) performs writes and
+//! reads; this module only says what they must be and judges what came back.
+
+use super::guest::WorkloadPattern;
+
+/// First eight bytes of every block the disk workload wrote.
+pub const DISK_MAGIC: [u8; 8] = *b"HVNDISK1";
+/// Bytes of the record at the start of a written block; the filler follows.
+/// Layout (little endian): magic 0..8, stream 8..16, block 16..24, seq 24..32,
+/// checksum 32..40 (first 8 bytes of blake3 over bytes 0..32 and 40..block_size).
+const RECORD_LEN: usize = 40;
+/// Most blocks of one disk the workload writes (the check reads all of them).
+pub const DISK_REGION_BLOCKS: u64 = 1024;
+/// Most disks one guest's journal holds (the catalog allows as many volumes per VM).
+pub const MAX_GUEST_DISKS: usize = haven_proto::vm::MAX_VM_VOLUMES;
+/// Bytes one [`DiskLog`] takes in the device state.
+pub const DISK_LOG_BYTES: usize = 8 + 4 + 8 + 8 + 8 + 8;
+
+/// A disk as the guest sees it: which volume, its block size, and how many blocks it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskGeometry {
+    pub volume: u64,
+    pub block_size: u32,
+    /// Blocks the workload writes, from block 0: `min(volume blocks, DISK_REGION_BLOCKS)`.
+    pub blocks: u64,
+}
+
+impl DiskGeometry {
+    /// The geometry for a volume of `size_bytes` in `block_size` blocks; `None` if the volume is
+    /// too small to hold a record or the block size is not one a record fits.
+    pub fn of_volume(volume: u64, size_bytes: u64, block_size: u32) -> Option<Self> {
+        let blocks = (size_bytes / u64::from(block_size.max(1))).min(DISK_REGION_BLOCKS);
+        let geometry = Self { volume, block_size, blocks };
+        geometry.is_valid().then_some(geometry)
+    }
+
+    fn is_valid(&self) -> bool {
+        self.block_size.is_power_of_two()
+            && (512..=1 << 20).contains(&self.block_size)
+            && (1..=DISK_REGION_BLOCKS).contains(&self.blocks)
+    }
+}
+
+/// One disk's entry in the guest's journal. Invariant: `acked <= issued <= acked + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskLog {
+    pub geometry: DiskGeometry,
+    /// Nonce of this disk's write stream (never 0).
+    pub stream: u64,
+    /// Last write acknowledged durable.
+    pub acked: u64,
+    /// Last write handed to the disk (`acked + 1` while one is outstanding or failed).
+    pub issued: u64,
+}
+
+impl DiskLog {
+    pub fn new(geometry: DiskGeometry, stream: u64) -> Self {
+        assert!(stream != 0, "stream nonce 0 is reserved");
+        Self { geometry, stream, acked: 0, issued: 0 }
+    }
+
+    /// Appends the log's bytes (see [`DISK_LOG_BYTES`]) to the device state.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.geometry.volume.to_le_bytes());
+        out.extend_from_slice(&self.geometry.block_size.to_le_bytes());
+        out.extend_from_slice(&self.geometry.blocks.to_le_bytes());
+        out.extend_from_slice(&self.stream.to_le_bytes());
+        out.extend_from_slice(&self.acked.to_le_bytes());
+        out.extend_from_slice(&self.issued.to_le_bytes());
+    }
+
+    /// Parses exactly [`DISK_LOG_BYTES`] bytes, checking the log's invariants.
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() != DISK_LOG_BYTES {
+            return Err(format!("disk log of {} bytes, expected {DISK_LOG_BYTES}", b.len()));
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8-byte slice"));
+        let geometry = DiskGeometry {
+            volume: u64_at(0),
+            block_size: u32::from_le_bytes(b[8..12].try_into().expect("4-byte slice")),
+            blocks: u64_at(12),
+        };
+        let log = Self { geometry, stream: u64_at(20), acked: u64_at(28), issued: u64_at(36) };
+        if !geometry.is_valid() {
+            return Err(format!("disk {} has an impossible geometry {geometry:?}", geometry.volume));
+        }
+        if log.stream == 0 {
+            return Err(format!("disk {} has stream 0", geometry.volume));
+        }
+        if log.issued < log.acked || log.issued > log.acked.saturating_add(1) {
+            return Err(format!("disk {} has issued {} against acked {}", geometry.volume, log.issued, log.acked));
+        }
+        Ok(log)
+    }
+}
+
+/// A write the guest wants performed: `data` at byte `offset` of `volume`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskWrite {
+    pub volume: u64,
+    pub block: u64,
+    pub seq: u64,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+impl DiskWrite {
+    /// Write `seq` of `log`'s stream.
+    pub fn of(log: &DiskLog, pattern: WorkloadPattern, seq: u64) -> Self {
+        let g = log.geometry;
+        let block = choose_block(pattern, log.stream, seq, g.blocks);
+        let mut data = vec![0u8; g.block_size as usize];
+        write_record(&mut data, log.stream, block, seq);
+        Self { volume: g.volume, block, seq, offset: block * u64::from(g.block_size), data }
+    }
+}
+
+/// How long pausing a guest may wait for its disk writes in flight before the operation that
+/// paused it (stop-and-copy, a recovery snapshot, a restore) gives up.
+pub const DISK_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until none of `guests` (paused or stopped, so they issue nothing new) has a disk write in
+/// flight: what a hypervisor's drain of block I/O does before a guest's state is captured or its
+/// disks change hands. An error names the guests still waiting after `limit`.
+pub async fn drain(
+    guests: Vec<(String, std::sync::Arc<dyn super::guest::GuestDriver>)>,
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    let busy: Vec<_> = guests.into_iter().filter(|(_, g)| g.disk_writes_in_flight() > 0).collect();
+    if busy.is_empty() {
+        return Ok(()); // the common case costs no thread hop
+    }
+    let stuck = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + limit;
+        busy.into_iter()
+            .filter(|(_, g)| !g.wait_disk_idle(deadline.saturating_duration_since(std::time::Instant::now())))
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| format!("disk drain thread failed: {e}"))?;
+    if stuck.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("disk writes of {} did not finish within {} ms", stuck.join(", "), limit.as_millis()))
+    }
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut s = a ^ b.wrapping_mul(0xA24B_AED4_963E_E407);
+    splitmix64(&mut s)
+}
+
+/// The block write `seq` of `stream` goes to, among `blocks` (a pure function of its inputs; the
+/// pattern is the guest's memory pattern applied to the disk's region).
+pub fn choose_block(pattern: WorkloadPattern, stream: u64, seq: u64, blocks: u64) -> u64 {
+    let blocks = blocks.max(1);
+    match pattern {
+        WorkloadPattern::Uniform => mix(stream, seq) % blocks,
+        WorkloadPattern::HotSet { hot_pages } => mix(stream, seq) % hot_pages.clamp(1, blocks),
+        WorkloadPattern::Sequential => seq.wrapping_sub(1) % blocks,
+    }
+}
+
+fn record_checksum(buf: &[u8]) -> [u8; 8] {
+    let mut h = blake3::Hasher::new();
+    h.update(&buf[..32]);
+    h.update(&buf[RECORD_LEN..]);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    out
+}
+
+fn filler_state(stream: u64, block: u64, seq: u64) -> u64 {
+    mix(stream ^ block.rotate_left(29) ^ 0x4449_534B, seq)
+}
+
+fn write_record(buf: &mut [u8], stream: u64, block: u64, seq: u64) {
+    buf[0..8].copy_from_slice(&DISK_MAGIC);
+    buf[8..16].copy_from_slice(&stream.to_le_bytes());
+    buf[16..24].copy_from_slice(&block.to_le_bytes());
+    buf[24..32].copy_from_slice(&seq.to_le_bytes());
+    let mut s = filler_state(stream, block, seq);
+    for chunk in buf[RECORD_LEN..].chunks_exact_mut(8) {
+        chunk.copy_from_slice(&splitmix64(&mut s).to_le_bytes());
+    }
+    let sum = record_checksum(buf);
+    buf[32..40].copy_from_slice(&sum);
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// What a disk check found wrong. Volumes are catalog ids, blocks are indexes in the volume.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiskCheckError {
+    #[error("disk vol-{volume} block {block} is torn: {reason}")]
+    Torn { volume: u64, block: u64, reason: String },
+    #[error("disk vol-{volume} block {block} holds write {seq}, which belongs in block {belongs}")]
+    Foreign { volume: u64, block: u64, seq: u64, belongs: u64 },
+    #[error(
+        "disk vol-{volume} block {block} holds write {seq}, but the guest only issued up to write {issued} \
+         (the disk is ahead of the guest)"
+    )]
+    Future { volume: u64, block: u64, seq: u64, issued: u64 },
+    #[error(
+        "disk vol-{volume} block {block} should hold acknowledged write {expected} or a later one, \
+         but holds {found} (0 = none): an acknowledged write was lost or rolled back"
+    )]
+    Lost { volume: u64, block: u64, expected: u64, found: u64 },
+    #[error("disk vol-{volume} changed while it was checked ({why})")]
+    Changed { volume: u64, why: String },
+}
+
+impl DiskCheckError {
+    /// Whether the check itself was disturbed (ask again) rather than the data being wrong.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Changed { .. })
+    }
+}
+
+/// What a successful [`check_disk`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskCheck {
+    pub volume: u64,
+    /// Blocks holding a write of this stream.
+    pub blocks_written: u64,
+    /// The journal's `acked` when the check began (every one of them verified).
+    pub acked: u64,
+    /// The journal's `issued` when the check ended (nothing later found).
+    pub issued: u64,
+}
+
+/// Checks the disk region `data` (`blocks * block_size` bytes, read after the journal said
+/// `before` and before it said `after`) against the guest's journal; see the module docs.
+pub fn check_disk(
+    pattern: WorkloadPattern,
+    before: &DiskLog,
+    after: &DiskLog,
+    data: &[u8],
+) -> Result<DiskCheck, DiskCheckError> {
+    let g = before.geometry;
+    let volume = g.volume;
+    if after.geometry != g || after.stream != before.stream {
+        return Err(DiskCheckError::Changed { volume, why: "the disk was replaced".into() });
+    }
+    if after.acked < before.acked {
+        return Err(DiskCheckError::Changed { volume, why: "the journal went back (the guest was replaced)".into() });
+    }
+    let bs = g.block_size as usize;
+    if data.len() as u64 != g.blocks * bs as u64 {
+        return Err(DiskCheckError::Changed { volume, why: format!("read {} bytes", data.len()) });
+    }
+    // The last acknowledged write each block must hold (or be past).
+    let mut expected = vec![0u64; g.blocks as usize];
+    for seq in 1..=before.acked {
+        expected[choose_block(pattern, before.stream, seq, g.blocks) as usize] = seq;
+    }
+    let mut check = DiskCheck { volume, blocks_written: 0, acked: before.acked, issued: after.issued };
+    for (block, buf) in data.chunks_exact(bs).enumerate() {
+        let block = block as u64;
+        let found = stream_seq(buf, before.stream, block, volume)?;
+        if found > 0 {
+            check.blocks_written += 1;
+            let belongs = choose_block(pattern, before.stream, found, g.blocks);
+            if belongs != block {
+                return Err(DiskCheckError::Foreign { volume, block, seq: found, belongs });
+            }
+            if found > after.issued {
+                return Err(DiskCheckError::Future { volume, block, seq: found, issued: after.issued });
+            }
+        }
+        let want = expected[block as usize];
+        if found < want {
+            return Err(DiskCheckError::Lost { volume, block, expected: want, found });
+        }
+    }
+    Ok(check)
+}
+
+/// The seq of `stream`'s record in `buf`, 0 if the block holds no record of this stream.
+fn stream_seq(buf: &[u8], stream: u64, block: u64, volume: u64) -> Result<u64, DiskCheckError> {
+    if buf[0..8] != DISK_MAGIC || le_u64(&buf[8..16]) != stream {
+        return Ok(0);
+    }
+    let torn = |reason: &str| DiskCheckError::Torn { volume, block, reason: reason.to_string() };
+    if buf[32..40] != record_checksum(buf) {
+        return Err(torn("record checksum mismatch"));
+    }
+    let recorded_block = le_u64(&buf[16..24]);
+    let seq = le_u64(&buf[24..32]);
+    if seq == 0 {
+        return Err(torn("record has seq 0"));
+    }
+    let mut s = filler_state(stream, recorded_block, seq);
+    if !buf[RECORD_LEN..].chunks_exact(8).all(|c| c == splitmix64(&mut s).to_le_bytes()) {
+        return Err(torn("filler does not match the record"));
+    }
+    if recorded_block != block {
+        return Err(DiskCheckError::Foreign { volume, block, seq, belongs: recorded_block });
+    }
+    Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: u32 = 512;
+
+    fn log(blocks: u64) -> DiskLog {
+        DiskLog::new(DiskGeometry { volume: 3, block_size: BS, blocks }, 0xfeed)
+    }
+
+    /// A disk region with writes `1..=upto` of `log`'s stream applied in order.
+    fn disk_after(log: &DiskLog, pattern: WorkloadPattern, upto: u64) -> Vec<u8> {
+        let mut disk = vec![0u8; (log.geometry.blocks * u64::from(BS)) as usize];
+        for seq in 1..=upto {
+            let w = DiskWrite::of(log, pattern, seq);
+            disk[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+        }
+        disk
+    }
+
+    fn at(mut l: DiskLog, acked: u64, issued: u64) -> DiskLog {
+        l.acked = acked;
+        l.issued = issued;
+        l
+    }
+
+    #[test]
+    fn an_intact_disk_checks_out_for_every_pattern() {
+        for pattern in [WorkloadPattern::Uniform, WorkloadPattern::HotSet { hot_pages: 5 }, WorkloadPattern::Sequential]
+        {
+            let l = log(16);
+            let disk = disk_after(&l, pattern, 100);
+            let c = check_disk(pattern, &at(l, 100, 100), &at(l, 100, 100), &disk).unwrap();
+            assert_eq!((c.acked, c.issued), (100, 100));
+            assert!(c.blocks_written >= 1 && c.blocks_written <= 16, "{pattern:?}: {c:?}");
+            // The write in flight may or may not have landed.
+            let disk_more = disk_after(&l, pattern, 101);
+            check_disk(pattern, &at(l, 100, 101), &at(l, 100, 101), &disk_more).unwrap();
+            check_disk(pattern, &at(l, 100, 101), &at(l, 100, 101), &disk).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_running_guest_may_write_on_during_the_check() {
+        let l = log(8);
+        let p = WorkloadPattern::Uniform;
+        let disk = disk_after(&l, p, 60);
+        check_disk(p, &at(l, 50, 50), &at(l, 60, 61), &disk).unwrap();
+        // But what was acknowledged before the check began must all be there.
+        let short = disk_after(&l, p, 40);
+        assert!(matches!(check_disk(p, &at(l, 50, 50), &at(l, 60, 61), &short), Err(DiskCheckError::Lost { .. })));
+    }
+
+    #[test]
+    fn lost_future_torn_and_foreign_blocks_are_found() {
+        let p = WorkloadPattern::Sequential;
+        let l = log(4);
+        let done = at(l, 6, 6);
+        // Lost: write 6 (block 1) missing; block 1 still holds write 2.
+        let disk = disk_after(&l, p, 5);
+        assert_eq!(
+            check_disk(p, &done, &done, &disk),
+            Err(DiskCheckError::Lost { volume: 3, block: 1, expected: 6, found: 2 })
+        );
+        // Future: the disk holds write 7, which the guest never issued (not rolled back with it).
+        let disk = disk_after(&l, p, 7);
+        assert_eq!(
+            check_disk(p, &done, &done, &disk),
+            Err(DiskCheckError::Future { volume: 3, block: 2, seq: 7, issued: 6 })
+        );
+        // Torn: one byte of block 0's filler flipped.
+        let mut disk = disk_after(&l, p, 6);
+        disk[100] ^= 1;
+        assert!(matches!(check_disk(p, &done, &done, &disk), Err(DiskCheckError::Torn { block: 0, .. })));
+        // Foreign: block 3's content copied into block 0.
+        let mut disk = disk_after(&l, p, 6);
+        let b3 = disk[3 * BS as usize..4 * BS as usize].to_vec();
+        disk[..BS as usize].copy_from_slice(&b3);
+        assert!(matches!(check_disk(p, &done, &done, &disk), Err(DiskCheckError::Foreign { block: 0, .. })));
+        // Another stream's records count as never written: here, as lost writes.
+        let other = DiskLog::new(l.geometry, 0xbeef);
+        let disk = disk_after(&other, p, 6);
+        assert!(matches!(check_disk(p, &done, &done, &disk), Err(DiskCheckError::Lost { found: 0, .. })));
+        // A replaced disk or guest is a disturbed check, not bad data.
+        let e = check_disk(p, &done, &at(other, 6, 6), &disk_after(&l, p, 6)).unwrap_err();
+        assert!(e.is_transient(), "{e}");
+    }
+
+    #[test]
+    fn logs_round_trip_and_bad_logs_are_refused() {
+        let l = at(log(1024), 41, 42);
+        let mut bytes = Vec::new();
+        l.encode(&mut bytes);
+        assert_eq!(bytes.len(), DISK_LOG_BYTES);
+        assert_eq!(DiskLog::decode(&bytes), Ok(l));
+        assert!(DiskLog::decode(&bytes[1..]).is_err());
+        for (acked, issued) in [(5, 4), (5, 7)] {
+            let mut b = Vec::new();
+            at(l, acked, issued).encode(&mut b);
+            assert!(DiskLog::decode(&b).is_err(), "acked {acked} issued {issued}");
+        }
+        let mut b = Vec::new();
+        DiskLog { geometry: DiskGeometry { volume: 1, block_size: 1000, blocks: 4 }, ..l }.encode(&mut b);
+        assert!(DiskLog::decode(&b).is_err());
+    }
+
+    #[test]
+    fn geometry_follows_the_volume() {
+        assert_eq!(
+            DiskGeometry::of_volume(7, 64 << 20, 4096),
+            Some(DiskGeometry { volume: 7, block_size: 4096, blocks: DISK_REGION_BLOCKS })
+        );
+        assert_eq!(DiskGeometry::of_volume(7, 8192, 4096).map(|g| g.blocks), Some(2));
+        assert_eq!(DiskGeometry::of_volume(7, 100, 4096), None);
+        assert_eq!(DiskGeometry::of_volume(7, 1 << 20, 100), None);
+    }
+}
