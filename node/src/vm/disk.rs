@@ -9,7 +9,14 @@
 //! a nonce chosen when the guest first sees the disk, and a sequence of writes numbered from 1.
 //! Write `seq` goes to block [`choose_block`]`(pattern, stream, seq)` within the disk's first
 //! `blocks` blocks (at most [`DISK_REGION_BLOCKS`]) and fills it with a record: magic, stream,
-//! block, seq, checksum, and filler derived from them. The guest's journal entry per disk,
+//! block, seq, branch, checksum, and filler derived from them.
+//!
+//! A *branch* is a timeline of the stream. When a guest is restored from a recovery image, the
+//! timeline the image was taken from may have gone on elsewhere (the live guest kept writing
+//! after the snapshot); the restored guest forks a new branch at its next write, so the same
+//! seq written on the two timelines differs on disk, and a disk that was not rolled back with
+//! the guest is caught even after the restored guest has rewritten the same seqs. The journal
+//! keeps the last [`MAX_BRANCHES`] branch points per disk. The guest's journal entry per disk,
 //! [`DiskLog`], says how far the stream got: `acked` (the last write the volume acknowledged as
 //! durable on every in-sync replica) and `issued` (`acked`, or `acked + 1` while a write is in
 //! flight or failed; a failed write is issued again before any later one). So at most one write
@@ -24,8 +31,9 @@
 //! - every block holds, for this stream, exactly the last write the journal says went there, or a
 //!   later one the journal had issued by the end of the check (never an older one: **lost**);
 //! - no block holds a write the journal never issued (**future**: the disk is ahead of the guest,
-//!   e.g. not rolled back with its memory), a record of another block (**foreign**), or a record
-//!   whose checksum or filler does not match (**torn**).
+//!   e.g. not rolled back with its memory), a write of a timeline the guest abandoned
+//!   (**forked**), a record of another block (**foreign**), or a record whose checksum or filler
+//!   does not match (**torn**).
 //!
 //! Blocks of other streams (an earlier attachment, another writer) count as never written.
 //!
@@ -40,14 +48,18 @@ use super::guest::WorkloadPattern;
 pub const DISK_MAGIC: [u8; 8] = *b"HVNDISK1";
 /// Bytes of the record at the start of a written block; the filler follows.
 /// Layout (little endian): magic 0..8, stream 8..16, block 16..24, seq 24..32,
-/// checksum 32..40 (first 8 bytes of blake3 over bytes 0..32 and 40..block_size).
-const RECORD_LEN: usize = 40;
+/// checksum 32..40 (first 8 bytes of blake3 over bytes 0..32 and 40..block_size), branch 40..48.
+const RECORD_LEN: usize = 48;
 /// Most blocks of one disk the workload writes (the check reads all of them).
 pub const DISK_REGION_BLOCKS: u64 = 1024;
 /// Most disks one guest's journal holds (the catalog allows as many volumes per VM).
 pub const MAX_GUEST_DISKS: usize = haven_proto::vm::MAX_VM_VOLUMES;
-/// Bytes one [`DiskLog`] takes in the device state.
-pub const DISK_LOG_BYTES: usize = 8 + 4 + 8 + 8 + 8 + 8;
+/// Branch points one disk's journal keeps (older writes are checked without their branch).
+pub const MAX_BRANCHES: usize = 8;
+/// Bytes of a [`DiskLog`] in the device state before its branch points.
+const DISK_LOG_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 8 + 8 + 4;
+/// Bytes of one branch point in the device state.
+const BRANCH_BYTES: usize = 16;
 
 /// A disk as the guest sees it: which volume, its block size, and how many blocks it writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +86,18 @@ impl DiskGeometry {
     }
 }
 
-/// One disk's entry in the guest's journal. Invariant: `acked <= issued <= acked + 1`.
+/// Where a branch (timeline) of a disk's stream begins: writes `start..` until the next branch
+/// carry `nonce`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Branch {
+    pub start: u64,
+    pub nonce: u64,
+}
+
+/// One disk's entry in the guest's journal. Invariants: `acked <= issued <= acked + 1`;
+/// `branches` is non-empty, at most [`MAX_BRANCHES`] long, with strictly increasing starts, and
+/// every start is at least 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskLog {
     pub geometry: DiskGeometry,
     /// Nonce of this disk's write stream (never 0).
@@ -84,15 +106,35 @@ pub struct DiskLog {
     pub acked: u64,
     /// Last write handed to the disk (`acked + 1` while one is outstanding or failed).
     pub issued: u64,
+    /// The stream's timelines, oldest first; writes before the first start are not checked
+    /// against a branch (its point was dropped to keep the journal bounded).
+    pub branches: Vec<Branch>,
 }
 
 impl DiskLog {
     pub fn new(geometry: DiskGeometry, stream: u64) -> Self {
         assert!(stream != 0, "stream nonce 0 is reserved");
-        Self { geometry, stream, acked: 0, issued: 0 }
+        Self { geometry, stream, acked: 0, issued: 0, branches: vec![Branch { start: 1, nonce: stream }] }
     }
 
-    /// Appends the log's bytes (see [`DISK_LOG_BYTES`]) to the device state.
+    /// The branch nonce write `seq` carries (`None` if its branch point was dropped).
+    pub fn branch_of(&self, seq: u64) -> Option<u64> {
+        self.branches.iter().rev().find(|b| b.start <= seq).map(|b| b.nonce)
+    }
+
+    /// Start a new timeline at the next write not yet issued, marked by `nonce` (a restore: the
+    /// timeline this state was saved from may have gone on elsewhere). A write in flight when the
+    /// state was saved stays on its branch (it is issued again with the same bytes).
+    pub fn fork(&mut self, nonce: u64) {
+        let start = self.issued + 1;
+        self.branches.retain(|b| b.start < start);
+        self.branches.push(Branch { start, nonce });
+        if self.branches.len() > MAX_BRANCHES {
+            self.branches.remove(0);
+        }
+    }
+
+    /// Appends the log's bytes to the device state.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.geometry.volume.to_le_bytes());
         out.extend_from_slice(&self.geometry.block_size.to_le_bytes());
@@ -100,12 +142,18 @@ impl DiskLog {
         out.extend_from_slice(&self.stream.to_le_bytes());
         out.extend_from_slice(&self.acked.to_le_bytes());
         out.extend_from_slice(&self.issued.to_le_bytes());
+        out.extend_from_slice(&(self.branches.len() as u32).to_le_bytes());
+        for b in &self.branches {
+            out.extend_from_slice(&b.start.to_le_bytes());
+            out.extend_from_slice(&b.nonce.to_le_bytes());
+        }
     }
 
-    /// Parses exactly [`DISK_LOG_BYTES`] bytes, checking the log's invariants.
-    pub fn decode(b: &[u8]) -> Result<Self, String> {
-        if b.len() != DISK_LOG_BYTES {
-            return Err(format!("disk log of {} bytes, expected {DISK_LOG_BYTES}", b.len()));
+    /// Parses one log from the front of `b`, checking its invariants; returns it and the bytes
+    /// it took.
+    pub fn decode(b: &[u8]) -> Result<(Self, usize), String> {
+        if b.len() < DISK_LOG_FIXED_BYTES {
+            return Err(format!("disk log truncated at {} bytes", b.len()));
         }
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8-byte slice"));
         let geometry = DiskGeometry {
@@ -113,7 +161,21 @@ impl DiskLog {
             block_size: u32::from_le_bytes(b[8..12].try_into().expect("4-byte slice")),
             blocks: u64_at(12),
         };
-        let log = Self { geometry, stream: u64_at(20), acked: u64_at(28), issued: u64_at(36) };
+        let count = u32::from_le_bytes(b[44..48].try_into().expect("4-byte slice")) as usize;
+        if count == 0 || count > MAX_BRANCHES {
+            return Err(format!("disk {} has {count} branches (1..={MAX_BRANCHES})", geometry.volume));
+        }
+        let len = DISK_LOG_FIXED_BYTES + count * BRANCH_BYTES;
+        if b.len() < len {
+            return Err(format!("disk log truncated at {} bytes, expected {len}", b.len()));
+        }
+        let branches: Vec<Branch> = (0..count)
+            .map(|i| {
+                let at = DISK_LOG_FIXED_BYTES + i * BRANCH_BYTES;
+                Branch { start: u64_at(at), nonce: u64_at(at + 8) }
+            })
+            .collect();
+        let log = Self { geometry, stream: u64_at(20), acked: u64_at(28), issued: u64_at(36), branches };
         if !geometry.is_valid() {
             return Err(format!("disk {} has an impossible geometry {geometry:?}", geometry.volume));
         }
@@ -123,7 +185,10 @@ impl DiskLog {
         if log.issued < log.acked || log.issued > log.acked.saturating_add(1) {
             return Err(format!("disk {} has issued {} against acked {}", geometry.volume, log.issued, log.acked));
         }
-        Ok(log)
+        if log.branches[0].start == 0 || log.branches.windows(2).any(|w| w[0].start >= w[1].start) {
+            return Err(format!("disk {} has branch points out of order", geometry.volume));
+        }
+        Ok((log, len))
     }
 }
 
@@ -138,12 +203,13 @@ pub struct DiskWrite {
 }
 
 impl DiskWrite {
-    /// Write `seq` of `log`'s stream.
+    /// Write `seq` of `log`'s stream, on the branch the journal says `seq` belongs to.
     pub fn of(log: &DiskLog, pattern: WorkloadPattern, seq: u64) -> Self {
         let g = log.geometry;
-        let block = choose_block(pattern, log.stream, seq, g.blocks);
+        let branch = log.branch_of(seq).unwrap_or(log.stream);
+        let block = choose_block(pattern, log.stream, branch, seq, g.blocks);
         let mut data = vec![0u8; g.block_size as usize];
-        write_record(&mut data, log.stream, block, seq);
+        write_record(&mut data, log.stream, block, seq, branch);
         Self { volume: g.volume, block, seq, offset: block * u64::from(g.block_size), data }
     }
 }
@@ -192,36 +258,40 @@ fn mix(a: u64, b: u64) -> u64 {
     splitmix64(&mut s)
 }
 
-/// The block write `seq` of `stream` goes to, among `blocks` (a pure function of its inputs; the
-/// pattern is the guest's memory pattern applied to the disk's region).
-pub fn choose_block(pattern: WorkloadPattern, stream: u64, seq: u64, blocks: u64) -> u64 {
+/// The block write `seq` of `stream` on `branch` goes to, among `blocks` (a pure function of its
+/// inputs; the pattern is the guest's memory pattern applied to the disk's region). Two branches
+/// send the same seq to different blocks, so a new timeline does not simply overwrite what an
+/// abandoned one left behind.
+pub fn choose_block(pattern: WorkloadPattern, stream: u64, branch: u64, seq: u64, blocks: u64) -> u64 {
     let blocks = blocks.max(1);
+    let key = stream ^ branch.rotate_left(17);
     match pattern {
-        WorkloadPattern::Uniform => mix(stream, seq) % blocks,
-        WorkloadPattern::HotSet { hot_pages } => mix(stream, seq) % hot_pages.clamp(1, blocks),
-        WorkloadPattern::Sequential => seq.wrapping_sub(1) % blocks,
+        WorkloadPattern::Uniform => mix(key, seq) % blocks,
+        WorkloadPattern::HotSet { hot_pages } => mix(key, seq) % hot_pages.clamp(1, blocks),
+        WorkloadPattern::Sequential => seq.wrapping_sub(1).wrapping_add(mix(key, 0)) % blocks,
     }
 }
 
 fn record_checksum(buf: &[u8]) -> [u8; 8] {
     let mut h = blake3::Hasher::new();
     h.update(&buf[..32]);
-    h.update(&buf[RECORD_LEN..]);
+    h.update(&buf[40..]);
     let mut out = [0u8; 8];
     out.copy_from_slice(&h.finalize().as_bytes()[..8]);
     out
 }
 
-fn filler_state(stream: u64, block: u64, seq: u64) -> u64 {
-    mix(stream ^ block.rotate_left(29) ^ 0x4449_534B, seq)
+fn filler_state(stream: u64, block: u64, seq: u64, branch: u64) -> u64 {
+    mix(stream ^ block.rotate_left(29) ^ branch.rotate_left(47) ^ 0x4449_534B, seq)
 }
 
-fn write_record(buf: &mut [u8], stream: u64, block: u64, seq: u64) {
+fn write_record(buf: &mut [u8], stream: u64, block: u64, seq: u64, branch: u64) {
     buf[0..8].copy_from_slice(&DISK_MAGIC);
     buf[8..16].copy_from_slice(&stream.to_le_bytes());
     buf[16..24].copy_from_slice(&block.to_le_bytes());
     buf[24..32].copy_from_slice(&seq.to_le_bytes());
-    let mut s = filler_state(stream, block, seq);
+    buf[40..48].copy_from_slice(&branch.to_le_bytes());
+    let mut s = filler_state(stream, block, seq, branch);
     for chunk in buf[RECORD_LEN..].chunks_exact_mut(8) {
         chunk.copy_from_slice(&splitmix64(&mut s).to_le_bytes());
     }
@@ -252,6 +322,11 @@ pub enum DiskCheckError {
          but holds {found} (0 = none): an acknowledged write was lost or rolled back"
     )]
     Lost { volume: u64, block: u64, expected: u64, found: u64 },
+    #[error(
+        "disk vol-{volume} block {block} holds write {seq} of a timeline the guest abandoned (it was restored \
+         from a snapshot and the disk was not rolled back with it)"
+    )]
+    Forked { volume: u64, block: u64, seq: u64 },
     #[error("disk vol-{volume} changed while it was checked ({why})")]
     Changed { volume: u64, why: String },
 }
@@ -288,6 +363,9 @@ pub fn check_disk(
     if after.geometry != g || after.stream != before.stream {
         return Err(DiskCheckError::Changed { volume, why: "the disk was replaced".into() });
     }
+    if after.branches != before.branches {
+        return Err(DiskCheckError::Changed { volume, why: "the guest was restored".into() });
+    }
     if after.acked < before.acked {
         return Err(DiskCheckError::Changed { volume, why: "the journal went back (the guest was replaced)".into() });
     }
@@ -297,16 +375,23 @@ pub fn check_disk(
     }
     // The last acknowledged write each block must hold (or be past).
     let mut expected = vec![0u64; g.blocks as usize];
-    for seq in 1..=before.acked {
-        expected[choose_block(pattern, before.stream, seq, g.blocks) as usize] = seq;
+    for branch in 0..before.branches.len() {
+        let Branch { start, nonce } = before.branches[branch];
+        let end = before.branches.get(branch + 1).map_or(before.acked, |next| (next.start - 1).min(before.acked));
+        for seq in start..=end {
+            expected[choose_block(pattern, before.stream, nonce, seq, g.blocks) as usize] = seq;
+        }
     }
     let mut check = DiskCheck { volume, blocks_written: 0, acked: before.acked, issued: after.issued };
     for (block, buf) in data.chunks_exact(bs).enumerate() {
         let block = block as u64;
-        let found = stream_seq(buf, before.stream, block, volume)?;
+        let (found, branch) = stream_seq(buf, before.stream, block, volume)?;
         if found > 0 {
             check.blocks_written += 1;
-            let belongs = choose_block(pattern, before.stream, found, g.blocks);
+            if before.branch_of(found).is_some_and(|b| b != branch) {
+                return Err(DiskCheckError::Forked { volume, block, seq: found });
+            }
+            let belongs = choose_block(pattern, before.stream, branch, found, g.blocks);
             if belongs != block {
                 return Err(DiskCheckError::Foreign { volume, block, seq: found, belongs });
             }
@@ -322,10 +407,11 @@ pub fn check_disk(
     Ok(check)
 }
 
-/// The seq of `stream`'s record in `buf`, 0 if the block holds no record of this stream.
-fn stream_seq(buf: &[u8], stream: u64, block: u64, volume: u64) -> Result<u64, DiskCheckError> {
+/// The seq and branch of `stream`'s record in `buf`; seq 0 if the block holds no record of this
+/// stream.
+fn stream_seq(buf: &[u8], stream: u64, block: u64, volume: u64) -> Result<(u64, u64), DiskCheckError> {
     if buf[0..8] != DISK_MAGIC || le_u64(&buf[8..16]) != stream {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let torn = |reason: &str| DiskCheckError::Torn { volume, block, reason: reason.to_string() };
     if buf[32..40] != record_checksum(buf) {
@@ -336,14 +422,15 @@ fn stream_seq(buf: &[u8], stream: u64, block: u64, volume: u64) -> Result<u64, D
     if seq == 0 {
         return Err(torn("record has seq 0"));
     }
-    let mut s = filler_state(stream, recorded_block, seq);
+    let branch = le_u64(&buf[40..48]);
+    let mut s = filler_state(stream, recorded_block, seq, branch);
     if !buf[RECORD_LEN..].chunks_exact(8).all(|c| c == splitmix64(&mut s).to_le_bytes()) {
         return Err(torn("filler does not match the record"));
     }
     if recorded_block != block {
         return Err(DiskCheckError::Foreign { volume, block, seq, belongs: recorded_block });
     }
-    Ok(seq)
+    Ok((seq, branch))
 }
 
 #[cfg(test)]
@@ -356,20 +443,23 @@ mod tests {
         DiskLog::new(DiskGeometry { volume: 3, block_size: BS, blocks }, 0xfeed)
     }
 
-    /// A disk region with writes `1..=upto` of `log`'s stream applied in order.
-    fn disk_after(log: &DiskLog, pattern: WorkloadPattern, upto: u64) -> Vec<u8> {
-        let mut disk = vec![0u8; (log.geometry.blocks * u64::from(BS)) as usize];
-        for seq in 1..=upto {
+    /// Apply writes `seqs` of `log`'s stream to `disk`, in order.
+    fn apply(disk: &mut [u8], log: &DiskLog, pattern: WorkloadPattern, seqs: std::ops::RangeInclusive<u64>) {
+        for seq in seqs {
             let w = DiskWrite::of(log, pattern, seq);
             disk[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
         }
+    }
+
+    /// A disk region with writes `1..=upto` of `log`'s stream applied in order.
+    fn disk_after(log: &DiskLog, pattern: WorkloadPattern, upto: u64) -> Vec<u8> {
+        let mut disk = vec![0u8; (log.geometry.blocks * u64::from(BS)) as usize];
+        apply(&mut disk, log, pattern, 1..=upto);
         disk
     }
 
-    fn at(mut l: DiskLog, acked: u64, issued: u64) -> DiskLog {
-        l.acked = acked;
-        l.issued = issued;
-        l
+    fn at(l: &DiskLog, acked: u64, issued: u64) -> DiskLog {
+        DiskLog { acked, issued, ..l.clone() }
     }
 
     #[test]
@@ -378,13 +468,13 @@ mod tests {
         {
             let l = log(16);
             let disk = disk_after(&l, pattern, 100);
-            let c = check_disk(pattern, &at(l, 100, 100), &at(l, 100, 100), &disk).unwrap();
+            let c = check_disk(pattern, &at(&l, 100, 100), &at(&l, 100, 100), &disk).unwrap();
             assert_eq!((c.acked, c.issued), (100, 100));
             assert!(c.blocks_written >= 1 && c.blocks_written <= 16, "{pattern:?}: {c:?}");
             // The write in flight may or may not have landed.
             let disk_more = disk_after(&l, pattern, 101);
-            check_disk(pattern, &at(l, 100, 101), &at(l, 100, 101), &disk_more).unwrap();
-            check_disk(pattern, &at(l, 100, 101), &at(l, 100, 101), &disk).unwrap();
+            check_disk(pattern, &at(&l, 100, 101), &at(&l, 100, 101), &disk_more).unwrap();
+            check_disk(pattern, &at(&l, 100, 101), &at(&l, 100, 101), &disk).unwrap();
         }
     }
 
@@ -393,28 +483,30 @@ mod tests {
         let l = log(8);
         let p = WorkloadPattern::Uniform;
         let disk = disk_after(&l, p, 60);
-        check_disk(p, &at(l, 50, 50), &at(l, 60, 61), &disk).unwrap();
+        check_disk(p, &at(&l, 50, 50), &at(&l, 60, 61), &disk).unwrap();
         // But what was acknowledged before the check began must all be there.
         let short = disk_after(&l, p, 40);
-        assert!(matches!(check_disk(p, &at(l, 50, 50), &at(l, 60, 61), &short), Err(DiskCheckError::Lost { .. })));
+        assert!(matches!(check_disk(p, &at(&l, 50, 50), &at(&l, 60, 61), &short), Err(DiskCheckError::Lost { .. })));
     }
 
     #[test]
     fn lost_future_torn_and_foreign_blocks_are_found() {
         let p = WorkloadPattern::Sequential;
         let l = log(4);
-        let done = at(l, 6, 6);
-        // Lost: write 6 (block 1) missing; block 1 still holds write 2.
+        let done = at(&l, 6, 6);
+        // Lost: write 6 missing; its block (that of write 2, four blocks back) still holds write 2.
         let disk = disk_after(&l, p, 5);
+        let block = DiskWrite::of(&l, p, 6).block;
         assert_eq!(
             check_disk(p, &done, &done, &disk),
-            Err(DiskCheckError::Lost { volume: 3, block: 1, expected: 6, found: 2 })
+            Err(DiskCheckError::Lost { volume: 3, block, expected: 6, found: 2 })
         );
         // Future: the disk holds write 7, which the guest never issued (not rolled back with it).
         let disk = disk_after(&l, p, 7);
+        let block = DiskWrite::of(&l, p, 7).block;
         assert_eq!(
             check_disk(p, &done, &done, &disk),
-            Err(DiskCheckError::Future { volume: 3, block: 2, seq: 7, issued: 6 })
+            Err(DiskCheckError::Future { volume: 3, block, seq: 7, issued: 6 })
         );
         // Torn: one byte of block 0's filler flipped.
         let mut disk = disk_after(&l, p, 6);
@@ -430,25 +522,60 @@ mod tests {
         let disk = disk_after(&other, p, 6);
         assert!(matches!(check_disk(p, &done, &done, &disk), Err(DiskCheckError::Lost { found: 0, .. })));
         // A replaced disk or guest is a disturbed check, not bad data.
-        let e = check_disk(p, &done, &at(other, 6, 6), &disk_after(&l, p, 6)).unwrap_err();
+        let e = check_disk(p, &done, &at(&other, 6, 6), &disk_after(&l, p, 6)).unwrap_err();
         assert!(e.is_transient(), "{e}");
     }
 
     #[test]
+    fn a_disk_not_rolled_back_with_a_restored_guest_is_caught() {
+        let p = WorkloadPattern::Uniform;
+        let l = log(64);
+        // The recovery point: writes 1..=20 acknowledged, 21 in flight. The guest it was taken
+        // from went on to write 40 before it was given up.
+        let snap = at(&l, 20, 21);
+        let mut restored = snap.clone();
+        restored.fork(0xb2a);
+        assert_eq!((restored.branch_of(21), restored.branch_of(22)), (Some(l.stream), Some(0xb2a)));
+        // Rolled back, then written on by the restored guest (21 again, on its old branch): fine.
+        let mut disk = disk_after(&l, p, 20);
+        apply(&mut disk, &restored, p, 21..=30);
+        let now = at(&restored, 30, 30);
+        check_disk(p, &now, &now, &disk).unwrap();
+        // Not rolled back: the abandoned timeline's writes give it away, also once the restored
+        // guest has written as far as the abandoned one got (its writes land elsewhere).
+        let mut disk = disk_after(&l, p, 40);
+        apply(&mut disk, &restored, p, 21..=40);
+        let now = at(&restored, 40, 40);
+        assert!(matches!(check_disk(p, &now, &now, &disk), Err(DiskCheckError::Forked { .. })));
+        // The journal keeps the last MAX_BRANCHES branch points, and a fork made before anything
+        // new was issued replaces the branch it would shadow.
+        let mut many = at(&l, 5, 5);
+        for i in 1..=MAX_BRANCHES as u64 + 3 {
+            many.fork(0x100 + i);
+            many.issued += 1;
+            many.acked += 1;
+        }
+        assert_eq!(many.branches.len(), MAX_BRANCHES);
+        let mut twice = at(&l, 5, 5);
+        twice.fork(0x1);
+        twice.fork(0x2);
+        assert_eq!(twice.branches, [Branch { start: 1, nonce: l.stream }, Branch { start: 6, nonce: 0x2 }]);
+    }
+
+    #[test]
     fn logs_round_trip_and_bad_logs_are_refused() {
-        let l = at(log(1024), 41, 42);
+        let l = at(&log(1024), 41, 42);
         let mut bytes = Vec::new();
         l.encode(&mut bytes);
-        assert_eq!(bytes.len(), DISK_LOG_BYTES);
-        assert_eq!(DiskLog::decode(&bytes), Ok(l));
-        assert!(DiskLog::decode(&bytes[1..]).is_err());
+        assert_eq!(DiskLog::decode(&bytes), Ok((l.clone(), bytes.len())));
+        assert!(DiskLog::decode(&bytes[..bytes.len() - 1]).is_err());
         for (acked, issued) in [(5, 4), (5, 7)] {
             let mut b = Vec::new();
-            at(l, acked, issued).encode(&mut b);
+            at(&l, acked, issued).encode(&mut b);
             assert!(DiskLog::decode(&b).is_err(), "acked {acked} issued {issued}");
         }
         let mut b = Vec::new();
-        DiskLog { geometry: DiskGeometry { volume: 1, block_size: 1000, blocks: 4 }, ..l }.encode(&mut b);
+        DiskLog { geometry: DiskGeometry { volume: 1, block_size: 1000, blocks: 4 }, ..l.clone() }.encode(&mut b);
         assert!(DiskLog::decode(&b).is_err());
     }
 

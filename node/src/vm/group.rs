@@ -838,6 +838,9 @@ impl VmHost {
             self.rollback_disks(&volume_snapshots).await?;
             let mut installed = Vec::new();
             for (r, g, guest) in loaded {
+                // The timeline the image was taken from went on after it (and was given up):
+                // the restored guest's disk writes start a new branch.
+                guest.fork_disk_timeline();
                 installed.push((r.desired, self.install(r.id, guest, g, Origin::Restored)));
             }
             // Start the group together (as the catalog wants it).

@@ -41,7 +41,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::disk::{DiskGeometry, DiskLog, DiskWrite, DISK_LOG_BYTES, MAX_GUEST_DISKS};
+use super::disk::{DiskGeometry, DiskLog, DiskWrite, MAX_GUEST_DISKS};
 
 /// Bytes in one guest page.
 pub const PAGE_SIZE: usize = 4096;
@@ -219,6 +219,10 @@ pub trait GuestDriver: Send + Sync + 'static {
     fn disk_journal(&self) -> Vec<DiskLog> {
         Vec::new()
     }
+    /// The guest was restored from a saved state while the timeline that state came from may
+    /// have gone on elsewhere: its next disk writes start a new branch, so the check tells the
+    /// abandoned timeline's writes from its own.
+    fn fork_disk_timeline(&self) {}
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -816,7 +820,8 @@ impl SimulatedGuest {
                 return Err(bad(format!("{count} disks (at most {MAX_GUEST_DISKS})")));
             }
             for _ in 0..count {
-                let log = DiskLog::decode(r.take(DISK_LOG_BYTES)?).map_err(bad)?;
+                let (log, used) = DiskLog::decode(&body[r.pos..]).map_err(bad)?;
+                r.take(used)?;
                 if disks.last().is_some_and(|prev| prev.geometry.volume >= log.geometry.volume) {
                     return Err(bad("disks out of order or repeated".into()));
                 }
@@ -1078,7 +1083,7 @@ impl GuestDriver for SimulatedGuest {
             .map(|g| {
                 old.iter()
                     .find(|l| l.geometry == g)
-                    .copied()
+                    .cloned()
                     .unwrap_or_else(|| DiskLog::new(g, new_stream(self.spec.seed, g.volume)))
             })
             .collect();
@@ -1095,7 +1100,7 @@ impl GuestDriver for SimulatedGuest {
         let n = q.journal.len();
         let (log, seq) = (0..n).find_map(|i| {
             let idx = (q.next + i) % n;
-            let log = q.journal[idx];
+            let log = q.journal[idx].clone();
             let volume = log.geometry.volume;
             if q.in_flight.iter().any(|(v, _)| *v == volume) {
                 return None;
@@ -1145,6 +1150,13 @@ impl GuestDriver for SimulatedGuest {
 
     fn disk_journal(&self) -> Vec<DiskLog> {
         lock(&self.disks).journal.clone()
+    }
+
+    fn fork_disk_timeline(&self) {
+        let mut q = lock(&self.disks);
+        for log in q.journal.iter_mut() {
+            log.fork(new_stream(self.spec.seed, log.geometry.volume));
+        }
     }
 }
 
@@ -1523,7 +1535,7 @@ mod tests {
         two.sort_by_key(|w| w.volume);
         let [next, again] = two;
         assert_eq!((again.volume, again.seq, again.data == b.data), (9, 1, true));
-        assert_eq!((next.volume, next.seq, next.block), (4, 2, 1));
+        assert_eq!((next.volume, next.seq, next.block), (4, 2, (a.block + 1) % 8), "sequential");
         g.complete_disk_write(9, 1, true);
         // A completion nobody handed out changes nothing.
         g.complete_disk_write(4, 7, true);
@@ -1546,7 +1558,7 @@ mod tests {
         let stream = g.disk_journal()[0].stream;
         g.set_disks(&[disk(9)]);
         g.set_disks(&[disk(9), disk(4)]);
-        let fresh = g.disk_journal()[0];
+        let fresh = g.disk_journal()[0].clone();
         assert_eq!((fresh.geometry.volume, fresh.acked, fresh.issued), (4, 0, 0));
         assert_ne!(fresh.stream, stream);
     }
@@ -1576,8 +1588,8 @@ mod tests {
         assert!(got.contains(&(pending.volume, pending.seq)), "{got:?} lacks {pending:?}");
         // Damaged disk sections are refused, and nothing changes.
         let mut bad = state.clone();
-        let at = bad.len() - VCPU_CHECKSUM_LEN - 1;
-        bad[at] ^= 1;
+        let at = VCPU_HEADER_LEN + 2 * REGS_PER_VCPU * 8; // the disk count
+        bad[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
         let body_len = bad.len() - VCPU_CHECKSUM_LEN;
         let sum = blake3::hash(&bad[..body_len]);
         bad[body_len..].copy_from_slice(sum.as_bytes());
@@ -1592,6 +1604,49 @@ mod tests {
         fresh.load_vcpu_state(&v1).unwrap();
         assert!(fresh.disk_journal().is_empty());
         assert_eq!(fresh.workload_stats().last_seq, g.workload_stats().last_seq);
+    }
+
+    /// Performs `n` disk writes of `g` on the in-memory `disk`, acknowledging each.
+    fn write_disk(g: &SimulatedGuest, disk: &mut [u8], n: usize) {
+        for _ in 0..n {
+            let w = g.next_disk_write().expect("a disk write");
+            disk[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+            g.complete_disk_write(w.volume, w.seq, true);
+        }
+    }
+
+    #[test]
+    fn a_restored_guest_checks_out_only_against_a_rolled_back_disk() {
+        let s = GuestSpec { disk_writes_per_sec: 0, ..spec(16, WorkloadPattern::Sequential, 0) };
+        let geometry = DiskGeometry { volume: 1, block_size: 4096, blocks: 1024 };
+        let g = SimulatedGuest::new(s.clone());
+        g.set_disks(&[geometry]);
+        g.start().unwrap();
+        let mut disk = vec![0u8; 1024 * 4096];
+        write_disk(&g, &mut disk, 200);
+        // The recovery point; the guest then goes on writing until it is given up.
+        g.pause().unwrap();
+        let image = g.vcpu_state();
+        let snapshot = disk.clone();
+        g.resume().unwrap();
+        write_disk(&g, &mut disk, 500);
+        let restore = |disk: &mut Vec<u8>| {
+            let r = SimulatedGuest::new(s.clone());
+            r.load_vcpu_state(&image).unwrap();
+            r.fork_disk_timeline();
+            r.set_disks(&[geometry]);
+            r.start().unwrap();
+            write_disk(&r, disk, 300);
+            r.disk_journal().remove(0)
+        };
+        let mut rolled_back = snapshot;
+        let journal = restore(&mut rolled_back);
+        super::super::disk::check_disk(s.pattern, &journal, &journal, &rolled_back).unwrap();
+        // Not rolled back: the given-up timeline's writes are still there, even where the
+        // restored guest has written the same sequence numbers since.
+        let journal = restore(&mut disk);
+        let e = super::super::disk::check_disk(s.pattern, &journal, &journal, &disk).unwrap_err();
+        assert!(matches!(e, super::super::disk::DiskCheckError::Forked { .. }), "{e}");
     }
 
     #[test]
