@@ -873,7 +873,10 @@ impl Driver {
             }
             match mode {
                 FenceWait::UnlessItAnswers if self.alive(plan.to).await => {
-                    return Err(Retry(format!("destination {} answers again; fail-back retries the live path", plan.to)));
+                    return Err(Retry(format!(
+                        "destination {} answers again; fail-back retries the live path",
+                        plan.to
+                    )));
                 }
                 FenceWait::OrItHoldsNone if self.holds_none(plan).await => {
                     return Ok(format!(

@@ -125,7 +125,9 @@ struct PendingContact {
 pub enum FenceChange {
     Unchanged,
     /// The lease lapsed: the last quorum contact was this long ago (`None`: never).
-    Lapsed { since_contact: Option<Duration> },
+    Lapsed {
+        since_contact: Option<Duration>,
+    },
     /// The lease is valid again.
     Restored,
 }
