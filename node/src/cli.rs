@@ -195,6 +195,7 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
         plans: crate::controllers::plans::PlanTunables { host_down_ms: a.failure_detect_ms, ..Default::default() },
+        fence: crate::vm::fence::FenceTunables::for_elections(min * 2),
     };
     cfg.validate()?;
     let bootstrap = a.bootstrap.as_deref().map(Bootstrap::parse_members).transpose()?;

@@ -67,6 +67,9 @@ pub struct NodeConfig {
     /// Timing of migration plans (the leader's plan controller and group operations).
     #[serde(default)]
     pub plans: crate::controllers::plans::PlanTunables,
+    /// Self-fencing: how long a host without quorum contact keeps running guests (`vm::fence`).
+    #[serde(default)]
+    pub fence: crate::vm::fence::FenceTunables,
     /// Dial these nodes at another address than the one in the membership (node id → HOST:PORT).
     /// The chaos harness points each link at its own fault-injecting relay this way.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -156,6 +159,7 @@ impl NodeConfig {
         check_addr("advertise", self.advertise())?;
         check_addr("advertise_admin", self.advertise_admin())?;
         self.raft.to_openraft(self.id).map_err(ConfigError::Invalid)?;
+        self.fence.validate(self.raft.election_timeout_max_ms).map_err(ConfigError::Invalid)?;
         for (id, addr) in &self.dial_via {
             id.parse::<u64>().map_err(|_| ConfigError::Invalid(format!("dial_via key {id:?} is not a node id")))?;
             check_addr(&format!("dial_via.{id}"), addr)?;

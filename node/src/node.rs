@@ -51,10 +51,12 @@ pub async fn run(
     let transport =
         Transport::bind(id, listen, &tls, cfg.dial_overrides()).with_context(|| format!("binding QUIC on {listen}"))?;
     let raft_config = Arc::new(cfg.raft.to_openraft(cfg.id).map_err(|e| anyhow!(e))?);
+    let peer_acks = crate::raft::network::PeerAcks::default();
+    let lease = crate::vm::fence::HostLease::new(&cfg.fence);
     let raft = Raft::new(
         cfg.id,
         raft_config,
-        NetworkFactory::new(transport.clone()),
+        NetworkFactory::new(transport.clone(), peer_acks.clone()),
         LogStore::new(store.clone()).context("starting the WAL sync thread")?,
         StateMachineStore::new(store.clone()),
     )
@@ -80,7 +82,11 @@ pub async fn run(
         unsafe_ack_before_commit: unsafe_ack_before_commit(),
         volumes: std::sync::OnceLock::new(),
         vms: std::sync::OnceLock::new(),
+        lease: lease.clone(),
+        peer_acks,
+        fence: cfg.fence.clone(),
     });
+    tokio::spawn(crate::vm::fence::watch_raft(raft.clone(), lease));
     let vms = crate::vm::host::VmHost::new(
         service.clone(),
         cfg.vm_memory_mib,

@@ -6,6 +6,9 @@
 //! (marking the envelope [`EnvelopeFlags::FORWARDED`]) and a forwarded request that lands on a
 //! non-leader is answered `NotLeader` with a hint, never forwarded again. A write is answered
 //! only after openraft reports it committed (durable on a quorum) and applied.
+//!
+//! An AppendEntries this node accepts renews its host lease (`vm::fence`): the one place a
+//! follower learns it is in contact with a quorum.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -17,12 +20,13 @@ use haven_proto::{
     MemberInfo, MemberSpec, NodeId, NodeRole, NodeStatus, RaftRpc, WireError,
 };
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::{ChangeMembers, ServerState};
 use tracing::{info, warn, Instrument};
 
 use crate::actors::ActorRegistry;
 use crate::catalog;
-use crate::raft::{decode, encode, HavenNode, Raft};
+use crate::raft::{decode, encode, HavenNode, Raft, TypeConfig};
 use crate::storage::Store;
 use crate::transport::Transport;
 
@@ -42,6 +46,12 @@ pub struct NodeService {
     pub volumes: std::sync::OnceLock<Arc<crate::volume::host::VolumeHost>>,
     /// The node's VMs (set once at start-up).
     pub vms: std::sync::OnceLock<Arc<crate::vm::host::VmHost>>,
+    /// This host's lease on running guests, renewed by accepted AppendEntries (see `vm::fence`).
+    pub lease: Arc<crate::vm::fence::HostLease>,
+    /// When each peer last acknowledged this node's AppendEntries (filled by `raft::network`).
+    pub peer_acks: crate::raft::network::PeerAcks,
+    /// Fencing timing (the plan controller waits out a silent destination's lease with it).
+    pub fence: crate::vm::fence::FenceTunables,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
@@ -87,8 +97,19 @@ impl NodeService {
 
     async fn handle_raft(&self, rpc: RaftRpc, payload: &[u8]) -> Body {
         let reply = match rpc {
-            RaftRpc::AppendEntries => match decode(payload) {
-                Ok(req) => encode(&self.raft.append_entries(req).await),
+            RaftRpc::AppendEntries => match decode::<AppendEntriesRequest<TypeConfig>>(payload) {
+                Ok(req) => {
+                    let received = Instant::now();
+                    let leader_commit = req.leader_commit.map(|l| l.index);
+                    let reply = self.raft.append_entries(req).await;
+                    // Accepted from the current leader: quorum contact for the host lease, which
+                    // counts once the catalog applied what the leader had committed.
+                    if matches!(reply, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))) {
+                        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+                        self.lease.follower_contact(received, leader_commit, applied);
+                    }
+                    encode(&reply)
+                }
                 Err(e) => Err(e),
             },
             RaftRpc::Vote => match decode(payload) {

@@ -2,8 +2,10 @@
 //! under load moves and is consolidated at the destination; a destination killed -9 mid-plan
 //! makes the plan fail back with the whole group restored at the source from its recovery
 //! snapshot; a source killed -9 and restarted mid-plan restores the group from the images on its
-//! disk; the leader killed mid-plan leaves the plan to the next leader, which finishes it; bad
-//! plans are refused with clear, typed errors.
+//! disk; a destination frozen with SIGSTOP mid-plan fences itself, so the group is restored at
+//! the source only once the destination's lease lapsed, and the woken destination never runs
+//! (nor reports running) any of the group again; the leader killed mid-plan leaves the plan to
+//! the next leader, which finishes it; bad plans are refused with clear, typed errors.
 //!
 //! Invariant checked throughout: a VM runs only where the catalog's `host` says — no other node
 //! answers for it.
@@ -194,6 +196,30 @@ async fn assert_runs_only_on(c: &LocalCluster, client: &HavenClient, vm: VmId, h
     }
 }
 
+/// Wait until the plan recorded its first VM arrived at the destination, while the others have
+/// not: the moment the fault tests strike.
+async fn wait_first_arrival(client: &HavenClient, id: u64) -> MigrationPlan {
+    let p =
+        wait_plan_until(client, id, "moved a VM", |p| p.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived)).await;
+    assert_eq!(p.state, PlanState::Migrating, "the plan got past migrating before the fault:\n{}", steps_text(&p));
+    p
+}
+
+/// The failed-back plan `p` restored its whole group at the source from the recovery snapshot:
+/// every VM runs only there, was loaded from its image (not behind it), and its memory and disks check out.
+async fn assert_restored_at_source(k: &Cluster, p: &MigrationPlan) {
+    assert_eq!(p.state, PlanState::FailedBack, "{}", steps_text(p));
+    assert_eq!(p.fail_back, Some(FailBackMode::RestoredFromSnapshot), "{}", steps_text(p));
+    for vm in &p.vms {
+        assert_runs_only_on(&k.c, &k.client, *vm, k.src).await;
+        let image = p.image(*vm).expect("image");
+        let s = k.client.vm_status(*vm).await.unwrap();
+        assert_eq!(s.origin, "restored", "{vm}: {s:?}");
+        assert!(s.last_seq >= image.last_seq, "{vm} is behind its recovery point: {} < {}", s.last_seq, image.last_seq);
+        check_guest(&k.client, *vm).await;
+    }
+}
+
 /// `vm`'s memory checks out, and so does each of its disks: every disk write the guest's journal
 /// says was acknowledged is on the disk, and nothing the journal does not know of. After a
 /// restore, that proves memory and disks came back to one cut. Returns the disks' acknowledged
@@ -344,10 +370,7 @@ async fn destination_killed_mid_plan_fails_back_to_the_recovery_snapshot() {
     let e = client.delete_volume(disk.id).await.expect_err("an attached disk cannot be deleted");
     assert!(e.to_string().contains("detach"), "{e}");
     // Kill the destination once the first VM lives there and the others have not arrived.
-    let p =
-        wait_plan_until(&client, plan.id, "moved a VM", |p| p.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived))
-            .await;
-    assert_eq!(p.state, PlanState::Migrating, "the plan got past migrating before the kill:\n{}", steps_text(&p));
+    wait_first_arrival(&client, plan.id).await;
     k.c.kill(k.dst.0).unwrap();
     let p = wait_end(&client, plan.id).await;
     assert_eq!(p.state, PlanState::FailedBack, "{}", steps_text(&p));
@@ -357,19 +380,81 @@ async fn destination_killed_mid_plan_fails_back_to_the_recovery_snapshot() {
     assert_eq!(p.fail_back, Some(FailBackMode::RestoredFromSnapshot), "{}", steps_text(&p));
     assert!(!steps_text(&p).contains("CHECK OF THE RESTORED GROUP FAILED"), "{}", steps_text(&p));
     assert!(p.restore.as_ref().is_some_and(|r| r.len() == 3), "{p:?}");
-    for vm in &vms {
-        assert_runs_only_on(&k.c, &client, *vm, k.src).await;
-        let image = p.image(*vm).expect("image");
-        let s = client.vm_status(*vm).await.unwrap();
-        assert_eq!(s.origin, "restored", "{vm}: {s:?}");
-        assert!(s.last_seq >= image.last_seq, "{vm} is behind its recovery point: {} < {}", s.last_seq, image.last_seq);
-        check_guest(&client, *vm).await;
-    }
+    assert_restored_at_source(&k, &p).await;
     let back = client.read_volume(disk.id, MARK_OFFSET, 4096, None).await.expect("read the disk");
     assert!(back.iter().all(|b| *b == 0xaa), "the disk was not rolled back to the recovery snapshot");
     wait_released(&k.c, &client, plan.id).await;
     let snaps = client.snapshots(disk.id).await.unwrap();
     assert!(snaps.iter().all(|s| !s.name.starts_with("plan-")), "recovery snapshot not released: {snaps:?}");
+}
+
+/// What `host` itself says about its guest of `vm`: `None` when it has no guest for it (or does
+/// not answer).
+async fn guest_state_on(client: &HavenClient, host: NodeId, vm: VmId) -> Option<String> {
+    let addr = ActorAddr { node: host, kind: ActorKind::Vm, id: vm.0 };
+    let ask = ActorMessage::Vm(VmMessage::Client(VmRequest::Status { vm }));
+    match client.clone().with_deadline(Duration::from_secs(2)).actor(addr, ask).await {
+        Ok(ActorReply::Vm(VmResponse::Status(s))) => Some(s.state),
+        Ok(other) => panic!("{host} answered {other:?} for {vm}"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_frozen_mid_plan_fences_itself_and_never_runs_the_group_again() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = cluster(tmp.path(), &[]).await;
+    let client = k.client.clone();
+    let vms = group(&client, "f", 3, 64, 8000, k.src, true).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let plan = client.create_plan_by_id(None, vms.clone(), k.dst, settings(1)).await.expect("create plan");
+    let p = wait_first_arrival(&client, plan.id).await;
+    // Freeze it once the guest that arrived runs there: frozen, not killed, that guest is still in
+    // its memory and running when the process wakes.
+    let arrived = p.progress.iter().find(|v| v.phase == PlanVmPhase::Arrived).expect("an arrived VM").vm;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while guest_state_on(&client, k.dst, arrived).await.as_deref() != Some("running") {
+        assert!(Instant::now() < deadline, "{arrived} never ran on {}", k.dst);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    k.c.signal(k.dst.0, libc::SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    let p = wait_end(&client, plan.id).await;
+    let why = p.failure.clone().expect("a recorded reason");
+    assert!(why.contains(&k.dst.to_string()) || why.contains("migration"), "reason: {why}");
+    assert_eq!(p.fail_back, Some(FailBackMode::RestoredFromSnapshot), "{}", steps_text(&p));
+    // The restore waited until the destination could no longer hold a lease.
+    assert!(p.steps.iter().any(|s| s.note.contains("to fence itself")), "{}", steps_text(&p));
+    assert!(frozen.elapsed() > Duration::from_secs(4), "restored before the destination's lease could lapse");
+    for vm in &vms {
+        let s = client.vm_status(*vm).await.unwrap();
+        assert_eq!((s.host, s.state.as_str(), s.origin.as_str()), (k.src, "running", "restored"), "{vm}: {s:?}");
+        check_guest(&client, *vm).await;
+    }
+    // Woken, the destination pauses the copies it still holds and then drops them: it never
+    // reports one running, and ends with none.
+    k.c.signal(k.dst.0, libc::SIGCONT).unwrap();
+    let woke = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let mut held = 0;
+        for vm in &vms {
+            if let Some(state) = guest_state_on(&client, k.dst, *vm).await {
+                assert_ne!(state, "running", "{vm} runs on the woken destination {} besides {}", k.dst, k.src);
+                seen.push(state);
+                held += 1;
+            }
+        }
+        if held == 0 && woke.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        assert!(woke.elapsed() < Duration::from_secs(30), "{} still holds guests of the group", k.dst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("the woken destination reported its leftover guests as {seen:?}");
+    assert_restored_at_source(&k, &p).await;
+    wait_released(&k.c, &client, plan.id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,29 +466,14 @@ async fn source_restarted_mid_plan_restores_the_group_from_images_on_its_disk() 
     let vms = group(&client, "s", 3, 64, 8000, k.src, true).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let plan = client.create_plan_by_id(None, vms.clone(), k.dst, settings(1)).await.expect("create plan");
-    let p =
-        wait_plan_until(&client, plan.id, "moved a VM", |p| p.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived))
-            .await;
-    assert_eq!(p.state, PlanState::Migrating, "the plan got past migrating before the kill:\n{}", steps_text(&p));
+    wait_first_arrival(&client, plan.id).await;
     // The source loses every guest it ran; only its recovery images (fsynced) survive.
     k.c.kill(k.src.0).unwrap();
     k.c.start(k.src.0).unwrap();
     let p = wait_end(&client, plan.id).await;
     assert_eq!(p.state, PlanState::FailedBack, "{}", steps_text(&p));
     assert_eq!(p.fail_back, Some(FailBackMode::RestoredFromSnapshot), "{}", steps_text(&p));
-    for vm in &vms {
-        assert_runs_only_on(&k.c, &client, *vm, k.src).await;
-        let image = p.image(*vm).expect("image");
-        let s = client.vm_status(*vm).await.unwrap();
-        assert_eq!(s.origin, "restored", "{vm}: {s:?}");
-        assert!(
-            s.last_seq >= image.last_seq,
-            "{vm} was not restored from its image: {} < {}",
-            s.last_seq,
-            image.last_seq
-        );
-        check_guest(&client, *vm).await;
-    }
+    assert_restored_at_source(&k, &p).await;
     wait_released(&k.c, &client, plan.id).await;
 }
 
@@ -416,10 +486,7 @@ async fn leader_killed_mid_plan_the_next_leader_finishes_it() {
     let vms = group(&client, "l", 3, 64, 8000, k.src, true).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let plan = client.create_plan_by_id(None, vms.clone(), k.dst, settings(1)).await.expect("create plan");
-    let p =
-        wait_plan_until(&client, plan.id, "moved a VM", |p| p.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived))
-            .await;
-    assert_eq!(p.state, PlanState::Migrating, "the plan got past migrating before the kill:\n{}", steps_text(&p));
+    let p = wait_first_arrival(&client, plan.id).await;
     assert_eq!(p.driver, Some(k.leader));
     k.c.kill(k.leader.0).unwrap();
     let p = wait_end(&client, plan.id).await;

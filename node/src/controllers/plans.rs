@@ -18,6 +18,15 @@
 //! source with a generation bump, then the source installs each guest from its image). Then each
 //! VM is checked at the source (`check_memory`, running, not behind its recovery point).
 //!
+//! Fencing: a destination that does not answer may only be cut off, its copies still running.
+//! Before restoring a group some of whose VMs had left the source, the controller waits until
+//! the destination can no longer hold a host lease (`vm::fence`): its last acknowledged
+//! AppendEntries (`raft::network::PeerAcks`) — or, without one from this term, this leader's
+//! election — is older than `fence_after_ms` + `clock_margin_ms`. By then it has paused its
+//! guests, and it resumes none before its catalog shows the group moved back. If it answers
+//! again before the group is placed back, fail-back takes the live path instead; if it answers
+//! after, the restore waits until it holds none of the group's VMs. The wait is in the step log.
+//!
 //! This module proposes catalog commands through the service and asks hosts to act by message;
 //! it must not write storage directly or touch guests itself. It keeps no state a new leader
 //! would need.
@@ -94,6 +103,7 @@ pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
     let poll = Duration::from_millis(t.poll_ms.max(10));
     let mut tasks: HashMap<u64, JoinHandle<()>> = HashMap::new();
     let mut term: Option<u64> = None;
+    let mut leading_since = Instant::now();
     let mut rounds = 0u64;
     loop {
         tokio::time::sleep(poll).await;
@@ -108,6 +118,7 @@ pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
                 h.abort();
             }
             term = leading.then_some(current_term);
+            leading_since = Instant::now();
             rounds = 0;
             if !leading {
                 continue;
@@ -128,7 +139,14 @@ pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
             if tasks.contains_key(&p.id) || !p.needs_work() {
                 continue;
             }
-            let driver = Driver { service: service.clone(), vms: vms.clone(), t: t.clone(), term: current_term, poll };
+            let driver = Driver {
+                service: service.clone(),
+                vms: vms.clone(),
+                t: t.clone(),
+                term: current_term,
+                leading_since,
+                poll,
+            };
             tasks.insert(p.id, tokio::spawn(driver.drive(p.id)));
         }
     }
@@ -163,7 +181,19 @@ struct Driver {
     vms: Arc<VmHost>,
     t: PlanTunables,
     term: u64,
+    /// When this node's controller saw it become leader in `term` (no earlier than the election).
+    leading_since: Instant,
     poll: Duration,
+}
+
+/// What may end the wait for a silent destination to fence itself, besides its lease running out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FenceWait {
+    /// Before the group is placed back: the destination answering again (fail-back then
+    /// migrates the VMs back live).
+    UnlessItAnswers,
+    /// After: the destination answering that it holds none of the group's VMs.
+    OrItHoldsNone,
 }
 
 impl Driver {
@@ -674,7 +704,8 @@ impl Driver {
                     }
                 }
             } else {
-                need_image = Some(format!("destination {} does not answer", plan.to));
+                let fenced = self.await_fenced(plan, FenceWait::UnlessItAnswers).await?;
+                need_image = Some(format!("destination {} does not answer; {fenced}", plan.to));
             }
         }
         if let Some(reason) = need_image {
@@ -774,6 +805,12 @@ impl Driver {
         let (Some(recovery), Some(generations)) = (&plan.recovery, &plan.restore) else {
             return Err(Retry("restore without a recovery point".into()));
         };
+        // Some VMs had left the source: a copy may still run on the destination until it fences.
+        let fenced = if self.may_have_left(plan) {
+            format!("; {}", self.await_fenced(plan, FenceWait::OrItHoldsNone).await?)
+        } else {
+            String::new()
+        };
         let req = GroupRequest::Restore {
             plan: plan.id,
             images: recovery.images.clone(),
@@ -797,10 +834,80 @@ impl Driver {
             Err(Unverified::NotYet(why)) => return Err(Retry(why)),
         };
         let note = format!(
-            "failed back: the whole group was restored on {} from the recovery snapshot; {summary}",
+            "failed back: the whole group was restored on {} from the recovery snapshot{fenced}; {summary}",
             recovery.host
         );
         self.advance(plan, PlanState::FailedBack, PlanPatch::FailedBack(FailBackMode::RestoredFromSnapshot), note).await
+    }
+
+    /// Whether a VM of the group may have left the source (the plan recorded it migrating,
+    /// arrived, failed mid-migration or returning), so a copy may run on the destination.
+    fn may_have_left(&self, plan: &MigrationPlan) -> bool {
+        plan.progress.iter().any(|v| !matches!(v.phase, PlanVmPhase::Waiting | PlanVmPhase::AtSource))
+    }
+
+    /// How long until the destination can no longer hold a host lease.
+    fn fence_wait(&self, host: NodeId) -> Duration {
+        let last_ack = self.service.peer_acks.last(host.0);
+        crate::vm::fence::remaining_wait(last_ack, self.leading_since, Instant::now(), &self.service.fence)
+    }
+
+    /// Whether `plan.to` answers, itself, that it has no guest of any VM of the group.
+    async fn holds_none(&self, plan: &MigrationPlan) -> bool {
+        let wait = Duration::from_millis((self.t.host_down_ms / 2).clamp(100, 1000));
+        for vm in &plan.vms {
+            let addr = ActorAddr { node: plan.to, kind: haven_proto::ActorKind::Vm, id: vm.0 };
+            let ask = ActorMessage::Vm(haven_proto::vm::VmMessage::Client(VmRequest::Status { vm: *vm }));
+            match self.service.registry.send_timeout(addr, ask, wait).await {
+                Err(e) if e.code == ErrorCode::NotFound => {} // no actor for it there
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Wait until the destination can no longer hold a host lease (or `mode`'s other way out),
+    /// and say how that was established, for the step log.
+    async fn await_fenced(&self, plan: &MigrationPlan, mode: FenceWait) -> Result<String, StepError> {
+        let started = Instant::now();
+        let f = &self.service.fence;
+        let mut logged = false;
+        loop {
+            if !self.leading() {
+                return Err(Lost);
+            }
+            let left = self.fence_wait(plan.to);
+            if left.is_zero() {
+                return Ok(format!(
+                    "waited {} for {} to fence itself (no acknowledged Raft contact for over {} + {} margin)",
+                    ms_text(started.elapsed().as_millis() as u64),
+                    plan.to,
+                    ms_text(f.fence_after_ms),
+                    ms_text(f.clock_margin_ms),
+                ));
+            }
+            match mode {
+                FenceWait::UnlessItAnswers if self.alive(plan.to).await => {
+                    return Err(Retry(format!(
+                        "destination {} answers again; fail-back retries the live path",
+                        plan.to
+                    )));
+                }
+                FenceWait::OrItHoldsNone if self.holds_none(plan).await => {
+                    return Ok(format!(
+                        "{} answers again and holds none of the group's VMs (checked after {})",
+                        plan.to,
+                        ms_text(started.elapsed().as_millis() as u64)
+                    ));
+                }
+                _ => {}
+            }
+            if !logged {
+                info!(plan = plan.id, host = %plan.to, wait_ms = left.as_millis() as u64, "waiting for the destination to fence itself before restoring");
+                logged = true;
+            }
+            tokio::time::sleep(self.poll.min(left)).await;
+        }
     }
 
     /// Every VM of the group runs at the source (as desired), its memory checks out, and it is

@@ -4,6 +4,15 @@
 //! Transport failures map onto openraft's error kinds: a peer we cannot dial is `Unreachable`
 //! (openraft backs off), anything else is a `Network` error (retried). This module must not
 //! retry on its own; openraft owns retries and timeouts.
+//!
+//! [`PeerAcks`] records, per peer, when this node last read a successful AppendEntries reply from
+//! it: the latest moment that peer can have renewed its host lease from this node's
+//! heartbeats (see `vm::fence`). The plan controller waits until that is old enough before it
+//! restores VMs a cut-off peer may still run.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use haven_client::wire::WireIoError;
 use haven_proto::{ActorAddr, Body, NodeId, RaftRpc};
@@ -17,15 +26,36 @@ use openraft::raft::{
 use super::{decode, encode, HavenNode, TypeConfig};
 use crate::transport::Transport;
 
+/// When each peer last acknowledged an AppendEntries from this node (as leader), by this node's
+/// monotonic clock: the time the successful reply was read, which is no earlier than the peer
+/// accepted the request. Kept across terms; readers compare with when they became leader.
+#[derive(Clone, Default)]
+pub struct PeerAcks(Arc<Mutex<HashMap<u64, Instant>>>);
+
+impl PeerAcks {
+    fn record(&self, peer: u64, at: Instant) {
+        let mut acks = self.0.lock().expect("peer acks lock");
+        let last = acks.entry(peer).or_insert(at);
+        *last = (*last).max(at);
+    }
+
+    /// The last successful AppendEntries reply read from `peer`, if any.
+    pub fn last(&self, peer: u64) -> Option<Instant> {
+        self.0.lock().expect("peer acks lock").get(&peer).copied()
+    }
+}
+
 /// Creates one [`PeerLink`] per target node.
 #[derive(Clone)]
 pub struct NetworkFactory {
     transport: Transport,
+    acks: PeerAcks,
 }
 
 impl NetworkFactory {
-    pub fn new(transport: Transport) -> Self {
-        Self { transport }
+    /// `acks` is filled with every successful AppendEntries reply.
+    pub fn new(transport: Transport, acks: PeerAcks) -> Self {
+        Self { transport, acks }
     }
 }
 
@@ -33,7 +63,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerLink;
 
     async fn new_client(&mut self, target: u64, node: &HavenNode) -> PeerLink {
-        PeerLink { target, addr: node.addr.clone(), transport: self.transport.clone() }
+        PeerLink { target, addr: node.addr.clone(), transport: self.transport.clone(), acks: self.acks.clone() }
     }
 }
 
@@ -42,6 +72,7 @@ pub struct PeerLink {
     target: u64,
     addr: String,
     transport: Transport,
+    acks: PeerAcks,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +125,12 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr<openraft::error::Infallible>> {
-        self.call(RaftRpc::AppendEntries, &rpc, &option).await
+        let reply = self.call(RaftRpc::AppendEntries, &rpc, &option).await;
+        // Only these renew the peer's lease (a conflict or a higher vote does not).
+        if matches!(reply, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))) {
+            self.acks.record(self.target, Instant::now());
+        }
+        reply
     }
 
     async fn install_snapshot(

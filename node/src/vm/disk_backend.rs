@@ -5,7 +5,8 @@
 //! the guest issues ([`super::guest::GuestDriver::next_disk_write`]), performs each through the node's
 //! `VolumeHost` — routed to the volume's primary and acknowledged once durable on every in-sync
 //! replica — and reports the outcome to the guest. A write whose outcome is unknown counts as
-//! failed, so the guest issues it again (same block, same bytes) before anything later.
+//! failed, so the guest issues it again (same block, same bytes) before anything later. No write
+//! is issued while the host's lease ([`super::fence`]) is lapsed.
 //! [`geometries`] turns a VM's catalog volumes into the disks its guest is told about, and
 //! [`check_disks`] is the disk half of a VM check: read each disk's region between two looks at
 //! the journal and judge it with [`super::disk::check_disk`].
@@ -62,7 +63,9 @@ async fn serve(host: Weak<VmHost>, inst: Weak<VmInstance>) {
         let elapsed = now - last;
         last = now;
         let rate = guest.spec().disk_writes_per_sec as f64;
-        if rate == 0.0 || guest.state() != RunState::Running {
+        // A host without its lease (cut off from the quorum) may no longer own this VM: it writes
+        // nothing, so a copy restored elsewhere meanwhile keeps its disks to itself.
+        if rate == 0.0 || guest.state() != RunState::Running || !host.lease_valid() {
             credit = 0.0;
             continue;
         }

@@ -14,6 +14,12 @@
 //! plan failing back placed here to be restored from its recovery snapshot — the restore job
 //! installs it from the image. Each local guest remembers the catalog generation it was
 //! installed for, which is how a restore knows what it already replaced.
+//!
+//! Fencing ([`super::fence`]): while this host's lease is not valid (no recent quorum contact),
+//! every running local guest is paused (checked each reconcile tick and before answering a
+//! status request), and reconcile starts or resumes none; guest I/O paths check
+//! [`VmHost::lease_valid`]. When contact returns, reconcile resumes what the catalog still
+//! places here, and stops what it moved away.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +38,7 @@ use haven_proto::{
 };
 use tracing::{info, warn};
 
+use super::fence::{FenceChange, HostLease};
 use super::group::GroupState;
 use super::guest::{GuestDriver, GuestSpec, RunState, SimulatedGuest, WorkloadPattern};
 use super::migration::{self, CancelToken, MigrationConfig, MigrationProgress};
@@ -136,6 +143,8 @@ pub struct VmHost {
     /// The actix system's arbiter (set by [`VmHost::run`]): VM actors start there, also when a
     /// guest is installed from another thread (a restore job).
     arbiter: std::sync::OnceLock<actix::ArbiterHandle>,
+    /// This host's lease on running guests (renewed by Raft contact, see [`super::fence`]).
+    lease: Arc<HostLease>,
 }
 
 /// How long an announced migration with no migration running for it may stand (see
@@ -153,7 +162,6 @@ impl VmHost {
     ) -> Arc<Self> {
         Arc::new(Self {
             node: service.id,
-            service,
             capacity_mib,
             vms: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
@@ -162,6 +170,8 @@ impl VmHost {
             group: GroupState::new(data_dir, capture_limit_bytes),
             stale: Mutex::new(HashMap::new()),
             arbiter: std::sync::OnceLock::new(),
+            lease: service.lease.clone(),
+            service,
         })
     }
 
@@ -169,10 +179,38 @@ impl VmHost {
         self.vms.lock().expect("vms lock").get(&vm).cloned()
     }
 
+    /// Whether this host may run guests (and write their disks) now: it has recent quorum
+    /// contact. Lock-free.
+    pub fn lease_valid(&self) -> bool {
+        self.lease.is_valid()
+    }
+
+    /// Pause every running local guest if the lease lapsed (logged once per lapse).
+    fn enforce_fence(&self) {
+        match self.lease.observe() {
+            FenceChange::Lapsed { since_contact } => {
+                let ms = since_contact.map_or("ever".to_string(), |d| d.as_millis().to_string());
+                warn!(node = %self.node, "fenced: no quorum contact for {ms} ms; pausing guests");
+            }
+            FenceChange::Restored => info!(node = %self.node, "quorum contact is back; the lease is valid again"),
+            FenceChange::Unchanged => {}
+        }
+        if self.lease.is_valid() {
+            return;
+        }
+        let guests: Vec<_> = self.vms.lock().expect("vms lock").values().cloned().collect();
+        for inst in guests.into_iter().filter(|i| i.guest.state() == RunState::Running) {
+            if let Err(e) = inst.guest.pause() {
+                warn!(vm = %inst.id, error = %e, "fenced, but the guest could not be paused");
+            }
+        }
+    }
+
     /// Keep guests in step with the catalog. Runs on the actix system thread (starts actors).
     pub async fn run(self: Arc<Self>) {
         let _ = self.arbiter.set(actix::Arbiter::current());
         loop {
+            self.enforce_fence();
             if let Err(e) = self.reconcile().await {
                 warn!(error = %e, "vm reconcile failed");
             }
@@ -181,6 +219,9 @@ impl VmHost {
     }
 
     async fn reconcile(self: &Arc<Self>) -> Result<(), WireError> {
+        // Read before the catalog: a valid lease means the catalog read below is at least as new
+        // as the contact that renewed it.
+        let may_run = self.lease.is_valid();
         let store = &self.service.store;
         if self.service.status().healthy {
             let caps = crate::catalog::vms::query(store, &haven_proto::vm::VmQuery::Capacity).map_err(internal)?;
@@ -248,8 +289,8 @@ impl VmHost {
             }
             let state = inst.guest.state();
             let result = match (record.desired, state) {
-                (VmRunState::Running, RunState::Created | RunState::Stopped) => inst.guest.start(),
-                (VmRunState::Running, RunState::Paused) => inst.guest.resume(),
+                (VmRunState::Running, RunState::Created | RunState::Stopped) if may_run => inst.guest.start(),
+                (VmRunState::Running, RunState::Paused) if may_run => inst.guest.resume(),
                 (VmRunState::Paused, RunState::Running) => inst.guest.pause(),
                 (VmRunState::Stopped, RunState::Running | RunState::Paused) => inst.guest.stop(),
                 _ => Ok(()),
@@ -335,7 +376,12 @@ impl VmHost {
                     .instance(vm)
                     .ok_or_else(|| wire(ErrorCode::Unavailable, format!("{vm} is not running on {} yet", self.node)))?;
                 match req {
-                    VmRequest::Status { .. } => Ok(VmResponse::Status(self.status_of(&inst))),
+                    VmRequest::Status { .. } => {
+                        // Never report `running` on a lapsed lease (a process just woken from
+                        // SIGSTOP has not run its fence tick yet).
+                        self.enforce_fence();
+                        Ok(VmResponse::Status(self.status_of(&inst)))
+                    }
                     VmRequest::Check { .. } => {
                         let c = inst.guest.check_memory().map_err(|e| wire(ErrorCode::Internal, e.to_string()))?;
                         let disks = super::disk_backend::check_disks(self, &inst).await?;
@@ -550,7 +596,9 @@ impl VmHost {
                     }
                     Err(e) => {
                         warn!(vm = %inst.id, error = %e, "migration not committed; resuming at the source");
-                        let _ = inst.guest.resume();
+                        if self.lease_valid() {
+                            let _ = inst.guest.resume(); // fenced: reconcile resumes it later
+                        }
                         self.abort_recorded(inst.id, to, generation).await;
                         report.phase = "failed".into();
                         report.reason = Some(format!("commit refused: {e}"));

@@ -12,9 +12,12 @@
 //! added without touching them. `guest` and `migration` must not talk to the network or the
 //! catalog; [`host`] is the node-side glue that does (placement, run state, migration streams),
 //! and [`group`] acts on a host's VMs for the leader's plan controller without writing the catalog.
+//! [`fence`] is the host lease: a host without recent quorum contact pauses its guests and runs
+//! none, so a cut-off host cannot keep a VM running after the catalog moved it elsewhere.
 
 pub mod disk;
 pub mod disk_backend;
+pub mod fence;
 pub mod group;
 pub mod guest;
 pub mod host;
