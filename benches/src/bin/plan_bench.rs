@@ -6,7 +6,8 @@
 //! Per run and mode: total time, the spread between the first and the last VM resuming at the
 //! destination (the plan's consolidation resumes the group together; single migrations resume
 //! each VM when its own migration ends), each VM's downtime, and for the plan its recovery
-//! snapshot and consolidation pause. Runs alternate direction (host A → B, then B → A), so the
+//! snapshot step (pre-copy into shadows while the group runs, then the group's pause, which is
+//! shown apart) and consolidation pause. Runs alternate direction (host A → B, then B → A), so the
 //! same guests are reused. Target: first-to-last resume within 100 ms in a group plan.
 
 use std::time::{Duration, Instant};
@@ -56,6 +57,7 @@ struct Moved {
     spread_ms: Option<f64>,
     downtimes_ms: Vec<f64>,
     snapshot_ms: Option<f64>,
+    snapshot_pause_ms: Option<f64>,
     consolidation_pause_ms: Option<f64>,
 }
 
@@ -106,6 +108,7 @@ async fn one_by_one(client: &HavenClient, vms: &[VmId], to: NodeId) -> anyhow::R
         spread_ms: spread,
         downtimes_ms: downtimes,
         snapshot_ms: None,
+        snapshot_pause_ms: None,
         consolidation_pause_ms: None,
     })
 }
@@ -140,6 +143,7 @@ async fn as_plan(client: &HavenClient, vms: &[VmId], to: NodeId, parallel: u32) 
         spread_ms: done.resume_spread_ms.map(|m| m as f64),
         downtimes_ms: downtimes,
         snapshot_ms,
+        snapshot_pause_ms: done.recovery.as_ref().map(|r| r.paused_ms as f64),
         consolidation_pause_ms: done.consolidation_pause_ms.map(|m| m as f64),
     })
 }
@@ -203,6 +207,7 @@ async fn run(args: &Args) -> anyhow::Result<i32> {
             "first-to-last resume ms",
             "max downtime ms",
             "recovery snapshot ms",
+            "group paused for it ms",
             "consolidation pause ms",
         ],
     );
@@ -234,6 +239,7 @@ async fn run(args: &Args) -> anyhow::Result<i32> {
                         Cell::opt(m.spread_ms, 0),
                         Cell::num(max_of(&m.downtimes_ms), 0),
                         Cell::opt(m.snapshot_ms, 0),
+                        Cell::opt(m.snapshot_pause_ms, 0),
                         Cell::opt(m.consolidation_pause_ms, 0),
                     ]);
                     here = there;
@@ -246,6 +252,7 @@ async fn run(args: &Args) -> anyhow::Result<i32> {
                         Cell::text(format!("{mode} (FAILED)")),
                         Cell::int(run as u64),
                         Cell::text(format!("{here} -> {there}")),
+                        Cell::text("-"),
                         Cell::text("-"),
                         Cell::text("-"),
                         Cell::text("-"),

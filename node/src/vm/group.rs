@@ -430,9 +430,15 @@ fn named_guests(insts: &[Arc<VmInstance>]) -> Vec<(String, Arc<dyn GuestDriver>)
     insts.iter().map(|i| (i.id.to_string(), i.guest.clone())).collect()
 }
 
-/// Resume every paused guest back to back; the instants of the first and last resume.
-fn resume_all(insts: &[Arc<VmInstance>]) -> (Vec<String>, Option<(Instant, Instant)>) {
+/// Resume every paused guest back to back; the instants of the first and last resume. A host
+/// without its lease (`lease_valid` false) resumes none: they stay paused until reconcile
+/// resumes them with the lease back.
+fn resume_all(insts: &[Arc<VmInstance>], lease_valid: bool) -> (Vec<String>, Option<(Instant, Instant)>) {
     let mut errors = Vec::new();
+    if !lease_valid {
+        errors.push("this host's lease lapsed (no quorum contact): the group stays paused".to_string());
+        return (errors, None);
+    }
     let mut first = None;
     let mut last = None;
     for inst in insts {
@@ -577,7 +583,7 @@ impl VmHost {
         // Disk writes in flight finish first: each guest's journal then says exactly what its
         // disks hold, and the disks' snapshots below hold nothing the journals do not know.
         if let Err(e) = super::disk::drain(named_guests(&insts), super::disk::DISK_DRAIN_LIMIT).await {
-            resume_all(&insts);
+            resume_all(&insts, self.lease_valid());
             return Err(wire(ErrorCode::Unavailable, format!("recovery snapshot not taken: {e}")));
         }
         // All paused: the group is frozen at one point, so what is captured now is
@@ -607,7 +613,7 @@ impl VmHost {
             Ok(Ok(_)) => Some(self.snapshot_disks(plan, &vms).await),
             _ => None,
         };
-        let (errors, _) = resume_all(&insts);
+        let (errors, _) = resume_all(&insts, self.lease_valid());
         let paused_ms = paused_at.elapsed().as_millis() as u64;
         drop(hold);
         if !errors.is_empty() {
@@ -671,7 +677,7 @@ impl VmHost {
                 (Vec::new(), kept)
             }
         };
-        let (errors, span) = resume_all(&insts);
+        let (errors, span) = resume_all(&insts, self.lease_valid());
         drop(hold);
         if !errors.is_empty() {
             return Err(wire(ErrorCode::Internal, format!("could not resume the group: {}", errors.join("; "))));
@@ -843,8 +849,9 @@ impl VmHost {
                 guest.fork_disk_timeline();
                 installed.push((r.desired, self.install(r.id, guest, g, Origin::Restored)));
             }
-            // Start the group together (as the catalog wants it).
-            for (desired, inst) in &installed {
+            // Start the group together (as the catalog wants it); without the lease, reconcile
+            // starts it once the lease is back.
+            for (desired, inst) in installed.iter().filter(|_| self.lease_valid()) {
                 let result = match desired {
                     VmRunState::Running => inst.guest.start(),
                     VmRunState::Paused => inst.guest.start().and_then(|_| inst.guest.pause()),
