@@ -42,7 +42,7 @@
 //! Must not: do I/O — the host's block backend (`super::disk_backend`) performs writes and
 //! reads; this module only says what they must be and judges what came back.
 
-use super::guest::WorkloadPattern;
+use super::guest::{mix, splitmix64, WorkloadPattern};
 
 /// First eight bytes of every block the disk workload wrote.
 pub const DISK_MAGIC: [u8; 8] = *b"HVNDISK1";
@@ -243,19 +243,6 @@ pub async fn drain(
     } else {
         Err(format!("disk writes of {} did not finish within {} ms", stuck.join(", "), limit.as_millis()))
     }
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn mix(a: u64, b: u64) -> u64 {
-    let mut s = a ^ b.wrapping_mul(0xA24B_AED4_963E_E407);
-    splitmix64(&mut s)
 }
 
 /// The block write `seq` of `stream` on `branch` goes to, among `blocks` (a pure function of its

@@ -414,7 +414,9 @@ impl PageHashes {
 // ---------------------------------------------------------------------------------------------
 // Workload records: counter-based choices (no RNG state to carry), self-checking pages
 
-fn splitmix64(state: &mut u64) -> u64 {
+/// One step of the splitmix64 generator: the counter-based randomness of the workloads (memory
+/// here, disks in [`super::disk`]).
+pub(super) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -422,7 +424,8 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn mix(a: u64, b: u64) -> u64 {
+/// A well-mixed 64-bit function of `a` and `b`.
+pub(super) fn mix(a: u64, b: u64) -> u64 {
     let mut s = a ^ b.wrapping_mul(0xD6E8_FEB8_6659_FD93);
     splitmix64(&mut s)
 }
