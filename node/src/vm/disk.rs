@@ -42,7 +42,7 @@
 //! Must not: do I/O — the host's block backend (`super::disk_backend`) performs writes and
 //! reads; this module only says what they must be and judges what came back.
 
-use super::guest::{mix, splitmix64, WorkloadPattern};
+use super::guest::{fill, filled_from, le_u64, mix, WorkloadPattern};
 
 /// First eight bytes of every block the disk workload wrote.
 pub const DISK_MAGIC: [u8; 8] = *b"HVNDISK1";
@@ -278,18 +278,9 @@ fn write_record(buf: &mut [u8], stream: u64, block: u64, seq: u64, branch: u64) 
     buf[16..24].copy_from_slice(&block.to_le_bytes());
     buf[24..32].copy_from_slice(&seq.to_le_bytes());
     buf[40..48].copy_from_slice(&branch.to_le_bytes());
-    let mut s = filler_state(stream, block, seq, branch);
-    for chunk in buf[RECORD_LEN..].chunks_exact_mut(8) {
-        chunk.copy_from_slice(&splitmix64(&mut s).to_le_bytes());
-    }
+    fill(&mut buf[RECORD_LEN..], filler_state(stream, block, seq, branch));
     let sum = record_checksum(buf);
     buf[32..40].copy_from_slice(&sum);
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
 }
 
 /// What a disk check found wrong. Volumes are catalog ids, blocks are indexes in the volume.
@@ -410,8 +401,7 @@ fn stream_seq(buf: &[u8], stream: u64, block: u64, volume: u64) -> Result<(u64, 
         return Err(torn("record has seq 0"));
     }
     let branch = le_u64(&buf[40..48]);
-    let mut s = filler_state(stream, recorded_block, seq, branch);
-    if !buf[RECORD_LEN..].chunks_exact(8).all(|c| c == splitmix64(&mut s).to_le_bytes()) {
+    if !filled_from(&buf[RECORD_LEN..], filler_state(stream, recorded_block, seq, branch)) {
         return Err(torn("filler does not match the record"));
     }
     if recorded_block != block {

@@ -464,15 +464,25 @@ fn write_record(buf: &mut [u8], page: u64, seq: u64, vcpu: u32) {
     buf[16..24].copy_from_slice(&seq.to_le_bytes());
     buf[24..28].copy_from_slice(&vcpu.to_le_bytes());
     buf[28..32].fill(0);
-    let mut s = filler_state(page, seq);
-    for chunk in buf[RECORD_LEN..].chunks_exact_mut(8) {
-        chunk.copy_from_slice(&splitmix64(&mut s).to_le_bytes());
-    }
+    fill(&mut buf[RECORD_LEN..], filler_state(page, seq));
     let sum = record_checksum(buf);
     buf[32..40].copy_from_slice(&sum);
 }
 
-fn le_u64(b: &[u8]) -> u64 {
+/// Fill `buf` (a multiple of 8 bytes) with the splitmix64 sequence from `state`: the filler that
+/// makes a workload record's whole page or block a function of its header.
+pub(super) fn fill(buf: &mut [u8], mut state: u64) {
+    for chunk in buf.chunks_exact_mut(8) {
+        chunk.copy_from_slice(&splitmix64(&mut state).to_le_bytes());
+    }
+}
+
+/// Whether `buf` holds exactly what [`fill`] writes from `state`.
+pub(super) fn filled_from(buf: &[u8], mut state: u64) -> bool {
+    buf.chunks_exact(8).all(|c| c == splitmix64(&mut state).to_le_bytes())
+}
+
+pub(super) fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)
@@ -490,8 +500,7 @@ fn verify_record(buf: &[u8], page: u64, vcpus: u32) -> Result<u64, GuestError> {
     let found = le_u64(&buf[8..16]);
     let seq = le_u64(&buf[16..24]);
     let vcpu = u32::from_le_bytes([buf[24], buf[25], buf[26], buf[27]]);
-    let mut s = filler_state(found, seq);
-    if !buf[RECORD_LEN..].chunks_exact(8).all(|c| c == splitmix64(&mut s).to_le_bytes()) {
+    if !filled_from(&buf[RECORD_LEN..], filler_state(found, seq)) {
         return Err(torn("filler does not match the record's (page, seq)"));
     }
     if found != page {
