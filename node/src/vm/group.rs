@@ -524,6 +524,11 @@ impl VmHost {
             let mut problem = None;
             for vm in vms {
                 let record = self.record(*vm)?;
+                if record.host != self.node && record.migrating_to == Some(self.node) {
+                    // Moved here by a commit this host's catalog has not applied yet.
+                    problem = Some(format!("the catalog here does not show {vm} arrived yet"));
+                    break;
+                }
                 if record.host != self.node {
                     return Err(wire(
                         ErrorCode::InvalidRequest,
