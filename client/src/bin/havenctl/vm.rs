@@ -30,7 +30,8 @@ use crate::volume::{human_bytes, parse_host, parse_size};
 pub enum VmCmd {
     /// Create a VM (placed on the host with the most free memory unless --host is given).
     #[command(after_help = "Example:\n  havenctl vm create web --memory 256MiB --dirty-rate 2000 --start\n  \
-        havenctl vm create db --memory 1GiB --vcpus 2 --workload hotset:4096 --host node-2")]
+        havenctl vm create db --memory 1GiB --vcpus 2 --workload hotset:4096 --host node-2\n  \
+        havenctl vm create app --memory 128MiB --disk-rate 200   # then: vm attach app app-disk; vm start app")]
     Create(CreateArgs),
     /// List VMs: host, memory, desired state and the migration under way.
     List,
