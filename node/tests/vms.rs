@@ -165,6 +165,15 @@ async fn bad_vm_requests_get_clear_errors() {
     let mut on_missing = VmSpec::new("g4", 64);
     on_missing.host = Some(NodeId(42));
     assert_eq!(code(client.create_vm(&on_missing).await.unwrap_err()), Some(ErrorCode::NotFound));
+    let mut too_busy = VmSpec::new("g5", 64);
+    too_busy.disk_writes_per_sec = haven_client::proto::vm::MAX_DISK_WRITES_PER_SEC + 1;
+    let e = client.create_vm(&too_busy).await.unwrap_err();
+    assert!(e.to_string().contains("disk writes per second"), "{e}");
+    // A disk the catalog does not know, and a VM that is not there, are named in the error.
+    let e = client.attach_volume(v.id, haven_client::proto::VolumeId(77)).await.unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::NotFound));
+    let e = client.vm_check(VmId(999)).await.unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::NotFound));
 }
 
 /// A guest that dirties memory faster than the (capped) link copies it: with auto-converge the
