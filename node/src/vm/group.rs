@@ -854,9 +854,11 @@ impl VmHost {
                 guest.fork_disk_timeline();
                 installed.push((r.desired, self.install(r.id, guest, g, Origin::Restored)));
             }
-            // Start the group together (as the catalog wants it); without the lease, reconcile
-            // starts it once the lease is back.
-            for (desired, inst) in installed.iter().filter(|_| self.lease_valid()) {
+            // Start the group together (as the catalog wants it).
+            for (desired, inst) in &installed {
+                if !self.lease_valid() {
+                    break; // reconcile starts the rest once the lease is back
+                }
                 let result = match desired {
                     VmRunState::Running => inst.guest.start(),
                     VmRunState::Paused => inst.guest.start().and_then(|_| inst.guest.pause()),
