@@ -62,7 +62,7 @@ impl NodeService {
     /// Handle one inbound envelope and produce the reply body.
     pub async fn handle(self: Arc<Self>, env: Envelope) -> Body {
         match env.body {
-            Body::Raft { rpc, payload } => self.handle_raft(rpc, &payload).await,
+            Body::Raft { rpc, payload } => self.handle_raft(env.sender, rpc, &payload).await,
             Body::Client(req) => {
                 let name = req.name();
                 let span = tracing::info_span!("client_request", request = name);
@@ -95,7 +95,11 @@ impl NodeService {
         }
     }
 
-    async fn handle_raft(&self, rpc: RaftRpc, payload: &[u8]) -> Body {
+    /// `from` is the node that sent the RPC, as authenticated by its certificate (the transport
+    /// refuses Raft RPCs from anything but a node, and envelopes whose sender is not the
+    /// connection's node).
+    async fn handle_raft(&self, from: NodeId, rpc: RaftRpc, payload: &[u8]) -> Body {
+        let _ = from;
         let reply = match rpc {
             RaftRpc::AppendEntries => match decode::<AppendEntriesRequest<TypeConfig>>(payload) {
                 Ok(req) => {
