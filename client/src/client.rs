@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use haven_proto::{
-    ActorAddr, ActorMessage, ActorReply, Body, CatalogCommand, CatalogQuery, ClientRequest, ClientResponse,
+    ActorAddr, ActorMessage, ActorReply, Body, CatalogQuery, ClientCommand, ClientRequest, ClientResponse,
     CommandOutcome, Envelope, ErrorCode, HostRecord, MemberSpec, NodeId, NodeStatus, QueryResult,
 };
 
@@ -84,7 +84,7 @@ impl HavenClient {
     }
 
     /// Apply a catalog command; returns the log index and the outcome.
-    pub async fn write(&self, command: CatalogCommand) -> Result<(u64, CommandOutcome), ClientError> {
+    pub async fn write(&self, command: ClientCommand) -> Result<(u64, CommandOutcome), ClientError> {
         match self.call(ClientRequest::Write { command }).await? {
             ClientResponse::Written { index, outcome } => Ok((index, outcome)),
             other => Err(unexpected(&other)),
@@ -100,7 +100,7 @@ impl HavenClient {
     }
 
     pub async fn kv_put(&self, key: &str, value: &[u8]) -> Result<u64, ClientError> {
-        let (index, _) = self.write(CatalogCommand::KvPut { key: key.into(), value: value.to_vec() }).await?;
+        let (index, _) = self.write(ClientCommand::KvPut { key: key.into(), value: value.to_vec() }).await?;
         Ok(index)
     }
 
@@ -119,7 +119,7 @@ impl HavenClient {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<(bool, Option<Vec<u8>>), ClientError> {
-        let cmd = CatalogCommand::KvCas {
+        let cmd = ClientCommand::KvCas {
             key: key.into(),
             expected: expected.map(<[u8]>::to_vec),
             new: new.map(<[u8]>::to_vec),
@@ -131,7 +131,7 @@ impl HavenClient {
     }
 
     pub async fn kv_delete(&self, key: &str) -> Result<bool, ClientError> {
-        match self.write(CatalogCommand::KvDelete { key: key.into() }).await? {
+        match self.write(ClientCommand::KvDelete { key: key.into() }).await? {
             (_, CommandOutcome::Deleted { existed }) => Ok(existed),
             (_, other) => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
         }

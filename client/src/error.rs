@@ -37,6 +37,8 @@ fn describe(e: &WireError) -> String {
         ErrorCode::Unavailable => "unavailable",
         ErrorCode::Internal => "internal error",
         ErrorCode::NotPrimary => "not the volume's primary",
+        ErrorCode::PermissionDenied => "permission denied",
+        ErrorCode::LimitExceeded => "limit exceeded",
     };
     format!("{what}: {}", e.message)
 }

@@ -7,9 +7,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use haven_proto::plan::{DrainSkip, MigrationPlan, PlanCommand, PlanOutcome, PlanQuery, PlanQueryResult, PlanSettings};
-use haven_proto::vm::{VmCommand, VmQuery, VmQueryResult};
-use haven_proto::{CatalogCommand, CatalogQuery, CommandOutcome, NodeId, QueryResult, VmId};
+use haven_proto::plan::{DrainSkip, MigrationPlan, PlanOutcome, PlanQuery, PlanQueryResult, PlanSettings};
+use haven_proto::vm::{VmQuery, VmQueryResult};
+use haven_proto::{CatalogQuery, ClientCommand, ClientPlanCommand, ClientVmCommand, CommandOutcome, NodeId, QueryResult, VmId};
 
 use crate::error::ClientError;
 use crate::HavenClient;
@@ -40,9 +40,9 @@ pub struct DrainReport {
 }
 
 impl HavenClient {
-    async fn plan_command(&self, cmd: PlanCommand) -> Result<PlanOutcome, ClientError> {
+    async fn plan_command(&self, cmd: ClientPlanCommand) -> Result<PlanOutcome, ClientError> {
         cmd.validate().map_err(|m| ClientError::refused(m, false))?;
-        match self.write(CatalogCommand::Plan(cmd)).await? {
+        match self.write(ClientCommand::Plan(cmd)).await? {
             (_, CommandOutcome::Plan(PlanOutcome::Refused { reason, not_found })) => {
                 Err(ClientError::refused(reason, not_found))
             }
@@ -66,7 +66,7 @@ impl HavenClient {
         for name in &spec.vms {
             vms.push(self.vm(name).await?.id);
         }
-        let cmd = PlanCommand::Create {
+        let cmd = ClientPlanCommand::Create {
             name: spec.name.clone(),
             vms,
             to: spec.to,
@@ -87,7 +87,7 @@ impl HavenClient {
         to: NodeId,
         settings: PlanSettings,
     ) -> Result<MigrationPlan, ClientError> {
-        let cmd = PlanCommand::Create { name, vms, to, settings, at_ms: now_ms() };
+        let cmd = ClientPlanCommand::Create { name, vms, to, settings, at_ms: now_ms() };
         match self.plan_command(cmd).await? {
             PlanOutcome::Plan(p) => Ok(*p),
             other => Err(ClientError::unexpected(other)),
@@ -113,7 +113,7 @@ impl HavenClient {
 
     /// Cancel a plan that has not reached consolidation; it fails back.
     pub async fn cancel_plan(&self, id: u64, reason: &str) -> Result<MigrationPlan, ClientError> {
-        let cmd = PlanCommand::Cancel { id, reason: reason.into(), at_ms: now_ms() };
+        let cmd = ClientPlanCommand::Cancel { id, reason: reason.into(), at_ms: now_ms() };
         match self.plan_command(cmd).await? {
             PlanOutcome::Plan(p) => Ok(*p),
             other => Err(ClientError::unexpected(other)),
@@ -152,7 +152,7 @@ impl HavenClient {
 
     /// Mark `host` draining and plan moving every running VM off it.
     pub async fn drain_host(&self, host: NodeId, settings: PlanSettings) -> Result<DrainReport, ClientError> {
-        match self.plan_command(PlanCommand::Drain { host, settings, at_ms: now_ms() }).await? {
+        match self.plan_command(ClientPlanCommand::Drain { host, settings, at_ms: now_ms() }).await? {
             PlanOutcome::Drained { host, plans, skipped } => Ok(DrainReport { host, plans, skipped }),
             other => Err(ClientError::unexpected(other)),
         }
@@ -160,8 +160,8 @@ impl HavenClient {
 
     /// Clear `host`'s draining mark (plans under way keep going).
     pub async fn undrain_host(&self, host: NodeId) -> Result<(), ClientError> {
-        let cmd = VmCommand::SetDraining { host, draining: false };
-        match self.write(CatalogCommand::Vm(cmd)).await? {
+        let cmd = ClientVmCommand::SetDraining { host, draining: false };
+        match self.write(ClientCommand::Vm(cmd)).await? {
             (_, CommandOutcome::Vm(haven_proto::vm::VmOutcome::Refused { reason, not_found })) => {
                 Err(ClientError::refused(reason, not_found))
             }

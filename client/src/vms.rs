@@ -5,11 +5,11 @@
 
 pub use haven_proto::vm::DiskCheckReport;
 use haven_proto::vm::{
-    HostCapacity, MigrationOptions, MigrationReport, VmCommand, VmOutcome, VmQuery, VmQueryResult, VmRecord, VmRequest,
+    HostCapacity, MigrationOptions, MigrationReport, VmOutcome, VmQuery, VmQueryResult, VmRecord, VmRequest,
     VmResponse, VmRunState, VmStatus, WorkloadKind,
 };
 use haven_proto::{
-    CatalogCommand, CatalogQuery, ClientRequest, ClientResponse, CommandOutcome, NodeId, QueryResult, VmId,
+    CatalogQuery, ClientCommand, ClientRequest, ClientVmCommand, ClientResponse, CommandOutcome, NodeId, QueryResult, VmId,
 };
 
 use crate::error::ClientError;
@@ -54,9 +54,9 @@ pub struct VmCheck {
 }
 
 impl HavenClient {
-    async fn vm_command(&self, cmd: VmCommand) -> Result<VmOutcome, ClientError> {
+    async fn vm_command(&self, cmd: ClientVmCommand) -> Result<VmOutcome, ClientError> {
         cmd.validate().map_err(|m| ClientError::refused(m, false))?;
-        match self.write(CatalogCommand::Vm(cmd)).await? {
+        match self.write(ClientCommand::Vm(cmd)).await? {
             (_, CommandOutcome::Vm(VmOutcome::Refused { reason, not_found })) => {
                 Err(ClientError::refused(reason, not_found))
             }
@@ -80,7 +80,7 @@ impl HavenClient {
     }
 
     pub async fn create_vm(&self, spec: &VmSpec) -> Result<VmRecord, ClientError> {
-        let cmd = VmCommand::Create {
+        let cmd = ClientVmCommand::Create {
             name: spec.name.clone(),
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
@@ -114,7 +114,7 @@ impl HavenClient {
     /// Ask for a run state (start = Running, pause = Paused, stop = Stopped); the VM's host
     /// applies it within a moment.
     pub async fn set_vm_state(&self, vm: VmId, desired: VmRunState) -> Result<VmRecord, ClientError> {
-        match self.vm_command(VmCommand::SetDesired { vm, desired }).await? {
+        match self.vm_command(ClientVmCommand::SetDesired { vm, desired }).await? {
             VmOutcome::Vm(v) => Ok(v),
             other => Err(ClientError::unexpected(other)),
         }
@@ -122,7 +122,7 @@ impl HavenClient {
 
     /// Attach `volume` as a disk of `vm` (snapshotted and rolled back with it by plans).
     pub async fn attach_volume(&self, vm: VmId, volume: haven_proto::VolumeId) -> Result<VmRecord, ClientError> {
-        match self.vm_command(VmCommand::AttachVolume { vm, volume }).await? {
+        match self.vm_command(ClientVmCommand::AttachVolume { vm, volume }).await? {
             VmOutcome::Vm(v) => Ok(v),
             other => Err(ClientError::unexpected(other)),
         }
@@ -130,14 +130,14 @@ impl HavenClient {
 
     /// Detach `volume` from `vm`.
     pub async fn detach_volume(&self, vm: VmId, volume: haven_proto::VolumeId) -> Result<VmRecord, ClientError> {
-        match self.vm_command(VmCommand::DetachVolume { vm, volume }).await? {
+        match self.vm_command(ClientVmCommand::DetachVolume { vm, volume }).await? {
             VmOutcome::Vm(v) => Ok(v),
             other => Err(ClientError::unexpected(other)),
         }
     }
 
     pub async fn delete_vm(&self, vm: VmId) -> Result<(), ClientError> {
-        self.vm_command(VmCommand::Delete { vm }).await.map(|_| ())
+        self.vm_command(ClientVmCommand::Delete { vm }).await.map(|_| ())
     }
 
     pub async fn vm_status(&self, vm: VmId) -> Result<VmStatus, ClientError> {

@@ -8,11 +8,11 @@
 
 use haven_proto::volume::{
     IntegrityVerdict, PreservedWrites, Relationship, RelationshipState, ReplicaProgress, SnapshotKind, SnapshotPolicy,
-    SnapshotRecord, VolumeCommand, VolumeEvent, VolumeOutcome, VolumeQuery, VolumeQueryResult, VolumeRecord,
+    SnapshotRecord, VolumeEvent, VolumeOutcome, VolumeQuery, VolumeQueryResult, VolumeRecord,
     VolumeRequest, VolumeResponse, DEFAULT_BLOCK_SIZE,
 };
 use haven_proto::{
-    CatalogCommand, CatalogQuery, ClientRequest, ClientResponse, CommandOutcome, NodeId, QueryResult, VolumeId,
+    CatalogQuery, ClientCommand, ClientRequest, ClientVolumeCommand, ClientResponse, CommandOutcome, NodeId, QueryResult, VolumeId,
 };
 
 use crate::error::ClientError;
@@ -45,8 +45,8 @@ pub struct ReplicationStatus {
 }
 
 impl HavenClient {
-    async fn volume_command(&self, cmd: VolumeCommand) -> Result<VolumeOutcome, ClientError> {
-        match self.write(CatalogCommand::Volume(cmd)).await? {
+    async fn volume_command(&self, cmd: ClientVolumeCommand) -> Result<VolumeOutcome, ClientError> {
+        match self.write(ClientCommand::Volume(cmd)).await? {
             (_, CommandOutcome::Volume(VolumeOutcome::Refused { reason, not_found })) => {
                 Err(ClientError::refused(reason, not_found))
             }
@@ -78,7 +78,7 @@ impl HavenClient {
         spec: &VolumeSpec,
         cloned_from: Option<(VolumeId, u64)>,
     ) -> Result<VolumeRecord, ClientError> {
-        let cmd = VolumeCommand::Create {
+        let cmd = ClientVolumeCommand::Create {
             name: spec.name.clone(),
             size_bytes: spec.size_bytes,
             block_size: spec.block_size,
@@ -110,14 +110,14 @@ impl HavenClient {
     }
 
     pub async fn resize_volume(&self, volume: VolumeId, size_bytes: u64) -> Result<VolumeRecord, ClientError> {
-        match self.volume_command(VolumeCommand::Resize { volume, size_bytes }).await? {
+        match self.volume_command(ClientVolumeCommand::Resize { volume, size_bytes }).await? {
             VolumeOutcome::Volume(v) => Ok(v),
             other => Err(ClientError::unexpected(other)),
         }
     }
 
     pub async fn delete_volume(&self, volume: VolumeId) -> Result<(), ClientError> {
-        self.volume_command(VolumeCommand::Delete { volume }).await.map(|_| ())
+        self.volume_command(ClientVolumeCommand::Delete { volume }).await.map(|_| ())
     }
 
     /// Write whole blocks; returns the write-order point once durable on every in-sync replica.
@@ -255,7 +255,7 @@ impl HavenClient {
     }
 
     pub async fn put_policy(&self, policy: SnapshotPolicy) -> Result<SnapshotPolicy, ClientError> {
-        match self.volume_command(VolumeCommand::PutPolicy(policy)).await? {
+        match self.volume_command(ClientVolumeCommand::PutPolicy(policy)).await? {
             VolumeOutcome::Policy(p) => Ok(p),
             other => Err(ClientError::unexpected(other)),
         }
@@ -269,7 +269,7 @@ impl HavenClient {
     }
 
     pub async fn delete_policy(&self, name: &str) -> Result<(), ClientError> {
-        self.volume_command(VolumeCommand::DeletePolicy { name: name.into() }).await.map(|_| ())
+        self.volume_command(ClientVolumeCommand::DeletePolicy { name: name.into() }).await.map(|_| ())
     }
 
     /// Run a policy now: a labeled snapshot named `<label>-<n>`, compared across replicas.
@@ -304,14 +304,14 @@ impl HavenClient {
         target: NodeId,
         max_lag_bytes: u64,
     ) -> Result<Relationship, ClientError> {
-        match self.volume_command(VolumeCommand::CreateRelationship { volume, target, max_lag_bytes }).await? {
+        match self.volume_command(ClientVolumeCommand::CreateRelationship { volume, target, max_lag_bytes }).await? {
             VolumeOutcome::Relationship(r) => Ok(r),
             other => Err(ClientError::unexpected(other)),
         }
     }
 
     pub async fn set_relationship_state(&self, id: u64, state: RelationshipState) -> Result<Relationship, ClientError> {
-        match self.volume_command(VolumeCommand::SetRelationshipState { id, state }).await? {
+        match self.volume_command(ClientVolumeCommand::SetRelationshipState { id, state }).await? {
             VolumeOutcome::Relationship(r) => Ok(r),
             other => Err(ClientError::unexpected(other)),
         }
@@ -324,7 +324,7 @@ impl HavenClient {
     }
 
     pub async fn delete_relationship(&self, id: u64) -> Result<(), ClientError> {
-        self.volume_command(VolumeCommand::DeleteRelationship { id }).await.map(|_| ())
+        self.volume_command(ClientVolumeCommand::DeleteRelationship { id }).await.map(|_| ())
     }
 
     pub async fn relationships(&self) -> Result<Vec<Relationship>, ClientError> {

@@ -162,14 +162,33 @@ pub async fn write_frame(send: &mut quinn::SendStream, archive: &[u8]) -> Result
     Ok(FRAME_HEADER_LEN + archive.len())
 }
 
-/// Read one frame into an aligned buffer, refusing frames above `max_len` before allocating.
+/// Read one frame into an aligned buffer, refusing frames above `max_len` before reading on.
+///
+/// The buffer grows as bytes arrive (at most [`READ_CHUNK`] ahead of what was received), never to
+/// the declared length up front: a peer that declares 16 MiB and sends a trickle costs what it
+/// sent, not what it claimed.
 pub async fn read_frame(recv: &mut quinn::RecvStream, max_len: usize) -> Result<AlignedVec, WireIoError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     read_exact(recv, &mut header).await?;
     let header = FrameHeader::parse(header, max_len)?;
-    let mut buf = AlignedVec::with_capacity(header.len);
-    buf.resize(header.len, 0);
-    read_exact(recv, &mut buf).await?;
+    read_body(recv, header.len).await
+}
+
+/// How far ahead of the bytes received a frame buffer may grow.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Read exactly `len` bytes of a frame body, growing the buffer as they arrive.
+pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<AlignedVec, WireIoError> {
+    let mut buf = AlignedVec::with_capacity(len.min(READ_CHUNK));
+    let mut chunk = vec![0u8; len.min(READ_CHUNK)];
+    while buf.len() < len {
+        let want = (len - buf.len()).min(chunk.len());
+        match recv.read(&mut chunk[..want]).await {
+            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(None) => return Err(ProtoError::Truncated { expected: len, got: buf.len() }.into()),
+            Err(e) => return Err(WireIoError::Read(e.to_string())),
+        }
+    }
     Ok(buf)
 }
 

@@ -84,6 +84,10 @@ struct InitArgs {
     /// long a migration plan waits for a silent destination before failing back).
     #[arg(long, default_value_t = crate::volume::replica::VolumeTunables::default().host_down_ms)]
     failure_detect_ms: u64,
+    /// TESTING ONLY: accept fault-injection requests (`havenctl volume corrupt`). Written into
+    /// the configuration; never set it on a cluster that holds data you care about.
+    #[arg(long, env = "HAVEN_ALLOW_FAULT_INJECTION")]
+    allow_fault_injection: bool,
     /// Overwrite an existing configuration.
     #[arg(long)]
     force: bool,
@@ -110,6 +114,9 @@ struct RunArgs {
     /// Override the guest memory this host offers to VMs, in MiB.
     #[arg(long, env = "HAVEN_VM_MEMORY_MIB")]
     vm_memory_mib: Option<u64>,
+    /// TESTING ONLY: accept fault-injection requests (`havenctl volume corrupt`) this run.
+    #[arg(long, env = "HAVEN_ALLOW_FAULT_INJECTION")]
+    allow_fault_injection: bool,
 }
 
 #[derive(Args)]
@@ -133,9 +140,17 @@ struct IssueCertArgs {
     /// Output directory (gets ca.pem, <name>.pem, <name>.key).
     #[arg(long)]
     out: PathBuf,
-    /// Certificate name (file stem and common name).
+    /// Certificate name (file stem, common name, and the name in its identity
+    /// `haven://client/ROLE/NAME`): letters, digits, '-', '_', '.'.
     #[arg(long, default_value = "client")]
     name: String,
+    /// What the certificate may do: `admin` (everything a user may do) or `reader` (status,
+    /// lists, shows and reads; no writes, no faults).
+    #[arg(long, default_value = "admin")]
+    role: haven_proto::Role,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = crate::pki::CLIENT_VALID_DAYS)]
+    days: u32,
     /// Create the CA in --ca-dir if it does not exist yet.
     #[arg(long)]
     create_ca: bool,
@@ -196,13 +211,16 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         },
         plans: crate::controllers::plans::PlanTunables { host_down_ms: a.failure_detect_ms, ..Default::default() },
         fence: crate::vm::fence::FenceTunables::for_elections(min * 2),
+        transport: Default::default(),
+        allow_fault_injection: a.allow_fault_injection,
     };
     cfg.validate()?;
     let bootstrap = a.bootstrap.as_deref().map(Bootstrap::parse_members).transpose()?;
     std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
     let ca_dir = a.ca_dir.unwrap_or_else(|| a.data_dir.join("ca"));
     let ca = CertificateAuthority::load_or_create(&ca_dir)?;
-    ca.issue_into(&a.data_dir.join(TLS_DIR), "node", &format!("node-{}", a.id))?;
+    let cert = ca.issue_node(haven_proto::NodeId(a.id), crate::pki::NODE_VALID_DAYS)?;
+    ca.write_into(&a.data_dir.join(TLS_DIR), "node", cert)?;
     cfg.save(&a.data_dir)?;
     if let Some(b) = bootstrap {
         b.save(&a.data_dir)?;
@@ -223,6 +241,7 @@ fn start(a: InitArgs) -> anyhow::Result<ExitCode> {
         request_timeout_ms: None,
         resync_max_bytes_per_sec: None,
         vm_memory_mib: None,
+        allow_fault_injection: false,
     })
 }
 
@@ -243,6 +262,7 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = a.vm_memory_mib {
         cfg.vm_memory_mib = m;
     }
+    cfg.allow_fault_injection |= a.allow_fault_injection;
     let _telemetry = crate::telemetry::init_tracing("haven-node");
     let prometheus = crate::telemetry::init_metrics().map_err(|e| anyhow!("metrics recorder: {e}"))?;
     // Actors run on this thread (actix System); Raft, QUIC and request handling run on the
@@ -313,8 +333,9 @@ fn issue_cert(a: IssueCertArgs) -> anyhow::Result<ExitCode> {
     } else {
         CertificateAuthority::load(&a.ca_dir.join(crate::pki::CA_CERT), &a.ca_dir.join(crate::pki::CA_KEY))?
     };
-    ca.issue_into(&a.out, &a.name, &a.name)?;
-    println!("issued {} in {}", a.name, a.out.display());
+    let cert = ca.issue_client(a.role, &a.name, a.days)?;
+    ca.write_into(&a.out, &a.name, cert)?;
+    println!("issued client certificate {} (role {}, valid {} days) in {}", a.name, a.role, a.days, a.out.display());
     if !a.client_config_nodes.is_empty() {
         let dir = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         let rel = a.out.file_name().map(PathBuf::from).unwrap_or_default();

@@ -74,6 +74,13 @@ pub struct NodeConfig {
     /// The chaos harness points each link at its own fault-injecting relay this way.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub dial_via: std::collections::BTreeMap<String, String>,
+    /// What peers and clients may make this node hold (frame deadline, connections, bytes).
+    #[serde(default)]
+    pub transport: crate::transport::TransportLimits,
+    /// TESTING ONLY: accept fault-injection requests (`volume corrupt`). Off by default; refused
+    /// requests say how to turn it on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_fault_injection: bool,
 }
 
 fn default_vm_memory_mib() -> u64 {
@@ -160,6 +167,7 @@ impl NodeConfig {
         check_addr("advertise_admin", self.advertise_admin())?;
         self.raft.to_openraft(self.id).map_err(ConfigError::Invalid)?;
         self.fence.validate(self.raft.election_timeout_max_ms).map_err(ConfigError::Invalid)?;
+        self.transport.validate().map_err(ConfigError::Invalid)?;
         for (id, addr) in &self.dial_via {
             id.parse::<u64>().map_err(|_| ConfigError::Invalid(format!("dial_via key {id:?} is not a node id")))?;
             check_addr(&format!("dial_via.{id}"), addr)?;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod controllers;
 pub mod nbd;
 pub mod node;
+pub mod identity;
 pub mod pki;
 pub mod raft;
 pub mod service;

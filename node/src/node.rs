@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use haven_client::wire::TlsMaterial;
 use haven_proto::{ActorAddr, MemberSpec, NodeId};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -33,6 +33,27 @@ pub fn load_tls(data_dir: &Path) -> anyhow::Result<TlsMaterial> {
         .map_err(|e| anyhow!("{e} (run `haven-node init` first)"))
 }
 
+/// Check this node's certificate before serving: it must name node `id` and, like the CA's, be
+/// within its validity period. Returns both as `havenctl cluster certs` reports them.
+pub fn check_certificates(tls: &TlsMaterial, id: NodeId) -> anyhow::Result<Vec<haven_proto::CertificateInfo>> {
+    use crate::identity;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let node_der = identity::first_cert_der(&tls.cert_pem)?;
+    match identity::caller_from_der(&node_der) {
+        Ok(haven_proto::Caller::Node(n)) if n == id => {}
+        Ok(other) => bail!("this node's certificate names {other}, not {id}; issue it with `haven-node init`"),
+        Err(e) => bail!("this node's certificate: {e}; re-initialise the node (`haven-node init --force`) to get one"),
+    }
+    let infos = [identity::first_cert_der(&tls.ca_pem)?, node_der]
+        .iter()
+        .map(|der| identity::certificate_info(der, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    for info in &infos {
+        identity::check_validity(info, now as i64).map_err(|e| anyhow!("refusing to start: {e}"))?;
+    }
+    Ok(infos)
+}
+
 /// Run a node until `shutdown` resolves. Must be called inside an actix `System` whose Tokio
 /// runtime is multi-threaded (see `cli`), because actors start on the current thread.
 pub async fn run(
@@ -44,12 +65,17 @@ pub async fn run(
     cfg.validate()?;
     let id = NodeId(cfg.id);
     let tls = load_tls(data_dir)?;
+    let certificates = check_certificates(&tls, id)?;
     let store =
         Store::open(&data_dir.join(DB_DIR)).with_context(|| format!("opening {}", data_dir.join(DB_DIR).display()))?;
 
     let listen = crate::transport::resolve(&cfg.listen).await.map_err(|e| anyhow!(e))?;
     let transport =
-        Transport::bind(id, listen, &tls, cfg.dial_overrides()).with_context(|| format!("binding QUIC on {listen}"))?;
+        Transport::bind(id, listen, &tls, cfg.dial_overrides(), crate::transport::TransportOptions {
+            limits: cfg.transport.clone(),
+            allow_fault_injection: cfg.allow_fault_injection,
+        })
+        .with_context(|| format!("binding QUIC on {listen}"))?;
     let raft_config = Arc::new(cfg.raft.to_openraft(cfg.id).map_err(|e| anyhow!(e))?);
     let peer_acks = crate::raft::network::PeerAcks::default();
     let lease = crate::vm::fence::HostLease::new(&cfg.fence);
@@ -85,6 +111,7 @@ pub async fn run(
         lease: lease.clone(),
         peer_acks,
         fence: cfg.fence.clone(),
+        certificates,
     });
     tokio::spawn(crate::vm::fence::watch_raft(raft.clone(), lease));
     let vms = crate::vm::host::VmHost::new(
@@ -101,9 +128,12 @@ pub async fn run(
     let _ = service.volumes.set(volumes.clone());
 
     let handler_service = service.clone();
-    let server = tokio::spawn(transport.clone().serve(Arc::new(move |env| {
+    if cfg.allow_fault_injection {
+        warn!("fault injection is ENABLED on this node (testing only)");
+    }
+    let server = tokio::spawn(transport.clone().serve(Arc::new(move |caller, env| {
         let s = handler_service.clone();
-        Box::pin(s.handle(env))
+        Box::pin(s.handle(caller, env))
     })));
 
     let (admin_listener, admin_addr) = crate::admin::bind(&cfg.admin_listen)

@@ -1,6 +1,13 @@
-//! Request handling: what a node does with each validated inbound envelope — Raft RPCs go to
-//! openraft, client requests to the catalog (through the leader), actor messages to the actor
-//! registry.
+//! Request handling: what a node does with each validated, authorized inbound envelope — Raft
+//! RPCs go to openraft, client requests to the catalog (through the leader), node proposals to
+//! the catalog, actor messages to the actor registry.
+//!
+//! The transport has already authorized every request (`authz`) and hands over the effective
+//! caller. Clients propose [`ClientCommand`]s only; node components propose any
+//! [`CatalogCommand`] through [`NodeService::write`], which travels as a node-only
+//! [`NodeRequest::Propose`]. When this node relays a client's request (a write forwarded to the
+//! leader, an actor message routed to its owner) it names the client in `on_behalf_of`, so the
+//! receiver authorizes the client, not this node.
 //!
 //! Writes and linearizable reads must be served by the leader: a follower forwards them once
 //! (marking the envelope [`EnvelopeFlags::FORWARDED`]) and a forwarded request that lands on a
@@ -16,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use haven_client::wire::WireIoError;
 use haven_proto::{
-    ActorAddr, Body, CatalogCommand, ClientRequest, ClientResponse, CommandOutcome, Envelope, EnvelopeFlags, ErrorCode,
-    MemberInfo, MemberSpec, NodeId, NodeRole, NodeStatus, RaftRpc, WireError,
+    ActorAddr, Body, Caller, CatalogCommand, CertificateInfo, ClientCommand, ClientRequest, ClientResponse,
+    CommandOutcome, Envelope, EnvelopeFlags, ErrorCode, MemberInfo, MemberSpec, NodeId, NodeRequest, NodeRole,
+    NodeStatus, RaftRpc, WireError,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
@@ -28,7 +36,7 @@ use crate::actors::ActorRegistry;
 use crate::catalog;
 use crate::raft::{decode, encode, HavenNode, Raft, TypeConfig};
 use crate::storage::Store;
-use crate::transport::Transport;
+use crate::transport::{Outbound, Transport};
 
 /// Everything needed to answer requests on one node.
 pub struct NodeService {
@@ -52,21 +60,34 @@ pub struct NodeService {
     pub peer_acks: crate::raft::network::PeerAcks,
     /// Fencing timing (the plan controller waits out a silent destination's lease with it).
     pub fence: crate::vm::fence::FenceTunables,
+    /// This node's certificate and the CA's, as `ClientRequest::Certificates` reports them.
+    pub certificates: Vec<CertificateInfo>,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
 }
 
+/// How a request reached this node, for forwarding it on: its flags, and the client it is
+/// relayed for (`None` when this node or another node is the caller).
+struct Relay {
+    flags: u32,
+    on_behalf_of: Option<Caller>,
+}
+
+/// A command this node could not commit, with openraft's pointer to the leader.
+type Redirect = (CatalogCommand, openraft::error::ForwardToLeader<u64, HavenNode>);
+
 impl NodeService {
-    /// Handle one inbound envelope and produce the reply body.
-    pub async fn handle(self: Arc<Self>, env: Envelope) -> Body {
+    /// Handle one inbound envelope from `caller` (authorized by the transport) and produce the
+    /// reply body.
+    pub async fn handle(self: Arc<Self>, caller: Caller, env: Envelope) -> Body {
         match env.body {
             Body::Raft { rpc, payload } => self.handle_raft(env.sender, rpc, &payload).await,
             Body::Client(req) => {
                 let name = req.name();
-                let span = tracing::info_span!("client_request", request = name);
-                match self.handle_client(req, env.flags).instrument(span).await {
+                let span = tracing::info_span!("client_request", request = name, %caller);
+                match self.handle_client(req, env.flags, caller).instrument(span).await {
                     Ok(r) => Body::ClientReply(r),
                     Err(e) => {
                         metrics::counter!("haven_client_errors_total", "request" => name).increment(1);
@@ -74,12 +95,19 @@ impl NodeService {
                     }
                 }
             }
+            Body::Node(NodeRequest::Propose { command }) => {
+                let proposed = match command.validate() {
+                    Ok(()) => self.propose(command, env.flags).await,
+                    Err(m) => Err(err(ErrorCode::InvalidRequest, m)),
+                };
+                proposed.map_or_else(Body::Error, Body::ClientReply)
+            }
             Body::Actor(msg) => {
                 let routed = if env.dest.node == self.id {
                     self.registry.deliver_local(env.dest, msg).await
-                } else if env.flags & EnvelopeFlags::FORWARDED == 0 && env.sender == NodeId(0) {
-                    // From a client: route to the owning node, like any local sender would.
-                    self.registry.send(env.dest, msg).await
+                } else if env.flags & EnvelopeFlags::FORWARDED == 0 && !caller.is_node() {
+                    // From a client: route to the owning node in the client's name.
+                    self.registry.relay(env.dest, msg, caller).await
                 } else {
                     Err(err(ErrorCode::NotFound, format!("{} does not live on {}", env.dest, self.id)))
                 };
@@ -177,16 +205,19 @@ impl NodeService {
         }
     }
 
-    async fn handle_client(&self, req: ClientRequest, flags: u32) -> Result<ClientResponse, WireError> {
+    async fn handle_client(&self, req: ClientRequest, flags: u32, caller: Caller) -> Result<ClientResponse, WireError> {
+        let relay = Relay { flags, on_behalf_of: (!caller.is_node()).then(|| caller.clone()) };
         match req {
             ClientRequest::Status => Ok(ClientResponse::Status(self.status())),
-            ClientRequest::LeaderStatus => match self.leader_only(flags) {
+            ClientRequest::WhoAmI => Ok(ClientResponse::Identity(caller)),
+            ClientRequest::Certificates => Ok(ClientResponse::Certificates(self.certificates.clone())),
+            ClientRequest::LeaderStatus => match self.leader_only() {
                 Ok(()) => Ok(ClientResponse::Status(self.status())),
-                Err((leader, node, flags)) => self.forward(ClientRequest::LeaderStatus, leader, node, flags).await,
+                Err((leader, node)) => self.forward(Body::Client(ClientRequest::LeaderStatus), leader, node, relay).await,
             },
             ClientRequest::Write { command } => {
                 command.validate().map_err(|m| err(ErrorCode::InvalidRequest, m))?;
-                self.write(command, flags).await
+                self.client_write(command, relay).await
             }
             ClientRequest::Read { query, linearizable } => {
                 if linearizable {
@@ -194,9 +225,8 @@ impl NodeService {
                     match r {
                         Err(_) => return Err(err(ErrorCode::Timeout, "leadership could not be confirmed in time")),
                         Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
-                            return self
-                                .forward(ClientRequest::Read { query, linearizable }, f.leader_id, f.leader_node, flags)
-                                .await;
+                            let body = Body::Client(ClientRequest::Read { query, linearizable });
+                            return self.forward(body, f.leader_id, f.leader_node, relay).await;
                         }
                         Ok(Err(e)) => return Err(err(ErrorCode::Unavailable, e.to_string())),
                         Ok(Ok(_)) => {}
@@ -206,8 +236,8 @@ impl NodeService {
                     .map(ClientResponse::Read)
                     .map_err(|e| err(ErrorCode::Internal, e.to_string()))
             }
-            ClientRequest::AddMember { member, voter } => self.add_member(member, voter, flags).await,
-            ClientRequest::RemoveMember { id } => self.remove_member(id, flags).await,
+            ClientRequest::AddMember { member, voter } => self.add_member(member, voter, relay).await,
+            ClientRequest::RemoveMember { id } => self.remove_member(id, relay).await,
             ClientRequest::Volume(req) => {
                 let host = self.volumes().ok_or_else(|| err(ErrorCode::Unavailable, "volumes are not running yet"))?;
                 host.client(req).await.map(ClientResponse::Volume)
@@ -220,13 +250,42 @@ impl NodeService {
         }
     }
 
-    /// Propose a command and wait until it is committed and applied.
+    /// Propose a command from this node (any catalog command, internal ones included) and wait
+    /// until it is committed and applied; forwarded to the leader as a node request.
     pub async fn write(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
+        debug_assert!(command.validate().is_ok(), "node components propose valid commands: {command:?}");
+        self.propose(command, flags).await
+    }
+
+    async fn propose(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
+        match self.commit(command).await? {
+            Ok(done) => Ok(done),
+            Err((command, f)) => {
+                let body = Body::Node(NodeRequest::Propose { command });
+                self.forward(body, f.leader_id, f.leader_node, Relay { flags, on_behalf_of: None }).await
+            }
+        }
+    }
+
+    /// A client's write: committed here when this node leads, else forwarded in the client's name.
+    async fn client_write(&self, command: ClientCommand, relay: Relay) -> Result<ClientResponse, WireError> {
+        match self.commit(command.clone().into()).await? {
+            Ok(done) => Ok(done),
+            Err((_, f)) => {
+                let body = Body::Client(ClientRequest::Write { command });
+                self.forward(body, f.leader_id, f.leader_node, relay).await
+            }
+        }
+    }
+
+    /// Commit `command` through this node's Raft. `Ok(Err(..))` gives the command back with the
+    /// leader to forward it to.
+    async fn commit(&self, command: CatalogCommand) -> Result<Result<ClientResponse, Redirect>, WireError> {
         if self.unsafe_ack_before_commit && self.raft.metrics().borrow().state == ServerState::Leader {
             // Deliberately broken (see the field): the entry is only proposed, not committed.
             return match self.raft.client_write_ff(command).await {
                 Ok(_pending) => {
-                    Ok(ClientResponse::Written { index: 0, outcome: CommandOutcome::Put { previous: None } })
+                    Ok(Ok(ClientResponse::Written { index: 0, outcome: CommandOutcome::Put { previous: None } }))
                 }
                 Err(e) => Err(err(ErrorCode::Unavailable, e.to_string())),
             };
@@ -237,11 +296,9 @@ impl NodeService {
             Err(_) => Err(err(ErrorCode::Timeout, "write not committed before the deadline; it may still commit")),
             Ok(Ok(resp)) => {
                 metrics::histogram!("haven_raft_commit_seconds").record(started.elapsed().as_secs_f64());
-                Ok(ClientResponse::Written { index: resp.log_id.index, outcome: resp.data })
+                Ok(Ok(ClientResponse::Written { index: resp.log_id.index, outcome: resp.data }))
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                self.forward(ClientRequest::Write { command }, f.leader_id, f.leader_node, flags).await
-            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Ok(Err((command, f))),
             // Anything else (e.g. the node shutting down) may strike after the entry was appended.
             Ok(Err(e)) => Err(err(ErrorCode::Timeout, format!("write outcome unknown: {e}"))),
         }
@@ -250,16 +307,16 @@ impl NodeService {
     /// Send a leader-only request to the leader, once.
     async fn forward(
         &self,
-        req: ClientRequest,
+        body: Body,
         leader: Option<u64>,
         leader_node: Option<HavenNode>,
-        flags: u32,
+        relay: Relay,
     ) -> Result<ClientResponse, WireError> {
         let (Some(leader), Some(node)) = (leader, leader_node) else {
             return Err(err(ErrorCode::NoLeader, "no leader is known; an election may be in progress"));
         };
         let hint = Some((leader, node.addr.clone()));
-        if flags & EnvelopeFlags::FORWARDED != 0 || leader == self.id.0 {
+        if relay.flags & EnvelopeFlags::FORWARDED != 0 || leader == self.id.0 {
             return Err(WireError {
                 code: ErrorCode::NotLeader,
                 message: format!("leader is node-{leader}"),
@@ -271,16 +328,13 @@ impl NodeService {
             message: m,
             leader: hint.clone(),
         })?;
-        let reply = self
-            .transport
-            .request(
-                addr,
-                ActorAddr::node(NodeId(leader)),
-                Body::Client(req),
-                EnvelopeFlags::FORWARDED,
-                self.request_timeout,
-            )
-            .await;
+        let out = Outbound {
+            dest: ActorAddr::node(NodeId(leader)),
+            body,
+            flags: EnvelopeFlags::FORWARDED,
+            on_behalf_of: relay.on_behalf_of,
+        };
+        let reply = self.transport.send(addr, out, self.request_timeout).await;
         match reply {
             Ok(Envelope { body: Body::ClientReply(r), .. }) => Ok(r),
             Ok(Envelope { body: Body::Error(e), .. }) => Err(e),
@@ -294,18 +348,18 @@ impl NodeService {
         }
     }
 
-    fn leader_only(&self, flags: u32) -> Result<(), (Option<u64>, Option<HavenNode>, u32)> {
+    fn leader_only(&self) -> Result<(), (Option<u64>, Option<HavenNode>)> {
         let m = self.raft.metrics().borrow().clone();
         if m.state == ServerState::Leader {
             return Ok(());
         }
         let node = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
-        Err((m.current_leader, node, flags))
+        Err((m.current_leader, node))
     }
 
-    async fn add_member(&self, member: MemberSpec, voter: bool, flags: u32) -> Result<ClientResponse, WireError> {
-        if let Err((leader, node, flags)) = self.leader_only(flags) {
-            return self.forward(ClientRequest::AddMember { member, voter }, leader, node, flags).await;
+    async fn add_member(&self, member: MemberSpec, voter: bool, relay: Relay) -> Result<ClientResponse, WireError> {
+        if let Err((leader, node)) = self.leader_only() {
+            return self.forward(Body::Client(ClientRequest::AddMember { member, voter }), leader, node, relay).await;
         }
         crate::config::check_addr("member address", &member.addr)
             .map_err(|e| err(ErrorCode::InvalidRequest, e.to_string()))?;
@@ -359,9 +413,9 @@ impl NodeService {
         Ok(ClientResponse::MembershipChanged { index })
     }
 
-    async fn remove_member(&self, id: NodeId, flags: u32) -> Result<ClientResponse, WireError> {
-        if let Err((leader, node, flags)) = self.leader_only(flags) {
-            return self.forward(ClientRequest::RemoveMember { id }, leader, node, flags).await;
+    async fn remove_member(&self, id: NodeId, relay: Relay) -> Result<ClientResponse, WireError> {
+        if let Err((leader, node)) = self.leader_only() {
+            return self.forward(Body::Client(ClientRequest::RemoveMember { id }), leader, node, relay).await;
         }
         let status = self.status();
         let Some(target) = status.members.iter().find(|m| m.id == id) else {

@@ -1,30 +1,120 @@
-//! The node's QUIC endpoint: accepting peers and clients, validating every inbound frame, and
-//! sending requests to other nodes.
+//! The node's QUIC endpoint: accepting peers and clients, binding each connection to the identity
+//! its certificate names, validating and authorizing every inbound frame, and sending requests to
+//! other nodes.
 //!
 //! One quinn endpoint serves and dials, with the cluster CA required on both sides (mutual TLS).
-//! Each inbound stream carries one request envelope; it is size-checked, validated and
-//! version-checked before the [`InboundHandler`] sees it. A bad frame is logged, counted in
-//! `haven_transport_errors_total`, and closes that peer's connection — the node and its other
-//! connections carry on. Control requests and bulk flows use separate connections per peer
-//! ([`Transport::request`] and [`Transport::open_bulk`]), so bulk congestion never delays Raft.
+//! On every accepted connection the peer's leaf certificate is read (`identity`); a certificate
+//! naming no identity closes the connection. Each inbound stream carries one request envelope;
+//! it is size-checked, validated and version-checked, then authorized against the connection's
+//! identity (`authz`: sender binding, flags, relaying, the request table) before the
+//! [`InboundHandler`] sees it. A bad frame is logged, counted in `haven_transport_errors_total`,
+//! and closes that peer's connection; a refused request is answered `PermissionDenied` and counted
+//! in `haven_authz_refused_total` — the node and its other connections carry on. Control requests
+//! and bulk flows use separate connections per peer ([`Transport::request`] and
+//! [`Transport::open_bulk`]), so bulk congestion never delays Raft.
+//!
+//! **Bounded resources** ([`TransportLimits`]): connections per peer IP address; a frame's bytes
+//! must all arrive within `frame_deadline` of its first byte, or the connection is closed; a
+//! frame's buffer grows as bytes arrive; the bytes of frames being read or handled are capped per
+//! connection and per node (a frame waits for room, within its deadline). QUIC itself caps
+//! concurrent streams per connection and unread bytes per connection (`haven_client::wire`).
+//! Every refusal is counted in `haven_transport_refused_total{reason}`.
 //! This module must not interpret request bodies.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use haven_client::wire::{self, Connector, TlsMaterial, WireIoError};
-use haven_proto::frame::{FRAME_HEADER_LEN, MAX_FRAME_LEN};
-use haven_proto::{ActorAddr, Body, Envelope, EnvelopeFlags, NodeId};
+use haven_proto::frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+use haven_proto::{ActorAddr, Body, Caller, Envelope, EnvelopeFlags, ErrorCode, NodeId, ProtoError, WireError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn, Instrument};
+
+use crate::authz;
 
 /// QUIC application close code for a peer that sent a bad frame.
 pub const CLOSE_BAD_FRAME: u32 = 0x4856_0001;
+/// QUIC application close code for a peer whose certificate names no usable identity.
+pub const CLOSE_BAD_IDENTITY: u32 = 0x4856_0002;
+/// QUIC application close code for a peer that did not finish a frame within the deadline.
+pub const CLOSE_SLOW_FRAME: u32 = 0x4856_0003;
+/// QUIC stream reset code for a request refused for lack of in-flight room.
+pub const RESET_NO_ROOM: u32 = 0x4856_0004;
 
-/// Handles one validated inbound request and returns the reply body.
-pub type InboundHandler = Arc<dyn Fn(Envelope) -> BoxFuture<'static, Body> + Send + Sync>;
+/// Handles one validated, authorized inbound request and returns the reply body. The caller is
+/// the effective one (`authz::authorize`): the relayed client, else the connection's identity.
+pub type InboundHandler = Arc<dyn Fn(Caller, Envelope) -> BoxFuture<'static, Body> + Send + Sync>;
+
+/// Limits on what peers may make this node hold (the `[transport]` configuration section).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportLimits {
+    /// A frame's bytes must all arrive within this long of its first byte.
+    pub frame_deadline_ms: u64,
+    /// Connections one peer IP address may hold open at once.
+    pub max_connections_per_ip: usize,
+    /// Bytes of request frames being read or handled at once on one connection.
+    pub max_inflight_bytes_per_connection: usize,
+    /// Bytes of request frames being read or handled at once on the whole node.
+    pub max_inflight_bytes_per_node: usize,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            frame_deadline_ms: 10_000,
+            max_connections_per_ip: 64,
+            max_inflight_bytes_per_connection: 64 << 20,
+            max_inflight_bytes_per_node: 256 << 20,
+        }
+    }
+}
+
+impl TransportLimits {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.frame_deadline_ms == 0 || self.max_connections_per_ip == 0 {
+            return Err("transport: frame_deadline_ms and max_connections_per_ip must be positive".into());
+        }
+        if self.max_inflight_bytes_per_connection < MAX_FRAME_LEN
+            || self.max_inflight_bytes_per_node < self.max_inflight_bytes_per_connection
+        {
+            return Err(format!(
+                "transport: need {MAX_FRAME_LEN} <= max_inflight_bytes_per_connection <= max_inflight_bytes_per_node"
+            ));
+        }
+        Ok(())
+    }
+
+    fn frame_deadline(&self) -> Duration {
+        Duration::from_millis(self.frame_deadline_ms)
+    }
+}
+
+/// How the transport treats inbound requests.
+#[derive(Debug, Clone, Default)]
+pub struct TransportOptions {
+    pub limits: TransportLimits,
+    /// Allow fault-injection requests (`--allow-fault-injection`; tests and chaos runs only).
+    pub allow_fault_injection: bool,
+}
+
+/// One outbound request: where it goes, what it carries, and whom a relayed request is for.
+pub struct Outbound {
+    pub dest: ActorAddr,
+    pub body: Body,
+    pub flags: u32,
+    pub on_behalf_of: Option<Caller>,
+}
+
+/// Byte budgets shared by every connection of a node.
+struct Budgets {
+    node: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
 
 /// Takes over a bulk stream opened by a request flagged [`EnvelopeFlags::STREAM`] (for example a
 /// live migration's page stream); it owns both halves from then on.
@@ -40,6 +130,8 @@ pub struct Transport {
     bulk: Connector,
     dial_via: Arc<HashMap<u64, String>>,
     streams: Arc<std::sync::OnceLock<StreamHandler>>,
+    options: Arc<TransportOptions>,
+    budgets: Arc<Budgets>,
 }
 
 impl Transport {
@@ -49,6 +141,7 @@ impl Transport {
         listen: SocketAddr,
         tls: &TlsMaterial,
         dial_via: HashMap<u64, String>,
+        options: TransportOptions,
     ) -> Result<Self, WireIoError> {
         let server = tls.quic_server_config()?;
         // A stateless-reset key that survives restarts (derived from the node's private key):
@@ -79,6 +172,11 @@ impl Transport {
             endpoint,
             dial_via: Arc::new(dial_via),
             streams: Arc::default(),
+            budgets: Arc::new(Budgets {
+                node: Arc::new(Semaphore::new(options.limits.max_inflight_bytes_per_node)),
+                per_ip: Mutex::default(),
+            }),
+            options: Arc::new(options),
         })
     }
 
@@ -105,8 +203,14 @@ impl Transport {
         flags: u32,
         timeout: Duration,
     ) -> Result<Envelope, WireIoError> {
-        let mut env = Envelope::new(self.control.next_msg_id(), self.node, dest, body);
-        env.flags = flags;
+        self.send(addr, Outbound { dest, body, flags, on_behalf_of: None }, timeout).await
+    }
+
+    /// Send `out` to the node at `addr` and wait for its reply.
+    pub async fn send(&self, addr: SocketAddr, out: Outbound, timeout: Duration) -> Result<Envelope, WireIoError> {
+        let mut env = Envelope::new(self.control.next_msg_id(), self.node, out.dest, out.body);
+        env.flags = out.flags;
+        env.on_behalf_of = out.on_behalf_of;
         let kind = env.kind().as_str();
         let span = tracing::debug_span!("rpc", %addr, kind, msg_id = env.msg_id);
         match self.control.request(addr, &env, timeout).instrument(span).await {
@@ -154,14 +258,27 @@ impl Transport {
         Ok((send, recv))
     }
 
-    /// Accept connections until the endpoint closes, handing each valid request to `handler`.
+    /// Accept connections until the endpoint closes, handing each valid, authorized request to
+    /// `handler`.
     pub async fn serve(self, handler: InboundHandler) {
         while let Some(incoming) = self.endpoint.accept().await {
-            let handler = handler.clone();
-            let streams = self.streams.clone();
-            let node = self.node;
+            let remote = incoming.remote_address();
+            let Some(slot) = ConnectionSlot::take(&self.budgets, remote.ip(), self.options.limits.max_connections_per_ip)
+            else {
+                warn!(%remote, "refused connection: too many from this address");
+                refused("connections_per_ip");
+                incoming.refuse();
+                continue;
+            };
+            let ctx = Inbound {
+                node: self.node,
+                handler: handler.clone(),
+                streams: self.streams.clone(),
+                options: self.options.clone(),
+                node_budget: self.budgets.node.clone(),
+            };
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
+                let _slot = slot;
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {
@@ -171,7 +288,16 @@ impl Transport {
                         return;
                     }
                 };
-                serve_connection(node, conn, handler, streams).await;
+                let caller = match crate::identity::connection_caller(&conn) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(%remote, error = %e, "refused connection: no usable identity");
+                        refused("identity");
+                        conn.close(CLOSE_BAD_IDENTITY.into(), e.to_string().as_bytes());
+                        return;
+                    }
+                };
+                serve_connection(ctx, conn, Arc::new(caller)).await;
             });
         }
     }
@@ -182,14 +308,75 @@ impl Transport {
     }
 }
 
-async fn serve_connection(
+fn refused(reason: &'static str) {
+    metrics::counter!("haven_transport_refused_total", "reason" => reason).increment(1);
+}
+
+/// One connection's place in the per-IP count, given back when the connection ends.
+struct ConnectionSlot {
+    budgets: Arc<Budgets>,
+    ip: IpAddr,
+}
+
+impl ConnectionSlot {
+    fn take(budgets: &Arc<Budgets>, ip: IpAddr, max: usize) -> Option<Self> {
+        let mut per_ip = budgets.per_ip.lock().expect("per-ip lock");
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self { budgets: budgets.clone(), ip })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.budgets.per_ip.lock().expect("per-ip lock");
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What serving one connection needs.
+#[derive(Clone)]
+struct Inbound {
     node: NodeId,
-    conn: quinn::Connection,
     handler: InboundHandler,
     streams: Arc<std::sync::OnceLock<StreamHandler>>,
-) {
+    options: Arc<TransportOptions>,
+    node_budget: Arc<Semaphore>,
+}
+
+/// Why a request stream ended without a reply.
+enum StreamEnd {
+    /// The peer went away or gave up on this request (its timeout).
+    Abandoned(WireIoError),
+    /// The peer sent bytes that are not a valid frame: it is broken or hostile.
+    BadFrame(ProtoError),
+    /// The frame did not arrive within the deadline.
+    TooSlow,
+    /// No room for the frame's bytes within the deadline.
+    NoRoom,
+}
+
+impl From<WireIoError> for StreamEnd {
+    fn from(e: WireIoError) -> Self {
+        match e {
+            WireIoError::Proto(p) => Self::BadFrame(p),
+            other => Self::Abandoned(other),
+        }
+    }
+}
+
+async fn serve_connection(ctx: Inbound, conn: quinn::Connection, caller: Arc<Caller>) {
     let remote = conn.remote_address();
-    debug!(%remote, "connection accepted");
+    debug!(%remote, %caller, "connection accepted");
+    let conn_budget = Arc::new(Semaphore::new(ctx.options.limits.max_inflight_bytes_per_connection));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -198,21 +385,25 @@ async fn serve_connection(
                 return;
             }
         };
-        let handler = handler.clone();
-        let streams = streams.clone();
-        let conn = conn.clone();
+        let (ctx, conn, caller, conn_budget) = (ctx.clone(), conn.clone(), caller.clone(), conn_budget.clone());
         tokio::spawn(async move {
-            match serve_stream(node, send, recv, handler, streams).await {
+            match serve_stream(&ctx, &caller, send, recv, conn_budget).await {
                 Ok(()) => {}
-                // The peer sent bytes that are not a valid frame: it is broken or hostile.
-                Err(e @ WireIoError::Proto(_)) => {
+                Err(StreamEnd::BadFrame(e)) => {
                     warn!(%remote, error = %e, "rejected frame; closing connection");
                     metrics::counter!("haven_transport_errors_total", "kind" => "bad_frame").increment(1);
                     conn.close(CLOSE_BAD_FRAME.into(), e.to_string().as_bytes());
                 }
-                // The peer went away or gave up on this request (its timeout): nothing wrong
-                // with the connection's other streams.
-                Err(e) => {
+                Err(StreamEnd::TooSlow) => {
+                    warn!(%remote, "frame not received within the deadline; closing connection");
+                    refused("frame_deadline");
+                    conn.close(CLOSE_SLOW_FRAME.into(), b"frame deadline");
+                }
+                Err(StreamEnd::NoRoom) => {
+                    debug!(%remote, "no in-flight room for a frame within its deadline");
+                    refused("inflight_bytes");
+                }
+                Err(StreamEnd::Abandoned(e)) => {
                     debug!(%remote, error = %e, "stream ended before the reply was delivered");
                     metrics::counter!("haven_transport_errors_total", "kind" => "abandoned").increment(1);
                 }
@@ -221,18 +412,73 @@ async fn serve_connection(
     }
 }
 
+/// Read one request frame within the deadline, holding in-flight room for its bytes. The permits
+/// are held until the caller drops them (after the reply is written).
+async fn read_request(
+    ctx: &Inbound,
+    recv: &mut quinn::RecvStream,
+    send: &mut quinn::SendStream,
+    conn_budget: Arc<Semaphore>,
+) -> Result<(rkyv::util::AlignedVec, [OwnedSemaphorePermit; 2]), StreamEnd> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    // Waiting for a request's first byte is not bounded here (QUIC's idle timeout is); once it
+    // starts, the whole frame must follow within the deadline.
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(got)) => {
+            return Err(StreamEnd::BadFrame(ProtoError::Truncated { expected: FRAME_HEADER_LEN, got }))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(StreamEnd::Abandoned(WireIoError::Read(e.to_string()))),
+    }
+    let deadline = tokio::time::Instant::now() + ctx.options.limits.frame_deadline();
+    let len = FrameHeader::parse(header, MAX_FRAME_LEN).map_err(StreamEnd::BadFrame)?.len;
+    let permits = async {
+        let bytes = u32::try_from(len).expect("frames are below 4 GiB");
+        let conn = conn_budget.acquire_many_owned(bytes).await.expect("budget never closed");
+        let node = ctx.node_budget.clone().acquire_many_owned(bytes).await.expect("budget never closed");
+        [conn, node]
+    };
+    let Ok(permits) = tokio::time::timeout_at(deadline, permits).await else {
+        let _ = send.reset(RESET_NO_ROOM.into());
+        return Err(StreamEnd::NoRoom);
+    };
+    match tokio::time::timeout_at(deadline, wire::read_body(recv, len)).await {
+        Ok(Ok(buf)) => Ok((buf, permits)),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(StreamEnd::TooSlow),
+    }
+}
+
 async fn serve_stream(
-    node: NodeId,
+    ctx: &Inbound,
+    caller: &Caller,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    handler: InboundHandler,
-    streams: Arc<std::sync::OnceLock<StreamHandler>>,
-) -> Result<(), WireIoError> {
+    conn_budget: Arc<Semaphore>,
+) -> Result<(), StreamEnd> {
     let started = Instant::now();
-    let buf = wire::read_frame(&mut recv, MAX_FRAME_LEN).await?;
-    let request = Envelope::decode(&buf)?;
+    let (buf, _permits) = read_request(ctx, &mut recv, &mut send, conn_budget).await?;
+    let request = Envelope::decode(&buf).map_err(StreamEnd::BadFrame)?;
+    let req = authz::Request {
+        sender: request.sender,
+        flags: request.flags,
+        on_behalf_of: request.on_behalf_of.as_ref(),
+        body: &request.body,
+    };
+    let effective = match authz::authorize(caller, &req, ctx.options.allow_fault_injection) {
+        Ok(c) => c,
+        Err(refusal) => {
+            warn!(%caller, kind = request.kind().as_str(), error = %refusal, "refused request");
+            metrics::counter!("haven_authz_refused_total", "reason" => refusal.reason()).increment(1);
+            let body = Body::Error(WireError::new(ErrorCode::PermissionDenied, refusal.to_string()));
+            let reply = Envelope::new(request.msg_id, ctx.node, ActorAddr::node(request.sender), body);
+            wire::write_envelope(&mut send, &reply).await?;
+            send.finish().map_err(WireIoError::from)?;
+            return Ok(());
+        }
+    };
     if request.flags & EnvelopeFlags::STREAM != 0 {
-        match streams.get() {
+        match ctx.streams.get() {
             Some(h) => h(request, send, recv).await,
             None => {
                 let _ = send.reset(0u32.into());
@@ -244,12 +490,13 @@ async fn serve_stream(
     metrics::counter!("haven_transport_messages_total", "direction" => "in", "kind" => kind).increment(1);
     metrics::counter!("haven_transport_bytes_total", "direction" => "in")
         .increment((buf.len() + FRAME_HEADER_LEN) as u64);
-    let span = tracing::debug_span!("handle", kind, msg_id = request.msg_id, sender = %request.sender);
+    drop(buf);
+    let span = tracing::debug_span!("handle", kind, msg_id = request.msg_id, caller = %effective);
     let (msg_id, sender) = (request.msg_id, request.sender);
-    let reply_body = handler(request).instrument(span).await;
-    let reply = Envelope::new(msg_id, node, ActorAddr::node(sender), reply_body);
+    let reply_body = (ctx.handler)(effective, request).instrument(span).await;
+    let reply = Envelope::new(msg_id, ctx.node, ActorAddr::node(sender), reply_body);
     let sent = wire::write_envelope(&mut send, &reply).await?;
-    send.finish()?;
+    send.finish().map_err(WireIoError::from)?;
     metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(sent as u64);
     metrics::histogram!("haven_transport_handle_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
     Ok(())

@@ -20,8 +20,9 @@ use haven_client::HavenClient;
 const HEALTHY: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
 
+/// Volume tests inject corruption, a testing-only request.
 fn cluster(dir: &std::path::Path) -> LocalCluster {
-    cluster_with(dir, &[])
+    cluster_with(dir, &[("HAVEN_ALLOW_FAULT_INJECTION", "1")])
 }
 
 async fn healthy(c: &mut LocalCluster) -> HavenClient {

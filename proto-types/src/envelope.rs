@@ -9,12 +9,14 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::auth::Caller;
 use crate::error::{ProtoError, WireError};
 use crate::ids::{ActorAddr, NodeId};
-use crate::messages::{ActorMessage, ActorReply, ClientRequest, ClientResponse};
+use crate::messages::{ActorMessage, ActorReply, ClientRequest, ClientResponse, NodeRequest};
 
 /// The protocol version this build speaks. A peer sending another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added [`Envelope::on_behalf_of`].
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bit flags in [`Envelope::flags`].
 pub struct EnvelopeFlags;
@@ -47,6 +49,8 @@ pub enum Body {
     RaftReply { payload: Vec<u8> },
     /// A client request.
     Client(ClientRequest),
+    /// A request only nodes may send.
+    Node(NodeRequest),
     /// A successful reply to a client request.
     ClientReply(ClientResponse),
     /// A message for the actor at [`Envelope::dest`].
@@ -63,6 +67,7 @@ pub enum MessageKind {
     Raft,
     RaftReply,
     Client,
+    Node,
     ClientReply,
     Actor,
     ActorReply,
@@ -75,6 +80,7 @@ impl MessageKind {
             Self::Raft => "raft",
             Self::RaftReply => "raft_reply",
             Self::Client => "client",
+            Self::Node => "node",
             Self::ClientReply => "client_reply",
             Self::Actor => "actor",
             Self::ActorReply => "actor_reply",
@@ -89,6 +95,7 @@ impl Body {
             Self::Raft { .. } => MessageKind::Raft,
             Self::RaftReply { .. } => MessageKind::RaftReply,
             Self::Client(_) => MessageKind::Client,
+            Self::Node(_) => MessageKind::Node,
             Self::ClientReply(_) => MessageKind::ClientReply,
             Self::Actor(_) => MessageKind::Actor,
             Self::ActorReply(_) => MessageKind::ActorReply,
@@ -111,13 +118,18 @@ pub struct Envelope {
     pub dest: ActorAddr,
     /// [`EnvelopeFlags`] bits.
     pub flags: u32,
+    /// Set by a node that relays a request it received from someone else (a client's write
+    /// forwarded to the leader, a client's actor message routed to the owning node): the original
+    /// caller, whom the receiver authorizes instead of the relaying node. Receivers honour it only
+    /// on a connection authenticated as a node; from a client it is refused.
+    pub on_behalf_of: Option<Caller>,
     pub body: Body,
 }
 
 impl Envelope {
     /// A new envelope at the current protocol version.
     pub fn new(msg_id: u64, sender: NodeId, dest: ActorAddr, body: Body) -> Self {
-        Self { version: PROTOCOL_VERSION, msg_id, sender, dest, flags: 0, body }
+        Self { version: PROTOCOL_VERSION, msg_id, sender, dest, flags: 0, on_behalf_of: None, body }
     }
 
     pub fn kind(&self) -> MessageKind {
@@ -160,7 +172,7 @@ pub fn aligned_copy(bytes: &[u8]) -> AlignedVec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::CatalogCommand;
+    use crate::client_command::ClientCommand;
     use crate::ids::ActorAddr;
 
     fn sample() -> Envelope {
@@ -169,7 +181,7 @@ mod tests {
             NodeId(1),
             ActorAddr::node(NodeId(2)),
             Body::Client(ClientRequest::Write {
-                command: CatalogCommand::KvPut { key: "k".into(), value: vec![1, 2, 3] },
+                command: ClientCommand::KvPut { key: "k".into(), value: vec![1, 2, 3] },
             }),
         )
     }

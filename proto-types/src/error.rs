@@ -47,6 +47,12 @@ pub enum ErrorCode {
     Internal,
     /// This host is not (or no longer) the volume's primary; the catalog names the current one.
     NotPrimary,
+    /// The caller's identity may not make this request (a client sending a node-only message,
+    /// a `reader` writing, an envelope whose sender is not its certificate's identity).
+    PermissionDenied,
+    /// A limit was reached (frame size, streams, in-flight bytes, list length); the request was
+    /// refused before any work was done.
+    LimitExceeded,
 }
 
 impl ErrorCode {

@@ -7,7 +7,9 @@
 //! field is read. It must not do I/O, spawn tasks or know about Raft internals; the node and the
 //! client crates build transports on top of it.
 
+pub mod auth;
 pub mod catalog;
+pub mod client_command;
 pub mod envelope;
 pub mod error;
 pub mod frame;
@@ -17,11 +19,14 @@ pub mod plan;
 pub mod vm;
 pub mod volume;
 
+pub use auth::{Caller, Role};
+pub use client_command::{ClientCommand, ClientPlanCommand, ClientVmCommand, ClientVolumeCommand};
 pub use catalog::{CatalogCommand, CatalogQuery, CommandOutcome, HostRecord, QueryResult};
 pub use envelope::{aligned_copy, Body, Envelope, EnvelopeFlags, MessageKind, RaftRpc, PROTOCOL_VERSION};
 pub use error::{ErrorCode, ProtoError, WireError};
 pub use frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use ids::{ActorAddr, ActorKind, NodeId, VmId, VolumeId};
 pub use messages::{
-    ActorMessage, ActorReply, ClientRequest, ClientResponse, MemberInfo, MemberSpec, NodeRole, NodeStatus,
+    ActorMessage, ActorReply, CertificateInfo, ClientRequest, ClientResponse, MemberInfo, MemberSpec, NodeRequest,
+    NodeRole, NodeStatus,
 };

@@ -4,7 +4,9 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::auth::Caller;
 use crate::catalog::{CatalogCommand, CatalogQuery, CommandOutcome, QueryResult};
+use crate::client_command::ClientCommand;
 use crate::ids::NodeId;
 use crate::vm::{VmMessage, VmRequest, VmResponse};
 use crate::volume::{DeviceMessage, DeviceReply, VolumeRequest, VolumeResponse};
@@ -28,8 +30,8 @@ pub enum ClientRequest {
     Status,
     /// The leader's view of the cluster, including replication progress (forwarded to the leader).
     LeaderStatus,
-    /// Apply a catalog command through Raft (forwarded to the leader).
-    Write { command: CatalogCommand },
+    /// Apply a client's catalog command through Raft (forwarded to the leader).
+    Write { command: ClientCommand },
     /// Read catalog state. `linearizable` reads go through the leader's read index.
     Read { query: CatalogQuery, linearizable: bool },
     /// Add a member: as a learner first, then (if `voter`) promoted to voter.
@@ -40,6 +42,10 @@ pub enum ClientRequest {
     Volume(VolumeRequest),
     /// A request about a running VM, routed to the VM's host.
     Vm(VmRequest),
+    /// Who the node sees on this connection: the identity and role its certificate carries.
+    WhoAmI,
+    /// This node's certificate and the cluster CA's: identities, serials and expiry.
+    Certificates,
 }
 
 impl ClientRequest {
@@ -54,8 +60,36 @@ impl ClientRequest {
             Self::RemoveMember { .. } => "remove_member",
             Self::Volume(_) => "volume",
             Self::Vm(_) => "vm",
+            Self::WhoAmI => "whoami",
+            Self::Certificates => "certificates",
         }
     }
+}
+
+/// A request only nodes may send (the transport refuses it from a client certificate).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum NodeRequest {
+    /// Propose any catalog command, internal ones included (forwarded to the leader once).
+    /// Answered with [`ClientResponse::Written`].
+    Propose { command: CatalogCommand },
+}
+
+/// One certificate as a node reports it (`havenctl cluster certs`).
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct CertificateInfo {
+    /// `ca`, or the identity's URI (`haven://node/2`).
+    pub identity: String,
+    pub subject: String,
+    pub serial: String,
+    /// Validity, in seconds since the Unix epoch.
+    pub not_before_unix_s: i64,
+    pub not_after_unix_s: i64,
+    /// SHA-256 of the DER, hex.
+    pub sha256: String,
+    /// The node that reported it.
+    pub reported_by: NodeId,
 }
 
 /// A node's role in Raft.
@@ -116,6 +150,9 @@ pub enum ClientResponse {
     },
     Volume(VolumeResponse),
     Vm(VmResponse),
+    /// The caller as the node authenticated it.
+    Identity(Caller),
+    Certificates(Vec<CertificateInfo>),
 }
 
 /// A message to an actor. Every actor answers `Ping` and `Describe`; device actors take

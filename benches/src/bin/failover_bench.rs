@@ -28,7 +28,7 @@ use clap::Parser;
 use haven_benches::cluster::{client_for, RunningCluster, HEALTHY_TIMEOUT};
 use haven_benches::latency::quantile_ms;
 use haven_benches::{Cell, Report, Table, TargetCheck};
-use haven_client::proto::{CatalogCommand, ClientRequest, ClientResponse, NodeId, NodeStatus};
+use haven_client::proto::{ClientCommand, ClientRequest, ClientResponse, NodeId, NodeStatus};
 use haven_client::HavenClient;
 use tokio::task::JoinSet;
 
@@ -166,7 +166,7 @@ impl Probes {
                     let (client, key, probe_timeout) = (self.client.clone(), key.clone(), self.probe_timeout);
                     let value = seq.to_be_bytes().to_vec();
                     set.spawn(async move {
-                        let req = ClientRequest::Write { command: CatalogCommand::KvPut { key, value } };
+                        let req = ClientRequest::Write { command: ClientCommand::KvPut { key, value } };
                         match tokio::time::timeout(probe_timeout, client.call_node(addr, req)).await {
                             Ok(Ok(ClientResponse::Written { .. })) => ProbeOutcome::Acked(Instant::now()),
                             Ok(_) => ProbeOutcome::Refused,

@@ -69,6 +69,8 @@ pub fn usage_error(args: &[&str], cluster: &Path, needle: &str) {
 pub fn healthy_cluster(dir: &Path) -> LocalCluster {
     let mut spec = DevClusterSpec::new(dir.join("c"), 3);
     spec.node_bin = bin().with_file_name("haven-node");
+    // The CLI tests include `volume corrupt`, a testing-only request.
+    spec.env.insert("HAVEN_ALLOW_FAULT_INJECTION".into(), "1".into());
     let mut cluster = LocalCluster::create(&spec).expect("creating the cluster");
     cluster.start_all().expect("starting the nodes");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

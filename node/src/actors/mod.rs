@@ -15,9 +15,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix::{Message, Recipient};
-use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, Body, ErrorCode, NodeId, WireError};
+use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, Body, Caller, ErrorCode, NodeId, WireError};
 
-use crate::transport::Transport;
+use crate::transport::{Outbound, Transport};
 
 /// This node process's incarnation (random, drawn once per process start), reported in every
 /// actor's description: a peer that sees it change knows the node restarted.
@@ -107,6 +107,26 @@ impl ActorRegistry {
         msg: ActorMessage,
         timeout: Duration,
     ) -> Result<ActorReply, WireError> {
+        self.send_as(addr, msg, timeout, None).await
+    }
+
+    /// Route a client's message to the node that owns `addr`, naming the client as the caller
+    /// so the owner authorizes the client, not this node (`authz`).
+    pub async fn relay(&self, addr: ActorAddr, msg: ActorMessage, client: Caller) -> Result<ActorReply, WireError> {
+        debug_assert!(!client.is_node(), "nodes send in their own name");
+        if addr.node == self.node {
+            return Err(WireError::new(ErrorCode::Internal, format!("{addr} is local; deliver it, do not relay it")));
+        }
+        self.send_as(addr, msg, self.timeout, Some(client)).await
+    }
+
+    async fn send_as(
+        &self,
+        addr: ActorAddr,
+        msg: ActorMessage,
+        timeout: Duration,
+        on_behalf_of: Option<Caller>,
+    ) -> Result<ActorReply, WireError> {
         if addr.node == self.node {
             return self.deliver_local(addr, msg).await;
         }
@@ -116,7 +136,8 @@ impl ActorRegistry {
             self.transport.dial_addr(addr.node, &peer).await.map_err(|m| WireError::new(ErrorCode::Unavailable, m))?;
         // Only a failure to connect proves the message was not delivered; anything after it may
         // have been (`Timeout` = outcome unknown).
-        let reply = self.transport.request(peer, addr, Body::Actor(msg), 0, timeout).await.map_err(|e| {
+        let outbound = Outbound { dest: addr, body: Body::Actor(msg), flags: 0, on_behalf_of };
+        let reply = self.transport.send(peer, outbound, timeout).await.map_err(|e| {
             use haven_client::wire::WireIoError as E;
             match e {
                 E::Connect { .. } | E::BackingOff { .. } | E::Tls(_) => {

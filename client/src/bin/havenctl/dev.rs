@@ -11,6 +11,9 @@ use serde_json::json;
 
 use crate::output::Output;
 
+/// The node's testing switch for fault injection (`haven-node run --allow-fault-injection`).
+const ALLOW_FAULTS_ENV: &str = "HAVEN_ALLOW_FAULT_INJECTION";
+
 #[derive(Subcommand)]
 pub enum DevCommand {
     /// Create and start N nodes on loopback, wait until they elect a leader, write DIR/client.toml.
@@ -45,6 +48,9 @@ pub struct UpArgs {
     /// Seconds to wait for the cluster to become healthy.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// TESTING ONLY: let the nodes accept fault injection (`havenctl volume corrupt`).
+    #[arg(long)]
+    allow_fault_injection: bool,
 }
 
 pub async fn run(cmd: DevCommand, out: &Output) -> anyhow::Result<()> {
@@ -79,6 +85,9 @@ async fn up(a: UpArgs, out: &Output) -> anyhow::Result<()> {
     let mut spec = DevClusterSpec::new(&a.dir, a.nodes as usize);
     spec.node_bin = a.node_bin.unwrap_or_else(locate_node_binary);
     spec.election_timeout_ms = a.election_timeout_ms;
+    if a.allow_fault_injection {
+        spec.env.insert(ALLOW_FAULTS_ENV.into(), "1".into());
+    }
     let bar = if out.is_json() { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("static template"));
     bar.enable_steady_tick(Duration::from_millis(100));
