@@ -86,7 +86,7 @@ struct InitArgs {
     failure_detect_ms: u64,
     /// TESTING ONLY: accept fault-injection requests (`havenctl volume corrupt`). Written into
     /// the configuration; never set it on a cluster that holds data you care about.
-    #[arg(long, env = "HAVEN_ALLOW_FAULT_INJECTION")]
+    #[arg(long, env = "HAVEN_ALLOW_FAULT_INJECTION", value_parser = clap::builder::BoolishValueParser::new())]
     allow_fault_injection: bool,
     /// Overwrite an existing configuration.
     #[arg(long)]
@@ -115,7 +115,7 @@ struct RunArgs {
     #[arg(long, env = "HAVEN_VM_MEMORY_MIB")]
     vm_memory_mib: Option<u64>,
     /// TESTING ONLY: accept fault-injection requests (`havenctl volume corrupt`) this run.
-    #[arg(long, env = "HAVEN_ALLOW_FAULT_INJECTION")]
+    #[arg(long, env = "HAVEN_ALLOW_FAULT_INJECTION", value_parser = clap::builder::BoolishValueParser::new())]
     allow_fault_injection: bool,
 }
 
