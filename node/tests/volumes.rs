@@ -250,7 +250,8 @@ async fn interrupted_resync_resumes_and_resends_at_most_one_chunk() {
     loop {
         let status = client.replication_status(v.id).await.unwrap();
         let progress = status.replicas.iter().find(|r| r.host == replica).and_then(|r| r.resync.clone());
-        if let Some(p) = progress {
+        // A resync reports itself before it has planned its blocks (total 0): wait for the plan.
+        if let Some(p) = progress.filter(|p| p.blocks_total > 0 || p.blocks_sent > 0) {
             assert_eq!(p.blocks_total, changed, "only the changed blocks are planned: {p:?}");
             if p.blocks_sent >= 256 && p.blocks_sent < changed {
                 break;
