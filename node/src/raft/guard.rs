@@ -23,6 +23,9 @@ pub const MAX_TERM: u64 = 1 << 62;
 /// [`MAX_TERM`]: a million entries a second would take 146,000 years to reach it).
 pub const MAX_LOG_INDEX: u64 = 1 << 62;
 
+// term + 1, index + 1 and start + count of in-range values never overflow.
+const _: () = assert!(MAX_TERM <= u64::MAX / 3 && MAX_LOG_INDEX <= u64::MAX / 3);
+
 /// The largest snapshot a follower accepts to receive, in bytes (1 TiB). A chunk's offset places
 /// bytes in the receiving file; without a bound a forged offset near u64::MAX makes the receiver
 /// seek (or allocate) absurdly far.
@@ -108,9 +111,9 @@ pub fn check_append_entries(req: &AppendEntriesRequest<TypeConfig>, from: u64) -
 /// Entries follow `prev` without gaps, with terms never decreasing and never above `vote_term`.
 fn check_entries(prev: Option<&LogId>, entries: &[Entry], vote_term: u64) -> Result<(), GuardError> {
     // The first log index is 0 (openraft's initial membership entry).
-    let mut expected = prev.map_or(0, |p| p.index + 1);
+    let first = prev.map_or(0, |p| p.index + 1);
     let mut previous_term = prev.map_or(0, |p| p.leader_id.term);
-    for (position, entry) in entries.iter().enumerate() {
+    for (expected, (position, entry)) in (first..).zip(entries.iter().enumerate()) {
         check_log_id("entry", Some(&entry.log_id), vote_term)?;
         if entry.log_id.index != expected {
             return Err(GuardError::EntriesNotConsecutive { position, expected, got: entry.log_id.index });
@@ -123,7 +126,6 @@ fn check_entries(prev: Option<&LogId>, entries: &[Entry], vote_term: u64) -> Res
             });
         }
         previous_term = entry.log_id.leader_id.term;
-        expected += 1;
     }
     Ok(())
 }
@@ -170,13 +172,6 @@ mod tests {
 
     fn append(term: u64, leader: u64, prev: Option<LogId>, entries: Vec<Entry>) -> AppendEntriesRequest<TypeConfig> {
         AppendEntriesRequest { vote: vote(term, leader, true), prev_log_id: prev, leader_commit: prev, entries }
-    }
-
-    #[test]
-    fn ceiling_leaves_room_for_openraft_arithmetic() {
-        // term + 1, index + 1 and start + count of in-range values never overflow.
-        assert!(MAX_TERM.checked_mul(3).is_some());
-        assert!(MAX_LOG_INDEX.checked_mul(3).is_some());
     }
 
     #[test]

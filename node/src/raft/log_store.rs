@@ -107,6 +107,9 @@ fn wal_syncer(store: Store, pending: std::sync::mpsc::Receiver<LogFlushed<TypeCo
 /// The term of the vote that replaces a poisoned one (2^61, half the guard's ceiling).
 pub const RECOVERY_TERM: u64 = MAX_TERM / 2;
 
+// Elections after a recovery cannot reach the ceiling in practice (2^61 terms of room).
+const _: () = assert!(MAX_TERM - RECOVERY_TERM >= 1 << 61);
+
 /// The vote a node starts with when its persisted `vote` is above the guard's ceiling
 /// ([`MAX_TERM`]), or `None` when `vote` is fine.
 ///
@@ -321,8 +324,6 @@ mod tests {
         // Above any vote the node can have granted: any real candidate's vote at a lower term.
         assert!(safe > Vote::new(RECOVERY_TERM - 1, u64::MAX));
         assert!(!safe.committed);
-        // Elections from the recovered term cannot reach the ceiling in practice.
-        assert!(MAX_TERM - RECOVERY_TERM > 1 << 60);
     }
 
     #[tokio::test]

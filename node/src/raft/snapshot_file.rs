@@ -21,6 +21,9 @@ pub const MAX_VALUE_BYTES: u32 = haven_proto::MAX_FRAME_LEN as u32;
 
 const END_MARKER: u32 = u32::MAX;
 
+/// One catalog pair: key, value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotFormatError {
     #[error("snapshot I/O: {0}")]
@@ -107,7 +110,7 @@ impl<R: Read> SnapshotReader<R> {
     }
 
     /// The next pair, or `None` at a verified end.
-    pub fn next_record(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, SnapshotFormatError> {
+    pub fn next_record(&mut self) -> Result<Option<Record>, SnapshotFormatError> {
         if self.finished {
             return Ok(None);
         }
