@@ -90,7 +90,12 @@ async fn a_member_added_behind_large_values_catches_up() {
     let new = c.add_node().unwrap();
     let started = Instant::now();
     let spec = MemberSpec { id: NodeId(new.id), addr: new.addr.to_string(), admin_addr: new.admin.to_string() };
-    client.add_member(spec, true).await.expect("the fourth member joins");
+    // The leader waits up to 20 s for the learner to catch up before promoting it. Ask the
+    // leader itself (a follower forwarding the join gives up after its 5 s request timeout) with
+    // a deadline longer than that, or a retry of a join under way says "already a member".
+    let patient = c.client().unwrap().with_deadline(Duration::from_secs(45));
+    put_acked(&patient, "find-the-leader", b"x").await;
+    patient.add_member(spec, true).await.expect("the fourth member joins");
     eprintln!("add_member took {:?}", started.elapsed());
 
     let leader = c.wait_healthy(&client, &common::ids(&c), HEALTHY).await.expect("one leader among four");
