@@ -400,3 +400,107 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_proto::CatalogCommand;
+    use openraft::CommittedLeaderId;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn open() -> (tempfile::TempDir, StateMachineStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        (dir, StateMachineStore::new(store))
+    }
+
+    fn put(index: u64, key: &str, value_bytes: usize) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(CatalogCommand::KvPut {
+                key: key.into(),
+                value: vec![index as u8; value_bytes],
+            }),
+        }
+    }
+
+    fn catalog(sm: &StateMachineStore) -> Vec<snapshot_file::Record> {
+        let db = sm.store.db();
+        let rows = db.iterator_cf(sm.store.cf(CF_CATALOG), IteratorMode::Start);
+        rows.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()).collect()
+    }
+
+    async fn snapshot_bytes(snapshot: Snapshot<TypeConfig>) -> (SnapshotMeta, Vec<u8>) {
+        let mut data = Vec::new();
+        let mut file = snapshot.snapshot;
+        file.read_to_end(&mut data).await.unwrap();
+        (snapshot.meta, data)
+    }
+
+    async fn receive(sm: &mut StateMachineStore, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        let mut file = sm.begin_receiving_snapshot().await.unwrap();
+        file.write_all(data).await.unwrap();
+        file.shutdown().await.unwrap();
+        sm.install_snapshot(meta, file).await
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_streams_through_files_and_installs_whole() {
+        let (_a_dir, mut a) = open();
+        let entries: Vec<Entry> = (1..=40).map(|i| put(i, &format!("kv/{i:03}"), 10_000)).collect();
+        a.apply(entries).await.unwrap();
+        let built = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (meta, data) = snapshot_bytes(built).await;
+        assert_eq!(meta.last_log_id.map(|l| l.index), Some(40));
+        assert!(data.len() > 40 * 10_000, "the file holds every value");
+        // The current snapshot is that file, and it is the only one kept.
+        let (again, same) = snapshot_bytes(a.get_current_snapshot().await.unwrap().unwrap()).await;
+        assert_eq!((again.snapshot_id, same.len()), (meta.snapshot_id.clone(), data.len()));
+        a.apply(vec![put(41, "kv/041", 10)]).await.unwrap();
+        a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(std::fs::read_dir(&a.snapshot_dir).unwrap().count(), 1);
+
+        let (_b_dir, mut b) = open();
+        b.apply(vec![put(1, "stale", 5)]).await.unwrap();
+        // A damaged transfer is refused and changes nothing.
+        let mut damaged = data.clone();
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 0x40;
+        assert!(receive(&mut b, &meta, &damaged).await.is_err());
+        assert_eq!(catalog(&b).len(), 1);
+        assert_eq!(b.applied_state().await.unwrap().0.map(|l| l.index), Some(1));
+
+        receive(&mut b, &meta, &data).await.unwrap();
+        let a_rows = catalog(&a);
+        assert_eq!(catalog(&b), a_rows[..a_rows.len() - 1].to_vec(), "the catalog as of the snapshot");
+        assert_eq!(b.applied_state().await.unwrap().0, meta.last_log_id);
+        let (current, _) = snapshot_bytes(b.get_current_snapshot().await.unwrap().unwrap()).await;
+        assert_eq!(current.snapshot_id, meta.snapshot_id);
+        let names: Vec<String> = std::fs::read_dir(&b.snapshot_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "no received or damaged file is left behind: {names:?}");
+        assert!(names[0].ends_with(".snap"), "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn a_format_1_snapshot_is_converted_on_first_use() {
+        let (_dir, mut sm) = open();
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 9)),
+            last_membership: Default::default(),
+            snapshot_id: "3-9-0".into(),
+        };
+        let catalog = vec![(b"kv/a".to_vec(), b"1".to_vec()), (b"kv/b".to_vec(), b"2".to_vec())];
+        let data = encode(&LegacyPayload { format: LEGACY_SNAPSHOT_FORMAT, catalog }).unwrap();
+        let legacy = encode(&LegacySnapshot { meta: meta.clone(), data }).unwrap();
+        sm.store.db().put_cf(sm.store.cf(CF_SNAPSHOT), KEY_LEGACY_CURRENT, legacy).unwrap();
+
+        let (converted, bytes) = snapshot_bytes(sm.get_current_snapshot().await.unwrap().unwrap()).await;
+        assert_eq!(converted.snapshot_id, meta.snapshot_id);
+        assert_eq!(snapshot_file::verify(&bytes[..]).unwrap(), 2);
+        let legacy_left = sm.store.db().get_cf(sm.store.cf(CF_SNAPSHOT), KEY_LEGACY_CURRENT).unwrap();
+        assert!(legacy_left.is_none(), "the format-1 value is dropped once converted");
+    }
+}
