@@ -34,6 +34,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::actors::ActorRegistry;
 use crate::catalog;
+use crate::raft::guard::{self, GuardError};
 use crate::raft::{decode, encode, HavenNode, Raft, TypeConfig};
 use crate::storage::Store;
 use crate::transport::{Outbound, Transport};
@@ -77,6 +78,13 @@ struct Relay {
 
 /// A command this node could not commit, with openraft's pointer to the leader.
 type Redirect = (CatalogCommand, openraft::error::ForwardToLeader<u64, HavenNode>);
+
+/// Answer a Raft request the guard refused: logged, counted by reason, and told to the sender.
+fn refuse(rpc: RaftRpc, from: NodeId, refused: GuardError) -> Body {
+    warn!(?rpc, %from, error = %refused, "refused raft request");
+    metrics::counter!("haven_raft_refused_total", "reason" => refused.reason()).increment(1);
+    Body::Error(err(ErrorCode::InvalidRequest, format!("{rpc:?} from {from} refused: {refused}")))
+}
 
 impl NodeService {
     /// Handle one inbound envelope from `caller` (authorized by the transport) and produce the
@@ -126,30 +134,31 @@ impl NodeService {
     /// `from` is the node that sent the RPC, as authenticated by its certificate (the transport
     /// refuses Raft RPCs from anything but a node, and envelopes whose sender is not the
     /// connection's node).
+    ///
+    /// Every request passes the Raft guard (`raft::guard`) first: one it refuses is answered with
+    /// a `Body::Error` naming the reason, counted in `haven_raft_refused_total{reason}`, and never
+    /// reaches openraft.
     async fn handle_raft(&self, from: NodeId, rpc: RaftRpc, payload: &[u8]) -> Body {
-        let _ = from;
         let reply = match rpc {
             RaftRpc::AppendEntries => match decode::<AppendEntriesRequest<TypeConfig>>(payload) {
-                Ok(req) => {
-                    let received = Instant::now();
-                    let leader_commit = req.leader_commit.map(|l| l.index);
-                    let reply = self.raft.append_entries(req).await;
-                    // Accepted from the current leader: quorum contact for the host lease, which
-                    // counts once the catalog applied what the leader had committed.
-                    if matches!(reply, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))) {
-                        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
-                        self.lease.follower_contact(received, leader_commit, applied);
-                    }
-                    encode(&reply)
-                }
+                Ok(req) => match guard::check_append_entries(&req, from.0) {
+                    Ok(()) => encode(&self.append_entries(req).await),
+                    Err(refused) => return refuse(rpc, from, refused),
+                },
                 Err(e) => Err(e),
             },
             RaftRpc::Vote => match decode(payload) {
-                Ok(req) => encode(&self.raft.vote(req).await),
+                Ok(req) => match guard::check_vote_request(&req, from.0) {
+                    Ok(()) => encode(&self.raft.vote(req).await),
+                    Err(refused) => return refuse(rpc, from, refused),
+                },
                 Err(e) => Err(e),
             },
             RaftRpc::InstallSnapshot => match decode(payload) {
-                Ok(req) => encode(&self.raft.install_snapshot(req).await),
+                Ok(req) => match guard::check_install_snapshot(&req, from.0) {
+                    Ok(()) => encode(&self.raft.install_snapshot(req).await),
+                    Err(refused) => return refuse(rpc, from, refused),
+                },
                 Err(e) => Err(e),
             },
         };
@@ -161,6 +170,23 @@ impl NodeService {
                 Body::Error(err(ErrorCode::InvalidRequest, format!("malformed {rpc:?} payload: {e}")))
             }
         }
+    }
+
+    /// Hand a guarded AppendEntries to openraft; an accepted one renews the host lease.
+    async fn append_entries(
+        &self,
+        req: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<AppendEntriesResponse<u64>, RaftError<u64>> {
+        let received = Instant::now();
+        let leader_commit = req.leader_commit.map(|l| l.index);
+        let reply = self.raft.append_entries(req).await;
+        // Accepted from the current leader: quorum contact for the host lease, which counts once
+        // the catalog applied what the leader had committed.
+        if matches!(reply, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))) {
+            let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+            self.lease.follower_contact(received, leader_commit, applied);
+        }
+        reply
     }
 
     /// The node's volume host, once started.

@@ -9,12 +9,14 @@
 // so `?` works without conversions.
 #![allow(clippy::result_large_err)]
 
+pub mod guard;
+pub mod limits;
 pub mod log_store;
 pub mod network;
+pub mod snapshot_file;
 pub mod state_machine;
 
 use std::fmt;
-use std::io::Cursor;
 use std::time::Duration;
 
 use haven_proto::{CatalogCommand, CommandOutcome};
@@ -42,6 +44,7 @@ openraft::declare_raft_types!(
         R = CommandOutcome,
         NodeId = u64,
         Node = HavenNode,
+        SnapshotData = tokio::fs::File,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;
@@ -51,6 +54,13 @@ pub type Vote = openraft::Vote<u64>;
 pub type StorageError = openraft::StorageError<u64>;
 pub type StoredMembership = openraft::StoredMembership<u64, HavenNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<u64, HavenNode>;
+
+/// Entries per AppendEntries at most (openraft `max_payload_entries`).
+pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
+
+/// The snapshot size openraft's snapshot deadline is sized for (1 GiB). Larger snapshots still
+/// install if the link and disk are faster than the minimum rate `limits` allows for.
+pub const MAX_SNAPSHOT_INSTALL_BYTES: u64 = 1 << 30;
 
 /// Raft timing and log-compaction knobs (from the node configuration).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -107,6 +117,7 @@ impl RaftTunables {
         } else {
             (min, max)
         };
+        #[allow(deprecated)] // send_snapshot_timeout: set to 0 so every chunk uses one deadline
         let cfg = openraft::Config {
             cluster_name: "haven".into(),
             heartbeat_interval: self.heartbeat_ms,
@@ -114,7 +125,16 @@ impl RaftTunables {
             election_timeout_max: hi,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
-            install_snapshot_timeout: 5_000,
+            // Bytes, not entries, bound an AppendEntries (`limits`, `network`); the count only
+            // caps how many small entries one round reads and sends (256 entries of ~200 bytes
+            // is ~50 KiB, quick to send within a heartbeat interval).
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
+            // Chunks well under a frame; each chunk's own timeout fits its size (`network`), and
+            // this outer deadline is long enough to install a snapshot of MAX_SNAPSHOT_INSTALL_BYTES
+            // at the slowest rate allowed for.
+            snapshot_max_chunk_size: limits::SNAPSHOT_CHUNK_BYTES as u64,
+            install_snapshot_timeout: limits::install_snapshot_deadline(MAX_SNAPSHOT_INSTALL_BYTES).as_millis() as u64,
+            send_snapshot_timeout: 0,
             ..Default::default()
         };
         cfg.validate().map_err(|e| e.to_string())

@@ -5,6 +5,13 @@
 //! (openraft backs off), anything else is a `Network` error (retried). This module must not
 //! retry on its own; openraft owns retries and timeouts.
 //!
+//! Sizes (see [`super::limits`]): an AppendEntries whose entries exceed the peer's byte budget is
+//! refused locally with openraft's `PayloadTooLarge` and an entries hint, so openraft resends
+//! fewer entries at once; the budget adapts to what the link delivers within openraft's deadline
+//! of one heartbeat interval (cut-off requests halve it). A single entry too large for any frame
+//! fails with an error naming it. A snapshot chunk's timeout fits its size (and, for the last
+//! chunk, the install it triggers).
+//!
 //! [`PeerAcks`] records, per peer, when this node last read a successful AppendEntries reply from
 //! it: the latest moment that peer can have renewed its host lease from this node's
 //! heartbeats (see `vm::fence`). The plan controller waits until that is old enough before it
@@ -12,17 +19,20 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use haven_client::wire::WireIoError;
 use haven_proto::{ActorAddr, Body, NodeId, RaftRpc};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
 
+use super::limits::{self, AppendBudget, AppendPlan};
 use super::{decode, encode, HavenNode, TypeConfig};
 use crate::transport::Transport;
 
@@ -63,7 +73,13 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerLink;
 
     async fn new_client(&mut self, target: u64, node: &HavenNode) -> PeerLink {
-        PeerLink { target, addr: node.addr.clone(), transport: self.transport.clone(), acks: self.acks.clone() }
+        PeerLink {
+            target,
+            addr: node.addr.clone(),
+            transport: self.transport.clone(),
+            acks: self.acks.clone(),
+            budget: Arc::default(),
+        }
     }
 }
 
@@ -73,18 +89,49 @@ pub struct PeerLink {
     addr: String,
     transport: Transport,
     acks: PeerAcks,
+    /// This peer's AppendEntries byte budget (shared with [`BudgetWatch`]).
+    budget: Arc<Mutex<AppendBudget>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct LinkError(String);
 
+/// Shrinks a peer's budget if dropped before [`BudgetWatch::done`]: openraft cancels an
+/// AppendEntries (drops its future) when its deadline passes, so a drop means "too slow".
+struct BudgetWatch {
+    budget: Arc<Mutex<AppendBudget>>,
+    sent_bytes: usize,
+    started: Instant,
+    deadline: Duration,
+    finished: bool,
+}
+
+impl BudgetWatch {
+    /// The request completed; only an answered one says how fast the link is.
+    fn done(mut self, answered: bool) {
+        self.finished = true;
+        if answered {
+            let elapsed = self.started.elapsed();
+            self.budget.lock().expect("append budget lock").completed(self.sent_bytes, elapsed, self.deadline);
+        }
+    }
+}
+
+impl Drop for BudgetWatch {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.budget.lock().expect("append budget lock").timed_out();
+        }
+    }
+}
+
 type RpcErr<E> = RPCError<u64, HavenNode, RaftError<u64, E>>;
 
 impl PeerLink {
-    async fn call<Req, Resp, E>(&self, rpc: RaftRpc, req: &Req, option: &RPCOption) -> Result<Resp, RpcErr<E>>
+    /// Send an encoded request and decode openraft's reply.
+    async fn call<Resp, E>(&self, rpc: RaftRpc, payload: Vec<u8>, timeout: Duration) -> Result<Resp, RpcErr<E>>
     where
-        Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
     {
@@ -93,10 +140,9 @@ impl PeerLink {
             .dial_addr(NodeId(self.target), &self.addr)
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&LinkError(e))))?;
-        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&LinkError(e))))?;
         let reply = self
             .transport
-            .request(addr, ActorAddr::node(NodeId(self.target)), Body::Raft { rpc, payload }, 0, option.hard_ttl())
+            .request(addr, ActorAddr::node(NodeId(self.target)), Body::Raft { rpc, payload }, 0, timeout)
             .await
             .map_err(|e| match e {
                 WireIoError::Connect { .. } | WireIoError::BackingOff { .. } | WireIoError::Timeout { .. } => {
@@ -125,7 +171,36 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr<openraft::error::Infallible>> {
-        let reply = self.call(RaftRpc::AppendEntries, &rpc, &option).await;
+        // openraft cuts the call off at `hard_ttl` (one heartbeat interval) whatever its size,
+        // encoding included; the budget is what keeps requests small enough to make it. The
+        // transport gets twice that, so openraft's cut-off comes first and `BudgetWatch` sees it
+        // as a drop.
+        let deadline = option.hard_ttl();
+        let started = Instant::now();
+        // Over a frame, bincode stops with a size-limit error: treat that as "more than a frame".
+        let payload = encode(&rpc).ok();
+        let payload_bytes = payload.as_ref().map_or(limits::MAX_RPC_PAYLOAD_BYTES + 1, Vec::len);
+        let budget_bytes = self.budget.lock().expect("append budget lock").bytes();
+        let payload = match (limits::plan_append(payload_bytes, rpc.entries.len(), budget_bytes), payload) {
+            (AppendPlan::Send, Some(payload)) => payload,
+            (AppendPlan::Shrink { entries }, _) => {
+                metrics::counter!("haven_raft_append_shrunk_total").increment(1);
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries as u64)));
+            }
+            (AppendPlan::EntryTooLarge | AppendPlan::Send, _) => {
+                let index = rpc.entries.first().map(|e| e.log_id.index);
+                let e = LinkError(format!(
+                    "log entry {index:?} encodes to more than the {} bytes a frame can carry; it cannot be replicated",
+                    limits::MAX_RPC_PAYLOAD_BYTES
+                ));
+                tracing::error!(target_node = self.target, error = %e, "append entries");
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+        };
+        let watch =
+            BudgetWatch { budget: self.budget.clone(), sent_bytes: payload.len(), started, deadline, finished: false };
+        let reply = self.call(RaftRpc::AppendEntries, payload, deadline * 2).await;
+        watch.done(reply.is_ok());
         // Only these renew the peer's lease (a conflict or a higher vote does not).
         if matches!(reply, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))) {
             self.acks.record(self.target, Instant::now());
@@ -138,7 +213,10 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
-        self.call(RaftRpc::InstallSnapshot, &rpc, &option).await
+        let snapshot_bytes = rpc.offset + rpc.data.len() as u64;
+        let timeout = limits::snapshot_rpc_timeout(rpc.data.len(), rpc.done, snapshot_bytes, option.hard_ttl());
+        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&LinkError(e))))?;
+        self.call(RaftRpc::InstallSnapshot, payload, timeout).await
     }
 
     async fn vote(
@@ -146,6 +224,7 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RpcErr<openraft::error::Infallible>> {
-        self.call(RaftRpc::Vote, &rpc, &option).await
+        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&LinkError(e))))?;
+        self.call(RaftRpc::Vote, payload, option.hard_ttl()).await
     }
 }

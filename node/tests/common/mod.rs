@@ -33,3 +33,61 @@ pub fn metric(c: &LocalCluster, node: haven_client::proto::NodeId, name: &str) -
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Start a cluster of `nodes` processes under `dir`, snapshotting after `snapshot_after` entries
+/// (the node keeps a tenth of that, at least 10, in its log after a snapshot).
+pub fn cluster_of(dir: &std::path::Path, nodes: usize, snapshot_after: u64) -> LocalCluster {
+    let mut spec = DevClusterSpec::new(dir.join("cluster"), nodes);
+    spec.node_bin = env!("CARGO_BIN_EXE_haven-node").into();
+    spec.snapshot_after = snapshot_after;
+    let mut c = LocalCluster::create(&spec).expect("create cluster");
+    c.start_all().expect("start cluster");
+    c
+}
+
+/// Every node id of `c`.
+pub fn ids(c: &LocalCluster) -> Vec<u64> {
+    c.nodes().iter().map(|n| n.id).collect()
+}
+
+/// kill -9 node `id`, delete its data dir, and `haven-node init` it again with the same id,
+/// addresses and Raft settings (`election_timeout_ms`, `snapshot_after` as the cluster was
+/// created with): it comes back with an empty store and a fresh certificate. Not started.
+pub fn wipe_and_reinit(c: &mut LocalCluster, id: u64, election_timeout_ms: u64, snapshot_after: u64) {
+    if c.is_running(id) {
+        c.kill(id).unwrap();
+    }
+    let node = c.node(id).unwrap().clone();
+    std::fs::remove_dir_all(&node.data_dir).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_haven-node"));
+    cmd.arg("init").arg("--data-dir").arg(&node.data_dir).arg("--ca-dir").arg(c.dir().join("ca"));
+    cmd.args(["--id", &id.to_string(), "--listen", &node.addr.to_string()]);
+    cmd.args(["--admin-listen", &node.admin.to_string()]);
+    cmd.args(["--election-timeout-ms", &election_timeout_ms.to_string()]);
+    cmd.args(["--snapshot-after", &snapshot_after.to_string()]);
+    if let Some(nbd) = node.nbd {
+        cmd.args(["--nbd-listen", &nbd.to_string()]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "re-init of node {id}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// GET `path` from an admin server.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of the Prometheus sample whose line starts with `series` (name and labels), or 0.
+pub async fn metric_sample(addr: std::net::SocketAddr, series: &str) -> f64 {
+    let text = http_get(addr, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
