@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use haven_proto::{
-    ActorAddr, ActorMessage, ActorReply, Body, CatalogQuery, ClientCommand, ClientRequest, ClientResponse,
-    CommandOutcome, Envelope, ErrorCode, HostRecord, MemberSpec, NodeId, NodeStatus, QueryResult,
+    ActorAddr, ActorMessage, ActorReply, Body, Caller, CatalogQuery, CertificateInfo, ClientCommand, ClientRequest,
+    ClientResponse, CommandOutcome, Envelope, ErrorCode, HostRecord, MemberSpec, NodeId, NodeStatus, QueryResult,
 };
 
 use crate::config::ClusterConfig;
@@ -63,6 +63,22 @@ impl HavenClient {
     pub async fn status_of(&self, addr: SocketAddr) -> Result<NodeStatus, ClientError> {
         match self.call_node(addr, ClientRequest::Status).await? {
             ClientResponse::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Who the cluster sees this client as: the identity and role its certificate carries.
+    pub async fn whoami(&self) -> Result<Caller, ClientError> {
+        match self.call(ClientRequest::WhoAmI).await? {
+            ClientResponse::Identity(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The certificates the node at `addr` serves with: its own and the cluster CA's.
+    pub async fn certificates_of(&self, addr: SocketAddr) -> Result<Vec<CertificateInfo>, ClientError> {
+        match self.call_node(addr, ClientRequest::Certificates).await? {
+            ClientResponse::Certificates(c) => Ok(c),
             other => Err(unexpected(&other)),
         }
     }

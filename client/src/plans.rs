@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use haven_proto::plan::{DrainSkip, MigrationPlan, PlanOutcome, PlanQuery, PlanQueryResult, PlanSettings};
 use haven_proto::vm::{VmQuery, VmQueryResult};
-use haven_proto::{CatalogQuery, ClientCommand, ClientPlanCommand, ClientVmCommand, CommandOutcome, NodeId, QueryResult, VmId};
+use haven_proto::{
+    CatalogQuery, ClientCommand, ClientPlanCommand, ClientVmCommand, CommandOutcome, NodeId, QueryResult, VmId,
+};
 
 use crate::error::ClientError;
 use crate::HavenClient;

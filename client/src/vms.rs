@@ -9,7 +9,8 @@ use haven_proto::vm::{
     VmResponse, VmRunState, VmStatus, WorkloadKind,
 };
 use haven_proto::{
-    CatalogQuery, ClientCommand, ClientRequest, ClientVmCommand, ClientResponse, CommandOutcome, NodeId, QueryResult, VmId,
+    CatalogQuery, ClientCommand, ClientRequest, ClientResponse, ClientVmCommand, CommandOutcome, NodeId, QueryResult,
+    VmId,
 };
 
 use crate::error::ClientError;

@@ -8,11 +8,12 @@
 
 use haven_proto::volume::{
     IntegrityVerdict, PreservedWrites, Relationship, RelationshipState, ReplicaProgress, SnapshotKind, SnapshotPolicy,
-    SnapshotRecord, VolumeEvent, VolumeOutcome, VolumeQuery, VolumeQueryResult, VolumeRecord,
-    VolumeRequest, VolumeResponse, DEFAULT_BLOCK_SIZE,
+    SnapshotRecord, VolumeEvent, VolumeOutcome, VolumeQuery, VolumeQueryResult, VolumeRecord, VolumeRequest,
+    VolumeResponse, DEFAULT_BLOCK_SIZE,
 };
 use haven_proto::{
-    CatalogQuery, ClientCommand, ClientRequest, ClientVolumeCommand, ClientResponse, CommandOutcome, NodeId, QueryResult, VolumeId,
+    CatalogQuery, ClientCommand, ClientRequest, ClientResponse, ClientVolumeCommand, CommandOutcome, NodeId,
+    QueryResult, VolumeId,
 };
 
 use crate::error::ClientError;

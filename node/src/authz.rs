@@ -18,7 +18,8 @@
 //! kind (sizes and contents are validated where they are decoded).
 
 use haven_proto::vm::{VmMessage, VmRequest};
-use haven_proto::{ActorMessage, Body, Caller, ClientRequest, EnvelopeFlags, NodeId, Role, VolumeRequest};
+use haven_proto::volume::VolumeRequest;
+use haven_proto::{ActorMessage, Body, Caller, ClientRequest, EnvelopeFlags, NodeId, Role};
 
 /// Every flag bit this build knows.
 const KNOWN_FLAGS: u32 = EnvelopeFlags::FORWARDED | EnvelopeFlags::STREAM;

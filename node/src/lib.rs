@@ -5,13 +5,14 @@
 
 pub mod actors;
 pub mod admin;
+pub mod authz;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod controllers;
+pub mod identity;
 pub mod nbd;
 pub mod node;
-pub mod identity;
 pub mod pki;
 pub mod raft;
 pub mod service;

@@ -70,12 +70,17 @@ pub async fn run(
         Store::open(&data_dir.join(DB_DIR)).with_context(|| format!("opening {}", data_dir.join(DB_DIR).display()))?;
 
     let listen = crate::transport::resolve(&cfg.listen).await.map_err(|e| anyhow!(e))?;
-    let transport =
-        Transport::bind(id, listen, &tls, cfg.dial_overrides(), crate::transport::TransportOptions {
+    let transport = Transport::bind(
+        id,
+        listen,
+        &tls,
+        cfg.dial_overrides(),
+        crate::transport::TransportOptions {
             limits: cfg.transport.clone(),
             allow_fault_injection: cfg.allow_fault_injection,
-        })
-        .with_context(|| format!("binding QUIC on {listen}"))?;
+        },
+    )
+    .with_context(|| format!("binding QUIC on {listen}"))?;
     let raft_config = Arc::new(cfg.raft.to_openraft(cfg.id).map_err(|e| anyhow!(e))?);
     let peer_acks = crate::raft::network::PeerAcks::default();
     let lease = crate::vm::fence::HostLease::new(&cfg.fence);

@@ -213,7 +213,9 @@ impl NodeService {
             ClientRequest::Certificates => Ok(ClientResponse::Certificates(self.certificates.clone())),
             ClientRequest::LeaderStatus => match self.leader_only() {
                 Ok(()) => Ok(ClientResponse::Status(self.status())),
-                Err((leader, node)) => self.forward(Body::Client(ClientRequest::LeaderStatus), leader, node, relay).await,
+                Err((leader, node)) => {
+                    self.forward(Body::Client(ClientRequest::LeaderStatus), leader, node, relay).await
+                }
             },
             ClientRequest::Write { command } => {
                 command.validate().map_err(|m| err(ErrorCode::InvalidRequest, m))?;

@@ -263,7 +263,8 @@ impl Transport {
     pub async fn serve(self, handler: InboundHandler) {
         while let Some(incoming) = self.endpoint.accept().await {
             let remote = incoming.remote_address();
-            let Some(slot) = ConnectionSlot::take(&self.budgets, remote.ip(), self.options.limits.max_connections_per_ip)
+            let Some(slot) =
+                ConnectionSlot::take(&self.budgets, remote.ip(), self.options.limits.max_connections_per_ip)
             else {
                 warn!(%remote, "refused connection: too many from this address");
                 refused("connections_per_ip");
@@ -459,6 +460,11 @@ async fn serve_stream(
     let started = Instant::now();
     let (buf, _permits) = read_request(ctx, &mut recv, &mut send, conn_budget).await?;
     let request = Envelope::decode(&buf).map_err(StreamEnd::BadFrame)?;
+    if let Err(m) = haven_proto::limits::check_request(&request.body) {
+        refused("list_bound");
+        let body = Body::Error(WireError::new(ErrorCode::LimitExceeded, m));
+        return reply(ctx, request.msg_id, request.sender, body, &mut send).await;
+    }
     let req = authz::Request {
         sender: request.sender,
         flags: request.flags,
@@ -471,10 +477,7 @@ async fn serve_stream(
             warn!(%caller, kind = request.kind().as_str(), error = %refusal, "refused request");
             metrics::counter!("haven_authz_refused_total", "reason" => refusal.reason()).increment(1);
             let body = Body::Error(WireError::new(ErrorCode::PermissionDenied, refusal.to_string()));
-            let reply = Envelope::new(request.msg_id, ctx.node, ActorAddr::node(request.sender), body);
-            wire::write_envelope(&mut send, &reply).await?;
-            send.finish().map_err(WireIoError::from)?;
-            return Ok(());
+            return reply(ctx, request.msg_id, request.sender, body, &mut send).await;
         }
     };
     if request.flags & EnvelopeFlags::STREAM != 0 {
@@ -494,11 +497,33 @@ async fn serve_stream(
     let span = tracing::debug_span!("handle", kind, msg_id = request.msg_id, caller = %effective);
     let (msg_id, sender) = (request.msg_id, request.sender);
     let reply_body = (ctx.handler)(effective, request).instrument(span).await;
-    let reply = Envelope::new(msg_id, ctx.node, ActorAddr::node(sender), reply_body);
-    let sent = wire::write_envelope(&mut send, &reply).await?;
+    reply(ctx, msg_id, sender, reply_body, &mut send).await?;
+    metrics::histogram!("haven_transport_handle_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Answer `request` with `body`. A reply too big for one frame is replaced, before a byte is
+/// sent, by a `LimitExceeded` error naming its size (handlers bound their replies; this is the
+/// backstop that keeps an oversized one from closing the connection as a bad frame).
+async fn reply(
+    ctx: &Inbound,
+    msg_id: u64,
+    sender: NodeId,
+    body: Body,
+    send: &mut quinn::SendStream,
+) -> Result<(), StreamEnd> {
+    let to = ActorAddr::node(sender);
+    let mut bytes = Envelope::new(msg_id, ctx.node, to, body).encode().map_err(StreamEnd::BadFrame)?;
+    if bytes.len() > MAX_FRAME_LEN {
+        warn!(bytes = bytes.len(), "reply exceeds the frame limit; refused");
+        refused("reply_too_large");
+        let msg = format!("the reply of {} bytes exceeds the {MAX_FRAME_LEN}-byte frame limit", bytes.len());
+        let body = Body::Error(WireError::new(ErrorCode::LimitExceeded, msg));
+        bytes = Envelope::new(msg_id, ctx.node, to, body).encode().map_err(StreamEnd::BadFrame)?;
+    }
+    let sent = wire::write_frame(send, &bytes).await?;
     send.finish().map_err(WireIoError::from)?;
     metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(sent as u64);
-    metrics::histogram!("haven_transport_handle_seconds", "kind" => kind).record(started.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -20,11 +20,20 @@ use crate::volume::{RelationshipState, SnapshotPolicy, VolumeCommand};
 #[rkyv(derive(Debug))]
 pub enum ClientCommand {
     /// Set `key` to `value` in the generic namespace.
-    KvPut { key: String, value: Vec<u8> },
+    KvPut {
+        key: String,
+        value: Vec<u8>,
+    },
     /// Remove `key` from the generic namespace.
-    KvDelete { key: String },
+    KvDelete {
+        key: String,
+    },
     /// Set `key` to `new` only if its current value equals `expected` (`None` = absent).
-    KvCas { key: String, expected: Option<Vec<u8>>, new: Option<Vec<u8>> },
+    KvCas {
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    },
     Volume(ClientVolumeCommand),
     Vm(ClientVmCommand),
     Plan(ClientPlanCommand),

@@ -14,14 +14,15 @@ pub mod envelope;
 pub mod error;
 pub mod frame;
 pub mod ids;
+pub mod limits;
 pub mod messages;
 pub mod plan;
 pub mod vm;
 pub mod volume;
 
 pub use auth::{Caller, Role};
-pub use client_command::{ClientCommand, ClientPlanCommand, ClientVmCommand, ClientVolumeCommand};
 pub use catalog::{CatalogCommand, CatalogQuery, CommandOutcome, HostRecord, QueryResult};
+pub use client_command::{ClientCommand, ClientPlanCommand, ClientVmCommand, ClientVolumeCommand};
 pub use envelope::{aligned_copy, Body, Envelope, EnvelopeFlags, MessageKind, RaftRpc, PROTOCOL_VERSION};
 pub use error::{ErrorCode, ProtoError, WireError};
 pub use frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};

@@ -81,15 +81,15 @@ fn mib_per_s(bytes: u64, took: Duration) -> f64 {
 /// TLS material for an in-process server and client, signed by a fresh CA in `dir`.
 fn tls_pair(dir: &std::path::Path) -> anyhow::Result<(TlsMaterial, TlsMaterial)> {
     let ca = CertificateAuthority::load_or_create(&dir.join("ca"))?;
-    let material = |name: &str| -> anyhow::Result<TlsMaterial> {
-        let (cert, key) = ca.issue(name)?;
+    let material = |id: u64| -> anyhow::Result<TlsMaterial> {
+        let (cert, key) = ca.issue_node(haven_client::proto::NodeId(id), 1)?;
         Ok(TlsMaterial {
             ca_pem: ca.cert_pem().as_bytes().to_vec(),
             cert_pem: cert.into_bytes(),
             key_pem: key.into_bytes(),
         })
     };
-    Ok((material("bench-server")?, material("bench-client")?))
+    Ok((material(1)?, material(2)?))
 }
 
 /// Bind a QUIC server on 127.0.0.1 that runs `serve_stream` for every bidirectional stream.

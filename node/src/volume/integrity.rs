@@ -29,6 +29,18 @@ fn at(replica: &VolumeReplica, snapshot: Option<u64>) -> Result<Option<u64>, Wir
 
 /// This host's Merkle chunk hashes.
 pub async fn chunks(replica: &Arc<VolumeReplica>, snapshot: Option<u64>) -> Result<DeviceReply, WireError> {
+    // One 32-byte hash per chunk must fit one reply frame (with room for the envelope): refuse a
+    // volume with more chunks before hashing it, rather than build a reply no frame can carry.
+    let max_chunks = (haven_proto::MAX_FRAME_LEN - 64 * 1024) / 32;
+    let chunks = replica.record().size_blocks().div_ceil(super::merkle::CHUNK_BLOCKS);
+    if chunks > max_chunks as u64 {
+        return Err(WireError::new(
+            haven_proto::ErrorCode::LimitExceeded,
+            format!(
+                "{chunks} Merkle chunks do not fit one reply (limit {max_chunks}); the volume is too large to compare"
+            ),
+        ));
+    }
     let tree = local_tree(replica, snapshot).await?;
     Ok(DeviceReply::Chunks { block_size: tree.block_size, size_blocks: tree.size_blocks, chunks: tree.chunks })
 }

@@ -1,6 +1,7 @@
 //! `havenctl`: the Haven command line over the SDK. Every command takes `--json`; errors are one
 //! line on stderr with a non-zero exit status.
 
+mod certs;
 mod dev;
 mod output;
 mod plan;
@@ -93,6 +94,11 @@ enum ClusterCommand {
         /// Node id to remove.
         id: u64,
     },
+    /// The cluster CA's and every member's certificate: identity, serial, expiry (asked of each
+    /// member), and this client's own certificate.
+    Certs,
+    /// The identity and role the cluster sees this client as (from its certificate).
+    Whoami,
 }
 
 #[derive(Args)]
@@ -199,6 +205,14 @@ async fn dispatch(cli: Cli, out: &Output) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster(ClusterCommand::Status) => cluster_status(&client()?, out).await,
+        Command::Cluster(ClusterCommand::Certs) => {
+            certs::cluster_certs(&client()?, &cluster_config(&cli.cluster)?, out).await
+        }
+        Command::Cluster(ClusterCommand::Whoami) => {
+            let me = client()?.whoami().await?;
+            out.value(&format!("connected as {me}"), serde_json::to_value(&me)?);
+            Ok(())
+        }
         Command::Cluster(ClusterCommand::Add(a)) => {
             let index = client()?
                 .add_member(MemberSpec { id: NodeId(a.id), addr: a.addr.clone(), admin_addr: a.admin_addr }, !a.learner)
@@ -319,6 +333,9 @@ async fn cluster_status(client: &HavenClient, out: &Output) -> anyhow::Result<()
         st.last_applied_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into())
     );
     out.headline(&summary);
+    if let Ok(me) = client.whoami().await {
+        out.headline(&format!("connected as {me}"));
+    }
     out.table(
         &["id", "membership", "role", "address", "health", "applied"],
         rows,

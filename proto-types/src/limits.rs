@@ -1,0 +1,154 @@
+//! Bounds on every list a request carries, checked once per inbound envelope by
+//! [`check_request`] (the transport calls it after validation, before authorization and before
+//! any handler), so no handler ever loops over, allocates for, or replies to an unbounded list.
+//!
+//! The bounds follow from the largest legitimate message: one write is at most
+//! [`MAX_IO_LEN`] bytes of blocks no smaller than [`MIN_BLOCK_SIZE`]; resync and repair move at
+//! most one such batch. Anything above is refused with a message naming the list and its bound.
+//! Catalog commands carry their own checks (`CatalogCommand::validate`). This module must not do
+//! I/O or look at anything but sizes.
+
+use crate::envelope::Body;
+use crate::messages::{ActorMessage, ClientRequest, NodeRequest};
+use crate::plan::{GroupRequest, MAX_PLAN_VMS};
+use crate::vm::{VmMessage, MAX_VM_VOLUMES};
+use crate::volume::{DeviceMessage, ReplicaBlock, VolumeRequest, MAX_IO_LEN};
+
+/// Smallest volume block size.
+pub const MIN_BLOCK_SIZE: usize = 512;
+/// Largest volume block size.
+pub const MAX_BLOCK_SIZE: usize = 65_536;
+/// Most blocks (or block versions) one message may name: a whole write of the smallest blocks.
+pub const MAX_BLOCKS_PER_MESSAGE: usize = MAX_IO_LEN as usize / MIN_BLOCK_SIZE;
+/// Most snapshots one resync may name.
+pub const MAX_SNAPSHOTS_PER_MESSAGE: usize = 4096;
+
+/// Check every list in a request body against its bound.
+pub fn check_request(body: &Body) -> Result<(), String> {
+    match body {
+        Body::Client(ClientRequest::Volume(v)) => volume_request(v),
+        Body::Client(ClientRequest::Write { command }) => command.validate(),
+        Body::Node(NodeRequest::Propose { command }) => command.validate(),
+        Body::Actor(ActorMessage::Device(d)) => device_message(d),
+        Body::Actor(ActorMessage::Vm(VmMessage::Group(g))) => group_request(g),
+        _ => Ok(()),
+    }
+}
+
+fn volume_request(v: &VolumeRequest) -> Result<(), String> {
+    v.validate()?;
+    match v {
+        VolumeRequest::InjectCorruption { data, .. } => bytes("corruption data", data.len(), MAX_BLOCK_SIZE),
+        _ => Ok(()),
+    }
+}
+
+fn device_message(d: &DeviceMessage) -> Result<(), String> {
+    match d {
+        DeviceMessage::Client(v) => volume_request(v),
+        DeviceMessage::WriteBlocks { data, len, .. } => {
+            bytes("write", *len as usize, MAX_IO_LEN as usize)?;
+            bytes("write data", data.as_ref().map_or(0, Vec::len), MAX_IO_LEN as usize)
+        }
+        DeviceMessage::Replicate { blocks, .. }
+        | DeviceMessage::ResyncBlocks { blocks, .. }
+        | DeviceMessage::RepairBlocks { blocks, .. } => replica_blocks(blocks),
+        DeviceMessage::ResyncPrepare { snapshots, .. } => {
+            count("snapshots", snapshots.len(), MAX_SNAPSHOTS_PER_MESSAGE)
+        }
+        DeviceMessage::VersionHashes { versions, .. } => count("versions", versions.len(), MAX_BLOCKS_PER_MESSAGE),
+        DeviceMessage::ReadVersions { blocks, .. } => count("blocks", blocks.len(), MAX_BLOCKS_PER_MESSAGE),
+        DeviceMessage::Corrupt { data, .. } => bytes("corruption data", data.len(), MAX_BLOCK_SIZE),
+        DeviceMessage::Flush { .. }
+        | DeviceMessage::SyncWal { .. }
+        | DeviceMessage::SnapshotAt { .. }
+        | DeviceMessage::DropSnapshot { .. }
+        | DeviceMessage::RollbackTo { .. }
+        | DeviceMessage::Adopt { .. }
+        | DeviceMessage::ResyncFinish { .. }
+        | DeviceMessage::MerkleChunks { .. }
+        | DeviceMessage::ChunkHashes { .. }
+        | DeviceMessage::ListPreserved { .. } => Ok(()),
+    }
+}
+
+fn replica_blocks(blocks: &[ReplicaBlock]) -> Result<(), String> {
+    count("blocks", blocks.len(), MAX_BLOCKS_PER_MESSAGE)?;
+    let mut total = 0usize;
+    for b in blocks {
+        let len = b.data.as_ref().map_or(0, Vec::len);
+        bytes("block data", len, MAX_BLOCK_SIZE)?;
+        total += len;
+    }
+    bytes("blocks' data", total, MAX_IO_LEN as usize)
+}
+
+fn group_request(g: &GroupRequest) -> Result<(), String> {
+    match g {
+        GroupRequest::Snapshot { vms, .. } | GroupRequest::Consolidate { vms, .. } => {
+            count("VMs", vms.len(), MAX_PLAN_VMS)
+        }
+        GroupRequest::Restore { images, generations, volume_snapshots, .. } => {
+            count("images", images.len(), MAX_PLAN_VMS)?;
+            count("generations", generations.len(), MAX_PLAN_VMS)?;
+            count("volume snapshots", volume_snapshots.len(), MAX_PLAN_VMS * MAX_VM_VOLUMES)
+        }
+        GroupRequest::Release { volume_snapshots, .. } => {
+            count("volume snapshots", volume_snapshots.len(), MAX_PLAN_VMS * MAX_VM_VOLUMES)
+        }
+    }
+}
+
+fn count(what: &str, n: usize, max: usize) -> Result<(), String> {
+    if n > max {
+        return Err(format!("{n} {what} in one message; the limit is {max}"));
+    }
+    Ok(())
+}
+
+fn bytes(what: &str, n: usize, max: usize) -> Result<(), String> {
+    if n > max {
+        return Err(format!("{what} of {n} bytes in one message; the limit is {max}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::VolumeId;
+
+    fn replicate(blocks: Vec<ReplicaBlock>) -> Body {
+        Body::Actor(ActorMessage::Device(DeviceMessage::Replicate {
+            volume: VolumeId(1),
+            epoch: 1,
+            seq: 1,
+            blocks,
+            durable: true,
+        }))
+    }
+
+    #[test]
+    fn lists_at_their_bound_pass_and_one_more_is_refused() {
+        let block = |data: usize| ReplicaBlock { block: 0, seq: 1, data: Some(vec![0; data]) };
+        assert!(check_request(&replicate(vec![block(MIN_BLOCK_SIZE); MAX_BLOCKS_PER_MESSAGE])).is_ok());
+        let err = check_request(&replicate(vec![block(0); MAX_BLOCKS_PER_MESSAGE + 1])).unwrap_err();
+        assert!(err.contains("limit"), "{err}");
+        assert!(check_request(&replicate(vec![block(MAX_BLOCK_SIZE + 1)])).is_err());
+        // Many big blocks: each within the block bound, their sum above one write.
+        assert!(
+            check_request(&replicate(vec![block(MAX_BLOCK_SIZE); MAX_IO_LEN as usize / MAX_BLOCK_SIZE + 1])).is_err()
+        );
+        let read = Body::Actor(ActorMessage::Device(DeviceMessage::ReadVersions {
+            volume: VolumeId(1),
+            snapshot: None,
+            blocks: vec![0; MAX_BLOCKS_PER_MESSAGE + 1],
+        }));
+        assert!(check_request(&read).is_err());
+        let release = Body::Actor(ActorMessage::Vm(VmMessage::Group(GroupRequest::Release {
+            plan: 1,
+            volume_snapshots: vec![(VolumeId(1), 1); MAX_PLAN_VMS * MAX_VM_VOLUMES + 1],
+        })));
+        assert!(check_request(&release).is_err());
+    }
+}
