@@ -340,13 +340,16 @@ async fn tls_required_admin_writes_reader_reads_others_are_refused() {
     assert!(ok, "reader over TLS:\n{out}");
     let (ok, out) = qemu_io(nbd, "disk1", Some(&reader), &[], &["write -P 0x11 0 64k"]);
     assert!(!ok, "a reader must not open a volume for writing:\n{out}");
+    eprintln!("reader opening disk1 for writing, refused:\n{out}");
 
     // No client certificate: the TLS handshake is refused.
     let (ok, out) = qemu_io(nbd, "disk1", Some(&no_cert), &["-r"], &["read 0 4k"]);
     assert!(!ok, "TLS without a client certificate must be refused:\n{out}");
+    eprintln!("TLS without a client certificate, refused:\n{out}");
     // No TLS at all: refused, and qemu says why.
     let (ok, out) = qemu_io(nbd, "disk1", None, &["-r"], &["read 0 4k"]);
     assert!(!ok && out.contains("TLS"), "NBD without TLS must be refused with a TLS error:\n{out}");
+    eprintln!("no TLS, refused:\n{out}");
     assert!(qemu_nbd_list(nbd, None).is_err(), "listing without TLS must be refused");
     assert!(qemu_nbd_list(nbd, Some(&no_cert)).is_err(), "listing without a client certificate must be refused");
 
@@ -414,6 +417,7 @@ async fn tls_optional_serves_only_snapshots_in_the_clear() {
     assert!(ok, "snapshot in the clear:\n{out}");
     let (ok, out) = qemu_io(nbd, "disk2", None, &["-r"], &["read 0 4k"]);
     assert!(!ok, "a volume must not be served without TLS:\n{out}");
+    eprintln!("optional mode, volume without TLS, refused:\n{out}");
     let mut raw = Raw::connect(nbd).await;
     assert_eq!(raw.list().await.unwrap(), vec!["disk2@s1".to_string()]);
     assert_eq!(raw.info_or_go(OPT_GO, "disk2").await.unwrap_err().0, REP_ERR_TLS_REQD);

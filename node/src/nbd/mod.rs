@@ -67,7 +67,9 @@ const MAX_TIMEOUT_MS: u64 = 86_400_000;
 impl NbdSettings {
     /// Check the settings for a server listening at `listen` (`HOST:PORT`, if any).
     pub fn validate(&self, listen: Option<&str>) -> Result<(), String> {
-        for (what, ms) in [("idle_timeout_ms", self.idle_timeout_ms), ("handshake_timeout_ms", self.handshake_timeout_ms)] {
+        for (what, ms) in
+            [("idle_timeout_ms", self.idle_timeout_ms), ("handshake_timeout_ms", self.handshake_timeout_ms)]
+        {
             if !(100..=MAX_TIMEOUT_MS).contains(&ms) {
                 return Err(format!("[nbd] {what} = {ms} is out of range (100..={MAX_TIMEOUT_MS})"));
             }

@@ -331,7 +331,9 @@ fn open_error_reply(errno: NbdErrno) -> u32 {
 /// The message sent with an option refused by [`p::gate_option`].
 fn gate_message(option: u32, reply_type: u32) -> &'static str {
     match reply_type {
-        p::REP_ERR_TLS_REQD => "TLS is required: send NBD_OPT_STARTTLS and present a client certificate from the cluster CA",
+        p::REP_ERR_TLS_REQD => {
+            "TLS is required: send NBD_OPT_STARTTLS and present a client certificate from the cluster CA"
+        }
         p::REP_ERR_UNSUP => "TLS is not enabled on this server",
         _ if option == p::OPT_STARTTLS => "TLS is already active, or NBD_OPT_STARTTLS carried data",
         _ => "option refused",
@@ -385,9 +387,10 @@ async fn handshake(
         Haggled::StartTls => {}
     }
     // The gate only starts TLS when the policy offers it.
-    let tls_config = config.tls.server_config().ok_or(ConnError::Protocol(ProtocolError::BadOptionData(
-        "NBD_OPT_STARTTLS without TLS configured",
-    )))?;
+    let tls_config = config
+        .tls
+        .server_config()
+        .ok_or(ConnError::Protocol(ProtocolError::BadOptionData("NBD_OPT_STARTTLS without TLS configured")))?;
     // The client must wait for our ACK before its ClientHello; anything buffered already would
     // be plaintext injected ahead of TLS.
     if !rd.buffer().is_empty() {
@@ -726,10 +729,8 @@ where
 {
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
     // The writer runs in this task, not a spawned one, so dropping the connection drops it too.
-    let (read_result, write_result) = tokio::join!(
-        read_requests(rd, tx, export, config, peer, stop),
-        write_replies(wr, rx, config.idle_timeout)
-    );
+    let (read_result, write_result) =
+        tokio::join!(read_requests(rd, tx, export, config, peer, stop), write_replies(wr, rx, config.idle_timeout));
     if let Err(e) = write_result {
         // Usually the client went away (or stopped reading); the reader then stops as well.
         debug!(error = %e, "nbd reply writer stopped");

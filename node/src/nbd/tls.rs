@@ -229,7 +229,9 @@ mod tests {
         assert_eq!(Access::for_identity(Ok(Caller::Node(NodeId(2)))), Access::Full);
         assert_eq!(Access::for_identity(client(Role::Admin)), Access::Full);
         assert_eq!(Access::for_identity(client(Role::Reader)), Access::ReadOnly);
-        assert!(matches!(Access::for_identity(Err(IdentityError::NoIdentity)), Access::Denied(m) if m.contains("no haven://")));
+        assert!(
+            matches!(Access::for_identity(Err(IdentityError::NoIdentity)), Access::Denied(m) if m.contains("no haven://"))
+        );
     }
 
     #[test]
