@@ -886,7 +886,7 @@ async fn unread_replies_hold_the_server_to_its_byte_budget() {
     assert!(executed >= BUDGET / MIB, "only {executed} reads ran: the budget should allow {}", BUDGET / MIB);
 
     // Once the client reads, every reply arrives, correct.
-    let mut seen = vec![false; READS];
+    let mut seen = [false; READS];
     for _ in 0..READS {
         let (err, handle) = raw.reply().await;
         assert_eq!(err, 0);
