@@ -164,9 +164,8 @@ pub async fn write_frame(send: &mut quinn::SendStream, archive: &[u8]) -> Result
 
 /// Read one frame into an aligned buffer, refusing frames above `max_len` before reading on.
 ///
-/// The buffer grows as bytes arrive (at most [`READ_CHUNK`] ahead of what was received), never to
-/// the declared length up front: a peer that declares 16 MiB and sends a trickle costs what it
-/// sent, not what it claimed.
+/// The buffer grows as bytes arrive, never to the declared length up front: a peer that declares
+/// 16 MiB and sends a trickle costs what it sent, not what it claimed.
 pub async fn read_frame(recv: &mut quinn::RecvStream, max_len: usize) -> Result<AlignedVec, WireIoError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     read_exact(recv, &mut header).await?;
@@ -174,17 +173,13 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max_len: usize) -> Result<
     read_body(recv, header.len).await
 }
 
-/// How far ahead of the bytes received a frame buffer may grow.
-pub const READ_CHUNK: usize = 64 * 1024;
-
-/// Read exactly `len` bytes of a frame body, growing the buffer as they arrive.
+/// Read exactly `len` bytes of a frame body. The buffer grows with the bytes that arrived (QUIC
+/// hands over the chunks it holds), never to `len` up front.
 pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<AlignedVec, WireIoError> {
-    let mut buf = AlignedVec::with_capacity(len.min(READ_CHUNK));
-    let mut chunk = vec![0u8; len.min(READ_CHUNK)];
+    let mut buf = AlignedVec::new();
     while buf.len() < len {
-        let want = (len - buf.len()).min(chunk.len());
-        match recv.read(&mut chunk[..want]).await {
-            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+        match recv.read_chunk(len - buf.len(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
             Ok(None) => return Err(ProtoError::Truncated { expected: len, got: buf.len() }.into()),
             Err(e) => return Err(WireIoError::Read(e.to_string())),
         }

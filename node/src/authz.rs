@@ -10,6 +10,7 @@
 //! | request | node | admin | reader |
 //! |---|---|---|---|
 //! | Raft RPCs, node requests (internal catalog proposals), device/VM/group actor messages, bulk streams | yes | no | no |
+//! | a client's volume/VM request addressed to the device or VM actor | as through the node endpoint | | |
 //! | client writes, membership changes, volume and VM changes | yes | yes | no |
 //! | fault injection (`volume corrupt`) | only when the node runs with `--allow-fault-injection` | same | no |
 //! | status, reads, lists, shows, actor ping/describe | yes | yes | yes |
@@ -18,7 +19,7 @@
 //! kind (sizes and contents are validated where they are decoded).
 
 use haven_proto::vm::{VmMessage, VmRequest};
-use haven_proto::volume::VolumeRequest;
+use haven_proto::volume::{DeviceMessage, VolumeRequest};
 use haven_proto::{ActorMessage, Body, Caller, ClientRequest, EnvelopeFlags, NodeId, Role};
 
 /// Every flag bit this build knows.
@@ -134,6 +135,10 @@ pub fn required(body: &Body) -> (&'static str, Need) {
         Body::Client(req) => client_request(req),
         Body::Actor(ActorMessage::Ping { .. }) => ("an actor ping", Need::Any),
         Body::Actor(ActorMessage::Describe) => ("an actor describe", Need::Any),
+        // A client's request addressed straight to the actor that serves it needs what the same
+        // request through the node endpoint needs.
+        Body::Actor(ActorMessage::Device(DeviceMessage::Client(v))) => volume_request(v),
+        Body::Actor(ActorMessage::Vm(VmMessage::Client(v))) => vm_request(v),
         Body::Actor(ActorMessage::Device(_)) => ("a device message", Need::Node),
         Body::Actor(ActorMessage::Vm(VmMessage::Group(_))) => ("a group request", Need::Node),
         Body::Actor(ActorMessage::Vm(VmMessage::IncomingMigration { .. })) => ("an incoming migration", Need::Node),
@@ -153,12 +158,16 @@ fn client_request(req: &ClientRequest) -> (&'static str, Need) {
         ClientRequest::Write { .. } => ("a catalog write", Need::Admin),
         ClientRequest::AddMember { .. } | ClientRequest::RemoveMember { .. } => ("a membership change", Need::Admin),
         ClientRequest::Volume(v) => volume_request(v),
-        ClientRequest::Vm(v) => match v {
-            VmRequest::Status { .. } | VmRequest::Check { .. } | VmRequest::MigrationProgress { .. } => {
-                ("a VM status request", Need::Any)
-            }
-            VmRequest::Migrate { .. } | VmRequest::CancelMigration { .. } => ("a VM migration request", Need::Admin),
-        },
+        ClientRequest::Vm(v) => vm_request(v),
+    }
+}
+
+fn vm_request(req: &VmRequest) -> (&'static str, Need) {
+    match req {
+        VmRequest::Status { .. } | VmRequest::Check { .. } | VmRequest::MigrationProgress { .. } => {
+            ("a VM status request", Need::Any)
+        }
+        VmRequest::Migrate { .. } | VmRequest::CancelMigration { .. } => ("a VM migration request", Need::Admin),
     }
 }
 
@@ -183,7 +192,6 @@ fn volume_request(req: &VolumeRequest) -> (&'static str, Need) {
 mod tests {
     use super::*;
     use haven_proto::plan::GroupRequest;
-    use haven_proto::volume::DeviceMessage;
     use haven_proto::{ClientCommand, NodeRequest, RaftRpc, VolumeId};
 
     fn node(n: u64) -> Caller {
@@ -254,7 +262,24 @@ mod tests {
             len: 4096,
             snapshot: None,
         }));
+        let vm_status =
+            Body::Actor(ActorMessage::Vm(VmMessage::Client(VmRequest::Status { vm: haven_proto::VmId(1) })));
+        let vm_migrate = Body::Actor(ActorMessage::Vm(VmMessage::Client(VmRequest::Migrate {
+            vm: haven_proto::VmId(1),
+            to: NodeId(2),
+            options: Default::default(),
+            plan: None,
+        })));
+        assert!(matches!(ask(&reader(), vm_migrate.clone()), Err(Refusal::ReadOnly { .. })));
+        assert!(ask(&admin(), vm_migrate).is_ok());
+        let device_write = Body::Actor(ActorMessage::Device(DeviceMessage::Client(VolumeRequest::Write {
+            volume: VolumeId(1),
+            offset: 0,
+            data: vec![0],
+        })));
+        assert!(matches!(ask(&reader(), device_write), Err(Refusal::ReadOnly { .. })));
         for c in [admin(), reader(), node(3)] {
+            assert!(ask(&c, vm_status.clone()).is_ok());
             assert!(ask(&c, read.clone()).is_ok());
             assert!(ask(&c, Body::Client(ClientRequest::Status)).is_ok());
             assert!(ask(&c, Body::Actor(ActorMessage::Ping { nonce: 1 })).is_ok());

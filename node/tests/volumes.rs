@@ -3,13 +3,13 @@
 //! snapshot corruption caught and repaired, and bad input refused with stored data intact.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cluster_with;
+use common::{cluster_with, metric};
 use haven_client::devcluster::LocalCluster;
 use haven_client::error::ClientError;
 use haven_client::proto::volume::{IntegrityVerdict, VolumeRecord};
@@ -85,18 +85,6 @@ async fn wait_volume(client: &HavenClient, name: &str, what: &str, ok: impl Fn(&
 }
 
 /// A counter from a node's Prometheus endpoint (0 when absent).
-fn metric(c: &LocalCluster, node: NodeId, name: &str) -> f64 {
-    let admin: SocketAddr = c.node(node.0).unwrap().admin;
-    let mut s = TcpStream::connect(admin).expect("admin reachable");
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes()).unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn block(fill: u8) -> Vec<u8> {
     vec![fill; 4096]
 }

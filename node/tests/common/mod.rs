@@ -19,3 +19,17 @@ pub fn cluster_with(dir: &std::path::Path, env: &[(&str, &str)]) -> LocalCluster
     c.start_all().expect("start cluster");
     c
 }
+
+/// The sum of every series of Prometheus metric `name` on `node`'s admin endpoint.
+pub fn metric(c: &LocalCluster, node: haven_client::proto::NodeId, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let admin = c.node(node.0).unwrap().admin;
+    let mut s = std::net::TcpStream::connect(admin).expect("admin reachable");
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes()).unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
