@@ -278,8 +278,12 @@ impl LocalCluster {
         ];
         let nbd = node.nbd.map(|a| a.to_string());
         if let Some(nbd) = &nbd {
-            args.push("--nbd-listen".as_ref());
-            args.push(nbd.as_ref());
+            // A dev cluster listens on loopback only, so its NBD server takes plain clients
+            // (`qemu-io nbd://...`) with full access; a node's own default is to require TLS.
+            // Set `HAVEN_NBD_TLS` in the spec's `env` to run the nodes in another mode.
+            let flags: [&std::ffi::OsStr; 4] =
+                ["--nbd-listen".as_ref(), nbd.as_ref(), "--nbd-tls".as_ref(), "off".as_ref()];
+            args.extend(flags);
         }
         let detect = self.manifest.failure_detect_ms.map(|v| v.to_string());
         if let Some(d) = &detect {

@@ -79,6 +79,12 @@ struct InitArgs {
     /// NBD listen address (HOST:PORT): volumes are served as NBD exports there.
     #[arg(long, env = "HAVEN_NBD_LISTEN")]
     nbd_listen: Option<String>,
+    /// NBD TLS: `required` (STARTTLS with a client certificate from the cluster CA: `admin`
+    /// reads and writes, `reader` only reads), `optional` (without TLS only snapshots can be
+    /// read) or `off` (anyone reads and writes). `off` and `optional` need a loopback
+    /// --nbd-listen.
+    #[arg(long, env = "HAVEN_NBD_TLS", default_value_t = crate::nbd::TlsMode::Required)]
+    nbd_tls: crate::nbd::TlsMode,
     /// How long a host or replica may stay silent before it is treated as failed, in ms
     /// (the leader's host-down threshold, the primary's replica acknowledgement deadline, and how
     /// long a migration plan waits for a silent destination before failing back).
@@ -117,6 +123,9 @@ struct RunArgs {
     /// TESTING ONLY: accept fault-injection requests (`havenctl volume corrupt`) this run.
     #[arg(long, env = "HAVEN_ALLOW_FAULT_INJECTION", value_parser = clap::builder::BoolishValueParser::new())]
     allow_fault_injection: bool,
+    /// Override the NBD TLS mode (`off`, `optional`, `required`) this run.
+    #[arg(long, env = "HAVEN_NBD_TLS")]
+    nbd_tls: Option<crate::nbd::TlsMode>,
 }
 
 #[derive(Args)]
@@ -203,6 +212,7 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         raft,
         dial_via: Default::default(),
         nbd_listen: a.nbd_listen,
+        nbd: crate::nbd::NbdSettings { tls: a.nbd_tls, ..Default::default() },
         vm_memory_mib: a.vm_memory_mib,
         volume: crate::volume::replica::VolumeTunables {
             host_down_ms: a.failure_detect_ms,
@@ -242,6 +252,7 @@ fn start(a: InitArgs) -> anyhow::Result<ExitCode> {
         resync_max_bytes_per_sec: None,
         vm_memory_mib: None,
         allow_fault_injection: false,
+        nbd_tls: None,
     })
 }
 
@@ -263,6 +274,9 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         cfg.vm_memory_mib = m;
     }
     cfg.allow_fault_injection |= a.allow_fault_injection;
+    if let Some(tls) = a.nbd_tls {
+        cfg.nbd.tls = tls;
+    }
     let _telemetry = crate::telemetry::init_tracing("haven-node");
     let prometheus = crate::telemetry::init_metrics().map_err(|e| anyhow!("metrics recorder: {e}"))?;
     // Actors run on this thread (actix System); Raft, QUIC and request handling run on the

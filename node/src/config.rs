@@ -59,6 +59,9 @@ pub struct NodeConfig {
     /// Address the NBD server binds (volumes as NBD exports); none = no NBD server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_listen: Option<String>,
+    /// How the NBD server admits clients (`[nbd]`: TLS mode, idle and handshake timeouts).
+    #[serde(default)]
+    pub nbd: crate::nbd::NbdSettings,
     #[serde(default)]
     pub volume: crate::volume::replica::VolumeTunables,
     /// Guest memory this host offers to VMs, in MiB.
@@ -168,6 +171,7 @@ impl NodeConfig {
         self.raft.to_openraft(self.id).map_err(ConfigError::Invalid)?;
         self.fence.validate(self.raft.election_timeout_max_ms).map_err(ConfigError::Invalid)?;
         self.transport.validate().map_err(ConfigError::Invalid)?;
+        self.nbd.validate(self.nbd_listen.as_deref()).map_err(ConfigError::Invalid)?;
         for (id, addr) in &self.dial_via {
             id.parse::<u64>().map_err(|_| ConfigError::Invalid(format!("dial_via key {id:?} is not a node id")))?;
             check_addr(&format!("dial_via.{id}"), addr)?;

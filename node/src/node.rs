@@ -160,12 +160,15 @@ pub async fn run(
         let addr = crate::transport::resolve(nbd_listen).await.map_err(|e| anyhow!(e))?;
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding NBD on {nbd_listen}"))?;
-        info!(node = %id, nbd = %addr, "serving volumes over NBD");
+        info!(node = %id, nbd = %addr, tls = %cfg.nbd.tls, "serving volumes over NBD");
         tokio::spawn(crate::nbd::serve(
             listener,
             crate::volume::export::VolumeExports::new(volumes.clone()),
             crate::nbd::NbdServerConfig {
                 max_payload: haven_proto::volume::MAX_IO_LEN,
+                handshake_timeout: Duration::from_millis(cfg.nbd.handshake_timeout_ms),
+                idle_timeout: Duration::from_millis(cfg.nbd.idle_timeout_ms),
+                tls: nbd_tls_policy(&cfg.nbd, &tls)?,
                 ..crate::nbd::NbdServerConfig::default()
             },
             async {
@@ -193,6 +196,18 @@ pub async fn run(
     store.sync_wal().context("final WAL sync")?;
     info!(node = %id, "stopped");
     Ok(())
+}
+
+/// The NBD server's TLS policy: STARTTLS presents this node's certificate and requires a client
+/// certificate from the cluster CA.
+fn nbd_tls_policy(settings: &crate::nbd::NbdSettings, tls: &TlsMaterial) -> anyhow::Result<crate::nbd::TlsPolicy> {
+    use crate::nbd::{tls::server_config, TlsMode, TlsPolicy};
+    let config = || server_config(&tls.ca_pem, &tls.cert_pem, &tls.key_pem);
+    Ok(match settings.tls {
+        TlsMode::Off => TlsPolicy::Off,
+        TlsMode::Optional => TlsPolicy::Optional(config()?),
+        TlsMode::Required => TlsPolicy::Required(config()?),
+    })
 }
 
 /// Initialise Raft from `<data-dir>/bootstrap.toml` if it is there, then delete the file so it

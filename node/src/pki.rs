@@ -136,7 +136,9 @@ impl CertificateAuthority {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // KeyEncipherment too: qemu's tls-creds-x509 (NBD over TLS) refuses a certificate whose
+        // critical key usage lacks it, whatever the key type.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         set_validity(&mut params, days);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use haven_node::nbd::{serve, BackendError, ExportBackend, ExportInfo, ExportResolver, NbdErrno, NbdServerConfig};
+use haven_node::nbd::{
+    serve, BackendError, ExportBackend, ExportInfo, ExportListing, ExportResolver, NbdErrno, NbdServerConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -195,10 +197,14 @@ struct Resolver {
 }
 
 impl ExportResolver for Resolver {
-    fn list(&self) -> BoxFuture<'static, Result<Vec<String>, BackendError>> {
-        let mut names: Vec<String> = self.exports.keys().cloned().collect();
-        names.sort();
-        Box::pin(async move { Ok(names) })
+    fn list(&self) -> BoxFuture<'static, Result<Vec<ExportListing>, BackendError>> {
+        let mut exports: Vec<ExportListing> = self
+            .exports
+            .iter()
+            .map(|(name, e)| ExportListing { name: name.clone(), read_only: e.0.info.read_only })
+            .collect();
+        exports.sort_by(|a, b| a.name.cmp(&b.name));
+        Box::pin(async move { Ok(exports) })
     }
 
     fn open(&self, name: &str) -> BoxFuture<'static, Result<Arc<dyn ExportBackend>, BackendError>> {
@@ -225,6 +231,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with(NbdServerConfig { max_payload: MAX_PAYLOAD, ..NbdServerConfig::default() }).await
+    }
+
+    async fn start_with(config: NbdServerConfig) -> Self {
         let disk = MemExport::new(DISK_SIZE, 0, false, "test disk");
         let ro = MemExport::new(RO_SIZE, 0x5a, true, "");
         let resolver =
@@ -232,7 +242,6 @@ impl Harness {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = NbdServerConfig { max_payload: MAX_PAYLOAD, ..NbdServerConfig::default() };
         let server = tokio::spawn(serve(listener, Arc::new(resolver), config, async move {
             let _ = stopped.await;
         }));
@@ -323,6 +332,17 @@ impl Raw {
 
     async fn connect(addr: SocketAddr) -> Self {
         Self::connect_with_flags(addr, 3).await
+    }
+
+    /// Connect with a small receive buffer, so the kernel cannot soak up many unread replies.
+    async fn connect_small_window(addr: SocketAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * KIB as u32).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let mut greeting = [0u8; 18];
+        timed("greeting", s.read_exact(&mut greeting)).await.unwrap();
+        s.write_all(&3u32.to_be_bytes()).await.unwrap();
+        Self { s }
     }
 
     async fn send_option(&mut self, option: u32, data: &[u8]) {
@@ -815,4 +835,136 @@ async fn shutdown_closes_connections_and_stops_accepting() {
     busy.assert_closed().await;
     haggling.assert_closed().await;
     assert!(TcpStream::connect(addr).await.is_err(), "the listener should be closed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits: the byte budget against a client that does not read, idle and handshake timeouts.
+
+/// Poll `f` until it returns the same value twice `settle` apart; that value.
+async fn settled(settle: Duration, f: impl Fn() -> usize) -> usize {
+    let mut last = f();
+    loop {
+        tokio::time::sleep(settle).await;
+        let now = f();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_replies_hold_the_server_to_its_byte_budget() {
+    const BUDGET: usize = 4 * MIB;
+    const READS: usize = 96;
+    let h = Harness::start_with(NbdServerConfig {
+        max_payload: MAX_PAYLOAD,
+        max_bytes_in_flight: BUDGET as u64,
+        ..NbdServerConfig::default()
+    })
+    .await;
+    let mut image = vec![0u8; DISK_SIZE];
+    for (i, b) in image.iter_mut().enumerate() {
+        *b = (i / MIB) as u8 + 1;
+    }
+    h.disk.set(&image);
+    let mut raw = Raw::connect_small_window(h.addr).await;
+    raw.go("disk").await;
+    // 96 MiB of reads, none of whose replies the client reads for now.
+    let mut msg = Vec::new();
+    for i in 0..READS as u64 {
+        msg.extend(Raw::request_bytes(CMD_READ, 0, i, (i % 4) * MIB as u64, MIB as u32));
+    }
+    raw.send(&msg).await;
+    let executed = settled(Duration::from_millis(500), || h.disk.count(|c| &c.reads)).await;
+    // Each 1 MiB read holds budget until its reply is on the socket; beyond the budget only what
+    // the kernel's socket buffers took (a few MiB on loopback) can have been read. Releasing the
+    // budget when a reply is merely queued would let every read run (96).
+    eprintln!("{executed} of {READS} reads ran while the client read no reply (budget {} MiB)", BUDGET / MIB);
+    let bound = BUDGET / MIB + 12;
+    assert!(executed <= bound, "{executed} reads ran while the client read no reply (bound {bound})");
+    assert!(executed >= BUDGET / MIB, "only {executed} reads ran: the budget should allow {}", BUDGET / MIB);
+
+    // Once the client reads, every reply arrives, correct.
+    let mut seen = [false; READS];
+    for _ in 0..READS {
+        let (err, handle) = raw.reply().await;
+        assert_eq!(err, 0);
+        let data = raw.read_data(MIB).await;
+        let block = (handle % 4) as usize;
+        assert!(data == image[block * MIB..(block + 1) * MIB], "wrong data for handle {handle}");
+        assert!(!std::mem::replace(&mut seen[handle as usize], true), "duplicate reply {handle}");
+    }
+    assert_eq!(h.disk.count(|c| &c.reads), READS);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let idle = Duration::from_millis(800);
+    let h = Harness::start_with(NbdServerConfig {
+        max_payload: MAX_PAYLOAD,
+        max_bytes_in_flight: 2 * MIB as u64,
+        idle_timeout: idle,
+        ..NbdServerConfig::default()
+    })
+    .await;
+    let mut raw = Raw::connect_small_window(h.addr).await;
+    raw.go("disk").await;
+    let mut msg = Vec::new();
+    for i in 0..64u64 {
+        msg.extend(Raw::request_bytes(CMD_READ, 0, i, 0, MIB as u32));
+    }
+    raw.send(&msg).await;
+    tokio::time::sleep(idle * 4).await;
+    // The server gave up on the stalled writer and closed: reading now drains what the kernel
+    // buffered and then meets the end of the stream, well short of 64 MiB.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * KIB];
+    loop {
+        match timed("drain to the end of the stream", raw.s.read(&mut buf)).await {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "unexpected error {e}");
+                break;
+            }
+        }
+    }
+    assert!(got < 32 * MIB, "{got} bytes arrived from a connection that should have been closed");
+    // The server still serves others.
+    let mut again = Raw::open(h.addr, "disk").await;
+    assert_eq!(again.call(CMD_FLUSH, 0, 0, 0, &[]).await.0, 0);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_and_slow_handshakes_are_closed() {
+    let idle = Duration::from_millis(600);
+    let h = Harness::start_with(NbdServerConfig {
+        max_payload: MAX_PAYLOAD,
+        idle_timeout: idle,
+        handshake_timeout: Duration::from_millis(600),
+        ..NbdServerConfig::default()
+    })
+    .await;
+    // A connection that keeps sending requests more often than the idle timeout stays open...
+    let mut busy = Raw::open(h.addr, "disk").await;
+    for _ in 0..6 {
+        tokio::time::sleep(idle / 3).await;
+        assert_eq!(busy.call(CMD_READ, 0, 0, 512, &[]).await, (0, vec![0; 512]));
+    }
+    // ...and is closed once it goes quiet.
+    let quiet_from = std::time::Instant::now();
+    busy.assert_closed().await;
+    assert!(quiet_from.elapsed() >= idle / 2, "closed after {:?}, before the idle timeout", quiet_from.elapsed());
+
+    // A client that connects and never finishes haggling is closed too.
+    let mut slow = Raw::connect(h.addr).await;
+    slow.assert_closed().await;
+    // So is one that stops in the middle of a request header.
+    let mut half = Raw::open(h.addr, "disk").await;
+    half.send(&Raw::request_bytes(CMD_READ, 0, 1, 0, 512)[..10]).await;
+    half.assert_closed().await;
+    h.shutdown().await;
 }

@@ -1,6 +1,7 @@
 //! The NBD wire format: constants, and encoding/decoding of every message the server sends or
 //! receives (greeting, client flags, option requests and replies, `NBD_REP_INFO` payloads,
-//! transmission requests, simple and structured replies).
+//! transmission requests, simple and structured replies), and which option requests the TLS
+//! rules let through ([`gate_option`]).
 //!
 //! Everything here is a pure function over byte buffers: no I/O, no policy. Decoders check what
 //! the format itself fixes (magic numbers, lengths, string rules) and return a typed
@@ -374,6 +375,55 @@ pub fn encode_export_name_reply(size: u64, transmission_flags: u16, no_zeroes: b
     out
 }
 
+/// Where option haggling stands with respect to TLS (the NBD document's "TLS support" section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// The server has no TLS: `NBD_OPT_STARTTLS` is unsupported, everything else proceeds.
+    Unavailable,
+    /// TLS is offered but not required, and not negotiated yet ("selective TLS": whether a given
+    /// export needs it is decided when it is opened).
+    Offered,
+    /// TLS is required and not negotiated yet ("forced TLS").
+    Required,
+    /// `NBD_OPT_STARTTLS` succeeded; haggling continues inside TLS.
+    Established,
+}
+
+/// What to do with one option request before looking at what it asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptionGate {
+    /// Handle the option normally.
+    Proceed,
+    /// Reply `NBD_REP_ACK` to `NBD_OPT_STARTTLS`, then run the TLS handshake as the server.
+    StartTls,
+    /// Reply with this error type and keep haggling.
+    Refuse(u32),
+    /// Close the connection without a reply (`NBD_OPT_EXPORT_NAME` cannot carry an error).
+    Close,
+}
+
+/// Gate an option request (`option` with `data_len` bytes of data) by the TLS phase:
+///
+/// - `NBD_OPT_STARTTLS` starts TLS when it is offered or required (its data must be empty,
+///   else `NBD_REP_ERR_INVALID`); once TLS is up it is `NBD_REP_ERR_INVALID`; without TLS
+///   support it is `NBD_REP_ERR_UNSUP`.
+/// - While TLS is required and not negotiated, every option other than `NBD_OPT_STARTTLS` and
+///   `NBD_OPT_ABORT` is refused with `NBD_REP_ERR_TLS_REQD`, except `NBD_OPT_EXPORT_NAME`, after
+///   which the server closes the connection.
+/// - Everything else proceeds.
+pub fn gate_option(option: u32, data_len: u32, phase: TlsPhase) -> OptionGate {
+    match (option, phase) {
+        (OPT_STARTTLS, TlsPhase::Unavailable) => OptionGate::Refuse(REP_ERR_UNSUP),
+        (OPT_STARTTLS, TlsPhase::Established) => OptionGate::Refuse(REP_ERR_INVALID),
+        (OPT_STARTTLS, _) if data_len != 0 => OptionGate::Refuse(REP_ERR_INVALID),
+        (OPT_STARTTLS, _) => OptionGate::StartTls,
+        (OPT_ABORT, _) => OptionGate::Proceed,
+        (OPT_EXPORT_NAME, TlsPhase::Required) => OptionGate::Close,
+        (_, TlsPhase::Required) => OptionGate::Refuse(REP_ERR_TLS_REQD),
+        _ => OptionGate::Proceed,
+    }
+}
+
 /// A transmission request header. For `NBD_CMD_WRITE`, `len` bytes of data follow it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
@@ -584,6 +634,44 @@ mod tests {
         assert!(with[10..].iter().all(|b| *b == 0));
         let without = encode_export_name_reply(1 << 20, FLAG_HAS_FLAGS, true);
         assert_eq!(without, [0, 0, 0, 0, 0, 0x10, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn tls_gate_table() {
+        use OptionGate::*;
+        use TlsPhase::*;
+        let cases: &[(u32, u32, TlsPhase, OptionGate)] = &[
+            // No TLS support: STARTTLS unsupported, everything else as usual.
+            (OPT_STARTTLS, 0, Unavailable, Refuse(REP_ERR_UNSUP)),
+            (OPT_GO, 9, Unavailable, Proceed),
+            (OPT_LIST, 0, Unavailable, Proceed),
+            (OPT_EXPORT_NAME, 4, Unavailable, Proceed),
+            // Offered: STARTTLS starts it; other options go on in the clear.
+            (OPT_STARTTLS, 0, Offered, StartTls),
+            (OPT_STARTTLS, 1, Offered, Refuse(REP_ERR_INVALID)),
+            (OPT_GO, 9, Offered, Proceed),
+            (OPT_LIST, 0, Offered, Proceed),
+            (OPT_EXPORT_NAME, 4, Offered, Proceed),
+            // Required: only STARTTLS and ABORT before TLS.
+            (OPT_STARTTLS, 0, Required, StartTls),
+            (OPT_STARTTLS, 3, Required, Refuse(REP_ERR_INVALID)),
+            (OPT_ABORT, 0, Required, Proceed),
+            (OPT_GO, 9, Required, Refuse(REP_ERR_TLS_REQD)),
+            (OPT_INFO, 9, Required, Refuse(REP_ERR_TLS_REQD)),
+            (OPT_LIST, 0, Required, Refuse(REP_ERR_TLS_REQD)),
+            (OPT_STRUCTURED_REPLY, 0, Required, Refuse(REP_ERR_TLS_REQD)),
+            (0x1234, 0, Required, Refuse(REP_ERR_TLS_REQD)),
+            (OPT_EXPORT_NAME, 4, Required, Close),
+            // Inside TLS: a second STARTTLS is invalid, the rest proceeds.
+            (OPT_STARTTLS, 0, Established, Refuse(REP_ERR_INVALID)),
+            (OPT_GO, 9, Established, Proceed),
+            (OPT_LIST, 0, Established, Proceed),
+            (OPT_EXPORT_NAME, 4, Established, Proceed),
+            (OPT_ABORT, 0, Established, Proceed),
+        ];
+        for &(option, len, phase, want) in cases {
+            assert_eq!(gate_option(option, len, phase), want, "option {option} ({len} bytes) in {phase:?}");
+        }
     }
 
     #[test]

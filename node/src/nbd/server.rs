@@ -1,22 +1,33 @@
-//! The NBD server: accepting TCP connections, the fixed newstyle handshake and option haggling,
-//! and the transmission phase (validating each request, running it on the export's
-//! [`ExportBackend`], and writing replies).
+//! The NBD server: accepting TCP connections, the fixed newstyle handshake and option haggling
+//! (with `NBD_OPT_STARTTLS`), and the transmission phase (validating each request, running it on
+//! the export's [`ExportBackend`], and writing replies).
 //!
 //! One connection = one task that reads requests off the socket in order; each accepted request
 //! runs as its own task (up to [`MAX_IN_FLIGHT`] per connection, and a bounded number of payload
 //! bytes), and every reply goes through the connection's single writer, so replies never
-//! interleave and small replies are batched into one write. Requests are checked against the
-//! export's [`ExportInfo`] and the server's limits before the backend sees them; a refused
-//! request gets an errno reply (a refused write's payload is still read off the socket, so the
-//! stream stays framed); anything that loses framing (bad magic, a write payload larger than
-//! the limit) closes the connection. Only simple replies are used (structured replies are
-//! declined during haggling).
+//! interleave and small replies are batched into one write. A request's share of the in-flight
+//! limits is released only once its reply has been written to the socket, so a client that does
+//! not read its replies stops the server from reading its requests instead of making it hold
+//! more. Requests are checked against the export's [`ExportInfo`] and the server's limits before
+//! the backend sees them; a refused request gets an errno reply (a refused write's payload is
+//! still read off the socket, so the stream stays framed); anything that loses framing (bad
+//! magic, a write payload larger than the limit) closes the connection. Only simple replies are
+//! used (structured replies are declined during haggling).
+//!
+//! TLS follows the NBD document: `NBD_OPT_STARTTLS` (never `NBD_OPT_EXPORT_NAME`-style implicit
+//! TLS), after which haggling starts over inside TLS; which options pass before TLS is
+//! [`p::gate_option`]'s decision, what the connection may open is [`Access`]'s (see
+//! [`super::tls`]). Time is bounded: the whole handshake by `handshake_timeout`; in
+//! transmission, a connection with nothing in flight that sends no request for `idle_timeout`,
+//! or a client that stops mid-request or takes no reply for that long, is closed.
 //!
 //! Metrics: `haven_nbd_ops_total{op}` (every request read, refused or not),
 //! `haven_nbd_errors_total{op}` (refused or failed requests; `op="handshake"`/`"protocol"` for
-//! connections closed on a protocol violation, `"connection_limit"` for refused connections),
+//! connections closed on a protocol violation, `"tls"` for failed TLS handshakes, `"access"` for
+//! options refused by access rules, `"connection_limit"` for refused connections),
 //! `haven_nbd_bytes_total{op}` (payload bytes of successful reads and writes),
-//! `haven_nbd_op_seconds{op}` (backend latency) and the `haven_nbd_connections` gauge.
+//! `haven_nbd_op_seconds{op}` (backend latency), `haven_nbd_idle_closed_total` and the
+//! `haven_nbd_connections` gauge.
 //!
 //! This module must not know what an export is: names come from the [`ExportResolver`], data
 //! from the [`ExportBackend`]. Wire encoding lives in [`super::protocol`].
@@ -28,26 +39,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
-use super::protocol::{self as p, ProtocolError, Request};
+use super::protocol::{self as p, OptionGate, ProtocolError, Request, TlsPhase};
+use super::tls::{Access, OpenRefusal, TlsPolicy};
 use super::{BackendError, ExportBackend, ExportInfo, ExportResolver, NbdErrno};
+use crate::identity::{self, IdentityError};
 
 /// Requests of one connection that may run on the backend at once.
 pub const MAX_IN_FLIGHT: usize = 64;
-/// How long a client may take from connecting to entering transmission.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection may take to finish its in-flight requests after shutdown before it is
 /// dropped (e.g. a client that stopped reading replies).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Read and write payload bytes one connection may hold in flight, at least (see
-/// [`byte_budget`]).
-const MIN_BYTE_BUDGET: u64 = 64 << 20;
 /// Unit of the byte budget semaphore.
 const BUDGET_UNIT: u64 = 4096;
 /// Socket read buffer. Write payloads larger than this bypass it.
@@ -58,7 +69,7 @@ const DIRECT_WRITE_MIN: usize = 64 * 1024;
 /// The writer flushes its batch once it holds this much, even if more replies are queued.
 const BATCH_FLUSH: usize = 256 * 1024;
 
-/// Server limits.
+/// Server limits and admission.
 #[derive(Debug, Clone)]
 pub struct NbdServerConfig {
     /// Largest read or write a client may request (bytes); advertised as the maximum block size
@@ -67,11 +78,28 @@ pub struct NbdServerConfig {
     pub max_payload: u32,
     /// Connections served at once; further connections are accepted and closed immediately.
     pub max_connections: usize,
+    /// Read and write payload bytes one connection may hold, from reading a request until its
+    /// reply is written (at least `max_payload`, so every valid request can run).
+    pub max_bytes_in_flight: u64,
+    /// How long a client may take from connecting (TLS included) to entering transmission.
+    pub handshake_timeout: Duration,
+    /// In transmission: how long a connection with nothing in flight may send no request, and
+    /// how long a client may stall mid-request or leave a reply unread, before it is closed.
+    pub idle_timeout: Duration,
+    /// TLS and the access of clients without it.
+    pub tls: TlsPolicy,
 }
 
 impl Default for NbdServerConfig {
     fn default() -> Self {
-        Self { max_payload: 32 << 20, max_connections: 256 }
+        Self {
+            max_payload: 32 << 20,
+            max_connections: 256,
+            max_bytes_in_flight: 64 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            tls: TlsPolicy::Off,
+        }
     }
 }
 
@@ -93,7 +121,7 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "nbd server listening");
+        info!(%addr, tls = ?config.tls.initial_phase(), "nbd server listening");
     }
     loop {
         tokio::select! {
@@ -153,8 +181,16 @@ enum ConnError {
     HandshakeTimeout,
     #[error("option data of {0} bytes is too large")]
     OptionTooBig(u32),
-    #[error("NBD_OPT_EXPORT_NAME for {name:?} failed: {error}")]
-    ExportNameFailed { name: String, error: BackendError },
+    #[error("NBD_OPT_EXPORT_NAME for {name:?} refused: {message}")]
+    ExportNameRefused { name: String, message: String },
+    #[error("NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    ExportNameBeforeTls,
+    #[error("client sent {0} bytes after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataBeforeTls(usize),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("client stalled for {0:?} in the middle of a request")]
+    Stalled(Duration),
 }
 
 impl ConnError {
@@ -181,6 +217,12 @@ impl Drop for ConnectionGauge {
     }
 }
 
+/// A connection's streams after haggling: in the clear, or inside TLS.
+enum Streams {
+    Plain(BufReader<OwnedReadHalf>, OwnedWriteHalf),
+    Tls(BufReader<ReadHalf<TlsStream<TcpStream>>>, WriteHalf<TlsStream<TcpStream>>),
+}
+
 async fn run_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -190,20 +232,18 @@ async fn run_connection(
 ) {
     let _gauge = ConnectionGauge::new();
     debug!("nbd connection accepted");
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let haggled = tokio::select! {
         biased;
         _ = stopped(&mut stop) => {
             debug!("nbd server shutting down during handshake; closing");
             return;
         }
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &*resolver, &config, peer)) => {
+        r = tokio::time::timeout(config.handshake_timeout, handshake(stream, &*resolver, &config, peer)) => {
             r.unwrap_or(Err(ConnError::HandshakeTimeout))
         }
     };
-    let export = match haggled {
-        Ok(Some(export)) => export,
+    let (streams, export) = match haggled {
+        Ok(Some(chosen)) => chosen,
         Ok(None) => {
             debug!("nbd client ended option haggling");
             return;
@@ -213,15 +253,22 @@ async fn run_connection(
                 debug!(error = %e, "nbd client left during handshake");
             } else {
                 warn!(%peer, error = %e, "nbd handshake failed; closing connection");
-                metrics::counter!("haven_nbd_errors_total", "op" => "handshake").increment(1);
+                let op = if matches!(e, ConnError::Tls(_)) { "tls" } else { "handshake" };
+                metrics::counter!("haven_nbd_errors_total", "op" => op).increment(1);
             }
             return;
         }
     };
-    debug!(export = %export.name, size = export.info.size, "nbd transmission started");
+    debug!(export = %export.name, size = export.info.size, read_only = export.info.read_only, "nbd transmission started");
     let mut grace = stop.clone();
+    let served = async {
+        match streams {
+            Streams::Plain(rd, wr) => transmission(rd, wr, export, &config, peer, stop).await,
+            Streams::Tls(rd, wr) => transmission(rd, wr, export, &config, peer, stop).await,
+        }
+    };
     tokio::select! {
-        r = transmission(rd, wr, export, &config, peer, stop) => match r {
+        r = served => match r {
             Ok(()) => debug!("nbd connection closed"),
             Err(e) if e.is_disconnect() => debug!(error = %e, "nbd client disconnected"),
             Err(e) => warn!(%peer, error = %e, "nbd connection ended"),
@@ -241,6 +288,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 struct Export {
     name: String,
     backend: Arc<dyn ExportBackend>,
+    /// What the client was told; `read_only` includes what the connection's access imposes.
     info: ExportInfo,
 }
 
@@ -280,19 +328,130 @@ fn open_error_reply(errno: NbdErrno) -> u32 {
     }
 }
 
-/// Greeting and option haggling. `Ok(None)`: the client aborted (`NBD_OPT_ABORT`).
+/// The message sent with an option refused by [`p::gate_option`].
+fn gate_message(option: u32, reply_type: u32) -> &'static str {
+    match reply_type {
+        p::REP_ERR_TLS_REQD => {
+            "TLS is required: send NBD_OPT_STARTTLS and present a client certificate from the cluster CA"
+        }
+        p::REP_ERR_UNSUP => "TLS is not enabled on this server",
+        _ if option == p::OPT_STARTTLS => "TLS is already active, or NBD_OPT_STARTTLS carried data",
+        _ => "option refused",
+    }
+}
+
+/// Where haggling stands on one connection.
+struct Haggle<'a> {
+    resolver: &'a dyn ExportResolver,
+    config: &'a NbdServerConfig,
+    peer: SocketAddr,
+    no_zeroes: bool,
+    phase: TlsPhase,
+    access: Access,
+}
+
+/// How one round of haggling ended.
+enum Haggled {
+    Export(Export),
+    /// `NBD_OPT_ABORT`.
+    Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
+/// Greeting, option haggling, and (after `NBD_OPT_STARTTLS`) the TLS handshake and haggling
+/// inside TLS. `Ok(None)`: the client aborted (`NBD_OPT_ABORT`).
 async fn handshake(
-    rd: &mut BufReader<OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    stream: TcpStream,
     resolver: &dyn ExportResolver,
     config: &NbdServerConfig,
     peer: SocketAddr,
-) -> Result<Option<Export>, ConnError> {
+) -> Result<Option<(Streams, Export)>, ConnError> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     wr.write_all(&p::encode_greeting()).await?;
     let mut flags = [0u8; p::CLIENT_FLAGS_LEN];
     rd.read_exact(&mut flags).await?;
     let client = p::decode_client_flags(&flags)?;
+    let mut h = Haggle {
+        resolver,
+        config,
+        peer,
+        no_zeroes: client.no_zeroes,
+        phase: config.tls.initial_phase(),
+        access: config.tls.initial_access(),
+    };
+    match haggle(&mut rd, &mut wr, &h).await? {
+        Haggled::Export(export) => return Ok(Some((Streams::Plain(rd, wr), export))),
+        Haggled::Aborted => return Ok(None),
+        Haggled::StartTls => {}
+    }
+    // The gate only starts TLS when the policy offers it.
+    let tls_config = config
+        .tls
+        .server_config()
+        .ok_or(ConnError::Protocol(ProtocolError::BadOptionData("NBD_OPT_STARTTLS without TLS configured")))?;
+    // The client must wait for our ACK before its ClientHello; anything buffered already would
+    // be plaintext injected ahead of TLS.
+    if !rd.buffer().is_empty() {
+        return Err(ConnError::DataBeforeTls(rd.buffer().len()));
+    }
+    let tcp = rd.into_inner().reunite(wr).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tls = tokio_rustls::TlsAcceptor::from(tls_config).accept(tcp).await.map_err(ConnError::Tls)?;
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(IdentityError::NoCertificate)
+        .and_then(|leaf| identity::caller_from_der(leaf));
+    match &identity {
+        Ok(caller) => info!(%peer, %caller, "nbd client authenticated"),
+        Err(e) => warn!(%peer, error = %e, "nbd client certificate names no usable identity; refusing its options"),
+    }
+    h.phase = TlsPhase::Established;
+    h.access = Access::for_identity(identity);
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    match haggle(&mut rd, &mut wr, &h).await? {
+        Haggled::Export(export) => Ok(Some((Streams::Tls(rd, wr), export))),
+        Haggled::Aborted => {
+            let _ = wr.shutdown().await;
+            Ok(None)
+        }
+        Haggled::StartTls => {
+            Err(ConnError::Protocol(ProtocolError::BadOptionData("NBD_OPT_STARTTLS accepted inside TLS")))
+        }
+    }
+}
 
+/// Open `name` for this connection, or say why not (without opening anything the connection
+/// may not see at all).
+async fn open_export(h: &Haggle<'_>, name: &str) -> Result<(Arc<dyn ExportBackend>, ExportInfo), OpenRefusal> {
+    if let Some(refusal) = h.access.list_refusal() {
+        return Err(refusal);
+    }
+    let backend = h.resolver.open(name).await.map_err(|e| {
+        debug!(export = %name, error = %e, "nbd: export not available");
+        OpenRefusal { reply_type: open_error_reply(e.errno), message: e.message }
+    })?;
+    let mut info = backend.info();
+    info.read_only = h.access.open(name, info.read_only)?;
+    Ok((backend, info))
+}
+
+/// Write `out` and flush it (inside TLS, written bytes sit in the TLS layer until flushed).
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {
+    wr.write_all(out).await?;
+    wr.flush().await
+}
+
+/// Option haggling on one stream, until an export is chosen, the client aborts, or STARTTLS.
+async fn haggle<R, W>(rd: &mut R, wr: &mut W, h: &Haggle<'_>) -> Result<Haggled, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
         let mut header = [0u8; p::OPTION_HEADER_LEN];
         rd.read_exact(&mut header).await?;
@@ -302,40 +461,62 @@ async fn handshake(
             // Skipping up to 4 GiB of option data is not worth it: refuse and hang up.
             if opt.option != p::OPT_EXPORT_NAME {
                 p::put_option_reply(&mut out, opt.option, p::REP_ERR_TOO_BIG, b"option data too large");
-                let _ = wr.write_all(&out).await;
+                let _ = send(wr, &out).await;
             }
             return Err(ConnError::OptionTooBig(opt.len));
         }
         let mut data = vec![0u8; opt.len as usize];
         rd.read_exact(&mut data).await?;
 
+        match p::gate_option(opt.option, opt.len, h.phase) {
+            OptionGate::Proceed => {}
+            OptionGate::StartTls => {
+                p::put_option_reply(&mut out, opt.option, p::REP_ACK, &[]);
+                send(wr, &out).await?;
+                return Ok(Haggled::StartTls);
+            }
+            OptionGate::Refuse(reply_type) => {
+                debug!(option = opt.option, reply_type, "nbd: option refused by the TLS rules");
+                if reply_type == p::REP_ERR_TLS_REQD {
+                    metrics::counter!("haven_nbd_errors_total", "op" => "access").increment(1);
+                }
+                p::put_option_reply(&mut out, opt.option, reply_type, gate_message(opt.option, reply_type).as_bytes());
+                send(wr, &out).await?;
+                continue;
+            }
+            OptionGate::Close => return Err(ConnError::ExportNameBeforeTls),
+        }
+
         match opt.option {
             p::OPT_EXPORT_NAME => {
                 // This option cannot be refused with an error reply: failure means closing.
                 let name = p::decode_string(&data)?;
-                let backend = match resolver.open(&name).await {
-                    Ok(b) => b,
-                    Err(error) => return Err(ConnError::ExportNameFailed { name, error }),
+                let (backend, info) = match open_export(h, &name).await {
+                    Ok(opened) => opened,
+                    Err(refusal) => return Err(ConnError::ExportNameRefused { name, message: refusal.message }),
                 };
-                let info = backend.info();
-                wr.write_all(&p::encode_export_name_reply(info.size, transmission_flags(&info), client.no_zeroes))
-                    .await?;
-                return Ok(Some(Export { name, backend, info }));
+                send(wr, &p::encode_export_name_reply(info.size, transmission_flags(&info), h.no_zeroes)).await?;
+                return Ok(Haggled::Export(Export { name, backend, info }));
             }
             p::OPT_ABORT => {
                 p::put_option_reply(&mut out, opt.option, p::REP_ACK, &[]);
                 // The client may already have hung up; that is fine.
-                let _ = wr.write_all(&out).await;
-                return Ok(None);
+                let _ = send(wr, &out).await;
+                return Ok(Haggled::Aborted);
             }
             p::OPT_LIST => {
                 if !data.is_empty() {
                     p::put_option_reply(&mut out, opt.option, p::REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+                } else if let Some(refusal) = h.access.list_refusal() {
+                    metrics::counter!("haven_nbd_errors_total", "op" => "access").increment(1);
+                    let msg = p::clamp_string(&refusal.message);
+                    p::put_option_reply(&mut out, opt.option, refusal.reply_type, msg.as_bytes());
                 } else {
-                    match resolver.list().await {
-                        Ok(names) => {
-                            for name in names {
-                                p::put_option_reply(&mut out, opt.option, p::REP_SERVER, &p::encode_rep_server(&name));
+                    match h.resolver.list().await {
+                        Ok(exports) => {
+                            for export in exports.iter().filter(|e| h.access.may_open(e.read_only)) {
+                                let name = p::encode_rep_server(&export.name);
+                                p::put_option_reply(&mut out, opt.option, p::REP_SERVER, &name);
                             }
                             p::put_option_reply(&mut out, opt.option, p::REP_ACK, &[]);
                         }
@@ -350,35 +531,36 @@ async fn handshake(
                 let request = match p::decode_info_request(&data) {
                     Ok(r) => r,
                     Err(e) => {
-                        warn!(%peer, error = %e, "nbd: malformed NBD_OPT_INFO/GO");
+                        warn!(peer = %h.peer, error = %e, "nbd: malformed NBD_OPT_INFO/GO");
                         p::put_option_reply(&mut out, opt.option, p::REP_ERR_INVALID, e.to_string().as_bytes());
-                        wr.write_all(&out).await?;
+                        send(wr, &out).await?;
                         continue;
                     }
                 };
-                match resolver.open(&request.name).await {
-                    Err(e) => {
-                        debug!(export = %request.name, error = %e, "nbd: export not available");
-                        let msg = p::clamp_string(&e.message);
-                        p::put_option_reply(&mut out, opt.option, open_error_reply(e.errno), msg.as_bytes());
+                match open_export(h, &request.name).await {
+                    Err(refusal) => {
+                        if matches!(refusal.reply_type, p::REP_ERR_POLICY | p::REP_ERR_TLS_REQD) {
+                            metrics::counter!("haven_nbd_errors_total", "op" => "access").increment(1);
+                        }
+                        let msg = p::clamp_string(&refusal.message);
+                        p::put_option_reply(&mut out, opt.option, refusal.reply_type, msg.as_bytes());
                     }
-                    Ok(backend) => {
-                        let info = backend.info();
-                        put_info_replies(&mut out, opt.option, &request, &info, config.max_payload);
+                    Ok((backend, info)) => {
+                        put_info_replies(&mut out, opt.option, &request, &info, h.config.max_payload);
                         if opt.option == p::OPT_GO {
-                            wr.write_all(&out).await?;
-                            return Ok(Some(Export { name: request.name, backend, info }));
+                            send(wr, &out).await?;
+                            return Ok(Haggled::Export(Export { name: request.name, backend, info }));
                         }
                     }
                 }
             }
             other => {
-                // Includes STARTTLS and STRUCTURED_REPLY: simple replies, no TLS.
+                // Includes STRUCTURED_REPLY: simple replies only.
                 debug!(option = other, "nbd: unsupported option");
                 p::put_option_reply(&mut out, other, p::REP_ERR_UNSUP, b"option not supported by this server");
             }
         }
-        wr.write_all(&out).await?;
+        send(wr, &out).await?;
     }
 }
 
@@ -485,28 +667,38 @@ pub fn validate_request(req: &Request, info: &ExportInfo, max_payload: u32) -> R
     Ok(cmd)
 }
 
+/// A request's share of the connection's limits (a slot and its payload bytes), held from
+/// reading the request until its reply has been written to the socket.
+struct Held {
+    _slot: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
 /// One reply for the writer task.
 struct Reply {
     handle: u64,
     error: u32,
     /// A successful read's data.
     data: Option<Vec<u8>>,
+    /// Released by the writer once the reply is written.
+    held: Option<Held>,
 }
 
 impl Reply {
     fn error(handle: u64, errno: NbdErrno) -> Self {
-        Self { handle, error: errno.code(), data: None }
+        Self { handle, error: errno.code(), data: None, held: None }
     }
 }
 
-/// The byte budget, in [`BUDGET_UNIT`]s, for payloads in flight on one connection: room for at
-/// least two maximal requests.
-fn byte_budget(max_payload: u32) -> u32 {
-    let bytes = MIN_BYTE_BUDGET.max(2 * u64::from(max_payload));
-    u32::try_from(bytes / BUDGET_UNIT).unwrap_or(u32::MAX)
+/// The byte budget, in [`BUDGET_UNIT`]s, for payloads in flight on one connection: the
+/// configured bytes, but room for at least one maximal request.
+fn byte_budget(max_bytes_in_flight: u64, max_payload: u32) -> u32 {
+    let bytes = max_bytes_in_flight.max(u64::from(max_payload)).max(BUDGET_UNIT);
+    u32::try_from(bytes.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX)
 }
 
-/// Budget units a request holds while it runs (payload bytes only; at least one unit).
+/// Budget units a request holds until its reply is written (payload bytes only; at least one
+/// unit).
 fn request_cost(cmd: Command, len: u32) -> u32 {
     match cmd {
         Command::Read | Command::Write => u64::from(len).div_ceil(BUDGET_UNIT).max(1) as u32,
@@ -523,54 +715,90 @@ struct Job {
     peer: SocketAddr,
 }
 
-async fn transmission(
-    rd: BufReader<OwnedReadHalf>,
-    wr: OwnedWriteHalf,
+async fn transmission<R, W>(
+    rd: R,
+    wr: W,
     export: Export,
     config: &NbdServerConfig,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
-) -> Result<(), ConnError> {
+) -> Result<(), ConnError>
+where
+    R: AsyncBufRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
     // The writer runs in this task, not a spawned one, so dropping the connection drops it too.
     let (read_result, write_result) =
-        tokio::join!(read_requests(rd, tx, export, config.max_payload, peer, stop), write_replies(wr, rx));
+        tokio::join!(read_requests(rd, tx, export, config, peer, stop), write_replies(wr, rx, config.idle_timeout));
     if let Err(e) = write_result {
-        // Usually the client went away; the reader then sees the socket closed as well.
+        // Usually the client went away (or stopped reading); the reader then stops as well.
         debug!(error = %e, "nbd reply writer stopped");
     }
     read_result
 }
 
+/// `f`, or an error once the client has made it wait `limit`.
+async fn within<T>(
+    limit: Duration,
+    f: impl Future<Output = std::io::Result<T>>,
+) -> Result<std::io::Result<T>, ConnError> {
+    tokio::time::timeout(limit, f).await.map_err(|_| ConnError::Stalled(limit))
+}
+
 /// The reading side of transmission: decode and check each request, then hand it to a task.
 /// Returns once no more requests will be read and every accepted request has replied (or
 /// failed to, because the writer is gone); dropping `tx` then ends the writer.
-async fn read_requests(
-    mut rd: BufReader<OwnedReadHalf>,
+async fn read_requests<R: AsyncBufRead + Unpin>(
+    mut rd: R,
     tx: mpsc::Sender<Reply>,
     export: Export,
-    max_payload: u32,
+    config: &NbdServerConfig,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
+    let max_payload = config.max_payload;
+    let idle = config.idle_timeout;
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let budget_total = byte_budget(max_payload);
+    let budget_total = byte_budget(config.max_bytes_in_flight, max_payload);
     let budget = Arc::new(Semaphore::new(budget_total as usize));
     let mut running = JoinSet::new();
 
     let ended: Result<(), ConnError> = loop {
-        let mut header = [0u8; p::REQUEST_LEN];
-        let read = tokio::select! {
+        // Wait for the next request without consuming any of it (`fill_buf` is cancel-safe), so
+        // the idle check below never cuts a request header in two.
+        let more = tokio::select! {
             biased;
             _ = stopped(&mut stop) => {
                 debug!("nbd server shutting down; finishing in-flight requests");
                 break Ok(());
             }
             _ = tx.closed() => break Ok(()), // the writer failed
-            r = rd.read_exact(&mut header) => r,
+            r = rd.fill_buf() => r.map(|buf| !buf.is_empty()),
+            _ = tokio::time::sleep(idle) => {
+                while let Some(done) = running.try_join_next() {
+                    log_join(done);
+                }
+                // Requests still running (or replies not yet written: they hold slots) mean the
+                // connection is busy, not idle.
+                if running.is_empty() && slots.available_permits() == MAX_IN_FLIGHT {
+                    debug!(idle_ms = idle.as_millis() as u64, "nbd connection idle; closing it");
+                    metrics::counter!("haven_nbd_idle_closed_total").increment(1);
+                    break Ok(());
+                }
+                continue;
+            }
         };
-        if let Err(e) = read {
-            break Err(e.into());
+        match more {
+            Ok(true) => {}
+            Ok(false) => break Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Err(e) => break Err(e.into()),
+        }
+        let mut header = [0u8; p::REQUEST_LEN];
+        match within(idle, rd.read_exact(&mut header)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break Err(e.into()),
+            Err(e) => break Err(e),
         }
         while let Some(done) = running.try_join_next() {
             log_join(done);
@@ -610,10 +838,12 @@ async fn read_requests(
                     let skipped = tokio::select! {
                         biased;
                         _ = stopped(&mut stop) => break Ok(()),
-                        r = skip(&mut rd, u64::from(req.len)) => r,
+                        r = within(idle, skip(&mut rd, u64::from(req.len))) => r,
                     };
-                    if let Err(e) = skipped {
-                        break Err(e.into());
+                    match skipped {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Err(e.into()),
+                        Err(e) => break Err(e),
                     }
                 }
                 if tx.send(Reply::error(req.handle, errno)).await.is_err() {
@@ -627,20 +857,22 @@ async fn read_requests(
             break Ok(());
         }
 
-        // Back-pressure: stop reading the socket while the connection is at its limits.
+        // Back-pressure: stop reading the socket while the connection is at its limits. Both
+        // permits are released only when the reply has been written.
         let permits = tokio::select! {
             biased;
             _ = stopped(&mut stop) => break Ok(()),
+            _ = tx.closed() => break Ok(()), // the writer failed (e.g. a client not reading)
             slot = slots.clone().acquire_owned() => match slot {
                 Ok(slot) => budget
                     .clone()
                     .acquire_many_owned(request_cost(cmd, req.len).min(budget_total))
                     .await
-                    .map(|bytes| (slot, bytes)),
+                    .map(|bytes| Held { _slot: slot, _bytes: bytes }),
                 Err(e) => Err(e),
             },
         };
-        let Ok(permits) = permits else {
+        let Ok(held) = permits else {
             break Ok(()); // the semaphores are never closed
         };
         let payload = if cmd == Command::Write {
@@ -648,10 +880,12 @@ async fn read_requests(
             let r = tokio::select! {
                 biased;
                 _ = stopped(&mut stop) => break Ok(()),
-                r = rd.read_exact(&mut buf) => r,
+                r = within(idle, rd.read_exact(&mut buf)) => r,
             };
-            if let Err(e) = r {
-                break Err(e.into());
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => break Err(e.into()),
+                Err(e) => break Err(e),
             }
             Some(buf)
         } else {
@@ -661,9 +895,10 @@ async fn read_requests(
         let tx = tx.clone();
         running.spawn(
             async move {
-                let reply = execute(job).await;
+                let mut reply = execute(job).await;
+                reply.held = Some(held);
+                // If the writer is gone the reply is dropped here, and its permits with it.
                 let _ = tx.send(reply).await;
-                drop(permits);
             }
             .in_current_span(),
         );
@@ -714,7 +949,7 @@ async fn execute(job: Job) -> Reply {
             if matches!(cmd, Command::Read | Command::Write) {
                 metrics::counter!("haven_nbd_bytes_total", "op" => label).increment(u64::from(req.len));
             }
-            Reply { handle: req.handle, error: 0, data }
+            Reply { handle: req.handle, error: 0, data, held: None }
         }
         Err(e) => {
             warn!(
@@ -728,38 +963,57 @@ async fn execute(job: Job) -> Reply {
 }
 
 /// The single writer of a connection: replies in completion order, small ones batched into one
-/// write, large read data written from its own buffer together with the pending headers.
-/// Ends (after shutting down the write side) when every sender is gone, or on a write error.
-async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
+/// write, large read data written from its own buffer together with the pending headers. A
+/// reply's permits (and data) are dropped only after it has been written and flushed. A client
+/// that takes no reply bytes for `stall` ends the connection. Ends (after shutting down the
+/// write side) when every sender is gone, or on a write error.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+    stall: Duration,
+) -> std::io::Result<()> {
+    let stalled = || std::io::Error::new(std::io::ErrorKind::TimedOut, format!("client took no reply for {stall:?}"));
     let mut batch: Vec<u8> = Vec::with_capacity(DIRECT_WRITE_MIN);
+    // The limits held by the replies in `batch`.
+    let mut batched: Vec<Held> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(reply) = next.take() {
-            batch.extend_from_slice(&p::encode_simple_reply(reply.error, reply.handle));
-            if let Some(data) = reply.data {
-                if data.len() >= DIRECT_WRITE_MIN {
-                    write_all_pair(&mut wr, &batch, &data).await?;
+            let Reply { handle, error, data, held } = reply;
+            batch.extend_from_slice(&p::encode_simple_reply(error, handle));
+            batched.extend(held);
+            match data {
+                Some(data) if data.len() >= DIRECT_WRITE_MIN => {
+                    tokio::time::timeout(stall, async {
+                        write_all_pair(&mut wr, &batch, &data).await?;
+                        wr.flush().await
+                    })
+                    .await
+                    .map_err(|_| stalled())??;
                     batch.clear();
-                } else {
-                    batch.extend_from_slice(&data);
+                    batched.clear();
                 }
+                Some(data) => batch.extend_from_slice(&data),
+                None => {}
             }
             if batch.len() >= BATCH_FLUSH {
-                wr.write_all(&batch).await?;
+                tokio::time::timeout(stall, send(&mut wr, &batch)).await.map_err(|_| stalled())??;
                 batch.clear();
+                batched.clear();
             }
             next = rx.try_recv().ok();
         }
         if !batch.is_empty() {
-            wr.write_all(&batch).await?;
+            tokio::time::timeout(stall, send(&mut wr, &batch)).await.map_err(|_| stalled())??;
             batch.clear();
+            batched.clear();
         }
     }
     wr.shutdown().await
 }
 
 /// Write `a` then `b` with vectored writes (usually one syscall).
-async fn write_all_pair(wr: &mut OwnedWriteHalf, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+async fn write_all_pair<W: AsyncWrite + Unpin>(wr: &mut W, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
     while !a.is_empty() || !b.is_empty() {
         let n = if a.is_empty() {
             wr.write(b).await?
@@ -892,11 +1146,14 @@ mod tests {
 
     #[test]
     fn budget_and_cost() {
-        assert_eq!(byte_budget(32 << 20), (64 << 20) / 4096);
-        assert_eq!(byte_budget(64 << 20), (128 << 20) / 4096);
+        assert_eq!(byte_budget(64 << 20, 32 << 20), (64 << 20) / 4096);
+        // Never less than one maximal request, nor than one unit.
+        assert_eq!(byte_budget(1 << 20, 32 << 20), (32 << 20) / 4096);
+        assert_eq!(byte_budget(0, 512), 1);
+        assert_eq!(byte_budget(5000, 512), 2);
         assert_eq!(request_cost(Command::Read, 1), 1);
         assert_eq!(request_cost(Command::Write, 4097), 2);
         assert_eq!(request_cost(Command::Trim, u32::MAX), 1);
-        assert!(request_cost(Command::Read, 32 << 20) <= byte_budget(32 << 20));
+        assert!(request_cost(Command::Read, 32 << 20) <= byte_budget(0, 32 << 20));
     }
 }

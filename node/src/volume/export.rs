@@ -3,7 +3,9 @@
 //!
 //! This module only adapts [`VolumeHost`] to the NBD server's [`ExportResolver`] and
 //! [`ExportBackend`] traits and maps errors to NBD errnos; the NBD server has already checked
-//! offsets, lengths and alignment against [`ExportInfo`] before a call reaches here.
+//! offsets, lengths and alignment against [`ExportInfo`] before a call reaches here, and decided
+//! what the connection may open (it serves a volume read-only to a `reader` certificate, and
+//! lists a connection only what it may open, using [`ExportListing::read_only`]).
 
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use haven_proto::volume::{SnapshotRecord, VolumeRecord};
 use haven_proto::{ErrorCode, VolumeId, WireError};
 
 use super::host::VolumeHost;
-use crate::nbd::{BackendError, ExportBackend, ExportInfo, ExportResolver, NbdErrno};
+use crate::nbd::{BackendError, ExportBackend, ExportInfo, ExportListing, ExportResolver, NbdErrno};
 
 /// Resolves export names against the catalog.
 pub struct VolumeExports {
@@ -39,19 +41,19 @@ fn store_err(e: impl std::fmt::Display) -> BackendError {
 }
 
 impl ExportResolver for VolumeExports {
-    fn list(&self) -> BoxFuture<'static, Result<Vec<String>, BackendError>> {
+    fn list(&self) -> BoxFuture<'static, Result<Vec<ExportListing>, BackendError>> {
         let store = self.host.service().store.clone();
         Box::pin(async move {
-            let mut names = Vec::new();
+            let mut exports = Vec::new();
             for v in crate::catalog::volumes::volumes(&store).map_err(store_err)? {
-                names.push(v.name.clone());
+                exports.push(ExportListing { name: v.name.clone(), read_only: false });
                 for s in crate::catalog::volumes::snapshots(&store, v.id).map_err(store_err)? {
                     if s.complete {
-                        names.push(format!("{}@{}", v.name, s.name));
+                        exports.push(ExportListing { name: format!("{}@{}", v.name, s.name), read_only: true });
                     }
                 }
             }
-            Ok(names)
+            Ok(exports)
         })
     }
 
