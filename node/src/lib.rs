@@ -9,6 +9,8 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod controllers;
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod nbd;
 pub mod node;
 pub mod pki;

@@ -28,8 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -186,11 +185,28 @@ async fn run_connection(
     peer: SocketAddr,
     resolver: Arc<dyn ExportResolver>,
     config: Arc<NbdServerConfig>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
+    let (rd, wr) = stream.into_split();
+    serve_connection(rd, wr, peer, resolver, config, stop).await
+}
+
+/// One connection over any byte stream (`rd`/`wr`, the two halves of a socket or of an in-memory
+/// pipe): handshake, then transmission, until the client leaves or `stop` turns true. `peer` only
+/// names the client in logs.
+pub(crate) async fn serve_connection<R, W>(
+    rd: R,
+    mut wr: W,
+    peer: SocketAddr,
+    resolver: Arc<dyn ExportResolver>,
+    config: Arc<NbdServerConfig>,
+    mut stop: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let _gauge = ConnectionGauge::new();
     debug!("nbd connection accepted");
-    let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let haggled = tokio::select! {
         biased;
@@ -281,9 +297,9 @@ fn open_error_reply(errno: NbdErrno) -> u32 {
 }
 
 /// Greeting and option haggling. `Ok(None)`: the client aborted (`NBD_OPT_ABORT`).
-async fn handshake(
-    rd: &mut BufReader<OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut BufReader<R>,
+    wr: &mut W,
     resolver: &dyn ExportResolver,
     config: &NbdServerConfig,
     peer: SocketAddr,
@@ -523,9 +539,9 @@ struct Job {
     peer: SocketAddr,
 }
 
-async fn transmission(
-    rd: BufReader<OwnedReadHalf>,
-    wr: OwnedWriteHalf,
+async fn transmission<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: BufReader<R>,
+    wr: W,
     export: Export,
     config: &NbdServerConfig,
     peer: SocketAddr,
@@ -545,8 +561,8 @@ async fn transmission(
 /// The reading side of transmission: decode and check each request, then hand it to a task.
 /// Returns once no more requests will be read and every accepted request has replied (or
 /// failed to, because the writer is gone); dropping `tx` then ends the writer.
-async fn read_requests(
-    mut rd: BufReader<OwnedReadHalf>,
+async fn read_requests<R: AsyncRead + Unpin>(
+    mut rd: BufReader<R>,
     tx: mpsc::Sender<Reply>,
     export: Export,
     max_payload: u32,
@@ -730,7 +746,7 @@ async fn execute(job: Job) -> Reply {
 /// The single writer of a connection: replies in completion order, small ones batched into one
 /// write, large read data written from its own buffer together with the pending headers.
 /// Ends (after shutting down the write side) when every sender is gone, or on a write error.
-async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
+async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
     let mut batch: Vec<u8> = Vec::with_capacity(DIRECT_WRITE_MIN);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -759,7 +775,7 @@ async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) ->
 }
 
 /// Write `a` then `b` with vectored writes (usually one syscall).
-async fn write_all_pair(wr: &mut OwnedWriteHalf, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+async fn write_all_pair<W: AsyncWrite + Unpin>(wr: &mut W, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
     while !a.is_empty() || !b.is_empty() {
         let n = if a.is_empty() {
             wr.write(b).await?
