@@ -10,6 +10,8 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod controllers;
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod identity;
 pub mod nbd;
 pub mod node;

@@ -42,8 +42,7 @@ use thiserror::Error;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
 };
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
@@ -150,7 +149,7 @@ pub async fn serve(
                 }
                 let span = tracing::info_span!("nbd_conn", %peer);
                 connections.spawn(
-                    run_connection(stream, peer, resolver.clone(), config.clone(), stop_rx.clone()).instrument(span),
+                    serve_connection(stream, peer, resolver.clone(), config.clone(), stop_rx.clone()).instrument(span),
                 );
             }
         }
@@ -218,13 +217,20 @@ impl Drop for ConnectionGauge {
 }
 
 /// A connection's streams after haggling: in the clear, or inside TLS.
-enum Streams {
-    Plain(BufReader<OwnedReadHalf>, OwnedWriteHalf),
-    Tls(BufReader<ReadHalf<TlsStream<TcpStream>>>, WriteHalf<TlsStream<TcpStream>>),
+enum Streams<S> {
+    Plain(BufReader<ReadHalf<S>>, WriteHalf<S>),
+    Tls(BufReader<ReadHalf<TlsStream<S>>>, WriteHalf<TlsStream<S>>),
 }
 
-async fn run_connection(
-    stream: TcpStream,
+/// What one connection's byte stream must be: a TCP socket, or (fuzzing, tests) an in-memory
+/// pipe.
+pub(crate) trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for S {}
+
+/// One connection over `stream`: handshake (TLS included), then transmission, until the client
+/// leaves or `stop` turns true. `peer` names the client in logs.
+pub(crate) async fn serve_connection<S: ByteStream>(
+    stream: S,
     peer: SocketAddr,
     resolver: Arc<dyn ExportResolver>,
     config: Arc<NbdServerConfig>,
@@ -361,13 +367,13 @@ enum Haggled {
 
 /// Greeting, option haggling, and (after `NBD_OPT_STARTTLS`) the TLS handshake and haggling
 /// inside TLS. `Ok(None)`: the client aborted (`NBD_OPT_ABORT`).
-async fn handshake(
-    stream: TcpStream,
+async fn handshake<S: ByteStream>(
+    stream: S,
     resolver: &dyn ExportResolver,
     config: &NbdServerConfig,
     peer: SocketAddr,
-) -> Result<Option<(Streams, Export)>, ConnError> {
-    let (rd, mut wr) = stream.into_split();
+) -> Result<Option<(Streams<S>, Export)>, ConnError> {
+    let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     wr.write_all(&p::encode_greeting()).await?;
     let mut flags = [0u8; p::CLIENT_FLAGS_LEN];
@@ -396,8 +402,8 @@ async fn handshake(
     if !rd.buffer().is_empty() {
         return Err(ConnError::DataBeforeTls(rd.buffer().len()));
     }
-    let tcp = rd.into_inner().reunite(wr).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let tls = tokio_rustls::TlsAcceptor::from(tls_config).accept(tcp).await.map_err(ConnError::Tls)?;
+    let plain = rd.into_inner().unsplit(wr);
+    let tls = tokio_rustls::TlsAcceptor::from(tls_config).accept(plain).await.map_err(ConnError::Tls)?;
     let identity = tls
         .get_ref()
         .1

@@ -185,6 +185,10 @@ impl DiskLog {
         if log.issued < log.acked || log.issued > log.acked.saturating_add(1) {
             return Err(format!("disk {} has issued {} against acked {}", geometry.volume, log.issued, log.acked));
         }
+        // The guest issues `acked + 1` next and a restore forks at `issued + 1`: both must exist.
+        if log.issued == u64::MAX {
+            return Err(format!("disk {} has issued write {}, leaving no next write", geometry.volume, log.issued));
+        }
         if log.branches[0].start == 0 || log.branches.windows(2).any(|w| w[0].start >= w[1].start) {
             return Err(format!("disk {} has branch points out of order", geometry.volume));
         }
@@ -554,6 +558,23 @@ mod tests {
         let mut b = Vec::new();
         DiskLog { geometry: DiskGeometry { volume: 1, block_size: 1000, blocks: 4 }, ..l.clone() }.encode(&mut b);
         assert!(DiskLog::decode(&b).is_err());
+    }
+
+    /// Found by the `disk_journal` fuzz target: a journal whose counters are at u64::MAX decoded,
+    /// and the guest's next write (`acked + 1`) or a restore's fork (`issued + 1`) overflowed.
+    #[test]
+    fn logs_without_a_next_write_are_refused() {
+        let l = log(1024);
+        for (acked, issued) in [(u64::MAX, u64::MAX), (u64::MAX - 1, u64::MAX)] {
+            let mut b = Vec::new();
+            at(&l, acked, issued).encode(&mut b);
+            assert!(DiskLog::decode(&b).is_err(), "acked {acked} issued {issued}");
+        }
+        let mut b = Vec::new();
+        at(&l, u64::MAX - 1, u64::MAX - 1).encode(&mut b);
+        let (mut last, _) = DiskLog::decode(&b).unwrap();
+        last.fork(0x3);
+        assert_eq!(last.branches.last(), Some(&Branch { start: u64::MAX, nonce: 0x3 }));
     }
 
     #[test]

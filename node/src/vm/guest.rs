@@ -816,6 +816,10 @@ impl SimulatedGuest {
             1 if last_seq > 0 && last_page_raw < memory_pages => Some(last_page_raw),
             _ => return Err(bad("inconsistent last write".into())),
         };
+        // The workload's next write is `last_seq + 1`: it must exist.
+        if last_seq == u64::MAX {
+            return Err(bad(format!("last write {last_seq} leaves no next write")));
+        }
         if r.u32()? as usize != nregs {
             return Err(bad("wrong number of register sets".into()));
         }
@@ -1405,6 +1409,23 @@ mod tests {
         target.start().unwrap();
         assert!(matches!(target.load_vcpu_state(&good), Err(GuestError::BadState { .. })));
         target.stop().unwrap();
+    }
+
+    /// Found with the `vcpu_state` fuzz target's property (the guest runs on from a loaded
+    /// state): a state at write u64::MAX loaded, and the next workload write overflowed.
+    #[test]
+    fn a_state_with_no_next_write_is_refused() {
+        let g = SimulatedGuest::new(spec(64, WorkloadPattern::Uniform, 0));
+        g.step(1);
+        let good = g.vcpu_state();
+        let mut body = good[..good.len() - VCPU_CHECKSUM_LEN].to_vec();
+        let at = 4 + 2 + 2 + 8 + 4 + 8 + 1 + 8; // last_seq
+        body[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        let target = SimulatedGuest::new(spec(64, WorkloadPattern::Uniform, 0));
+        assert!(matches!(target.load_vcpu_state(&body), Err(GuestError::BadVcpuState(_))));
+        assert_eq!(target.workload_stats().last_seq, 0);
     }
 
     #[test]

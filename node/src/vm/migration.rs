@@ -356,7 +356,7 @@ fn simulate(memory: u64, dirty: f64, bw: u64, max_downtime_ms: u64) -> Predictio
 /// Encodes `new XOR old` as `(zero_run: uleb128, data_run: uleb128, data_run bytes of XOR)*`;
 /// trailing zeros are implicit. Returns false (leaving `out` unspecified) once `out` would exceed
 /// `limit` bytes.
-fn xor_encode(new: &[u8], old: &[u8], out: &mut Vec<u8>, limit: usize) -> bool {
+pub(crate) fn xor_encode(new: &[u8], old: &[u8], out: &mut Vec<u8>, limit: usize) -> bool {
     out.clear();
     let n = new.len();
     let mut i = 0;
@@ -413,7 +413,7 @@ fn get_uleb(enc: &[u8], pos: &mut usize) -> Result<usize, MigrationError> {
 }
 
 /// Walks an XOR delta, checking it is well formed; XORs it into `page` when given.
-fn xor_apply(enc: &[u8], mut page: Option<&mut [u8]>) -> Result<(), MigrationError> {
+pub(crate) fn xor_apply(enc: &[u8], mut page: Option<&mut [u8]>) -> Result<(), MigrationError> {
     let mut pos = 0;
     let mut at = 0usize;
     while pos < enc.len() {

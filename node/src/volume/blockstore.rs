@@ -183,7 +183,7 @@ pub struct BlockStore {
 
 // ---- keys ----
 
-fn block_key(vol: VolumeId, block: u64, seq: u64) -> [u8; BLOCK_KEY_LEN] {
+pub(crate) fn block_key(vol: VolumeId, block: u64, seq: u64) -> [u8; BLOCK_KEY_LEN] {
     let mut k = [0u8; BLOCK_KEY_LEN];
     k[..8].copy_from_slice(&vol.0.to_be_bytes());
     k[8..16].copy_from_slice(&block.to_be_bytes());
@@ -192,7 +192,7 @@ fn block_key(vol: VolumeId, block: u64, seq: u64) -> [u8; BLOCK_KEY_LEN] {
 }
 
 /// (block, seq) of a `blocks` key that must belong to `vol`.
-fn parse_block_key(vol: VolumeId, key: &[u8]) -> Result<(u64, u64), BlockStoreError> {
+pub(crate) fn parse_block_key(vol: VolumeId, key: &[u8]) -> Result<(u64, u64), BlockStoreError> {
     let k: &[u8; BLOCK_KEY_LEN] =
         key.try_into().map_err(|_| corrupt(CF_BLOCKS, format!("block key of {} bytes", key.len())))?;
     if k[..8] != vol.0.to_be_bytes() {
@@ -209,7 +209,7 @@ fn vol_prefix(vol: VolumeId) -> Vec<u8> {
 
 /// The smallest key greater than every key starting with `prefix`; `None` if there is none
 /// (the prefix is all 0xFF).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last != 0xFF {
@@ -278,14 +278,20 @@ fn check_block_size(block_size: u32) -> Result<(), BlockStoreError> {
 /// would stop RocksDB's background work, so malformed input yields an empty (poisoned) value that
 /// [`BlockStore::high_water_mark`] reports as corrupt; a later put (rollback, rebase) replaces it.
 pub fn hwm_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    Some(hwm_merge_values(existing.into_iter().chain(operands.iter())))
+}
+
+/// The merge itself, over the existing value (if any) followed by the operands: the largest
+/// 8-byte big-endian value, or the empty (poisoned) value if any input is not 8 bytes.
+pub(crate) fn hwm_merge_values<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut max = 0u64;
-    for v in existing.into_iter().chain(operands.iter()) {
+    for v in values {
         match <[u8; 8]>::try_from(v) {
             Ok(b) => max = max.max(u64::from_be_bytes(b)),
-            Err(_) => return Some(Vec::new()),
+            Err(_) => return Vec::new(),
         }
     }
-    Some(max.to_be_bytes().to_vec())
+    max.to_be_bytes().to_vec()
 }
 
 impl BlockStore {
