@@ -17,8 +17,8 @@ use haven_node::vm::group::{encode_body, write_image_file};
 use haven_node::vm::guest::{GuestDriver, SimulatedGuest, PAGE_SIZE};
 use haven_node::vm::migration::{MAGIC, PROTOCOL_VERSION};
 use haven_proto::{
-    ActorAddr, Body, CatalogCommand, ClientRequest, Envelope, ErrorCode, FrameHeader, NodeId, RaftRpc, VmId, VolumeId,
-    WireError,
+    ActorAddr, Body, CatalogCommand, ClientCommand, ClientRequest, Envelope, ErrorCode, FrameHeader, NodeId,
+    NodeRequest, RaftRpc, VmId, VolumeId, WireError,
 };
 use openraft::error::{Fatal, RaftError};
 use openraft::raft::{
@@ -53,9 +53,11 @@ fn with(first: &[u8], rest: &[u8]) -> Vec<u8> {
 
 fn envelopes(c: &Corpus) {
     let dest = ActorAddr::node(NodeId(2));
-    let put = CatalogCommand::KvPut { key: "k".into(), value: vec![1, 2, 3] };
+    let put = ClientCommand::KvPut { key: "k".into(), value: vec![1, 2, 3] };
+    let propose = CatalogCommand::KvDelete { key: "k".into() };
     let cases = [
         ("client-write", Body::Client(ClientRequest::Write { command: put })),
+        ("node-propose", Body::Node(NodeRequest::Propose { command: propose })),
         ("client-status", Body::Client(ClientRequest::Status)),
         ("raft-vote", Body::Raft { rpc: RaftRpc::Vote, payload: vec![7; 12] }),
         ("error", Body::Error(WireError::new(ErrorCode::InvalidRequest, "no"))),
