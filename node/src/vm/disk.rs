@@ -94,6 +94,12 @@ pub struct Branch {
     pub nonce: u64,
 }
 
+/// The highest sequence number a guest workload uses, for memory pages and disk writes alike: far
+/// beyond any real run (2^63 writes), and low enough that `seq + 1` never overflows. Decoders
+/// refuse anything above it and workloads stop issuing at it, so every state a guest reaches can
+/// be saved, loaded and run on.
+pub const MAX_SEQ: u64 = u64::MAX / 2;
+
 /// One disk's entry in the guest's journal. Invariants: `acked <= issued <= acked + 1`;
 /// `branches` is non-empty, at most [`MAX_BRANCHES`] long, with strictly increasing starts, and
 /// every start is at least 1.
@@ -186,8 +192,8 @@ impl DiskLog {
             return Err(format!("disk {} has issued {} against acked {}", geometry.volume, log.issued, log.acked));
         }
         // The guest issues `acked + 1` next and a restore forks at `issued + 1`: both must exist.
-        if log.issued == u64::MAX {
-            return Err(format!("disk {} has issued write {}, leaving no next write", geometry.volume, log.issued));
+        if log.issued > MAX_SEQ {
+            return Err(format!("disk {} has issued write {}, above the limit {MAX_SEQ}", geometry.volume, log.issued));
         }
         if log.branches[0].start == 0 || log.branches.windows(2).any(|w| w[0].start >= w[1].start) {
             return Err(format!("disk {} has branch points out of order", geometry.volume));
@@ -565,16 +571,16 @@ mod tests {
     #[test]
     fn logs_without_a_next_write_are_refused() {
         let l = log(1024);
-        for (acked, issued) in [(u64::MAX, u64::MAX), (u64::MAX - 1, u64::MAX)] {
+        for (acked, issued) in [(u64::MAX, u64::MAX), (u64::MAX - 1, u64::MAX), (MAX_SEQ, MAX_SEQ + 1)] {
             let mut b = Vec::new();
             at(&l, acked, issued).encode(&mut b);
             assert!(DiskLog::decode(&b).is_err(), "acked {acked} issued {issued}");
         }
         let mut b = Vec::new();
-        at(&l, u64::MAX - 1, u64::MAX - 1).encode(&mut b);
+        at(&l, MAX_SEQ, MAX_SEQ).encode(&mut b);
         let (mut last, _) = DiskLog::decode(&b).unwrap();
         last.fork(0x3);
-        assert_eq!(last.branches.last(), Some(&Branch { start: u64::MAX, nonce: 0x3 }));
+        assert_eq!(last.branches.last(), Some(&Branch { start: MAX_SEQ + 1, nonce: 0x3 }));
     }
 
     #[test]

@@ -626,6 +626,7 @@ impl SimulatedGuest {
             return;
         }
         let mut cur = lock(&self.cursor);
+        let n = n.min(super::disk::MAX_SEQ - cur.last_seq);
         for _ in 0..n {
             let seq = cur.last_seq + 1;
             let page = choose_page(&self.spec, seq);
@@ -816,9 +817,10 @@ impl SimulatedGuest {
             1 if last_seq > 0 && last_page_raw < memory_pages => Some(last_page_raw),
             _ => return Err(bad("inconsistent last write".into())),
         };
-        // The workload's next write is `last_seq + 1`: it must exist.
-        if last_seq == u64::MAX {
-            return Err(bad(format!("last write {last_seq} leaves no next write")));
+        // The workload's next write is `last_seq + 1`: it must exist (the workload stops at the
+        // limit, so every state it reaches loads again).
+        if last_seq > super::disk::MAX_SEQ {
+            return Err(bad(format!("last write {last_seq} is above the limit {}", super::disk::MAX_SEQ)));
         }
         if r.u32()? as usize != nregs {
             return Err(bad("wrong number of register sets".into()));
@@ -1123,6 +1125,9 @@ impl GuestDriver for SimulatedGuest {
             }
             // A failed write goes again, before anything later.
             let seq = if log.issued > log.acked { log.issued } else { log.acked + 1 };
+            if seq > super::disk::MAX_SEQ {
+                return None; // this disk's stream is used up
+            }
             q.journal[idx].issued = seq;
             q.in_flight.push((volume, seq));
             q.next = (idx + 1) % n;
@@ -1426,6 +1431,27 @@ mod tests {
         let target = SimulatedGuest::new(spec(64, WorkloadPattern::Uniform, 0));
         assert!(matches!(target.load_vcpu_state(&body), Err(GuestError::BadVcpuState(_))));
         assert_eq!(target.workload_stats().last_seq, 0);
+    }
+
+    /// Found by the `vcpu_state` fuzz target: a state one write below the old limit loaded, ran
+    /// on to u64::MAX, and the state it then saved no longer loaded. The workload now stops at
+    /// `MAX_SEQ`, and every state it reaches loads again.
+    #[test]
+    fn a_workload_at_the_limit_stops_and_its_state_still_loads() {
+        let g = SimulatedGuest::new(spec(64, WorkloadPattern::Uniform, 0));
+        g.step(1);
+        let good = g.vcpu_state();
+        let mut body = good[..good.len() - VCPU_CHECKSUM_LEN].to_vec();
+        let at = 4 + 2 + 2 + 8 + 4 + 8 + 1 + 8; // last_seq
+        body[at..at + 8].copy_from_slice(&(super::super::disk::MAX_SEQ - 1).to_le_bytes());
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        let near = SimulatedGuest::new(spec(64, WorkloadPattern::Uniform, 0));
+        near.load_vcpu_state(&body).unwrap();
+        near.step(5);
+        assert_eq!(near.workload_stats().last_seq, super::super::disk::MAX_SEQ);
+        let again = SimulatedGuest::new(spec(64, WorkloadPattern::Uniform, 0));
+        again.load_vcpu_state(&near.vcpu_state()).expect("a state the workload reached loads");
     }
 
     #[test]
