@@ -5,11 +5,12 @@
 //! The bounds follow from the largest legitimate message: one write is at most
 //! [`MAX_IO_LEN`] bytes of blocks no smaller than [`MIN_BLOCK_SIZE`]; resync and repair move at
 //! most one such batch. Anything above is refused with a message naming the list and its bound.
-//! Catalog commands carry their own checks (`CatalogCommand::validate`). This module must not do
+//! Catalog commands carry their own checks (`CatalogCommand::validate`, run by the node's service
+//! before it proposes one), so they are not checked again here. This module must not do
 //! I/O or look at anything but sizes.
 
 use crate::envelope::Body;
-use crate::messages::{ActorMessage, ClientRequest, NodeRequest};
+use crate::messages::{ActorMessage, ClientRequest};
 use crate::plan::{GroupRequest, MAX_PLAN_VMS};
 use crate::vm::{VmMessage, MAX_VM_VOLUMES};
 use crate::volume::{DeviceMessage, ReplicaBlock, VolumeRequest, MAX_IO_LEN};
@@ -27,8 +28,6 @@ pub const MAX_SNAPSHOTS_PER_MESSAGE: usize = 4096;
 pub fn check_request(body: &Body) -> Result<(), String> {
     match body {
         Body::Client(ClientRequest::Volume(v)) => volume_request(v),
-        Body::Client(ClientRequest::Write { command }) => command.validate(),
-        Body::Node(NodeRequest::Propose { command }) => command.validate(),
         Body::Actor(ActorMessage::Device(d)) => device_message(d),
         Body::Actor(ActorMessage::Vm(VmMessage::Group(g))) => group_request(g),
         _ => Ok(()),
