@@ -401,14 +401,19 @@ impl NodeService {
             return Err(err(ErrorCode::InvalidRequest, format!("{} is already a member", member.id)));
         }
         // Refuse before touching the membership unless the new node answers over mutual TLS as
-        // the id it claims and is not already part of a cluster.
+        // the id it claims and is not already part of a cluster. An unreachable new member is a
+        // final answer about this request (InvalidRequest), not a sign that this leader is
+        // unavailable: a retryable code made clients retry the 3 s probe until their deadline ran
+        // out mid-attempt and reported "outcome unknown" instead.
         let addr =
-            self.transport.dial_addr(member.id, &member.addr).await.map_err(|m| err(ErrorCode::Unavailable, m))?;
+            self.transport.dial_addr(member.id, &member.addr).await.map_err(|m| err(ErrorCode::InvalidRequest, m))?;
         let probe = self
             .transport
             .request(addr, ActorAddr::node(member.id), Body::Client(ClientRequest::Status), 0, Duration::from_secs(3))
             .await
-            .map_err(|e| err(ErrorCode::Unavailable, format!("cannot reach {} at {}: {e}", member.id, member.addr)))?;
+            .map_err(|e| {
+                err(ErrorCode::InvalidRequest, format!("cannot reach {} at {}: {e}", member.id, member.addr))
+            })?;
         match probe.body {
             Body::ClientReply(ClientResponse::Status(s)) if s.id != member.id => {
                 return Err(err(
