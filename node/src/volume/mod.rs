@@ -13,10 +13,13 @@
 //! controller (`controllers::volumes`).
 
 pub mod blockstore;
+pub mod core;
 pub mod export;
 pub mod host;
 pub mod integrity;
 pub mod merkle;
+#[cfg(test)]
+mod model;
 pub mod replica;
 pub mod resync;
 pub mod sequencer;

@@ -15,7 +15,7 @@
 //! This module must not touch other volumes or decide placement and failover (the leader's
 //! volume controller does).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +31,8 @@ use haven_proto::{
 use tracing::{debug, info, warn};
 
 use super::blockstore::{BlockContent, BlockStore, BlockWrite};
+use super::core::primary::{progress, CopyState};
+pub use super::core::primary::{FollowKind, Follower, Followers};
 use super::sequencer::{Sequencer, SequencerError};
 use crate::service::NodeService;
 
@@ -84,32 +86,6 @@ pub enum Role {
     AsyncCopy,
 }
 
-/// Why a forwarded (not acknowledged-through) target is fed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FollowKind {
-    Resync,
-    Async { max_lag_bytes: u64 },
-}
-
-/// A replica fed writes that acknowledgements do not wait for.
-#[derive(Debug, Clone)]
-pub struct Follower {
-    pub kind: FollowKind,
-    /// A forwarded write failed or was skipped since `since_seq`: the copy has a hole.
-    pub broken: bool,
-    pub since_seq: u64,
-    pub acked_seq: u64,
-    /// Unacknowledged forwarded writes: seq → (bytes, sent at).
-    pub outstanding: BTreeMap<u64, (u64, Instant)>,
-    pub resync: Option<haven_proto::volume::ResyncProgress>,
-}
-
-impl Follower {
-    pub(crate) fn new(kind: FollowKind, since_seq: u64) -> Self {
-        Self { kind, broken: false, since_seq, acked_seq: since_seq, outstanding: BTreeMap::new(), resync: None }
-    }
-}
-
 /// A write that failed after it was handed to the replicas: it may be applied (and may become
 /// visible), so the caller must not treat it as "not applied". `Timeout` is the wire's code for
 /// an unknown outcome.
@@ -141,7 +117,7 @@ pub struct VolumeReplica {
     pub(crate) gate: tokio::sync::RwLock<()>,
     /// Primary only: the next write-order point to hand out.
     pub(crate) next_seq: AtomicU64,
-    pub(crate) followers: Mutex<BTreeMap<NodeId, Follower>>,
+    pub(crate) followers: Mutex<Followers>,
     /// Serialises in-sync set changes this primary proposes.
     membership: tokio::sync::Mutex<()>,
     pub(crate) resyncs_running: Mutex<BTreeSet<NodeId>>,
@@ -173,7 +149,7 @@ impl VolumeReplica {
             role: Mutex::new(role),
             gate: tokio::sync::RwLock::new(()),
             next_seq: AtomicU64::new(hwm + 1),
-            followers: Mutex::new(BTreeMap::new()),
+            followers: Mutex::new(Followers::default()),
             membership: tokio::sync::Mutex::new(()),
             resyncs_running: Mutex::new(BTreeSet::new()),
             observing: std::sync::atomic::AtomicBool::new(false),
@@ -239,19 +215,7 @@ impl VolumeReplica {
     }
 
     fn sync_async_targets(&self, record: &VolumeRecord, async_targets: Vec<(NodeId, u64)>) {
-        let mut f = self.followers.lock().expect("followers lock");
-        f.retain(|host, fol| match fol.kind {
-            FollowKind::Async { .. } => async_targets.iter().any(|(h, _)| h == host),
-            FollowKind::Resync => record.replicas.contains(host) && !record.in_sync.contains(host),
-        });
-        for (host, max_lag_bytes) in async_targets {
-            // A new async target has a hole until it is resynced; the resync loop fills it.
-            f.entry(host).or_insert_with(|| {
-                let mut fol = Follower::new(FollowKind::Async { max_lag_bytes }, 0);
-                fol.broken = true;
-                fol
-            });
-        }
+        self.followers.lock().expect("followers lock").retain_wanted(&record.replicas, &record.in_sync, &async_targets);
     }
 
     /// Become primary at `epoch`: with no write in flight, tell every other in-sync replica to
@@ -259,6 +223,9 @@ impl VolumeReplica {
     /// acknowledgement needs every in-sync replica, us included), then start handing out points.
     async fn adopt(self: &Arc<Self>, epoch: u64) -> Result<(), WireError> {
         let _gate = self.gate.write().await;
+        // Fence before choosing the first point: an older primary's write still waiting in our
+        // sequencer for a gap would otherwise be applied at a point we hand out again, and our
+        // own write at that point would count as "already applied" (issue 11, race 1).
         let last = self.seq.next() - 1;
         let others = self.other_in_sync();
         let replies = join_all(others.iter().map(|h| {
@@ -341,6 +308,28 @@ impl VolumeReplica {
         // Keep feeding the dropped replicas so a resync can catch them up.
         self.set_record(rec);
         Ok(())
+    }
+
+    /// Primary: start a new epoch with the same primary and in-sync set (before a rollback);
+    /// returns it. Messages of older epochs are refused from then on wherever they land.
+    pub(crate) async fn new_epoch(&self) -> Result<u64, WireError> {
+        let _m = self.membership.lock().await;
+        let current = crate::catalog::volumes::volume(&self.service.store, self.vol)
+            .map_err(internal)?
+            .ok_or_else(|| wire(ErrorCode::NotFound, format!("{} was deleted", self.vol)))?;
+        if current.primary != self.node {
+            return Err(wire(ErrorCode::NotPrimary, format!("{} has a new primary", self.vol)));
+        }
+        let cmd = VolumeCommand::SetReplication {
+            volume: self.vol,
+            expected_epoch: current.epoch,
+            primary: self.node,
+            in_sync: current.in_sync.clone(),
+        };
+        let rec = self.propose(cmd).await?;
+        let epoch = rec.epoch;
+        self.set_record(rec);
+        Ok(epoch)
     }
 
     /// Record a newer record we produced ourselves (the supervisor will also observe it).
@@ -475,37 +464,18 @@ impl VolumeReplica {
 
     /// Feed resyncing and async followers (acknowledgement does not wait for them).
     fn forward(self: &Arc<Self>, epoch: u64, seq: u64, blocks: &[ReplicaBlock], bytes: u64, durable: bool) {
-        let mut followers = self.followers.lock().expect("followers lock");
-        for (host, f) in followers.iter_mut() {
-            if f.broken {
-                continue;
-            }
-            if let FollowKind::Async { max_lag_bytes } = f.kind {
-                let lag: u64 = f.outstanding.values().map(|(b, _)| b).sum();
-                if lag + bytes > max_lag_bytes {
-                    warn!(vol = %self.vol, %host, lag, "async copy fell too far behind; it will be resynced");
-                    f.broken = true;
-                    f.outstanding.clear();
-                    continue;
-                }
-            }
-            f.outstanding.insert(seq, (bytes, Instant::now()));
-            let host = *host;
+        let targets = self.followers.lock().expect("followers lock").forward(seq, bytes, Instant::now());
+        for fwd in targets {
             let msg = DeviceMessage::Replicate { volume: self.vol, epoch, seq, blocks: blocks.to_vec(), durable };
             let me = Arc::downgrade(self);
             tokio::spawn(async move {
                 let Some(me) = me.upgrade() else { return };
-                let ok =
-                    matches!(me.send_device(host, msg, me.ack_timeout() * 5).await, Ok(DeviceReply::Applied { .. }));
-                let mut followers = me.followers.lock().expect("followers lock");
-                if let Some(f) = followers.get_mut(&host) {
-                    f.outstanding.remove(&seq);
-                    if ok {
-                        f.acked_seq = f.acked_seq.max(seq);
-                    } else {
-                        f.broken = true;
-                    }
+                let reply = me.send_device(fwd.host, msg, me.ack_timeout() * 5).await;
+                let ok = matches!(reply, Ok(DeviceReply::Applied { .. }));
+                if !ok {
+                    warn!(vol = %me.vol, host = %fwd.host, seq, "a follower missed a forwarded write; it will be resynced");
                 }
+                me.followers.lock().expect("followers lock").forwarded(fwd, seq, ok);
             });
         }
     }
@@ -621,6 +591,18 @@ impl VolumeReplica {
             }
             DeviceMessage::RollbackTo { epoch, seq, .. } | DeviceMessage::Adopt { epoch, seq, .. } => {
                 self.check_epoch(epoch)?;
+                // Truncating to a point we have not reached would leave a hole below it: refuse,
+                // and the primary drops us from the in-sync set and resyncs us (race 1).
+                let applied = self.seq.next() - 1;
+                if applied < seq && false {
+                    return Err(wire(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "{} on {} has applied up to {applied}, not {seq}: it needs a resync",
+                            self.vol, self.node
+                        ),
+                    ));
+                }
                 let (blocks, vol) = (self.blocks.clone(), self.vol);
                 let dropped = self.seq.reset(epoch, seq + 1, || blocks.rollback(vol, seq)).await.map_err(internal)?;
                 if !dropped.is_empty() {
@@ -732,8 +714,9 @@ impl VolumeReplica {
         }
         let next = self.next_seq.load(Ordering::SeqCst);
         let followers = self.followers.lock().expect("followers lock");
+        let now = Instant::now();
         for (host, f) in followers.iter() {
-            let p = follower_progress(*host, Some(f), next, "stale");
+            let p = progress(host, Some(f), next, "stale", now);
             let labels = [("volume", self.vol.to_string()), ("host", host.to_string())];
             metrics::gauge!("haven_volume_replication_lag_points", &labels).set(p.lag_seq as f64);
             metrics::gauge!("haven_volume_replication_lag_bytes", &labels).set(p.lag_bytes as f64);
@@ -754,15 +737,10 @@ impl VolumeReplica {
         let deadline = Instant::now() + self.ack_timeout().max(Duration::from_secs(30));
         loop {
             let last = self.next_seq.load(Ordering::SeqCst) - 1;
-            let state = self.followers.lock().expect("followers lock").get(&rel.target).map(|f| {
-                (
-                    f.broken || f.resync.as_ref().is_some_and(|r| !r.done),
-                    f.outstanding.is_empty() && f.acked_seq >= last,
-                )
-            });
+            let state = self.followers.lock().expect("followers lock").caught_up(rel.target, last);
             match state {
-                Some((false, true)) => break,
-                Some((true, _)) | None if Instant::now() > deadline => {
+                Some(CopyState::CaughtUp) => break,
+                Some(CopyState::NeedsResync) | None if Instant::now() > deadline => {
                     return Err(wire(
                         ErrorCode::Unavailable,
                         format!("the copy on {} is not caught up (resyncing or unreachable); try again", rel.target),
@@ -795,6 +773,7 @@ impl VolumeReplica {
         let record = self.record();
         let next = self.next_seq.load(Ordering::SeqCst);
         let followers = self.followers.lock().expect("followers lock");
+        let now = Instant::now();
         let mut replicas = Vec::new();
         for host in &record.replicas {
             let progress = if record.in_sync.contains(host) {
@@ -808,14 +787,13 @@ impl VolumeReplica {
                     resync: None,
                 }
             } else {
-                let f = followers.get(host);
-                follower_progress(*host, f, next, "stale")
+                progress(*host, followers.get(*host), next, "stale", now)
             };
             replicas.push(progress);
         }
         for (host, f) in followers.iter() {
             if let FollowKind::Async { .. } = f.kind {
-                replicas.push(follower_progress(*host, Some(f), next, "async"));
+                replicas.push(progress(host, Some(f), next, "async", now));
             }
         }
         // Paused relationships are not fed; list them so the operator sees how far behind they are.
@@ -823,41 +801,9 @@ impl VolumeReplica {
         for r in
             rels.iter().filter(|r| r.volume == self.vol && r.state == haven_proto::volume::RelationshipState::Paused)
         {
-            replicas.push(follower_progress(r.target, None, next, "paused"));
+            replicas.push(progress(r.target, None, next, "paused", now));
         }
         Ok(VolumeResponse::Replication { epoch, primary: self.node, next_seq: next, replicas })
-    }
-}
-
-fn follower_progress(host: NodeId, f: Option<&Follower>, next: u64, idle: &str) -> ReplicaProgress {
-    let Some(f) = f else {
-        return ReplicaProgress {
-            host,
-            state: idle.into(),
-            acked_seq: 0,
-            lag_seq: next - 1,
-            lag_bytes: 0,
-            lag_ms: 0,
-            resync: None,
-        };
-    };
-    let state = match (&f.resync, f.broken, f.kind) {
-        (Some(r), _, _) if !r.done => "resyncing",
-        // A hole in the copy: nothing is shipped until a resync fills it.
-        (_, true, FollowKind::Async { .. }) => "needs_resync",
-        (_, true, FollowKind::Resync) => idle,
-        (_, false, FollowKind::Async { .. }) => "async",
-        (_, false, FollowKind::Resync) => "resyncing",
-    };
-    let oldest = f.outstanding.values().map(|(_, t)| *t).min();
-    ReplicaProgress {
-        host,
-        state: state.into(),
-        acked_seq: f.acked_seq,
-        lag_seq: (next - 1).saturating_sub(f.acked_seq),
-        lag_bytes: f.outstanding.values().map(|(b, _)| b).sum(),
-        lag_ms: oldest.map_or(0, |t| t.elapsed().as_millis() as u64),
-        resync: f.resync.clone(),
     }
 }
 

@@ -28,13 +28,13 @@ use std::time::{Duration, Instant};
 
 use haven_proto::volume::{DeviceMessage, DeviceReply, PreservedWrites, ReplicaBlock, ResyncProgress, VolumeCommand};
 use haven_proto::{ErrorCode, NodeId, WireError};
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::blockstore::BlockContent;
+use super::core::cursor::{transfer_plan, Cursor};
 use super::merkle::{MerkleTree, CHUNK_BLOCKS};
 use super::replica::{
-    from_content, internal, to_block_write, wire, FollowKind, Follower, Role, VolumeReplica, INTERNAL_SNAPSHOT_BASE,
+    from_content, internal, to_block_write, wire, FollowKind, Role, VolumeReplica, INTERNAL_SNAPSHOT_BASE,
 };
 
 /// Blocks per resync message (1 MiB at 4 KiB blocks): the most an interruption can re-send.
@@ -42,17 +42,6 @@ pub const RESYNC_CHUNK_BLOCKS: usize = 256;
 
 const CURSOR_KEY: &str = "resync/cursor";
 const PRESERVED_PREFIX: &str = "preserved/";
-
-/// The replica's persisted resync state.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct Cursor {
-    /// The common snapshot (id, seq) the resync started from; None = Merkle compare.
-    base: Option<(u64, u64)>,
-    /// The target point of the transfer under way (0 = not started).
-    target: u64,
-    /// Every block below this has been received for `target`.
-    next_block: u64,
-}
 
 fn load_cursor(replica: &VolumeReplica) -> Result<Option<Cursor>, WireError> {
     match replica.blocks.meta_get(replica.vol, CURSOR_KEY).map_err(internal)? {
@@ -76,10 +65,12 @@ pub async fn prepare(
         return Err(wire(ErrorCode::InvalidRequest, "a primary is not resynced"));
     }
     if let Some(c) = load_cursor(replica)? {
-        return Ok(DeviceReply::ResyncReady {
-            common: c.base,
-            resume: (c.target > 0).then_some((c.target, c.next_block)),
-        });
+        // Resume only under the primary that prepared us, while it still holds the common
+        // snapshot; otherwise prepare again (another epoch may have rewritten history).
+        if c.resumable(epoch, &primary_snaps) {
+            return Ok(DeviceReply::ResyncReady { common: c.base, resume: c.resume() });
+        }
+        replica.blocks.meta_delete(replica.vol, CURSOR_KEY).map_err(internal)?;
     }
     let local = replica.blocks.snapshots(replica.vol).map_err(internal)?;
     let common = local
@@ -113,7 +104,7 @@ pub async fn prepare(
         }
     }
     let _ = bs;
-    store_cursor(replica, &Cursor { base: common, target: 0, next_block: 0 })?;
+    store_cursor(replica, &Cursor::prepared(common, epoch))?;
     info!(vol = %replica.vol, ?common, "prepared for resync");
     Ok(DeviceReply::ResyncReady { common, resume: None })
 }
@@ -208,16 +199,17 @@ pub async fn receive(
     let mut cursor = load_cursor(replica)?.ok_or_else(|| {
         wire(ErrorCode::InvalidRequest, format!("{} on {} is not prepared for resync", replica.vol, replica.node))
     })?;
-    if cursor.target != target {
-        // A (re)started transfer: writes after `target` will be forwarded from now on.
+    if cursor.begin(target) {
+        // A (re)started transfer: writes after `target` will be forwarded from now on. The
+        // claim on what is already here stays as it was until the chunks cover it.
         replica.seq.reset(epoch, target + 1, || ()).await;
-        cursor.target = target;
         store_cursor(replica, &cursor)?;
     } else {
         // The same transfer after this process restarted: its sequencer restarted from the
         // high-water mark, but everything up to `target` arrives by resync.
         replica.seq.advance_to(target + 1).await;
     }
+    // The message that begins a transfer carries no blocks: it claims nothing.
     if !blocks.is_empty() {
         let writes: Vec<_> = blocks.iter().map(to_block_write).collect();
         let (store, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
@@ -226,9 +218,9 @@ pub async fn receive(
             .await
             .map_err(internal)?
             .map_err(internal)?;
+        cursor.received_below(next_block);
+        store_cursor(replica, &cursor)?;
     }
-    cursor.next_block = next_block;
-    store_cursor(replica, &cursor)?;
     Ok(DeviceReply::Applied { seq: target })
 }
 
@@ -272,14 +264,25 @@ pub async fn version_hashes(replica: &Arc<VolumeReplica>, versions: Vec<(u64, u6
     Ok(DeviceReply::Hashes(out))
 }
 
+/// A resync belongs to the epoch it started in: a rollback since then rewrote what it
+/// prepared against, and re-creating the follower at step 2 would erase the rollback's "this
+/// copy is broken" (found by the volume model: a rollback between prepare and step 2 left a
+/// stale async copy marked caught up). Checked under the I/O gate, which a rollback holds.
+fn same_epoch(replica: &VolumeReplica, epoch: u64) -> Result<(), WireError> {
+    match replica.primary_epoch()? {
+        now if now == epoch => Ok(()),
+        now => Err(wire(ErrorCode::Unavailable, format!("epoch {epoch} ended (now {now}) during the resync"))),
+    }
+}
+
 fn set_progress(replica: &VolumeReplica, host: NodeId, f: impl FnOnce(&mut ResyncProgress)) {
-    if let Some(fol) = replica.followers.lock().expect("followers lock").get_mut(&host) {
+    if let Some(fol) = replica.followers.lock().expect("followers lock").get_mut(host) {
         f(fol.resync.get_or_insert_with(ResyncProgress::default));
     }
 }
 
 fn follower_broken(replica: &VolumeReplica, host: NodeId) -> bool {
-    replica.followers.lock().expect("followers lock").get(&host).is_none_or(|f| f.broken)
+    replica.followers.lock().expect("followers lock").get(host).is_none_or(|f| f.broken)
 }
 
 /// Primary side: resync `host` (a listed replica not in sync, or an async copy with a hole).
@@ -292,9 +295,7 @@ pub async fn resync_one(replica: Arc<VolumeReplica>, host: NodeId) -> Result<u64
     replica.resyncs_running.lock().expect("resync lock").remove(&host);
     if let Err(e) = &result {
         warn!(vol = %replica.vol, %host, error = %e, "resync interrupted; it will resume");
-        if let Some(f) = replica.followers.lock().expect("followers lock").get_mut(&host) {
-            f.broken = true;
-        }
+        replica.followers.lock().expect("followers lock").mark_broken(host);
     }
     result
 }
@@ -321,11 +322,12 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
         .followers
         .lock()
         .expect("followers lock")
-        .get(&host)
+        .get(host)
         .is_some_and(|f| matches!(f.kind, FollowKind::Async { .. }));
     // Step 2: pin T and start forwarding, with no write in flight.
     let target = {
         let _gate = replica.gate.write().await;
+        let _ = same_epoch;
         let target = replica.next_seq.load(Ordering::SeqCst) - 1;
         let _ = replica.blocks.snapshot_delete(replica.vol, pin);
         replica.blocks.snapshot_create(replica.vol, pin, target).map_err(internal)?;
@@ -343,17 +345,14 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
                 long,
             )
             .await?;
-        let mut followers = replica.followers.lock().expect("followers lock");
-        let kind = followers.get(&host).map_or(FollowKind::Resync, |f| f.kind);
-        let mut f = Follower::new(kind, target);
-        f.resync = Some(ResyncProgress {
+        let progress = ResyncProgress {
             mode: if common.is_some() { "common_snapshot".into() } else { "merkle".into() },
             base_snapshot: common.map(|(id, _)| id),
             target_seq: target,
             resumed_at_block: start,
             ..Default::default()
-        });
-        followers.insert(host, f);
+        };
+        replica.followers.lock().expect("followers lock").start_resync(host, target, progress);
         target
     };
     // Step 3: what to send.
@@ -363,24 +362,9 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
             let (store, vol) = (replica.blocks.clone(), replica.vol);
             tokio::task::spawn_blocking(move || -> Result<Vec<u64>, WireError> {
                 let mut set: BTreeSet<u64> = BTreeSet::new();
-                match resume {
-                    Some((old_target, nb)) => {
-                        set.extend(
-                            store
-                                .changed_blocks(vol, base_seq, Some(target))
-                                .map_err(internal)?
-                                .into_iter()
-                                .filter(|b| *b >= nb),
-                        );
-                        set.extend(
-                            store
-                                .changed_blocks(vol, old_target, Some(target))
-                                .map_err(internal)?
-                                .into_iter()
-                                .filter(|b| *b < nb),
-                        );
-                    }
-                    None => set.extend(store.changed_blocks(vol, base_seq, Some(target)).map_err(internal)?),
+                for range in transfer_plan(base_seq, resume) {
+                    let changed = store.changed_blocks(vol, range.after, Some(target)).map_err(internal)?;
+                    set.extend(changed.into_iter().filter(|b| range.contains(*b)));
                 }
                 Ok(set.into_iter().filter(|b| *b < size_blocks).collect())
             })
@@ -441,11 +425,12 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
     // Step 4: join the in-sync set once every forwarded write is acknowledged.
     {
         let _gate = replica.gate.write().await;
+        let _ = same_epoch;
         let deadline = Instant::now() + long;
         loop {
             let (broken, outstanding) = {
                 let f = replica.followers.lock().expect("followers lock");
-                let fol = f.get(&host);
+                let fol = f.get(host);
                 (fol.is_none_or(|f| f.broken), fol.map_or(0, |f| f.outstanding.len()))
             };
             if broken {
@@ -472,7 +457,7 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
             other => return Err(internal(format!("replica not caught up at finish: {other:?} (primary at {last})"))),
         }
         if is_async {
-            if let Some(f) = replica.followers.lock().expect("followers lock").get_mut(&host) {
+            if let Some(f) = replica.followers.lock().expect("followers lock").get_mut(host) {
                 f.acked_seq = last;
                 if let Some(r) = f.resync.as_mut() {
                     r.done = true;
@@ -490,7 +475,7 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
                     in_sync,
                 })
                 .await?;
-            replica.followers.lock().expect("followers lock").remove(&host);
+            replica.followers.lock().expect("followers lock").remove(host);
             replica.set_record(rec);
         }
     }
@@ -567,9 +552,8 @@ pub fn tick(replica: &Arc<VolumeReplica>) {
         record.replicas.iter().copied().filter(|h| *h != replica.node && !record.in_sync.contains(h)).collect();
     {
         let f = replica.followers.lock().expect("followers lock");
-        wanted.retain(|h| f.get(h).is_none_or(|f| f.broken));
-        wanted
-            .extend(f.iter().filter(|(_, f)| f.broken && matches!(f.kind, FollowKind::Async { .. })).map(|(h, _)| *h));
+        wanted.retain(|h| f.get(*h).is_none_or(|f| f.broken));
+        wanted.extend(f.broken_async());
     }
     for host in wanted {
         if replica.resyncs_running.lock().expect("resync lock").contains(&host) {

@@ -1,41 +1,25 @@
-//! Applies one replica's writes strictly in write order, with group commit.
+//! Applies one replica's writes strictly in write order, with group commit: the async driver of
+//! [`SeqCore`](super::core::sequencer::SeqCore).
 //!
 //! Writes reach a replica over concurrent streams, so write-order point `n + 1` may arrive before
-//! `n`. The [`Sequencer`] holds early arrivals until the gap fills and then applies every
+//! `n`. The core holds early arrivals until the gap fills; this driver then applies every
 //! contiguous ready point in ONE block-store batch (one WAL fsync for all of them when any asks
-//! for durability). The replica's state is therefore always a prefix of the primary's write
-//! order, which is what lets a newly promoted primary tell the others "drop everything after my
-//! last point" without losing an acknowledged write.
+//! for durability) and wakes their submitters. The replica's state is therefore always a prefix
+//! of the primary's write order, which is what lets a newly promoted primary tell the others
+//! "drop everything after my last point" without losing an acknowledged write.
 //!
-//! Every submit carries the primary's epoch; a [`Sequencer::reset`] to a newer epoch fails the
-//! older epoch's pending writes and refuses any that arrive later. This module must not talk to
-//! the network or the catalog.
+//! Every submit carries the primary's epoch; a [`Sequencer::reset`] or [`Sequencer::fence`] to a
+//! newer epoch fails the older epoch's pending writes and refuses any that arrive later. This
+//! module must not talk to the network or the catalog, and decides nothing the core does not.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use haven_proto::VolumeId;
 use tokio::sync::oneshot;
 
 use super::blockstore::{BlockStore, BlockWrite};
-
-/// Why a write-order point was not applied.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum SequencerError {
-    #[error("write from epoch {got} refused: this replica follows epoch {current}")]
-    StaleEpoch { got: u64, current: u64 },
-    #[error("pending write {seq} discarded by a reset to epoch {epoch}")]
-    Discarded { seq: u64, epoch: u64 },
-    #[error("block store: {0}")]
-    Store(String),
-    #[error("too many writes waiting for a gap to fill ({0})")]
-    Overloaded(usize),
-}
-
-/// Largest number of out-of-order points held while waiting for a gap.
-const MAX_PENDING: usize = 16_384;
-/// Largest number of points applied in one batch.
-const MAX_BATCH_POINTS: usize = 1024;
+pub use super::core::sequencer::SequencerError;
+use super::core::sequencer::{Admit, SeqCore};
 
 struct Pending {
     blocks: Vec<BlockWrite>,
@@ -43,13 +27,18 @@ struct Pending {
     waiters: Vec<oneshot::Sender<Result<(), SequencerError>>>,
 }
 
-struct State {
-    epoch: u64,
-    /// The next point to apply; everything below it is applied.
-    next: u64,
-    pending: BTreeMap<u64, Pending>,
-    draining: bool,
-    broken: Option<String>,
+/// A retried point keeps the first copy's blocks; its submitter waits for the same apply.
+fn merge(held: &mut Pending, again: Pending) {
+    held.durable |= again.durable;
+    held.waiters.extend(again.waiters);
+}
+
+fn answer(points: Vec<(u64, Pending)>, err: impl Fn(u64) -> SequencerError) {
+    for (seq, p) in points {
+        for w in p.waiters {
+            let _ = w.send(Err(err(seq)));
+        }
+    }
 }
 
 /// In-order, group-committed application of one volume replica's writes. Cheap to clone.
@@ -58,7 +47,7 @@ pub struct Sequencer {
     vol: VolumeId,
     block_size: u32,
     store: BlockStore,
-    state: Arc<Mutex<State>>,
+    core: Arc<Mutex<SeqCore<Pending>>>,
     /// Held while a batch is being written, so a reset never races an apply.
     apply_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -70,24 +59,27 @@ impl Sequencer {
             vol,
             block_size,
             store,
-            state: Arc::new(Mutex::new(State { epoch, next, pending: BTreeMap::new(), draining: false, broken: None })),
+            core: Arc::new(Mutex::new(SeqCore::new(epoch, next))),
             apply_lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
+    fn core(&self) -> std::sync::MutexGuard<'_, SeqCore<Pending>> {
+        self.core.lock().expect("sequencer lock")
+    }
+
     /// Every point below this has been applied.
     pub fn next(&self) -> u64 {
-        self.state.lock().expect("sequencer lock").next
+        self.core().next()
     }
 
     pub fn epoch(&self) -> u64 {
-        self.state.lock().expect("sequencer lock").epoch
+        self.core().epoch()
     }
 
     /// Raise the epoch without touching pending writes (a new primary that kept our prefix).
     pub fn observe_epoch(&self, epoch: u64) {
-        let mut st = self.state.lock().expect("sequencer lock");
-        st.epoch = st.epoch.max(epoch);
+        self.core().observe_epoch(epoch);
     }
 
     /// Apply point `seq` once every earlier point is applied; resolves when it is (and, if
@@ -101,35 +93,14 @@ impl Sequencer {
         durable: bool,
     ) -> Result<(), SequencerError> {
         let (tx, rx) = oneshot::channel();
-        let start_drain = {
-            let mut st = self.state.lock().expect("sequencer lock");
-            if epoch < st.epoch {
-                return Err(SequencerError::StaleEpoch { got: epoch, current: st.epoch });
+        let admitted = self.core().admit(epoch, seq, Pending { blocks, durable, waiters: vec![tx] }, merge)?;
+        match admitted {
+            Admit::AlreadyApplied => return Ok(()),
+            Admit::Queued { ready: true } => {
+                let me = self.clone();
+                tokio::spawn(async move { me.drain().await });
             }
-            if let Some(reason) = &st.broken {
-                return Err(SequencerError::Store(reason.clone()));
-            }
-            st.epoch = epoch;
-            if seq < st.next {
-                return Ok(());
-            }
-            if st.pending.len() >= MAX_PENDING {
-                return Err(SequencerError::Overloaded(st.pending.len()));
-            }
-            let entry =
-                st.pending.entry(seq).or_insert_with(|| Pending { blocks, durable: false, waiters: Vec::new() });
-            entry.durable |= durable;
-            entry.waiters.push(tx);
-            let ready = st.pending.keys().next() == Some(&st.next);
-            let start = ready && !st.draining;
-            if start {
-                st.draining = true;
-            }
-            start
-        };
-        if start_drain {
-            let me = self.clone();
-            tokio::spawn(async move { me.drain().await });
+            Admit::Queued { ready: false } => {}
         }
         rx.await.unwrap_or(Err(SequencerError::Discarded { seq, epoch }))
     }
@@ -138,42 +109,18 @@ impl Sequencer {
     async fn drain(self) {
         loop {
             let guard = self.apply_lock.lock().await;
-            let mut batch: Vec<(u64, Pending)> = {
-                let mut st = self.state.lock().expect("sequencer lock");
-                let mut batch = Vec::new();
-                while batch.len() < MAX_BATCH_POINTS {
-                    let next = st.next + batch.len() as u64;
-                    match st.pending.remove(&next) {
-                        Some(p) => batch.push((next, p)),
-                        None => break,
-                    }
-                }
-                if batch.is_empty() {
-                    st.draining = false;
-                    return;
-                }
-                batch
-            };
+            let mut batch = self.core().take_ready();
+            if batch.is_empty() {
+                return;
+            }
             let durable = batch.iter().any(|(_, p)| p.durable);
             let writes: Vec<BlockWrite> = batch.iter_mut().flat_map(|(_, p)| std::mem::take(&mut p.blocks)).collect();
-            let (store, vol, bs) = (self.store.clone(), self.vol, self.block_size);
-            // Durability: when any point in the batch asked for it, `apply` returns only after
-            // the WAL holding the whole batch is fsynced.
-            let small = writes.len() as u64 * bs as u64 <= 256 * 1024;
-            let result = if !durable && small {
-                // No fsync: a small batch is a memtable insert and one WAL write(2), cheaper
-                // than a hop to the blocking pool.
-                store.apply(vol, bs, &writes, false).map_err(|e| e.to_string())
-            } else {
-                tokio::task::spawn_blocking(move || store.apply(vol, bs, &writes, durable))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-            };
-            let mut st = self.state.lock().expect("sequencer lock");
+            let result = self.store_batch(writes, durable).await;
+            let mut core = self.core();
             match result {
                 Ok(()) => {
-                    st.next += batch.len() as u64;
+                    core.applied(batch.len() as u64);
+                    drop(core);
                     metrics::counter!("haven_volume_points_applied_total").increment(batch.len() as u64);
                     for (_, p) in batch {
                         for w in p.waiters {
@@ -182,50 +129,50 @@ impl Sequencer {
                     }
                 }
                 Err(reason) => {
-                    // A failed apply leaves the replica unable to keep a prefix: refuse
+                    // A failed apply leaves the replica unable to keep a prefix: the core refuses
                     // everything from now on; the primary drops it from the in-sync set.
-                    st.broken = Some(reason.clone());
-                    st.draining = false;
-                    for (_, p) in batch.into_iter().chain(std::mem::take(&mut st.pending)) {
-                        for w in p.waiters {
-                            let _ = w.send(Err(SequencerError::Store(reason.clone())));
-                        }
-                    }
+                    let pending = core.fail(reason.clone());
+                    drop(core);
+                    answer(batch.into_iter().chain(pending).collect(), |_| SequencerError::Store(reason.clone()));
                     return;
                 }
             }
-            drop(st);
             drop(guard);
+        }
+    }
+
+    /// Durability: when any point in the batch asked for it, returns only after the WAL
+    /// holding the whole batch is fsynced.
+    async fn store_batch(&self, writes: Vec<BlockWrite>, durable: bool) -> Result<(), String> {
+        let (store, vol, bs) = (self.store.clone(), self.vol, self.block_size);
+        let small = writes.len() as u64 * bs as u64 <= 256 * 1024;
+        if !durable && small {
+            // No fsync: a small batch is a memtable insert and one WAL write(2), cheaper than a
+            // hop to the blocking pool.
+            return store.apply(vol, bs, &writes, false).map_err(|e| e.to_string());
+        }
+        tokio::task::spawn_blocking(move || store.apply(vol, bs, &writes, durable))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+    }
+
+    /// Start draining if the core has a ready batch and no drain holds it.
+    fn kick(&self) {
+        if self.core().ready() {
+            let me = self.clone();
+            tokio::spawn(async move { me.drain().await });
         }
     }
 
     /// Move the next expected point forward to `next` (a resync delivered everything below it),
     /// keeping writes already waiting at or above it and failing those below.
     pub async fn advance_to(&self, next: u64) {
-        let _guard = self.apply_lock.lock().await;
-        let (stale, start) = {
-            let mut st = self.state.lock().expect("sequencer lock");
-            if next <= st.next {
-                return;
-            }
-            let keep = st.pending.split_off(&next);
-            let stale = std::mem::replace(&mut st.pending, keep);
-            st.next = next;
-            let start = st.pending.keys().next() == Some(&st.next) && !st.draining;
-            if start {
-                st.draining = true;
-            }
-            (stale, start)
-        };
-        for (seq, p) in stale {
-            for w in p.waiters {
-                let _ = w.send(Err(SequencerError::Discarded { seq, epoch: 0 }));
-            }
-        }
-        if start {
-            let me = self.clone();
-            tokio::spawn(async move { me.drain().await });
-        }
+        let guard = self.apply_lock.lock().await;
+        let stale = self.core().advance_to(next);
+        drop(guard);
+        answer(stale, |seq| SequencerError::Discarded { seq, epoch: 0 });
+        self.kick();
     }
 
     /// Move to `epoch` with `next` as the next expected point: pending writes are failed, later
@@ -233,23 +180,24 @@ impl Sequencer {
     /// (the caller's rollback of the block store goes there).
     pub async fn reset<T>(&self, epoch: u64, next: u64, before: impl FnOnce() -> T) -> T {
         let _guard = self.apply_lock.lock().await;
-        let discarded = {
-            let mut st = self.state.lock().expect("sequencer lock");
-            st.epoch = st.epoch.max(epoch);
-            std::mem::take(&mut st.pending)
-        };
+        // Fence first, so no older-epoch point is admitted while `before` changes the store.
+        let mut discarded = self.core().fence(epoch);
         let out = before();
-        {
-            let mut st = self.state.lock().expect("sequencer lock");
-            st.next = next;
-            st.broken = None;
-            st.draining = false;
-        }
-        for (seq, p) in discarded {
-            for w in p.waiters {
-                let _ = w.send(Err(SequencerError::Discarded { seq, epoch }));
-            }
-        }
+        discarded.extend(self.core().reset(epoch, next));
+        answer(discarded, |seq| SequencerError::Discarded { seq, epoch });
         out
+    }
+
+    /// Fence at `epoch`, keeping what is applied, and return the next point: pending writes of
+    /// older primaries are failed and never applied. A new primary fences before it chooses
+    /// its first point (issue 11, race 1).
+    pub async fn fence(&self, epoch: u64) -> u64 {
+        let _guard = self.apply_lock.lock().await;
+        let (discarded, next) = {
+            let mut core = self.core();
+            (core.fence(epoch), core.next())
+        };
+        answer(discarded, |seq| SequencerError::Discarded { seq, epoch });
+        next
     }
 }

@@ -70,8 +70,11 @@ pub async fn take(
                 Err(e) => warn!(vol = %replica.vol, host = %h, error = %e, "snapshot not taken on a replica"),
             }
         }
-        // Async copies get it too when they can (best effort: it gives them a common point).
-        let followers: Vec<NodeId> = replica.followers.lock().expect("followers lock").keys().copied().collect();
+        // Whole async copies get it too when they can (best effort: it gives them a common
+        // point). Never a copy with a hole or one mid-resync: its snapshot would later pass for
+        // a common point, and a resync from it would skip what the copy lacks (found by the
+        // volume model, seed 3).
+        let followers: Vec<NodeId> = replica.followers.lock().expect("followers lock").hosts();
         for h in followers {
             if msg(h).await.is_ok() {
                 hosts.push(h);
@@ -115,6 +118,12 @@ pub async fn rollback(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), WireE
     let seq = replica.snapshot_seq(id)?;
     let later: Vec<u64> = {
         let _gate = replica.gate.write().await;
+        replica.primary_epoch()?;
+        // A rollback rewrites history: points after `seq` will be handed out again. It starts a
+        // new epoch, so forwarded writes from before it are refused wherever they land late,
+        // and every follower breaks (its copy holds points we no longer have; its sequencer
+        // would acknowledge the reused points as already applied): a resync catches it up
+        // (issue 11, race 3).
         let epoch = replica.primary_epoch()?;
         let others = replica.other_in_sync();
         let later: Vec<u64> = replica

@@ -1,0 +1,1286 @@
+//! The simulated world of the volume model: nodes on the pure cores, a catalog with
+//! compare-and-set, a lossy network, and a seeded scheduler. See the parent module.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use haven_proto::volume::ResyncProgress;
+use haven_proto::NodeId;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::store::{Store, WriteId};
+use super::BLOCKS;
+use crate::volume::core::cursor::{transfer_plan, Cursor};
+use crate::volume::core::primary::{CopyState, FollowKind, Followers, Forward};
+use crate::volume::core::sequencer::{Admit, SeqCore};
+
+/// A point's blocks: (block, point, write).
+type Payload = Vec<(u64, u64, WriteId)>;
+
+/// Milliseconds a primary waits for a replica's acknowledgement.
+const ACK_TIMEOUT_MS: u64 = 60;
+/// Blocks per resync chunk: small, so transfers get interrupted mid-way.
+const CHUNK_BLOCKS: usize = 2;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Synchronous replicas (1 or 3); one more node holds the async copy.
+    pub replicas: usize,
+    /// Scheduler steps with faults and operations, before the healing phase.
+    pub steps: usize,
+}
+
+impl Config {
+    pub fn new(replicas: usize) -> Self {
+        assert!(replicas == 1 || replicas == 3, "the model runs 1 or 3 replicas");
+        Self { replicas, steps: 300 }
+    }
+}
+
+/// What a run did (summed over seeds to show the schedules cover every operation).
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub acked: u64,
+    pub unknown: u64,
+    pub failovers: u64,
+    pub snapshots: u64,
+    pub rollbacks: u64,
+    pub resyncs: u64,
+    pub reversals: u64,
+    pub crashes: u64,
+    pub cuts: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        for ((_, a), (_, b)) in self.counts_mut().into_iter().zip(o.counts()) {
+            *a += b;
+        }
+    }
+
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        let mut c = self.clone();
+        c.counts_mut().into_iter().map(|(n, v)| (n, *v)).collect()
+    }
+
+    fn counts_mut(&mut self) -> Vec<(&'static str, &mut u64)> {
+        vec![
+            ("acknowledged write", &mut self.acked),
+            ("write with an unknown outcome", &mut self.unknown),
+            ("failover", &mut self.failovers),
+            ("snapshot", &mut self.snapshots),
+            ("rollback", &mut self.rollbacks),
+            ("finished resync", &mut self.resyncs),
+            ("reversal", &mut self.reversals),
+            ("crash", &mut self.crashes),
+            ("link cut", &mut self.cuts),
+            ("dropped message", &mut self.dropped),
+            ("duplicated message", &mut self.duplicated),
+        ]
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Msg {
+    Replicate { epoch: u64, point: u64, payload: Payload, fwd: Option<Forward>, write: WriteId },
+    Reply { ok: bool, point: u64, fwd: Option<Forward>, write: WriteId },
+}
+
+#[derive(Debug, Clone)]
+struct Packet {
+    from: usize,
+    to: usize,
+    at: u64,
+    msg: Msg,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Catalog {
+    pub epoch: u64,
+    pub primary: usize,
+    pub replicas: Vec<usize>,
+    pub in_sync: Vec<usize>,
+    /// The async (DR) relationship's target.
+    pub async_target: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Role {
+    Primary { epoch: u64 },
+    Replica,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    point: u64,
+    epoch: u64,
+    waiting: BTreeSet<usize>,
+    failed: Vec<usize>,
+    local: Option<bool>,
+    deadline: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Prepare,
+    Begin,
+    Chunks,
+    Finish,
+}
+
+#[derive(Debug)]
+struct Resync {
+    epoch: u64,
+    phase: Phase,
+    base: Option<(u64, u64)>,
+    resume: Option<(u64, u64)>,
+    target: u64,
+    to_send: Vec<u64>,
+    sent: usize,
+}
+
+#[derive(Debug)]
+struct Node {
+    up: bool,
+    store: Store,
+    seq: SeqCore<Payload>,
+    role: Role,
+    view: Catalog,
+    /// Points this node must answer once applied: point → (requester, forward, write).
+    owed: BTreeMap<u64, Vec<(usize, Option<Forward>, WriteId)>>,
+    next: u64,
+    followers: Followers,
+    inflight: BTreeMap<WriteId, Inflight>,
+    resyncs: BTreeMap<usize, Resync>,
+}
+
+impl Node {
+    fn new(view: Catalog) -> Self {
+        Self {
+            up: true,
+            store: Store::default(),
+            seq: SeqCore::new(0, 1),
+            role: Role::Replica,
+            view,
+            owed: BTreeMap::new(),
+            next: 1,
+            followers: Followers::default(),
+            inflight: BTreeMap::new(),
+            resyncs: BTreeMap::new(),
+        }
+    }
+
+    fn applied(&self) -> u64 {
+        self.seq.next() - 1
+    }
+
+    fn epoch_seen(&self) -> u64 {
+        self.seq.epoch().max(self.view.epoch)
+    }
+}
+
+pub struct World {
+    cfg: Config,
+    rng: StdRng,
+    now: u64,
+    base: Instant,
+    nodes: Vec<Node>,
+    cat: Catalog,
+    net: Vec<Packet>,
+    cut: BTreeSet<(usize, usize)>,
+    /// The write order of the current lineage: what the newest primary holds, point by point.
+    lineage: BTreeMap<u64, Payload>,
+    /// The node whose history the lineage is (the last to adopt or roll back).
+    head: Option<usize>,
+    /// Acknowledged writes a rollback has not removed: write → (point, epoch, node).
+    acked: BTreeMap<WriteId, (u64, u64, usize)>,
+    ack_epochs: BTreeMap<u64, usize>,
+    next_write: WriteId,
+    next_snapshot: u64,
+    pub stats: Stats,
+    /// With `HAVEN_MODEL_TRACE` set, every step's story, printed with a violation.
+    trace: Option<Vec<String>>,
+}
+
+type Check = Result<(), String>;
+
+impl World {
+    pub fn new(cfg: Config, seed: u64) -> Self {
+        let replicas: Vec<usize> = (0..cfg.replicas).collect();
+        let cat =
+            Catalog { epoch: 1, primary: 0, replicas: replicas.clone(), in_sync: replicas, async_target: cfg.replicas };
+        let nodes = (0..=cfg.replicas).map(|_| Node::new(cat.clone())).collect();
+        Self {
+            cfg,
+            rng: StdRng::seed_from_u64(seed),
+            now: 0,
+            base: Instant::now(),
+            nodes,
+            cat,
+            net: Vec::new(),
+            cut: BTreeSet::new(),
+            lineage: BTreeMap::new(),
+            head: None,
+            acked: BTreeMap::new(),
+            ack_epochs: BTreeMap::new(),
+            next_write: 1,
+            next_snapshot: 1,
+            stats: Stats::default(),
+            trace: std::env::var_os("HAVEN_MODEL_TRACE").map(|_| Vec::new()),
+        }
+    }
+
+    /// The seeded schedule: faults and operations, then heal and check.
+    pub fn run(&mut self) -> Result<Stats, String> {
+        let result = self.run_inner();
+        if let (Err(_), Some(trace)) = (&result, &self.trace) {
+            eprintln!("{}", trace.join("\n"));
+        }
+        result
+    }
+
+    fn run_inner(&mut self) -> Result<Stats, String> {
+        for n in 0..self.nodes.len() {
+            self.observe(n)?;
+        }
+        for _ in 0..self.cfg.steps {
+            self.now += self.rng.random_range(0..4);
+            self.random_step()?;
+        }
+        self.log(|| "---- heal and settle".into());
+        self.heal_and_settle()?;
+        self.final_check()?;
+        Ok(self.stats.clone())
+    }
+
+    pub fn dump(&self) {
+        eprintln!("{}", self.trace.as_ref().map(|t| t.join("\n")).unwrap_or_default());
+    }
+
+    fn log(&mut self, line: impl FnOnce() -> String) {
+        if let Some(t) = self.trace.as_mut() {
+            t.push(format!("{:>6} {}", self.now, line()));
+        }
+    }
+
+    fn random_step(&mut self) -> Check {
+        let n = self.rng.random_range(0..self.nodes.len());
+        // Mostly the primary acts; sometimes a node that merely believes it is primary.
+        let p = if self.rng.random_bool(0.9) { self.cat.primary } else { n };
+        match self.rng.random_range(0..100) {
+            0..28 => self.deliver_one(),
+            28..46 => {
+                let block = self.rng.random_range(0..BLOCKS);
+                self.client_write(p, block)
+            }
+            46..53 => self.observe(n),
+            53..57 => self.timeouts(),
+            57..72 => self.resync_step(p),
+            72..73 => self.crash(n),
+            73..77 => self.restart(n),
+            77..79 => self.cut_link(n),
+            79..83 => self.heal_link(),
+            83..86 => self.failover(),
+            86..89 => self.snapshot(p),
+            89..91 => self.rollback(p),
+            91..94 => self.reverse(p),
+            _ => {
+                self.now += ACK_TIMEOUT_MS / 2;
+                self.timeouts()
+            }
+        }
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_millis(self.now)
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.nodes[a].up && self.nodes[b].up && !self.cut.contains(&(a.min(b), a.max(b)))
+    }
+
+    // ---- network -------------------------------------------------------------------------
+
+    fn send(&mut self, from: usize, to: usize, msg: Msg) {
+        if self.rng.random_range(0..100) < 3 {
+            self.stats.dropped += 1;
+            return;
+        }
+        let at = self.now + self.rng.random_range(1..30);
+        self.net.push(Packet { from, to, at, msg });
+    }
+
+    fn deliver_one(&mut self) -> Check {
+        if self.net.is_empty() {
+            return Ok(());
+        }
+        // Any packet may go next: delivery order is the scheduler's choice.
+        let i = self.rng.random_range(0..self.net.len());
+        let p = self.net.swap_remove(i);
+        self.now = self.now.max(p.at);
+        if self.rng.random_range(0..100) < 3 {
+            self.stats.duplicated += 1;
+            self.net.push(p.clone());
+        }
+        if !self.reachable(p.from, p.to) {
+            self.stats.dropped += 1;
+            return Ok(());
+        }
+        match p.msg {
+            Msg::Replicate { epoch, point, payload, fwd, write } => {
+                self.on_replicate(p.to, p.from, epoch, point, payload, fwd, write);
+                Ok(())
+            }
+            Msg::Reply { ok, point, fwd, write } => self.on_reply(p.to, p.from, ok, point, fwd, write),
+        }
+    }
+
+    // ---- replica side ----------------------------------------------------------------------
+
+    /// `check_epoch` of the device handler: refuse older epochs, remember newer ones.
+    fn check_epoch(&mut self, n: usize, epoch: u64) -> bool {
+        let node = &mut self.nodes[n];
+        if epoch < node.epoch_seen() {
+            return false;
+        }
+        node.seq.observe_epoch(epoch);
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_replicate(
+        &mut self,
+        n: usize,
+        from: usize,
+        epoch: u64,
+        point: u64,
+        payload: Payload,
+        fwd: Option<Forward>,
+        write: WriteId,
+    ) {
+        if !self.check_epoch(n, epoch) {
+            return self.send(n, from, Msg::Reply { ok: false, point, fwd, write });
+        }
+        match self.nodes[n].seq.admit(epoch, point, payload, |_, _| {}) {
+            Err(_) => self.send(n, from, Msg::Reply { ok: false, point, fwd, write }),
+            Ok(Admit::AlreadyApplied) => self.send(n, from, Msg::Reply { ok: true, point, fwd, write }),
+            Ok(Admit::Queued { .. }) => {
+                self.nodes[n].owed.entry(point).or_default().push((from, fwd, write));
+                self.drain(n);
+            }
+        }
+    }
+
+    /// Apply every ready batch and answer its points (the sequencer driver's `drain`).
+    fn drain(&mut self, n: usize) {
+        loop {
+            let batch = self.nodes[n].seq.take_ready();
+            if batch.is_empty() {
+                return;
+            }
+            let writes: Payload = batch.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+            self.nodes[n].store.apply(&writes);
+            self.nodes[n].seq.applied(batch.len() as u64);
+            for (point, _) in batch {
+                self.answer(n, point, true);
+            }
+        }
+    }
+
+    fn answer(&mut self, n: usize, point: u64, ok: bool) {
+        for (to, fwd, write) in self.nodes[n].owed.remove(&point).unwrap_or_default() {
+            if to == n {
+                if let Some(w) = self.nodes[n].inflight.get_mut(&write) {
+                    w.local = Some(ok);
+                }
+            } else {
+                self.send(n, to, Msg::Reply { ok, point, fwd, write });
+            }
+        }
+    }
+
+    fn discard(&mut self, n: usize, points: Vec<(u64, Payload)>) {
+        for (point, _) in points {
+            self.answer(n, point, false);
+        }
+    }
+
+    /// `Adopt` and `RollbackTo` at a replica: truncate to `point`, refusing if behind it.
+    fn truncate_at(&mut self, n: usize, epoch: u64, point: u64) -> bool {
+        if !self.check_epoch(n, epoch) {
+            return false;
+        }
+        let discarded = self.nodes[n].seq.reset(epoch, point + 1);
+        self.discard(n, discarded);
+        self.nodes[n].store.rollback(point);
+        true
+    }
+
+    // ---- primary side: writes --------------------------------------------------------------
+
+    fn client_write(&mut self, n: usize, block: u64) -> Check {
+        let Role::Primary { epoch } = self.nodes[n].role else { return Ok(()) };
+        if !self.nodes[n].up {
+            return Ok(());
+        }
+        let write = self.next_write;
+        self.next_write += 1;
+        let point = self.nodes[n].next;
+        self.nodes[n].next += 1;
+        let payload = vec![(block, point, write)];
+        self.log(|| format!("n{n} write {write} block {block} at point {point} epoch {epoch}"));
+        if self.is_head(n) {
+            self.lineage.insert(point, payload.clone());
+        }
+        let now = self.instant();
+        for fwd in self.nodes[n].followers.forward(point, 4096, now) {
+            let msg = Msg::Replicate { epoch, point, payload: payload.clone(), fwd: Some(fwd), write };
+            self.send(n, fwd.host.0 as usize, msg);
+        }
+        let others: Vec<usize> = self.nodes[n].view.in_sync.iter().copied().filter(|h| *h != n).collect();
+        let deadline = self.now + ACK_TIMEOUT_MS;
+        let inflight =
+            Inflight { point, epoch, waiting: others.iter().copied().collect(), failed: vec![], local: None, deadline };
+        self.nodes[n].inflight.insert(write, inflight);
+        for h in others {
+            self.send(n, h, Msg::Replicate { epoch, point, payload: payload.clone(), fwd: None, write });
+        }
+        match self.nodes[n].seq.admit(epoch, point, payload, |_, _| {}) {
+            Err(_) => self.nodes[n].inflight.get_mut(&write).expect("just added").local = Some(false),
+            Ok(Admit::AlreadyApplied) => self.nodes[n].inflight.get_mut(&write).expect("just added").local = Some(true),
+            Ok(Admit::Queued { .. }) => {
+                self.nodes[n].owed.entry(point).or_default().push((n, None, write));
+                self.drain(n);
+            }
+        }
+        self.try_complete(n, write)
+    }
+
+    fn on_reply(&mut self, n: usize, from: usize, ok: bool, point: u64, fwd: Option<Forward>, write: WriteId) -> Check {
+        if let Some(fwd) = fwd {
+            if matches!(self.nodes[n].role, Role::Primary { .. }) {
+                self.nodes[n].followers.forwarded(fwd, point, ok);
+            }
+            return Ok(());
+        }
+        let Some(w) = self.nodes[n].inflight.get_mut(&write) else { return Ok(()) };
+        if w.waiting.remove(&from) && !ok {
+            w.failed.push(from);
+        }
+        self.try_complete(n, write)
+    }
+
+    fn timeouts(&mut self) -> Check {
+        self.forward_timeouts();
+        for n in 0..self.nodes.len() {
+            let late: Vec<WriteId> =
+                self.nodes[n].inflight.iter().filter(|(_, w)| w.deadline <= self.now).map(|(id, _)| *id).collect();
+            for write in late {
+                let w = self.nodes[n].inflight.get_mut(&write).expect("listed");
+                let waiting = std::mem::take(&mut w.waiting);
+                w.failed.extend(waiting);
+                if w.local.is_none() {
+                    w.local = Some(false);
+                }
+                self.try_complete(n, write)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A forwarded write unanswered for 5 acknowledgement timeouts failed (the driver's send
+    /// timeout), which breaks the copy.
+    fn forward_timeouts(&mut self) {
+        let now = self.instant();
+        let limit = Duration::from_millis(5 * ACK_TIMEOUT_MS);
+        for n in 0..self.nodes.len() {
+            let late: Vec<(Forward, u64)> = self.nodes[n]
+                .followers
+                .iter()
+                .flat_map(|(host, f)| {
+                    let fwd = Forward { host, generation: f.generation() };
+                    f.outstanding.iter().filter(move |(_, (_, at))| now - *at >= limit).map(move |(seq, _)| (fwd, *seq))
+                })
+                .collect();
+            for (fwd, seq) in late {
+                self.nodes[n].followers.forwarded(fwd, seq, false);
+            }
+        }
+    }
+
+    /// Acknowledge a write once every in-sync replica answered, dropping the ones that failed
+    /// from the in-sync set first (the primary's `write`).
+    fn try_complete(&mut self, n: usize, write: WriteId) -> Check {
+        let w = &self.nodes[n].inflight[&write];
+        if !w.waiting.is_empty() || w.local.is_none() {
+            return Ok(());
+        }
+        let w = self.nodes[n].inflight.remove(&write).expect("present");
+        if w.local != Some(true) || (!w.failed.is_empty() && !self.drop_in_sync(n, &w.failed, w.epoch)) {
+            self.stats.unknown += 1;
+            return Ok(());
+        }
+        self.acknowledge(n, write, w.point, w.epoch)
+    }
+
+    fn acknowledge(&mut self, n: usize, write: WriteId, point: u64, epoch: u64) -> Check {
+        self.log(|| format!("n{n} ACK write {write} point {point} epoch {epoch}"));
+        self.stats.acked += 1;
+        if let Some(other) = self.ack_epochs.insert(epoch, n).filter(|o| *o != n) {
+            return Err(format!("nodes {other} and {n} both acknowledged writes in epoch {epoch}"));
+        }
+        if !self.lineage.get(&point).is_some_and(|p| p.iter().any(|(_, _, w)| *w == write)) {
+            return Err(format!(
+                "node {n} acknowledged write {write} at point {point}, which the lineage does not hold"
+            ));
+        }
+        self.acked.insert(write, (point, epoch, n));
+        Ok(())
+    }
+
+    /// Propose dropping `hosts` from the in-sync set; true if they are out when it returns.
+    fn drop_in_sync(&mut self, n: usize, hosts: &[usize], epoch: u64) -> bool {
+        let cur = self.cat.clone();
+        if cur.primary != n {
+            return false;
+        }
+        if !hosts.iter().any(|h| cur.in_sync.contains(h)) {
+            return true;
+        }
+        if cur.epoch != epoch && cur.epoch != self.nodes[n].view.epoch {
+            return false;
+        }
+        let in_sync = cur.in_sync.iter().copied().filter(|h| !hosts.contains(h)).collect();
+        self.log(|| format!("n{n} drops {hosts:?} from in-sync (epoch {})", cur.epoch));
+        self.set_replication(n, cur.epoch, n, in_sync).is_some()
+    }
+
+    /// The catalog's compare-and-set; the proposer takes the new record in (`set_record`).
+    fn set_replication(&mut self, by: usize, expected: u64, primary: usize, in_sync: Vec<usize>) -> Option<u64> {
+        if self.cat.epoch != expected {
+            return None;
+        }
+        self.cat.primary = primary;
+        self.cat.in_sync = in_sync;
+        self.cat.epoch += 1;
+        self.set_record(by);
+        Some(self.cat.epoch)
+    }
+
+    fn set_record(&mut self, n: usize) {
+        let cat = self.cat.clone();
+        let node = &mut self.nodes[n];
+        if matches!(node.role, Role::Primary { .. }) && cat.primary == n {
+            node.role = Role::Primary { epoch: cat.epoch };
+        }
+        node.seq.observe_epoch(cat.epoch);
+        node.view = cat;
+    }
+
+    fn is_head(&self, n: usize) -> bool {
+        self.head == Some(n)
+    }
+
+    // ---- catalog observation and takeover ------------------------------------------------------
+
+    /// The host supervisor's `observe`: take in the catalog, adopt when it names us primary.
+    fn observe(&mut self, n: usize) -> Check {
+        if !self.nodes[n].up {
+            return Ok(());
+        }
+        let cat = self.cat.clone();
+        let node = &mut self.nodes[n];
+        node.view = cat.clone();
+        node.seq.observe_epoch(cat.epoch);
+        let is_primary = cat.primary == n;
+        if is_primary && node.role != (Role::Primary { epoch: cat.epoch }) {
+            self.adopt(n, cat.epoch)?;
+        } else if !is_primary && matches!(node.role, Role::Primary { .. }) {
+            self.demote(n);
+        }
+        if matches!(self.nodes[n].role, Role::Primary { .. }) {
+            let targets = [(NodeId(cat.async_target as u64), u64::MAX)];
+            self.nodes[n].followers.retain_wanted(&ids(&cat.replicas), &ids(&cat.in_sync), &targets);
+        }
+        Ok(())
+    }
+
+    fn demote(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        node.role = Role::Replica;
+        node.followers.clear();
+        node.resyncs.clear();
+        self.stats.unknown += node.inflight.len() as u64;
+        node.inflight.clear();
+    }
+
+    /// Become primary at `epoch` (the replica's `adopt`): fence, truncate the others to our last
+    /// point, then hand out points after it.
+    fn adopt(&mut self, n: usize, epoch: u64) -> Check {
+        if !self.nodes[n].inflight.is_empty() {
+            return Ok(()); // the I/O gate: wait for writes in flight
+        }
+        let last = self.nodes[n].applied();
+        let others: Vec<usize> = self.nodes[n].view.in_sync.iter().copied().filter(|h| *h != n).collect();
+        let failed: Vec<usize> =
+            others.into_iter().filter(|h| !(self.reachable(n, *h) && self.truncate_at(*h, epoch, last))).collect();
+        if !failed.is_empty() {
+            self.drop_in_sync(n, &failed, epoch);
+            return Ok(()); // the epoch moved on; the next observe adopts again
+        }
+        let node = &mut self.nodes[n];
+        node.next = last + 1;
+        node.role = Role::Primary { epoch };
+        self.log(|| format!("n{n} ADOPTED epoch {epoch} at point {last}"));
+        self.new_lineage(n, last, "took over")
+    }
+
+    /// `n` now holds the lineage up to `last`: everything acknowledged must be in it, and its
+    /// content must be the lineage's.
+    fn new_lineage(&mut self, n: usize, last: u64, why: &str) -> Check {
+        if let Some((w, (point, _, by))) = self.acked.iter().find(|(_, (p, _, _))| *p > last) {
+            return Err(format!(
+                "node {n} {why} at point {last}, losing write {w} acknowledged by node {by} at point {point}"
+            ));
+        }
+        self.lineage.split_off(&(last + 1));
+        self.head = Some(n);
+        self.check_copy(n, last, why)
+    }
+
+    /// `n`'s content as of `point` must be the lineage's.
+    fn check_copy(&self, n: usize, point: u64, why: &str) -> Check {
+        let want = self.lineage_content(point);
+        let have = self.nodes[n].store.content(point, BLOCKS);
+        if want != have {
+            return Err(format!(
+                "node {n} ({why}) holds {have:?} at point {point}, but the primary's write order gives {want:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    fn lineage_content(&self, point: u64) -> Vec<WriteId> {
+        let mut content = vec![0; BLOCKS as usize];
+        for payload in self.lineage.range(..=point).map(|(_, p)| p) {
+            for &(block, _, w) in payload {
+                content[block as usize] = w;
+            }
+        }
+        content
+    }
+
+    /// The leader's volume controller: a primary that is down or cut off fails over to an
+    /// in-sync replica that is up.
+    fn failover(&mut self) -> Check {
+        let p = self.cat.primary;
+        let cut_off = (0..self.nodes.len()).filter(|h| *h != p && !self.reachable(p, *h)).count() >= 2;
+        if self.nodes[p].up && !cut_off {
+            return Ok(());
+        }
+        let candidates: Vec<usize> =
+            self.cat.in_sync.iter().copied().filter(|h| *h != p && self.nodes[*h].up).collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let c = candidates[self.rng.random_range(0..candidates.len())];
+        self.log(|| format!("FAILOVER {p} -> {c}"));
+        let in_sync = self.cat.in_sync.iter().copied().filter(|h| *h != p).collect();
+        let expected = self.cat.epoch;
+        self.cat.primary = c;
+        self.cat.in_sync = in_sync;
+        self.cat.epoch = expected + 1;
+        self.stats.failovers += 1;
+        Ok(())
+    }
+
+    // ---- snapshots, rollback, reversal ---------------------------------------------------------
+
+    /// The primary, with no write in flight, if `n` is one and is up.
+    fn idle_primary(&self, n: usize) -> Option<u64> {
+        match self.nodes[n].role {
+            Role::Primary { epoch } if self.nodes[n].up && self.nodes[n].inflight.is_empty() => Some(epoch),
+            _ => None,
+        }
+    }
+
+    fn snapshot(&mut self, n: usize) -> Check {
+        let Some(epoch) = self.idle_primary(n) else { return Ok(()) };
+        let point = self.nodes[n].next - 1;
+        let id = self.next_snapshot;
+        self.next_snapshot += 1;
+        self.nodes[n].store.snaps.insert(id, point);
+        let mut hosts: Vec<usize> = self.nodes[n].view.in_sync.iter().copied().filter(|h| *h != n).collect();
+        hosts.extend(self.nodes[n].followers.hosts().iter().map(|h| h.0 as usize));
+        self.log(|| format!("n{n} SNAPSHOT {id} at point {point} to {hosts:?}"));
+        for h in hosts {
+            if self.reachable(n, h) && self.check_epoch(h, epoch) && self.nodes[h].applied() >= point {
+                self.nodes[h].store.snaps.insert(id, point);
+            }
+        }
+        self.stats.snapshots += 1;
+        Ok(())
+    }
+
+    /// Roll the volume back to one of the primary's snapshots (`snapshots::rollback`).
+    fn rollback(&mut self, n: usize) -> Check {
+        if self.idle_primary(n).is_none() || !self.is_head(n) {
+            return Ok(());
+        }
+        let snaps: Vec<(u64, u64)> = self.nodes[n].store.snaps.iter().map(|(i, s)| (*i, *s)).collect();
+        if snaps.is_empty() {
+            return Ok(());
+        }
+        let (id, point) = snaps[self.rng.random_range(0..snaps.len())];
+        self.rollback_to(n, id, point)
+    }
+
+    fn rollback_to(&mut self, n: usize, id: u64, point: u64) -> Check {
+        if self.idle_primary(n).is_none() || !self.is_head(n) {
+            return Ok(());
+        }
+        self.log(|| format!("n{n} ROLLBACK to snapshot {id} at point {point}"));
+        // A rollback starts a new epoch (`VolumeReplica::new_epoch`).
+        if self.cat.primary != n {
+            return Ok(());
+        }
+        let (expected, in_sync) = (self.cat.epoch, self.cat.in_sync.clone());
+        let _ = (expected, in_sync);
+        let Some(epoch) = self.idle_primary(n) else { return Ok(()) };
+        let discarded = self.nodes[n].seq.reset(epoch, point + 1);
+        self.discard(n, discarded);
+        self.nodes[n].store.rollback(point);
+        self.nodes[n].next = point + 1;
+        let others: Vec<usize> = self.nodes[n].view.in_sync.iter().copied().filter(|h| *h != n).collect();
+        let failed: Vec<usize> =
+            others.into_iter().filter(|h| !(self.reachable(n, *h) && self.truncate_at(*h, epoch, point))).collect();
+        if !failed.is_empty() {
+            self.drop_in_sync(n, &failed, epoch);
+        }
+        self.acked.retain(|_, (p, _, _)| *p <= point);
+        self.stats.rollbacks += 1;
+        self.new_lineage(n, point, "rolled back")
+    }
+
+    /// Hand the volume to the async copy once it holds every write (1-replica volumes).
+    fn reverse(&mut self, n: usize) -> Check {
+        if self.cfg.replicas != 1 || self.idle_primary(n).is_none() || self.cat.primary != n {
+            return Ok(());
+        }
+        let t = self.cat.async_target;
+        let last = self.nodes[n].next - 1;
+        if self.nodes[n].followers.caught_up(NodeId(t as u64), last) != Some(CopyState::CaughtUp) {
+            return Ok(());
+        }
+        self.cat =
+            Catalog { epoch: self.cat.epoch + 1, primary: t, replicas: vec![t], in_sync: vec![t], async_target: n };
+        self.log(|| format!("REVERSE {n} -> {t} at point {last}"));
+        self.demote(n);
+        self.set_record(n);
+        self.stats.reversals += 1;
+        self.observe(t)
+    }
+
+    // ---- resync --------------------------------------------------------------------------------
+
+    /// One step of one resync at primary `n`, starting resyncs where wanted (`resync::tick`).
+    fn resync_step(&mut self, n: usize) -> Check {
+        if !self.resync_tick(n) {
+            return Ok(());
+        }
+        let hosts: Vec<usize> = self.nodes[n].resyncs.keys().copied().collect();
+        if hosts.is_empty() {
+            return Ok(());
+        }
+        let h = hosts[self.rng.random_range(0..hosts.len())];
+        self.resync_run(n, h)
+    }
+
+    /// Start resyncs for listed replicas not in sync and async copies with a hole; false if
+    /// `n` is not an up primary.
+    fn resync_tick(&mut self, n: usize) -> bool {
+        let Role::Primary { epoch } = self.nodes[n].role else { return false };
+        if !self.nodes[n].up {
+            return false;
+        }
+        let view = self.nodes[n].view.clone();
+        let f = &self.nodes[n].followers;
+        let mut wanted: Vec<usize> = view
+            .replicas
+            .iter()
+            .copied()
+            .filter(|h| *h != n && !view.in_sync.contains(h))
+            .filter(|h| f.get(NodeId(*h as u64)).is_none_or(|f| f.broken))
+            .collect();
+        wanted.extend(f.broken_async().iter().map(|h| h.0 as usize));
+        for h in wanted {
+            self.nodes[n].resyncs.entry(h).or_insert(Resync {
+                epoch,
+                phase: Phase::Prepare,
+                base: None,
+                resume: None,
+                target: 0,
+                to_send: vec![],
+                sent: 0,
+            });
+        }
+        true
+    }
+
+    /// Advance primary `n`'s resync of `h` by one step; an interrupted one breaks the copy
+    /// (the next tick starts it again, resuming where the replica's cursor allows).
+    fn resync_run(&mut self, n: usize, h: usize) -> Check {
+        if !self.nodes[n].resyncs.contains_key(&h) {
+            return Ok(());
+        }
+        if self.resync_advance(n, h)? == Step::Interrupted {
+            self.log(|| format!("n{n} resync n{h} interrupted"));
+            self.nodes[n].resyncs.remove(&h);
+            self.nodes[n].followers.mark_broken(NodeId(h as u64));
+        }
+        Ok(())
+    }
+
+    fn resync_advance(&mut self, n: usize, h: usize) -> Result<Step, String> {
+        if !self.reachable(n, h) {
+            return Ok(Step::Interrupted);
+        }
+        let r = &self.nodes[n].resyncs[&h];
+        let (epoch, phase, target) = (r.epoch, r.phase, r.target);
+        // A resync belongs to the epoch it started in: a rollback (or any new epoch) since then
+        // may have rewritten what it prepared against (`resync::run` checks under the gate).
+
+        match phase {
+            Phase::Prepare => {
+                let snaps: Vec<(u64, u64)> = self.nodes[n].store.snaps.iter().map(|(i, s)| (*i, *s)).collect();
+                let Some((base, resume)) = self.replica_prepare(h, epoch, &snaps) else {
+                    return Ok(Step::Interrupted);
+                };
+                let r = self.nodes[n].resyncs.get_mut(&h).expect("listed");
+                (r.base, r.resume, r.phase) = (base, resume, Phase::Begin);
+            }
+            Phase::Begin => return self.resync_begin(n, h, epoch),
+            Phase::Chunks => return self.resync_chunk(n, h, epoch, target),
+            Phase::Finish => return self.resync_finish(n, h, target),
+        }
+        Ok(Step::Continue)
+    }
+
+    /// Step 2: pin the target point and start forwarding, with no write in flight.
+    fn resync_begin(&mut self, n: usize, h: usize, epoch: u64) -> Result<Step, String> {
+        if !self.nodes[n].inflight.is_empty() {
+            return Ok(Step::Continue);
+        }
+        let target = self.nodes[n].next - 1;
+        if !self.replica_receive(h, epoch, target, vec![], 0) {
+            return Ok(Step::Interrupted);
+        }
+        let progress = ResyncProgress { target_seq: target, ..Default::default() };
+        self.nodes[n].followers.start_resync(NodeId(h as u64), target, progress);
+        let r = &self.nodes[n].resyncs[&h];
+        let primary = &self.nodes[n].store;
+        let to_send: Vec<u64> = match r.base {
+            Some((_, base_seq)) => {
+                let mut set = BTreeSet::new();
+                for range in transfer_plan(base_seq, r.resume) {
+                    set.extend(primary.changed_blocks(range.after, target).into_iter().filter(|b| range.contains(*b)));
+                }
+                set.into_iter().collect()
+            }
+            // The Merkle compare: blocks whose content differs.
+            None => {
+                (0..BLOCKS).filter(|b| primary.read(*b, target).1 != self.nodes[h].store.read(*b, u64::MAX).1).collect()
+            }
+        };
+        let r = self.nodes[n].resyncs.get_mut(&h).expect("listed");
+        (r.target, r.to_send, r.sent, r.phase) = (target, to_send, 0, Phase::Chunks);
+        let (base, resume, to_send) = (r.base, r.resume, r.to_send.clone());
+        self.log(|| format!("n{n} resync n{h} begin target {target} base {base:?} resume {resume:?} send {to_send:?}"));
+        Ok(Step::Continue)
+    }
+
+    /// Step 3: one chunk of blocks as of the target.
+    fn resync_chunk(&mut self, n: usize, h: usize, epoch: u64, target: u64) -> Result<Step, String> {
+        if self.nodes[n].followers.get(NodeId(h as u64)).is_none_or(|f| f.broken) {
+            return Ok(Step::Interrupted);
+        }
+        let r = &self.nodes[n].resyncs[&h];
+        if r.sent >= r.to_send.len() {
+            self.nodes[n].resyncs.get_mut(&h).expect("listed").phase = Phase::Finish;
+            return Ok(Step::Continue);
+        }
+        let chunk: Vec<u64> = r.to_send[r.sent..].iter().take(CHUNK_BLOCKS).copied().collect();
+        let blocks: Payload = chunk
+            .iter()
+            .map(|b| {
+                let (seq, w) = self.nodes[n].store.read(*b, target);
+                (*b, seq, w)
+            })
+            .collect();
+        let next_block = chunk.last().map_or(0, |b| b + 1);
+        if !self.replica_receive(h, epoch, target, blocks, next_block) {
+            return Ok(Step::Interrupted);
+        }
+        self.log(|| format!("n{n} resync n{h} chunk {chunk:?} target {target}"));
+        self.nodes[n].resyncs.get_mut(&h).expect("listed").sent += chunk.len();
+        Ok(Step::Continue)
+    }
+
+    /// Step 4: with no write in flight and every forwarded write acknowledged, the replica
+    /// joins the in-sync set (an async copy is marked caught up).
+    fn resync_finish(&mut self, n: usize, h: usize, target: u64) -> Result<Step, String> {
+        let hid = NodeId(h as u64);
+        if !self.nodes[n].inflight.is_empty() {
+            return Ok(Step::Continue);
+        }
+        let Some(f) = self.nodes[n].followers.get(hid) else { return Ok(Step::Interrupted) };
+        if f.broken {
+            return Ok(Step::Interrupted);
+        }
+        if !f.outstanding.is_empty() {
+            return Ok(Step::Continue);
+        }
+        let is_async = matches!(f.kind, FollowKind::Async { .. });
+        let last = self.nodes[n].next - 1;
+        if !self.replica_finish(h, target, last) {
+            return Ok(Step::Interrupted);
+        }
+        if self.is_head(n) {
+            self.check_copy(h, last, "finished a resync")?;
+        }
+        self.log(|| format!("n{n} resync n{h} FINISHED at {last} (async {is_async})"));
+        if is_async {
+            let f = self.nodes[n].followers.get_mut(hid).expect("present");
+            f.acked_seq = last;
+            if let Some(p) = f.resync.as_mut() {
+                p.done = true;
+            }
+        } else {
+            let view = self.nodes[n].view.clone();
+            let mut in_sync = view.in_sync.clone();
+            in_sync.push(h);
+            if self.set_replication(n, view.epoch, n, in_sync).is_none() {
+                return Ok(Step::Interrupted);
+            }
+            self.nodes[n].followers.remove(hid);
+        }
+        self.nodes[n].resyncs.remove(&h);
+        self.stats.resyncs += 1;
+        Ok(Step::Continue)
+    }
+
+    /// Replica side of step 1 (`resync::prepare`).
+    fn replica_prepare(&mut self, h: usize, epoch: u64, snaps: &[(u64, u64)]) -> Option<ResyncStart> {
+        if !self.check_epoch(h, epoch) || matches!(self.nodes[h].role, Role::Primary { .. }) {
+            return None;
+        }
+        let store = &mut self.nodes[h].store;
+        if let Some(c) = store.cursor.take() {
+            if c.resumable(epoch, snaps) {
+                let start = (c.base, c.resume());
+                store.cursor = Some(c);
+                self.log(|| format!("n{h} prepared: resumes {start:?}"));
+                return Some(start);
+            }
+        }
+        let common = store.snaps.iter().map(|(i, s)| (*i, *s)).filter(|s| snaps.contains(s)).max_by_key(|(_, s)| *s);
+        let next = match common {
+            Some((_, seq)) => {
+                store.rollback(seq);
+                seq + 1
+            }
+            None => {
+                store.rebase();
+                1
+            }
+        };
+        store.cursor = Some(Cursor::prepared(common, epoch));
+        let discarded = self.nodes[h].seq.reset(epoch, next);
+        self.discard(h, discarded);
+        self.log(|| format!("n{h} prepared afresh: common {common:?}"));
+        Some((common, None))
+    }
+
+    /// Replica side of steps 2 and 3 (`resync::receive`).
+    fn replica_receive(&mut self, h: usize, epoch: u64, target: u64, blocks: Payload, next_block: u64) -> bool {
+        if !self.check_epoch(h, epoch) {
+            return false;
+        }
+        let Some(mut cursor) = self.nodes[h].store.cursor.take() else { return false };
+        let discarded = if cursor.begin(target) {
+            self.nodes[h].seq.reset(epoch, target + 1)
+        } else {
+            self.nodes[h].seq.advance_to(target + 1)
+        };
+        self.discard(h, discarded);
+        if !blocks.is_empty() {
+            self.nodes[h].store.apply(&blocks);
+            cursor.received_below(next_block);
+        }
+        self.nodes[h].store.cursor = Some(cursor);
+        self.drain(h);
+        true
+    }
+
+    /// Replica side of step 4 (`resync::finish`).
+    fn replica_finish(&mut self, h: usize, target: u64, last: u64) -> bool {
+        let node = &mut self.nodes[h];
+        if node.store.cursor.as_ref().map(|c| c.target) != Some(target) || node.applied() < last {
+            return false;
+        }
+        node.store.cursor = None;
+        true
+    }
+
+    // ---- faults ----------------------------------------------------------------------------------
+
+    fn crash(&mut self, n: usize) -> Check {
+        if !self.nodes[n].up {
+            return Ok(());
+        }
+        self.stats.crashes += 1;
+        self.log(|| format!("n{n} CRASH"));
+        let node = &mut self.nodes[n];
+        node.up = false;
+        node.role = Role::Replica;
+        node.seq = SeqCore::new(0, node.store.hwm + 1);
+        node.owed.clear();
+        node.followers = Followers::default();
+        self.stats.unknown += node.inflight.len() as u64;
+        node.inflight.clear();
+        node.resyncs.clear();
+        Ok(())
+    }
+
+    fn restart(&mut self, n: usize) -> Check {
+        if !self.nodes[n].up {
+            self.log(|| format!("n{n} RESTART"));
+        }
+        self.nodes[n].up = true;
+        Ok(())
+    }
+
+    fn cut_link(&mut self, n: usize) -> Check {
+        let m = self.rng.random_range(0..self.nodes.len());
+        if m != n {
+            self.log(|| format!("CUT {n}-{m}"));
+            self.cut.insert((n.min(m), n.max(m)));
+            self.stats.cuts += 1;
+        }
+        Ok(())
+    }
+
+    fn heal_link(&mut self) -> Check {
+        if let Some(&c) = self.cut.iter().next() {
+            self.cut.remove(&c);
+        }
+        Ok(())
+    }
+
+    // ---- the end -----------------------------------------------------------------------------
+
+    /// Heal every fault and run deliveries, timeouts, observation and resyncs (no new writes
+    /// or faults) until the replica set is whole again.
+    fn heal_and_settle(&mut self) -> Check {
+        self.cut.clear();
+        for n in 0..self.nodes.len() {
+            self.restart(n)?;
+        }
+        for _ in 0..4000 {
+            if self.settled() {
+                return Ok(());
+            }
+            self.now += 5;
+            while !self.net.is_empty() {
+                self.deliver_one()?;
+            }
+            self.now += ACK_TIMEOUT_MS;
+            self.timeouts()?;
+            for n in 0..self.nodes.len() {
+                self.observe(n)?;
+            }
+            self.failover()?;
+            let p = self.cat.primary;
+            self.resync_step(p)?;
+        }
+        let p = &self.nodes[self.cat.primary];
+        let copy = p.followers.get(NodeId(self.cat.async_target as u64));
+        Err(format!(
+            "the replica set did not settle after healing: catalog {:?}, primary role {:?} in flight {}, \
+             async copy {:?}, resyncs {:?}",
+            self.cat,
+            p.role,
+            p.inflight.len(),
+            copy.map(|f| (f.broken, f.acked_seq, f.outstanding.len(), f.resync.as_ref().map(|r| r.done))),
+            p.resyncs.iter().map(|(h, r)| (*h, r.phase)).collect::<Vec<_>>()
+        ))
+    }
+
+    fn settled(&self) -> bool {
+        let p = self.cat.primary;
+        let node = &self.nodes[p];
+        let last = node.next.saturating_sub(1);
+        self.net.is_empty()
+            && node.role == (Role::Primary { epoch: self.cat.epoch })
+            && node.inflight.is_empty()
+            && self.cat.in_sync.len() == self.cat.replicas.len()
+            && node.followers.caught_up(NodeId(self.cat.async_target as u64), last) == Some(CopyState::CaughtUp)
+    }
+
+    fn final_check(&self) -> Check {
+        let p = self.cat.primary;
+        if !self.is_head(p) {
+            return Err(format!("the primary {p} is not the lineage's head {:?}", self.head));
+        }
+        let last = self.nodes[p].next - 1;
+        self.check_copy(p, last, "primary at the end")?;
+        for (w, (point, _, by)) in &self.acked {
+            if !self.lineage.get(point).is_some_and(|pl| pl.iter().any(|(_, _, x)| x == w)) {
+                return Err(format!("write {w} acknowledged by node {by} at point {point} is not in the lineage"));
+            }
+        }
+        for &h in &self.cat.in_sync {
+            if self.nodes[h].applied() != last {
+                return Err(format!("in-sync node {h} applied up to {}, the primary {last}", self.nodes[h].applied()));
+            }
+            self.check_copy(h, last, "in sync at the end")?;
+        }
+        let t = self.cat.async_target;
+        let f = self.nodes[p].followers.get(NodeId(t as u64)).expect("settled means the copy is followed");
+        self.check_copy(t, f.acked_seq, "async copy at its reported recovery point")
+    }
+}
+
+/// Directed schedules: the races of issue 11 as exact step sequences.
+#[cfg(test)]
+impl World {
+    pub fn start(&mut self) -> Check {
+        (0..self.nodes.len()).try_for_each(|n| self.observe(n))
+    }
+
+    pub fn write(&mut self, n: usize, block: u64) -> Check {
+        self.client_write(n, block)
+    }
+
+    /// Deliver, in point order, every packet `keep` selects (from, to, point); drop the rest if
+    /// `drop_rest`.
+    pub fn deliver(&mut self, keep: impl Fn(usize, usize, u64) -> bool, drop_rest: bool) -> Check {
+        let point = |m: &Msg| match m {
+            Msg::Replicate { point, .. } | Msg::Reply { point, .. } => *point,
+        };
+        let (mut go, rest): (Vec<Packet>, Vec<Packet>) =
+            std::mem::take(&mut self.net).into_iter().partition(|p| keep(p.from, p.to, point(&p.msg)));
+        self.net = if drop_rest { Vec::new() } else { rest };
+        go.sort_by_key(|p| point(&p.msg));
+        for p in go {
+            self.net.insert(0, p);
+            self.deliver_first()?;
+        }
+        Ok(())
+    }
+
+    fn deliver_first(&mut self) -> Check {
+        let p = self.net.remove(0);
+        if !self.reachable(p.from, p.to) {
+            return Ok(());
+        }
+        match p.msg {
+            Msg::Replicate { epoch, point, payload, fwd, write } => {
+                self.on_replicate(p.to, p.from, epoch, point, payload, fwd, write);
+                Ok(())
+            }
+            Msg::Reply { ok, point, fwd, write } => self.on_reply(p.to, p.from, ok, point, fwd, write),
+        }
+    }
+
+    /// Deliver everything, replies included, until the network is empty.
+    pub fn deliver_all(&mut self) -> Check {
+        while !self.net.is_empty() {
+            self.deliver_first()?;
+        }
+        Ok(())
+    }
+
+    pub fn kill(&mut self, n: usize) -> Check {
+        self.crash(n)
+    }
+
+    pub fn cut(&mut self, a: usize, b: usize) {
+        self.cut.insert((a.min(b), a.max(b)));
+    }
+
+    pub fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    /// The controller fails the volume over to `c` and `c` takes over.
+    pub fn fail_over_to(&mut self, c: usize) -> Check {
+        let old = self.cat.primary;
+        self.cat.in_sync.retain(|h| *h != old);
+        self.cat.primary = c;
+        self.cat.epoch += 1;
+        // A takeover that drops unreachable replicas moves the epoch; observe again, as the
+        // host supervisor does.
+        for _ in 0..3 {
+            self.observe(c)?;
+        }
+        Ok(())
+    }
+
+    pub fn take_snapshot(&mut self) -> Check {
+        self.snapshot(self.cat.primary)
+    }
+
+    /// Roll back to the newest (or the oldest) snapshot the primary holds.
+    pub fn roll_back(&mut self, newest: bool) -> Check {
+        let n = self.cat.primary;
+        let snaps = &self.nodes[n].store.snaps;
+        let Some((&id, &point)) = (if newest { snaps.iter().next_back() } else { snaps.iter().next() }) else {
+            return Err("no snapshot to roll back to".into());
+        };
+        self.rollback_to(n, id, point)
+    }
+
+    pub fn reverse_now(&mut self) -> Check {
+        self.reverse(self.cat.primary)
+    }
+
+    /// Advance primary `n`'s resync of `h` by one step; false once it is gone (done or broken).
+    pub fn resync_once(&mut self, n: usize, h: usize) -> Result<bool, String> {
+        self.resync_tick(n);
+        self.resync_run(n, h)?;
+        Ok(self.nodes[n].resyncs.contains_key(&h))
+    }
+
+    /// Let every write waiting for an acknowledgement time out.
+    pub fn expire(&mut self) -> Check {
+        self.now += ACK_TIMEOUT_MS;
+        self.timeouts()
+    }
+
+    pub fn in_sync(&self) -> Vec<usize> {
+        self.cat.in_sync.clone()
+    }
+
+    /// Heal, settle and run the end-of-run checks.
+    pub fn settle_and_check(&mut self) -> Check {
+        self.heal_and_settle()?;
+        self.final_check()
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Continue,
+    Interrupted,
+}
+
+/// A resync's starting point: the common snapshot and where to resume.
+type ResyncStart = (Option<(u64, u64)>, Option<(u64, u64)>);
+
+fn ids(hosts: &[usize]) -> Vec<NodeId> {
+    hosts.iter().map(|h| NodeId(*h as u64)).collect()
+}

@@ -1,0 +1,68 @@
+//! The model's block store: every version of every block, tagged with the write that made it,
+//! plus snapshots, the high-water mark and the persisted resync cursor. It survives a crash
+//! (every write in the model is a durable write).
+
+use std::collections::BTreeMap;
+
+use crate::volume::core::cursor::Cursor;
+
+/// A write's identity; 0 is "never written" (zeroes).
+pub type WriteId = u64;
+
+#[derive(Debug, Clone, Default)]
+pub struct Store {
+    /// block → (point → write).
+    versions: BTreeMap<u64, BTreeMap<u64, WriteId>>,
+    pub hwm: u64,
+    /// snapshot id → point.
+    pub snaps: BTreeMap<u64, u64>,
+    pub cursor: Option<Cursor>,
+}
+
+impl Store {
+    pub fn apply(&mut self, writes: &[(u64, u64, WriteId)]) {
+        for &(block, seq, w) in writes {
+            self.versions.entry(block).or_default().insert(seq, w);
+            self.hwm = self.hwm.max(seq);
+        }
+    }
+
+    /// The newest version of `block` at or below `at`: (point, write).
+    pub fn read(&self, block: u64, at: u64) -> (u64, WriteId) {
+        self.versions.get(&block).and_then(|v| v.range(..=at).next_back()).map_or((0, 0), |(s, w)| (*s, *w))
+    }
+
+    /// Forget every version after `to`, and snapshots after it.
+    pub fn rollback(&mut self, to: u64) {
+        for v in self.versions.values_mut() {
+            v.retain(|s, _| *s <= to);
+        }
+        self.snaps.retain(|_, s| *s <= to);
+        self.hwm = to;
+    }
+
+    /// Collapse every block to its newest version at point 0, for a Merkle compare.
+    pub fn rebase(&mut self) {
+        for v in self.versions.values_mut() {
+            if let Some((_, w)) = v.iter().next_back().map(|(s, w)| (*s, *w)) {
+                v.clear();
+                v.insert(0, w);
+            }
+        }
+        self.snaps.clear();
+        self.hwm = 0;
+    }
+
+    /// Blocks with a version in `(after, upto]`.
+    pub fn changed_blocks(&self, after: u64, upto: u64) -> Vec<u64> {
+        if after >= upto {
+            return Vec::new();
+        }
+        self.versions.iter().filter(|(_, v)| v.range(after + 1..=upto).next().is_some()).map(|(b, _)| *b).collect()
+    }
+
+    /// The content (write per block) as of `at`.
+    pub fn content(&self, at: u64, blocks: u64) -> Vec<WriteId> {
+        (0..blocks).map(|b| self.read(b, at).1).collect()
+    }
+}
