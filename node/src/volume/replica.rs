@@ -226,7 +226,7 @@ impl VolumeReplica {
         // Fence before choosing the first point: an older primary's write still waiting in our
         // sequencer for a gap would otherwise be applied at a point we hand out again, and our
         // own write at that point would count as "already applied" (issue 11, race 1).
-        let last = self.seq.next() - 1;
+        let last = self.seq.fence(epoch).await - 1;
         let others = self.other_in_sync();
         let replies = join_all(others.iter().map(|h| {
             self.send_device(*h, DeviceMessage::Adopt { volume: self.vol, epoch, seq: last }, self.ack_timeout())
@@ -594,7 +594,7 @@ impl VolumeReplica {
                 // Truncating to a point we have not reached would leave a hole below it: refuse,
                 // and the primary drops us from the in-sync set and resyncs us (race 1).
                 let applied = self.seq.next() - 1;
-                if applied < seq && false {
+                if applied < seq {
                     return Err(wire(
                         ErrorCode::Unavailable,
                         format!(

@@ -327,7 +327,7 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
     // Step 2: pin T and start forwarding, with no write in flight.
     let target = {
         let _gate = replica.gate.write().await;
-        let _ = same_epoch;
+        same_epoch(replica, epoch)?;
         let target = replica.next_seq.load(Ordering::SeqCst) - 1;
         let _ = replica.blocks.snapshot_delete(replica.vol, pin);
         replica.blocks.snapshot_create(replica.vol, pin, target).map_err(internal)?;
@@ -425,7 +425,7 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
     // Step 4: join the in-sync set once every forwarded write is acknowledged.
     {
         let _gate = replica.gate.write().await;
-        let _ = same_epoch;
+        same_epoch(replica, epoch)?;
         let deadline = Instant::now() + long;
         loop {
             let (broken, outstanding) = {

@@ -74,7 +74,7 @@ pub async fn take(
         // point). Never a copy with a hole or one mid-resync: its snapshot would later pass for
         // a common point, and a resync from it would skip what the copy lacks (found by the
         // volume model, seed 3).
-        let followers: Vec<NodeId> = replica.followers.lock().expect("followers lock").hosts();
+        let followers: Vec<NodeId> = replica.followers.lock().expect("followers lock").whole_copies();
         for h in followers {
             if msg(h).await.is_ok() {
                 hosts.push(h);
@@ -124,7 +124,8 @@ pub async fn rollback(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), WireE
         // and every follower breaks (its copy holds points we no longer have; its sequencer
         // would acknowledge the reused points as already applied): a resync catches it up
         // (issue 11, race 3).
-        let epoch = replica.primary_epoch()?;
+        let epoch = replica.new_epoch().await?;
+        replica.followers.lock().expect("followers lock").history_rewritten(seq);
         let others = replica.other_in_sync();
         let later: Vec<u64> = replica
             .blocks

@@ -63,9 +63,6 @@ impl Cursor {
     pub fn begin(&mut self, target: u64) -> bool {
         let changed = self.target != target;
         self.target = target;
-        if let (true, Some(c)) = (changed, self.claim.as_mut()) {
-            c.as_of = target;
-        }
         changed
     }
 

@@ -410,7 +410,7 @@ impl World {
 
     /// `Adopt` and `RollbackTo` at a replica: truncate to `point`, refusing if behind it.
     fn truncate_at(&mut self, n: usize, epoch: u64, point: u64) -> bool {
-        if !self.check_epoch(n, epoch) {
+        if !self.check_epoch(n, epoch) || self.nodes[n].applied() < point {
             return false;
         }
         let discarded = self.nodes[n].seq.reset(epoch, point + 1);
@@ -623,6 +623,8 @@ impl World {
         if !self.nodes[n].inflight.is_empty() {
             return Ok(()); // the I/O gate: wait for writes in flight
         }
+        let fenced = self.nodes[n].seq.fence(epoch);
+        self.discard(n, fenced);
         let last = self.nodes[n].applied();
         let others: Vec<usize> = self.nodes[n].view.in_sync.iter().copied().filter(|h| *h != n).collect();
         let failed: Vec<usize> =
@@ -714,7 +716,7 @@ impl World {
         self.next_snapshot += 1;
         self.nodes[n].store.snaps.insert(id, point);
         let mut hosts: Vec<usize> = self.nodes[n].view.in_sync.iter().copied().filter(|h| *h != n).collect();
-        hosts.extend(self.nodes[n].followers.hosts().iter().map(|h| h.0 as usize));
+        hosts.extend(self.nodes[n].followers.whole_copies().iter().map(|h| h.0 as usize));
         self.log(|| format!("n{n} SNAPSHOT {id} at point {point} to {hosts:?}"));
         for h in hosts {
             if self.reachable(n, h) && self.check_epoch(h, epoch) && self.nodes[h].applied() >= point {
@@ -748,8 +750,8 @@ impl World {
             return Ok(());
         }
         let (expected, in_sync) = (self.cat.epoch, self.cat.in_sync.clone());
-        let _ = (expected, in_sync);
-        let Some(epoch) = self.idle_primary(n) else { return Ok(()) };
+        let Some(epoch) = self.set_replication(n, expected, n, in_sync) else { return Ok(()) };
+        self.nodes[n].followers.history_rewritten(point);
         let discarded = self.nodes[n].seq.reset(epoch, point + 1);
         self.discard(n, discarded);
         self.nodes[n].store.rollback(point);
@@ -852,7 +854,9 @@ impl World {
         let (epoch, phase, target) = (r.epoch, r.phase, r.target);
         // A resync belongs to the epoch it started in: a rollback (or any new epoch) since then
         // may have rewritten what it prepared against (`resync::run` checks under the gate).
-
+        if self.nodes[n].role != (Role::Primary { epoch }) {
+            return Ok(Step::Interrupted);
+        }
         match phase {
             Phase::Prepare => {
                 let snaps: Vec<(u64, u64)> = self.nodes[n].store.snaps.iter().map(|(i, s)| (*i, *s)).collect();
