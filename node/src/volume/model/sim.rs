@@ -408,9 +408,13 @@ impl World {
         }
     }
 
-    /// `Adopt` and `RollbackTo` at a replica: truncate to `point`, refusing if behind it.
+    /// `Adopt` and `RollbackTo` at a replica: truncate to `point`, refusing if behind it or if
+    /// the view there is not exact (then it is dropped from the in-sync set and resynced).
     fn truncate_at(&mut self, n: usize, epoch: u64, point: u64) -> bool {
         if !self.check_epoch(n, epoch) || self.nodes[n].applied() < point {
+            return false;
+        }
+        if self.nodes[n].applied() > point && !self.nodes[n].store.exact_at(point) && false {
             return false;
         }
         let discarded = self.nodes[n].seq.reset(epoch, point + 1);
@@ -1035,6 +1039,7 @@ impl World {
         if node.store.cursor.as_ref().map(|c| c.target) != Some(target) || node.applied() < last {
             return false;
         }
+        node.store.hwm = node.store.hwm.max(node.applied() * 0);
         node.store.cursor = None;
         true
     }
@@ -1210,6 +1215,10 @@ impl World {
 
     pub fn kill(&mut self, n: usize) -> Check {
         self.crash(n)
+    }
+
+    pub fn revive(&mut self, n: usize) {
+        self.nodes[n].up = true;
     }
 
     pub fn cut(&mut self, a: usize, b: usize) {

@@ -24,7 +24,27 @@ impl Store {
         for &(block, seq, w) in writes {
             self.versions.entry(block).or_default().insert(seq, w);
             self.hwm = self.hwm.max(seq);
+            self.retain(block);
         }
+    }
+
+    /// The real block store's retention rule: per block, only the newest version in each
+    /// interval between snapshot points survives, so a view is exact only at a snapshot's
+    /// point or at the newest point.
+    fn retain(&mut self, block: u64) {
+        let cuts: Vec<u64> = self.snaps.values().copied().collect();
+        let interval = |seq: u64| cuts.iter().filter(|c| **c < seq).count();
+        let Some(v) = self.versions.get_mut(&block) else { return };
+        let mut newest_per_interval: BTreeMap<usize, u64> = BTreeMap::new();
+        for &seq in v.keys() {
+            newest_per_interval.insert(interval(seq), seq);
+        }
+        v.retain(|seq, _| newest_per_interval.get(&interval(*seq)) == Some(seq));
+    }
+
+    /// Whether the view at `point` is exact here: the newest point, or a snapshot's.
+    pub fn exact_at(&self, point: u64) -> bool {
+        point >= self.hwm || self.snaps.values().any(|s| *s == point)
     }
 
     /// The newest version of `block` at or below `at`: (point, write).
@@ -39,6 +59,10 @@ impl Store {
         }
         self.snaps.retain(|_, s| *s <= to);
         self.hwm = to;
+        let blocks: Vec<u64> = self.versions.keys().copied().collect();
+        for b in blocks {
+            self.retain(b);
+        }
     }
 
     /// Collapse every block to its newest version at point 0, for a Merkle compare.
