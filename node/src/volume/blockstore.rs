@@ -657,6 +657,15 @@ impl BlockStore {
         }
     }
 
+    /// Raise the high-water mark to `seq` durably (a resync delivered every point up to `seq`,
+    /// though the versions it sent may all be older): after a restart the sequencer resumes
+    /// above it, never at a point this copy already holds.
+    pub fn raise_high_water_mark(&self, vol: VolumeId, seq: u64) -> Result<(), BlockStoreError> {
+        let mut batch = WriteBatch::default();
+        batch.merge_cf(self.store().cf(CF_VOLUME_META), hwm_key(vol), seq.to_be_bytes());
+        self.write(batch, true)
+    }
+
     /// Record local snapshot `id` at seq point `seq`, durably. Idempotent for the same
     /// (id, seq); [`BlockStoreError::SnapshotConflict`] if `id` exists at another seq.
     /// The snapshot preserves the view at `seq` only if no write above `seq` has been applied

@@ -603,6 +603,20 @@ impl VolumeReplica {
                         ),
                     ));
                 }
+                // The block store keeps only the newest version between snapshot points, so the
+                // view at `seq` is exact only there or at the newest point: truncating anywhere
+                // else could expose older content or zeroes (found by the volume model). Such a
+                // replica is dropped and resynced instead.
+                if applied > seq && !self.blocks.snapshots(self.vol).map_err(internal)?.iter().any(|s| s.seq == seq) {
+                    return Err(wire(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "{} on {} cannot return exactly to point {seq} (applied up to {applied}, no snapshot \
+                             there): it needs a resync",
+                            self.vol, self.node
+                        ),
+                    ));
+                }
                 let (blocks, vol) = (self.blocks.clone(), self.vol);
                 let dropped = self.seq.reset(epoch, seq + 1, || blocks.rollback(vol, seq)).await.map_err(internal)?;
                 if !dropped.is_empty() {

@@ -238,6 +238,11 @@ pub async fn finish(replica: &Arc<VolumeReplica>, target: u64, last: u64) -> Res
             format!("{} on {} has applied up to {applied}, not {last}", replica.vol, replica.node),
         ));
     }
+    // The transfer's blocks may all be older than the target: record that every point up to
+    // `applied` is here before the cursor (which covered restarts until now) goes (found by
+    // the volume model: a copy restarted after a resync resumed its points below the target,
+    // and as a new primary handed them out again).
+    replica.blocks.raise_high_water_mark(replica.vol, applied).map_err(internal)?;
     replica.blocks.meta_delete(replica.vol, CURSOR_KEY).map_err(internal)?;
     Ok(DeviceReply::Applied { seq: applied })
 }

@@ -414,7 +414,7 @@ impl World {
         if !self.check_epoch(n, epoch) || self.nodes[n].applied() < point {
             return false;
         }
-        if self.nodes[n].applied() > point && !self.nodes[n].store.exact_at(point) && false {
+        if self.nodes[n].applied() > point && !self.nodes[n].store.exact_at(point) {
             return false;
         }
         let discarded = self.nodes[n].seq.reset(epoch, point + 1);
@@ -1039,7 +1039,7 @@ impl World {
         if node.store.cursor.as_ref().map(|c| c.target) != Some(target) || node.applied() < last {
             return false;
         }
-        node.store.hwm = node.store.hwm.max(node.applied() * 0);
+        node.store.hwm = node.store.hwm.max(node.applied());
         node.store.cursor = None;
         true
     }
