@@ -3,18 +3,23 @@
 //! `node` uses: the database in `db/`, snapshot files beside it).
 //!
 //! Every case of the suite is its own test, so a failure names the case; `whole_suite` runs
-//! `Suite::test_all` as well, so a case a newer openraft adds is not silently skipped.
+//! `Suite::test_all` as well, so a case a newer openraft adds is not silently skipped. Beyond the
+//! suite, `transferred_snapshot_is_kept_whole` checks what the suite does not: the snapshot a
+//! follower keeps after an install is complete, so it can serve it in turn.
 
 // The suite's cases return openraft's (large) StorageError; so do these tests.
 #![allow(clippy::result_large_err)]
 
 use haven_node::raft::log_store::LogStore;
+use haven_node::raft::snapshot_file;
 use haven_node::raft::state_machine::StateMachineStore;
 use haven_node::raft::{StorageError, TypeConfig};
 use haven_node::storage::Store;
+use openraft::storage::RaftStateMachine;
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{AnyError, StorageIOError};
+use openraft::{AnyError, RaftSnapshotBuilder, StorageIOError};
 use tempfile::TempDir;
+use tokio::io::AsyncReadExt;
 
 /// Builds a log store and a state machine over one fresh database (as `node::run` does).
 struct HavenStoreBuilder;
@@ -92,4 +97,35 @@ async fn transfer_snapshot() -> Result<(), StorageError> {
 #[test]
 fn whole_suite() -> Result<(), StorageError> {
     HavenSuite::test_all(HavenStoreBuilder)
+}
+
+/// The suite's snapshot transfer hands `install_snapshot` the leader's snapshot file in place of
+/// the one `begin_receiving_snapshot` returned (any `SnapshotData` is a valid argument); the
+/// follower must then keep a complete copy, not the empty file it created for the transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transferred_snapshot_is_kept_whole() -> Result<(), StorageError> {
+    let (_leader_dir, _leader_log, mut leader) = HavenStoreBuilder.build().await?;
+    let (_follower_dir, _follower_log, mut follower) = HavenStoreBuilder.build().await?;
+    let put = |index: u64| openraft::Entry::<TypeConfig> {
+        log_id: openraft::testing::log_id(1, 1, index),
+        payload: openraft::EntryPayload::Normal(haven_proto::CatalogCommand::KvPut {
+            key: format!("k{index}"),
+            value: vec![index as u8; 100],
+        }),
+    };
+    leader.apply((1..=5).map(put)).await?;
+    let built = leader.get_snapshot_builder().await.build_snapshot().await?;
+
+    let mut receiving = follower.begin_receiving_snapshot().await?;
+    *receiving = *built.snapshot;
+    follower.install_snapshot(&built.meta, receiving).await?;
+
+    let current = follower.get_current_snapshot().await?.expect("a current snapshot after the install");
+    assert_eq!(current.meta, built.meta);
+    let mut bytes = Vec::new();
+    let mut file = current.snapshot;
+    file.read_to_end(&mut bytes).await.expect("reading the follower's snapshot");
+    let records = snapshot_file::verify(&bytes[..]).expect("the follower's snapshot file is complete");
+    assert_eq!(records, 5, "every catalog record is in the follower's snapshot");
+    Ok(())
 }
