@@ -10,7 +10,11 @@
 //! - `kv/<key>` → value bytes (the generic namespace)
 //! - `host/<id as 8 big-endian bytes>` → bincode of [`HostRecord`]
 //! - volume tables: see [`volumes`]; VM tables: see [`vms`]; migration plans: see [`plans`]
+//!
+//! After every command, the invariants of the volume, VM and plan records it wrote are checked
+//! ([`invariants`]); a violation is logged and counted (a panic in debug builds), never refused.
 
+pub mod invariants;
 pub mod plans;
 pub mod vms;
 pub mod volumes;
@@ -25,6 +29,10 @@ use crate::storage::{Store, StoreError, CF_CATALOG};
 
 /// One catalog key and its value.
 type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// What a transaction held for a key before a command first wrote it: `Some(value)` if an earlier
+/// command of the batch wrote it, `None` if none did (the store's value is still current).
+type Earlier = Option<Option<Vec<u8>>>;
 
 const KV_PREFIX: &[u8] = b"kv/";
 const HOST_PREFIX: &[u8] = b"host/";
@@ -46,11 +54,21 @@ pub struct CatalogTxn<'a> {
     store: &'a Store,
     batch: &'a mut WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The watched keys ([`invariants::watched`]) the command being applied wrote, with what
+    /// the transaction held for each before.
+    written: BTreeMap<Vec<u8>, Earlier>,
 }
 
 impl<'a> CatalogTxn<'a> {
     pub fn new(store: &'a Store, batch: &'a mut WriteBatch) -> Self {
-        Self { store, batch, overlay: HashMap::new() }
+        Self { store, batch, overlay: HashMap::new(), written: BTreeMap::new() }
+    }
+
+    /// Remember what `key` held before the current command first writes it, if it is watched.
+    fn note_write(&mut self, key: &[u8]) {
+        if invariants::watched(key) && !self.written.contains_key(key) {
+            self.written.insert(key.to_vec(), self.overlay.get(key).cloned());
+        }
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -61,11 +79,13 @@ impl<'a> CatalogTxn<'a> {
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.note_write(&key);
         self.batch.put_cf(self.store.cf(CF_CATALOG), &key, &value);
         self.overlay.insert(key, Some(value));
     }
 
     fn delete(&mut self, key: Vec<u8>) {
+        self.note_write(&key);
         self.batch.delete_cf(self.store.cf(CF_CATALOG), &key);
         self.overlay.insert(key, None);
     }
@@ -118,10 +138,29 @@ impl<'a> CatalogTxn<'a> {
         Ok(merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
     }
 
-    /// Apply one command. Commands were validated before they were proposed; a command that still
-    /// fails here would fail identically on every replica, so it yields the same outcome
-    /// everywhere rather than an error that would stall the state machine.
+    /// Apply one command, then check the invariants of what it wrote. Commands were validated
+    /// before they were proposed; a command that still fails here would fail identically on every
+    /// replica, so it yields the same outcome everywhere rather than an error that would stall the
+    /// state machine.
     pub fn apply(&mut self, cmd: &CatalogCommand) -> Result<CommandOutcome, StoreError> {
+        self.written.clear();
+        let outcome = self.apply_command(cmd)?;
+        self.check_invariants(cmd);
+        Ok(outcome)
+    }
+
+    /// Report (never refuse: `cmd` is applied on every replica alike) a broken invariant among
+    /// the records `cmd` wrote.
+    fn check_invariants(&self, cmd: &CatalogCommand) {
+        if self.written.is_empty() {
+            return;
+        }
+        if let Err(violation) = self.changes().and_then(|changes| invariants::check(&changes, self)) {
+            invariants::report(&violation, cmd);
+        }
+    }
+
+    fn apply_command(&mut self, cmd: &CatalogCommand) -> Result<CommandOutcome, StoreError> {
         Ok(match cmd {
             CatalogCommand::KvPut { key, value } => {
                 let k = kv_key(key);

@@ -26,8 +26,8 @@ use super::vms::{used_on, CAP, VM};
 use super::{corrupt, get_store, scan_store, CatalogTxn};
 use crate::storage::{Store, StoreError, CF_CATALOG};
 
-const PLAN: &[u8] = b"plan/";
-const PLANVM: &[u8] = b"planvm/";
+pub(super) const PLAN: &[u8] = b"plan/";
+pub(super) const PLANVM: &[u8] = b"planvm/";
 
 fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {
     [prefix, &id.to_be_bytes()[..]].concat()

@@ -29,7 +29,7 @@ use crate::storage::{Store, StoreError};
 /// Events kept in the catalog; older ones are dropped as new ones arrive.
 pub const MAX_EVENTS: u64 = 10_000;
 
-const VOL: &[u8] = b"vol/";
+pub(super) const VOL: &[u8] = b"vol/";
 const VOLNAME: &[u8] = b"volname/";
 const SNAP: &[u8] = b"snap/";
 const POLICY: &[u8] = b"policy/";

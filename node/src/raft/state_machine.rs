@@ -9,7 +9,10 @@
 //! covers them, and `LogStore::purge` syncs the WAL first. A received snapshot is verified
 //! completely (every length, the record count and the checksum) before anything is replaced, so a
 //! corrupt snapshot cannot harm the current state; it then replaces the catalog in one atomic
-//! batch, together with the applied id and the record of the new current snapshot.
+//! batch, together with the applied id and the record of the new current snapshot. The file kept
+//! as the current snapshot holds the data that was verified and installed, even when
+//! `install_snapshot` is handed other data than the file `begin_receiving_snapshot` created (the
+//! trait allows any `SnapshotData`; openraft's storage test suite does so).
 //!
 //! Memory: building streams the catalog from a RocksDB snapshot to a file, and openraft sends it
 //! in chunks read from that file, so neither needs the catalog in memory. Installing holds the
@@ -252,6 +255,11 @@ impl StateMachineStore {
         file.seek(SeekFrom::Start(0)).map_err(|e| rerr(&e))?;
         let records =
             snapshot_file::verify(BufReader::with_capacity(FILE_BUFFER_BYTES, &file)).map_err(|e| rerr(&e))?;
+        if !same_file(&file, path).map_err(|e| rerr(&e))? {
+            // Handed other data than the file `begin_receiving_snapshot` created: keep what was
+            // verified, not that (possibly empty) file.
+            copy_into(&mut file, path).map_err(|e| write_err(Some(meta), e))?;
+        }
         file.sync_all().map_err(|e| write_err(Some(meta), e))?;
         let name = self.new_file_name(SNAPSHOT_EXT);
         self.move_into_place(path, &name).map_err(|e| write_err(Some(meta), e))?;
@@ -281,6 +289,21 @@ impl StateMachineStore {
         info!(snapshot = %meta.snapshot_id, records, "installed snapshot");
         Ok(())
     }
+}
+
+/// Whether `file` is the file at `path` (same device and inode).
+fn same_file(file: &std::fs::File, path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let (open, named) = (file.metadata()?, std::fs::metadata(path)?);
+    Ok(open.dev() == named.dev() && open.ino() == named.ino())
+}
+
+/// Replace the contents of the file at `path` with all of `from`, durably.
+fn copy_into(from: &mut std::fs::File, path: &Path) -> std::io::Result<()> {
+    from.seek(SeekFrom::Start(0))?;
+    let mut to = std::fs::File::create(path)?;
+    std::io::copy(from, &mut to)?;
+    to.sync_all()
 }
 
 /// Run blocking snapshot work off the async workers.
