@@ -4,5 +4,6 @@
 //! through [`crate::service::NodeService::write`]; they must not write storage directly.
 
 pub mod host_registry;
+pub mod plan_step;
 pub mod plans;
 pub mod volumes;
