@@ -330,7 +330,9 @@ pub fn may_have_left(plan: &MigrationPlan) -> bool {
 
 /// How much longer the leader `me` must wait before `host` can no longer hold a host lease:
 /// `last_ack` is `host`'s last acknowledged AppendEntries, `leading_since` when `me` became leader
-/// (see [`remaining_wait`]).
+/// (see [`remaining_wait`]). The leader never acknowledges its own AppendEntries, yet holds its
+/// lease while it leads: it is never fenced in its own eyes (only its holding none of the group
+/// ends a wait for it).
 pub fn fence_wait(
     host: NodeId,
     me: NodeId,
@@ -339,7 +341,9 @@ pub fn fence_wait(
     now: Instant,
     t: &FenceTunables,
 ) -> Duration {
-    let _ = (host, me);
+    if host == me {
+        return t.fenced_after_silence();
+    }
     remaining_wait(last_ack, leading_since, now, t)
 }
 
@@ -488,5 +492,14 @@ mod tests {
         assert_eq!(migrate_health(&p, &mut mem, None, 0, 100), None);
         assert!(migrate_health(&p, &mut mem, None, 100, 100).is_some_and(|r| r.contains("stopped answering")));
         assert!(deadline_failure(&p, 11_001).is_some() && deadline_failure(&p, 11_000).is_none());
+    }
+
+    #[test]
+    fn plan_step_the_leader_is_never_fenced_in_its_own_eyes() {
+        let t = FenceTunables::default();
+        let elected = Instant::now();
+        let later = elected + Duration::from_secs(60);
+        assert_eq!(fence_wait(NodeId(2), NodeId(1), None, elected, later, &t), Duration::ZERO);
+        assert_eq!(fence_wait(NodeId(1), NodeId(1), None, elected, later, &t), t.fenced_after_silence());
     }
 }
