@@ -1698,3 +1698,12 @@ fn plan_model_regression_leader_destination_is_never_fenced() {
 fn plan_model_regression_race4_deposed_leader_renews_a_lease() {
     assert_seed(2807, true);
 }
+
+/// The destination crashed after vm-1's migration committed but before the plan recorded it
+/// `Arrived`, and a new leader took over: no driver saw the destination's incarnation change
+/// with an arrival recorded, so the plan consolidated and succeeded with vm-1 booted fresh at
+/// the destination — its memory lost.
+#[test]
+fn plan_model_regression_destination_restart_before_arrival_is_recorded() {
+    assert_seed(5496, false);
+}
