@@ -1383,6 +1383,13 @@ impl Sim {
         if let Some(why) = plan_step::consolidate_blocker(plan, &self.group_records(plan)) {
             return Err(StepError::Fail(why));
         }
+        let mut origins = Vec::new();
+        for vm in &plan.vms {
+            origins.push((*vm, self.status(*vm).map_err(StepError::Retry)?.origin));
+        }
+        if let Some(why) = plan_step::booted_at_destination(plan, &origins) {
+            return Err(StepError::Fail(why));
+        }
         match self.group_consolidate(plan) {
             Ok(()) => {
                 let patch = PlanPatch::Consolidated { resume_spread_ms: 0, paused_ms: 1 };

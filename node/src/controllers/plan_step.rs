@@ -198,6 +198,17 @@ pub fn consolidate_blocker(plan: &MigrationPlan, records: &[Option<VmRecord>]) -
     })
 }
 
+/// A guest at the destination that booted there (`origin` "booted") lost the memory its
+/// migration brought: the destination restarted after it arrived. The group must not be
+/// consolidated (the plan fails back and restores it from the recovery snapshot). `origins`: what
+/// each VM's guest at the destination reported.
+pub fn booted_at_destination(plan: &MigrationPlan, origins: &[(VmId, String)]) -> Option<String> {
+    origins
+        .iter()
+        .find(|(_, origin)| origin == "booted")
+        .map(|(vm, _)| format!("destination {} restarted: {vm} lost the memory it had received", plan.to))
+}
+
 /// A VM of the group found on neither the source nor the destination: only the recovery
 /// snapshot can bring the group back together.
 pub fn stray(plan: &MigrationPlan, records: &[VmRecord]) -> Option<String> {

@@ -522,6 +522,15 @@ impl Driver {
         if let Some(why) = plan_step::consolidate_blocker(plan, &self.group_records(plan)?) {
             return Err(Fail(why));
         }
+        // A destination that restarted since a VM arrived booted it fresh: its memory is gone.
+        let mut origins = Vec::new();
+        for vm in &plan.vms {
+            let s = self.status(*vm).await.map_err(|e| Retry(format!("{vm} at {}: {}", plan.to, e.message)))?;
+            origins.push((*vm, s.origin));
+        }
+        if let Some(why) = plan_step::booted_at_destination(plan, &origins) {
+            return Err(Fail(why));
+        }
         let req = GroupRequest::Consolidate { plan: plan.id, vms: plan.vms.clone() };
         match self.group_call(plan.to, req).await {
             Ok(GroupResponse::Consolidated { resume_spread_ms, paused_ms, disks_moved, disks_kept }) => {
