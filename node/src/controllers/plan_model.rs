@@ -1714,3 +1714,16 @@ fn plan_model_regression_race4_deposed_leader_renews_a_lease() {
 fn plan_model_regression_destination_restart_before_arrival_is_recorded() {
     assert_seed(5496, false);
 }
+
+/// Found, not fixed: the source's catalog still predated its own `BeginMigration` (no
+/// AppendEntries reached it across two elections) while its lease, renewed before, was still
+/// valid. After the commit the source dropped its guest, and its reconcile, reading that stale
+/// catalog (vm-1 on the source, no migration announced), started vm-1 again while the
+/// destination ran it. `vm::host` reconcile has the same gap: it leaves a VM alone only while its
+/// *catalog record* shows a migration, not while a local migration holds the VM's token, and it
+/// does not wait for its catalog to show a commit it proposed. Ignored until that is fixed.
+#[test]
+#[ignore = "found by plan_model: a source whose catalog lags its own migration restarts the guest (fix pending in vm::host)"]
+fn plan_model_regression_source_catalog_behind_its_own_migration() {
+    assert_seed(30898, false);
+}
