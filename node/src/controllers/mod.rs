@@ -4,5 +4,8 @@
 //! through [`crate::service::NodeService::write`]; they must not write storage directly.
 
 pub mod host_registry;
+#[cfg(test)]
+mod plan_model;
+pub mod plan_step;
 pub mod plans;
 pub mod volumes;

@@ -49,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::plan_step::{self, ms_text, BackEnd, FailBackRoute, GuestSeen, MigrateEnd, MigrateMemory, Unverified};
 use crate::catalog;
 use crate::service::NodeService;
 use crate::vm::host::VmHost;
@@ -88,14 +89,6 @@ impl Default for PlanTunables {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-fn ms_text(ms: u64) -> String {
-    if ms >= 10_000 {
-        format!("{} s", ms / 1000)
-    } else {
-        format!("{ms} ms")
-    }
 }
 
 /// Run until the process ends; acts only while this node leads.
@@ -164,14 +157,6 @@ enum StepError {
 }
 
 use StepError::{Fail, Lost, Retry};
-
-/// Why the group could not be verified at the source.
-enum Unverified {
-    /// A VM lost or damaged its memory: only the recovery snapshot can bring the group back.
-    Lost(String),
-    /// Not yet (a VM still starting, a host not answering): check again later.
-    NotYet(String),
-}
 
 type Step = Result<(), StepError>;
 
@@ -250,8 +235,8 @@ impl Driver {
                     }
                 }
             }
-            let result = if plan.state.is_forward() && now_ms() > plan.created_at_ms.saturating_add(plan.timeout_ms) {
-                Err(Fail(format!("the plan did not move its VMs within its timeout of {}", ms_text(plan.timeout_ms))))
+            let result = if let Some(why) = plan_step::deadline_failure(&plan, now_ms()) {
+                Err(Fail(why))
             } else {
                 match plan.state {
                     PlanState::Created => {
@@ -371,7 +356,7 @@ impl Driver {
     /// then lost its memory.
     async fn source_restarted(&self, plan: &MigrationPlan) -> bool {
         let Some(r) = &plan.recovery else { return false };
-        self.incarnation(r.host).await.is_some_and(|now| now != r.host_incarnation)
+        plan_step::source_restarted(plan, self.incarnation(r.host).await)
     }
 
     /// Ask `host` for a group operation and wait for its result (polling its job).
@@ -433,14 +418,8 @@ impl Driver {
     // Forward steps
 
     async fn snapshot(&self, plan: &MigrationPlan) -> Step {
-        for vm in &plan.vms {
-            let r = self.record(*vm)?.ok_or_else(|| Fail(format!("{vm} no longer exists")))?;
-            if r.host != plan.from || r.migrating_to.is_some() {
-                return Err(Fail(format!(
-                    "{vm} is on {} (migrating to {:?}), not resting on {}",
-                    r.host, r.migrating_to, plan.from
-                )));
-            }
+        if let Some(why) = plan_step::snapshot_blocker(plan, &self.group_records(plan)?) {
+            return Err(Fail(why));
         }
         let req = GroupRequest::Snapshot { plan: plan.id, vms: plan.vms.clone() };
         match self.group_call(plan.from, req).await {
@@ -472,11 +451,9 @@ impl Driver {
     }
 
     async fn migrate(&self, plan: &MigrationPlan) -> Step {
-        let deadline = plan.created_at_ms.saturating_add(plan.timeout_ms);
-        let vm_timeout = Duration::from_millis(self.t.vm_migration_timeout_ms);
-        let mut started: HashMap<VmId, Instant> = HashMap::new();
-        let mut silent_since: Option<Instant> = None;
-        let mut dest_incarnation: Option<u64> = None;
+        let base = Instant::now();
+        let mono = || base.elapsed().as_millis() as u64;
+        let mut mem = MigrateMemory::default();
         loop {
             if !self.leading() {
                 return Err(Lost);
@@ -485,81 +462,46 @@ impl Driver {
             if plan.state != PlanState::Migrating {
                 return Ok(()); // cancelled (or moved on): the caller reloads
             }
-            if now_ms() > deadline {
-                return Err(Fail(format!(
-                    "the plan did not move its VMs within its timeout of {}",
-                    ms_text(plan.timeout_ms)
-                )));
+            if let Some(why) = plan_step::deadline_failure(&plan, now_ms()) {
+                return Err(Fail(why));
             }
             // The destination must stay up and keep what it received; the source must not restart
             // (a restarted host lost its guests).
-            match self.incarnation(plan.to).await {
-                Some(now) => {
-                    silent_since = None;
-                    let first = *dest_incarnation.get_or_insert(now);
-                    let received = plan.progress.iter().any(|v| v.phase == PlanVmPhase::Arrived);
-                    if now != first && received {
-                        return Err(Fail(format!(
-                            "destination {} restarted: the VMs it had received are lost",
-                            plan.to
-                        )));
-                    }
-                    dest_incarnation = Some(now);
-                }
-                None => {
-                    let down = Duration::from_millis(self.t.host_down_ms);
-                    if silent_since.get_or_insert_with(Instant::now).elapsed() >= down {
-                        return Err(Fail(format!("destination {} stopped answering", plan.to)));
-                    }
-                }
+            let dest = self.incarnation(plan.to).await;
+            if let Some(why) = plan_step::migrate_health(&plan, &mut mem, dest, mono(), self.t.host_down_ms) {
+                return Err(Fail(why));
             }
             if self.source_restarted(&plan).await {
-                return Err(Fail(format!("source {} restarted since the recovery snapshot", plan.from)));
+                return Err(Fail(plan_step::source_restart_reason(&plan)));
             }
-            let mut arrived = 0;
-            let mut in_flight = 0;
-            let mut waiting = Vec::new();
-            for vm in &plan.vms {
-                let r = self.record(*vm)?.ok_or_else(|| Fail(format!("{vm} no longer exists")))?;
-                let phase = plan.vm_phase(*vm);
-                if r.host == plan.to && r.migrating_to.is_none() {
-                    arrived += 1;
-                    self.vm_phase(&plan, *vm, PlanVmPhase::Arrived, None).await?;
-                } else if r.host == plan.from && r.migrating_to == Some(plan.to) {
-                    in_flight += 1;
-                    let since = *started.entry(*vm).or_insert_with(Instant::now);
-                    self.vm_phase(&plan, *vm, PlanVmPhase::Migrating, None).await?;
-                    if since.elapsed() > vm_timeout {
-                        let _ = self.vms.client(VmRequest::CancelMigration { vm: *vm }).await;
-                        let why = format!("did not finish within {}", ms_text(self.t.vm_migration_timeout_ms));
-                        self.vm_phase(&plan, *vm, PlanVmPhase::Failed, Some(why.clone())).await?;
-                        return Err(Fail(format!("{vm} {why}")));
-                    }
-                } else if r.host == plan.from && r.migrating_to.is_none() {
-                    if phase == Some(PlanVmPhase::Migrating) {
-                        // Started (by this leader or an earlier one) and back at the source.
-                        let why = self.migration_reason(*vm).await;
-                        self.vm_phase(&plan, *vm, PlanVmPhase::Failed, Some(why.clone())).await?;
-                        return Err(Fail(format!("migration of {vm} to {} failed: {why}", plan.to)));
-                    }
-                    waiting.push(*vm);
-                } else {
-                    return Err(Fail(format!(
-                        "{vm} is on {} (migrating to {:?}); the plan moves it from {} to {}",
-                        r.host, r.migrating_to, plan.from, plan.to
-                    )));
+            let records = self.group_records(&plan)?;
+            let round = plan_step::migrate_round(&plan, &records, &mut mem, mono(), self.t.vm_migration_timeout_ms);
+            for (vm, phase) in round.phases {
+                self.vm_phase(&plan, vm, phase, None).await?;
+            }
+            let start = match round.end {
+                MigrateEnd::Fail(why) => return Err(Fail(why)),
+                MigrateEnd::TimedOut { vm, why } => {
+                    let _ = self.vms.client(VmRequest::CancelMigration { vm }).await;
+                    self.vm_phase(&plan, vm, PlanVmPhase::Failed, Some(why.clone())).await?;
+                    return Err(Fail(format!("{vm} {why}")));
                 }
-            }
-            if arrived == plan.vms.len() {
-                let note = format!("all {} VMs arrived at {}; restoring group consistency there", arrived, plan.to);
-                return self.advance(&plan, PlanState::Consolidating, PlanPatch::None, note).await;
-            }
-            let room = (plan.max_parallel as usize).saturating_sub(in_flight);
-            for vm in waiting.into_iter().take(room) {
+                MigrateEnd::Bounced { vm } => {
+                    // Started (by this leader or an earlier one) and back at the source.
+                    let why = self.migration_reason(vm).await;
+                    self.vm_phase(&plan, vm, PlanVmPhase::Failed, Some(why.clone())).await?;
+                    return Err(Fail(format!("migration of {vm} to {} failed: {why}", plan.to)));
+                }
+                MigrateEnd::AllArrived { note } => {
+                    return self.advance(&plan, PlanState::Consolidating, PlanPatch::None, note).await
+                }
+                MigrateEnd::Start(vms) => vms,
+            };
+            for vm in start {
                 let req = VmRequest::Migrate { vm, to: plan.to, options: plan.options.clone(), plan: Some(plan.id) };
                 match self.vms.client(req).await {
                     Ok(_) => {
-                        started.insert(vm, Instant::now());
+                        mem.started_ms.insert(vm, mono());
                         info!(plan = plan.id, %vm, to = %plan.to, "migration started");
                         self.vm_phase(&plan, vm, PlanVmPhase::Migrating, None).await?;
                     }
@@ -577,11 +519,17 @@ impl Driver {
     }
 
     async fn consolidate(&self, plan: &MigrationPlan) -> Step {
+        if let Some(why) = plan_step::consolidate_blocker(plan, &self.group_records(plan)?) {
+            return Err(Fail(why));
+        }
+        // A destination that restarted since a VM arrived booted it fresh: its memory is gone.
+        let mut origins = Vec::new();
         for vm in &plan.vms {
-            let r = self.record(*vm)?.ok_or_else(|| Fail(format!("{vm} no longer exists")))?;
-            if r.host != plan.to || r.migrating_to.is_some() {
-                return Err(Fail(format!("{vm} is on {}, not {}", r.host, plan.to)));
-            }
+            let s = self.status(*vm).await.map_err(|e| Retry(format!("{vm} at {}: {}", plan.to, e.message)))?;
+            origins.push((*vm, s.origin));
+        }
+        if let Some(why) = plan_step::booted_at_destination(plan, &origins) {
+            return Err(Fail(why));
         }
         let req = GroupRequest::Consolidate { plan: plan.id, vms: plan.vms.clone() };
         match self.group_call(plan.to, req).await {
@@ -608,6 +556,11 @@ impl Driver {
 
     // -----------------------------------------------------------------------------------------
     // Fail-back
+
+    /// Each VM's record in `plan.vms` order, `None` for a VM that no longer exists.
+    fn group_records(&self, plan: &MigrationPlan) -> Result<Vec<Option<VmRecord>>, StepError> {
+        plan.vms.iter().map(|vm| self.record(*vm)).collect()
+    }
 
     /// The group's records; a VM that vanished is left out (it cannot run anywhere).
     fn records(&self, plan: &MigrationPlan) -> Result<Vec<VmRecord>, StepError> {
@@ -650,6 +603,36 @@ impl Driver {
         }
     }
 
+    /// Why the failing-back group can only come home from the recovery snapshot, if it must: a
+    /// VM turned up elsewhere, or a host that restarted lost the guests it held — the source
+    /// since the snapshot, the destination since a VM arrived (its guest there was booted fresh),
+    /// or a VM at the source is behind its recovery point.
+    async fn need_image(&self, plan: &MigrationPlan, records: &[VmRecord]) -> Result<Option<String>, StepError> {
+        if let Some(why) = plan_step::stray(plan, records) {
+            return Ok(Some(why));
+        }
+        if self.source_restarted(plan).await {
+            return Ok(Some(format!("{} restarted since the recovery snapshot", plan.from)));
+        }
+        for r in records.iter().filter(|r| r.host == plan.to) {
+            if let Ok(s) = self.status(r.id).await {
+                if s.origin == "booted" {
+                    return Ok(Some(format!("{} restarted: {} lost the memory it had received", plan.to, r.id)));
+                }
+            }
+        }
+        if plan.recovery.is_some() {
+            for r in records.iter().filter(|r| r.host == plan.from) {
+                let s =
+                    self.status(r.id).await.map_err(|e| Retry(format!("{} at {}: {}", r.id, plan.from, e.message)))?;
+                if let Some(why) = plan_step::behind_recovery_point(plan, r.id, s.last_seq) {
+                    return Ok(Some(why));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     async fn fail_back(&self, plan: &MigrationPlan) -> Step {
         if plan.restore.is_some() {
             return self.finish_restore(plan).await;
@@ -657,61 +640,31 @@ impl Driver {
         self.stop_migrations(plan).await?;
         let plan = &self.load(plan.id)?;
         let records = self.records(plan)?;
-        let mut need_image: Option<String> = None;
-        if let Some(r) = records.iter().find(|r| r.host != plan.from && r.host != plan.to) {
-            need_image = Some(format!("{} turned up on {}", r.id, r.host));
-        }
-        // A host that restarted lost the guests it held: the source since the snapshot, the
-        // destination since a VM arrived (its guest there was booted fresh).
-        if need_image.is_none() && self.source_restarted(plan).await {
-            need_image = Some(format!("{} restarted since the recovery snapshot", plan.from));
-        }
-        for r in records.iter().filter(|r| r.host == plan.to) {
-            if need_image.is_some() {
-                break;
-            }
-            if let Ok(s) = self.status(r.id).await {
-                if s.origin == "booted" {
-                    need_image = Some(format!("{} restarted: {} lost the memory it had received", plan.to, r.id));
+        let need_image = self.need_image(plan, &records).await?;
+        let dest_alive = need_image.is_none() && records.iter().any(|r| r.host == plan.to) && self.alive(plan.to).await;
+        let need_image = match plan_step::fail_back_route(plan, &records, need_image, dest_alive) {
+            FailBackRoute::Verify => None,
+            FailBackRoute::Restore(reason) => Some(reason),
+            FailBackRoute::NoSnapshot(why) => return Err(Retry(why)),
+            FailBackRoute::MigrateBack(at_dest) => match self.migrate_back(plan, &at_dest).await {
+                Ok(()) => None,
+                Err(Lost) => return Err(Lost),
+                Err(Fail(why) | Retry(why)) => {
+                    self.stop_migrations(plan).await?;
+                    Some(format!("migrating back failed: {why}"))
                 }
-            }
-        }
-        // A VM at the source behind its recovery point lost its memory (its host restarted).
-        if plan.recovery.is_some() && need_image.is_none() {
-            for r in records.iter().filter(|r| r.host == plan.from) {
-                let s =
-                    self.status(r.id).await.map_err(|e| Retry(format!("{} at {}: {}", r.id, plan.from, e.message)))?;
-                if let Some(image) = plan.image(r.id) {
-                    if s.last_seq < image.last_seq {
-                        need_image = Some(format!(
-                            "{} on {} is at write {}, behind its recovery point ({}): it lost its memory",
-                            r.id, plan.from, s.last_seq, image.last_seq
-                        ));
-                        break;
-                    }
-                }
-            }
-        }
-        let at_dest: Vec<VmId> = records.iter().filter(|r| r.host == plan.to).map(|r| r.id).collect();
-        if need_image.is_none() && !at_dest.is_empty() {
-            if self.alive(plan.to).await {
-                match self.migrate_back(plan, &at_dest).await {
-                    Ok(()) => {}
-                    Err(Lost) => return Err(Lost),
-                    Err(Fail(why) | Retry(why)) => {
-                        self.stop_migrations(plan).await?;
-                        need_image = Some(format!("migrating back failed: {why}"));
-                    }
-                }
-            } else {
+            },
+            FailBackRoute::AwaitFence(_) => {
                 let fenced = self.await_fenced(plan, FenceWait::UnlessItAnswers).await?;
-                need_image = Some(format!("destination {} does not answer; {fenced}", plan.to));
+                Some(format!("destination {} does not answer; {fenced}", plan.to))
             }
-        }
+        };
         if let Some(reason) = need_image {
-            if plan.recovery.is_none() {
-                return Err(Retry(format!("{reason}, and the plan has no recovery snapshot; waiting")));
-            }
+            let reason = match plan_step::restore_or_wait(plan, reason) {
+                FailBackRoute::Restore(reason) => reason,
+                FailBackRoute::NoSnapshot(why) => return Err(Retry(why)),
+                other => return Err(Retry(format!("unexpected fail-back route {other:?}"))),
+            };
             let cmd = PlanCommand::RestoreGroup { id: plan.id, term: self.term, reason, at_ms: now_ms() };
             self.propose(cmd).await?;
             return Ok(()); // reload: the restore continues from the catalog
@@ -738,60 +691,43 @@ impl Driver {
 
     /// Live-migrate `vms` from the destination back to the source, `max_parallel` at once.
     async fn migrate_back(&self, plan: &MigrationPlan, vms: &[VmId]) -> Step {
-        let timeout = Duration::from_millis(self.t.vm_migration_timeout_ms);
-        let mut started: HashMap<VmId, Instant> = HashMap::new();
-        let mut silent_since: Option<Instant> = None;
+        let base = Instant::now();
+        let mono = || base.elapsed().as_millis() as u64;
+        let mut mem = MigrateMemory::default();
         loop {
             if !self.leading() {
                 return Err(Lost);
             }
             let plan = self.load(plan.id)?;
-            if self.alive(plan.to).await {
-                silent_since = None;
-            } else if silent_since.get_or_insert_with(Instant::now).elapsed()
-                >= Duration::from_millis(self.t.host_down_ms)
-            {
-                return Err(Fail(format!("{} stopped answering", plan.to)));
+            let answered = self.alive(plan.to).await.then_some(0);
+            if let Some(why) = plan_step::back_health(&plan, &mut mem, answered, mono(), self.t.host_down_ms) {
+                return Err(Fail(why));
             }
-            let mut home = 0;
-            let mut in_flight = 0;
-            let mut waiting = Vec::new();
+            let mut records = Vec::new();
             for vm in vms {
-                let Some(r) = self.record(*vm)? else {
-                    home += 1;
-                    continue;
-                };
-                if r.host == plan.from && r.migrating_to.is_none() {
-                    home += 1;
-                } else if r.host == plan.to && r.migrating_to == Some(plan.from) {
-                    in_flight += 1;
-                    if started.entry(*vm).or_insert_with(Instant::now).elapsed() > timeout {
-                        let _ = self.vms.client(VmRequest::CancelMigration { vm: *vm }).await;
-                        return Err(Fail(format!(
-                            "{vm} did not come back within {}",
-                            ms_text(self.t.vm_migration_timeout_ms)
-                        )));
-                    }
-                } else if r.host == plan.to {
-                    if started.contains_key(vm) {
-                        let why = self.migration_reason(*vm).await;
-                        return Err(Fail(format!("{vm} could not migrate back: {why}")));
-                    }
-                    waiting.push(*vm);
-                } else {
-                    return Err(Fail(format!("{vm} is on {}", r.host)));
+                records.push(self.record(*vm)?);
+            }
+            let round =
+                plan_step::migrate_back_round(&plan, vms, &records, &mut mem, mono(), self.t.vm_migration_timeout_ms);
+            let start = match round {
+                BackEnd::Home => return Ok(()),
+                BackEnd::Fail(why) => return Err(Fail(why)),
+                BackEnd::TimedOut { vm, why } => {
+                    let _ = self.vms.client(VmRequest::CancelMigration { vm }).await;
+                    return Err(Fail(why));
                 }
-            }
-            if home == vms.len() {
-                return Ok(());
-            }
-            let room = (plan.max_parallel as usize).saturating_sub(in_flight);
-            for vm in waiting.into_iter().take(room) {
+                BackEnd::Bounced { vm } => {
+                    let why = self.migration_reason(vm).await;
+                    return Err(Fail(format!("{vm} could not migrate back: {why}")));
+                }
+                BackEnd::Start(vms) => vms,
+            };
+            for vm in start {
                 self.vm_phase(&plan, vm, PlanVmPhase::Returning, None).await?;
                 let req = VmRequest::Migrate { vm, to: plan.from, options: plan.options.clone(), plan: Some(plan.id) };
                 match self.vms.client(req).await {
                     Ok(_) => {
-                        started.insert(vm, Instant::now());
+                        mem.started_ms.insert(vm, mono());
                     }
                     Err(e) => return Err(Fail(format!("{vm} could not start migrating back: {}", e.message))),
                 }
@@ -806,7 +742,7 @@ impl Driver {
             return Err(Retry("restore without a recovery point".into()));
         };
         // Some VMs had left the source: a copy may still run on the destination until it fences.
-        let fenced = if self.may_have_left(plan) {
+        let fenced = if plan_step::may_have_left(plan) {
             format!("; {}", self.await_fenced(plan, FenceWait::OrItHoldsNone).await?)
         } else {
             String::new()
@@ -840,16 +776,10 @@ impl Driver {
         self.advance(plan, PlanState::FailedBack, PlanPatch::FailedBack(FailBackMode::RestoredFromSnapshot), note).await
     }
 
-    /// Whether a VM of the group may have left the source (the plan recorded it migrating,
-    /// arrived, failed mid-migration or returning), so a copy may run on the destination.
-    fn may_have_left(&self, plan: &MigrationPlan) -> bool {
-        plan.progress.iter().any(|v| !matches!(v.phase, PlanVmPhase::Waiting | PlanVmPhase::AtSource))
-    }
-
     /// How long until the destination can no longer hold a host lease.
     fn fence_wait(&self, host: NodeId) -> Duration {
         let last_ack = self.service.peer_acks.last(host.0);
-        crate::vm::fence::remaining_wait(last_ack, self.leading_since, Instant::now(), &self.service.fence)
+        plan_step::fence_wait(host, self.me(), last_ack, self.leading_since, Instant::now(), &self.service.fence)
     }
 
     /// Whether `plan.to` answers, itself, that it has no guest of any VM of the group.
@@ -920,12 +850,7 @@ impl Driver {
         }
         let mut checked = 0;
         for r in self.records(plan).map_err(|e| NotYet(format!("{e:?}")))? {
-            if r.host != plan.from || r.migrating_to.is_some() {
-                return Err(NotYet(format!(
-                    "{} is on {} (migrating to {:?}), not {}",
-                    r.id, r.host, r.migrating_to, plan.from
-                )));
-            }
+            plan_step::verify_placement(plan, &r)?;
             let deadline = Instant::now() + Duration::from_secs(5);
             let status = loop {
                 match self.status(r.id).await {
@@ -937,20 +862,9 @@ impl Driver {
                     _ => tokio::time::sleep(self.poll).await,
                 }
             };
-            if restored && status.origin != "restored" {
-                return Err(NotYet(format!("{} on {} is {}, not restored yet", r.id, plan.from, status.origin)));
-            }
-            if status.host != plan.from {
-                return Err(NotYet(format!("{} answers from {}, not {}", r.id, status.host, plan.from)));
-            }
-            if let Some(image) = plan.image(r.id) {
-                if status.last_seq < image.last_seq {
-                    return Err(Gone(format!(
-                        "{} is behind its recovery point ({} < {}): it lost its memory",
-                        r.id, status.last_seq, image.last_seq
-                    )));
-                }
-            }
+            let seen =
+                GuestSeen { host: status.host, state: status.state, last_seq: status.last_seq, origin: status.origin };
+            plan_step::verify_guest(plan, &r, &seen, restored)?;
             match self.vms.client(VmRequest::Check { vm: r.id }).await {
                 Ok(VmResponse::Check { .. }) => checked += 1,
                 Ok(other) => return Err(NotYet(format!("{}: unexpected answer {other:?}", r.id))),
