@@ -125,29 +125,40 @@ pub fn decode(b: &[u8]) -> Decoded {
 /// Create the volume (or find it, when an earlier attempt whose answer was lost created it), then
 /// wait until its primary serves reads. Retries until `within` has passed.
 pub async fn setup_volume(client: &HavenClient, spec: &BlockSpec, within: Duration) -> anyhow::Result<VolumeRecord> {
+    let want = VolumeSpec::new(spec.volume.clone(), spec.volume_size, spec.replicas);
+    create_and_serve(client, &want, within).await
+}
+
+/// Create the volume `want` (or find it), check its block size, and wait until its primary
+/// serves reads (and, briefly, until its replicas are in sync). Retries until `within` has passed.
+pub async fn create_and_serve(
+    client: &HavenClient,
+    want: &VolumeSpec,
+    within: Duration,
+) -> anyhow::Result<VolumeRecord> {
     let start = Instant::now();
     let client = client.clone().with_deadline(Duration::from_secs(3));
-    let want = VolumeSpec::new(spec.volume.clone(), spec.volume_size, spec.replicas);
+    let spec = want;
     let volume = loop {
-        let last = match client.create_volume(&want).await {
+        let last = match client.create_volume(want).await {
             Ok(v) => break v,
             Err(e) => e,
         };
-        if let Ok(v) = client.volume(&spec.volume).await {
+        if let Ok(v) = client.volume(&spec.name).await {
             break v;
         }
         if start.elapsed() >= within {
-            bail!("volume {:?} could not be created within {within:?}; last error: create: {last}", spec.volume);
+            bail!("volume {:?} could not be created within {within:?}; last error: create: {last}", spec.name);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    if volume.block_size as u64 != BLOCK_BYTES || volume.size_bytes < spec.volume_size {
+    if volume.block_size as u64 != BLOCK_BYTES || volume.size_bytes < spec.size_bytes {
         bail!(
-            "volume {:?} has block size {} and {} bytes; the block workload needs {BLOCK_BYTES}-byte blocks and {} bytes",
-            spec.volume,
+            "volume {:?} has block size {} and {} bytes; the workload needs {BLOCK_BYTES}-byte blocks and {} bytes",
+            spec.name,
             volume.block_size,
             volume.size_bytes,
-            spec.volume_size
+            spec.size_bytes
         );
     }
     info!(volume = %volume.id, primary = %volume.primary, replicas = ?volume.replicas, "volume created");

@@ -1,6 +1,8 @@
 //! The operation history a workload records: one [`Op`] per client operation with its invoke
-//! and completion times and its outcome. Checkers judge the run from this alone. Register and
-//! append operations come from the register workload, `block_write`s from the block workload.
+//! and completion times and its outcome. Checkers judge the run from this alone (the operations
+//! workload adds what its read-backs saw, keyed by op id). Register and append operations come
+//! from the register workload, `block_write`s from the block workload, `migrate`s from the VM
+//! workload, `ops_write`s and `volume_op`s from the operations workload.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +37,95 @@ pub enum OpKind {
         vm: u64,
         to: u64,
     },
+    /// A write of one 4 KiB block of the operations workload's volume (key `ops/blk/<block>`):
+    /// the `n`th write attempted to that block (content as [`crate::blocks::encode`]).
+    #[serde(rename = "ops_write")]
+    OpsWrite {
+        block: u64,
+        n: u64,
+    },
+    /// A user operation on the operations workload's volume (key `ops/<name>`).
+    #[serde(rename = "volume_op")]
+    VolumeOp {
+        op: VolumeOpKind,
+    },
+}
+
+/// What the operations workload did to its volume. Snapshots are numbered by the workload
+/// (1, 2, ... in the order it asked for them; named `<volume>-s<snap>`), not by the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum VolumeOpKind {
+    Snapshot {
+        snap: u64,
+    },
+    Rollback {
+        snap: u64,
+    },
+    /// Copy snapshot `snap` into a new volume.
+    Clone {
+        snap: u64,
+    },
+    /// Grow the volume to `size` bytes.
+    Resize {
+        size: u64,
+    },
+    /// Create an async (DR) relationship to host `target`.
+    RelCreate {
+        target: u64,
+    },
+    RelPause {
+        id: u64,
+    },
+    RelResume {
+        id: u64,
+    },
+    /// Reverse relationship `id`: its copy on `to` becomes the primary, `from` (the primary
+    /// before) receives the copy.
+    RelReverse {
+        id: u64,
+        from: u64,
+        to: u64,
+    },
+    RelDelete {
+        id: u64,
+    },
+    /// A read-back; what it saw is in the workload's observations under this op's id.
+    Read {
+        of: ReadOf,
+    },
+}
+
+/// What a read-back of the operations workload read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "of", rename_all = "snake_case")]
+pub enum ReadOf {
+    /// The volume's owned blocks as they are now.
+    Volume,
+    /// Snapshot `snap`'s owned blocks.
+    Snapshot { snap: u64 },
+    /// The owned blocks of the clone of snapshot `snap`.
+    Clone { snap: u64 },
+    /// The last block of the volume after a resize (never written, so zeroes).
+    Tail { offset: u64 },
+}
+
+impl VolumeOpKind {
+    /// A short name for reports (`snapshot`, `rollback`, `rel_reverse`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Snapshot { .. } => "snapshot",
+            Self::Rollback { .. } => "rollback",
+            Self::Clone { .. } => "clone",
+            Self::Resize { .. } => "resize",
+            Self::RelCreate { .. } => "rel_create",
+            Self::RelPause { .. } => "rel_pause",
+            Self::RelResume { .. } => "rel_resume",
+            Self::RelReverse { .. } => "rel_reverse",
+            Self::RelDelete { .. } => "rel_delete",
+            Self::Read { .. } => "read",
+        }
+    }
 }
 
 impl OpKind {
@@ -44,6 +135,11 @@ impl OpKind {
 
     pub fn is_migration(&self) -> bool {
         matches!(self, Self::Migrate { .. })
+    }
+
+    /// An operation of the operations workload (its writes, operations and read-backs).
+    pub fn is_operations(&self) -> bool {
+        matches!(self, Self::OpsWrite { .. } | Self::VolumeOp { .. })
     }
 
     /// An operation of the register workload (judged by `linearizable` / `acknowledged-writes`).
@@ -92,11 +188,13 @@ pub struct Op {
 }
 
 impl Op {
-    /// Append a completed operation to the run's shared history; its id is its position there.
-    pub fn record(self, history: &std::sync::Mutex<Vec<Op>>) {
+    /// Append a completed operation to the run's shared history; its id is its position there
+    /// (returned).
+    pub fn record(self, history: &std::sync::Mutex<Vec<Op>>) -> usize {
         let mut h = history.lock().expect("history lock");
         let id = h.len();
         h.push(Op { id, ..self });
+        id
     }
 
     pub fn is_ok(&self) -> bool {

@@ -6,13 +6,16 @@
 //! schedule and same client operations; the report prints the one-line replay command. With a
 //! `[blocks]` section a [`blocks`] workload writes to a replicated volume alongside, judged by
 //! [`checker::blocks`]; with `[vms]` a [`vms`] workload live-migrates guests between hosts,
-//! judged by [`checker::vms`] (no VM lost, none running twice, memory intact).
+//! judged by [`checker::vms`] (no VM lost, none running twice, memory intact); with
+//! `[operations]` an [`operations`] workload snapshots, rolls back, clones, resizes and drives DR
+//! relationships of a volume while writers write to it, judged by [`checker::operations`].
 
 pub mod backend;
 pub mod blocks;
 pub mod checker;
 pub mod history;
 pub mod monitor;
+pub mod operations;
 pub mod relay;
 pub mod report;
 pub mod run;

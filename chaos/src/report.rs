@@ -79,6 +79,9 @@ pub fn summary(r: &RunReport) -> String {
             b.events.len()
         );
     }
+    if let Some(o) = &r.operations_workload {
+        operations_summary(&mut s, o);
+    }
     if let Some(m) = &r.migrations {
         let _ = writeln!(
             s,
@@ -119,6 +122,16 @@ pub fn summary(r: &RunReport) -> String {
                 );
             }
         }
+        if c.name == crate::checker::operations::DATA {
+            let violations = r.operations_workload.iter().flat_map(|o| o.check.violations.iter());
+            for v in violations.take(20) {
+                let _ = writeln!(
+                    s,
+                    "         read #{:<5} {} block {}: allowed {}, found {}",
+                    v.read, v.what, v.block, v.allowed, v.found
+                );
+            }
+        }
         for op in &c.offending {
             let _ = writeln!(
                 s,
@@ -129,6 +142,32 @@ pub fn summary(r: &RunReport) -> String {
     }
     let _ = writeln!(s, "replay: {}", r.replay);
     s
+}
+
+fn operations_summary(s: &mut String, o: &crate::run::OperationsReport) {
+    let w = &o.check.writes;
+    let ops: Vec<String> =
+        o.check.operations.iter().map(|(k, c)| format!("{k} {}/{}/{}", c.ok, c.failed, c.indeterminate)).collect();
+    let _ = writeln!(
+        s,
+        "volume operations (ok/failed/unknown): {}; writes {}/{}/{}",
+        ops.join(", "),
+        w.ok,
+        w.failed,
+        w.indeterminate
+    );
+    let v = o.final_volume.as_ref().unwrap_or(&o.volume);
+    let _ = writeln!(
+        s,
+        "operations volume {} {:?}: {} bytes, primary {} (was {}), epoch {}; {} events",
+        v.id,
+        v.name,
+        v.size_bytes,
+        v.primary,
+        o.volume.primary,
+        v.epoch,
+        o.events.len()
+    );
 }
 
 fn list(ids: &[haven_client::proto::NodeId]) -> String {

@@ -1,7 +1,7 @@
 //! One chaos run: start the backend, run the workload while the fault schedule fires, heal
 //! everything, then judge the run with the checkers and write the report. With `[blocks]`, the
 //! volume is created once the cluster is healthy (before the clock starts) and the block
-//! workload runs alongside the register workload.
+//! workload runs alongside the register workload; likewise `[operations]` and its volume.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,9 +16,11 @@ use tracing::{info, warn};
 use crate::backend::Backend;
 use crate::blocks::{self, InSync};
 use crate::checker::blocks::BlockCheck;
+use crate::checker::operations::{Observations, OperationsCheck};
 use crate::checker::{self, CheckResult, Stats};
 use crate::history::{Op, Outcome};
 use crate::monitor::{self, LeaderSample};
+use crate::operations;
 use crate::relay::LinkShape;
 use crate::scenario::{FaultKind, FaultSpec, Scenario, Target};
 use crate::vms;
@@ -91,6 +93,21 @@ pub struct VmReport {
     pub sightings: usize,
 }
 
+/// What the operations workload did and how its volume ended up.
+#[derive(Debug, Clone, Serialize)]
+pub struct OperationsReport {
+    /// The volume as created.
+    pub volume: VolumeRecord,
+    /// The volume as the catalog recorded it after the checks.
+    pub final_volume: Option<VolumeRecord>,
+    /// Per operation, writes, read-backs judged and violations.
+    pub check: OperationsCheck,
+    /// What the read-backs and catalog reads saw, by op id.
+    pub observations: Observations,
+    /// The volume's last 100 events.
+    pub events: Vec<VolumeEvent>,
+}
+
 /// Everything a run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -112,6 +129,11 @@ pub struct RunReport {
     pub migrations: Option<OpCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vms: Option<VmReport>,
+    /// The operations workload's writes and operations (with `[operations]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_operations: Option<OpCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operations_workload: Option<OperationsReport>,
     pub failover_ms: Stats,
     pub heal_ms: Option<u64>,
     pub checkers: Vec<CheckResult>,
@@ -164,6 +186,14 @@ async fn drive(
         ),
         None => None,
     };
+    let ops_volume = match &scenario.operations {
+        Some(spec) => Some(
+            operations::setup(&backend.client()?, spec, Duration::from_secs(60))
+                .await
+                .context("setting up the operations workload's volume")?,
+        ),
+        None => None,
+    };
     let epoch = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let history = Arc::new(Mutex::new(Vec::new()));
@@ -206,9 +236,29 @@ async fn drive(
         }
         _ => None,
     };
-    // Asks the catalog for the volume's primary when a fault fires.
+    let observations: operations::SharedObservations = Arc::default();
+    let ops_env = ops_volume.as_ref().zip(scenario.operations.as_ref()).map(|(v, spec)| operations::Env {
+        spec: spec.clone(),
+        seed: scenario.seed,
+        volume: v.clone(),
+        nodes: nodes.iter().map(|n| n.0).collect(),
+        epoch,
+        history: history.clone(),
+        observations: observations.clone(),
+    });
+    let ops_workload = match &ops_env {
+        Some(env) => {
+            let clients = (0..=env.spec.writers).map(|_| backend.client()).collect::<anyhow::Result<Vec<_>>>()?;
+            let (env, stop) = (env.clone(), stop_rx.clone());
+            Some(tokio::spawn(async move { operations::run(env, clients, stop).await }))
+        }
+        None => None,
+    };
+    // Asks the catalog for the volume's primary when a fault fires: the block workload's
+    // volume, else the operations workload's.
     let probe = backend.client()?.with_deadline(Duration::from_secs(1));
-    let mut volume_primary = volume.as_ref().map(|v| v.primary.0);
+    let probed = volume.as_ref().or(ops_volume.as_ref()).map(|v| v.id);
+    let mut volume_primary = volume.as_ref().or(ops_volume.as_ref()).map(|v| v.primary.0);
 
     // Fire the schedule. Heals are kept in a queue ordered by time so that process faults heal
     // in order even when they overlap.
@@ -219,9 +269,9 @@ async fn drive(
     for spec in schedule {
         heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, spec.at).await;
         sleep_until(epoch, spec.at).await;
-        if let Some(vol) = &volume {
+        if let Some(vol) = probed {
             // The catalog's view; when it cannot be asked, the last answer stands.
-            if let Ok(v) = probe.volume(&vol.id.0.to_string()).await {
+            if let Ok(v) = probe.volume(&vol.0.to_string()).await {
                 volume_primary = Some(v.primary.0);
             }
             // Asking may have taken a while: apply the heals that fell due meanwhile first.
@@ -272,6 +322,9 @@ async fn drive(
     if let Some(w) = vm_workload {
         let _ = w.await;
     }
+    if let Some(w) = ops_workload {
+        let _ = w.await;
+    }
     heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, Duration::MAX).await;
     backend.heal_links().await?;
     let healed_at = Instant::now();
@@ -279,6 +332,9 @@ async fn drive(
     let heal_ms = heal.as_ref().ok().map(|_| healed_at.elapsed().as_millis() as u64);
     let _ = monitor.await;
 
+    if let Some(env) = &ops_env {
+        operations::final_read(env, &backend.client()?).await;
+    }
     let history = std::mem::take(&mut *history.lock().expect("history"));
     let samples = std::mem::take(&mut *samples.lock().expect("samples"));
     for r in &mut records {
@@ -354,6 +410,10 @@ async fn drive(
         }
         _ => None,
     };
+    let ops_report = match &ops_env {
+        Some(env) => Some(judge_operations(backend, env, &history, &mut checks).await?),
+        None => None,
+    };
     let leader_faults: Vec<&FaultRecord> = records.iter().filter(|r| r.hit_leader).collect();
     let failovers: Vec<f64> = leader_faults.iter().filter_map(|r| r.failover_ms).map(|m| m as f64).collect();
     let unrecovered = leader_faults.iter().filter(|r| r.failover_ms.is_none() && r.kind != FaultKind::Delay).count();
@@ -388,12 +448,30 @@ async fn drive(
         blocks: block_report,
         migrations: scenario.vms.as_ref().map(|_| OpCounts::of(history.iter().filter(|o| o.kind.is_migration()))),
         vms: vm_report,
+        volume_operations: ops_env.as_ref().map(|_| OpCounts::of(history.iter().filter(|o| o.kind.is_operations()))),
+        operations_workload: ops_report,
         failover_ms: Stats::of(failovers),
         heal_ms,
         checkers: checks,
         leader_timeline: samples,
         history,
     })
+}
+
+/// The operations workload's checkers and report (after its final read-back).
+async fn judge_operations(
+    backend: &Backend,
+    env: &operations::Env,
+    history: &[Op],
+    checks: &mut Vec<CheckResult>,
+) -> anyhow::Result<OperationsReport> {
+    let client = backend.client()?;
+    let observations = std::mem::take(&mut *env.observations.lock().expect("observations"));
+    let (data, catalog, check) = checker::operations::check(history, &observations, env.spec.owned_blocks());
+    checks.push(data);
+    checks.push(catalog);
+    let (final_volume, events) = blocks::describe_volume(&client, env.volume.id).await;
+    Ok(OperationsReport { volume: env.volume.clone(), final_volume, check, observations, events })
 }
 
 fn replay_command(path: &Path, seed: u64) -> String {

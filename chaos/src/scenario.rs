@@ -28,6 +28,14 @@
 //! writers = 4
 //! blocks_per_writer = 64   # each writer owns a disjoint range of 4 KiB blocks
 //! rate = 200               # block writes per second, all writers together
+//! [operations]             # optional: user operations on a volume of its own (absent = none)
+//! volume_size = "8MiB"
+//! replicas = 1             # 1 lets `replication reverse` run (it needs a 1-replica volume)
+//! writers = 2              # writers overwriting their own blocks meanwhile
+//! blocks_per_writer = 16
+//! write_rate = 40          # block writes per second, all writers together
+//! op_every = "1s"          # one operation (snapshot, rollback, clone, ...) this often
+//! kinds = ["snapshot", "rollback", "clone", "resize", "replication"]
 //! [vms]                    # optional: running guests live-migrated between hosts (absent = none)
 //! count = 3
 //! memory_mib = 32
@@ -71,6 +79,10 @@ pub struct Scenario {
     /// The VM live-migration workload, if any.
     #[serde(default)]
     pub vms: Option<VmWorkloadSpec>,
+    /// The volume-operations workload (snapshots, rollbacks, clones, resizes, DR relationships
+    /// on a volume of its own, with writers alongside), if any.
+    #[serde(default)]
+    pub operations: Option<OperationsSpec>,
     #[serde(default)]
     pub checkers: CheckerSpec,
 }
@@ -203,6 +215,144 @@ pub struct VmWorkloadSpec {
     pub recover_within: Duration,
 }
 
+/// The operations workload: `writers` writers overwrite their own blocks of one volume (as the
+/// block workload does) while one client performs, every `op_every`, a seeded user operation on
+/// it; the `operation-data` and `operation-catalog` checkers judge every read-back against what
+/// each operation promises.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OperationsSpec {
+    #[serde(default = "ops_volume_name")]
+    pub volume: String,
+    #[serde(default = "ops_volume_size", with = "size")]
+    pub volume_size: u64,
+    /// Synchronous replicas (1..=3); `replication reverse` needs 1.
+    #[serde(default = "one")]
+    pub replicas: u8,
+    #[serde(default = "two_writers")]
+    pub writers: usize,
+    #[serde(default = "sixteen")]
+    pub blocks_per_writer: u64,
+    /// Block writes per second, all writers together.
+    #[serde(default = "ops_write_rate")]
+    pub write_rate: u32,
+    /// One operation starts this often (after the previous one ended).
+    #[serde(default = "op_every", with = "dur")]
+    pub op_every: Duration,
+    /// The operations to draw from.
+    #[serde(default = "ops_kinds")]
+    pub kinds: Vec<OpsKind>,
+    /// Per-write deadline (after which the outcome is indeterminate).
+    #[serde(default = "op_timeout", with = "dur")]
+    pub op_timeout: Duration,
+    /// Per-operation deadline (a reverse waits for the copy to catch up).
+    #[serde(default = "operation_timeout", with = "dur")]
+    pub operation_timeout: Duration,
+    /// After healing, how long the volume may take to serve the final read-back.
+    #[serde(default = "recover_within", with = "dur")]
+    pub recover_within: Duration,
+}
+
+/// An operation family of the operations workload.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum OpsKind {
+    Snapshot,
+    Rollback,
+    Clone,
+    Resize,
+    /// Async relationship create, pause, resume, reverse and delete.
+    Replication,
+}
+
+fn ops_volume_name() -> String {
+    "chaos-ops".into()
+}
+fn ops_volume_size() -> u64 {
+    8 << 20
+}
+fn one() -> u8 {
+    1
+}
+fn two_writers() -> usize {
+    2
+}
+fn sixteen() -> u64 {
+    16
+}
+fn ops_write_rate() -> u32 {
+    40
+}
+fn op_every() -> Duration {
+    Duration::from_secs(1)
+}
+fn operation_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn ops_kinds() -> Vec<OpsKind> {
+    vec![OpsKind::Snapshot, OpsKind::Rollback, OpsKind::Clone, OpsKind::Resize, OpsKind::Replication]
+}
+
+impl OperationsSpec {
+    /// The block numbers writer `w` owns.
+    pub fn blocks_of(&self, w: usize) -> std::ops::Range<u64> {
+        let first = w as u64 * self.blocks_per_writer;
+        first..first + self.blocks_per_writer
+    }
+
+    /// Which writer owns `block`, if any.
+    pub fn owner(&self, block: u64) -> Option<usize> {
+        let w = (block / self.blocks_per_writer) as usize;
+        (w < self.writers).then_some(w)
+    }
+
+    /// Every owned block.
+    pub fn owned_blocks(&self) -> std::ops::Range<u64> {
+        0..self.writers as u64 * self.blocks_per_writer
+    }
+
+    fn validate(&self, nodes: usize) -> Result<(), String> {
+        if self.volume.is_empty() || self.volume.len() > 100 {
+            return Err("operations.volume: the name must be 1..=100 bytes".into());
+        }
+        if !(1..=3).contains(&self.replicas) || self.replicas as usize > nodes {
+            return Err(format!("operations.replicas: {} is outside 1..=3 or above the {nodes} nodes", self.replicas));
+        }
+        if self.kinds.contains(&OpsKind::Replication) && self.replicas as usize >= nodes {
+            return Err(format!(
+                "operations.kinds: replication needs a host without a replica; {} replicas on {nodes} nodes",
+                self.replicas
+            ));
+        }
+        if self.volume_size == 0 || !self.volume_size.is_multiple_of(BLOCK_BYTES) {
+            return Err(format!(
+                "operations.volume_size: {} bytes is not a positive multiple of 4 KiB",
+                self.volume_size
+            ));
+        }
+        if self.writers == 0 || self.blocks_per_writer == 0 || self.writers > 64 || self.blocks_per_writer > 4096 {
+            return Err("operations: writers must be 1..=64 and blocks_per_writer 1..=4096".into());
+        }
+        let needed = self.writers as u64 * self.blocks_per_writer * BLOCK_BYTES;
+        if needed > self.volume_size {
+            return Err(format!(
+                "operations.volume_size: {needed} bytes of owned blocks do not fit in {} bytes",
+                self.volume_size
+            ));
+        }
+        if !(1..=5000).contains(&self.write_rate) {
+            return Err(format!("operations.write_rate: {} is outside 1..=5000", self.write_rate));
+        }
+        if self.kinds.is_empty() {
+            return Err("operations.kinds: name at least one operation".into());
+        }
+        if self.op_every < Duration::from_millis(50) || self.op_timeout.is_zero() || self.operation_timeout.is_zero() {
+            return Err("operations: op_every must be at least 50ms, the timeouts greater than zero".into());
+        }
+        Ok(())
+    }
+}
+
 fn vm_memory_mib() -> u64 {
     32
 }
@@ -333,7 +483,8 @@ pub enum Target {
     Follower,
     Random,
     Node(u64),
-    /// The block workload volume's primary, as the catalog names it when the fault fires.
+    /// The block workload volume's primary (else the operations workload's), as the catalog
+    /// names it when the fault fires.
     VolumePrimary,
 }
 
@@ -478,14 +629,17 @@ impl Scenario {
         if let Some(v) = &self.vms {
             v.validate(self.cluster.nodes)?;
         }
+        if let Some(o) = &self.operations {
+            o.validate(self.cluster.nodes)?;
+        }
         let check_target = |what: &str, t: Target| -> Result<(), String> {
             match t {
                 Target::Node(n) if n == 0 || n as usize > self.cluster.nodes => {
                     Err(format!("{what}: node:{n} is not in a {}-node cluster", self.cluster.nodes))
                 }
-                Target::VolumePrimary if self.blocks.is_none() => {
-                    Err(format!("{what}: volume_primary needs a [blocks] section (a volume to have a primary)"))
-                }
+                Target::VolumePrimary if self.blocks.is_none() && self.operations.is_none() => Err(format!(
+                    "{what}: volume_primary needs a [blocks] or [operations] section (a volume to have a primary)"
+                )),
                 _ => Ok(()),
             }
         };

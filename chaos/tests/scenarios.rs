@@ -1,7 +1,9 @@
 //! The chaos harness end to end, through `havenctl chaos run`: the CI scenario passes every
 //! checker, the deliberately broken cluster is caught, bad scenario files are refused with the
 //! field named, a replicated block volume keeps every acknowledged write through primary kills
-//! and link faults, and (when a Docker engine is present) the compose cluster survives a kill.
+//! and link faults, user operations on a volume (snapshot, rollback, clone, resize, DR
+//! relationships) keep their promises under faults, and (when a Docker engine is present) the
+//! compose cluster survives a kill.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -95,6 +97,28 @@ fn vms_migrate_under_host_and_link_faults_and_run_exactly_once() {
     assert_eq!(vms.len(), 3, "{summary}");
     assert!(vms.iter().all(|v| v["migrating_to"].is_null()), "{summary}");
     println!("{summary}");
+}
+
+/// Snapshots, rollbacks, clones, resizes and DR relationship create/pause/resume/reverse/delete
+/// under kills, cuts and delays: every read-back holds what the operations promise.
+#[test]
+fn volume_operations_keep_their_promises_under_faults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, report) = run_scenario("volume-operations.toml", &tmp.path().join("run"));
+    let summary = std::fs::read_to_string(tmp.path().join("run/summary.txt")).unwrap();
+    println!("{summary}");
+    for name in ["heals", "operation-data", "operation-catalog", "linearizable", "acknowledged-writes"] {
+        assert_eq!(checker(&report, name)["passed"], true, "{name}: {summary}");
+    }
+    assert!(o.status.success(), "volume-operations run failed:\n{summary}\n{}", String::from_utf8_lossy(&o.stderr));
+    let check = &report["operations_workload"]["check"];
+    let ok = |op: &str| check["operations"][op]["ok"].as_u64().unwrap_or(0);
+    assert!(ok("snapshot") > 0 && ok("read") > 0, "{summary}");
+    assert!(check["reads_judged"].as_u64().unwrap() > 0, "{summary}");
+    assert!(check["writes"]["ok"].as_u64().unwrap() > 0, "{summary}");
+    let kills: Vec<&serde_json::Value> =
+        report["faults"].as_array().unwrap().iter().filter(|f| f["kind"] == "kill" && f["skipped"].is_null()).collect();
+    assert!(kills.iter().any(|f| f["hit_volume_primary"] == true), "no kill hit the volume's primary:\n{summary}");
 }
 
 #[test]

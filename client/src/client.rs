@@ -54,6 +54,11 @@ impl HavenClient {
         self
     }
 
+    /// The per-request deadline (including retries).
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
     /// Send one request to one node, without retries or redirects.
     pub async fn call_node(&self, addr: SocketAddr, request: ClientRequest) -> Result<ClientResponse, ClientError> {
         self.attempt(addr, &request, self.deadline).await.map_err(|f| f.into_error())

@@ -12,7 +12,7 @@ use haven_proto::volume::{
     VolumeResponse, DEFAULT_BLOCK_SIZE,
 };
 use haven_proto::{
-    CatalogQuery, ClientCommand, ClientRequest, ClientResponse, ClientVolumeCommand, CommandOutcome, NodeId,
+    CatalogQuery, ClientCommand, ClientRequest, ClientResponse, ClientVolumeCommand, CommandOutcome, ErrorCode, NodeId,
     QueryResult, VolumeId,
 };
 
@@ -197,8 +197,29 @@ impl HavenClient {
             hosts: Vec::new(),
         };
         let target = self.create_volume_from(&spec, Some((volume, snapshot))).await?;
-        self.volume_request(VolumeRequest::CopyInto { volume, snapshot, target: target.id }).await?;
+        self.copy_into(volume, snapshot, target.id).await?;
         Ok(target)
+    }
+
+    /// Copy a snapshot into `target`. The source's primary looks `target` up in its own copy of
+    /// the catalog, which may not have applied the target's creation yet: a `NotFound` naming
+    /// the target is retried until the deadline (copying again is harmless).
+    async fn copy_into(&self, volume: VolumeId, snapshot: u64, target: VolumeId) -> Result<(), ClientError> {
+        let deadline = std::time::Instant::now() + self.deadline();
+        let missing = format!("no volume {target}");
+        loop {
+            match self.volume_request(VolumeRequest::CopyInto { volume, snapshot, target }).await {
+                Ok(_) => return Ok(()),
+                Err(ClientError::Server(e))
+                    if e.code == ErrorCode::NotFound
+                        && e.message.contains(&missing)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub async fn verify_snapshot(&self, volume: VolumeId, snapshot: u64) -> Result<IntegrityVerdict, ClientError> {

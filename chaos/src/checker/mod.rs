@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod linearizability;
+pub mod operations;
 pub mod vms;
 
 use std::collections::{BTreeMap, HashMap};
