@@ -746,26 +746,23 @@ impl VolumeReplica {
             .into_iter()
             .find(|r| r.id == relationship && r.volume == self.vol)
             .ok_or_else(|| wire(ErrorCode::NotFound, format!("{} has no relationship {relationship}", self.vol)))?;
-        let _gate = self.gate.write().await;
-        self.primary_epoch()?;
         let deadline = Instant::now() + self.ack_timeout().max(Duration::from_secs(30));
-        loop {
-            let last = self.next_seq.load(Ordering::SeqCst) - 1;
-            let state = self.followers.lock().expect("followers lock").caught_up(rel.target, last);
-            match state {
-                Some(CopyState::CaughtUp) => break,
-                Some(CopyState::NeedsResync) | None if Instant::now() > deadline => {
-                    return Err(wire(
-                        ErrorCode::Unavailable,
-                        format!("the copy on {} is not caught up (resyncing or unreachable); try again", rel.target),
-                    ))
-                }
-                _ if Instant::now() > deadline => {
-                    return Err(wire(ErrorCode::Timeout, format!("the copy on {} did not catch up", rel.target)))
-                }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        // Wait for the copy with the gate released first: a resync of the copy needs the gate
+        // (holding it while waiting stalled writes and the resync alike until the deadline; found
+        // by the chaos operations workload, seeds 2 and 31). Then, with the gate held and no write
+        // in flight, only forwarded writes may still be outstanding.
+        let _gate = loop {
+            self.wait_for_copy(rel.target, |s| s != CopyState::NeedsResync, deadline).await?;
+            let gate = self.gate.write().await;
+            self.primary_epoch()?;
+            let settle = Instant::now() + self.ack_timeout() * 5;
+            if self.wait_for_copy(rel.target, |s| s == CopyState::CaughtUp, settle.min(deadline)).await.is_ok() {
+                break gate;
             }
-        }
+            if Instant::now() > deadline {
+                return Err(wire(ErrorCode::Timeout, format!("the copy on {} did not catch up", rel.target)));
+            }
+        };
         let epoch = self.record().epoch;
         let rec = self.propose(VolumeCommand::ReverseRelationship { id: relationship, expected_epoch: epoch }).await?;
         info!(vol = %self.vol, new_primary = %rec.primary, "relationship reversed");
@@ -779,6 +776,29 @@ impl VolumeReplica {
         )
         .await;
         Ok(())
+    }
+
+    /// Poll the async copy on `host` until its state satisfies `ok` or `deadline` passes.
+    async fn wait_for_copy(
+        &self,
+        host: NodeId,
+        ok: impl Fn(CopyState) -> bool,
+        deadline: Instant,
+    ) -> Result<(), WireError> {
+        loop {
+            let last = self.next_seq.load(Ordering::SeqCst) - 1;
+            let state = self.followers.lock().expect("followers lock").caught_up(host, last);
+            match state {
+                Some(s) if ok(s) => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    return Err(wire(
+                        ErrorCode::Unavailable,
+                        format!("the copy on {host} is not caught up (resyncing or unreachable); try again"),
+                    ))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
     }
 
     /// Primary: every replica's and follower's progress.

@@ -256,10 +256,6 @@ impl World {
         Ok(self.stats.clone())
     }
 
-    pub fn dump(&self) {
-        eprintln!("{}", self.trace.as_ref().map(|t| t.join("\n")).unwrap_or_default());
-    }
-
     fn log(&mut self, line: impl FnOnce() -> String) {
         if let Some(t) = self.trace.as_mut() {
             t.push(format!("{:>6} {}", self.now, line()));
