@@ -385,6 +385,35 @@ impl NodeService {
         Err((m.current_leader, node))
     }
 
+    /// Ask a would-be member for its status, retrying for up to 3 s (a node just started may
+    /// not accept connections yet). Not reaching it is a final answer about this request
+    /// (InvalidRequest), never "this leader is unavailable": with a retryable code, clients
+    /// re-sent the whole request until their deadline ran out mid-attempt and reported
+    /// "outcome unknown".
+    async fn probe_new_member(&self, member: &MemberSpec) -> Result<Envelope, WireError> {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = async {
+                let addr = self.transport.dial_addr(member.id, &member.addr).await?;
+                self.transport
+                    .request(addr, ActorAddr::node(member.id), Body::Client(ClientRequest::Status), 0, left)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match attempt.await {
+                Ok(reply) => return Ok(reply),
+                Err(e) if left.is_zero() || tokio::time::Instant::now() >= give_up => {
+                    return Err(err(
+                        ErrorCode::InvalidRequest,
+                        format!("cannot reach {} at {}: {e}", member.id, member.addr),
+                    ))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200).min(left)).await,
+            }
+        }
+    }
+
     async fn add_member(&self, member: MemberSpec, voter: bool, relay: Relay) -> Result<ClientResponse, WireError> {
         if let Err((leader, node)) = self.leader_only() {
             return self.forward(Body::Client(ClientRequest::AddMember { member, voter }), leader, node, relay).await;
@@ -401,19 +430,8 @@ impl NodeService {
             return Err(err(ErrorCode::InvalidRequest, format!("{} is already a member", member.id)));
         }
         // Refuse before touching the membership unless the new node answers over mutual TLS as
-        // the id it claims and is not already part of a cluster. An unreachable new member is a
-        // final answer about this request (InvalidRequest), not a sign that this leader is
-        // unavailable: a retryable code made clients retry the 3 s probe until their deadline ran
-        // out mid-attempt and reported "outcome unknown" instead.
-        let addr =
-            self.transport.dial_addr(member.id, &member.addr).await.map_err(|m| err(ErrorCode::InvalidRequest, m))?;
-        let probe = self
-            .transport
-            .request(addr, ActorAddr::node(member.id), Body::Client(ClientRequest::Status), 0, Duration::from_secs(3))
-            .await
-            .map_err(|e| {
-                err(ErrorCode::InvalidRequest, format!("cannot reach {} at {}: {e}", member.id, member.addr))
-            })?;
+        // the id it claims and is not already part of a cluster.
+        let probe = self.probe_new_member(&member).await?;
         match probe.body {
             Body::ClientReply(ClientResponse::Status(s)) if s.id != member.id => {
                 return Err(err(

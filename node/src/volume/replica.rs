@@ -135,7 +135,8 @@ impl VolumeReplica {
         tunables: VolumeTunables,
     ) -> Result<Arc<Self>, WireError> {
         let hwm = blocks.high_water_mark(record.id).map_err(internal)?;
-        let seq = Sequencer::new(record.id, record.block_size, blocks.clone(), 0, hwm + 1);
+        let epoch = super::resync::prepared_epoch(&blocks, record.id)?;
+        let seq = Sequencer::new(record.id, record.block_size, blocks.clone(), epoch, hwm + 1);
         let role = if record.replicas.contains(&node) { Role::Replica } else { Role::AsyncCopy };
         Ok(Arc::new(Self {
             node,

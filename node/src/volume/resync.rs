@@ -27,10 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use haven_proto::volume::{DeviceMessage, DeviceReply, PreservedWrites, ReplicaBlock, ResyncProgress, VolumeCommand};
-use haven_proto::{ErrorCode, NodeId, WireError};
+use haven_proto::{ErrorCode, NodeId, VolumeId, WireError};
 use tracing::{info, warn};
 
-use super::blockstore::BlockContent;
+use super::blockstore::{BlockContent, BlockStore};
 use super::core::cursor::{transfer_plan, Cursor};
 use super::merkle::{MerkleTree, CHUNK_BLOCKS};
 use super::replica::{
@@ -44,10 +44,21 @@ const CURSOR_KEY: &str = "resync/cursor";
 const PRESERVED_PREFIX: &str = "preserved/";
 
 fn load_cursor(replica: &VolumeReplica) -> Result<Option<Cursor>, WireError> {
-    match replica.blocks.meta_get(replica.vol, CURSOR_KEY).map_err(internal)? {
+    read_cursor(&replica.blocks, replica.vol)
+}
+
+fn read_cursor(blocks: &BlockStore, vol: VolumeId) -> Result<Option<Cursor>, WireError> {
+    match blocks.meta_get(vol, CURSOR_KEY).map_err(internal)? {
         Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(internal),
         None => Ok(None),
     }
+}
+
+/// The epoch a resync under way was prepared for (0 if none): a restarted replica follows at
+/// least that epoch, so a late message from an older primary is not applied over the transfer
+/// (found by the volume model, seed 189024).
+pub(crate) fn prepared_epoch(blocks: &BlockStore, vol: VolumeId) -> Result<u64, WireError> {
+    Ok(read_cursor(blocks, vol)?.map_or(0, |c| c.epoch))
 }
 
 fn store_cursor(replica: &VolumeReplica, c: &Cursor) -> Result<(), WireError> {

@@ -1051,7 +1051,9 @@ impl World {
         let node = &mut self.nodes[n];
         node.up = false;
         node.role = Role::Replica;
-        node.seq = SeqCore::new(0, node.store.hwm + 1);
+        // `VolumeReplica::open`: a resync under way fixes the epoch followed.
+        let epoch = node.store.cursor.as_ref().map_or(0, |c| c.epoch);
+        node.seq = SeqCore::new(epoch, node.store.hwm + 1);
         node.owed.clear();
         node.followers = Followers::default();
         self.stats.unknown += node.inflight.len() as u64;
