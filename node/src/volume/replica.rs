@@ -278,16 +278,22 @@ impl VolumeReplica {
         }
     }
 
-    /// Propose removing `hosts` from the in-sync set (they missed a write). Succeeds if they are
-    /// no longer in sync when it returns.
-    pub(crate) async fn drop_in_sync(&self, hosts: &[NodeId], epoch: u64) -> Result<(), WireError> {
-        let _m = self.membership.lock().await;
+    /// This host's catalog's record of the volume, if it still names us primary.
+    fn record_as_primary(&self) -> Result<VolumeRecord, WireError> {
         let current = crate::catalog::volumes::volume(&self.service.store, self.vol)
             .map_err(internal)?
             .ok_or_else(|| wire(ErrorCode::NotFound, format!("{} was deleted", self.vol)))?;
         if current.primary != self.node {
             return Err(wire(ErrorCode::NotPrimary, format!("{} has a new primary", self.vol)));
         }
+        Ok(current)
+    }
+
+    /// Propose removing `hosts` from the in-sync set (they missed a write). Succeeds if they are
+    /// no longer in sync when it returns.
+    pub(crate) async fn drop_in_sync(&self, hosts: &[NodeId], epoch: u64) -> Result<(), WireError> {
+        let _m = self.membership.lock().await;
+        let current = self.record_as_primary()?;
         if !hosts.iter().any(|h| current.in_sync.contains(h)) {
             return Ok(());
         }
@@ -315,12 +321,7 @@ impl VolumeReplica {
     /// returns it. Messages of older epochs are refused from then on wherever they land.
     pub(crate) async fn new_epoch(&self) -> Result<u64, WireError> {
         let _m = self.membership.lock().await;
-        let current = crate::catalog::volumes::volume(&self.service.store, self.vol)
-            .map_err(internal)?
-            .ok_or_else(|| wire(ErrorCode::NotFound, format!("{} was deleted", self.vol)))?;
-        if current.primary != self.node {
-            return Err(wire(ErrorCode::NotPrimary, format!("{} has a new primary", self.vol)));
-        }
+        let current = self.record_as_primary()?;
         let cmd = VolumeCommand::SetReplication {
             volume: self.vol,
             expected_epoch: current.epoch,

@@ -325,6 +325,11 @@ impl World {
             self.stats.dropped += 1;
             return Ok(());
         }
+        self.dispatch(p)
+    }
+
+    /// Hand a delivered packet to its receiver.
+    fn dispatch(&mut self, p: Packet) -> Check {
         match p.msg {
             Msg::Replicate { epoch, point, payload, fwd, write } => {
                 self.on_replicate(p.to, p.from, epoch, point, payload, fwd, write);
@@ -1194,13 +1199,7 @@ impl World {
         if !self.reachable(p.from, p.to) {
             return Ok(());
         }
-        match p.msg {
-            Msg::Replicate { epoch, point, payload, fwd, write } => {
-                self.on_replicate(p.to, p.from, epoch, point, payload, fwd, write);
-                Ok(())
-            }
-            Msg::Reply { ok, point, fwd, write } => self.on_reply(p.to, p.from, ok, point, fwd, write),
-        }
+        self.dispatch(p)
     }
 
     /// Deliver everything, replies included, until the network is empty.
