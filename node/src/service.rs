@@ -403,7 +403,7 @@ impl NodeService {
             };
             match attempt.await {
                 Ok(reply) => return Ok(reply),
-                Err(e) if left.is_zero() || tokio::time::Instant::now() >= give_up => {
+                Err(e) if tokio::time::Instant::now() >= give_up => {
                     return Err(err(
                         ErrorCode::InvalidRequest,
                         format!("cannot reach {} at {}: {e}", member.id, member.addr),

@@ -135,28 +135,26 @@ impl Followers {
     /// up later).
     pub fn forward(&mut self, seq: u64, bytes: u64, now: Instant) -> Vec<Forward> {
         let mut out = Vec::new();
-        let mut next_gen = self.last_generation;
+        let last = &mut self.last_generation;
         for (host, f) in self.map.iter_mut() {
             if f.broken {
                 continue;
             }
             if let FollowKind::Async { max_lag_bytes } = f.kind {
                 if f.lag_bytes() + bytes > max_lag_bytes {
-                    next_gen += 1;
-                    f.break_copy(next_gen);
+                    *last += 1;
+                    f.break_copy(*last);
                     continue;
                 }
             }
             f.outstanding.insert(seq, (bytes, now));
             out.push(Forward { host: *host, generation: f.generation });
         }
-        self.last_generation = next_gen;
         out
     }
 
     /// The reply to a forwarded write. Replies from an earlier generation are ignored.
     pub fn forwarded(&mut self, fwd: Forward, seq: u64, ok: bool) {
-        let generation = self.last_generation + 1;
         let Some(f) = self.map.get_mut(&fwd.host) else { return };
         if f.generation != fwd.generation {
             return;
@@ -165,8 +163,8 @@ impl Followers {
         if ok {
             f.acked_seq = f.acked_seq.max(seq);
         } else {
-            f.break_copy(generation);
-            self.last_generation = generation;
+            self.last_generation += 1;
+            f.break_copy(self.last_generation);
         }
     }
 
