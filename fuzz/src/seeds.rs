@@ -112,7 +112,7 @@ fn raft(c: &Corpus) {
         done: true,
     };
     let put = |which: u8, name: &str, bytes: Vec<u8>| c.put("raft_rpc", name, &with(&[which], &bytes));
-    put(0, "append-entries", encode(&append).unwrap());
+    put(0, "append-entries", haven_node::raft::network::encode_append_frame(Some(12), &append).unwrap());
     put(1, "vote", encode(&VoteRequest::new(vote, Some(LogId::new(leader, 7)))).unwrap());
     put(2, "install-snapshot", encode(&snapshot).unwrap());
     let ok: Result<AppendEntriesResponse<u64>, RaftError<u64>> = Ok(AppendEntriesResponse::Success);

@@ -3,7 +3,6 @@
 //! It reads node state; it must never change it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -12,18 +11,18 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::service::NodeService;
+use crate::cluster::RaftView;
 
 #[derive(Clone)]
 struct AdminState {
-    service: Arc<NodeService>,
+    view: RaftView,
     prometheus: PrometheusHandle,
 }
 
 /// Serve the admin endpoints on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    service: Arc<NodeService>,
+    view: RaftView,
     prometheus: PrometheusHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -32,7 +31,7 @@ pub async fn serve(
         .route("/metrics", get(metrics_text))
         .route("/health", get(health))
         .route("/status", get(status))
-        .with_state(AdminState { service, prometheus });
+        .with_state(AdminState { view, prometheus });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
@@ -48,7 +47,7 @@ async fn metrics_text(State(s): State<AdminState>) -> Response {
 }
 
 async fn health(State(s): State<AdminState>) -> Response {
-    let st = s.service.status();
+    let st = s.view.status();
     if st.healthy {
         (
             StatusCode::OK,
@@ -66,11 +65,11 @@ async fn health(State(s): State<AdminState>) -> Response {
 }
 
 async fn status(State(s): State<AdminState>) -> Json<haven_proto::NodeStatus> {
-    Json(s.service.status())
+    Json(s.view.status())
 }
 
 async fn index(State(s): State<AdminState>) -> Html<String> {
-    let st = s.service.status();
+    let st = s.view.status();
     let rows: String = st
         .members
         .iter()

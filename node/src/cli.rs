@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::RaftTunables;
 use crate::config::{Bootstrap, NodeConfig, CONFIG_FILE, TLS_DIR};
 use crate::pki::CertificateAuthority;
-use crate::raft::RaftTunables;
 
 #[derive(Parser)]
 #[command(name = "haven-node", version, about = "The Haven cluster node", long_about = None)]
@@ -88,7 +88,7 @@ struct InitArgs {
     /// How long a host or replica may stay silent before it is treated as failed, in ms
     /// (the leader's host-down threshold, the primary's replica acknowledgement deadline, and how
     /// long a migration plan waits for a silent destination before failing back).
-    #[arg(long, default_value_t = crate::volume::replica::VolumeTunables::default().host_down_ms)]
+    #[arg(long, default_value_t = crate::config::VolumeTunables::default().host_down_ms)]
     failure_detect_ms: u64,
     /// TESTING ONLY: accept fault-injection requests (`havenctl volume corrupt`). Written into
     /// the configuration; never set it on a cluster that holds data you care about.
@@ -214,13 +214,13 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         nbd_listen: a.nbd_listen,
         nbd: crate::nbd::NbdSettings { tls: a.nbd_tls, ..Default::default() },
         vm_memory_mib: a.vm_memory_mib,
-        volume: crate::volume::replica::VolumeTunables {
+        volume: crate::config::VolumeTunables {
             host_down_ms: a.failure_detect_ms,
             replica_ack_timeout_ms: a.failure_detect_ms,
             ..Default::default()
         },
-        plans: crate::controllers::plans::PlanTunables { host_down_ms: a.failure_detect_ms, ..Default::default() },
-        fence: crate::vm::fence::FenceTunables::for_elections(min * 2),
+        plans: crate::config::PlanTunables { host_down_ms: a.failure_detect_ms, ..Default::default() },
+        fence: crate::config::FenceTunables::for_elections(min * 2),
         transport: Default::default(),
         allow_fault_injection: a.allow_fault_injection,
     };

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod authz;
 pub mod catalog;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod controllers;
 #[doc(hidden)]

@@ -17,7 +17,9 @@ use tracing::{info, warn};
 
 use crate::actors::host_agent::HostAgent;
 use crate::actors::ActorRegistry;
+use crate::cluster::{Proposer, RaftView};
 use crate::config::{Bootstrap, NodeConfig, DB_DIR, TLS_DIR};
+use crate::controllers::LeaderHandles;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::NetworkFactory;
 use crate::raft::state_machine::StateMachineStore;
@@ -84,10 +86,11 @@ pub async fn run(
     let raft_config = Arc::new(cfg.raft.to_openraft(cfg.id).map_err(|e| anyhow!(e))?);
     let peer_acks = crate::raft::network::PeerAcks::default();
     let lease = crate::vm::fence::HostLease::new(&cfg.fence);
+    let leader_contact = crate::raft::network::LeaderContact::default();
     let raft = Raft::new(
         cfg.id,
         raft_config,
-        NetworkFactory::new(transport.clone(), peer_acks.clone()),
+        NetworkFactory::new(transport.clone(), peer_acks.clone(), leader_contact.clone()),
         LogStore::new(store.clone()).context("starting the WAL sync thread")?,
         StateMachineStore::new(store.clone()),
     )
@@ -103,34 +106,50 @@ pub async fn run(
         }),
         Duration::from_millis(cfg.request_timeout_ms),
     );
-    let service = Arc::new(NodeService {
-        id,
-        raft: raft.clone(),
+    // The layers first, each with narrow handles (`cluster`); the service last, around them.
+    let view = RaftView::new(id, raft.clone());
+    let request_timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let proposer =
+        Proposer::new(id, raft.clone(), store.clone(), transport.clone(), request_timeout, unsafe_ack_before_commit());
+    let leader = LeaderHandles {
+        view: view.clone(),
         store: store.clone(),
-        transport: transport.clone(),
-        registry,
-        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
-        unsafe_ack_before_commit: unsafe_ack_before_commit(),
-        volumes: std::sync::OnceLock::new(),
-        vms: std::sync::OnceLock::new(),
-        lease: lease.clone(),
-        peer_acks,
-        fence: cfg.fence.clone(),
-        certificates,
-    });
-    tokio::spawn(crate::vm::fence::watch_raft(raft.clone(), lease));
+        proposer: proposer.clone(),
+        registry: registry.clone(),
+    };
+    tokio::spawn(crate::vm::fence::watch_raft(raft.clone(), lease.clone(), leader_contact));
+    let volumes =
+        crate::volume::host::VolumeHost::new(id, store.clone(), proposer.clone(), registry.clone(), cfg.volume.clone());
     let vms = crate::vm::host::VmHost::new(
-        service.clone(),
+        crate::vm::host::VmHostHandles {
+            view: view.clone(),
+            store: store.clone(),
+            proposer: proposer.clone(),
+            registry: registry.clone(),
+            transport: transport.clone(),
+            lease: lease.clone(),
+            volumes: volumes.clone(),
+        },
         cfg.vm_memory_mib,
         data_dir.to_path_buf(),
         cfg.plans.capture_in_memory_mib << 20,
     );
-    let _ = service.vms.set(vms.clone());
     let host_agent = HostAgent::new(id, Some(vms.clone())).start();
-    service.registry.register(ActorAddr::host_agent(id), host_agent.recipient());
+    registry.register(ActorAddr::host_agent(id), host_agent.recipient());
     transport.set_stream_handler(crate::vm::host::stream_handler(vms.clone()));
-    let volumes = crate::volume::host::VolumeHost::new(service.clone(), cfg.volume.clone());
-    let _ = service.volumes.set(volumes.clone());
+    let service = Arc::new(NodeService {
+        id,
+        raft: raft.clone(),
+        view: view.clone(),
+        store: store.clone(),
+        transport: transport.clone(),
+        registry,
+        proposer,
+        volumes: volumes.clone(),
+        vms: vms.clone(),
+        lease,
+        certificates,
+    });
 
     let handler_service = service.clone();
     if cfg.allow_fault_injection {
@@ -145,15 +164,17 @@ pub async fn run(
         .await
         .with_context(|| format!("binding admin HTTP on {}", cfg.admin_listen))?;
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let admin = tokio::spawn(crate::admin::serve(admin_listener, service.clone(), prometheus, async {
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, view, prometheus, async {
         let _ = admin_stop_rx.await;
     }));
     tokio::spawn(watch_raft_metrics(raft.clone()));
-    tokio::spawn(crate::controllers::host_registry::run(service.clone(), Duration::from_secs(1)));
-    tokio::spawn(crate::controllers::volumes::run(service.clone(), cfg.volume.clone()));
-    tokio::spawn(crate::controllers::plans::run(service.clone(), cfg.plans.clone()));
+    tokio::spawn(crate::controllers::host_registry::run(leader.clone(), Duration::from_secs(1)));
+    tokio::spawn(crate::controllers::volumes::run(leader.clone(), volumes.clone(), cfg.volume.clone()));
+    let plan_deps = crate::controllers::plans::PlanDeps { vms: vms.clone(), peer_acks, fence: cfg.fence.clone() };
+    tokio::spawn(crate::controllers::plans::run(leader, plan_deps, cfg.plans.clone()));
     // Device actors start on this (the actix system's) thread.
     actix::spawn(volumes.clone().run());
+    tokio::spawn(volumes.clone().renew_read_leases());
     actix::spawn(vms.clone().run());
     let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::oneshot::channel::<()>();
     if let Some(nbd_listen) = &cfg.nbd_listen {

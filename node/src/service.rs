@@ -4,7 +4,7 @@
 //!
 //! The transport has already authorized every request (`authz`) and hands over the effective
 //! caller. Clients propose [`ClientCommand`]s only; node components propose any
-//! [`CatalogCommand`] through [`NodeService::write`], which travels as a node-only
+//! [`CatalogCommand`] through `cluster::Proposer::write`, which travels as a node-only
 //! [`NodeRequest::Propose`]. When this node relays a client's request (a write forwarded to the
 //! leader, an actor message routed to its owner) it names the client in `on_behalf_of`, so the
 //! receiver authorizes the client, not this node.
@@ -21,46 +21,40 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use haven_client::wire::WireIoError;
 use haven_proto::{
-    ActorAddr, Body, Caller, CatalogCommand, CertificateInfo, ClientCommand, ClientRequest, ClientResponse,
-    CommandOutcome, Envelope, EnvelopeFlags, ErrorCode, MemberInfo, MemberSpec, NodeId, NodeRequest, NodeRole,
-    NodeStatus, RaftRpc, WireError,
+    ActorAddr, Body, Caller, CertificateInfo, ClientRequest, ClientResponse, Envelope, EnvelopeFlags, ErrorCode,
+    MemberSpec, NodeId, NodeRequest, NodeRole, RaftRpc, WireError,
 };
-use openraft::error::{ClientWriteError, RaftError};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
-use openraft::{ChangeMembers, ServerState};
+use openraft::error::RaftError;
+use openraft::raft::AppendEntriesResponse;
+use openraft::ChangeMembers;
 use tracing::{info, warn, Instrument};
 
 use crate::actors::ActorRegistry;
 use crate::catalog;
+use crate::cluster::{Proposer, RaftView, Relay};
 use crate::raft::guard::{self, GuardError};
-use crate::raft::{decode, encode, HavenNode, Raft, TypeConfig};
+use crate::raft::network::AppendFrame;
+use crate::raft::{decode, encode, HavenNode, Raft};
 use crate::storage::Store;
-use crate::transport::{Outbound, Transport};
+use crate::transport::Transport;
+use crate::vm::host::VmHost;
+use crate::volume::host::VolumeHost;
 
-/// Everything needed to answer requests on one node.
+/// Everything needed to answer requests on one node. Built last (`node::run`), around the hosts:
+/// nothing below this layer holds it.
 pub struct NodeService {
     pub id: NodeId,
     pub raft: Raft,
+    pub view: RaftView,
     pub store: Store,
     pub transport: Transport,
     pub registry: ActorRegistry,
-    pub request_timeout: Duration,
-    /// TEST ONLY (`HAVEN_UNSAFE_ACK_BEFORE_COMMIT=1`): acknowledge writes as soon as they are
-    /// proposed, before they are committed. Exists so the chaos harness can prove its checkers
-    /// catch lost acknowledged writes; never set it anywhere else.
-    pub unsafe_ack_before_commit: bool,
-    /// The node's volumes (set once at start-up, after this service exists).
-    pub volumes: std::sync::OnceLock<Arc<crate::volume::host::VolumeHost>>,
-    /// The node's VMs (set once at start-up).
-    pub vms: std::sync::OnceLock<Arc<crate::vm::host::VmHost>>,
+    pub proposer: Proposer,
+    pub volumes: Arc<VolumeHost>,
+    pub vms: Arc<VmHost>,
     /// This host's lease on running guests, renewed by accepted AppendEntries (see `vm::fence`).
     pub lease: Arc<crate::vm::fence::HostLease>,
-    /// When each peer last acknowledged this node's AppendEntries (filled by `raft::network`).
-    pub peer_acks: crate::raft::network::PeerAcks,
-    /// Fencing timing (the plan controller waits out a silent destination's lease with it).
-    pub fence: crate::vm::fence::FenceTunables,
     /// This node's certificate and the CA's, as `ClientRequest::Certificates` reports them.
     pub certificates: Vec<CertificateInfo>,
 }
@@ -68,16 +62,6 @@ pub struct NodeService {
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
 }
-
-/// How a request reached this node, for forwarding it on: its flags, and the client it is
-/// relayed for (`None` when this node or another node is the caller).
-struct Relay {
-    flags: u32,
-    on_behalf_of: Option<Caller>,
-}
-
-/// A command this node could not commit, with openraft's pointer to the leader.
-type Redirect = (CatalogCommand, openraft::error::ForwardToLeader<u64, HavenNode>);
 
 /// Answer a Raft request the guard refused: logged, counted by reason, and told to the sender.
 fn refuse(rpc: RaftRpc, from: NodeId, refused: GuardError) -> Body {
@@ -105,11 +89,17 @@ impl NodeService {
             }
             Body::Node(NodeRequest::Propose { command }) => {
                 let proposed = match command.validate() {
-                    Ok(()) => self.propose(command, env.flags).await,
+                    Ok(()) => self.proposer.propose(command, env.flags).await,
                     Err(m) => Err(err(ErrorCode::InvalidRequest, m)),
                 };
                 proposed.map_or_else(Body::Error, Body::ClientReply)
             }
+            Body::Node(NodeRequest::ReadLeases) => match caller.node() {
+                Some(host) => {
+                    self.proposer.grant_read_leases(host, env.flags).await.map_or_else(Body::Error, Body::ClientReply)
+                }
+                None => Body::Error(err(ErrorCode::PermissionDenied, "read leases are for nodes")),
+            },
             Body::Actor(msg) => {
                 let routed = if env.dest.node == self.id {
                     self.registry.deliver_local(env.dest, msg).await
@@ -140,9 +130,9 @@ impl NodeService {
     /// reaches openraft.
     async fn handle_raft(&self, from: NodeId, rpc: RaftRpc, payload: &[u8]) -> Body {
         let reply = match rpc {
-            RaftRpc::AppendEntries => match decode::<AppendEntriesRequest<TypeConfig>>(payload) {
-                Ok(req) => match guard::check_append_entries(&req, from.0) {
-                    Ok(()) => encode(&self.append_entries(req).await),
+            RaftRpc::AppendEntries => match decode::<AppendFrame>(payload) {
+                Ok(frame) => match guard::check_append_entries(&frame.req, from.0) {
+                    Ok(()) => encode(&self.append_entries(frame).await),
                     Err(refused) => return refuse(rpc, from, refused),
                 },
                 Err(e) => Err(e),
@@ -172,92 +162,44 @@ impl NodeService {
         }
     }
 
-    /// Hand a guarded AppendEntries to openraft; an accepted one renews the host lease.
-    async fn append_entries(
-        &self,
-        req: AppendEntriesRequest<TypeConfig>,
-    ) -> Result<AppendEntriesResponse<u64>, RaftError<u64>> {
+    /// Hand a guarded AppendEntries to openraft; an accepted one renews the host lease, as of
+    /// the sending leader's last quorum contact (`vm::fence::contact_time`).
+    async fn append_entries(&self, frame: AppendFrame) -> Result<AppendEntriesResponse<u64>, RaftError<u64>> {
         let received = Instant::now();
-        let leader_commit = req.leader_commit.map(|l| l.index);
-        let reply = self.raft.append_entries(req).await;
+        let leader_commit = frame.req.leader_commit.map(|l| l.index);
+        let reply = self.raft.append_entries(frame.req).await;
         // Accepted from the current leader: quorum contact for the host lease, which counts once
         // the catalog applied what the leader had committed.
-        if matches!(reply, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))) {
+        let accepted = matches!(reply, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)));
+        if let Some(contact) = crate::vm::fence::contact_time(received, frame.leader_quorum_age_ms).filter(|_| accepted)
+        {
             let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
-            self.lease.follower_contact(received, leader_commit, applied);
+            self.lease.follower_contact(contact, leader_commit, applied);
         }
         reply
-    }
-
-    /// The node's volume host, once started.
-    pub fn volumes(&self) -> Option<Arc<crate::volume::host::VolumeHost>> {
-        self.volumes.get().cloned()
-    }
-
-    /// This node's view of itself and the cluster.
-    pub fn status(&self) -> NodeStatus {
-        let m = self.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let members: Vec<MemberInfo> = membership
-            .nodes()
-            .map(|(id, n)| MemberInfo {
-                id: NodeId(*id),
-                addr: n.addr.clone(),
-                admin_addr: n.admin_addr.clone(),
-                voter: voters.contains(id),
-                matched_index: m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index),
-            })
-            .collect();
-        let is_member = members.iter().any(|x| x.id == self.id);
-        let role = match m.state {
-            _ if members.is_empty() => NodeRole::Uninitialized,
-            ServerState::Leader => NodeRole::Leader,
-            ServerState::Follower => NodeRole::Follower,
-            ServerState::Candidate => NodeRole::Candidate,
-            ServerState::Learner => NodeRole::Learner,
-            ServerState::Shutdown => NodeRole::Shutdown,
-        };
-        NodeStatus {
-            id: self.id,
-            role,
-            term: m.current_term,
-            leader: m.current_leader.map(NodeId),
-            last_log_index: m.last_log_index,
-            last_applied_index: m.last_applied.map(|l| l.index),
-            healthy: is_member && m.current_leader.is_some() && role != NodeRole::Shutdown,
-            members,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        }
     }
 
     async fn handle_client(&self, req: ClientRequest, flags: u32, caller: Caller) -> Result<ClientResponse, WireError> {
         let relay = Relay { flags, on_behalf_of: (!caller.is_node()).then(|| caller.clone()) };
         match req {
-            ClientRequest::Status => Ok(ClientResponse::Status(self.status())),
+            ClientRequest::Status => Ok(ClientResponse::Status(self.view.status())),
             ClientRequest::WhoAmI => Ok(ClientResponse::Identity(caller)),
             ClientRequest::Certificates => Ok(ClientResponse::Certificates(self.certificates.clone())),
-            ClientRequest::LeaderStatus => match self.leader_only() {
-                Ok(()) => Ok(ClientResponse::Status(self.status())),
+            ClientRequest::LeaderStatus => match self.view.leader_only() {
+                Ok(()) => Ok(ClientResponse::Status(self.view.status())),
                 Err((leader, node)) => {
-                    self.forward(Body::Client(ClientRequest::LeaderStatus), leader, node, relay).await
+                    self.proposer.forward(Body::Client(ClientRequest::LeaderStatus), leader, node, relay).await
                 }
             },
             ClientRequest::Write { command } => {
                 command.validate().map_err(|m| err(ErrorCode::InvalidRequest, m))?;
-                self.client_write(command, relay).await
+                self.proposer.client_write(command, relay).await
             }
             ClientRequest::Read { query, linearizable } => {
                 if linearizable {
-                    let r = tokio::time::timeout(self.request_timeout, self.raft.ensure_linearizable()).await;
-                    match r {
-                        Err(_) => return Err(err(ErrorCode::Timeout, "leadership could not be confirmed in time")),
-                        Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
-                            let body = Body::Client(ClientRequest::Read { query, linearizable });
-                            return self.forward(body, f.leader_id, f.leader_node, relay).await;
-                        }
-                        Ok(Err(e)) => return Err(err(ErrorCode::Unavailable, e.to_string())),
-                        Ok(Ok(_)) => {}
+                    if let Err(f) = self.proposer.confirm_leadership().await? {
+                        let body = Body::Client(ClientRequest::Read { query, linearizable });
+                        return self.proposer.forward(body, f.leader_id, f.leader_node, relay).await;
                     }
                 }
                 catalog::query(&self.store, &query)
@@ -267,122 +209,10 @@ impl NodeService {
             ClientRequest::AddMember { member, voter } => self.add_member(member, voter, relay).await,
             ClientRequest::RemoveMember { id } => self.remove_member(id, relay).await,
             ClientRequest::Volume(req) => {
-                let host = self.volumes().ok_or_else(|| err(ErrorCode::Unavailable, "volumes are not running yet"))?;
-                host.client(req).await.map(ClientResponse::Volume)
+                self.volumes.client(req).await.map(ClientResponse::Volume).map_err(WireError::from)
             }
-            ClientRequest::Vm(req) => {
-                let host =
-                    self.vms.get().cloned().ok_or_else(|| err(ErrorCode::Unavailable, "VMs are not running yet"))?;
-                host.client(req).await.map(ClientResponse::Vm)
-            }
+            ClientRequest::Vm(req) => self.vms.client(req).await.map(ClientResponse::Vm).map_err(WireError::from),
         }
-    }
-
-    /// Propose a command from this node (any catalog command, internal ones included) and wait
-    /// until it is committed and applied; forwarded to the leader as a node request.
-    pub async fn write(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
-        debug_assert!(command.validate().is_ok(), "node components propose valid commands: {command:?}");
-        self.propose(command, flags).await
-    }
-
-    async fn propose(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
-        match self.commit(command).await? {
-            Ok(done) => Ok(done),
-            Err((command, f)) => {
-                let body = Body::Node(NodeRequest::Propose { command });
-                self.forward(body, f.leader_id, f.leader_node, Relay { flags, on_behalf_of: None }).await
-            }
-        }
-    }
-
-    /// A client's write: committed here when this node leads, else forwarded in the client's name.
-    async fn client_write(&self, command: ClientCommand, relay: Relay) -> Result<ClientResponse, WireError> {
-        match self.commit(command.clone().into()).await? {
-            Ok(done) => Ok(done),
-            Err((_, f)) => {
-                let body = Body::Client(ClientRequest::Write { command });
-                self.forward(body, f.leader_id, f.leader_node, relay).await
-            }
-        }
-    }
-
-    /// Commit `command` through this node's Raft. `Ok(Err(..))` gives the command back with the
-    /// leader to forward it to.
-    async fn commit(&self, command: CatalogCommand) -> Result<Result<ClientResponse, Redirect>, WireError> {
-        if self.unsafe_ack_before_commit && self.raft.metrics().borrow().state == ServerState::Leader {
-            // Deliberately broken (see the field): the entry is only proposed, not committed.
-            return match self.raft.client_write_ff(command).await {
-                Ok(_pending) => {
-                    Ok(Ok(ClientResponse::Written { index: 0, outcome: CommandOutcome::Put { previous: None } }))
-                }
-                Err(e) => Err(err(ErrorCode::Unavailable, e.to_string())),
-            };
-        }
-        let started = Instant::now();
-        let result = tokio::time::timeout(self.request_timeout, self.raft.client_write(command.clone())).await;
-        match result {
-            Err(_) => Err(err(ErrorCode::Timeout, "write not committed before the deadline; it may still commit")),
-            Ok(Ok(resp)) => {
-                metrics::histogram!("haven_raft_commit_seconds").record(started.elapsed().as_secs_f64());
-                Ok(Ok(ClientResponse::Written { index: resp.log_id.index, outcome: resp.data }))
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Ok(Err((command, f))),
-            // Anything else (e.g. the node shutting down) may strike after the entry was appended.
-            Ok(Err(e)) => Err(err(ErrorCode::Timeout, format!("write outcome unknown: {e}"))),
-        }
-    }
-
-    /// Send a leader-only request to the leader, once.
-    async fn forward(
-        &self,
-        body: Body,
-        leader: Option<u64>,
-        leader_node: Option<HavenNode>,
-        relay: Relay,
-    ) -> Result<ClientResponse, WireError> {
-        let (Some(leader), Some(node)) = (leader, leader_node) else {
-            return Err(err(ErrorCode::NoLeader, "no leader is known; an election may be in progress"));
-        };
-        let hint = Some((leader, node.addr.clone()));
-        if relay.flags & EnvelopeFlags::FORWARDED != 0 || leader == self.id.0 {
-            return Err(WireError {
-                code: ErrorCode::NotLeader,
-                message: format!("leader is node-{leader}"),
-                leader: hint,
-            });
-        }
-        let addr = self.transport.dial_addr(NodeId(leader), &node.addr).await.map_err(|m| WireError {
-            code: ErrorCode::NotLeader,
-            message: m,
-            leader: hint.clone(),
-        })?;
-        let out = Outbound {
-            dest: ActorAddr::node(NodeId(leader)),
-            body,
-            flags: EnvelopeFlags::FORWARDED,
-            on_behalf_of: relay.on_behalf_of,
-        };
-        let reply = self.transport.send(addr, out, self.request_timeout).await;
-        match reply {
-            Ok(Envelope { body: Body::ClientReply(r), .. }) => Ok(r),
-            Ok(Envelope { body: Body::Error(e), .. }) => Err(e),
-            Ok(other) => Err(err(ErrorCode::Internal, format!("leader sent a {} reply", other.kind().as_str()))),
-            Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. })) => Err(WireError {
-                code: ErrorCode::NotLeader,
-                message: format!("cannot reach leader: {e}"),
-                leader: hint,
-            }),
-            Err(e) => Err(err(ErrorCode::Timeout, format!("forwarded to node-{leader}, outcome unknown: {e}"))),
-        }
-    }
-
-    fn leader_only(&self) -> Result<(), (Option<u64>, Option<HavenNode>)> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.state == ServerState::Leader {
-            return Ok(());
-        }
-        let node = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
-        Err((m.current_leader, node))
     }
 
     /// Ask a would-be member for its status, retrying for up to 3 s (a node just started may
@@ -415,8 +245,11 @@ impl NodeService {
     }
 
     async fn add_member(&self, member: MemberSpec, voter: bool, relay: Relay) -> Result<ClientResponse, WireError> {
-        if let Err((leader, node)) = self.leader_only() {
-            return self.forward(Body::Client(ClientRequest::AddMember { member, voter }), leader, node, relay).await;
+        if let Err((leader, node)) = self.view.leader_only() {
+            return self
+                .proposer
+                .forward(Body::Client(ClientRequest::AddMember { member, voter }), leader, node, relay)
+                .await;
         }
         crate::config::check_addr("member address", &member.addr)
             .map_err(|e| err(ErrorCode::InvalidRequest, e.to_string()))?;
@@ -425,7 +258,7 @@ impl NodeService {
         if member.id.0 == 0 {
             return Err(err(ErrorCode::InvalidRequest, "node id must be greater than 0"));
         }
-        let status = self.status();
+        let status = self.view.status();
         if status.members.iter().any(|m| m.id == member.id) {
             return Err(err(ErrorCode::InvalidRequest, format!("{} is already a member", member.id)));
         }
@@ -446,10 +279,11 @@ impl NodeService {
             other => return Err(err(ErrorCode::Unavailable, format!("unexpected probe reply {:?}", other.kind()))),
         }
         let node = HavenNode { addr: member.addr.clone(), admin_addr: member.admin_addr.clone() };
-        let added = tokio::time::timeout(self.request_timeout * 4, self.raft.add_learner(member.id.0, node, true))
-            .await
-            .map_err(|_| err(ErrorCode::Timeout, "the new learner did not catch up in time"))?
-            .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
+        let added =
+            tokio::time::timeout(self.proposer.request_timeout() * 4, self.raft.add_learner(member.id.0, node, true))
+                .await
+                .map_err(|_| err(ErrorCode::Timeout, "the new learner did not catch up in time"))?
+                .map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
         info!(id = %member.id, addr = %member.addr, "added learner");
         let mut index = added.log_id.index;
         if voter {
@@ -465,10 +299,10 @@ impl NodeService {
     }
 
     async fn remove_member(&self, id: NodeId, relay: Relay) -> Result<ClientResponse, WireError> {
-        if let Err((leader, node)) = self.leader_only() {
-            return self.forward(Body::Client(ClientRequest::RemoveMember { id }), leader, node, relay).await;
+        if let Err((leader, node)) = self.view.leader_only() {
+            return self.proposer.forward(Body::Client(ClientRequest::RemoveMember { id }), leader, node, relay).await;
         }
-        let status = self.status();
+        let status = self.view.status();
         let Some(target) = status.members.iter().find(|m| m.id == id) else {
             return Err(err(ErrorCode::NotFound, format!("{id} is not a member")));
         };

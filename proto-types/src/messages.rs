@@ -73,6 +73,10 @@ pub enum NodeRequest {
     /// Propose any catalog command, internal ones included (forwarded to the leader once).
     /// Answered with [`ClientResponse::Written`].
     Propose { command: CatalogCommand },
+    /// Ask the leader for read leases on the volumes this node is primary of (see
+    /// `volume::core::lease` in the node). Answered with [`ClientResponse::ReadLeases`] once the
+    /// leader confirmed with a quorum that it still leads (forwarded to the leader once).
+    ReadLeases,
 }
 
 /// One certificate as a node reports it (`havenctl cluster certs`).
@@ -153,6 +157,8 @@ pub enum ClientResponse {
     /// The caller as the node authenticated it.
     Identity(Caller),
     Certificates(Vec<CertificateInfo>),
+    /// The volumes (and their epochs) the leader's catalog names the asking node primary of.
+    ReadLeases(Vec<(crate::ids::VolumeId, u64)>),
 }
 
 /// A message to an actor. Every actor answers `Ping` and `Describe`; device actors take

@@ -58,7 +58,8 @@ impl Handler<Deliver> for DeviceActor {
             // this mailbox, so one busy volume never holds up another's messages.
             ActorMessage::Device(m) => Box::pin(async move {
                 match tokio::spawn(async move { engine.handle(m).await }).await {
-                    Ok(r) => r.map(ActorReply::Device),
+                    // The volume layer's error becomes a wire error here, once.
+                    Ok(r) => r.map(ActorReply::Device).map_err(WireError::from),
                     Err(e) => Err(WireError::new(haven_proto::ErrorCode::Internal, format!("device task failed: {e}"))),
                 }
             }),

@@ -49,7 +49,9 @@ impl Handler<Deliver> for HostAgent {
                 Some(vms) => {
                     return Box::pin(async move {
                         match tokio::spawn(async move { vms.group(req).await }).await {
-                            Ok(r) => r.map(|g| ActorReply::Vm(haven_proto::vm::VmResponse::Group(g))),
+                            Ok(r) => r
+                                .map(|g| ActorReply::Vm(haven_proto::vm::VmResponse::Group(g)))
+                                .map_err(WireError::from),
                             Err(e) => Err(WireError::new(ErrorCode::Internal, format!("group task failed: {e}"))),
                         }
                     })

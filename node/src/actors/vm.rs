@@ -43,7 +43,8 @@ impl Handler<Deliver> for VmActor {
                     incarnation: super::incarnation(),
                 }),
                 ActorMessage::Vm(m) => match tokio::spawn(async move { host.handle(m).await }).await {
-                    Ok(r) => r.map(ActorReply::Vm),
+                    // The VM layer's error becomes a wire error here, once.
+                    Ok(r) => r.map(ActorReply::Vm).map_err(WireError::from),
                     Err(e) => Err(WireError::new(ErrorCode::Internal, format!("VM task failed: {e}"))),
                 },
                 ActorMessage::Device(_) => {

@@ -14,9 +14,10 @@
 //! source as the outcome says, with the memory it had (the lineage of its recovery image).
 //!
 //! `HAVEN_MODEL_SEEDS=N` runs N seeds, `HAVEN_MODEL_SEED=S` one; a failure prints its replay
-//! command. `HAVEN_MODEL_RACE4=1` models follower leases as the code renews them today (issue 11
-//! race 4: any accepted AppendEntries, even a deposed leader's); by default a follower's
-//! contact counts only up to the sending leader's last quorum contact, as a fix must make it.
+//! command. Follower leases are renewed through the real `vm::fence::contact_time`: an accepted
+//! AppendEntries counts as of the sending leader's last quorum contact. `HAVEN_MODEL_RACE4=1`
+//! models them as the code renewed them before issue 11's race 4 was fixed (at the receive
+//! time of any accepted AppendEntries, even a deposed leader's).
 //!
 //! The host side is a model of `vm::host` and `vm::group` (not their code): it keeps their
 //! decisions (reconcile, fencing, commit/abort of a migration, restore generations) but not their
@@ -39,8 +40,9 @@ use rocksdb::WriteBatch;
 
 use super::plan_step::{self, BackEnd, FailBackRoute, GuestSeen, MigrateEnd, MigrateMemory, Unverified};
 use crate::catalog::{self, CatalogTxn};
+use crate::config::FenceTunables;
 use crate::storage::{Store, CF_CATALOG};
-use crate::vm::fence::{FenceTunables, HostLease};
+use crate::vm::fence::{contact_time, HostLease};
 
 const TICK_MS: u64 = 50;
 const HOST_DOWN_MS: u64 = 2_000;
@@ -188,6 +190,9 @@ struct Host {
     /// Announcements to withdraw (vm, to, generation): the migration token stays held meanwhile.
     aborts: Vec<(VmId, NodeId, u64)>,
     stale_since: BTreeMap<VmId, u64>,
+    /// VMs this host moved away by a commit its catalog may not show yet: vm → the generation
+    /// the commit replaced (`vm::host`'s `departed`).
+    departed: BTreeMap<VmId, u64>,
     restart_at: Option<u64>,
 }
 
@@ -296,9 +301,9 @@ struct Sim {
     /// A deposed leader cut off with a minority: it still sends heartbeats to its side (openraft
     /// 0.9 leaders do not step down), with the commit index it had.
     stale_leader: Option<(NodeId, u64, usize, u64)>,
-    /// Issue 11 race 4 as the code has it: a follower's lease is renewed by any AppendEntries it
-    /// accepts, even from a leader without a quorum. Off: renewed only up to the sending
-    /// leader's last quorum contact (what a fix must achieve).
+    /// Issue 11 race 4 as the code had it: a follower's lease is renewed by any AppendEntries it
+    /// accepts, at its receive time, even from a leader without a quorum. Off (the code now):
+    /// renewed only up to the sending leader's last quorum contact.
     race4: bool,
     term: u64,
     election_at: Option<u64>,
@@ -359,6 +364,7 @@ impl Sim {
                 incoming: BTreeMap::new(),
                 aborts: Vec::new(),
                 stale_since: BTreeMap::new(),
+                departed: BTreeMap::new(),
                 restart_at: None,
             })
             .collect();
@@ -647,6 +653,7 @@ impl Sim {
         h.incoming.clear();
         h.aborts.clear();
         h.stale_since.clear();
+        h.departed.clear();
         h.restart_at = Some(restart);
         self.streams.retain(|s| s.from != id);
         if self.leader.as_ref().is_some_and(|l| l.id == id) {
@@ -730,19 +737,20 @@ impl Sim {
                 l.quorum_at = self.now;
             }
             let (id, term, quorum_at) = (l.id, l.term, l.quorum_at);
-            let renew_at = if self.race4 { self.now } else { quorum_at };
-            self.contact(id, term, commit, quorum, renew_at);
+            self.contact(id, term, commit, quorum, quorum_at);
         }
         if let Some((id, term, old_commit, quorum_at)) = self.stale_leader {
-            let renew_at = if self.race4 { self.now } else { quorum_at };
-            self.contact(id, term, old_commit, false, renew_at);
+            self.contact(id, term, old_commit, false, quorum_at);
         }
     }
 
-    /// `leader`'s AppendEntries reach its side; followers count them as contact at `renew_at`.
-    fn contact(&mut self, leader: NodeId, term: u64, commit: usize, quorum: bool, renew_at: u64) {
+    /// `leader`'s AppendEntries reach its side, each saying how long before it was sent the
+    /// leader last heard from a quorum (at `quorum_at`); followers count them as contact from
+    /// then (`contact_time`).
+    fn contact(&mut self, leader: NodeId, term: u64, commit: usize, quorum: bool, quorum_at: u64) {
         let now = self.at(self.now);
-        let renew_at = self.at(renew_at);
+        let age_ms = if self.race4 { 0 } else { self.now - quorum_at };
+        let Some(renew_at) = contact_time(now, Some(age_ms)) else { return };
         let ids: Vec<NodeId> = self.hosts.iter().map(|h| h.id).collect();
         for id in ids {
             if !self.link(leader, id) || self.host(id).term_seen > term {
@@ -800,7 +808,11 @@ impl Sim {
         h.incoming.retain(|vm, _| view.vms.get(vm).is_some_and(|r| r.host == id || r.migrating_to == Some(id)));
         let mine: Vec<&VmRecord> = view.vms.values().filter(|r| r.host == id).collect();
         h.guests.retain(|vm, _| mine.iter().any(|r| r.id == *vm));
+        h.departed.retain(|vm, g| mine.iter().any(|r| r.id == *vm && r.generation <= *g));
         for r in mine {
+            if h.departed.contains_key(&r.id) {
+                continue; // moved away by our own commit; the catalog here predates it
+            }
             let installed = h.guests.get(&r.id).map(|g| g.generation);
             if restore_pending(id, r, &view.plans, installed) {
                 continue;
@@ -832,6 +844,9 @@ impl Sim {
                 continue;
             }
             h.stale_since.remove(&r.id);
+            if streaming.contains(&r.id) {
+                continue; // our migration of it owns the run state, whatever this catalog says
+            }
             if let Some(g) = h.guests.get_mut(&r.id) {
                 if r.desired == VmRunState::Running && !g.running && may_run {
                     g.running = true;
@@ -959,7 +974,9 @@ impl Sim {
         };
         if moved {
             self.note(format!("{} moved to {} (commit)", s.vm, s.to));
-            self.host_mut(s.from).guests.remove(&s.vm);
+            let h = self.host_mut(s.from);
+            h.guests.remove(&s.vm);
+            h.departed.insert(s.vm, s.generation);
         } else {
             self.note(format!("commit of {} to {} refused; resuming at {}", s.vm, s.to, s.from));
             let valid = self.lease_valid(s.from);
@@ -1696,14 +1713,20 @@ fn plan_model_regression_leader_destination_is_never_fenced() {
 
 /// Issue 11 race 4, confirmed: five hosts, the leader and the destination cut off together. The
 /// deposed leader keeps sending AppendEntries (openraft 0.9 leaders do not step down), which
-/// renew the destination's lease, so it keeps running vm-1 after the new leader waited out the
-/// lease from its election and restored the group at the source. Fails until a follower's
-/// lease is renewed only up to the sending leader's last quorum contact (the host-lease work of
-/// issue 11); `HAVEN_MODEL_RACE4=1` hunts more of these.
+/// renewed the destination's lease at their receive time, so it kept running vm-1 after the new
+/// leader waited out the lease from its election and restored the group at the source.
+/// `HAVEN_MODEL_RACE4=1` hunts more of these.
 #[test]
-#[ignore = "issue 11 race 4: a deposed leader's AppendEntries renew host leases (fix pending in vm::fence)"]
-fn plan_model_regression_race4_deposed_leader_renews_a_lease() {
-    assert_seed(2807, true);
+fn plan_model_regression_race4_deposed_leader_renewed_a_lease() {
+    let e = run_seed_with(2807, true).expect_err("renewing at the receive time must fail this seed");
+    assert!(e.contains("at once"), "{e}");
+}
+
+/// Race 4 fixed: a follower's contact counts as of the sending leader's last quorum contact
+/// (`vm::fence::contact_time`, the age every `raft::network::AppendFrame` carries).
+#[test]
+fn plan_model_regression_race4_a_deposed_leader_renews_no_lease() {
+    assert_seed(2807, false);
 }
 
 /// The destination crashed after vm-1's migration committed but before the plan recorded it
@@ -1715,15 +1738,13 @@ fn plan_model_regression_destination_restart_before_arrival_is_recorded() {
     assert_seed(5496, false);
 }
 
-/// Found, not fixed: the source's catalog still predated its own `BeginMigration` (no
-/// AppendEntries reached it across two elections) while its lease, renewed before, was still
-/// valid. After the commit the source dropped its guest, and its reconcile, reading that stale
-/// catalog (vm-1 on the source, no migration announced), started vm-1 again while the
-/// destination ran it. `vm::host` reconcile has the same gap: it leaves a VM alone only while its
-/// *catalog record* shows a migration, not while a local migration holds the VM's token, and it
-/// does not wait for its catalog to show a commit it proposed. Ignored until that is fixed.
+/// The source's catalog still predated its own `BeginMigration` (no AppendEntries reached it
+/// across two elections) while its lease, renewed before, was still valid. After the commit the
+/// source dropped its guest, and its reconcile, reading that stale catalog (vm-1 on the source,
+/// no migration announced), started vm-1 again while the destination ran it. `vm::host`'s
+/// reconcile now leaves a VM alone while a local migration holds it, and after a commit until
+/// its catalog shows the move (`departed`).
 #[test]
-#[ignore = "found by plan_model: a source whose catalog lags its own migration restarts the guest (fix pending in vm::host)"]
 fn plan_model_regression_source_catalog_behind_its_own_migration() {
     assert_seed(30898, false);
 }

@@ -19,7 +19,8 @@ use haven_proto::plan::{MigrationPlan, PlanVmPhase};
 use haven_proto::vm::VmRecord;
 use haven_proto::{NodeId, VmId};
 
-use crate::vm::fence::{remaining_wait, FenceTunables};
+use crate::config::FenceTunables;
+use crate::vm::fence::remaining_wait;
 
 /// `ms` as a duration for humans.
 pub fn ms_text(ms: u64) -> String {

@@ -27,7 +27,7 @@
 //! again before the group is placed back, fail-back takes the live path instead; if it answers
 //! after, the restore waits until it holds none of the group's VMs. The wait is in the step log.
 //!
-//! This module proposes catalog commands through the service and asks hosts to act by message;
+//! This module proposes catalog commands through the `Proposer` and asks hosts to act by message;
 //! it must not write storage directly or touch guests itself. It keeps no state a new leader
 //! would need.
 
@@ -45,54 +45,32 @@ use haven_proto::{
     WireError,
 };
 use openraft::ServerState;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::plan_step::{self, ms_text, BackEnd, FailBackRoute, GuestSeen, MigrateEnd, MigrateMemory, Unverified};
+use super::LeaderHandles;
 use crate::catalog;
-use crate::service::NodeService;
+use crate::config::{FenceTunables, PlanTunables};
+use crate::raft::network::PeerAcks;
 use crate::vm::host::VmHost;
-
-/// Timing of migration plans. Tests shrink these.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct PlanTunables {
-    /// How often the controller looks at plans and polls migrations.
-    pub poll_ms: u64,
-    /// A destination silent this long fails the plan back.
-    pub host_down_ms: u64,
-    /// Longest one VM's live migration may take before the plan fails back.
-    pub vm_migration_timeout_ms: u64,
-    /// Longest a group operation (snapshot, consolidation, restore) may take on a host.
-    pub group_op_timeout_ms: u64,
-    /// How long fail-back waits for cancelled migrations to stop before it retries.
-    pub cancel_wait_ms: u64,
-    /// Group snapshots up to this many MiB of guest memory are pre-copied into in-memory shadows
-    /// while the group runs (the pause copies only the pages written since the last round) and
-    /// written after it resumes; bigger ones are written to disk while the group is paused.
-    pub capture_in_memory_mib: u64,
-}
-
-impl Default for PlanTunables {
-    fn default() -> Self {
-        Self {
-            poll_ms: 100,
-            host_down_ms: 2_000,
-            vm_migration_timeout_ms: 300_000,
-            group_op_timeout_ms: 120_000,
-            cancel_wait_ms: 30_000,
-            capture_in_memory_mib: 1024,
-        }
-    }
-}
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What the plan controller needs besides the [`LeaderHandles`]: the local VM host (group jobs
+/// on this node), the peers' last acknowledgements and the fencing timing (to wait out a silent
+/// destination's host lease).
+pub struct PlanDeps {
+    pub vms: Arc<VmHost>,
+    pub peer_acks: PeerAcks,
+    pub fence: FenceTunables,
+}
+
 /// Run until the process ends; acts only while this node leads.
-pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
+pub async fn run(leader: LeaderHandles, deps: PlanDeps, t: PlanTunables) {
+    let deps = Arc::new(deps);
     let poll = Duration::from_millis(t.poll_ms.max(10));
     let mut tasks: HashMap<u64, JoinHandle<()>> = HashMap::new();
     let mut term: Option<u64> = None;
@@ -101,7 +79,7 @@ pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
     loop {
         tokio::time::sleep(poll).await;
         let (state, current_term) = {
-            let m = service.raft.metrics();
+            let m = leader.view.metrics();
             let m = m.borrow();
             (m.state, m.current_term)
         };
@@ -117,14 +95,13 @@ pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
                 continue;
             }
         }
-        let Some(vms) = service.vms.get().cloned() else { continue };
         tasks.retain(|_, h| !h.is_finished());
         // Non-final plans every round (cheap: an index); final plans still holding recovery
         // images now and then (a scan of every plan).
         let plans = if rounds == 0 {
-            catalog::plans::plans_needing_work(&service.store)
+            catalog::plans::plans_needing_work(&leader.store)
         } else {
-            catalog::plans::active_plans(&service.store)
+            catalog::plans::active_plans(&leader.store)
         };
         rounds = (rounds + 1) % 50;
         let Ok(plans) = plans else { continue };
@@ -133,8 +110,8 @@ pub async fn run(service: Arc<NodeService>, t: PlanTunables) {
                 continue;
             }
             let driver = Driver {
-                service: service.clone(),
-                vms: vms.clone(),
+                leader: leader.clone(),
+                deps: deps.clone(),
                 t: t.clone(),
                 term: current_term,
                 leading_since,
@@ -162,8 +139,8 @@ type Step = Result<(), StepError>;
 
 /// Drives one plan for one leadership term.
 struct Driver {
-    service: Arc<NodeService>,
-    vms: Arc<VmHost>,
+    leader: LeaderHandles,
+    deps: Arc<PlanDeps>,
     t: PlanTunables,
     term: u64,
     /// When this node's controller saw it become leader in `term` (no earlier than the election).
@@ -183,17 +160,17 @@ enum FenceWait {
 
 impl Driver {
     fn me(&self) -> NodeId {
-        self.service.id
+        self.leader.view.id()
     }
 
     fn leading(&self) -> bool {
-        let m = self.service.raft.metrics();
+        let m = self.leader.view.metrics();
         let m = m.borrow();
         m.state == ServerState::Leader && m.current_term == self.term
     }
 
     fn load(&self, id: u64) -> Result<MigrationPlan, StepError> {
-        match catalog::plans::plan(&self.service.store, id) {
+        match catalog::plans::plan(&self.leader.store, id) {
             Ok(Some(p)) => Ok(p),
             Ok(None) => Err(Lost),
             Err(e) => Err(Retry(format!("reading plan {id}: {e}"))),
@@ -201,7 +178,7 @@ impl Driver {
     }
 
     fn record(&self, vm: VmId) -> Result<Option<VmRecord>, StepError> {
-        catalog::vms::vm(&self.service.store, vm).map_err(|e| Retry(format!("reading {vm}: {e}")))
+        catalog::vms::vm(&self.leader.store, vm).map_err(|e| Retry(format!("reading {vm}: {e}")))
     }
 
     async fn drive(self, id: u64) {
@@ -288,7 +265,7 @@ impl Driver {
     }
 
     async fn propose(&self, cmd: PlanCommand) -> Result<MigrationPlan, StepError> {
-        match self.service.write(CatalogCommand::Plan(cmd), 0).await {
+        match self.leader.proposer.write(CatalogCommand::Plan(cmd), 0).await {
             Ok(ClientResponse::Written { outcome: CommandOutcome::Plan(PlanOutcome::Plan(p)), .. }) => Ok(*p),
             Ok(ClientResponse::Written {
                 outcome: CommandOutcome::Plan(PlanOutcome::Refused { reason, .. }), ..
@@ -342,7 +319,7 @@ impl Driver {
     /// `host`'s process incarnation (it changes when the node restarts), if its agent answers.
     async fn incarnation(&self, host: NodeId) -> Option<u64> {
         let wait = Duration::from_millis((self.t.host_down_ms / 2).clamp(100, 1000));
-        match self.service.registry.send_timeout(ActorAddr::host_agent(host), ActorMessage::Describe, wait).await {
+        match self.leader.registry.send_timeout(ActorAddr::host_agent(host), ActorMessage::Describe, wait).await {
             Ok(ActorReply::Description { incarnation, .. }) => Some(incarnation),
             _ => None,
         }
@@ -368,7 +345,7 @@ impl Driver {
                 return Err(WireError::new(ErrorCode::NotLeader, "lost leadership"));
             }
             let sent = self
-                .service
+                .leader
                 .registry
                 .send(ActorAddr::host_agent(host), ActorMessage::Vm(haven_proto::vm::VmMessage::Group(req.clone())))
                 .await;
@@ -397,7 +374,7 @@ impl Driver {
     }
 
     async fn status(&self, vm: VmId) -> Result<VmStatus, WireError> {
-        match self.vms.client(VmRequest::Status { vm }).await? {
+        match self.deps.vms.client(VmRequest::Status { vm }).await? {
             VmResponse::Status(s) => Ok(s),
             other => Err(WireError::new(ErrorCode::Internal, format!("unexpected answer {other:?}"))),
         }
@@ -405,12 +382,12 @@ impl Driver {
 
     /// Why `vm`'s last migration ended, as its host reports it.
     async fn migration_reason(&self, vm: VmId) -> String {
-        match self.vms.client(VmRequest::MigrationProgress { vm }).await {
+        match self.deps.vms.client(VmRequest::MigrationProgress { vm }).await {
             Ok(VmResponse::Migration(r)) => {
                 format!("{} ({})", r.phase, r.reason.unwrap_or_else(|| "no reason given".into()))
             }
             Ok(other) => format!("unexpected answer {other:?}"),
-            Err(e) => format!("ended without moving it (no report: {})", e.message),
+            Err(e) => format!("ended without moving it (no report: {})", e.message()),
         }
     }
 
@@ -482,7 +459,7 @@ impl Driver {
             let start = match round.end {
                 MigrateEnd::Fail(why) => return Err(Fail(why)),
                 MigrateEnd::TimedOut { vm, why } => {
-                    let _ = self.vms.client(VmRequest::CancelMigration { vm }).await;
+                    let _ = self.deps.vms.client(VmRequest::CancelMigration { vm }).await;
                     self.vm_phase(&plan, vm, PlanVmPhase::Failed, Some(why.clone())).await?;
                     return Err(Fail(format!("{vm} {why}")));
                 }
@@ -499,7 +476,7 @@ impl Driver {
             };
             for vm in start {
                 let req = VmRequest::Migrate { vm, to: plan.to, options: plan.options.clone(), plan: Some(plan.id) };
-                match self.vms.client(req).await {
+                match self.deps.vms.client(req).await {
                     Ok(_) => {
                         mem.started_ms.insert(vm, mono());
                         info!(plan = plan.id, %vm, to = %plan.to, "migration started");
@@ -509,8 +486,8 @@ impl Driver {
                         if !self.leading() {
                             return Err(Lost);
                         }
-                        self.vm_phase(&plan, vm, PlanVmPhase::Failed, Some(e.message.clone())).await?;
-                        return Err(Fail(format!("{vm} could not start migrating to {}: {}", plan.to, e.message)));
+                        self.vm_phase(&plan, vm, PlanVmPhase::Failed, Some(e.message())).await?;
+                        return Err(Fail(format!("{vm} could not start migrating to {}: {}", plan.to, e.message())));
                     }
                 }
             }
@@ -586,7 +563,7 @@ impl Driver {
             }
             if !asked {
                 for vm in &moving {
-                    if let Err(e) = self.vms.client(VmRequest::CancelMigration { vm: *vm }).await {
+                    if let Err(e) = self.deps.vms.client(VmRequest::CancelMigration { vm: *vm }).await {
                         warn!(plan = plan.id, %vm, error = %e, "cancel request not delivered; waiting for the migration to end");
                     }
                 }
@@ -713,7 +690,7 @@ impl Driver {
                 BackEnd::Home => return Ok(()),
                 BackEnd::Fail(why) => return Err(Fail(why)),
                 BackEnd::TimedOut { vm, why } => {
-                    let _ = self.vms.client(VmRequest::CancelMigration { vm }).await;
+                    let _ = self.deps.vms.client(VmRequest::CancelMigration { vm }).await;
                     return Err(Fail(why));
                 }
                 BackEnd::Bounced { vm } => {
@@ -725,11 +702,11 @@ impl Driver {
             for vm in start {
                 self.vm_phase(&plan, vm, PlanVmPhase::Returning, None).await?;
                 let req = VmRequest::Migrate { vm, to: plan.from, options: plan.options.clone(), plan: Some(plan.id) };
-                match self.vms.client(req).await {
+                match self.deps.vms.client(req).await {
                     Ok(_) => {
                         mem.started_ms.insert(vm, mono());
                     }
-                    Err(e) => return Err(Fail(format!("{vm} could not start migrating back: {}", e.message))),
+                    Err(e) => return Err(Fail(format!("{vm} could not start migrating back: {}", e.message()))),
                 }
             }
             tokio::time::sleep(self.poll).await;
@@ -778,8 +755,8 @@ impl Driver {
 
     /// How long until the destination can no longer hold a host lease.
     fn fence_wait(&self, host: NodeId) -> Duration {
-        let last_ack = self.service.peer_acks.last(host.0);
-        plan_step::fence_wait(host, self.me(), last_ack, self.leading_since, Instant::now(), &self.service.fence)
+        let last_ack = self.deps.peer_acks.last(host.0);
+        plan_step::fence_wait(host, self.me(), last_ack, self.leading_since, Instant::now(), &self.deps.fence)
     }
 
     /// Whether `plan.to` answers, itself, that it has no guest of any VM of the group.
@@ -788,7 +765,7 @@ impl Driver {
         for vm in &plan.vms {
             let addr = ActorAddr { node: plan.to, kind: haven_proto::ActorKind::Vm, id: vm.0 };
             let ask = ActorMessage::Vm(haven_proto::vm::VmMessage::Client(VmRequest::Status { vm: *vm }));
-            match self.service.registry.send_timeout(addr, ask, wait).await {
+            match self.leader.registry.send_timeout(addr, ask, wait).await {
                 Err(e) if e.code == ErrorCode::NotFound => {} // no actor for it there
                 _ => return false,
             }
@@ -800,7 +777,7 @@ impl Driver {
     /// and say how that was established, for the step log.
     async fn await_fenced(&self, plan: &MigrationPlan, mode: FenceWait) -> Result<String, StepError> {
         let started = Instant::now();
-        let f = &self.service.fence;
+        let f = &self.deps.fence;
         let mut logged = false;
         loop {
             if !self.leading() {
@@ -865,13 +842,13 @@ impl Driver {
             let seen =
                 GuestSeen { host: status.host, state: status.state, last_seq: status.last_seq, origin: status.origin };
             plan_step::verify_guest(plan, &r, &seen, restored)?;
-            match self.vms.client(VmRequest::Check { vm: r.id }).await {
+            match self.deps.vms.client(VmRequest::Check { vm: r.id }).await {
                 Ok(VmResponse::Check { .. }) => checked += 1,
                 Ok(other) => return Err(NotYet(format!("{}: unexpected answer {other:?}", r.id))),
-                Err(e) if e.code == ErrorCode::Internal => {
-                    return Err(Gone(format!("check of {} failed: {}", r.id, e.message)))
+                Err(e) if e.code() == ErrorCode::Internal => {
+                    return Err(Gone(format!("check of {} failed: {}", r.id, e.message())))
                 }
-                Err(e) => return Err(NotYet(format!("check of {}: {}", r.id, e.message))),
+                Err(e) => return Err(NotYet(format!("check of {}: {}", r.id, e.message()))),
             }
         }
         Ok(format!("{checked} VMs run on {} and their memory and disks check out", plan.from))

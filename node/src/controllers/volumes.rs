@@ -6,8 +6,11 @@
 //! in-sync replicas that are up (lowest id first), through one `SetReplication` command that
 //! also removes the old primary from the in-sync set — so the old primary, when it returns, is
 //! a stale replica that must resync (C5) before it counts again. Only in-sync replicas hold
-//! every acknowledged write, so no acknowledged write is lost. The controller keeps no state a
-//! new leader would need: it starts from the catalog and fresh probes.
+//! every acknowledged write, so no acknowledged write is lost. Before it fails a volume over,
+//! the controller waits until the old primary's read lease has lapsed for certain
+//! (`volume::core::lease`): a primary that is only cut off would otherwise keep serving reads
+//! the new primary has overwritten. The controller keeps no state a new leader would need: it
+//! starts from the catalog and fresh probes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,24 +18,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use haven_proto::volume::{SnapshotKind, VolumeCommand, VolumeRequest};
 use haven_proto::{ActorAddr, ActorMessage, CatalogCommand, NodeId};
-use openraft::ServerState;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::LeaderHandles;
 use crate::catalog;
-use crate::service::NodeService;
-use crate::volume::replica::VolumeTunables;
+use crate::config::VolumeTunables;
+use crate::volume::host::VolumeHost;
 
 /// Run until the process ends; acts only while this node leads.
-pub async fn run(service: Arc<NodeService>, tunables: VolumeTunables) {
+pub async fn run(leader: LeaderHandles, volumes: Arc<VolumeHost>, tunables: VolumeTunables) {
+    let me = leader.view.id();
     let probe = Duration::from_millis(tunables.probe_ms);
     let down_after = Duration::from_millis(tunables.host_down_ms);
     let mut last_ok: HashMap<NodeId, Instant> = HashMap::new();
     let mut policy_runs: HashMap<String, Instant> = HashMap::new();
     let mut was_leader = false;
+    let mut leading_since = Instant::now();
     loop {
         tokio::time::sleep(probe).await;
-        let leader = service.raft.metrics().borrow().state == ServerState::Leader;
-        if !leader {
+        if !leader.view.is_leader() {
             was_leader = false;
             continue;
         }
@@ -42,13 +46,15 @@ pub async fn run(service: Arc<NodeService>, tunables: VolumeTunables) {
             last_ok.clear();
             policy_runs.clear();
             was_leader = true;
+            // Noticed here, after the election: later than it was, which only lengthens the
+            // wait for an old primary's read lease.
+            leading_since = now;
         }
-        let Ok(hosts) = catalog::hosts(&service.store) else { continue };
-        let probes = hosts.iter().filter(|h| h.id != service.id).map(|h| {
-            let (service, id) = (service.clone(), h.id);
+        let Ok(hosts) = catalog::hosts(&leader.store) else { continue };
+        let probes = hosts.iter().filter(|h| h.id != me).map(|h| {
+            let (registry, id) = (leader.registry.clone(), h.id);
             async move {
-                let ok = service
-                    .registry
+                let ok = registry
                     .send_timeout(ActorAddr::host_agent(id), ActorMessage::Ping { nonce: 0 }, probe * 2)
                     .await
                     .is_ok();
@@ -61,17 +67,24 @@ pub async fn run(service: Arc<NodeService>, tunables: VolumeTunables) {
                 *entry = Instant::now();
             }
         }
-        last_ok.insert(service.id, Instant::now());
+        last_ok.insert(me, Instant::now());
         let is_up = |id: &NodeId| last_ok.get(id).is_some_and(|t| t.elapsed() < down_after);
-        fail_over(&service, &is_up).await;
-        run_policies(&service, &mut policy_runs).await;
+        let lapse = Duration::from_millis(tunables.read_lease_ms + tunables.read_lease_margin_ms);
+        let lease_wait = |host: NodeId| leader.proposer.read_lease_wait(host, leading_since, lapse);
+        fail_over(&leader, &is_up, &lease_wait).await;
+        run_policies(&leader, &volumes, &mut policy_runs).await;
     }
 }
 
-async fn fail_over(service: &Arc<NodeService>, is_up: &impl Fn(&NodeId) -> bool) {
-    let Ok(volumes) = catalog::volumes::volumes(&service.store) else { return };
+async fn fail_over(leader: &LeaderHandles, is_up: &impl Fn(&NodeId) -> bool, lease_wait: &impl Fn(NodeId) -> Duration) {
+    let Ok(volumes) = catalog::volumes::volumes(&leader.store) else { return };
     for v in volumes {
         if is_up(&v.primary) {
+            continue;
+        }
+        let wait = lease_wait(v.primary);
+        if !wait.is_zero() {
+            debug!(vol = %v.id, primary = %v.primary, ?wait, "primary is down; waiting for its read lease to lapse");
             continue;
         }
         let Some(new_primary) = v.in_sync.iter().copied().filter(|h| *h != v.primary).find(is_up) else {
@@ -81,23 +94,22 @@ async fn fail_over(service: &Arc<NodeService>, is_up: &impl Fn(&NodeId) -> bool)
         let in_sync: Vec<NodeId> = v.in_sync.iter().copied().filter(|h| *h != v.primary).collect();
         let cmd =
             VolumeCommand::SetReplication { volume: v.id, expected_epoch: v.epoch, primary: new_primary, in_sync };
-        match service.write(CatalogCommand::Volume(cmd), 0).await {
+        match leader.proposer.write(CatalogCommand::Volume(cmd), 0).await {
             Ok(_) => {
                 metrics::counter!("haven_volume_failovers_total").increment(1);
                 info!(vol = %v.id, old = %v.primary, new = %new_primary, "failed over");
                 let msg = format!("{} stopped answering; {new_primary} promoted to primary", v.primary);
                 let event =
                     VolumeCommand::Event { volume: v.id, kind: "failover".into(), message: msg, host: Some(v.primary) };
-                let _ = service.write(CatalogCommand::Volume(event), 0).await;
+                let _ = leader.proposer.write(CatalogCommand::Volume(event), 0).await;
             }
             Err(e) => warn!(vol = %v.id, error = %e, "failover not committed"),
         }
     }
 }
 
-async fn run_policies(service: &Arc<NodeService>, runs: &mut HashMap<String, Instant>) {
-    let Ok(policies) = catalog::volumes::policies(&service.store) else { return };
-    let Some(host) = service.volumes() else { return };
+async fn run_policies(leader: &LeaderHandles, host: &Arc<VolumeHost>, runs: &mut HashMap<String, Instant>) {
+    let Ok(policies) = catalog::volumes::policies(&leader.store) else { return };
     for p in policies.into_iter().filter(|p| p.interval_secs > 0) {
         let due = runs.get(&p.name).is_none_or(|t| t.elapsed() >= Duration::from_secs(p.interval_secs));
         if !due {
@@ -105,7 +117,7 @@ async fn run_policies(service: &Arc<NodeService>, runs: &mut HashMap<String, Ins
         }
         runs.insert(p.name.clone(), Instant::now());
         let host = host.clone();
-        let service = service.clone();
+        let store = leader.store.clone();
         tokio::spawn(async move {
             let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
             let req = VolumeRequest::Snapshot {
@@ -119,7 +131,7 @@ async fn run_policies(service: &Arc<NodeService>, runs: &mut HashMap<String, Ins
                 return;
             }
             // Keep the newest `keep` snapshots carrying the label.
-            let Ok(snaps) = catalog::volumes::snapshots(&service.store, p.volume) else { return };
+            let Ok(snaps) = catalog::volumes::snapshots(&store, p.volume) else { return };
             let labeled: Vec<u64> =
                 snaps.iter().filter(|s| s.label.as_deref() == Some(p.label.as_str())).map(|s| s.id).collect();
             let excess = labeled.len().saturating_sub(p.keep as usize);

@@ -22,6 +22,8 @@ use std::time::Duration;
 use haven_proto::{CatalogCommand, CommandOutcome};
 use serde::{Deserialize, Serialize};
 
+use crate::config::RaftTunables;
+
 /// What the membership records about each node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HavenNode {
@@ -61,36 +63,6 @@ pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
 /// The snapshot size openraft's snapshot deadline is sized for (1 GiB). Larger snapshots still
 /// install if the link and disk are faster than the minimum rate `limits` allows for.
 pub const MAX_SNAPSHOT_INSTALL_BYTES: u64 = 1 << 30;
-
-/// Raft timing and log-compaction knobs (from the node configuration).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct RaftTunables {
-    pub heartbeat_ms: u64,
-    pub election_timeout_min_ms: u64,
-    pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many applied entries.
-    pub snapshot_after_entries: u64,
-    /// Entries kept in the log after a snapshot (so slightly-behind followers avoid a snapshot).
-    pub keep_after_snapshot: u64,
-    /// Give each node its own election-timeout band by node id (see [`RaftTunables::to_openraft`]).
-    pub stagger_elections: bool,
-}
-
-/// Defaults tuned for a LAN (failover in ~200–300 ms, see `benches/`; etcd's election timeout
-/// alone is 1 s).
-impl Default for RaftTunables {
-    fn default() -> Self {
-        Self {
-            heartbeat_ms: 15,
-            election_timeout_min_ms: 80,
-            election_timeout_max_ms: 160,
-            stagger_elections: true,
-            snapshot_after_entries: 10_000,
-            keep_after_snapshot: 1_000,
-        }
-    }
-}
 
 impl RaftTunables {
     /// The openraft configuration for node `node_id`.

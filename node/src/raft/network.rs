@@ -16,6 +16,12 @@
 //! it: the latest moment that peer can have renewed its host lease from this node's
 //! heartbeats (see `vm::fence`). The plan controller waits until that is old enough before it
 //! restores VMs a cut-off peer may still run.
+//!
+//! Every AppendEntries travels as an [`AppendFrame`]: openraft's request plus how long before
+//! sending it this leader last heard from a quorum ([`LeaderContact`]). A follower counts the
+//! request as quorum contact only that long before it arrived, so a deposed leader that lost
+//! its quorum (openraft 0.9 leaders do not step down) cannot keep its followers' host leases
+//! alive (issue 11, race 4).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,17 +61,59 @@ impl PeerAcks {
     }
 }
 
+/// When this node, as leader, last heard from a quorum: the sending time of the newest
+/// AppendEntries a quorum acknowledged (set by `vm::fence::watch_raft` from openraft's metrics;
+/// `None` while not leading or before the first quorum acknowledgement of a term).
+#[derive(Clone, Default)]
+pub struct LeaderContact(Arc<Mutex<Option<Instant>>>);
+
+impl LeaderContact {
+    pub fn set(&self, at: Option<Instant>) {
+        *self.0.lock().expect("leader contact lock") = at;
+    }
+
+    /// How long ago the last quorum contact was, rounded up to whole milliseconds.
+    pub fn age_ms(&self, now: Instant) -> Option<u64> {
+        let at = (*self.0.lock().expect("leader contact lock"))?;
+        let age = now.saturating_duration_since(at);
+        Some(age.as_millis() as u64 + u64::from(!age.subsec_nanos().is_multiple_of(1_000_000)))
+    }
+}
+
+/// An AppendEntries as it travels: openraft's request and how many milliseconds before sending
+/// it the leader last heard from a quorum (`None`: not yet in this term, so it renews no lease).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct AppendFrame {
+    pub leader_quorum_age_ms: Option<u64>,
+    pub req: AppendEntriesRequest<TypeConfig>,
+}
+
+/// [`AppendFrame`]'s encoding without copying the request's entries.
+pub fn encode_append_frame(
+    leader_quorum_age_ms: Option<u64>,
+    req: &AppendEntriesRequest<TypeConfig>,
+) -> Result<Vec<u8>, String> {
+    #[derive(serde::Serialize)]
+    struct Borrowed<'a> {
+        leader_quorum_age_ms: Option<u64>,
+        req: &'a AppendEntriesRequest<TypeConfig>,
+    }
+    encode(&Borrowed { leader_quorum_age_ms, req })
+}
+
 /// Creates one [`PeerLink`] per target node.
 #[derive(Clone)]
 pub struct NetworkFactory {
     transport: Transport,
     acks: PeerAcks,
+    contact: LeaderContact,
 }
 
 impl NetworkFactory {
-    /// `acks` is filled with every successful AppendEntries reply.
-    pub fn new(transport: Transport, acks: PeerAcks) -> Self {
-        Self { transport, acks }
+    /// `acks` is filled with every successful AppendEntries reply; `contact` is this node's
+    /// last quorum contact as leader, sent with every AppendEntries.
+    pub fn new(transport: Transport, acks: PeerAcks, contact: LeaderContact) -> Self {
+        Self { transport, acks, contact }
     }
 }
 
@@ -78,6 +126,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.addr.clone(),
             transport: self.transport.clone(),
             acks: self.acks.clone(),
+            contact: self.contact.clone(),
             budget: Arc::default(),
         }
     }
@@ -89,6 +138,7 @@ pub struct PeerLink {
     addr: String,
     transport: Transport,
     acks: PeerAcks,
+    contact: LeaderContact,
     /// This peer's AppendEntries byte budget (shared with [`BudgetWatch`]).
     budget: Arc<Mutex<AppendBudget>>,
 }
@@ -178,7 +228,7 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         let deadline = option.hard_ttl();
         let started = Instant::now();
         // Over a frame, bincode stops with a size-limit error: treat that as "more than a frame".
-        let payload = encode(&rpc).ok();
+        let payload = encode_append_frame(self.contact.age_ms(started), &rpc).ok();
         let payload_bytes = payload.as_ref().map_or(limits::MAX_RPC_PAYLOAD_BYTES + 1, Vec::len);
         let budget_bytes = self.budget.lock().expect("append budget lock").bytes();
         let payload = match (limits::plan_append(payload_bytes, rpc.entries.len(), budget_bytes), payload) {
@@ -226,5 +276,42 @@ impl RaftNetwork<TypeConfig> for PeerLink {
     ) -> Result<VoteResponse<u64>, RpcErr<openraft::error::Infallible>> {
         let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&LinkError(e))))?;
         self.call(RaftRpc::Vote, payload, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_frame_round_trips_and_the_fuzz_seed_is_one() {
+        let req = AppendEntriesRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(3, 1),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        };
+        let bytes = encode_append_frame(Some(42), &req).unwrap();
+        let frame: AppendFrame = decode(&bytes).unwrap();
+        assert_eq!(frame.leader_quorum_age_ms, Some(42));
+        assert_eq!(frame.req.vote, req.vote);
+        // The fuzz target's seed (first byte: which decoder) must stay a valid frame.
+        let seed =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/raft_rpc/append-entries")).unwrap();
+        let frame: AppendFrame = decode(&seed[1..]).unwrap();
+        assert_eq!(frame.leader_quorum_age_ms, Some(12));
+        assert!(!frame.req.entries.is_empty());
+    }
+
+    #[test]
+    fn leader_contact_age_rounds_up_and_is_none_without_a_quorum_contact() {
+        let c = LeaderContact::default();
+        let now = Instant::now();
+        assert_eq!(c.age_ms(now), None);
+        c.set(Some(now));
+        assert_eq!(c.age_ms(now), Some(0));
+        assert_eq!(c.age_ms(now + Duration::from_micros(1_500)), Some(2), "rounded up: never younger than it is");
+        c.set(None);
+        assert_eq!(c.age_ms(now), None, "cleared when this node stops leading");
     }
 }

@@ -18,10 +18,11 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use haven_proto::vm::DiskCheckReport;
-use haven_proto::{ErrorCode, VolumeId, WireError};
+use haven_proto::VolumeId;
 use tracing::debug;
 
 use super::disk::{check_disk, DiskGeometry};
+use super::error::VmError;
 use super::guest::RunState;
 use super::host::{VmHost, VmInstance};
 use crate::storage::Store;
@@ -73,7 +74,7 @@ async fn serve(host: Weak<VmHost>, inst: Weak<VmInstance>) {
         credit += rate * elapsed.as_secs_f64() * f64::from(100 - throttle) / 100.0;
         // Catch up after a late wake-up, but never burst more than ~50 ms of writes.
         credit = credit.min(rate * 0.05 + 1.0);
-        let Some(volumes) = host.service.volumes() else { continue };
+        let volumes = &host.volumes;
         while credit >= 1.0 {
             let Some(write) = guest.next_disk_write() else { break };
             credit -= 1.0;
@@ -95,16 +96,13 @@ async fn serve(host: Weak<VmHost>, inst: Weak<VmInstance>) {
 /// Check every disk of `inst`'s guest against its journal (see [`super::disk`]). Lost, torn,
 /// misplaced or future blocks are `Internal` errors naming the block; a disk that cannot be read
 /// now, or that changed under the check, is `Unavailable` (ask again).
-pub(super) async fn check_disks(host: &VmHost, inst: &VmInstance) -> Result<Vec<DiskCheckReport>, WireError> {
+pub(super) async fn check_disks(host: &VmHost, inst: &VmInstance) -> Result<Vec<DiskCheckReport>, VmError> {
     let guest = &inst.guest;
     let before = guest.disk_journal();
     if before.is_empty() {
         return Ok(Vec::new());
     }
-    let volumes = host
-        .service
-        .volumes()
-        .ok_or_else(|| WireError::new(ErrorCode::Unavailable, "volumes are not running on this node yet"))?;
+    let volumes = host.volumes.clone();
     let mut regions = Vec::with_capacity(before.len());
     for log in &before {
         let g = log.geometry;
@@ -114,10 +112,7 @@ pub(super) async fn check_disks(host: &VmHost, inst: &VmInstance) -> Result<Vec<
         while offset < len {
             let n = (len - offset).min(CHECK_READ_BYTES);
             let part = volumes.read_from(VolumeId(g.volume), offset, n as u32, None).await.map_err(|e| {
-                WireError::new(
-                    ErrorCode::Unavailable,
-                    format!("reading disk vol-{} to check it: {}", g.volume, e.message),
-                )
+                VmError::unavailable(format!("reading disk vol-{} to check it: {}", g.volume, e.message()))
             })?;
             region.extend_from_slice(&part);
             offset += n;
@@ -131,7 +126,7 @@ pub(super) async fn check_disks(host: &VmHost, inst: &VmInstance) -> Result<Vec<
         let volume = log.geometry.volume;
         let Some(later) = after.iter().find(|l| l.geometry.volume == volume) else {
             let why = format!("disk vol-{volume} was detached during the check; ask again");
-            return Err(WireError::new(ErrorCode::Unavailable, why));
+            return Err(VmError::unavailable(why));
         };
         match check_disk(pattern, log, later, region) {
             Ok(c) => reports.push(DiskCheckReport {
@@ -140,8 +135,8 @@ pub(super) async fn check_disks(host: &VmHost, inst: &VmInstance) -> Result<Vec<
                 acked: c.acked,
                 issued: c.issued,
             }),
-            Err(e) if e.is_transient() => return Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
-            Err(e) => return Err(WireError::new(ErrorCode::Internal, format!("{}: {e}", inst.id))),
+            Err(e) if e.is_transient() => return Err(VmError::unavailable(e.to_string())),
+            Err(e) => return Err(VmError::internal(format!("{}: {e}", inst.id))),
         }
     }
     Ok(reports)

@@ -13,11 +13,15 @@
 //! Where contact comes from:
 //! - on the leader, openraft's `millis_since_quorum_ack` (the *sending* time of the newest
 //!   AppendEntries a quorum acknowledged), read on every metrics change ([`watch_raft`]);
-//! - on a follower, the receive time of each AppendEntries it accepted from the current leader
-//!   ([`HostLease::follower_contact`], called from the Raft RPC server path in
-//!   `service.rs`) — but only once this node's catalog has applied everything the leader had
-//!   committed when it sent that request, so a host never holds a lease on a catalog older than
-//!   its contact;
+//! - on a follower, each AppendEntries it accepted from the current leader
+//!   ([`HostLease::follower_contact`], called from the Raft RPC server path in `service.rs`),
+//!   counted not at its receive time but as of the sending leader's own last quorum contact
+//!   ([`contact_time`]: the frame says how long before sending that was). openraft 0.9 leaders
+//!   do not step down when they lose their quorum, so counting the receive time let a deposed
+//!   leader cut off with a minority keep that minority's leases alive after the new leader
+//!   waited them out (issue 11, race 4). And it counts only once this node's catalog has
+//!   applied everything the leader had committed when it sent that request, so a host never
+//!   holds a lease on a catalog older than its contact;
 //! - after a lapse, contact must be unbroken for [`FenceTunables::rejoin_after_ms`] before the
 //!   lease is valid again: a process woken from SIGSTOP first reads the requests that waited in
 //!   its socket buffers, sent before the catalog moved its VMs away; the fresh ones that follow
@@ -35,82 +39,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
-use serde::{Deserialize, Serialize};
 
+use crate::config::FenceTunables;
+use crate::raft::network::LeaderContact;
 use crate::raft::Raft;
-
-/// Fencing timing (`[fence]` in `haven.toml`). Every node of a cluster must use the same values:
-/// the leader waits out the destination's lease with its own `fence_after_ms`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct FenceTunables {
-    /// A host without quorum contact this long pauses its guests. It must exceed the worst
-    /// election (no leader sends heartbeats meanwhile, and a healthy host must not fence): with
-    /// the default Raft timing (election timeouts 80–160 ms, staggered by node id) failover takes
-    /// about 200–300 ms, a split vote a few hundred more, and a restarted member holds back its
-    /// own elections for 6 × the longest election timeout (~1 s). 4 s leaves a wide margin; the
-    /// cost is that a failing-back plan waits this long (plus the margin) before restoring a
-    /// group whose destination went silent. [`FenceTunables::validate`] requires at least ten
-    /// longest election timeouts.
-    pub fence_after_ms: u64,
-    /// Added to `fence_after_ms` by the leader before it treats a silent host as fenced: covers
-    /// clock-rate differences between hosts and the delay between a host accepting a heartbeat
-    /// and the leader reading its reply.
-    pub clock_margin_ms: u64,
-    /// After a lapse, contact must be unbroken this long before the lease is valid again.
-    pub rejoin_after_ms: u64,
-}
-
-impl Default for FenceTunables {
-    fn default() -> Self {
-        Self { fence_after_ms: 4_000, clock_margin_ms: 1_000, rejoin_after_ms: 500 }
-    }
-}
-
-impl FenceTunables {
-    /// The defaults, with `fence_after_ms` raised to ten longest election timeouts for slower
-    /// Raft timing (`haven-node init --election-timeout-ms`).
-    pub fn for_elections(election_timeout_max_ms: u64) -> Self {
-        let d = Self::default();
-        Self { fence_after_ms: d.fence_after_ms.max(election_timeout_max_ms.saturating_mul(10)), ..d }
-    }
-
-    /// Check against the Raft timing: the lease must outlast any election.
-    pub fn validate(&self, election_timeout_max_ms: u64) -> Result<(), String> {
-        let floor = election_timeout_max_ms.saturating_mul(10);
-        if self.fence_after_ms < floor {
-            return Err(format!(
-                "fence.fence_after_ms {} must be at least 10 longest election timeouts ({floor} ms), or healthy \
-                 hosts fence themselves during elections",
-                self.fence_after_ms
-            ));
-        }
-        if self.rejoin_after_ms >= self.fence_after_ms {
-            return Err(format!(
-                "fence.rejoin_after_ms {} must be shorter than fence.fence_after_ms {}",
-                self.rejoin_after_ms, self.fence_after_ms
-            ));
-        }
-        Ok(())
-    }
-
-    pub fn fence_after(&self) -> Duration {
-        Duration::from_millis(self.fence_after_ms)
-    }
-
-    /// How long after a host's last possible contact the leader treats it as fenced.
-    pub fn fenced_after_silence(&self) -> Duration {
-        Duration::from_millis(self.fence_after_ms.saturating_add(self.clock_margin_ms))
-    }
-}
 
 /// How much longer the leader must wait before a host whose last acknowledged contact was
 /// `last_ack` (this leadership term's record, if any) can no longer hold a lease. Without a
 /// record from this term, the host may have had contact with the previous leader until this one
 /// took over (`leading_since`). Zero when the host is fenced for certain.
 pub fn remaining_wait(last_ack: Option<Instant>, leading_since: Instant, now: Instant, t: &FenceTunables) -> Duration {
-    let reference = last_ack.map_or(leading_since, |a| a.max(leading_since));
-    (reference + t.fenced_after_silence()).saturating_duration_since(now)
+    crate::volume::core::lease::wait_until_lapsed(last_ack, leading_since, now, t.fenced_after_silence())
+}
+
+/// When a follower's contact through an AppendEntries received at `received` counts: as of the
+/// sending leader's last quorum contact, `leader_quorum_age_ms` before it sent the request. The
+/// transit time is unknown and taken as zero, which `clock_margin_ms` covers. `None` (no quorum
+/// contact yet in the leader's term): it counts as no contact at all.
+pub fn contact_time(received: Instant, leader_quorum_age_ms: Option<u64>) -> Option<Instant> {
+    received.checked_sub(Duration::from_millis(leader_quorum_age_ms?))
 }
 
 /// A follower contact waiting for the catalog to catch up with the leader's commit index.
@@ -265,22 +212,23 @@ impl HostLease {
 
 /// Renew `lease` from Raft's metrics until the node shuts down: on the leader from
 /// `millis_since_quorum_ack` (openraft reports metrics on every turn of its loop, heartbeats
-/// included), on any node by letting waiting follower contacts count once the catalog applied
-/// far enough.
-pub async fn watch_raft(raft: Raft, lease: Arc<HostLease>) {
+/// included), which also goes out with every AppendEntries through `contact`; on any node by
+/// letting waiting follower contacts count once the catalog applied far enough.
+pub async fn watch_raft(raft: Raft, lease: Arc<HostLease>, contact: LeaderContact) {
     let mut rx = raft.metrics();
     loop {
         {
             let m = rx.borrow_and_update();
             lease.applied(m.last_applied.map(|l| l.index));
-            if m.state == ServerState::Leader {
-                if let Some(ms) = m.millis_since_quorum_ack {
-                    // Read as soon as it was reported, so `now - ms` is at most a scheduling delay
-                    // later than the acknowledged send time.
-                    if let Some(at) = Instant::now().checked_sub(Duration::from_millis(ms)) {
-                        lease.renew(at);
-                    }
-                }
+            // Read as soon as it was reported, so `now - ms` is at most a scheduling delay later
+            // than the acknowledged send time.
+            let quorum_at = (m.state == ServerState::Leader)
+                .then_some(m.millis_since_quorum_ack)
+                .flatten()
+                .and_then(|ms| Instant::now().checked_sub(Duration::from_millis(ms)));
+            contact.set(quorum_at);
+            if let Some(at) = quorum_at {
+                lease.renew(at);
             }
         }
         if rx.changed().await.is_err() {
@@ -342,6 +290,24 @@ mod tests {
         assert!(!lease.is_valid_at(t0 + ms(10 + 4_000)), "the waiting contact at 20 ms was dropped, not renewed");
         lease.follower_contact(t0 + ms(30), None, None);
         assert!(lease.is_valid_at(t0 + ms(30 + 3_999)), "an empty log needs nothing applied");
+    }
+
+    #[test]
+    fn fence_follower_contact_counts_from_the_leaders_last_quorum_contact() {
+        let t0 = Instant::now() + ms(10_000);
+        assert_eq!(contact_time(t0, Some(300)), Some(t0 - ms(300)));
+        assert_eq!(contact_time(t0, None), None, "a leader without quorum contact renews nothing");
+        // A deposed leader's heartbeats carry an ever older quorum contact: they cannot keep a
+        // lease alive past fence_after from that contact.
+        let lease = HostLease::with_base(&FenceTunables { rejoin_after_ms: 0, ..tunables() }, t0 - ms(10_000));
+        let quorum_at = t0;
+        for k in 0..100 {
+            let received = t0 + ms(50 * k);
+            let age = (received - quorum_at).as_millis() as u64;
+            lease.follower_contact(contact_time(received, Some(age)).unwrap(), None, None);
+        }
+        assert!(lease.is_valid_at(t0 + ms(3_999)));
+        assert!(!lease.is_valid_at(t0 + ms(4_000)), "heartbeats after the quorum contact extend nothing");
     }
 
     #[test]

@@ -45,10 +45,11 @@ use std::time::{Duration, Instant};
 use haven_proto::plan::{GroupRequest, GroupResponse, RecoveryImage};
 use haven_proto::vm::{VmRecord, VmRunState, VmStatus};
 use haven_proto::volume::{SnapshotKind, VolumeCommand, VolumeOutcome, VolumeRequest, VolumeResponse};
-use haven_proto::{CatalogCommand, ClientResponse, CommandOutcome, ErrorCode, VmId, VolumeId, WireError};
+use haven_proto::{CatalogCommand, ClientResponse, CommandOutcome, ErrorCode, VmId, VolumeId};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::error::VmError;
 use super::guest::{GuestDriver, GuestError, GuestSpec, RunState, SimulatedGuest, PAGE_SIZE};
 use super::host::{Origin, VmHost, VmInstance};
 use super::migration::MAX_VCPU_STATE_BYTES;
@@ -349,7 +350,7 @@ pub fn load_image(
 // ---------------------------------------------------------------------------------------------
 // Group jobs
 
-type JobResult = Result<GroupResponse, WireError>;
+type JobResult = Result<GroupResponse, VmError>;
 /// Group jobs by (plan, kind), each with the channel its result arrives on.
 type Jobs = HashMap<(u64, &'static str), watch::Receiver<Option<JobResult>>>;
 
@@ -404,22 +405,18 @@ impl Drop for Hold<'_> {
     }
 }
 
-fn wire(code: ErrorCode, msg: impl Into<String>) -> WireError {
-    WireError::new(code, msg)
-}
-
-fn blocking_failed(e: tokio::task::JoinError) -> WireError {
-    wire(ErrorCode::Internal, format!("group job thread failed: {e}"))
+fn blocking_failed(e: tokio::task::JoinError) -> VmError {
+    VmError::internal(format!("group job thread failed: {e}"))
 }
 
 /// Pause every guest; on failure resume the ones paused and report which could not pause.
-fn pause_all(insts: &[Arc<VmInstance>]) -> Result<(), WireError> {
+fn pause_all(insts: &[Arc<VmInstance>]) -> Result<(), VmError> {
     for (i, inst) in insts.iter().enumerate() {
         if let Err(e) = inst.guest.pause() {
             for done in &insts[..i] {
                 let _ = done.guest.resume();
             }
-            return Err(wire(ErrorCode::Unavailable, format!("cannot pause {}: {e}", inst.id)));
+            return Err(VmError::unavailable(format!("cannot pause {}: {e}", inst.id)));
         }
     }
     Ok(())
@@ -456,7 +453,7 @@ fn resume_all(insts: &[Arc<VmInstance>], lease_valid: bool) -> (Vec<String>, Opt
 
 impl VmHost {
     /// A group request from the leader's plan controller.
-    pub async fn group(self: &Arc<Self>, req: GroupRequest) -> Result<GroupResponse, WireError> {
+    pub async fn group(self: &Arc<Self>, req: GroupRequest) -> Result<GroupResponse, VmError> {
         let plan = req.plan();
         match req {
             GroupRequest::Snapshot { vms, .. } => {
@@ -505,7 +502,7 @@ impl VmHost {
         let done = tokio::time::timeout(JOB_WAIT, rx.wait_for(Option::is_some)).await;
         let result = match done {
             Err(_) => return Ok(GroupResponse::Pending),
-            Ok(Err(_)) => Err(wire(ErrorCode::Internal, format!("group job {kind} of plan {plan} vanished"))),
+            Ok(Err(_)) => Err(VmError::internal(format!("group job {kind} of plan {plan} vanished"))),
             Ok(Ok(r)) => r.clone().unwrap_or(Ok(GroupResponse::Pending)),
         };
         if result.is_err() {
@@ -517,7 +514,7 @@ impl VmHost {
 
     /// The group's records and local instances, once the catalog applied here places every VM
     /// of `vms` here (not migrating) and each runs; waits a bounded time for that.
-    async fn local_group(&self, vms: &[VmId]) -> Result<Vec<(VmRecord, Arc<VmInstance>)>, WireError> {
+    async fn local_group(&self, vms: &[VmId]) -> Result<Vec<(VmRecord, Arc<VmInstance>)>, VmError> {
         let deadline = Instant::now() + PLACEMENT_WAIT;
         loop {
             let mut out = Vec::new();
@@ -530,10 +527,7 @@ impl VmHost {
                     break;
                 }
                 if record.host != self.node {
-                    return Err(wire(
-                        ErrorCode::InvalidRequest,
-                        format!("{vm} runs on {}, not {}", record.host, self.node),
-                    ));
+                    return Err(VmError::invalid(format!("{vm} runs on {}, not {}", record.host, self.node)));
                 }
                 if let Some(t) = record.migrating_to {
                     problem = Some(format!("{vm} is migrating to {t}"));
@@ -553,7 +547,7 @@ impl VmHost {
             }
             match problem {
                 None => return Ok(out),
-                Some(p) if Instant::now() >= deadline => return Err(wire(ErrorCode::Unavailable, p)),
+                Some(p) if Instant::now() >= deadline => return Err(VmError::unavailable(p)),
                 Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -578,7 +572,7 @@ impl VmHost {
             let shadows = tokio::task::spawn_blocking(move || Shadows::precopy(sources))
                 .await
                 .map_err(blocking_failed)?
-                .map_err(|e| wire(ErrorCode::Internal, format!("pre-copying the group: {e}")))?;
+                .map_err(|e| VmError::internal(format!("pre-copying the group: {e}")))?;
             Some(shadows)
         } else {
             None
@@ -589,7 +583,7 @@ impl VmHost {
         // disks hold, and the disks' snapshots below hold nothing the journals do not know.
         if let Err(e) = super::disk::drain(named_guests(&insts), super::disk::DISK_DRAIN_LIMIT).await {
             resume_all(&insts, self.lease_valid());
-            return Err(wire(ErrorCode::Unavailable, format!("recovery snapshot not taken: {e}")));
+            return Err(VmError::unavailable(format!("recovery snapshot not taken: {e}")));
         }
         // All paused: the group is frozen at one point, so what is captured now is
         // crash-consistent across the group.
@@ -624,7 +618,7 @@ impl VmHost {
         if !errors.is_empty() {
             warn!(plan, ?errors, "could not resume every VM after the recovery snapshot; reconcile will retry");
         }
-        let captured = captured.map_err(blocking_failed)?.map_err(|e| wire(ErrorCode::Internal, e))?;
+        let captured = captured.map_err(blocking_failed)?.map_err(VmError::internal)?;
         let volume_snapshots = disks.unwrap_or(Ok(Vec::new()))?;
         let images = tokio::task::spawn_blocking(move || -> Result<Vec<RecoveryImage>, ImageError> {
             captured
@@ -652,7 +646,7 @@ impl VmHost {
         })
         .await
         .map_err(blocking_failed)?
-        .map_err(|e| wire(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| VmError::internal(e.to_string()))?;
         info!(plan, vms = images.len(), paused_ms, in_memory, "recovery snapshot taken");
         metrics::histogram!("haven_plan_snapshot_pause_seconds").record(paused_ms as f64 / 1e3);
         Ok(GroupResponse::Snapshot { images, volume_snapshots, paused_ms, incarnation: crate::actors::incarnation() })
@@ -665,10 +659,10 @@ impl VmHost {
         let _serial = self.group.serial.lock().await;
         let group = self.local_group(&vms).await?;
         if let Some((_, i)) = group.iter().find(|(_, i)| i.origin == Origin::Booted) {
-            return Err(wire(
-                ErrorCode::Internal,
-                format!("{} was booted fresh on {} (the host restarted): its migrated memory is lost", i.id, self.node),
-            ));
+            return Err(VmError::internal(format!(
+                "{} was booted fresh on {} (the host restarted): its migrated memory is lost",
+                i.id, self.node
+            )));
         }
         let insts: Vec<Arc<VmInstance>> = group.iter().map(|(_, i)| i.clone()).collect();
         let hold = Hold::new(&self.group, &vms);
@@ -685,7 +679,7 @@ impl VmHost {
         let (errors, span) = resume_all(&insts, self.lease_valid());
         drop(hold);
         if !errors.is_empty() {
-            return Err(wire(ErrorCode::Internal, format!("could not resume the group: {}", errors.join("; "))));
+            return Err(VmError::internal(format!("could not resume the group: {}", errors.join("; "))));
         }
         let (first, last) = span.unwrap_or((started, started));
         let spread_ms = (last - first).as_millis() as u64;
@@ -712,7 +706,7 @@ impl VmHost {
         let (mut moved, mut kept) = (Vec::new(), Vec::new());
         let mut handovers = Vec::new();
         for vol in group.iter().flat_map(|(r, _)| r.volumes.iter().copied()) {
-            let record = match crate::catalog::volumes::volume(&self.service.store, vol) {
+            let record = match crate::catalog::volumes::volume(&self.store, vol) {
                 Ok(Some(r)) => r,
                 Ok(None) => continue, // deleted: nothing to move
                 Err(e) => {
@@ -736,7 +730,7 @@ impl VmHost {
                 primary: self.node,
                 in_sync: record.in_sync.clone(),
             };
-            let write = self.service.write(CatalogCommand::Volume(cmd), 0);
+            let write = self.proposer.write(CatalogCommand::Volume(cmd), 0);
             handovers.push(async move { (vol, record.primary, tokio::time::timeout(DISK_HANDOVER_WAIT, write).await) });
         }
         for (vol, from, result) in futures::future::join_all(handovers).await {
@@ -772,10 +766,10 @@ impl VmHost {
             for (vm, generation) in &generations {
                 let r = self.record(*vm)?;
                 if r.generation > *generation {
-                    return Err(wire(
-                        ErrorCode::InvalidRequest,
-                        format!("{vm} moved on since the restore (generation {} > {generation})", r.generation),
-                    ));
+                    return Err(VmError::invalid(format!(
+                        "{vm} moved on since the restore (generation {} > {generation})",
+                        r.generation
+                    )));
                 }
                 if r.host != self.node || r.generation != *generation {
                     waiting = Some(format!("{vm} is at generation {} on {}", r.generation, r.host));
@@ -786,10 +780,7 @@ impl VmHost {
             match waiting {
                 None => break records,
                 Some(w) if Instant::now() >= deadline => {
-                    return Err(wire(
-                        ErrorCode::Unavailable,
-                        format!("the catalog here does not place the group yet: {w}"),
-                    ))
+                    return Err(VmError::unavailable(format!("the catalog here does not place the group yet: {w}")))
                 }
                 Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -804,7 +795,7 @@ impl VmHost {
                     .iter()
                     .find(|i| i.vm == r.id)
                     .cloned()
-                    .ok_or_else(|| wire(ErrorCode::InvalidRequest, format!("no recovery image for {}", r.id)))?;
+                    .ok_or_else(|| VmError::invalid(format!("no recovery image for {}", r.id)))?;
                 jobs.push((r.clone(), *g, image));
             }
             // Every image loads and checks out, or nothing changes.
@@ -824,7 +815,7 @@ impl VmHost {
             })
             .await
             .map_err(blocking_failed)?
-            .map_err(|e| wire(ErrorCode::Internal, format!("recovery snapshot unusable: {e}")))?;
+            .map_err(|e| VmError::internal(format!("recovery snapshot unusable: {e}")))?;
             let ids: Vec<VmId> = loaded.iter().map(|(r, _, _)| r.id).collect();
             let hold = Hold::new(&self.group, &ids);
             // The live guests are given up for the snapshot: stop them, and let their disk writes
@@ -842,7 +833,7 @@ impl VmHost {
             };
             super::disk::drain(retired, super::disk::DISK_DRAIN_LIMIT)
                 .await
-                .map_err(|e| wire(ErrorCode::Unavailable, format!("restore waits for the old guests: {e}")))?;
+                .map_err(|e| VmError::unavailable(format!("restore waits for the old guests: {e}")))?;
             self.group.retired.lock().expect("retired lock").retain(|(_, g)| g.disk_writes_in_flight() > 0);
             // A failed rollback fails the job; the controller asks again (rolling back to the same
             // snapshot twice is harmless), and reconcile boots none of these VMs meanwhile.
@@ -873,7 +864,7 @@ impl VmHost {
         }
         let mut statuses = Vec::new();
         for (vm, _) in &generations {
-            let inst = self.instance(*vm).ok_or_else(|| wire(ErrorCode::Internal, format!("{vm} vanished")))?;
+            let inst = self.instance(*vm).ok_or_else(|| VmError::internal(format!("{vm} vanished")))?;
             statuses.push(self.status_of(&inst));
         }
         Ok(GroupResponse::Restored(statuses))
@@ -881,7 +872,7 @@ impl VmHost {
 
     /// One recovery snapshot of every disk of `vms` (the group is paused). A snapshot left by an
     /// earlier attempt of the same plan is replaced: it does not match the new memory images.
-    async fn snapshot_disks(&self, plan: u64, vms: &[VmId]) -> Result<Vec<(VolumeId, u64)>, WireError> {
+    async fn snapshot_disks(&self, plan: u64, vms: &[VmId]) -> Result<Vec<(VolumeId, u64)>, VmError> {
         let mut disks = Vec::new();
         for vm in vms {
             disks.extend(self.record(*vm)?.volumes);
@@ -896,8 +887,8 @@ impl VmHost {
         let snapshot_one = |vol: VolumeId| {
             let (volumes, name) = (volumes.clone(), name.clone());
             async move {
-                let stale = crate::catalog::volumes::snapshots(&self.service.store, vol)
-                    .map_err(|e| wire(ErrorCode::Internal, e.to_string()))?
+                let stale = crate::catalog::volumes::snapshots(&self.store, vol)
+                    .map_err(|e| VmError::internal(e.to_string()))?
                     .into_iter()
                     .find(|s| s.name == name);
                 if let Some(s) = stale {
@@ -906,7 +897,7 @@ impl VmHost {
                 let req = VolumeRequest::Snapshot { volume: vol, name, label: None, kind: SnapshotKind::Recovery };
                 match volumes.client(req).await? {
                     VolumeResponse::Snapshot(s) => Ok((vol, s.id)),
-                    other => Err(wire(ErrorCode::Internal, format!("{vol} answered a snapshot with {other:?}"))),
+                    other => Err(VmError::internal(format!("{vol} answered a snapshot with {other:?}"))),
                 }
             }
         };
@@ -914,21 +905,22 @@ impl VmHost {
     }
 
     /// Roll every disk back to its recovery snapshot.
-    async fn rollback_disks(&self, snapshots: &[(VolumeId, u64)]) -> Result<(), WireError> {
+    async fn rollback_disks(&self, snapshots: &[(VolumeId, u64)]) -> Result<(), VmError> {
         if snapshots.is_empty() {
             return Ok(());
         }
         let volumes = self.volume_host()?;
         for (vol, snap) in snapshots {
-            volumes.client(VolumeRequest::Rollback { volume: *vol, snapshot: *snap }).await.map_err(|e| {
-                wire(e.code, format!("rolling {vol} back to its recovery snapshot {snap}: {}", e.message))
-            })?;
+            volumes
+                .client(VolumeRequest::Rollback { volume: *vol, snapshot: *snap })
+                .await
+                .map_err(|e| e.context(format!("rolling {vol} back to its recovery snapshot {snap}")))?;
         }
         Ok(())
     }
 
-    fn volume_host(&self) -> Result<Arc<crate::volume::host::VolumeHost>, WireError> {
-        self.service.volumes().ok_or_else(|| wire(ErrorCode::Unavailable, "volumes are not running on this node yet"))
+    fn volume_host(&self) -> Result<Arc<crate::volume::host::VolumeHost>, VmError> {
+        Ok(self.volumes.clone())
     }
 
     /// Delete the plan's recovery images and its disks' recovery snapshots, and forget its jobs.
@@ -938,8 +930,8 @@ impl VmHost {
             for (vol, snap) in &volume_snapshots {
                 match volumes.client(VolumeRequest::DeleteSnapshot { volume: *vol, snapshot: *snap }).await {
                     Ok(_) => {}
-                    Err(e) if e.code == ErrorCode::NotFound => {} // released before, or the volume is gone
-                    Err(e) => return Err(e),
+                    Err(e) if e.code() == ErrorCode::NotFound => {} // released before, or the volume is gone
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -966,7 +958,7 @@ impl VmHost {
         })
         .await
         .map_err(blocking_failed)?
-        .map_err(|e| wire(ErrorCode::Internal, format!("deleting the recovery images of plan {plan}: {e}")))?;
+        .map_err(|e| VmError::internal(format!("deleting the recovery images of plan {plan}: {e}")))?;
         if files > 0 {
             info!(plan, files, "recovery images deleted");
         }

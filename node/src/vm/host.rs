@@ -34,24 +34,21 @@ use haven_proto::vm::{
 };
 use haven_proto::{
     ActorAddr, ActorKind, ActorMessage, ActorReply, Body, CatalogCommand, ClientResponse, CommandOutcome, ErrorCode,
-    NodeId, VmId, WireError,
+    NodeId, VmId,
 };
 use tracing::{info, warn};
 
+use super::error::VmError;
 use super::fence::{FenceChange, HostLease};
 use super::group::GroupState;
 use super::guest::{GuestDriver, GuestSpec, RunState, SimulatedGuest, WorkloadPattern};
 use super::migration::{self, CancelToken, MigrationConfig, MigrationProgress};
 use crate::actors::vm::VmActor;
-use crate::service::NodeService;
-
-fn wire(code: ErrorCode, msg: impl Into<String>) -> WireError {
-    WireError::new(code, msg)
-}
-
-fn internal(e: impl std::fmt::Display) -> WireError {
-    wire(ErrorCode::Internal, e.to_string())
-}
+use crate::actors::ActorRegistry;
+use crate::cluster::{Proposer, RaftView};
+use crate::storage::Store;
+use crate::transport::Transport;
+use crate::volume::host::VolumeHost;
 
 pub(super) fn spec_of(r: &VmRecord) -> GuestSpec {
     GuestSpec {
@@ -124,10 +121,27 @@ impl VmInstance {
     }
 }
 
+/// What the VM host holds of the node: whether the cluster is healthy, catalog reads,
+/// proposals, actor messages, migration streams, the host lease and the local volumes.
+pub struct VmHostHandles {
+    pub view: RaftView,
+    pub store: Store,
+    pub proposer: Proposer,
+    pub registry: ActorRegistry,
+    pub transport: Transport,
+    pub lease: Arc<HostLease>,
+    pub volumes: Arc<VolumeHost>,
+}
+
 /// This node's VMs.
 pub struct VmHost {
     pub node: NodeId,
-    pub(super) service: Arc<NodeService>,
+    pub(super) view: RaftView,
+    pub(super) store: Store,
+    pub(super) proposer: Proposer,
+    pub(super) registry: ActorRegistry,
+    transport: Transport,
+    pub(super) volumes: Arc<VolumeHost>,
     capacity_mib: u64,
     vms: Mutex<HashMap<VmId, Arc<VmInstance>>>,
     /// Guests received by migration, waiting for the catalog to place them here.
@@ -140,6 +154,10 @@ pub struct VmHost {
     pub(super) group: GroupState,
     /// Since when each local VM's catalog record announces a migration no migration here runs.
     stale: Mutex<HashMap<VmId, std::time::Instant>>,
+    /// VMs a migration from here moved away by a commit the local catalog may not show yet:
+    /// vm → the generation the commit replaced. Reconcile leaves them alone until it does (a
+    /// source whose catalog lagged restarted its migrated guest; plan model seed 30898).
+    departed: Mutex<HashMap<VmId, u64>>,
     /// The actix system's arbiter (set by [`VmHost::run`]): VM actors start there, also when a
     /// guest is installed from another thread (a restore job).
     arbiter: std::sync::OnceLock<actix::ArbiterHandle>,
@@ -155,13 +173,19 @@ impl VmHost {
     /// `data_dir` holds recovery images (`<data-dir>/recovery`); group snapshots up to
     /// `capture_limit_bytes` are captured in memory while the group is paused.
     pub fn new(
-        service: Arc<NodeService>,
+        h: VmHostHandles,
         capacity_mib: u64,
         data_dir: std::path::PathBuf,
         capture_limit_bytes: u64,
     ) -> Arc<Self> {
         Arc::new(Self {
-            node: service.id,
+            node: h.view.id(),
+            view: h.view,
+            store: h.store,
+            proposer: h.proposer,
+            registry: h.registry,
+            transport: h.transport,
+            volumes: h.volumes,
             capacity_mib,
             vms: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
@@ -169,9 +193,9 @@ impl VmHost {
             last_bandwidth: Mutex::new(256 << 20),
             group: GroupState::new(data_dir, capture_limit_bytes),
             stale: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashMap::new()),
             arbiter: std::sync::OnceLock::new(),
-            lease: service.lease.clone(),
-            service,
+            lease: h.lease,
         })
     }
 
@@ -218,13 +242,14 @@ impl VmHost {
         }
     }
 
-    async fn reconcile(self: &Arc<Self>) -> Result<(), WireError> {
+    async fn reconcile(self: &Arc<Self>) -> Result<(), VmError> {
         // Read before the catalog: a valid lease means the catalog read below is at least as new
         // as the contact that renewed it.
         let may_run = self.lease.is_valid();
-        let store = &self.service.store;
-        if self.service.status().healthy {
-            let caps = crate::catalog::vms::query(store, &haven_proto::vm::VmQuery::Capacity).map_err(internal)?;
+        let store = &self.store;
+        if self.view.status().healthy {
+            let caps =
+                crate::catalog::vms::query(store, &haven_proto::vm::VmQuery::Capacity).map_err(VmError::internal)?;
             let recorded = match caps {
                 haven_proto::vm::VmQueryResult::Capacity(c) => {
                     c.iter().any(|(c, _)| c.host == self.node && c.memory_mib == self.capacity_mib)
@@ -233,19 +258,20 @@ impl VmHost {
             };
             if !recorded {
                 let cmd = VmCommand::SetCapacity(HostCapacity { host: self.node, memory_mib: self.capacity_mib });
-                let _ = self.service.write(CatalogCommand::Vm(cmd), 0).await;
+                let _ = self.proposer.write(CatalogCommand::Vm(cmd), 0).await;
             }
         }
-        let records = crate::catalog::vms::vms(store).map_err(internal)?;
+        let records = crate::catalog::vms::vms(store).map_err(VmError::internal)?;
         // Drop copies received by migrations that ended without moving the VM here.
         self.incoming.lock().expect("incoming lock").retain(|vm, _| {
             records.iter().any(|r| r.id == *vm && (r.host == self.node || r.migrating_to == Some(self.node)))
         });
-        let mine: HashMap<VmId, VmRecord> =
+        let mut mine: HashMap<VmId, VmRecord> =
             records.into_iter().filter(|r| r.host == self.node).map(|r| (r.id, r)).collect();
+        self.skip_departed(&mut mine);
         // Plans failing back whose group this host restores from recovery images.
         let restoring: Vec<_> = crate::catalog::plans::active_plans(store)
-            .map_err(internal)?
+            .map_err(VmError::internal)?
             .into_iter()
             .filter(|p| p.state == PlanState::FailingBack && p.from == self.node && p.restore.is_some())
             .collect();
@@ -279,6 +305,9 @@ impl VmHost {
                 self.withdraw_stale(&record, &inst);
                 continue; // the migration owns the run state until it ends
             }
+            if inst.cancel.lock().expect("cancel lock").is_some() {
+                continue; // a migration from here runs, whatever this (possibly stale) catalog says
+            }
             self.stale.lock().expect("stale lock").remove(&id);
             // Attach and detach are refused while a VM migrates, so its disks change only here.
             inst.guest.set_disks(&super::disk_backend::geometries(store, &record.volumes));
@@ -303,11 +332,20 @@ impl VmHost {
         Ok(())
     }
 
+    /// Take out of `mine` the VMs this host moved away by a commit its catalog does not show yet:
+    /// they count as gone (never restarted here), and are forgotten once the catalog shows the
+    /// move (or a newer generation placed back here).
+    fn skip_departed(&self, mine: &mut HashMap<VmId, VmRecord>) {
+        let mut departed = self.departed.lock().expect("departed lock");
+        departed.retain(|vm, generation| mine.get(vm).is_some_and(|r| r.generation <= *generation));
+        mine.retain(|vm, _| !departed.contains_key(vm));
+    }
+
     /// Remove a local VM's instance and its actor (the caller stops the guest).
     pub(super) fn remove_instance(&self, id: VmId) -> Option<Arc<VmInstance>> {
         let inst = self.vms.lock().expect("vms lock").remove(&id);
         if inst.is_some() {
-            self.service.registry.unregister(&ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 });
+            self.registry.unregister(&ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 });
         }
         inst
     }
@@ -338,9 +376,7 @@ impl VmHost {
             Some(arbiter) => VmActor::start_in_arbiter(arbiter, move |_| VmActor::new(me, id)),
             None => VmActor::new(me, id).start(),
         };
-        self.service
-            .registry
-            .register(ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 }, actor.clone().recipient());
+        self.registry.register(ActorAddr { node: self.node, kind: ActorKind::Vm, id: id.0 }, actor.clone().recipient());
         *inst.actor.lock().expect("actor lock") = Some(actor);
         self.vms.lock().expect("vms lock").insert(id, inst.clone());
         super::disk_backend::spawn(self, &inst);
@@ -348,33 +384,33 @@ impl VmHost {
         inst
     }
 
-    pub(super) fn record(&self, vm: VmId) -> Result<VmRecord, WireError> {
-        crate::catalog::vms::vm(&self.service.store, vm)
-            .map_err(internal)?
-            .ok_or_else(|| wire(ErrorCode::NotFound, format!("no VM {vm}")))
+    pub(super) fn record(&self, vm: VmId) -> Result<VmRecord, VmError> {
+        crate::catalog::vms::vm(&self.store, vm)
+            .map_err(VmError::internal)?
+            .ok_or_else(|| VmError::not_found(format!("no VM {vm}")))
     }
 
     /// A client's VM request: handled here if the VM runs here, else sent to its host.
-    pub async fn client(self: &Arc<Self>, req: VmRequest) -> Result<VmResponse, WireError> {
+    pub async fn client(self: &Arc<Self>, req: VmRequest) -> Result<VmResponse, VmError> {
         let record = self.record(req.vm())?;
         if record.host == self.node {
             return self.handle(VmMessage::Client(req)).await;
         }
         let addr = ActorAddr { node: record.host, kind: ActorKind::Vm, id: record.id.0 };
-        match self.service.registry.send(addr, ActorMessage::Vm(VmMessage::Client(req))).await? {
+        match self.registry.send(addr, ActorMessage::Vm(VmMessage::Client(req))).await? {
             ActorReply::Vm(r) => Ok(r),
-            other => Err(internal(format!("VM actor answered {other:?}"))),
+            other => Err(VmError::internal(format!("VM actor answered {other:?}"))),
         }
     }
 
     /// A message for one of this host's VM actors.
-    pub async fn handle(self: &Arc<Self>, msg: VmMessage) -> Result<VmResponse, WireError> {
+    pub async fn handle(self: &Arc<Self>, msg: VmMessage) -> Result<VmResponse, VmError> {
         match msg {
             VmMessage::Client(req) => {
                 let vm = req.vm();
                 let inst = self
                     .instance(vm)
-                    .ok_or_else(|| wire(ErrorCode::Unavailable, format!("{vm} is not running on {} yet", self.node)))?;
+                    .ok_or_else(|| VmError::unavailable(format!("{vm} is not running on {} yet", self.node)))?;
                 match req {
                     VmRequest::Status { .. } => {
                         // Never report `running` on a lapsed lease (a process just woken from
@@ -383,7 +419,7 @@ impl VmHost {
                         Ok(VmResponse::Status(self.status_of(&inst)))
                     }
                     VmRequest::Check { .. } => {
-                        let c = inst.guest.check_memory().map_err(|e| wire(ErrorCode::Internal, e.to_string()))?;
+                        let c = inst.guest.check_memory().map_err(|e| VmError::internal(e.to_string()))?;
                         let disks = super::disk_backend::check_disks(self, &inst).await?;
                         Ok(VmResponse::Check {
                             pages_written: c.pages_written,
@@ -400,15 +436,13 @@ impl VmHost {
                         .clone()
                         .or_else(|| self.reports.lock().expect("reports lock").get(&vm).cloned())
                         .map(VmResponse::Migration)
-                        .ok_or_else(|| {
-                            wire(ErrorCode::NotFound, format!("{vm} has no migration on record at {}", self.node))
-                        }),
+                        .ok_or_else(|| VmError::not_found(format!("{vm} has no migration on record at {}", self.node))),
                     VmRequest::CancelMigration { .. } => match inst.cancel.lock().expect("cancel lock").as_ref() {
                         Some(token) => {
                             token.cancel();
                             Ok(VmResponse::Done)
                         }
-                        None => Err(wire(ErrorCode::InvalidRequest, format!("{vm} is not migrating"))),
+                        None => Err(VmError::invalid(format!("{vm} is not migrating"))),
                     },
                 }
             }
@@ -421,19 +455,19 @@ impl VmHost {
                 Ok(VmResponse::Done)
             }
             VmMessage::IncomingMigration { .. } => {
-                Err(wire(ErrorCode::InvalidRequest, "an incoming migration arrives as a bulk stream"))
+                Err(VmError::invalid("an incoming migration arrives as a bulk stream"))
             }
             VmMessage::Group(req) => self.group(req).await.map(VmResponse::Group),
         }
     }
 
-    async fn propose(&self, cmd: VmCommand) -> Result<VmRecord, WireError> {
-        match self.service.write(CatalogCommand::Vm(cmd), 0).await? {
+    async fn propose(&self, cmd: VmCommand) -> Result<VmRecord, VmError> {
+        match self.proposer.write(CatalogCommand::Vm(cmd), 0).await? {
             ClientResponse::Written { outcome: CommandOutcome::Vm(VmOutcome::Vm(v)), .. } => Ok(v),
             ClientResponse::Written {
                 outcome: CommandOutcome::Vm(VmOutcome::Refused { reason, not_found }), ..
-            } => Err(wire(if not_found { ErrorCode::NotFound } else { ErrorCode::InvalidRequest }, reason)),
-            other => Err(internal(format!("unexpected outcome {other:?}"))),
+            } => Err(if not_found { VmError::NotFound(reason) } else { VmError::Invalid(reason) }),
+            other => Err(VmError::internal(format!("unexpected outcome {other:?}"))),
         }
     }
 
@@ -444,20 +478,20 @@ impl VmHost {
         to: NodeId,
         options: MigrationOptions,
         plan: Option<u64>,
-    ) -> Result<VmResponse, WireError> {
+    ) -> Result<VmResponse, VmError> {
         if to == self.node {
-            return Err(wire(ErrorCode::InvalidRequest, format!("{} already runs on {to}", inst.id)));
+            return Err(VmError::invalid(format!("{} already runs on {to}", inst.id)));
         }
         if inst.guest.state() != RunState::Running {
-            return Err(wire(ErrorCode::InvalidRequest, format!("{} is not running", inst.id)));
+            return Err(VmError::invalid(format!("{} is not running", inst.id)));
         }
         let peer = self
-            .service
+            .view
             .status()
             .members
             .into_iter()
             .find(|m| m.id == to)
-            .ok_or_else(|| wire(ErrorCode::NotFound, format!("{to} is not a cluster host")))?;
+            .ok_or_else(|| VmError::not_found(format!("{to} is not a cluster host")))?;
         // Predict from the guest's measured dirty rate and the last link rate seen (or a
         // conservative default) before touching anything; refuse what cannot meet the limit.
         let dirty = (inst.guest.workload_stats().achieved_pages_per_sec * super::guest::PAGE_SIZE as f64) as u64;
@@ -468,18 +502,15 @@ impl VmHost {
         let memory = inst.guest.spec().memory_pages * super::guest::PAGE_SIZE as u64;
         let prediction = migration::predict(memory, dirty, bandwidth, options.max_downtime_ms);
         if !prediction.converges && !options.auto_converge {
-            return Err(wire(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "{} dirties {} MiB/s against a link of about {} MiB/s: it cannot reach a {} ms pause without \
+            return Err(VmError::invalid(format!(
+                "{} dirties {} MiB/s against a link of about {} MiB/s: it cannot reach a {} ms pause without \
                      throttling (needs {}); allow auto-converge or raise the downtime limit",
-                    inst.id,
-                    dirty >> 20,
-                    bandwidth >> 20,
-                    options.max_downtime_ms,
-                    prediction.needs_throttle_percent.map_or("more than 99%".to_string(), |p| format!("{p}% throttle")),
-                ),
-            ));
+                inst.id,
+                dirty >> 20,
+                bandwidth >> 20,
+                options.max_downtime_ms,
+                prediction.needs_throttle_percent.map_or("more than 99%".to_string(), |p| format!("{p}% throttle")),
+            )));
         }
         // The token marks this VM's migration as under way from before it is announced until its
         // outcome is recorded: no second migration starts meanwhile, and reconcile does not treat
@@ -488,10 +519,7 @@ impl VmHost {
         {
             let mut slot = inst.cancel.lock().expect("cancel lock");
             if slot.is_some() {
-                return Err(wire(
-                    ErrorCode::InvalidRequest,
-                    format!("a migration of {} is under way or ending", inst.id),
-                ));
+                return Err(VmError::invalid(format!("a migration of {} is under way or ending", inst.id)));
             }
             *slot = Some(cancel.clone());
         }
@@ -504,18 +532,17 @@ impl VmHost {
                 return Err(e);
             }
         };
-        let addr = match self.service.transport.dial_addr(to, &peer.addr).await {
+        let addr = match self.transport.dial_addr(to, &peer.addr).await {
             Ok(a) => a,
             Err(e) => {
                 self.abort_recorded(inst.id, to, record.generation).await;
                 release(&inst);
-                return Err(wire(ErrorCode::Unavailable, e));
+                return Err(VmError::unavailable(e));
             }
         };
         let hello =
             Body::Actor(ActorMessage::Vm(VmMessage::IncomingMigration { vm: inst.id, generation: record.generation }));
         let (send, recv) = match self
-            .service
             .transport
             .open_stream(addr, ActorAddr { node: to, kind: ActorKind::Vm, id: inst.id.0 }, hello)
             .await
@@ -524,7 +551,7 @@ impl VmHost {
             Err(e) => {
                 self.abort_recorded(inst.id, to, record.generation).await;
                 release(&inst);
-                return Err(wire(ErrorCode::Unavailable, format!("cannot open a migration stream to {to}: {e}")));
+                return Err(VmError::unavailable(format!("cannot open a migration stream to {to}: {e}")));
             }
         };
         let first = MigrationReport { phase: "precopy".into(), to: Some(to), ..Default::default() };
@@ -572,6 +599,7 @@ impl VmHost {
                 // The source is paused and the destination holds a verified copy: move the VM.
                 match self.commit_recorded(inst.id, generation, to).await {
                     Ok(()) => {
+                        self.departed.lock().expect("departed lock").insert(inst.id, generation);
                         let _ = inst.guest.stop();
                         report.phase = "done".into();
                         report.downtime_ms = Some(outcome.downtime_ms);
@@ -588,7 +616,7 @@ impl VmHost {
                         // take a moment to appear.
                         let msg = VmMessage::ResumeMigrated { vm: inst.id, report: report.clone() };
                         for _ in 0..40 {
-                            if self.service.registry.send(addr, ActorMessage::Vm(msg.clone())).await.is_ok() {
+                            if self.registry.send(addr, ActorMessage::Vm(msg.clone())).await.is_ok() {
                                 break;
                             }
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -629,7 +657,7 @@ impl VmHost {
             let last = match self.propose(VmCommand::CommitMigration { vm, expected_generation: generation, to }).await
             {
                 Ok(_) => return Ok(()),
-                Err(e) => e.message,
+                Err(e) => e.message(),
             };
             match self.record(vm) {
                 Ok(r) if r.host == to && r.generation > generation => return Ok(()),
@@ -640,7 +668,7 @@ impl VmHost {
                         r.host, r.generation, r.migrating_to
                     ))
                 }
-                Err(e) if e.code == ErrorCode::NotFound => return Err(format!("{vm} was deleted: {last}")),
+                Err(e) if e.code() == ErrorCode::NotFound => return Err(format!("{vm} was deleted: {last}")),
                 Err(_) => {}
             }
             if !warned && started.elapsed() > Duration::from_secs(5) {
@@ -660,14 +688,14 @@ impl VmHost {
         loop {
             match self.record(vm) {
                 Ok(r) if r.migrating_to != Some(to) || r.generation != generation => return,
-                Err(e) if e.code == ErrorCode::NotFound => return,
+                Err(e) if e.code() == ErrorCode::NotFound => return,
                 _ => {}
             }
             match self.propose(VmCommand::AbortMigration { vm }).await {
                 Ok(r) if r.migrating_to.is_none() => {
                     // Applied; wait for this node's catalog to show it before returning.
                 }
-                Err(e) if e.code == ErrorCode::NotFound => return,
+                Err(e) if e.code() == ErrorCode::NotFound => return,
                 Err(e) => warn!(%vm, error = %e, "withdrawing the migration announcement; retrying"),
                 Ok(_) => {}
             }

@@ -17,6 +17,7 @@
 
 pub mod disk;
 pub mod disk_backend;
+pub mod error;
 pub mod fence;
 pub mod group;
 pub mod guest;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use haven_proto::volume::{SnapshotRecord, VolumeRecord};
-use haven_proto::{ErrorCode, VolumeId, WireError};
+use haven_proto::{ErrorCode, VolumeId};
 
+use super::error::VolumeError;
 use super::host::VolumeHost;
 use crate::nbd::{BackendError, ExportBackend, ExportInfo, ExportListing, ExportResolver, NbdErrno};
 
@@ -27,8 +28,8 @@ impl VolumeExports {
     }
 }
 
-fn to_backend(e: WireError) -> BackendError {
-    let errno = match e.code {
+fn to_backend(e: VolumeError) -> BackendError {
+    let errno = match e.code() {
         ErrorCode::InvalidRequest => NbdErrno::Inval,
         ErrorCode::NotFound => NbdErrno::Inval,
         _ => NbdErrno::Io,
@@ -42,7 +43,7 @@ fn store_err(e: impl std::fmt::Display) -> BackendError {
 
 impl ExportResolver for VolumeExports {
     fn list(&self) -> BoxFuture<'static, Result<Vec<ExportListing>, BackendError>> {
-        let store = self.host.service().store.clone();
+        let store = self.host.store().clone();
         Box::pin(async move {
             let mut exports = Vec::new();
             for v in crate::catalog::volumes::volumes(&store).map_err(store_err)? {
@@ -61,7 +62,7 @@ impl ExportResolver for VolumeExports {
         let host = self.host.clone();
         let name = name.to_string();
         Box::pin(async move {
-            let store = host.service().store.clone();
+            let store = host.store().clone();
             let (vol_name, snap_name) = match name.split_once('@') {
                 Some((v, s)) => (v.to_string(), Some(s.to_string())),
                 None => (name.clone(), None),
@@ -94,7 +95,7 @@ pub struct VolumeExport {
 
 impl VolumeExport {
     fn record(&self) -> Option<VolumeRecord> {
-        crate::catalog::volumes::volume(&self.host.service().store, self.volume).ok().flatten()
+        crate::catalog::volumes::volume(self.host.store(), self.volume).ok().flatten()
     }
 }
 

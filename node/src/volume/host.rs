@@ -9,35 +9,76 @@
 //! This module must not decide failover (the leader's volume controller does).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use actix::Actor;
 use haven_proto::volume::{DeviceMessage, DeviceReply, RelationshipState, VolumeRecord, VolumeRequest, VolumeResponse};
-use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, ErrorCode, NodeId, VolumeId, WireError};
-use tracing::{info, warn};
+use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, ErrorCode, NodeId, VolumeId};
+use tracing::{debug, info, warn};
 
 use super::blockstore::BlockStore;
-use super::replica::{internal, wire, VolumeReplica, VolumeTunables};
+use super::error::VolumeError;
+use super::replica::VolumeReplica;
 use crate::actors::device::DeviceActor;
-use crate::service::NodeService;
+use crate::actors::ActorRegistry;
+use crate::cluster::Proposer;
+use crate::config::VolumeTunables;
+use crate::storage::Store;
 
 /// A running device: the engine and its actor's address.
 type Device = (Arc<VolumeReplica>, actix::Addr<DeviceActor>);
 
+/// What each replica holds of the cluster and of its host: catalog reads, proposals, messages
+/// to other hosts' devices, a way to wake the host's lease loop, and (for a copy into another
+/// volume) the host itself, weakly.
+#[derive(Clone)]
+pub struct VolumeCtx {
+    pub store: Store,
+    pub proposer: Proposer,
+    pub registry: ActorRegistry,
+    /// Wakes [`VolumeHost::renew_read_leases`] (a replica that became primary wants a lease now).
+    pub(crate) lease_wake: Arc<tokio::sync::Notify>,
+    host: Weak<VolumeHost>,
+}
+
+impl VolumeCtx {
+    /// This node's volume host (for requests routed to another volume's primary).
+    pub(crate) fn host(&self) -> Result<Arc<VolumeHost>, VolumeError> {
+        self.host.upgrade().ok_or_else(|| VolumeError::unavailable("the volume host is shutting down"))
+    }
+}
+
 /// This node's volumes.
 pub struct VolumeHost {
     pub node: NodeId,
-    service: Arc<NodeService>,
+    ctx: VolumeCtx,
     blocks: BlockStore,
     pub tunables: VolumeTunables,
     engines: Mutex<HashMap<VolumeId, Device>>,
 }
 
 impl VolumeHost {
-    pub fn new(service: Arc<NodeService>, tunables: VolumeTunables) -> Arc<Self> {
-        let blocks = BlockStore::new(service.store.clone());
-        Arc::new(Self { node: service.id, service, blocks, tunables, engines: Mutex::new(HashMap::new()) })
+    pub fn new(
+        node: NodeId,
+        store: Store,
+        proposer: Proposer,
+        registry: ActorRegistry,
+        tunables: VolumeTunables,
+    ) -> Arc<Self> {
+        let blocks = BlockStore::new(store.clone());
+        Arc::new_cyclic(|host| Self {
+            node,
+            ctx: VolumeCtx { store, proposer, registry, lease_wake: Arc::default(), host: host.clone() },
+            blocks,
+            tunables,
+            engines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The catalog, as this node has applied it.
+    pub fn store(&self) -> &Store {
+        &self.ctx.store
     }
 
     pub fn engine(&self, vol: VolumeId) -> Option<Arc<VolumeReplica>> {
@@ -64,10 +105,35 @@ impl VolumeHost {
         }
     }
 
-    async fn reconcile(&self) -> Result<(), WireError> {
-        let store = &self.service.store;
-        let volumes = crate::catalog::volumes::volumes(store).map_err(internal)?;
-        let rels = crate::catalog::volumes::relationships(store).map_err(internal)?;
+    /// Ask the leader for read leases every quarter lease (and at once when a replica became
+    /// primary) until the node shuts down, and hand each grant to its replica. A request that
+    /// fails leaves the leases to run out: reads then wait for a renewal or a failover.
+    pub async fn renew_read_leases(self: Arc<Self>) {
+        let every = Duration::from_millis(self.tunables.read_lease_ms / 4);
+        loop {
+            let asked_at = Instant::now();
+            match self.ctx.proposer.read_leases().await {
+                Ok(primary_of) => {
+                    for (vol, epoch) in primary_of {
+                        if let Some(e) = self.engine(vol) {
+                            e.lease_granted(epoch, asked_at);
+                        }
+                    }
+                }
+                Err(e) => debug!(error = %e, "read lease request failed"),
+            }
+            let wait = every.saturating_sub(asked_at.elapsed());
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.ctx.lease_wake.notified() => {}
+            }
+        }
+    }
+
+    async fn reconcile(&self) -> Result<(), VolumeError> {
+        let store = &self.ctx.store;
+        let volumes = crate::catalog::volumes::volumes(store).map_err(VolumeError::internal)?;
+        let rels = crate::catalog::volumes::relationships(store).map_err(VolumeError::internal)?;
         let mut wanted: HashMap<VolumeId, (VolumeRecord, Vec<(NodeId, u64)>)> = HashMap::new();
         for v in volumes {
             let targets: Vec<(NodeId, u64)> = rels
@@ -86,11 +152,14 @@ impl VolumeHost {
             self.engines.lock().expect("engines lock").keys().filter(|id| !wanted.contains_key(id)).copied().collect();
         for id in gone {
             if let Some((_, addr)) = self.engines.lock().expect("engines lock").remove(&id) {
-                self.service.registry.unregister(&ActorAddr { node: self.node, kind: ActorKind::Device, id: id.0 });
+                self.ctx.registry.unregister(&ActorAddr { node: self.node, kind: ActorKind::Device, id: id.0 });
                 drop(addr);
             }
             let blocks = self.blocks.clone();
-            tokio::task::spawn_blocking(move || blocks.delete_volume(id)).await.map_err(internal)?.map_err(internal)?;
+            tokio::task::spawn_blocking(move || blocks.delete_volume(id))
+                .await
+                .map_err(VolumeError::internal)?
+                .map_err(VolumeError::internal)?;
             info!(vol = %id, "volume removed from this host");
         }
         for (id, (record, targets)) in wanted {
@@ -100,12 +169,12 @@ impl VolumeHost {
                     let engine = VolumeReplica::open(
                         self.node,
                         record.clone(),
-                        self.service.clone(),
+                        self.ctx.clone(),
                         self.blocks.clone(),
                         self.tunables.clone(),
                     )?;
                     let actor = DeviceActor::new(engine.clone()).start();
-                    self.service.registry.register(
+                    self.ctx.registry.register(
                         ActorAddr { node: self.node, kind: ActorKind::Device, id: id.0 },
                         actor.clone().recipient(),
                     );
@@ -119,8 +188,8 @@ impl VolumeHost {
                 let size = record.size_bytes / bs;
                 tokio::task::spawn_blocking(move || blocks.truncate(id, size))
                     .await
-                    .map_err(internal)?
-                    .map_err(internal)?;
+                    .map_err(VolumeError::internal)?
+                    .map_err(VolumeError::internal)?;
             }
             // Observing may run a takeover that talks to other hosts; do not hold up the others,
             // and do not start a second one while one is under way.
@@ -135,10 +204,10 @@ impl VolumeHost {
         Ok(())
     }
 
-    fn volume_record(&self, vol: VolumeId) -> Result<VolumeRecord, WireError> {
-        crate::catalog::volumes::volume(&self.service.store, vol)
-            .map_err(internal)?
-            .ok_or_else(|| wire(ErrorCode::NotFound, format!("no volume {vol}")))
+    fn volume_record(&self, vol: VolumeId) -> Result<VolumeRecord, VolumeError> {
+        crate::catalog::volumes::volume(&self.ctx.store, vol)
+            .map_err(VolumeError::internal)?
+            .ok_or_else(|| VolumeError::not_found(format!("no volume {vol}")))
     }
 
     /// Send `msg` to `vol`'s primary device, retrying across a failover.
@@ -149,7 +218,7 @@ impl VolumeHost {
         vol: VolumeId,
         msg: DeviceMessage,
         retry_unknown: bool,
-    ) -> futures::future::BoxFuture<'_, Result<DeviceReply, WireError>> {
+    ) -> futures::future::BoxFuture<'_, Result<DeviceReply, VolumeError>> {
         Box::pin(async move {
             let deadline = Instant::now() + Duration::from_millis(self.tunables.failover_wait_ms);
             let mut backoff = Duration::from_millis(20);
@@ -168,35 +237,32 @@ impl VolumeHost {
                 } else if let Some(record) = record.as_ref().filter(|r| r.primary == self.node) {
                     match self.engine(record.id) {
                         Some(e) => e.handle(msg.clone()).await,
-                        None => Err(wire(ErrorCode::Unavailable, format!("{vol} is not open on {} yet", self.node))),
+                        None => Err(VolumeError::unavailable(format!("{vol} is not open on {} yet", self.node))),
                     }
                 } else if let Some(record) = record {
                     let addr = ActorAddr { node: record.primary, kind: ActorKind::Device, id: vol.0 };
-                    let timeout = self.service.request_timeout;
-                    match self.service.registry.send_timeout(addr, ActorMessage::Device(msg.clone()), timeout).await {
+                    let timeout = self.ctx.proposer.request_timeout();
+                    match self.ctx.registry.send_timeout(addr, ActorMessage::Device(msg.clone()), timeout).await {
                         Ok(ActorReply::Device(r)) => Ok(r),
-                        Ok(other) => Err(internal(format!("device answered {other:?}"))),
-                        Err(e) => Err(e),
+                        Ok(other) => Err(VolumeError::internal(format!("device answered {other:?}"))),
+                        Err(e) => Err(VolumeError::from(e)),
                     }
                 } else {
-                    Err(internal("no route to the primary"))
+                    Err(VolumeError::internal("no route to the primary"))
                 };
                 if let Err(e) = &result {
-                    maybe_applied |= e.code == ErrorCode::Timeout;
+                    maybe_applied |= e.code() == ErrorCode::Timeout;
                 }
                 match result {
                     Err(e) if Instant::now() < deadline && retryable(&e, retry_unknown) => {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_millis(250));
                     }
-                    Err(e) if maybe_applied && e.code != ErrorCode::Timeout => {
-                        return Err(wire(
-                            ErrorCode::Timeout,
-                            format!(
-                                "outcome unknown: an earlier attempt may have been applied; last attempt: {}",
-                                e.message
-                            ),
-                        ))
+                    Err(e) if maybe_applied && e.code() != ErrorCode::Timeout => {
+                        return Err(VolumeError::outcome_unknown(format!(
+                            "outcome unknown: an earlier attempt may have been applied; last attempt: {}",
+                            e.message()
+                        )))
                     }
                     other => return other,
                 }
@@ -205,18 +271,18 @@ impl VolumeHost {
     }
 
     /// A client's volume request, answered by the primary.
-    pub async fn client(&self, req: VolumeRequest) -> Result<VolumeResponse, WireError> {
-        req.validate().map_err(|m| wire(ErrorCode::InvalidRequest, m))?;
+    pub async fn client(&self, req: VolumeRequest) -> Result<VolumeResponse, VolumeError> {
+        req.validate().map_err(VolumeError::invalid)?;
         let vol = req.volume();
         let retry = req.is_idempotent();
         match self.route(vol, DeviceMessage::Client(req), retry).await? {
             DeviceReply::Client(r) => Ok(r),
-            other => Err(internal(format!("unexpected reply {other:?}"))),
+            other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
     /// Write whole blocks of `vol` through its primary (`data: None` = zero `len` bytes).
-    pub async fn write_to(&self, vol: VolumeId, offset: u64, data: Vec<u8>, durable: bool) -> Result<u64, WireError> {
+    pub async fn write_to(&self, vol: VolumeId, offset: u64, data: Vec<u8>, durable: bool) -> Result<u64, VolumeError> {
         let len = data.len() as u32;
         self.write_blocks(vol, offset, Some(data), len, durable).await
     }
@@ -228,10 +294,10 @@ impl VolumeHost {
         data: Option<Vec<u8>>,
         len: u32,
         durable: bool,
-    ) -> Result<u64, WireError> {
+    ) -> Result<u64, VolumeError> {
         match self.route(vol, DeviceMessage::WriteBlocks { volume: vol, offset, data, len, durable }, true).await? {
             DeviceReply::Applied { seq } => Ok(seq),
-            other => Err(internal(format!("unexpected reply {other:?}"))),
+            other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -241,28 +307,24 @@ impl VolumeHost {
         offset: u64,
         len: u32,
         snapshot: Option<u64>,
-    ) -> Result<Vec<u8>, WireError> {
+    ) -> Result<Vec<u8>, VolumeError> {
         match self.client(VolumeRequest::Read { volume: vol, offset, len, snapshot }).await? {
             VolumeResponse::Data(d) => Ok(d),
-            other => Err(internal(format!("unexpected reply {other:?}"))),
+            other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
         }
     }
 
-    pub async fn flush(&self, vol: VolumeId) -> Result<(), WireError> {
+    pub async fn flush(&self, vol: VolumeId) -> Result<(), VolumeError> {
         self.route(vol, DeviceMessage::Flush { volume: vol }, true).await.map(|_| ())
-    }
-
-    pub fn service(&self) -> &Arc<NodeService> {
-        &self.service
     }
 }
 
 /// Whether a failed routed request may be tried again against a (possibly new) primary.
-fn retryable(e: &WireError, retry_unknown: bool) -> bool {
-    match e.code {
+fn retryable(e: &VolumeError, retry_unknown: bool) -> bool {
+    match e.code() {
         ErrorCode::NotPrimary | ErrorCode::NotLeader | ErrorCode::NoLeader => true,
         // The new primary's device actor is not started yet.
-        ErrorCode::NotFound => e.message.starts_with("no actor"),
+        ErrorCode::NotFound => e.message().starts_with("no actor"),
         // Unavailable: the primary could not be reached, or refused part-way through a
         // multi-step request; Timeout: the outcome is unknown. Either is retried only when
         // repeating the request is harmless.

@@ -9,11 +9,12 @@
 use std::sync::Arc;
 
 use haven_proto::volume::{DeviceMessage, DeviceReply, IntegrityVerdict, ReplicaBlock, VolumeCommand};
-use haven_proto::{ErrorCode, NodeId, WireError};
+use haven_proto::NodeId;
 use tracing::warn;
 
+use super::error::VolumeError;
 use super::merkle::{Hash, MerkleTree};
-use super::replica::{from_content, internal, to_block_write, wire, VolumeReplica};
+use super::replica::{from_content, to_block_write, VolumeReplica};
 
 /// Most differing blocks listed in a verdict.
 const MAX_LISTED: usize = 1024;
@@ -23,33 +24,33 @@ fn hex(h: &Hash) -> String {
 }
 
 /// Where a snapshot id (None = newest) puts us in write order.
-fn at(replica: &VolumeReplica, snapshot: Option<u64>) -> Result<Option<u64>, WireError> {
+fn at(replica: &VolumeReplica, snapshot: Option<u64>) -> Result<Option<u64>, VolumeError> {
     snapshot.map(|id| replica.snapshot_seq(id)).transpose()
 }
 
 /// This host's Merkle chunk hashes.
-pub async fn chunks(replica: &Arc<VolumeReplica>, snapshot: Option<u64>) -> Result<DeviceReply, WireError> {
+pub async fn chunks(replica: &Arc<VolumeReplica>, snapshot: Option<u64>) -> Result<DeviceReply, VolumeError> {
     // One 32-byte hash per chunk must fit one reply frame (with room for the envelope): refuse a
     // volume with more chunks before hashing it, rather than build a reply no frame can carry.
     let max_chunks = (haven_proto::MAX_FRAME_LEN - 64 * 1024) / 32;
     let chunks = replica.record().size_blocks().div_ceil(super::merkle::CHUNK_BLOCKS);
     if chunks > max_chunks as u64 {
-        return Err(WireError::new(
-            haven_proto::ErrorCode::LimitExceeded,
-            format!(
-                "{chunks} Merkle chunks do not fit one reply (limit {max_chunks}); the volume is too large to compare"
-            ),
-        ));
+        return Err(VolumeError::LimitExceeded(format!(
+            "{chunks} Merkle chunks do not fit one reply (limit {max_chunks}); the volume is too large to compare"
+        )));
     }
     let tree = local_tree(replica, snapshot).await?;
     Ok(DeviceReply::Chunks { block_size: tree.block_size, size_blocks: tree.size_blocks, chunks: tree.chunks })
 }
 
-async fn local_tree(replica: &Arc<VolumeReplica>, snapshot: Option<u64>) -> Result<MerkleTree, WireError> {
+async fn local_tree(replica: &Arc<VolumeReplica>, snapshot: Option<u64>) -> Result<MerkleTree, VolumeError> {
     let at = at(replica, snapshot)?;
     let (blocks, vol, bs, size) =
         (replica.blocks.clone(), replica.vol, replica.block_size, replica.record().size_blocks());
-    tokio::task::spawn_blocking(move || blocks.merkle(vol, bs, size, at)).await.map_err(internal)?.map_err(internal)
+    tokio::task::spawn_blocking(move || blocks.merkle(vol, bs, size, at))
+        .await
+        .map_err(VolumeError::internal)?
+        .map_err(VolumeError::internal)
 }
 
 /// This host's block hashes of one chunk.
@@ -57,14 +58,14 @@ pub async fn chunk_hashes(
     replica: &Arc<VolumeReplica>,
     snapshot: Option<u64>,
     chunk: u64,
-) -> Result<DeviceReply, WireError> {
+) -> Result<DeviceReply, VolumeError> {
     let at = at(replica, snapshot)?;
     let (blocks, vol, bs, size) =
         (replica.blocks.clone(), replica.vol, replica.block_size, replica.record().size_blocks());
     let hashes = tokio::task::spawn_blocking(move || blocks.chunk_block_hashes(vol, bs, size, chunk, at))
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(VolumeError::internal)?
+        .map_err(VolumeError::internal)?;
     Ok(DeviceReply::Hashes(hashes))
 }
 
@@ -73,13 +74,13 @@ pub async fn read_versions(
     replica: &Arc<VolumeReplica>,
     snapshot: Option<u64>,
     wanted: Vec<u64>,
-) -> Result<DeviceReply, WireError> {
+) -> Result<DeviceReply, VolumeError> {
     let at = at(replica, snapshot)?;
     let (blocks, vol) = (replica.blocks.clone(), replica.vol);
-    let out = tokio::task::spawn_blocking(move || -> Result<Vec<ReplicaBlock>, WireError> {
+    let out = tokio::task::spawn_blocking(move || -> Result<Vec<ReplicaBlock>, VolumeError> {
         let mut out = Vec::with_capacity(wanted.len());
         for b in wanted {
-            match blocks.read_version(vol, b, at).map_err(internal)? {
+            match blocks.read_version(vol, b, at).map_err(VolumeError::internal)? {
                 Some((seq, content)) => out.push(from_content(b, seq, content)),
                 None => out.push(ReplicaBlock { block: b, seq: 0, data: None }),
             }
@@ -87,7 +88,7 @@ pub async fn read_versions(
         Ok(out)
     })
     .await
-    .map_err(internal)??;
+    .map_err(VolumeError::internal)??;
     Ok(DeviceReply::Versions(out))
 }
 
@@ -97,23 +98,24 @@ pub async fn repair_local(
     replica: &Arc<VolumeReplica>,
     snapshot: u64,
     good: Vec<ReplicaBlock>,
-) -> Result<DeviceReply, WireError> {
+) -> Result<DeviceReply, VolumeError> {
     let at = replica.snapshot_seq(snapshot)?;
     let (blocks, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
-    tokio::task::spawn_blocking(move || -> Result<(), WireError> {
+    tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
         let mut writes = Vec::with_capacity(good.len());
         for g in good {
-            let seq = blocks.read_version(vol, g.block, Some(at)).map_err(internal)?.map_or(g.seq, |(s, _)| s);
+            let seq =
+                blocks.read_version(vol, g.block, Some(at)).map_err(VolumeError::internal)?.map_or(g.seq, |(s, _)| s);
             writes.push(to_block_write(&ReplicaBlock { seq, ..g }));
         }
-        blocks.apply(vol, bs, &writes, true).map_err(internal)
+        blocks.apply(vol, bs, &writes, true).map_err(VolumeError::internal)
     })
     .await
-    .map_err(internal)??;
+    .map_err(VolumeError::internal)??;
     Ok(DeviceReply::Done)
 }
 
-async fn tree_of(replica: &Arc<VolumeReplica>, host: NodeId, snapshot: u64) -> Result<MerkleTree, WireError> {
+async fn tree_of(replica: &Arc<VolumeReplica>, host: NodeId, snapshot: u64) -> Result<MerkleTree, VolumeError> {
     if host == replica.node {
         return local_tree(replica, Some(snapshot)).await;
     }
@@ -124,7 +126,7 @@ async fn tree_of(replica: &Arc<VolumeReplica>, host: NodeId, snapshot: u64) -> R
         DeviceReply::Chunks { block_size, size_blocks, chunks } => {
             Ok(MerkleTree::from_chunk_hashes(block_size, size_blocks, chunks))
         }
-        other => Err(internal(format!("unexpected reply {other:?}"))),
+        other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
     }
 }
 
@@ -133,7 +135,7 @@ async fn hashes_of(
     host: NodeId,
     snapshot: u64,
     chunk: u64,
-) -> Result<Vec<Hash>, WireError> {
+) -> Result<Vec<Hash>, VolumeError> {
     let reply = if host == replica.node {
         chunk_hashes(replica, Some(snapshot), chunk).await?
     } else {
@@ -147,7 +149,7 @@ async fn hashes_of(
     };
     match reply {
         DeviceReply::Hashes(h) => Ok(h),
-        other => Err(internal(format!("unexpected reply {other:?}"))),
+        other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
     }
 }
 
@@ -161,7 +163,7 @@ async fn differing_blocks(
     snapshot: u64,
     a: NodeId,
     b: NodeId,
-) -> Result<(MerkleTree, MerkleTree, Vec<u64>), WireError> {
+) -> Result<(MerkleTree, MerkleTree, Vec<u64>), VolumeError> {
     let (ta, tb) = futures::try_join!(tree_of(replica, a, snapshot), tree_of(replica, b, snapshot))?;
     let mut blocks = Vec::new();
     if ta.root != tb.root {
@@ -180,12 +182,12 @@ async fn differing_blocks(
 }
 
 /// Compare every copy of `snapshot` with the primary's and record the verdict.
-pub async fn verify(replica: &Arc<VolumeReplica>, snapshot: u64) -> Result<IntegrityVerdict, WireError> {
-    let snap = crate::catalog::volumes::snapshots(&replica.service.store, replica.vol)
-        .map_err(internal)?
+pub async fn verify(replica: &Arc<VolumeReplica>, snapshot: u64) -> Result<IntegrityVerdict, VolumeError> {
+    let snap = crate::catalog::volumes::snapshots(&replica.ctx.store, replica.vol)
+        .map_err(VolumeError::internal)?
         .into_iter()
         .find(|s| s.id == snapshot)
-        .ok_or_else(|| wire(ErrorCode::NotFound, format!("no snapshot {snapshot} of {}", replica.vol)))?;
+        .ok_or_else(|| VolumeError::not_found(format!("no snapshot {snapshot} of {}", replica.vol)))?;
     let record = replica.record();
     // Compare the primary's copy with each synchronous replica's copy.
     let others: Vec<NodeId> =
@@ -245,14 +247,14 @@ pub async fn repair(
     replica: &Arc<VolumeReplica>,
     snapshot: u64,
     source: NodeId,
-) -> Result<IntegrityVerdict, WireError> {
-    let snap = crate::catalog::volumes::snapshots(&replica.service.store, replica.vol)
-        .map_err(internal)?
+) -> Result<IntegrityVerdict, VolumeError> {
+    let snap = crate::catalog::volumes::snapshots(&replica.ctx.store, replica.vol)
+        .map_err(VolumeError::internal)?
         .into_iter()
         .find(|s| s.id == snapshot)
-        .ok_or_else(|| wire(ErrorCode::NotFound, format!("no snapshot {snapshot} of {}", replica.vol)))?;
+        .ok_or_else(|| VolumeError::not_found(format!("no snapshot {snapshot} of {}", replica.vol)))?;
     if !snap.hosts.contains(&source) {
-        return Err(wire(ErrorCode::InvalidRequest, format!("{source} holds no copy of snapshot {snapshot}")));
+        return Err(VolumeError::invalid(format!("{source} holds no copy of snapshot {snapshot}")));
     }
     let mut repaired = Vec::new();
     for target in snap.hosts.iter().copied().filter(|h| *h != source) {
@@ -276,7 +278,7 @@ pub async fn repair(
                 .await?
         } {
             DeviceReply::Versions(v) => v,
-            other => return Err(internal(format!("unexpected reply {other:?}"))),
+            other => return Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
         };
         if target == replica.node {
             repair_local(replica, snapshot, good).await?;
@@ -295,7 +297,7 @@ pub async fn repair(
     repaired.dedup();
     let after = verify(replica, snapshot).await?;
     if !matches!(after, IntegrityVerdict::Match { .. }) {
-        return Err(wire(ErrorCode::Internal, format!("copies still differ after repair: {after:?}")));
+        return Err(VolumeError::internal(format!("copies still differ after repair: {after:?}")));
     }
     replica
         .event(
@@ -305,8 +307,8 @@ pub async fn repair(
         )
         .await;
     let verdict = IntegrityVerdict::Repaired { source, blocks: repaired };
-    let digests = crate::catalog::volumes::snapshots(&replica.service.store, replica.vol)
-        .map_err(internal)?
+    let digests = crate::catalog::volumes::snapshots(&replica.ctx.store, replica.vol)
+        .map_err(VolumeError::internal)?
         .into_iter()
         .find(|s| s.id == snapshot)
         .map(|s| s.digests)

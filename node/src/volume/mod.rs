@@ -14,6 +14,7 @@
 
 pub mod blockstore;
 pub mod core;
+pub mod error;
 pub mod export;
 pub mod host;
 pub mod integrity;

@@ -25,55 +25,20 @@ use haven_proto::volume::{
     DeviceMessage, DeviceReply, ReplicaBlock, ReplicaProgress, VolumeCommand, VolumeOutcome, VolumeRecord,
     VolumeRequest, VolumeResponse,
 };
-use haven_proto::{
-    ActorAddr, ActorKind, ActorMessage, ActorReply, CatalogCommand, ErrorCode, NodeId, VolumeId, WireError,
-};
+use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, CatalogCommand, ErrorCode, NodeId, VolumeId};
 use tracing::{debug, info, warn};
 
 use super::blockstore::{BlockContent, BlockStore, BlockWrite};
+use super::core::lease::ReadLease;
 use super::core::primary::{progress, CopyState};
 pub use super::core::primary::{FollowKind, Follower, Followers};
+use super::error::VolumeError;
+use super::host::VolumeCtx;
 use super::sequencer::{Sequencer, SequencerError};
-use crate::service::NodeService;
+use crate::config::VolumeTunables;
 
 /// Local snapshot ids at or above this are internal (resync pins), never in the catalog.
 pub const INTERNAL_SNAPSHOT_BASE: u64 = 1 << 62;
-
-/// Time-based behaviour of volumes (from the node config; tests shrink it).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct VolumeTunables {
-    /// How long the primary waits for a replica's acknowledgement before dropping it from the
-    /// in-sync set.
-    pub replica_ack_timeout_ms: u64,
-    /// How often the primary retries resyncing replicas that are not in sync.
-    pub resync_retry_ms: u64,
-    /// How often a node re-reads the catalog for volume changes.
-    pub catalog_poll_ms: u64,
-    /// The leader declares a host down after this long without an answer to its probes.
-    pub host_down_ms: u64,
-    /// How often the leader probes hosts.
-    pub probe_ms: u64,
-    /// Bandwidth cap of one resync in bytes per second (0 = none).
-    pub resync_max_bytes_per_sec: u64,
-    /// How long a client or NBD request keeps retrying while a volume fails over (kept below the
-    /// SDK's 5 s attempt timeout so the SDK sees the answer).
-    pub failover_wait_ms: u64,
-}
-
-impl Default for VolumeTunables {
-    fn default() -> Self {
-        Self {
-            replica_ack_timeout_ms: 1_000,
-            resync_retry_ms: 1_000,
-            catalog_poll_ms: 50,
-            host_down_ms: 1_000,
-            probe_ms: 200,
-            failover_wait_ms: 4_000,
-            resync_max_bytes_per_sec: 0,
-        }
-    }
-}
 
 /// What this host is for the volume right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,16 +54,10 @@ pub enum Role {
 /// A write that failed after it was handed to the replicas: it may be applied (and may become
 /// visible), so the caller must not treat it as "not applied". `Timeout` is the wire's code for
 /// an unknown outcome.
-fn outcome_unknown(seq: u64, e: impl std::fmt::Display) -> WireError {
-    wire(ErrorCode::Timeout, format!("outcome unknown: write {seq} was sent to the replicas but not confirmed: {e}"))
-}
-
-pub(crate) fn wire(code: ErrorCode, msg: impl Into<String>) -> WireError {
-    WireError::new(code, msg)
-}
-
-pub(crate) fn internal(e: impl std::fmt::Display) -> WireError {
-    wire(ErrorCode::Internal, e.to_string())
+fn outcome_unknown(seq: u64, e: impl std::fmt::Display) -> VolumeError {
+    VolumeError::outcome_unknown(format!(
+        "outcome unknown: write {seq} was sent to the replicas but not confirmed: {e}"
+    ))
 }
 
 /// This host's copy of one volume.
@@ -106,7 +65,8 @@ pub struct VolumeReplica {
     pub node: NodeId,
     pub vol: VolumeId,
     pub block_size: u32,
-    pub(crate) service: Arc<NodeService>,
+    /// Catalog reads, proposals, device messages, the host (see [`VolumeCtx`]).
+    pub(crate) ctx: VolumeCtx,
     pub(crate) blocks: BlockStore,
     pub(crate) seq: Sequencer,
     pub(crate) tunables: VolumeTunables,
@@ -123,6 +83,9 @@ pub struct VolumeReplica {
     pub(crate) resyncs_running: Mutex<BTreeSet<NodeId>>,
     /// Set while the host's supervisor runs [`Self::observe`] for this volume.
     pub(crate) observing: std::sync::atomic::AtomicBool,
+    /// Primary only: reads are served while this holds for the role's epoch
+    /// (`core::lease`, renewed by the host's lease loop).
+    read_lease: Mutex<ReadLease>,
 }
 
 impl VolumeReplica {
@@ -130,11 +93,11 @@ impl VolumeReplica {
     pub fn open(
         node: NodeId,
         record: VolumeRecord,
-        service: Arc<NodeService>,
+        ctx: VolumeCtx,
         blocks: BlockStore,
         tunables: VolumeTunables,
-    ) -> Result<Arc<Self>, WireError> {
-        let hwm = blocks.high_water_mark(record.id).map_err(internal)?;
+    ) -> Result<Arc<Self>, VolumeError> {
+        let hwm = blocks.high_water_mark(record.id).map_err(VolumeError::internal)?;
         let epoch = super::resync::prepared_epoch(&blocks, record.id)?;
         let seq = Sequencer::new(record.id, record.block_size, blocks.clone(), epoch, hwm + 1);
         let role = if record.replicas.contains(&node) { Role::Replica } else { Role::AsyncCopy };
@@ -142,7 +105,7 @@ impl VolumeReplica {
             node,
             vol: record.id,
             block_size: record.block_size,
-            service,
+            ctx,
             blocks,
             seq,
             tunables,
@@ -154,6 +117,7 @@ impl VolumeReplica {
             membership: tokio::sync::Mutex::new(()),
             resyncs_running: Mutex::new(BTreeSet::new()),
             observing: std::sync::atomic::AtomicBool::new(false),
+            read_lease: Mutex::new(ReadLease::default()),
         }))
     }
 
@@ -170,18 +134,15 @@ impl VolumeReplica {
         self.record.lock().expect("record lock").in_sync.iter().copied().filter(|h| *h != self.node).collect()
     }
 
-    pub(crate) fn primary_epoch(&self) -> Result<u64, WireError> {
+    pub(crate) fn primary_epoch(&self) -> Result<u64, VolumeError> {
         match self.role() {
             Role::Primary { epoch } => Ok(epoch),
-            _ => Err(WireError::new(
-                ErrorCode::NotPrimary,
-                format!(
-                    "{} is not the primary of {} (the catalog names {})",
-                    self.node,
-                    self.vol,
-                    self.record().primary
-                ),
-            )),
+            _ => Err(VolumeError::not_primary(format!(
+                "{} is not the primary of {} (the catalog names {})",
+                self.node,
+                self.vol,
+                self.record().primary
+            ))),
         }
     }
 
@@ -222,7 +183,7 @@ impl VolumeReplica {
     /// Become primary at `epoch`: with no write in flight, tell every other in-sync replica to
     /// drop anything after our last applied point (such writes were never acknowledged: an
     /// acknowledgement needs every in-sync replica, us included), then start handing out points.
-    async fn adopt(self: &Arc<Self>, epoch: u64) -> Result<(), WireError> {
+    async fn adopt(self: &Arc<Self>, epoch: u64) -> Result<(), VolumeError> {
         let _gate = self.gate.write().await;
         // Fence before choosing the first point: an older primary's write still waiting in our
         // sequencer for a gap would otherwise be applied at a point we hand out again, and our
@@ -238,12 +199,37 @@ impl VolumeReplica {
             warn!(vol = %self.vol, ?failed, "replicas did not accept the new primary; dropping them from the in-sync set");
             self.drop_in_sync(&failed, epoch).await?;
             // The epoch moved on; the next observe() adopts again at the new epoch.
-            return Err(wire(ErrorCode::Unavailable, "in-sync set changed during takeover"));
+            return Err(VolumeError::unavailable("in-sync set changed during takeover"));
         }
         self.next_seq.store(last + 1, Ordering::SeqCst);
         *self.role.lock().expect("role lock") = Role::Primary { epoch };
+        // Ask for a read lease now rather than at the lease loop's next round.
+        self.ctx.lease_wake.notify_one();
         info!(vol = %self.vol, epoch, next = last + 1, "serving as primary");
         Ok(())
+    }
+
+    /// The leader named this host primary at `epoch` in answer to a lease request sent at
+    /// `asked_at`.
+    pub fn lease_granted(&self, epoch: u64, asked_at: Instant) {
+        let duration = Duration::from_millis(self.tunables.read_lease_ms);
+        self.read_lease.lock().expect("lease lock").granted(epoch, asked_at, duration);
+    }
+
+    /// Primary: refuse reads without a read lease at `epoch`. A primary cut off from the leader
+    /// may already have been replaced, and a new primary may have overwritten what it would
+    /// return (issue 11, race 4). `NotPrimary`, so routing retries while the lease is renewed or
+    /// the volume fails over.
+    fn check_read_lease(&self, epoch: u64) -> Result<(), VolumeError> {
+        if self.read_lease.lock().expect("lease lock").valid(epoch, Instant::now()) {
+            return Ok(());
+        }
+        metrics::counter!("haven_volume_reads_without_lease_total").increment(1);
+        Err(VolumeError::not_primary(format!(
+            "{} holds no read lease on {} at epoch {epoch}: it has not heard from the leader lately and may \
+                 have been replaced",
+            self.node, self.vol
+        )))
     }
 
     pub(crate) fn ack_timeout(&self) -> Duration {
@@ -256,14 +242,14 @@ impl VolumeReplica {
         host: NodeId,
         msg: DeviceMessage,
         timeout: Duration,
-    ) -> Result<DeviceReply, WireError> {
+    ) -> Result<DeviceReply, VolumeError> {
         let addr = ActorAddr { node: host, kind: ActorKind::Device, id: self.vol.0 };
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
-            match self.service.registry.send_timeout(addr, ActorMessage::Device(msg.clone()), left).await {
+            match self.ctx.registry.send_timeout(addr, ActorMessage::Device(msg.clone()), left).await {
                 Ok(ActorReply::Device(r)) => return Ok(r),
-                Ok(other) => return Err(internal(format!("device {addr} answered {other:?}"))),
+                Ok(other) => return Err(VolumeError::internal(format!("device {addr} answered {other:?}"))),
                 // The host is up but has not started this volume's device actor yet (it polls
                 // the catalog): not a failure of the replica, wait for it within the deadline.
                 Err(e)
@@ -273,32 +259,32 @@ impl VolumeReplica {
                 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
     }
 
     /// This host's catalog's record of the volume, if it still names us primary.
-    fn record_as_primary(&self) -> Result<VolumeRecord, WireError> {
-        let current = crate::catalog::volumes::volume(&self.service.store, self.vol)
-            .map_err(internal)?
-            .ok_or_else(|| wire(ErrorCode::NotFound, format!("{} was deleted", self.vol)))?;
+    fn record_as_primary(&self) -> Result<VolumeRecord, VolumeError> {
+        let current = crate::catalog::volumes::volume(&self.ctx.store, self.vol)
+            .map_err(VolumeError::internal)?
+            .ok_or_else(|| VolumeError::not_found(format!("{} was deleted", self.vol)))?;
         if current.primary != self.node {
-            return Err(wire(ErrorCode::NotPrimary, format!("{} has a new primary", self.vol)));
+            return Err(VolumeError::not_primary(format!("{} has a new primary", self.vol)));
         }
         Ok(current)
     }
 
     /// Propose removing `hosts` from the in-sync set (they missed a write). Succeeds if they are
     /// no longer in sync when it returns.
-    pub(crate) async fn drop_in_sync(&self, hosts: &[NodeId], epoch: u64) -> Result<(), WireError> {
+    pub(crate) async fn drop_in_sync(&self, hosts: &[NodeId], epoch: u64) -> Result<(), VolumeError> {
         let _m = self.membership.lock().await;
         let current = self.record_as_primary()?;
         if !hosts.iter().any(|h| current.in_sync.contains(h)) {
             return Ok(());
         }
         if current.epoch != epoch && current.epoch != self.record().epoch {
-            return Err(wire(ErrorCode::NotPrimary, format!("{} moved to epoch {}", self.vol, current.epoch)));
+            return Err(VolumeError::not_primary(format!("{} moved to epoch {}", self.vol, current.epoch)));
         }
         let in_sync: Vec<NodeId> = current.in_sync.iter().copied().filter(|h| !hosts.contains(h)).collect();
         let cmd = VolumeCommand::SetReplication {
@@ -319,7 +305,7 @@ impl VolumeReplica {
 
     /// Primary: start a new epoch with the same primary and in-sync set (before a rollback);
     /// returns it. Messages of older epochs are refused from then on wherever they land.
-    pub(crate) async fn new_epoch(&self) -> Result<u64, WireError> {
+    pub(crate) async fn new_epoch(&self) -> Result<u64, VolumeError> {
         let _m = self.membership.lock().await;
         let current = self.record_as_primary()?;
         let cmd = VolumeCommand::SetReplication {
@@ -349,8 +335,8 @@ impl VolumeReplica {
     }
 
     /// Propose a volume command through Raft and return the record it produced.
-    pub(crate) async fn propose(&self, cmd: VolumeCommand) -> Result<VolumeRecord, WireError> {
-        match self.service.write(CatalogCommand::Volume(cmd), 0).await? {
+    pub(crate) async fn propose(&self, cmd: VolumeCommand) -> Result<VolumeRecord, VolumeError> {
+        match self.ctx.proposer.write(CatalogCommand::Volume(cmd), 0).await? {
             haven_proto::ClientResponse::Written {
                 outcome: haven_proto::CommandOutcome::Volume(VolumeOutcome::Volume(v)),
                 ..
@@ -358,52 +344,48 @@ impl VolumeReplica {
             haven_proto::ClientResponse::Written {
                 outcome: haven_proto::CommandOutcome::Volume(VolumeOutcome::Refused { reason, .. }),
                 ..
-            } => Err(wire(ErrorCode::Unavailable, reason)),
-            other => Err(internal(format!("unexpected outcome {other:?}"))),
+            } => Err(VolumeError::unavailable(reason)),
+            other => Err(VolumeError::internal(format!("unexpected outcome {other:?}"))),
         }
     }
 
     /// Propose a volume command; any outcome but a refusal is success.
-    pub(crate) async fn propose_any(&self, cmd: VolumeCommand) -> Result<VolumeOutcome, WireError> {
-        match self.service.write(CatalogCommand::Volume(cmd), 0).await? {
+    pub(crate) async fn propose_any(&self, cmd: VolumeCommand) -> Result<VolumeOutcome, VolumeError> {
+        match self.ctx.proposer.write(CatalogCommand::Volume(cmd), 0).await? {
             haven_proto::ClientResponse::Written {
                 outcome: haven_proto::CommandOutcome::Volume(VolumeOutcome::Refused { reason, not_found }),
                 ..
-            } => Err(wire(if not_found { ErrorCode::NotFound } else { ErrorCode::InvalidRequest }, reason)),
+            } => Err(if not_found { VolumeError::NotFound(reason) } else { VolumeError::Invalid(reason) }),
             haven_proto::ClientResponse::Written { outcome: haven_proto::CommandOutcome::Volume(o), .. } => Ok(o),
-            other => Err(internal(format!("unexpected outcome {other:?}"))),
+            other => Err(VolumeError::internal(format!("unexpected outcome {other:?}"))),
         }
     }
 
     /// Append a volume event to the catalog (best effort).
     pub(crate) async fn event(&self, kind: &str, message: String, host: Option<NodeId>) {
         let cmd = VolumeCommand::Event { volume: self.vol, kind: kind.into(), message: message.clone(), host };
-        if let Err(e) = self.service.write(CatalogCommand::Volume(cmd), 0).await {
+        if let Err(e) = self.ctx.proposer.write(CatalogCommand::Volume(cmd), 0).await {
             debug!(vol = %self.vol, kind, error = %e, "event not recorded");
         }
         info!(vol = %self.vol, kind, "{message}");
     }
 
     /// Check that `offset..offset+len` is block-aligned and inside the volume.
-    pub(crate) fn check_range(&self, offset: u64, len: u64, write: bool) -> Result<(u64, u64), WireError> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64, write: bool) -> Result<(u64, u64), VolumeError> {
         let bs = self.block_size as u64;
         let size = self.record.lock().expect("record lock").size_bytes;
         if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) || len == 0 {
-            return Err(wire(
-                ErrorCode::InvalidRequest,
-                format!("offset {offset} and length {len} must be non-zero multiples of the block size {bs}"),
-            ));
+            return Err(VolumeError::invalid(format!(
+                "offset {offset} and length {len} must be non-zero multiples of the block size {bs}"
+            )));
         }
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok((offset / bs, len / bs)),
-            _ => Err(wire(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "{} {len} bytes at {offset} runs past the end of {} ({size} bytes)",
-                    if write { "writing" } else { "reading" },
-                    self.vol
-                ),
-            )),
+            _ => Err(VolumeError::invalid(format!(
+                "{} {len} bytes at {offset} runs past the end of {} ({size} bytes)",
+                if write { "writing" } else { "reading" },
+                self.vol
+            ))),
         }
     }
 
@@ -414,7 +396,7 @@ impl VolumeReplica {
         first_block: u64,
         data: Vec<Option<Vec<u8>>>,
         durable: bool,
-    ) -> Result<u64, WireError> {
+    ) -> Result<u64, VolumeError> {
         let started = Instant::now();
         let _gate = self.gate.read().await;
         let epoch = self.primary_epoch()?;
@@ -483,13 +465,17 @@ impl VolumeReplica {
     }
 
     /// Primary: make every acknowledged write durable on every in-sync replica.
-    pub async fn flush(&self) -> Result<(), WireError> {
+    pub async fn flush(&self) -> Result<(), VolumeError> {
         let _gate = self.gate.read().await;
         let epoch = self.primary_epoch()?;
         let others = self.other_in_sync();
-        let store = self.service.store.clone();
-        let local =
-            async { tokio::task::spawn_blocking(move || store.sync_wal()).await.map_err(internal)?.map_err(internal) };
+        let store = self.ctx.store.clone();
+        let local = async {
+            tokio::task::spawn_blocking(move || store.sync_wal())
+                .await
+                .map_err(VolumeError::internal)?
+                .map_err(VolumeError::internal)
+        };
         let remote = join_all(
             others
                 .iter()
@@ -505,7 +491,7 @@ impl VolumeReplica {
     }
 
     /// Read `count` blocks from `first`, newest or as of local snapshot `snapshot`.
-    pub async fn read(&self, first: u64, count: u64, snapshot: Option<u64>) -> Result<Vec<u8>, WireError> {
+    pub async fn read(&self, first: u64, count: u64, snapshot: Option<u64>) -> Result<Vec<u8>, VolumeError> {
         let at = match snapshot {
             Some(id) => Some(self.snapshot_seq(id)?),
             None => None,
@@ -514,40 +500,40 @@ impl VolumeReplica {
         if count * bs as u64 <= 64 * 1024 {
             // Small reads are served from RocksDB's caches in microseconds: a hop to the
             // blocking pool would cost more than it saves.
-            return blocks.read(vol, bs, first, count as u32, at).map_err(internal);
+            return blocks.read(vol, bs, first, count as u32, at).map_err(VolumeError::internal);
         }
         tokio::task::spawn_blocking(move || blocks.read(vol, bs, first, count as u32, at))
             .await
-            .map_err(internal)?
-            .map_err(internal)
+            .map_err(VolumeError::internal)?
+            .map_err(VolumeError::internal)
     }
 
     /// The write-order point of a snapshot this host holds.
-    pub(crate) fn snapshot_seq(&self, id: u64) -> Result<u64, WireError> {
+    pub(crate) fn snapshot_seq(&self, id: u64) -> Result<u64, VolumeError> {
         self.blocks
             .snapshots(self.vol)
-            .map_err(internal)?
+            .map_err(VolumeError::internal)?
             .into_iter()
             .find(|s| s.id == id)
             .map(|s| s.seq)
-            .ok_or_else(|| wire(ErrorCode::NotFound, format!("snapshot {id} of {} is not on {}", self.vol, self.node)))
+            .ok_or_else(|| VolumeError::not_found(format!("snapshot {id} of {} is not on {}", self.vol, self.node)))
     }
 
     /// Check a message's epoch against the newest this replica has seen.
-    fn check_epoch(&self, epoch: u64) -> Result<(), WireError> {
+    fn check_epoch(&self, epoch: u64) -> Result<(), VolumeError> {
         let current = self.seq.epoch().max(self.record.lock().expect("record lock").epoch);
         if epoch < current {
-            return Err(wire(
-                ErrorCode::NotPrimary,
-                format!("{} on {}: epoch {epoch} is stale (now {current})", self.vol, self.node),
-            ));
+            return Err(VolumeError::not_primary(format!(
+                "{} on {}: epoch {epoch} is stale (now {current})",
+                self.vol, self.node
+            )));
         }
         self.seq.observe_epoch(epoch);
         Ok(())
     }
 
     /// Handle one device message (from the actor mailbox).
-    pub async fn handle(self: Arc<Self>, msg: DeviceMessage) -> Result<DeviceReply, WireError> {
+    pub async fn handle(self: Arc<Self>, msg: DeviceMessage) -> Result<DeviceReply, VolumeError> {
         match msg {
             DeviceMessage::Client(req) => self.client(req).await.map(DeviceReply::Client),
             DeviceMessage::WriteBlocks { offset, data, len, durable, .. } => {
@@ -563,32 +549,37 @@ impl VolumeReplica {
                 let writes: Vec<BlockWrite> = blocks.into_iter().map(into_block_write).collect();
                 self.seq.submit(epoch, seq, writes, durable).await.map_err(|e| match e {
                     SequencerError::StaleEpoch { .. } | SequencerError::Discarded { .. } => {
-                        wire(ErrorCode::NotPrimary, e.to_string())
+                        VolumeError::not_primary(e.to_string())
                     }
-                    other => internal(other),
+                    other => VolumeError::internal(other),
                 })?;
                 Ok(DeviceReply::Applied { seq })
             }
             DeviceMessage::SyncWal { epoch, .. } => {
                 self.check_epoch(epoch)?;
-                let store = self.service.store.clone();
-                tokio::task::spawn_blocking(move || store.sync_wal()).await.map_err(internal)?.map_err(internal)?;
+                let store = self.ctx.store.clone();
+                tokio::task::spawn_blocking(move || store.sync_wal())
+                    .await
+                    .map_err(VolumeError::internal)?
+                    .map_err(VolumeError::internal)?;
                 Ok(DeviceReply::Applied { seq: self.seq.next() - 1 })
             }
             DeviceMessage::SnapshotAt { epoch, id, seq, .. } => {
                 self.check_epoch(epoch)?;
                 if self.seq.next() <= seq {
-                    return Err(wire(
-                        ErrorCode::Unavailable,
-                        format!("{} on {} has applied up to {}, not {seq}", self.vol, self.node, self.seq.next() - 1),
-                    ));
+                    return Err(VolumeError::unavailable(format!(
+                        "{} on {} has applied up to {}, not {seq}",
+                        self.vol,
+                        self.node,
+                        self.seq.next() - 1
+                    )));
                 }
-                self.blocks.snapshot_create(self.vol, id, seq).map_err(internal)?;
+                self.blocks.snapshot_create(self.vol, id, seq).map_err(VolumeError::internal)?;
                 Ok(DeviceReply::Done)
             }
             DeviceMessage::DropSnapshot { epoch, id, .. } => {
                 self.check_epoch(epoch)?;
-                self.blocks.snapshot_delete(self.vol, id).map_err(internal)?;
+                self.blocks.snapshot_delete(self.vol, id).map_err(VolumeError::internal)?;
                 Ok(DeviceReply::Done)
             }
             DeviceMessage::RollbackTo { epoch, seq, .. } | DeviceMessage::Adopt { epoch, seq, .. } => {
@@ -597,30 +588,30 @@ impl VolumeReplica {
                 // and the primary drops us from the in-sync set and resyncs us (race 1).
                 let applied = self.seq.next() - 1;
                 if applied < seq {
-                    return Err(wire(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "{} on {} has applied up to {applied}, not {seq}: it needs a resync",
-                            self.vol, self.node
-                        ),
-                    ));
+                    return Err(VolumeError::unavailable(format!(
+                        "{} on {} has applied up to {applied}, not {seq}: it needs a resync",
+                        self.vol, self.node
+                    )));
                 }
                 // The block store keeps only the newest version between snapshot points, so the
                 // view at `seq` is exact only there or at the newest point: truncating anywhere
                 // else could expose older content or zeroes (found by the volume model). Such a
                 // replica is dropped and resynced instead.
-                if applied > seq && !self.blocks.snapshots(self.vol).map_err(internal)?.iter().any(|s| s.seq == seq) {
-                    return Err(wire(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "{} on {} cannot return exactly to point {seq} (applied up to {applied}, no snapshot \
+                if applied > seq
+                    && !self.blocks.snapshots(self.vol).map_err(VolumeError::internal)?.iter().any(|s| s.seq == seq)
+                {
+                    return Err(VolumeError::unavailable(format!(
+                        "{} on {} cannot return exactly to point {seq} (applied up to {applied}, no snapshot \
                              there): it needs a resync",
-                            self.vol, self.node
-                        ),
-                    ));
+                        self.vol, self.node
+                    )));
                 }
                 let (blocks, vol) = (self.blocks.clone(), self.vol);
-                let dropped = self.seq.reset(epoch, seq + 1, || blocks.rollback(vol, seq)).await.map_err(internal)?;
+                let dropped = self
+                    .seq
+                    .reset(epoch, seq + 1, || blocks.rollback(vol, seq))
+                    .await
+                    .map_err(VolumeError::internal)?;
                 if !dropped.is_empty() {
                     info!(vol = %self.vol, seq, blocks = dropped.len(), "dropped writes after the agreed point");
                 }
@@ -651,7 +642,7 @@ impl VolumeReplica {
             }
             DeviceMessage::Corrupt { block, data, .. } => {
                 warn!(vol = %self.vol, block, "FAULT INJECTION: corrupting a stored block in place");
-                self.blocks.inject_corruption(self.vol, block, &data).map_err(internal)?;
+                self.blocks.inject_corruption(self.vol, block, &data).map_err(VolumeError::internal)?;
                 Ok(DeviceReply::Done)
             }
             DeviceMessage::ListPreserved { .. } => {
@@ -661,8 +652,8 @@ impl VolumeReplica {
     }
 
     /// A client request at the primary.
-    async fn client(self: &Arc<Self>, req: VolumeRequest) -> Result<VolumeResponse, WireError> {
-        req.validate().map_err(|m| wire(ErrorCode::InvalidRequest, m))?;
+    async fn client(self: &Arc<Self>, req: VolumeRequest) -> Result<VolumeResponse, VolumeError> {
+        req.validate().map_err(VolumeError::invalid)?;
         match req {
             VolumeRequest::Write { offset, data, .. } => {
                 let (first, count) = self.check_range(offset, data.len() as u64, true)?;
@@ -671,7 +662,9 @@ impl VolumeReplica {
                 Ok(VolumeResponse::Written { seq })
             }
             VolumeRequest::Read { offset, len, snapshot, .. } => {
-                self.primary_epoch()?;
+                // Shared with writes: no read overlaps a rollback, a takeover or a reversal.
+                let _gate = self.gate.read().await;
+                self.check_read_lease(self.primary_epoch()?)?;
                 let (first, count) = self.check_range(offset, len as u64, false)?;
                 self.read(first, count, snapshot).await.map(VolumeResponse::Data)
             }
@@ -716,7 +709,7 @@ impl VolumeReplica {
                     .await?
                 {
                     DeviceReply::Client(r) => Ok(r),
-                    other => Err(internal(format!("unexpected reply {other:?}"))),
+                    other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
                 }
             }
         }
@@ -742,12 +735,12 @@ impl VolumeReplica {
 
     /// Primary: hand the volume to the async copy of `relationship` once it holds every write
     /// (writes wait meanwhile), then become that relationship's target.
-    async fn reverse(self: &Arc<Self>, relationship: u64) -> Result<(), WireError> {
-        let rel = crate::catalog::volumes::relationships(&self.service.store)
-            .map_err(internal)?
+    async fn reverse(self: &Arc<Self>, relationship: u64) -> Result<(), VolumeError> {
+        let rel = crate::catalog::volumes::relationships(&self.ctx.store)
+            .map_err(VolumeError::internal)?
             .into_iter()
             .find(|r| r.id == relationship && r.volume == self.vol)
-            .ok_or_else(|| wire(ErrorCode::NotFound, format!("{} has no relationship {relationship}", self.vol)))?;
+            .ok_or_else(|| VolumeError::not_found(format!("{} has no relationship {relationship}", self.vol)))?;
         let deadline = Instant::now() + self.ack_timeout().max(Duration::from_secs(30));
         // Wait for the copy with the gate released first: a resync of the copy needs the gate
         // (holding it while waiting stalled writes and the resync alike until the deadline; found
@@ -762,7 +755,7 @@ impl VolumeReplica {
                 break gate;
             }
             if Instant::now() > deadline {
-                return Err(wire(ErrorCode::Timeout, format!("the copy on {} did not catch up", rel.target)));
+                return Err(VolumeError::outcome_unknown(format!("the copy on {} did not catch up", rel.target)));
             }
         };
         let epoch = self.record().epoch;
@@ -786,17 +779,16 @@ impl VolumeReplica {
         host: NodeId,
         ok: impl Fn(CopyState) -> bool,
         deadline: Instant,
-    ) -> Result<(), WireError> {
+    ) -> Result<(), VolumeError> {
         loop {
             let last = self.next_seq.load(Ordering::SeqCst) - 1;
             let state = self.followers.lock().expect("followers lock").caught_up(host, last);
             match state {
                 Some(s) if ok(s) => return Ok(()),
                 _ if Instant::now() > deadline => {
-                    return Err(wire(
-                        ErrorCode::Unavailable,
-                        format!("the copy on {host} is not caught up (resyncing or unreachable); try again"),
-                    ))
+                    return Err(VolumeError::unavailable(format!(
+                        "the copy on {host} is not caught up (resyncing or unreachable); try again"
+                    )))
                 }
                 _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -804,7 +796,7 @@ impl VolumeReplica {
     }
 
     /// Primary: every replica's and follower's progress.
-    fn replication_status(&self) -> Result<VolumeResponse, WireError> {
+    fn replication_status(&self) -> Result<VolumeResponse, VolumeError> {
         let epoch = self.primary_epoch()?;
         let record = self.record();
         let next = self.next_seq.load(Ordering::SeqCst);
@@ -833,7 +825,7 @@ impl VolumeReplica {
             }
         }
         // Paused relationships are not fed; list them so the operator sees how far behind they are.
-        let rels = crate::catalog::volumes::relationships(&self.service.store).map_err(internal)?;
+        let rels = crate::catalog::volumes::relationships(&self.ctx.store).map_err(VolumeError::internal)?;
         for r in
             rels.iter().filter(|r| r.volume == self.vol && r.state == haven_proto::volume::RelationshipState::Paused)
         {

@@ -27,15 +27,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use haven_proto::volume::{DeviceMessage, DeviceReply, PreservedWrites, ReplicaBlock, ResyncProgress, VolumeCommand};
-use haven_proto::{ErrorCode, NodeId, VolumeId, WireError};
+use haven_proto::{NodeId, VolumeId};
 use tracing::{info, warn};
 
 use super::blockstore::{BlockContent, BlockStore};
 use super::core::cursor::{transfer_plan, Cursor};
+use super::error::VolumeError;
 use super::merkle::{MerkleTree, CHUNK_BLOCKS};
-use super::replica::{
-    from_content, internal, to_block_write, wire, FollowKind, Role, VolumeReplica, INTERNAL_SNAPSHOT_BASE,
-};
+use super::replica::{from_content, to_block_write, FollowKind, Role, VolumeReplica, INTERNAL_SNAPSHOT_BASE};
 
 /// Blocks per resync message (1 MiB at 4 KiB blocks): the most an interruption can re-send.
 pub const RESYNC_CHUNK_BLOCKS: usize = 256;
@@ -43,13 +42,13 @@ pub const RESYNC_CHUNK_BLOCKS: usize = 256;
 const CURSOR_KEY: &str = "resync/cursor";
 const PRESERVED_PREFIX: &str = "preserved/";
 
-fn load_cursor(replica: &VolumeReplica) -> Result<Option<Cursor>, WireError> {
+fn load_cursor(replica: &VolumeReplica) -> Result<Option<Cursor>, VolumeError> {
     read_cursor(&replica.blocks, replica.vol)
 }
 
-fn read_cursor(blocks: &BlockStore, vol: VolumeId) -> Result<Option<Cursor>, WireError> {
-    match blocks.meta_get(vol, CURSOR_KEY).map_err(internal)? {
-        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(internal),
+fn read_cursor(blocks: &BlockStore, vol: VolumeId) -> Result<Option<Cursor>, VolumeError> {
+    match blocks.meta_get(vol, CURSOR_KEY).map_err(VolumeError::internal)? {
+        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(VolumeError::internal),
         None => Ok(None),
     }
 }
@@ -57,13 +56,13 @@ fn read_cursor(blocks: &BlockStore, vol: VolumeId) -> Result<Option<Cursor>, Wir
 /// The epoch a resync under way was prepared for (0 if none): a restarted replica follows at
 /// least that epoch, so a late message from an older primary is not applied over the transfer
 /// (found by the volume model, seed 189024).
-pub(crate) fn prepared_epoch(blocks: &BlockStore, vol: VolumeId) -> Result<u64, WireError> {
+pub(crate) fn prepared_epoch(blocks: &BlockStore, vol: VolumeId) -> Result<u64, VolumeError> {
     Ok(read_cursor(blocks, vol)?.map_or(0, |c| c.epoch))
 }
 
-fn store_cursor(replica: &VolumeReplica, c: &Cursor) -> Result<(), WireError> {
-    let bytes = serde_json::to_vec(c).map_err(internal)?;
-    replica.blocks.meta_put(replica.vol, CURSOR_KEY, &bytes).map_err(internal)
+fn store_cursor(replica: &VolumeReplica, c: &Cursor) -> Result<(), VolumeError> {
+    let bytes = serde_json::to_vec(c).map_err(VolumeError::internal)?;
+    replica.blocks.meta_put(replica.vol, CURSOR_KEY, &bytes).map_err(VolumeError::internal)
 }
 
 /// Replica side of step 1.
@@ -71,9 +70,9 @@ pub async fn prepare(
     replica: &Arc<VolumeReplica>,
     epoch: u64,
     primary_snaps: Vec<(u64, u64)>,
-) -> Result<DeviceReply, WireError> {
+) -> Result<DeviceReply, VolumeError> {
     if matches!(replica.role(), Role::Primary { .. }) {
-        return Err(wire(ErrorCode::InvalidRequest, "a primary is not resynced"));
+        return Err(VolumeError::invalid("a primary is not resynced"));
     }
     if let Some(c) = load_cursor(replica)? {
         // Resume only under the primary that prepared us, while it still holds the common
@@ -81,9 +80,9 @@ pub async fn prepare(
         if c.resumable(epoch, &primary_snaps) {
             return Ok(DeviceReply::ResyncReady { common: c.base, resume: c.resume() });
         }
-        replica.blocks.meta_delete(replica.vol, CURSOR_KEY).map_err(internal)?;
+        replica.blocks.meta_delete(replica.vol, CURSOR_KEY).map_err(VolumeError::internal)?;
     }
-    let local = replica.blocks.snapshots(replica.vol).map_err(internal)?;
+    let local = replica.blocks.snapshots(replica.vol).map_err(VolumeError::internal)?;
     let common = local
         .iter()
         .filter(|s| s.id < INTERNAL_SNAPSHOT_BASE && primary_snaps.contains(&(s.id, s.seq)))
@@ -108,10 +107,10 @@ pub async fn prepare(
                     )
                     .await;
             }
-            replica.seq.reset(epoch, seq + 1, || blocks.rollback(vol, seq)).await.map_err(internal)?;
+            replica.seq.reset(epoch, seq + 1, || blocks.rollback(vol, seq)).await.map_err(VolumeError::internal)?;
         }
         None => {
-            replica.seq.reset(epoch, 1, || blocks.rebase(vol)).await.map_err(internal)?;
+            replica.seq.reset(epoch, 1, || blocks.rebase(vol)).await.map_err(VolumeError::internal)?;
         }
     }
     let _ = bs;
@@ -122,12 +121,12 @@ pub async fn prepare(
 
 /// Blocks this (rejoining) host changed after point `base` whose newest local version the
 /// primary does not hold at the same point with the same content: writes that never reached it.
-async fn divergent_blocks(replica: &Arc<VolumeReplica>, base: u64) -> Result<Vec<u64>, WireError> {
+async fn divergent_blocks(replica: &Arc<VolumeReplica>, base: u64) -> Result<Vec<u64>, VolumeError> {
     let (store, vol) = (replica.blocks.clone(), replica.vol);
-    let mine = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, u64, [u8; 32])>, WireError> {
+    let mine = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, u64, [u8; 32])>, VolumeError> {
         let mut out = Vec::new();
-        for b in store.changed_blocks(vol, base, None).map_err(internal)? {
-            if let Some((seq, content)) = store.read_version(vol, b, None).map_err(internal)? {
+        for b in store.changed_blocks(vol, base, None).map_err(VolumeError::internal)? {
+            if let Some((seq, content)) = store.read_version(vol, b, None).map_err(VolumeError::internal)? {
                 let h = match content {
                     BlockContent::Data(d) => super::merkle::block_hash(&d),
                     BlockContent::Zero => [1u8; 32],
@@ -138,7 +137,7 @@ async fn divergent_blocks(replica: &Arc<VolumeReplica>, base: u64) -> Result<Vec
         Ok(out)
     })
     .await
-    .map_err(internal)??;
+    .map_err(VolumeError::internal)??;
     if mine.is_empty() {
         return Ok(Vec::new());
     }
@@ -171,31 +170,34 @@ async fn divergent_blocks(replica: &Arc<VolumeReplica>, base: u64) -> Result<Vec
 }
 
 /// Keep the current content of `blocks` under a new preserved set; returns its id.
-async fn preserve(replica: &Arc<VolumeReplica>, base: Option<u64>, blocks: &[u64]) -> Result<u64, WireError> {
-    let existing = replica.blocks.meta_scan(replica.vol, PRESERVED_PREFIX).map_err(internal)?;
+async fn preserve(replica: &Arc<VolumeReplica>, base: Option<u64>, blocks: &[u64]) -> Result<u64, VolumeError> {
+    let existing = replica.blocks.meta_scan(replica.vol, PRESERVED_PREFIX).map_err(VolumeError::internal)?;
     let pid = existing.iter().filter(|(k, _)| k.ends_with("/set")).count() as u64 + 1;
     for &b in blocks {
         let data = replica.read(b, 1, None).await?;
         replica
             .blocks
             .meta_put(replica.vol, &format!("{PRESERVED_PREFIX}{pid:08}/block/{b:020}"), &data)
-            .map_err(internal)?;
+            .map_err(VolumeError::internal)?;
     }
     let set = PreservedWrites { id: pid, host: replica.node, base_snapshot: base, blocks: blocks.to_vec() };
-    let bytes = serde_json::to_vec(&set).map_err(internal)?;
-    replica.blocks.meta_put(replica.vol, &format!("{PRESERVED_PREFIX}{pid:08}/set"), &bytes).map_err(internal)?;
+    let bytes = serde_json::to_vec(&set).map_err(VolumeError::internal)?;
+    replica
+        .blocks
+        .meta_put(replica.vol, &format!("{PRESERVED_PREFIX}{pid:08}/set"), &bytes)
+        .map_err(VolumeError::internal)?;
     Ok(pid)
 }
 
 /// The preserved sets on this host.
-pub fn list_preserved(replica: &VolumeReplica) -> Result<Vec<PreservedWrites>, WireError> {
+pub fn list_preserved(replica: &VolumeReplica) -> Result<Vec<PreservedWrites>, VolumeError> {
     replica
         .blocks
         .meta_scan(replica.vol, PRESERVED_PREFIX)
-        .map_err(internal)?
+        .map_err(VolumeError::internal)?
         .into_iter()
         .filter(|(k, _)| k.ends_with("/set"))
-        .map(|(_, v)| serde_json::from_slice(&v).map_err(internal))
+        .map(|(_, v)| serde_json::from_slice(&v).map_err(VolumeError::internal))
         .collect()
 }
 
@@ -206,9 +208,9 @@ pub async fn receive(
     target: u64,
     blocks: Vec<ReplicaBlock>,
     next_block: u64,
-) -> Result<DeviceReply, WireError> {
+) -> Result<DeviceReply, VolumeError> {
     let mut cursor = load_cursor(replica)?.ok_or_else(|| {
-        wire(ErrorCode::InvalidRequest, format!("{} on {} is not prepared for resync", replica.vol, replica.node))
+        VolumeError::invalid(format!("{} on {} is not prepared for resync", replica.vol, replica.node))
     })?;
     if cursor.begin(target) {
         // A (re)started transfer: writes after `target` will be forwarded from now on. The
@@ -227,8 +229,8 @@ pub async fn receive(
         // Durable before the cursor moves past them.
         tokio::task::spawn_blocking(move || store.apply(vol, bs, &writes, true))
             .await
-            .map_err(internal)?
-            .map_err(internal)?;
+            .map_err(VolumeError::internal)?
+            .map_err(VolumeError::internal)?;
         cursor.received_below(next_block);
         store_cursor(replica, &cursor)?;
     }
@@ -237,37 +239,40 @@ pub async fn receive(
 
 /// Replica side of step 4: the cursor goes only once every forwarded write up to `last` is
 /// applied, so a refused finish leaves a resumable resync behind.
-pub async fn finish(replica: &Arc<VolumeReplica>, target: u64, last: u64) -> Result<DeviceReply, WireError> {
+pub async fn finish(replica: &Arc<VolumeReplica>, target: u64, last: u64) -> Result<DeviceReply, VolumeError> {
     let cursor = load_cursor(replica)?;
     if cursor.as_ref().map(|c| c.target) != Some(target) {
-        return Err(wire(ErrorCode::InvalidRequest, format!("no resync to point {target} is under way")));
+        return Err(VolumeError::invalid(format!("no resync to point {target} is under way")));
     }
     let applied = replica.seq.next() - 1;
     if applied < last {
-        return Err(wire(
-            ErrorCode::Unavailable,
-            format!("{} on {} has applied up to {applied}, not {last}", replica.vol, replica.node),
-        ));
+        return Err(VolumeError::unavailable(format!(
+            "{} on {} has applied up to {applied}, not {last}",
+            replica.vol, replica.node
+        )));
     }
     // The transfer's blocks may all be older than the target: record that every point up to
     // `applied` is here before the cursor (which covered restarts until now) goes (found by
     // the volume model: a copy restarted after a resync resumed its points below the target,
     // and as a new primary handed them out again).
-    replica.blocks.raise_high_water_mark(replica.vol, applied).map_err(internal)?;
-    replica.blocks.meta_delete(replica.vol, CURSOR_KEY).map_err(internal)?;
+    replica.blocks.raise_high_water_mark(replica.vol, applied).map_err(VolumeError::internal)?;
+    replica.blocks.meta_delete(replica.vol, CURSOR_KEY).map_err(VolumeError::internal)?;
     Ok(DeviceReply::Applied { seq: applied })
 }
 
 /// Primary side of the divergence check: hashes of our versions written at exactly the given
 /// points (zeroes where we have no such version).
-pub async fn version_hashes(replica: &Arc<VolumeReplica>, versions: Vec<(u64, u64)>) -> Result<DeviceReply, WireError> {
+pub async fn version_hashes(
+    replica: &Arc<VolumeReplica>,
+    versions: Vec<(u64, u64)>,
+) -> Result<DeviceReply, VolumeError> {
     let (store, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
-    let out = tokio::task::spawn_blocking(move || -> Result<Vec<[u8; 32]>, WireError> {
+    let out = tokio::task::spawn_blocking(move || -> Result<Vec<[u8; 32]>, VolumeError> {
         let zero = super::merkle::zero_block_hash(bs);
         versions
             .into_iter()
             .map(|(block, seq)| {
-                Ok(match store.read_version(vol, block, Some(seq)).map_err(internal)? {
+                Ok(match store.read_version(vol, block, Some(seq)).map_err(VolumeError::internal)? {
                     Some((s, BlockContent::Data(d))) if s == seq => super::merkle::block_hash(&d),
                     Some((s, BlockContent::Zero)) if s == seq => zero,
                     _ => [0u8; 32],
@@ -276,7 +281,7 @@ pub async fn version_hashes(replica: &Arc<VolumeReplica>, versions: Vec<(u64, u6
             .collect()
     })
     .await
-    .map_err(internal)??;
+    .map_err(VolumeError::internal)??;
     Ok(DeviceReply::Hashes(out))
 }
 
@@ -284,10 +289,10 @@ pub async fn version_hashes(replica: &Arc<VolumeReplica>, versions: Vec<(u64, u6
 /// prepared against, and re-creating the follower at step 2 would erase the rollback's "this
 /// copy is broken" (found by the volume model: a rollback between prepare and step 2 left a
 /// stale async copy marked caught up). Checked under the I/O gate, which a rollback holds.
-fn same_epoch(replica: &VolumeReplica, epoch: u64) -> Result<(), WireError> {
+fn same_epoch(replica: &VolumeReplica, epoch: u64) -> Result<(), VolumeError> {
     match replica.primary_epoch()? {
         now if now == epoch => Ok(()),
-        now => Err(wire(ErrorCode::Unavailable, format!("epoch {epoch} ended (now {now}) during the resync"))),
+        now => Err(VolumeError::unavailable(format!("epoch {epoch} ended (now {now}) during the resync"))),
     }
 }
 
@@ -303,7 +308,7 @@ fn follower_broken(replica: &VolumeReplica, host: NodeId) -> bool {
 
 /// Primary side: resync `host` (a listed replica not in sync, or an async copy with a hole).
 /// Returns the number of blocks sent.
-pub async fn resync_one(replica: Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireError> {
+pub async fn resync_one(replica: Arc<VolumeReplica>, host: NodeId) -> Result<u64, VolumeError> {
     if !replica.resyncs_running.lock().expect("resync lock").insert(host) {
         return Ok(0);
     }
@@ -316,13 +321,13 @@ pub async fn resync_one(replica: Arc<VolumeReplica>, host: NodeId) -> Result<u64
     result
 }
 
-async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireError> {
+async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, VolumeError> {
     let epoch = replica.primary_epoch()?;
     let long = replica.ack_timeout().max(Duration::from_secs(30));
     let snaps: Vec<(u64, u64)> = replica
         .blocks
         .snapshots(replica.vol)
-        .map_err(internal)?
+        .map_err(VolumeError::internal)?
         .into_iter()
         .filter(|s| s.id < INTERNAL_SNAPSHOT_BASE)
         .map(|s| (s.id, s.seq))
@@ -331,7 +336,7 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
         .send_device(host, DeviceMessage::ResyncPrepare { volume: replica.vol, epoch, snapshots: snaps }, long)
         .await?;
     let DeviceReply::ResyncReady { common, resume } = ready else {
-        return Err(internal(format!("unexpected reply {ready:?}")));
+        return Err(VolumeError::internal(format!("unexpected reply {ready:?}")));
     };
     let pin = INTERNAL_SNAPSHOT_BASE + host.0;
     let is_async = replica
@@ -346,7 +351,7 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
         same_epoch(replica, epoch)?;
         let target = replica.next_seq.load(Ordering::SeqCst) - 1;
         let _ = replica.blocks.snapshot_delete(replica.vol, pin);
-        replica.blocks.snapshot_create(replica.vol, pin, target).map_err(internal)?;
+        replica.blocks.snapshot_create(replica.vol, pin, target).map_err(VolumeError::internal)?;
         let start = resume.map_or(0, |(_, nb)| nb);
         replica
             .send_device(
@@ -376,16 +381,17 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
     let to_send: Vec<u64> = match common {
         Some((_, base_seq)) => {
             let (store, vol) = (replica.blocks.clone(), replica.vol);
-            tokio::task::spawn_blocking(move || -> Result<Vec<u64>, WireError> {
+            tokio::task::spawn_blocking(move || -> Result<Vec<u64>, VolumeError> {
                 let mut set: BTreeSet<u64> = BTreeSet::new();
                 for range in transfer_plan(base_seq, resume) {
-                    let changed = store.changed_blocks(vol, range.after, Some(target)).map_err(internal)?;
+                    let changed =
+                        store.changed_blocks(vol, range.after, Some(target)).map_err(VolumeError::internal)?;
                     set.extend(changed.into_iter().filter(|b| range.contains(*b)));
                 }
                 Ok(set.into_iter().filter(|b| *b < size_blocks).collect())
             })
             .await
-            .map_err(internal)??
+            .map_err(VolumeError::internal)??
         }
         None => merkle_diff(replica, host, pin, target, size_blocks, long).await?,
     };
@@ -396,14 +402,14 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
     let mut sent_bytes = 0u64;
     for chunk in to_send.chunks(RESYNC_CHUNK_BLOCKS) {
         if follower_broken(replica, host) {
-            return Err(wire(ErrorCode::Unavailable, "a forwarded write failed during resync"));
+            return Err(VolumeError::unavailable("a forwarded write failed during resync"));
         }
         let (store, vol, wanted) = (replica.blocks.clone(), replica.vol, chunk.to_vec());
-        let blocks = tokio::task::spawn_blocking(move || -> Result<Vec<ReplicaBlock>, WireError> {
+        let blocks = tokio::task::spawn_blocking(move || -> Result<Vec<ReplicaBlock>, VolumeError> {
             wanted
                 .into_iter()
                 .map(|b| {
-                    Ok(match store.read_version(vol, b, Some(target)).map_err(internal)? {
+                    Ok(match store.read_version(vol, b, Some(target)).map_err(VolumeError::internal)? {
                         Some((seq, content)) => from_content(b, seq, content),
                         None => ReplicaBlock { block: b, seq: 0, data: None },
                     })
@@ -411,7 +417,7 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
                 .collect()
         })
         .await
-        .map_err(internal)??;
+        .map_err(VolumeError::internal)??;
         let bytes: u64 = blocks.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum();
         let next_block = chunk.last().map_or(0, |b| b + 1);
         replica
@@ -450,13 +456,13 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
                 (fol.is_none_or(|f| f.broken), fol.map_or(0, |f| f.outstanding.len()))
             };
             if broken {
-                return Err(wire(ErrorCode::Unavailable, "a forwarded write failed during resync"));
+                return Err(VolumeError::unavailable("a forwarded write failed during resync"));
             }
             if outstanding == 0 {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(wire(ErrorCode::Timeout, "forwarded writes not acknowledged"));
+                return Err(VolumeError::outcome_unknown("forwarded writes not acknowledged"));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -470,7 +476,11 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, WireErro
             .await?;
         match reply {
             DeviceReply::Applied { seq } if seq >= last => {}
-            other => return Err(internal(format!("replica not caught up at finish: {other:?} (primary at {last})"))),
+            other => {
+                return Err(VolumeError::internal(format!(
+                    "replica not caught up at finish: {other:?} (primary at {last})"
+                )))
+            }
         }
         if is_async {
             if let Some(f) = replica.followers.lock().expect("followers lock").get_mut(host) {
@@ -518,12 +528,12 @@ async fn merkle_diff(
     target: u64,
     size_blocks: u64,
     long: Duration,
-) -> Result<Vec<u64>, WireError> {
+) -> Result<Vec<u64>, VolumeError> {
     let (store, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
     let ours = tokio::task::spawn_blocking(move || store.merkle(vol, bs, size_blocks, Some(target)))
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(VolumeError::internal)?
+        .map_err(VolumeError::internal)?;
     let theirs = match replica
         .send_device(host, DeviceMessage::MerkleChunks { volume: replica.vol, snapshot: None }, long)
         .await?
@@ -531,7 +541,7 @@ async fn merkle_diff(
         DeviceReply::Chunks { block_size, size_blocks, chunks } => {
             MerkleTree::from_chunk_hashes(block_size, size_blocks, chunks)
         }
-        other => return Err(internal(format!("unexpected reply {other:?}"))),
+        other => return Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
     };
     let mut out = Vec::new();
     for chunk in ours.differing_chunks(&theirs) {
@@ -539,13 +549,13 @@ async fn merkle_diff(
         let mine =
             tokio::task::spawn_blocking(move || store.chunk_block_hashes(vol, bs, size_blocks, chunk, Some(target)))
                 .await
-                .map_err(internal)?
-                .map_err(internal)?;
+                .map_err(VolumeError::internal)?
+                .map_err(VolumeError::internal)?;
         let DeviceReply::Hashes(other) = replica
             .send_device(host, DeviceMessage::ChunkHashes { volume: replica.vol, snapshot: None, chunk }, long)
             .await?
         else {
-            return Err(internal("unexpected chunk hash reply"));
+            return Err(VolumeError::internal("unexpected chunk hash reply"));
         };
         let first = chunk * CHUNK_BLOCKS;
         for i in 0..mine.len() {

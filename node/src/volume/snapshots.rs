@@ -13,14 +13,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use haven_proto::volume::{DeviceMessage, SnapshotKind, SnapshotRecord, VolumeCommand, VolumeOutcome};
-use haven_proto::{CatalogCommand, CommandOutcome, ErrorCode, NodeId, VolumeId, WireError};
+use haven_proto::{CatalogCommand, CommandOutcome, NodeId, VolumeId};
 use tracing::{info, warn};
 
+use super::error::VolumeError;
 use super::merkle::zero_block_hash;
-use super::replica::{internal, wire, VolumeReplica};
+use super::replica::VolumeReplica;
 
-async fn propose_snapshot(replica: &VolumeReplica, cmd: VolumeCommand) -> Result<Option<SnapshotRecord>, WireError> {
-    match replica.service.write(CatalogCommand::Volume(cmd), 0).await? {
+async fn propose_snapshot(replica: &VolumeReplica, cmd: VolumeCommand) -> Result<Option<SnapshotRecord>, VolumeError> {
+    match replica.ctx.proposer.write(CatalogCommand::Volume(cmd), 0).await? {
         haven_proto::ClientResponse::Written {
             outcome: CommandOutcome::Volume(VolumeOutcome::Snapshot(s)), ..
         } => Ok(Some(s)),
@@ -28,8 +29,8 @@ async fn propose_snapshot(replica: &VolumeReplica, cmd: VolumeCommand) -> Result
         haven_proto::ClientResponse::Written {
             outcome: CommandOutcome::Volume(VolumeOutcome::Refused { reason, not_found }),
             ..
-        } => Err(wire(if not_found { ErrorCode::NotFound } else { ErrorCode::InvalidRequest }, reason)),
-        other => Err(internal(format!("unexpected outcome {other:?}"))),
+        } => Err(if not_found { VolumeError::NotFound(reason) } else { VolumeError::Invalid(reason) }),
+        other => Err(VolumeError::internal(format!("unexpected outcome {other:?}"))),
     }
 }
 
@@ -39,14 +40,14 @@ pub async fn take(
     name: String,
     label: Option<String>,
     kind: SnapshotKind,
-) -> Result<SnapshotRecord, WireError> {
+) -> Result<SnapshotRecord, VolumeError> {
     let created_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let reserved = propose_snapshot(
         replica,
         VolumeCommand::ReserveSnapshot { volume: replica.vol, name: name.clone(), label, kind, created_ms },
     )
     .await?
-    .ok_or_else(|| internal("reserve returned no record"))?;
+    .ok_or_else(|| VolumeError::internal("reserve returned no record"))?;
     let id = reserved.id;
     let (seq, hosts) = {
         let _gate = replica.gate.write().await;
@@ -54,7 +55,7 @@ pub async fn take(
         // Every write that took a point below `next_seq` has finished (we hold the gate).
         let seq = replica.next_seq.load(Ordering::SeqCst) - 1;
         let others = replica.other_in_sync();
-        replica.blocks.snapshot_create(replica.vol, id, seq).map_err(internal)?;
+        replica.blocks.snapshot_create(replica.vol, id, seq).map_err(VolumeError::internal)?;
         let msg = |h: NodeId| {
             replica.send_device(
                 h,
@@ -84,22 +85,22 @@ pub async fn take(
     };
     let snap = propose_snapshot(replica, VolumeCommand::CompleteSnapshot { volume: replica.vol, id, seq, hosts })
         .await?
-        .ok_or_else(|| internal("complete returned no record"))?;
+        .ok_or_else(|| VolumeError::internal("complete returned no record"))?;
     metrics::counter!("haven_volume_snapshots_total").increment(1);
     info!(vol = %replica.vol, id, seq, %name, "snapshot taken");
     Ok(snap)
 }
 
 /// Delete a snapshot from every host that has it and from the catalog.
-pub async fn delete(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), WireError> {
+pub async fn delete(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), VolumeError> {
     let epoch = replica.record().epoch;
-    let snaps = crate::catalog::volumes::snapshots(&replica.service.store, replica.vol).map_err(internal)?;
+    let snaps = crate::catalog::volumes::snapshots(&replica.ctx.store, replica.vol).map_err(VolumeError::internal)?;
     let Some(snap) = snaps.into_iter().find(|s| s.id == id) else {
-        return Err(wire(ErrorCode::NotFound, format!("no snapshot {id} of {}", replica.vol)));
+        return Err(VolumeError::not_found(format!("no snapshot {id} of {}", replica.vol)));
     };
     for h in &snap.hosts {
         if *h == replica.node {
-            replica.blocks.snapshot_delete(replica.vol, id).map_err(internal)?;
+            replica.blocks.snapshot_delete(replica.vol, id).map_err(VolumeError::internal)?;
         } else if let Err(e) = replica
             .send_device(*h, DeviceMessage::DropSnapshot { volume: replica.vol, epoch, id }, replica.ack_timeout())
             .await
@@ -114,7 +115,7 @@ pub async fn delete(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), WireErr
 }
 
 /// Return the volume to a snapshot's content on every in-sync replica.
-pub async fn rollback(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), WireError> {
+pub async fn rollback(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), VolumeError> {
     let seq = replica.snapshot_seq(id)?;
     let later: Vec<u64> = {
         let _gate = replica.gate.write().await;
@@ -130,13 +131,13 @@ pub async fn rollback(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), WireE
         let later: Vec<u64> = replica
             .blocks
             .snapshots(replica.vol)
-            .map_err(internal)?
+            .map_err(VolumeError::internal)?
             .iter()
             .filter(|s| s.seq > seq)
             .map(|s| s.id)
             .collect();
         let (blocks, vol) = (replica.blocks.clone(), replica.vol);
-        replica.seq.reset(epoch, seq + 1, || blocks.rollback(vol, seq)).await.map_err(internal)?;
+        replica.seq.reset(epoch, seq + 1, || blocks.rollback(vol, seq)).await.map_err(VolumeError::internal)?;
         replica.next_seq.store(seq + 1, Ordering::SeqCst);
         let replies = join_all(others.iter().map(|h| {
             replica.send_device(
@@ -161,26 +162,25 @@ pub async fn rollback(replica: &Arc<VolumeReplica>, id: u64) -> Result<(), WireE
 
 /// Copy snapshot `id`'s blocks into `target` (a new volume of at least the same size), through
 /// the target's primary. All-zero chunks are skipped using the snapshot's Merkle tree.
-pub async fn copy_into(replica: &Arc<VolumeReplica>, id: u64, target: VolumeId) -> Result<(), WireError> {
+pub async fn copy_into(replica: &Arc<VolumeReplica>, id: u64, target: VolumeId) -> Result<(), VolumeError> {
     let at = replica.snapshot_seq(id)?;
     let record = replica.record();
-    let host =
-        replica.service.volumes().ok_or_else(|| wire(ErrorCode::Unavailable, "volume service is not running"))?;
-    let target_rec = crate::catalog::volumes::volume(&replica.service.store, target)
-        .map_err(internal)?
-        .ok_or_else(|| wire(ErrorCode::NotFound, format!("no volume {target}")))?;
+    let host = replica.ctx.host()?;
+    let target_rec = crate::catalog::volumes::volume(&replica.ctx.store, target)
+        .map_err(VolumeError::internal)?
+        .ok_or_else(|| VolumeError::not_found(format!("no volume {target}")))?;
     if target_rec.size_bytes < record.size_bytes || target_rec.block_size != record.block_size {
-        return Err(wire(
-            ErrorCode::InvalidRequest,
-            format!("{target} is smaller than {} or has another block size", replica.vol),
-        ));
+        return Err(VolumeError::invalid(format!(
+            "{target} is smaller than {} or has another block size",
+            replica.vol
+        )));
     }
     let (blocks, vol, bs, size_blocks) =
         (replica.blocks.clone(), replica.vol, replica.block_size, record.size_blocks());
     let tree = tokio::task::spawn_blocking(move || blocks.merkle(vol, bs, size_blocks, Some(at)))
         .await
-        .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(VolumeError::internal)?
+        .map_err(VolumeError::internal)?;
     let zero = super::merkle::chunk_hash(&vec![zero_block_hash(bs); super::merkle::CHUNK_BLOCKS as usize]);
     for (chunk, hash) in tree.chunks.iter().enumerate() {
         let first = chunk as u64 * super::merkle::CHUNK_BLOCKS;

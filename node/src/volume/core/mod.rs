@@ -8,5 +8,6 @@
 //! catalog store; a core is a value you can clone into a test and step by hand.
 
 pub mod cursor;
+pub mod lease;
 pub mod primary;
 pub mod sequencer;

@@ -15,7 +15,9 @@
 //! Checkers: every acknowledged write survives every failover and reversal unless a rollback
 //! removed it; the primary, every in-sync replica and every caught-up async copy hold exactly
 //! the lineage's content at their point (a prefix of the primary's write order, byte-equal when
-//! in sync, and a DR copy's recovery point true); no two nodes acknowledge writes in one epoch.
+//! in sync, and a DR copy's recovery point true); no two nodes acknowledge writes in one epoch;
+//! a read (served by whichever node believes it is primary, under its read lease) is never
+//! older than a write acknowledged before it.
 //!
 //! Replay one seed: `HAVEN_MODEL_SEED=S cargo test -p haven-node --lib volume::model`; hunt:
 //! `HAVEN_MODEL_SEEDS=N` (and `HAVEN_MODEL_REPLICAS=1|3`).
@@ -49,11 +51,14 @@ mod tests {
         std::env::var(name).ok().and_then(|v| v.parse().ok())
     }
 
+    /// `HAVEN_MODEL_NO_READ_LEASES=1` runs the code as it was before race 4 was fixed.
     fn configs() -> Vec<Config> {
-        match env("HAVEN_MODEL_REPLICAS") {
-            Some(r) => vec![Config::new(r as usize)],
-            None => vec![Config::new(3), Config::new(1)],
-        }
+        let read_leases = std::env::var_os("HAVEN_MODEL_NO_READ_LEASES").is_none();
+        let replicas = match env("HAVEN_MODEL_REPLICAS") {
+            Some(r) => vec![r as usize],
+            None => vec![3, 1],
+        };
+        replicas.into_iter().map(|r| Config { read_leases, ..Config::new(r) }).collect()
     }
 
     /// A few thousand seeds in CI; `HAVEN_MODEL_SEEDS=N` for a long hunt, `HAVEN_MODEL_SEED=S`
@@ -200,6 +205,53 @@ mod tests {
         expect_ok(w.settle_and_check());
     }
 
+    /// Race 4, as a directed schedule: node 0, primary, is cut off from everyone; the
+    /// controller fails the volume over to node 1, which acknowledges a new write to block 0;
+    /// a client still routed to node 0 then reads block 0 there.
+    fn race4_cut_off_primary_read(read_leases: bool) -> Result<(), String> {
+        let mut w = World::new(Config { read_leases, ..Config::new(3) }, 0);
+        w.start()?;
+        (0..4).for_each(|n| w.renew(n));
+        w.write(0, 0)?;
+        w.deliver_all()?;
+        w.read(0, 0)?;
+        for n in 1..4 {
+            w.cut(0, n);
+        }
+        w.fail_over_to(1)?;
+        w.renew(1);
+        w.write(1, 0)?;
+        w.deliver_all()?;
+        w.read(1, 0)?;
+        w.read(0, 0)
+    }
+
+    /// Race 4 confirmed: without read leases the cut-off old primary answers with the block as
+    /// it was before the new primary's acknowledged write.
+    #[test]
+    fn race4_without_read_leases_a_cut_off_primary_serves_a_stale_read() {
+        let e = race4_cut_off_primary_read(false).expect_err("the checker must see the stale read");
+        assert!(e.contains("stale read"), "{e}");
+    }
+
+    /// Race 4 fixed: failover waits out the old primary's read lease, which it cannot renew
+    /// while cut off, so it refuses the read.
+    #[test]
+    fn race4_a_cut_off_primary_serves_no_stale_read() {
+        expect_ok(race4_cut_off_primary_read(true));
+    }
+
+    /// Race 4 as the random schedules found it (`HAVEN_MODEL_NO_READ_LEASES=1`, seed 111): node
+    /// 2, failed over from while cut off, read block 6 as never written after node 1 had
+    /// acknowledged a write to it. With read leases the same seed runs clean.
+    #[test]
+    fn race4_seed_111_stale_read_without_leases_only() {
+        let no_leases = Config { read_leases: false, ..Config::new(3) };
+        let e = run_seed(no_leases, 111).expect_err("seed 111 reads stale data without leases");
+        assert!(e.contains("stale read"), "{e}");
+        run_seed(Config::new(3), 111).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Found by the random schedules (seed 3): a snapshot taken while an async copy is mid-resync
     /// (its sequencer already at the target, its blocks not yet sent) must not land on that
     /// copy: it would later pass for a common point, and a resync from it sends nothing.
@@ -265,6 +317,17 @@ mod tests {
         expect_ok(w.write(1, 1));
         expect_ok(w.deliver_all());
         expect_ok(w.settle_and_check());
+    }
+
+    /// Found by the random schedules (seed 189024): a replica restarted mid-resync followed epoch
+    /// 0 again, so a late `Replicate` from an older primary was applied over the transfer. A
+    /// restarted replica now follows at least the epoch its resync was prepared for
+    /// (`resync::prepared_epoch`); the seed replays the schedule that found it.
+    #[test]
+    fn found_a_restarted_replica_follows_the_epoch_of_its_resync() {
+        for cfg in [Config::new(3), Config::new(1)] {
+            run_seed(cfg, 189024).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 
     /// Found by the random schedules (seed 74826): a copy resynced by Merkle compare after a

@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use super::store::{Store, WriteId};
 use super::BLOCKS;
 use crate::volume::core::cursor::{transfer_plan, Cursor};
+use crate::volume::core::lease::{Grants, ReadLease};
 use crate::volume::core::primary::{CopyState, FollowKind, Followers, Forward};
 use crate::volume::core::sequencer::{Admit, SeqCore};
 
@@ -22,6 +23,10 @@ type Payload = Vec<(u64, u64, WriteId)>;
 const ACK_TIMEOUT_MS: u64 = 60;
 /// Blocks per resync chunk: small, so transfers get interrupted mid-way.
 const CHUNK_BLOCKS: usize = 2;
+/// A primary's read lease, and the margin the leader adds before failing it over (the model's
+/// clocks agree, so the margin only keeps the arithmetic honest).
+const LEASE_MS: u64 = 80;
+const LEASE_MARGIN_MS: u64 = 5;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
@@ -29,12 +34,15 @@ pub struct Config {
     pub replicas: usize,
     /// Scheduler steps with faults and operations, before the healing phase.
     pub steps: usize,
+    /// Primaries serve reads only under a read lease, and failover waits for it to lapse
+    /// (`volume::core::lease`). Off: the code before issue 11's race 4 was fixed.
+    pub read_leases: bool,
 }
 
 impl Config {
     pub fn new(replicas: usize) -> Self {
         assert!(replicas == 1 || replicas == 3, "the model runs 1 or 3 replicas");
-        Self { replicas, steps: 300 }
+        Self { replicas, steps: 300, read_leases: true }
     }
 }
 
@@ -43,6 +51,8 @@ impl Config {
 pub struct Stats {
     pub acked: u64,
     pub unknown: u64,
+    pub reads: u64,
+    pub reads_refused: u64,
     pub failovers: u64,
     pub snapshots: u64,
     pub rollbacks: u64,
@@ -70,6 +80,8 @@ impl Stats {
         vec![
             ("acknowledged write", &mut self.acked),
             ("write with an unknown outcome", &mut self.unknown),
+            ("read", &mut self.reads),
+            ("read refused without a lease", &mut self.reads_refused),
             ("failover", &mut self.failovers),
             ("snapshot", &mut self.snapshots),
             ("rollback", &mut self.rollbacks),
@@ -155,6 +167,7 @@ struct Node {
     followers: Followers,
     inflight: BTreeMap<WriteId, Inflight>,
     resyncs: BTreeMap<usize, Resync>,
+    lease: ReadLease,
 }
 
 impl Node {
@@ -170,6 +183,7 @@ impl Node {
             followers: Followers::default(),
             inflight: BTreeMap::new(),
             resyncs: BTreeMap::new(),
+            lease: ReadLease::default(),
         }
     }
 
@@ -197,6 +211,11 @@ pub struct World {
     head: Option<usize>,
     /// Acknowledged writes a rollback has not removed: write → (point, epoch, node).
     acked: BTreeMap<WriteId, (u64, u64, usize)>,
+    /// The block each write went to.
+    write_block: BTreeMap<WriteId, u64>,
+    /// The leader's record of lease requests (one leader, in office from the start).
+    grants: Grants,
+    next_renewal: u64,
     ack_epochs: BTreeMap<u64, usize>,
     next_write: WriteId,
     next_snapshot: u64,
@@ -225,6 +244,9 @@ impl World {
             lineage: BTreeMap::new(),
             head: None,
             acked: BTreeMap::new(),
+            write_block: BTreeMap::new(),
+            grants: Grants::default(),
+            next_renewal: 0,
             ack_epochs: BTreeMap::new(),
             next_write: 1,
             next_snapshot: 1,
@@ -248,6 +270,7 @@ impl World {
         }
         for _ in 0..self.cfg.steps {
             self.now += self.rng.random_range(0..4);
+            self.renew_due();
             self.random_step()?;
         }
         self.log(|| "---- heal and settle".into());
@@ -268,9 +291,16 @@ impl World {
         let p = if self.rng.random_bool(0.9) { self.cat.primary } else { n };
         match self.rng.random_range(0..100) {
             0..28 => self.deliver_one(),
-            28..46 => {
+            28..40 => {
                 let block = self.rng.random_range(0..BLOCKS);
                 self.client_write(p, block)
+            }
+            40..46 => {
+                // Reads go to whichever node believes it is primary, as a client's cached route
+                // would.
+                let block = self.rng.random_range(0..BLOCKS);
+                let at = if self.rng.random_bool(0.5) { p } else { n };
+                self.client_read(at, block)
             }
             46..53 => self.observe(n),
             53..57 => self.timeouts(),
@@ -433,6 +463,7 @@ impl World {
         }
         let write = self.next_write;
         self.next_write += 1;
+        self.write_block.insert(write, block);
         let point = self.nodes[n].next;
         self.nodes[n].next += 1;
         let payload = vec![(block, point, write)];
@@ -684,9 +715,11 @@ impl World {
     /// in-sync replica that is up.
     fn failover(&mut self) -> Check {
         let p = self.cat.primary;
-        let cut_off = (0..self.nodes.len()).filter(|h| *h != p && !self.reachable(p, *h)).count() >= 2;
-        if self.nodes[p].up && !cut_off {
+        if self.nodes[p].up && !self.cut_off(p) {
             return Ok(());
+        }
+        if !self.lease_lapsed(p) {
+            return Ok(()); // the controller waits out the old primary's read lease
         }
         let candidates: Vec<usize> =
             self.cat.in_sync.iter().copied().filter(|h| *h != p && self.nodes[*h].up).collect();
@@ -701,6 +734,71 @@ impl World {
         self.cat.in_sync = in_sync;
         self.cat.epoch = expected + 1;
         self.stats.failovers += 1;
+        Ok(())
+    }
+
+    /// Whether `n` is cut off from most of the cluster (and so from the catalog's leader).
+    fn cut_off(&self, n: usize) -> bool {
+        (0..self.nodes.len()).filter(|h| *h != n && !self.reachable(n, *h)).count() >= 2
+    }
+
+    // ---- read leases (`volume::core::lease`) ---------------------------------------------------
+
+    /// Every host asks for its read leases each quarter lease (`volume::host`'s lease loop);
+    /// an answer is instant here, or lost when the host is cut off.
+    fn renew_due(&mut self) {
+        if self.now < self.next_renewal {
+            return;
+        }
+        self.next_renewal = self.now + LEASE_MS / 4;
+        for n in 0..self.nodes.len() {
+            if self.rng.random_bool(0.9) {
+                self.renew_lease(n);
+            }
+        }
+    }
+
+    /// Host `n` asks the leader for read leases: the leader notes the request, and grants one
+    /// for the volume if its catalog names `n` primary.
+    fn renew_lease(&mut self, n: usize) {
+        if !self.nodes[n].up || self.cut_off(n) {
+            return;
+        }
+        let now = self.instant();
+        self.grants.record(NodeId(n as u64), now);
+        if self.cat.primary == n {
+            self.nodes[n].lease.granted(self.cat.epoch, now, Duration::from_millis(LEASE_MS));
+        }
+    }
+
+    /// Whether the leader's wait for `p`'s read lease is over (always, without leases).
+    fn lease_lapsed(&self, p: usize) -> bool {
+        let lapse = Duration::from_millis(LEASE_MS + LEASE_MARGIN_MS);
+        !self.cfg.read_leases || self.grants.wait(NodeId(p as u64), self.base, self.instant(), lapse).is_zero()
+    }
+
+    /// A client reads `block` at `n`, which serves it if it believes it is primary (and holds a
+    /// read lease). The answer must be no older than any write acknowledged before it.
+    fn client_read(&mut self, n: usize, block: u64) -> Check {
+        let Role::Primary { epoch } = self.nodes[n].role else { return Ok(()) };
+        if !self.nodes[n].up {
+            return Ok(());
+        }
+        if self.cfg.read_leases && !self.nodes[n].lease.valid(epoch, self.instant()) {
+            self.stats.reads_refused += 1;
+            return Ok(());
+        }
+        self.stats.reads += 1;
+        let (_, w) = self.nodes[n].store.read(block, u64::MAX);
+        let seen_point = if w == 0 { Some(0) } else { self.acked.get(&w).map(|a| a.0) };
+        let Some(seen_point) = seen_point else { return Ok(()) }; // not acknowledged: no promise
+        let newer = self.acked.iter().find(|(id, (point, _, _))| self.write_block[id] == block && *point > seen_point);
+        if let Some((id, (point, _, by))) = newer {
+            return Err(format!(
+                "node {n} (primary at epoch {epoch} in its own view) read block {block} as write {w}, but write \
+                 {id} to it was acknowledged at point {point} by node {by}: a stale read"
+            ));
+        }
         Ok(())
     }
 
@@ -1064,6 +1162,7 @@ impl World {
         self.stats.unknown += node.inflight.len() as u64;
         node.inflight.clear();
         node.resyncs.clear();
+        node.lease = ReadLease::default();
         Ok(())
     }
 
@@ -1226,9 +1325,13 @@ impl World {
         self.cut.clear();
     }
 
-    /// The controller fails the volume over to `c` and `c` takes over.
+    /// The controller fails the volume over to `c` (after the old primary's read lease lapsed)
+    /// and `c` takes over.
     pub fn fail_over_to(&mut self, c: usize) -> Check {
         let old = self.cat.primary;
+        while !self.lease_lapsed(old) {
+            self.now += 1;
+        }
         self.cat.in_sync.retain(|h| *h != old);
         self.cat.primary = c;
         self.cat.epoch += 1;
@@ -1269,6 +1372,14 @@ impl World {
     pub fn expire(&mut self) -> Check {
         self.now += ACK_TIMEOUT_MS;
         self.timeouts()
+    }
+
+    pub fn renew(&mut self, n: usize) {
+        self.renew_lease(n);
+    }
+
+    pub fn read(&mut self, n: usize, block: u64) -> Check {
+        self.client_read(n, block)
     }
 
     pub fn in_sync(&self) -> Vec<usize> {

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use haven_proto::MemberSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::raft::RaftTunables;
+mod tunables;
+
+pub use tunables::{FenceTunables, PlanTunables, RaftTunables, VolumeTunables};
 
 pub const CONFIG_FILE: &str = "haven.toml";
 pub const BOOTSTRAP_FILE: &str = "bootstrap.toml";
@@ -63,16 +65,16 @@ pub struct NodeConfig {
     #[serde(default)]
     pub nbd: crate::nbd::NbdSettings,
     #[serde(default)]
-    pub volume: crate::volume::replica::VolumeTunables,
+    pub volume: VolumeTunables,
     /// Guest memory this host offers to VMs, in MiB.
     #[serde(default = "default_vm_memory_mib")]
     pub vm_memory_mib: u64,
     /// Timing of migration plans (the leader's plan controller and group operations).
     #[serde(default)]
-    pub plans: crate::controllers::plans::PlanTunables,
+    pub plans: PlanTunables,
     /// Self-fencing: how long a host without quorum contact keeps running guests (`vm::fence`).
     #[serde(default)]
-    pub fence: crate::vm::fence::FenceTunables,
+    pub fence: FenceTunables,
     /// Dial these nodes at another address than the one in the membership (node id → HOST:PORT).
     /// The chaos harness points each link at its own fault-injecting relay this way.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -171,6 +173,7 @@ impl NodeConfig {
         self.raft.to_openraft(self.id).map_err(ConfigError::Invalid)?;
         self.fence.validate(self.raft.election_timeout_max_ms).map_err(ConfigError::Invalid)?;
         self.transport.validate().map_err(ConfigError::Invalid)?;
+        self.volume.validate().map_err(ConfigError::Invalid)?;
         self.nbd.validate(self.nbd_listen.as_deref()).map_err(ConfigError::Invalid)?;
         for (id, addr) in &self.dial_via {
             id.parse::<u64>().map_err(|_| ConfigError::Invalid(format!("dial_via key {id:?} is not a node id")))?;

@@ -1,0 +1,312 @@
+//! Narrow handles onto this node's place in the cluster, held by the layers instead of the node
+//! service:
+//! - [`RaftView`]: this node's Raft state, read-only (who leads, the node's status);
+//! - [`Proposer`]: commit catalog commands (here when this node leads, else through the leader,
+//!   once), and ask the leader for volume read leases.
+//!
+//! Catalog reads go through `storage::Store`, actor messages through `actors::ActorRegistry`.
+//!
+//! Architecture invariant: the volume and VM hosts and the leader's controllers see the cluster
+//! only through these handles, `Store` and `ActorRegistry`. None of them can reach
+//! `service::NodeService`, which `node::run` builds last, around the hosts.
+//!
+//! This module must not handle inbound requests (that is `service`) or decide anything about
+//! volumes or VMs.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use haven_client::wire::WireIoError;
+use haven_proto::{
+    ActorAddr, Body, Caller, CatalogCommand, ClientCommand, ClientRequest, ClientResponse, CommandOutcome, Envelope,
+    EnvelopeFlags, ErrorCode, MemberInfo, NodeId, NodeRequest, NodeRole, NodeStatus, VolumeId, WireError,
+};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::ServerState;
+
+use crate::catalog;
+use crate::raft::{HavenNode, Raft};
+use crate::storage::Store;
+use crate::transport::{Outbound, Transport};
+use crate::volume::core::lease::Grants;
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
+    WireError::new(code, msg)
+}
+
+/// This node's Raft state, read-only.
+#[derive(Clone)]
+pub struct RaftView {
+    id: NodeId,
+    raft: Raft,
+}
+
+impl RaftView {
+    pub fn new(id: NodeId, raft: Raft) -> Self {
+        Self { id, raft }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// openraft's metrics, to read or to wait on.
+    pub fn metrics(&self) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, HavenNode>> {
+        self.raft.metrics()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// `Ok` when this node leads; else who does, as far as this node knows.
+    pub fn leader_only(&self) -> Result<(), (Option<u64>, Option<HavenNode>)> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            return Ok(());
+        }
+        let node = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+        Err((m.current_leader, node))
+    }
+
+    /// This node's view of itself and the cluster.
+    pub fn status(&self) -> NodeStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let members: Vec<MemberInfo> = membership
+            .nodes()
+            .map(|(id, n)| MemberInfo {
+                id: NodeId(*id),
+                addr: n.addr.clone(),
+                admin_addr: n.admin_addr.clone(),
+                voter: voters.contains(id),
+                matched_index: m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index),
+            })
+            .collect();
+        let is_member = members.iter().any(|x| x.id == self.id);
+        let role = match m.state {
+            _ if members.is_empty() => NodeRole::Uninitialized,
+            ServerState::Leader => NodeRole::Leader,
+            ServerState::Follower => NodeRole::Follower,
+            ServerState::Candidate => NodeRole::Candidate,
+            ServerState::Learner => NodeRole::Learner,
+            ServerState::Shutdown => NodeRole::Shutdown,
+        };
+        NodeStatus {
+            id: self.id,
+            role,
+            term: m.current_term,
+            leader: m.current_leader.map(NodeId),
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            healthy: is_member && m.current_leader.is_some() && role != NodeRole::Shutdown,
+            members,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// How a request reached this node, for forwarding it on: its flags, and the client it is
+/// relayed for (`None` when this node or another node is the caller).
+pub(crate) struct Relay {
+    pub flags: u32,
+    pub on_behalf_of: Option<Caller>,
+}
+
+impl Relay {
+    /// A request of this node's own.
+    pub fn own(flags: u32) -> Self {
+        Self { flags, on_behalf_of: None }
+    }
+}
+
+/// A command this node could not commit, with openraft's pointer to the leader.
+type Redirect = (CatalogCommand, ForwardToLeader<u64, HavenNode>);
+
+/// Commits catalog commands and asks the leader for read leases. Cheap to clone.
+#[derive(Clone)]
+pub struct Proposer(Arc<ProposerInner>);
+
+struct ProposerInner {
+    id: NodeId,
+    raft: Raft,
+    /// The catalog, read after leadership is confirmed.
+    store: Store,
+    transport: Transport,
+    request_timeout: Duration,
+    /// TEST ONLY (`HAVEN_UNSAFE_ACK_BEFORE_COMMIT=1`): acknowledge writes as soon as they are
+    /// proposed, before they are committed. Exists so the chaos harness can prove its checkers
+    /// catch lost acknowledged writes; never set it anywhere else.
+    unsafe_ack_before_commit: bool,
+    /// When each host last asked this node, as leader, for volume read leases (the volume
+    /// controller waits them out before a failover; see `volume::core::lease`).
+    read_lease_grants: Mutex<Grants>,
+}
+
+impl Proposer {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        store: Store,
+        transport: Transport,
+        request_timeout: Duration,
+        unsafe_ack: bool,
+    ) -> Self {
+        Self(Arc::new(ProposerInner {
+            id,
+            raft,
+            store,
+            transport,
+            request_timeout,
+            unsafe_ack_before_commit: unsafe_ack,
+            read_lease_grants: Mutex::new(Grants::default()),
+        }))
+    }
+
+    /// The deadline of one request this node makes or handles.
+    pub fn request_timeout(&self) -> Duration {
+        self.0.request_timeout
+    }
+
+    /// Propose a command from this node (any catalog command, internal ones included) and wait
+    /// until it is committed and applied; forwarded to the leader as a node request.
+    pub async fn write(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
+        debug_assert!(command.validate().is_ok(), "node components propose valid commands: {command:?}");
+        self.propose(command, flags).await
+    }
+
+    /// [`Self::write`] without the debug check (a command a peer proposed, already validated).
+    pub(crate) async fn propose(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
+        match self.commit(command).await? {
+            Ok(done) => Ok(done),
+            Err((command, f)) => {
+                let body = Body::Node(NodeRequest::Propose { command });
+                self.forward(body, f.leader_id, f.leader_node, Relay::own(flags)).await
+            }
+        }
+    }
+
+    /// A client's write: committed here when this node leads, else forwarded in the client's name.
+    pub(crate) async fn client_write(&self, command: ClientCommand, relay: Relay) -> Result<ClientResponse, WireError> {
+        match self.commit(command.clone().into()).await? {
+            Ok(done) => Ok(done),
+            Err((_, f)) => {
+                let body = Body::Client(ClientRequest::Write { command });
+                self.forward(body, f.leader_id, f.leader_node, relay).await
+            }
+        }
+    }
+
+    /// Commit `command` through this node's Raft. `Ok(Err(..))` gives the command back with the
+    /// leader to forward it to.
+    async fn commit(&self, command: CatalogCommand) -> Result<Result<ClientResponse, Redirect>, WireError> {
+        let p = &self.0;
+        if p.unsafe_ack_before_commit && p.raft.metrics().borrow().state == ServerState::Leader {
+            // Deliberately broken (see the field): the entry is only proposed, not committed.
+            return match p.raft.client_write_ff(command).await {
+                Ok(_pending) => {
+                    Ok(Ok(ClientResponse::Written { index: 0, outcome: CommandOutcome::Put { previous: None } }))
+                }
+                Err(e) => Err(err(ErrorCode::Unavailable, e.to_string())),
+            };
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(p.request_timeout, p.raft.client_write(command.clone())).await;
+        match result {
+            Err(_) => Err(err(ErrorCode::Timeout, "write not committed before the deadline; it may still commit")),
+            Ok(Ok(resp)) => {
+                metrics::histogram!("haven_raft_commit_seconds").record(started.elapsed().as_secs_f64());
+                Ok(Ok(ClientResponse::Written { index: resp.log_id.index, outcome: resp.data }))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Ok(Err((command, f))),
+            // Anything else (e.g. the node shutting down) may strike after the entry was appended.
+            Ok(Err(e)) => Err(err(ErrorCode::Timeout, format!("write outcome unknown: {e}"))),
+        }
+    }
+
+    /// Confirm with a quorum that this node still leads (and has applied what it committed);
+    /// `Ok(Err(..))` names the leader to forward to instead.
+    pub(crate) async fn confirm_leadership(&self) -> Result<Result<(), ForwardToLeader<u64, HavenNode>>, WireError> {
+        let confirmed = tokio::time::timeout(self.0.request_timeout, self.0.raft.ensure_linearizable()).await;
+        match confirmed {
+            Err(_) => Err(err(ErrorCode::Timeout, "leadership could not be confirmed in time")),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Ok(Err(f)),
+            Ok(Err(e)) => Err(err(ErrorCode::Unavailable, e.to_string())),
+            Ok(Ok(_)) => Ok(Ok(())),
+        }
+    }
+
+    /// This node's volume read leases: the volumes the leader names it primary of, and at which
+    /// epoch, confirmed by the leader with a quorum after the request left.
+    pub async fn read_leases(&self) -> Result<Vec<(VolumeId, u64)>, WireError> {
+        match self.grant_read_leases(self.0.id, 0).await? {
+            ClientResponse::ReadLeases(v) => Ok(v),
+            other => Err(err(ErrorCode::Internal, format!("read leases answered with {other:?}"))),
+        }
+    }
+
+    /// `host` asks for read leases. Its arrival is noted before leadership is confirmed (the
+    /// volume controller waits from it); a follower forwards the request to the leader once.
+    pub(crate) async fn grant_read_leases(&self, host: NodeId, flags: u32) -> Result<ClientResponse, WireError> {
+        self.0.read_lease_grants.lock().expect("grants lock").record(host, Instant::now());
+        if let Err(f) = self.confirm_leadership().await? {
+            let body = Body::Node(NodeRequest::ReadLeases);
+            return self.forward(body, f.leader_id, f.leader_node, Relay::own(flags)).await;
+        }
+        let volumes = catalog::volumes::volumes(&self.0.store).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let primary_of = volumes.iter().filter(|v| v.primary == host).map(|v| (v.id, v.epoch)).collect();
+        Ok(ClientResponse::ReadLeases(primary_of))
+    }
+
+    /// How much longer before `host` can hold no read lease granted by this leader (in office
+    /// since `leading_since`) or an earlier one; `lapse_after` is the lease plus its margin.
+    pub fn read_lease_wait(&self, host: NodeId, leading_since: Instant, lapse_after: Duration) -> Duration {
+        self.0.read_lease_grants.lock().expect("grants lock").wait(host, leading_since, Instant::now(), lapse_after)
+    }
+
+    /// Send a leader-only request to the leader, once.
+    pub(crate) async fn forward(
+        &self,
+        body: Body,
+        leader: Option<u64>,
+        leader_node: Option<HavenNode>,
+        relay: Relay,
+    ) -> Result<ClientResponse, WireError> {
+        let (Some(leader), Some(node)) = (leader, leader_node) else {
+            return Err(err(ErrorCode::NoLeader, "no leader is known; an election may be in progress"));
+        };
+        let hint = Some((leader, node.addr.clone()));
+        if relay.flags & EnvelopeFlags::FORWARDED != 0 || leader == self.0.id.0 {
+            return Err(WireError {
+                code: ErrorCode::NotLeader,
+                message: format!("leader is node-{leader}"),
+                leader: hint,
+            });
+        }
+        let transport = &self.0.transport;
+        let addr = transport.dial_addr(NodeId(leader), &node.addr).await.map_err(|m| WireError {
+            code: ErrorCode::NotLeader,
+            message: m,
+            leader: hint.clone(),
+        })?;
+        let out = Outbound {
+            dest: ActorAddr::node(NodeId(leader)),
+            body,
+            flags: EnvelopeFlags::FORWARDED,
+            on_behalf_of: relay.on_behalf_of,
+        };
+        let reply = transport.send(addr, out, self.0.request_timeout).await;
+        match reply {
+            Ok(Envelope { body: Body::ClientReply(r), .. }) => Ok(r),
+            Ok(Envelope { body: Body::Error(e), .. }) => Err(e),
+            Ok(other) => Err(err(ErrorCode::Internal, format!("leader sent a {} reply", other.kind().as_str()))),
+            Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. })) => Err(WireError {
+                code: ErrorCode::NotLeader,
+                message: format!("cannot reach leader: {e}"),
+                leader: hint,
+            }),
+            Err(e) => Err(err(ErrorCode::Timeout, format!("forwarded to node-{leader}, outcome unknown: {e}"))),
+        }
+    }
+}
