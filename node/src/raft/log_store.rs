@@ -9,6 +9,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::AnyError;
@@ -36,16 +37,36 @@ fn any(msg: String) -> AnyError {
 #[derive(Clone)]
 pub struct LogStore {
     store: Store,
-    syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    syncer: Arc<Syncer>,
+}
+
+/// The WAL sync thread and its queue. Dropping the last log store closes the queue and waits
+/// for the thread to end, so the thread never outlives its owners holding the database: a
+/// RocksDB still closing on a detached thread while the process exits aborts it ("pthread lock:
+/// Invalid argument", seen once at the end of a test binary).
+struct Syncer {
+    queue: Option<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(t) = self.thread.take() {
+            // Bounded: the thread ends after at most one WAL sync once the queue is closed.
+            let _ = t.join();
+        }
+    }
 }
 
 impl LogStore {
     /// A log store over `store`, with its WAL sync thread started.
     pub fn new(store: Store) -> std::io::Result<Self> {
-        let (syncer, pending) = std::sync::mpsc::channel();
+        let (queue, pending) = std::sync::mpsc::channel();
         let sync_store = store.clone();
-        std::thread::Builder::new().name("haven-wal-sync".into()).spawn(move || wal_syncer(sync_store, pending))?;
-        Ok(Self { store, syncer })
+        let thread =
+            std::thread::Builder::new().name("haven-wal-sync".into()).spawn(move || wal_syncer(sync_store, pending))?;
+        Ok(Self { store, syncer: Arc::new(Syncer { queue: Some(queue), thread: Some(thread) }) })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -248,7 +269,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(io(StorageIOError::write_logs(&e)));
         }
-        if let Err(std::sync::mpsc::SendError(callback)) = self.syncer.send(callback) {
+        let queue = self.syncer.queue.as_ref().expect("the queue lives as long as its syncer");
+        if let Err(std::sync::mpsc::SendError(callback)) = queue.send(callback) {
             callback.log_io_completed(Err(std::io::Error::other("WAL sync thread stopped")));
             return Err(io(StorageIOError::write_logs(any("WAL sync thread stopped".into()))));
         }
