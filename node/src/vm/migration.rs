@@ -82,6 +82,57 @@ const THROTTLE_INITIAL: u8 = 30;
 const THROTTLE_STEP: u8 = 20;
 const THROTTLE_MAX: u8 = 99;
 
+/// What the auto-converge policy makes of a pre-copy round that missed the downtime target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Converge {
+    /// Keep copying at the current throttle.
+    Keep,
+    /// Not converging, for this reason: throttle harder ([`next_throttle`]) or give up.
+    Stalled(String),
+}
+
+/// The convergence policy, pure: `history` holds the dirty bytes left after each round of the
+/// current window (since round 1 ended, or the last throttle step), `window` how long that
+/// window has run. Unthrottled, pre-copy is stalled when the remainder did not shrink by 10%
+/// over `converge_check_rounds` rounds; throttled, unless it at least halves every round; either
+/// way when the window outlasts `converge_check_ms`.
+pub(crate) fn converge_policy(
+    config: &MigrationConfig,
+    throttle: u8,
+    history: &[u64],
+    window: Option<Duration>,
+    round: u32,
+) -> Converge {
+    let checks = config.converge_check_rounds.max(1) as usize;
+    let n = history.len();
+    let stalled = if throttle == 0 {
+        n >= checks && history[n - 1] * 10 >= history[n - checks] * 9
+    } else {
+        n >= 2 && history[n - 1] * 2 > history[n - 2]
+    };
+    let timed_out = window.is_some_and(|w| w >= Duration::from_millis(config.converge_check_ms));
+    if stalled {
+        Converge::Stalled(format!("remaining dirty memory did not shrink over the last rounds (round {round})"))
+    } else if timed_out {
+        Converge::Stalled(format!("no convergence within {} ms", config.converge_check_ms))
+    } else {
+        Converge::Keep
+    }
+}
+
+/// The throttle after a stall: the first step, then one increment, capped at the ceiling
+/// (`Ok(None)`: already there, keep going until `max_rounds`); without auto-converge the
+/// migration gives up with `why`.
+pub(crate) fn next_throttle(config: &MigrationConfig, throttle: u8, why: &str) -> Result<Option<u8>, MigrationError> {
+    if !config.auto_converge {
+        return Err(MigrationError::NotConverging { reason: why.to_string() });
+    }
+    if throttle >= THROTTLE_MAX {
+        return Ok(None);
+    }
+    Ok(Some(if throttle == 0 { THROTTLE_INITIAL } else { throttle.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX) }))
+}
+
 /// Tuning of one migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -937,43 +988,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Source<S> {
     /// Decides on non-convergence at the end of `round`. Returns whether the throttle was raised
     /// (the caller then restarts its shrink history).
     fn converge_step(&mut self, history: &mut [u64], round: u32) -> Result<bool, MigrationError> {
-        let checks = self.config.converge_check_rounds.max(1) as usize;
-        let timed_out = self.window_timed_out();
-        let stalled = if self.throttle == 0 {
-            // Did not shrink by at least 10% over the last `checks` rounds.
-            history.len() >= checks && history[history.len() - 1] * 10 >= history[history.len() - checks] * 9
-        } else {
-            // Throttled: raise again unless the remainder at least halves every round.
-            history.len() >= 2 && history[history.len() - 1] * 2 > history[history.len() - 2]
-        };
-        if !(stalled || timed_out) {
-            return Ok(false);
+        let window = self.window_elapsed();
+        match converge_policy(&self.config, self.throttle, history, window, round) {
+            Converge::Keep => Ok(false),
+            Converge::Stalled(why) => self.raise_throttle(why),
         }
-        let why = if stalled {
-            format!("remaining dirty memory did not shrink over the last rounds (round {round})")
-        } else {
-            format!("no convergence within {} ms", self.config.converge_check_ms)
-        };
-        self.raise_throttle(why)
+    }
+
+    /// How long the current convergence window has run (since round 1 ended, or the last
+    /// throttle step).
+    fn window_elapsed(&self) -> Option<Duration> {
+        self.last_step.or(self.window_start).map(|t| t.elapsed())
     }
 
     fn window_timed_out(&self) -> bool {
-        let since = self.last_step.or(self.window_start);
-        since.is_some_and(|t| t.elapsed() >= Duration::from_millis(self.config.converge_check_ms))
+        self.window_elapsed().is_some_and(|d| d >= Duration::from_millis(self.config.converge_check_ms))
     }
 
     fn raise_throttle(&mut self, why: String) -> Result<bool, MigrationError> {
-        if !self.config.auto_converge {
-            return Err(MigrationError::NotConverging { reason: why });
-        }
-        if self.throttle >= THROTTLE_MAX {
-            return Ok(false);
-        }
-        self.throttle = if self.throttle == 0 {
-            THROTTLE_INITIAL
-        } else {
-            self.throttle.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX)
-        };
+        let Some(throttle) = next_throttle(&self.config, self.throttle, &why)? else { return Ok(false) };
+        self.throttle = throttle;
         self.max_throttle = self.max_throttle.max(self.throttle);
         self.guest.set_throttle(self.throttle);
         self.last_step = Some(Instant::now());
@@ -1435,6 +1469,36 @@ mod tests {
     use tokio::io::DuplexStream;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn converge_policy_unthrottled_needs_ten_percent_over_the_check_rounds() {
+        let cfg = MigrationConfig::default(); // 3 check rounds, 5 s window
+        let w = Some(Duration::from_millis(100));
+        assert_eq!(converge_policy(&cfg, 0, &[1000, 950], w, 2), Converge::Keep, "too few rounds to judge");
+        assert_eq!(converge_policy(&cfg, 0, &[1000, 950, 899], w, 3), Converge::Keep, "shrank by more than 10%");
+        assert!(
+            matches!(converge_policy(&cfg, 0, &[1000, 950, 900], w, 3), Converge::Stalled(m) if m.contains("round 3"))
+        );
+        let late = Some(Duration::from_millis(5_000));
+        assert!(matches!(converge_policy(&cfg, 0, &[1000], late, 2), Converge::Stalled(m) if m.contains("5000 ms")));
+        assert_eq!(converge_policy(&cfg, 0, &[1000], None, 1), Converge::Keep, "no window before round 1 ends");
+    }
+
+    #[test]
+    fn converge_policy_throttled_needs_the_remainder_to_halve() {
+        let cfg = MigrationConfig::default();
+        let w = Some(Duration::from_millis(100));
+        assert_eq!(converge_policy(&cfg, 30, &[1000, 500], w, 5), Converge::Keep);
+        assert!(matches!(converge_policy(&cfg, 30, &[1000, 501], w, 5), Converge::Stalled(_)));
+        assert_eq!(next_throttle(&cfg, 0, "x").unwrap(), Some(THROTTLE_INITIAL));
+        assert_eq!(next_throttle(&cfg, 30, "x").unwrap(), Some(50));
+        assert_eq!(next_throttle(&cfg, 90, "x").unwrap(), Some(THROTTLE_MAX));
+        assert_eq!(next_throttle(&cfg, THROTTLE_MAX, "x").unwrap(), None, "at the ceiling: keep going");
+        let off = MigrationConfig { auto_converge: false, ..cfg };
+        assert!(
+            matches!(next_throttle(&off, 0, "slow"), Err(MigrationError::NotConverging { reason }) if reason == "slow")
+        );
+    }
 
     fn spec(pages: u64, pattern: WorkloadPattern, rate: u64) -> GuestSpec {
         GuestSpec { memory_pages: pages, vcpus: 2, pattern, dirty_pages_per_sec: rate, disk_writes_per_sec: 0, seed: 7 }

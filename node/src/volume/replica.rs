@@ -29,6 +29,7 @@ use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, CatalogCommand
 use tracing::{debug, info, warn};
 
 use super::blockstore::{BlockContent, BlockStore, BlockWrite};
+use super::core::ack::{AckDecision, PendingWrite};
 use super::core::lease::ReadLease;
 use super::core::primary::{progress, CopyState};
 pub use super::core::primary::{FollowKind, Follower, Followers};
@@ -417,28 +418,35 @@ impl VolumeReplica {
             join_all(sync_targets.iter().map(|h| self.send_device(*h, msg(blocks.clone()), self.ack_timeout())));
         let local_writes: Vec<BlockWrite> = blocks.into_iter().map(into_block_write).collect();
         let local = self.seq.submit(epoch, seq, local_writes, durable);
+        let mut pending = PendingWrite::new(seq, epoch, sync_targets.iter().copied());
         let (local, remote) = futures::join!(local, remote);
-        // From here on a failure leaves the write applied somewhere (here, or on a replica that
-        // may become primary): its outcome is unknown, never "not applied".
-        local.map_err(|e| outcome_unknown(seq, e))?;
-        let failed: Vec<NodeId> = sync_targets
-            .iter()
-            .zip(remote)
-            .filter_map(|(h, r)| match r {
-                Ok(DeviceReply::Applied { .. }) => None,
+        pending.local(local.is_ok());
+        for (h, r) in sync_targets.iter().zip(remote) {
+            let applied = match r {
+                Ok(DeviceReply::Applied { .. }) => true,
                 Ok(other) => {
                     warn!(vol = %self.vol, host = %h, ?other, "unexpected replicate reply");
-                    Some(*h)
+                    false
                 }
                 Err(e) => {
                     warn!(vol = %self.vol, host = %h, seq, error = %e, "replica did not acknowledge");
-                    Some(*h)
+                    false
                 }
-            })
-            .collect();
-        if !failed.is_empty() {
-            // Not acknowledged until the catalog no longer counts them as in sync.
-            self.drop_in_sync(&failed, epoch).await.map_err(|e| outcome_unknown(seq, e))?;
+            };
+            pending.reply(*h, applied);
+        }
+        // From here on a failure leaves the write applied somewhere (here, or on a replica that
+        // may become primary): its outcome is unknown, never "not applied" (`core::ack`).
+        match pending.decision().expect("every answer is in") {
+            AckDecision::Ack => {}
+            AckDecision::DropThenAck(failed) => {
+                // Not acknowledged until the catalog no longer counts them as in sync.
+                self.drop_in_sync(&failed, epoch).await.map_err(|e| outcome_unknown(seq, e))?;
+            }
+            AckDecision::Unknown => {
+                let why = local.err().map_or_else(|| "not applied here".to_string(), |e| e.to_string());
+                return Err(outcome_unknown(seq, why));
+            }
         }
         metrics::histogram!("haven_volume_write_seconds", "durable" => if durable { "yes" } else { "no" })
             .record(started.elapsed().as_secs_f64());

@@ -7,6 +7,7 @@
 //! Architecture invariant: nothing here may depend on tokio, RocksDB, the transport or the
 //! catalog store; a core is a value you can clone into a test and step by hand.
 
+pub mod ack;
 pub mod cursor;
 pub mod lease;
 pub mod primary;

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::store::{Store, WriteId};
 use super::BLOCKS;
+use crate::volume::core::ack::{AckDecision, PendingWrite};
 use crate::volume::core::cursor::{transfer_plan, Cursor};
 use crate::volume::core::lease::{Grants, ReadLease};
 use crate::volume::core::primary::{CopyState, FollowKind, Followers, Forward};
@@ -125,13 +126,10 @@ enum Role {
     Replica,
 }
 
+/// A write the primary waits to acknowledge (`core::ack`), and when it gives up waiting.
 #[derive(Debug)]
 struct Inflight {
-    point: u64,
-    epoch: u64,
-    waiting: BTreeSet<usize>,
-    failed: Vec<usize>,
-    local: Option<bool>,
+    w: PendingWrite,
     deadline: u64,
 }
 
@@ -424,8 +422,8 @@ impl World {
     fn answer(&mut self, n: usize, point: u64, ok: bool) {
         for (to, fwd, write) in self.nodes[n].owed.remove(&point).unwrap_or_default() {
             if to == n {
-                if let Some(w) = self.nodes[n].inflight.get_mut(&write) {
-                    w.local = Some(ok);
+                if let Some(i) = self.nodes[n].inflight.get_mut(&write) {
+                    i.w.local(ok);
                 }
             } else {
                 self.send(n, to, Msg::Reply { ok, point, fwd, write });
@@ -479,14 +477,14 @@ impl World {
         let others: Vec<usize> = self.nodes[n].view.in_sync.iter().copied().filter(|h| *h != n).collect();
         let deadline = self.now + ACK_TIMEOUT_MS;
         let inflight =
-            Inflight { point, epoch, waiting: others.iter().copied().collect(), failed: vec![], local: None, deadline };
+            Inflight { w: PendingWrite::new(point, epoch, others.iter().map(|h| NodeId(*h as u64))), deadline };
         self.nodes[n].inflight.insert(write, inflight);
         for h in others {
             self.send(n, h, Msg::Replicate { epoch, point, payload: payload.clone(), fwd: None, write });
         }
         match self.nodes[n].seq.admit(epoch, point, payload, |_, _| {}) {
-            Err(_) => self.nodes[n].inflight.get_mut(&write).expect("just added").local = Some(false),
-            Ok(Admit::AlreadyApplied) => self.nodes[n].inflight.get_mut(&write).expect("just added").local = Some(true),
+            Err(_) => self.nodes[n].inflight.get_mut(&write).expect("just added").w.local(false),
+            Ok(Admit::AlreadyApplied) => self.nodes[n].inflight.get_mut(&write).expect("just added").w.local(true),
             Ok(Admit::Queued { .. }) => {
                 self.nodes[n].owed.entry(point).or_default().push((n, None, write));
                 self.drain(n);
@@ -502,10 +500,8 @@ impl World {
             }
             return Ok(());
         }
-        let Some(w) = self.nodes[n].inflight.get_mut(&write) else { return Ok(()) };
-        if w.waiting.remove(&from) && !ok {
-            w.failed.push(from);
-        }
+        let Some(i) = self.nodes[n].inflight.get_mut(&write) else { return Ok(()) };
+        i.w.reply(NodeId(from as u64), ok);
         self.try_complete(n, write)
     }
 
@@ -515,12 +511,7 @@ impl World {
             let late: Vec<WriteId> =
                 self.nodes[n].inflight.iter().filter(|(_, w)| w.deadline <= self.now).map(|(id, _)| *id).collect();
             for write in late {
-                let w = self.nodes[n].inflight.get_mut(&write).expect("listed");
-                let waiting = std::mem::take(&mut w.waiting);
-                w.failed.extend(waiting);
-                if w.local.is_none() {
-                    w.local = Some(false);
-                }
+                self.nodes[n].inflight.get_mut(&write).expect("listed").w.expire();
                 self.try_complete(n, write)?;
             }
         }
@@ -548,14 +539,19 @@ impl World {
     }
 
     /// Acknowledge a write once every in-sync replica answered, dropping the ones that failed
-    /// from the in-sync set first (the primary's `write`).
+    /// from the in-sync set first (the primary's `write`, deciding through `core::ack`).
     fn try_complete(&mut self, n: usize, write: WriteId) -> Check {
-        let w = &self.nodes[n].inflight[&write];
-        if !w.waiting.is_empty() || w.local.is_none() {
-            return Ok(());
-        }
-        let w = self.nodes[n].inflight.remove(&write).expect("present");
-        if w.local != Some(true) || (!w.failed.is_empty() && !self.drop_in_sync(n, &w.failed, w.epoch)) {
+        let Some(decision) = self.nodes[n].inflight[&write].w.decision() else { return Ok(()) };
+        let w = self.nodes[n].inflight.remove(&write).expect("present").w;
+        let acked = match decision {
+            AckDecision::Ack => true,
+            AckDecision::DropThenAck(failed) => {
+                let failed: Vec<usize> = failed.iter().map(|h| h.0 as usize).collect();
+                self.drop_in_sync(n, &failed, w.epoch)
+            }
+            AckDecision::Unknown => false,
+        };
+        if !acked {
             self.stats.unknown += 1;
             return Ok(());
         }
