@@ -178,12 +178,17 @@ pub async fn create_and_serve(
     Ok(volume)
 }
 
-/// Run one writer per client until `stop`, appending `block_write`s to `history`.
+/// Run one writer per client until `stop`, appending `block_write`s to `history`. After every
+/// third write a writer reads one of its blocks back through one of `readers` (one client per
+/// node, chosen at random: a read served by whichever node it lands on, as a client with a
+/// cached route would send it) and records a `block_read`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     spec: &BlockSpec,
     seed: u64,
     volume: VolumeId,
     clients: Vec<HavenClient>,
+    readers: Vec<HavenClient>,
     epoch: Instant,
     stop: tokio::sync::watch::Receiver<bool>,
     history: Arc<Mutex<Vec<Op>>>,
@@ -193,6 +198,7 @@ pub async fn run(
     for (w, client) in clients.into_iter().enumerate() {
         let blocks = spec.blocks_of(w);
         let client = client.with_deadline(spec.op_timeout);
+        let readers: Vec<HavenClient> = readers.iter().map(|r| r.clone().with_deadline(spec.op_timeout)).collect();
         let (history, stop) = (history.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng =
@@ -224,6 +230,11 @@ pub async fn run(
                     error,
                 }
                 .record(&history);
+                if n % 3 == 0 && !readers.is_empty() {
+                    let reader = &readers[rng.random_range(0..readers.len())];
+                    let read = rng.random_range(blocks.clone());
+                    read_one(reader, volume, w, read, epoch, &history).await;
+                }
                 tokio::time::sleep(gap.saturating_sub(complete - invoke)).await;
             }
         }));
@@ -231,6 +242,37 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
+}
+
+/// Writer `w` reads its block `block` once and records what it found (only a read that decodes
+/// as this block's own write, or as zeroes; the end-of-run check judges damaged blocks).
+async fn read_one(
+    client: &HavenClient,
+    volume: VolumeId,
+    w: usize,
+    block: u64,
+    epoch: Instant,
+    history: &Mutex<Vec<Op>>,
+) {
+    let invoke = epoch.elapsed();
+    let result = client.read_volume(volume, block * BLOCK_BYTES, BLOCK_BYTES as u32, None).await;
+    let complete = epoch.elapsed();
+    let n = match result.as_deref().map(decode) {
+        Ok(Decoded::Zero) => 0,
+        Ok(Decoded::Valid { writer, block: b, n }) if writer == w as u64 && b == block => n,
+        _ => return,
+    };
+    Op {
+        id: 0,
+        client: w,
+        key: block_key(block),
+        kind: OpKind::BlockRead { block, n },
+        invoke_us: invoke.as_micros() as u64,
+        complete_us: complete.as_micros() as u64,
+        outcome: Outcome::Ok { read: None, cas_matched: None },
+        error: None,
+    }
+    .record(history);
 }
 
 /// Read every owned block through the SDK (reads go to the primary), retrying each range until

@@ -30,6 +30,15 @@ pub enum OpKind {
         block: u64,
         n: u64,
     },
+    /// A read of one block of the block workload's volume by its writer, during the run,
+    /// through one node chosen at random: `n` is the write it found (0: zeroes). Only a read
+    /// that decoded as this block's own is recorded. The fresh-block-reads checker looks at
+    /// these.
+    #[serde(rename = "block_read")]
+    BlockRead {
+        block: u64,
+        n: u64,
+    },
     /// A live migration of VM `vm` to host `to` by the VM workload (key `vm/<vm>`): Ok = the
     /// migration finished there, Fail = it ended without moving the VM, Info = unknown.
     #[serde(rename = "migrate")]

@@ -217,9 +217,12 @@ async fn drive(
     let block_workload = match (&scenario.blocks, &volume) {
         (Some(spec), Some(vol)) => {
             let clients = (0..spec.writers).map(|_| backend.client()).collect::<anyhow::Result<Vec<_>>>()?;
+            let readers = nodes.iter().map(|n| backend.client_of(n.0)).collect::<anyhow::Result<Vec<_>>>()?;
             let (spec, id, seed, history, stop) =
                 (spec.clone(), vol.id, scenario.seed, history.clone(), stop_rx.clone());
-            Some(tokio::spawn(async move { blocks::run(&spec, seed, id, clients, epoch, stop, history).await }))
+            Some(tokio::spawn(
+                async move { blocks::run(&spec, seed, id, clients, readers, epoch, stop, history).await },
+            ))
         }
         _ => None,
     };
@@ -376,6 +379,7 @@ async fn drive(
                 let read = blocks::read_back(&client, spec, vol.id, spec.recover_within).await;
                 let (result, check) = checker::blocks::acknowledged_blocks(&history, spec, &read);
                 checks.push(result);
+                checks.push(checker::blocks::fresh_reads(&history));
                 Some(check)
             } else {
                 None

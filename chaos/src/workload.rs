@@ -121,10 +121,12 @@ async fn execute(
                 client.kv_cas(key, exp.as_deref().map(str::as_bytes), Some(new.to_string().as_bytes())).await?;
             Ok((None, Some(matched)))
         }
-        OpKind::BlockWrite { .. } | OpKind::Migrate { .. } | OpKind::OpsWrite { .. } | OpKind::VolumeOp { .. } => {
-            Err(ClientError::Protocol(
-                "block writes, migrations and volume operations belong to their own workloads".into(),
-            ))
-        }
+        OpKind::BlockWrite { .. }
+        | OpKind::BlockRead { .. }
+        | OpKind::Migrate { .. }
+        | OpKind::OpsWrite { .. }
+        | OpKind::VolumeOp { .. } => Err(ClientError::Protocol(
+            "block writes, migrations and volume operations belong to their own workloads".into(),
+        )),
     }
 }

@@ -106,8 +106,13 @@ impl ComposeBackend {
     }
 
     pub fn client(&self) -> anyhow::Result<HavenClient> {
+        self.client_of(&self.node_ids())
+    }
+
+    /// A client that talks only to `ids`.
+    pub fn client_of(&self, ids: &[u64]) -> anyhow::Result<HavenClient> {
         let cfg = ClusterConfig {
-            nodes: self.node_ids().into_iter().filter_map(|id| self.node_addr(id)).collect(),
+            nodes: ids.iter().filter_map(|id| self.node_addr(*id)).collect(),
             ca: self.certs_dir.join("ca.pem"),
             cert: self.certs_dir.join("client/client.pem"),
             key: self.certs_dir.join("client/client.key"),

@@ -52,6 +52,13 @@ impl LocalBackend {
         Ok(self.cluster.client()?)
     }
 
+    /// A client that talks only to `ids`.
+    pub fn client_of(&self, ids: &[u64]) -> anyhow::Result<HavenClient> {
+        let mut cfg = self.cluster.client_config();
+        cfg.nodes = ids.iter().map(|id| self.cluster.node(*id).map(|n| n.addr)).collect::<Result<_, _>>()?;
+        Ok(HavenClient::new(&cfg)?)
+    }
+
     pub fn host_fault(&mut self, kind: FaultKind, id: u64) -> anyhow::Result<()> {
         match kind {
             FaultKind::Kill => self.cluster.kill(id)?,

@@ -49,6 +49,15 @@ impl Backend {
         }
     }
 
+    /// A client that talks only to node `id` (requests are served through that node, as a
+    /// client with a cached route would send them).
+    pub fn client_of(&self, id: u64) -> anyhow::Result<HavenClient> {
+        match self {
+            Self::Local(b) => b.client_of(&[id]),
+            Self::Compose(b) => b.client_of(&[id]),
+        }
+    }
+
     /// Inject a process fault on node `id`.
     pub async fn host_fault(&mut self, kind: FaultKind, id: u64) -> anyhow::Result<()> {
         match self {

@@ -59,6 +59,58 @@ pub struct BlockCheck {
     pub violations: Vec<BlockViolation>,
 }
 
+/// Every `block_read` made during the run must find its block's newest write acknowledged before
+/// the read was sent, or a later one — or an indeterminate write, which may take effect at any
+/// time after it was sent, also after a later acknowledged one (a retry still under way inside
+/// the cluster when the client gave up), as [`acknowledged_blocks`] allows too. A primary cut off
+/// from the cluster that kept serving reads after a new primary acknowledged writes fails this
+/// (issue 11, race 4); the end-of-run read-back cannot see it.
+pub fn fresh_reads(history: &[Op]) -> CheckResult {
+    // Per block, the acknowledged writes as (completed at, n), in completion order, and the
+    // indeterminate ones.
+    let mut acked: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    let mut indeterminate: std::collections::BTreeSet<(u64, u64)> = std::collections::BTreeSet::new();
+    for op in history {
+        match (op.kind, op.outcome) {
+            (OpKind::BlockWrite { block, n }, Outcome::Ok { .. }) => {
+                acked.entry(block).or_default().push((op.complete_us, n));
+            }
+            (OpKind::BlockWrite { block, n }, Outcome::Info) => {
+                indeterminate.insert((block, n));
+            }
+            _ => {}
+        }
+    }
+    for v in acked.values_mut() {
+        v.sort_unstable();
+    }
+    let mut reads = 0;
+    for op in history {
+        let OpKind::BlockRead { block, n } = op.kind else { continue };
+        reads += 1;
+        let before = acked.get(&block).map_or(&[][..], |v| &v[..v.partition_point(|(at, _)| *at < op.invoke_us)]);
+        let Some(&(_, newest)) = before.iter().max_by_key(|(_, n)| *n) else { continue };
+        if n < newest && !indeterminate.contains(&(block, n)) {
+            let write = history
+                .iter()
+                .find(|w| w.kind == OpKind::BlockWrite { block, n: newest } && matches!(w.outcome, Outcome::Ok { .. }))
+                .cloned();
+            return CheckResult::fail(
+                "fresh-block-reads",
+                format!(
+                    "block {block} read as write {n} at {} us, after write {newest} to it was acknowledged: a stale read",
+                    op.invoke_us
+                ),
+                write.into_iter().chain([op.clone()]).collect(),
+            );
+        }
+    }
+    CheckResult::pass(
+        "fresh-block-reads",
+        format!("{reads} reads during the run, none older than an acknowledged write"),
+    )
+}
+
 #[derive(Default)]
 struct PerBlock<'a> {
     acked: Option<u64>,
@@ -215,6 +267,44 @@ mod tests {
             m.insert(*b, Ok(d.clone()));
         }
         m
+    }
+
+    fn read(block: u64, n: u64, invoke_us: u64) -> Op {
+        Op {
+            id: 0,
+            client: 0,
+            key: block_key(block),
+            kind: OpKind::BlockRead { block, n },
+            invoke_us,
+            complete_us: invoke_us + 5,
+            outcome: OK,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn fresh_reads_never_go_back_before_an_acknowledged_write() {
+        let mut h = vec![write(0, 5, 1, OK), write(0, 5, 2, OK), write(0, 5, 3, Outcome::Info)];
+        for (i, op) in h.iter_mut().enumerate() {
+            op.invoke_us = i as u64 * 100;
+            op.complete_us = i as u64 * 100 + 50;
+        }
+        // Write 2 completed at 150 us: a read sent at 120 may see 1, one sent at 160 may not.
+        h.push(read(5, 1, 120));
+        h.push(read(5, 3, 160)); // the indeterminate write, later: fine
+        assert!(fresh_reads(&h).passed, "{}", fresh_reads(&h).summary);
+        // The indeterminate write 3 may land after a later acknowledged one.
+        let mut late = h.clone();
+        let mut w4 = write(3, 5, 4, OK);
+        (w4.invoke_us, w4.complete_us) = (300, 350);
+        late.push(w4);
+        late.push(read(5, 3, 400));
+        assert!(fresh_reads(&late).passed, "{}", fresh_reads(&late).summary);
+        h.push(read(5, 1, 160));
+        let r = fresh_reads(&h);
+        assert!(!r.passed && r.summary.contains("stale read"), "{}", r.summary);
+        assert_eq!(r.offending.len(), 2, "the acknowledged write and the stale read");
+        assert!(fresh_reads(&[read(7, 0, 10)]).passed, "zeroes before any acknowledged write");
     }
 
     #[test]
