@@ -107,20 +107,25 @@ impl VolumeHost {
 
     /// Ask the leader for read leases every quarter lease (and at once when a replica became
     /// primary) until the node shuts down, and hand each grant to its replica. A request that
-    /// fails leaves the leases to run out: reads then wait for a renewal or a failover.
+    /// fails leaves the leases to run out: reads then wait for a renewal or a failover. A host
+    /// that is primary of nothing does not ask (it needs no lease, and the leader then has no
+    /// request of it to wait out).
     pub async fn renew_read_leases(self: Arc<Self>) {
         let every = Duration::from_millis(self.tunables.read_lease_ms / 4);
         loop {
             let asked_at = Instant::now();
-            match self.ctx.proposer.read_leases().await {
-                Ok(primary_of) => {
-                    for (vol, epoch) in primary_of {
-                        if let Some(e) = self.engine(vol) {
-                            e.lease_granted(epoch, asked_at);
+            let serving = self.engines.lock().expect("engines lock").values().any(|(e, _)| e.role().is_primary());
+            if serving {
+                match self.ctx.proposer.read_leases().await {
+                    Ok(primary_of) => {
+                        for (vol, epoch) in primary_of {
+                            if let Some(e) = self.engine(vol) {
+                                e.lease_granted(epoch, asked_at);
+                            }
                         }
                     }
+                    Err(e) => debug!(error = %e, "read lease request failed"),
                 }
-                Err(e) => debug!(error = %e, "read lease request failed"),
             }
             let wait = every.saturating_sub(asked_at.elapsed());
             tokio::select! {
@@ -227,7 +232,7 @@ impl VolumeHost {
             let mut maybe_applied = false;
             loop {
                 // Fast path: this host serves as the volume's primary (no catalog read).
-                let local = self.engine(vol).filter(|e| matches!(e.role(), super::replica::Role::Primary { .. }));
+                let local = self.engine(vol).filter(|e| e.role().is_primary());
                 let record = match local {
                     Some(_) => None,
                     None => Some(self.volume_record(vol)?),

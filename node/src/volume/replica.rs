@@ -52,6 +52,12 @@ pub enum Role {
     AsyncCopy,
 }
 
+impl Role {
+    pub fn is_primary(self) -> bool {
+        matches!(self, Self::Primary { .. })
+    }
+}
+
 /// A write that failed after it was handed to the replicas: it may be applied (and may become
 /// visible), so the caller must not treat it as "not applied". `Timeout` is the wire's code for
 /// an unknown outcome.
@@ -166,7 +172,7 @@ impl VolumeReplica {
                 warn!(vol = %self.vol, error = %e, "could not take over as primary yet");
                 return;
             }
-        } else if !is_primary && matches!(role, Role::Primary { .. }) {
+        } else if !is_primary && role.is_primary() {
             info!(vol = %self.vol, primary = %record.primary, epoch = record.epoch, "no longer primary");
             *self.role.lock().expect("role lock") =
                 if record.replicas.contains(&self.node) { Role::Replica } else { Role::AsyncCopy };
@@ -726,7 +732,7 @@ impl VolumeReplica {
     /// Primary: publish each follower's lag (`haven_volume_replication_lag_{points,bytes,seconds}`,
     /// labelled by volume and host). In-sync replicas have none by construction.
     pub fn publish_lag(&self) {
-        if !matches!(self.role(), Role::Primary { .. }) {
+        if !self.role().is_primary() {
             return;
         }
         let next = self.next_seq.load(Ordering::SeqCst);

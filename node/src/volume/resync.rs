@@ -34,7 +34,7 @@ use super::blockstore::{BlockContent, BlockStore};
 use super::core::cursor::{transfer_plan, Cursor};
 use super::error::VolumeError;
 use super::merkle::{MerkleTree, CHUNK_BLOCKS};
-use super::replica::{from_content, to_block_write, FollowKind, Role, VolumeReplica, INTERNAL_SNAPSHOT_BASE};
+use super::replica::{from_content, to_block_write, FollowKind, VolumeReplica, INTERNAL_SNAPSHOT_BASE};
 
 /// Blocks per resync message (1 MiB at 4 KiB blocks): the most an interruption can re-send.
 pub const RESYNC_CHUNK_BLOCKS: usize = 256;
@@ -71,7 +71,7 @@ pub async fn prepare(
     epoch: u64,
     primary_snaps: Vec<(u64, u64)>,
 ) -> Result<DeviceReply, VolumeError> {
-    if matches!(replica.role(), Role::Primary { .. }) {
+    if replica.role().is_primary() {
         return Err(VolumeError::invalid("a primary is not resynced"));
     }
     if let Some(c) = load_cursor(replica)? {
@@ -570,7 +570,7 @@ async fn merkle_diff(
 
 /// Primary: start resyncs for listed replicas that are not in sync and async copies with a hole.
 pub fn tick(replica: &Arc<VolumeReplica>) {
-    if !matches!(replica.role(), Role::Primary { .. }) {
+    if !replica.role().is_primary() {
         return;
     }
     let record = replica.record();
