@@ -9,48 +9,19 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{cluster_with, metric};
+use common::{cluster_with, eventually, healthy_with_hosts, metric};
 use haven_client::devcluster::LocalCluster;
-use haven_client::proto::{CatalogQuery, NodeId, QueryResult, VolumeId};
+use haven_client::proto::{NodeId, VolumeId};
 use haven_client::volumes::VolumeSpec;
 use haven_client::HavenClient;
 
 const MIB: u64 = 1 << 20;
-
-async fn healthy(c: &mut LocalCluster) -> HavenClient {
-    let client = c.client().unwrap();
-    let ids: Vec<u64> = c.nodes().iter().map(|n| n.id).collect();
-    c.wait_healthy(&client, &ids, Duration::from_secs(30)).await.expect("cluster healthy");
-    for _ in 0..100 {
-        if let Ok(QueryResult::Hosts(h)) = client.read(CatalogQuery::Hosts, false).await {
-            if h.len() == ids.len() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    client
-}
 
 /// A client that talks only to the given nodes.
 fn client_of(c: &LocalCluster, nodes: &[u64]) -> HavenClient {
     let mut cfg = c.client_config();
     cfg.nodes = nodes.iter().map(|id| c.node(*id).unwrap().addr).collect();
     HavenClient::new(&cfg).unwrap()
-}
-
-async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e:?}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 fn first_byte(data: &[u8]) -> u8 {
@@ -62,7 +33,7 @@ fn first_byte(data: &[u8]) -> u8 {
 async fn a_woken_old_primary_never_serves_a_block_the_new_primary_overwrote() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = cluster_with(tmp.path(), &[]);
-    let client = healthy(&mut c).await;
+    let client = healthy_with_hosts(&mut c).await;
     let v = client.create_volume(&VolumeSpec::new("leased", 8 * MIB, 3)).await.expect("create volume");
     let vol: VolumeId = v.id;
     eventually("volume served", || client.read_volume(vol, 0, 4096, None)).await;

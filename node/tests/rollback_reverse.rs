@@ -8,44 +8,12 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cluster_with;
-use haven_client::devcluster::LocalCluster;
-use haven_client::proto::{CatalogQuery, NodeId, QueryResult, VolumeId};
+use common::{cluster_with, eventually, healthy_with_hosts};
+use haven_client::proto::{NodeId, VolumeId};
 use haven_client::volumes::VolumeSpec;
 use haven_client::HavenClient;
 
 const MIB: u64 = 1 << 20;
-
-async fn healthy(c: &mut LocalCluster) -> HavenClient {
-    let client = c.client().unwrap();
-    let ids: Vec<u64> = c.nodes().iter().map(|n| n.id).collect();
-    c.wait_healthy(&client, &ids, Duration::from_secs(30)).await.expect("cluster healthy");
-    // Hosts are recorded by the leader's registry loop shortly after the election.
-    for _ in 0..100 {
-        if let Ok(QueryResult::Hosts(h)) = client.read(CatalogQuery::Hosts, false).await {
-            if h.len() == ids.len() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    client
-}
-
-/// Retry `f` for up to 30 s (device actors start shortly after the catalog names them).
-async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e:?}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
 
 async fn wait_caught_up(client: &HavenClient, vol: VolumeId, target: NodeId) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -72,7 +40,7 @@ fn pattern(data: &[u8], want: u8) -> String {
 async fn reverse_after_rollback_serves_the_snapshot_plus_later_acknowledged_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = cluster_with(tmp.path(), &[]);
-    let client = healthy(&mut c).await;
+    let client = healthy_with_hosts(&mut c).await;
     let mut spec = VolumeSpec::new("dr", 8 * MIB, 1);
     spec.hosts = vec![NodeId(1)];
     let v = client.create_volume(&spec).await.expect("create volume");

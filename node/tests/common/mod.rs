@@ -45,6 +45,40 @@ pub fn cluster_of(dir: &std::path::Path, nodes: usize, snapshot_after: u64) -> L
     c
 }
 
+/// A client of `c` once every node is healthy and the leader has recorded every host (its
+/// registry loop does so shortly after the election; volumes are placed on recorded hosts).
+pub async fn healthy_with_hosts(c: &mut LocalCluster) -> haven_client::HavenClient {
+    use haven_client::proto::{CatalogQuery, QueryResult};
+    let client = c.client().unwrap();
+    let ids = ids(c);
+    c.wait_healthy(&client, &ids, std::time::Duration::from_secs(30)).await.expect("cluster healthy");
+    for _ in 0..100 {
+        if let Ok(QueryResult::Hosts(h)) = client.read(CatalogQuery::Hosts, false).await {
+            if h.len() == ids.len() {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    client
+}
+
+/// Retry `f` every 100 ms for up to 30 s (device actors start shortly after the catalog names
+/// them); panics with `what` and the last error.
+pub async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{what}: {e:?}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// Every node id of `c`.
 pub fn ids(c: &LocalCluster) -> Vec<u64> {
     c.nodes().iter().map(|n| n.id).collect()
