@@ -196,7 +196,7 @@ pub async fn run(
     let gap = Duration::from_secs_f64(spec.writers as f64 / spec.rate as f64);
     let mut tasks = Vec::new();
     for (w, client) in clients.into_iter().enumerate() {
-        let blocks = spec.blocks_of(w);
+        let blocks = spec.ownership().blocks_of(w);
         let client = client.with_deadline(spec.op_timeout);
         let readers: Vec<HavenClient> = readers.iter().map(|r| r.clone().with_deadline(spec.op_timeout)).collect();
         let (history, stop) = (history.clone(), stop.clone());
@@ -287,7 +287,7 @@ pub async fn read_back(
     let start = Instant::now();
     let client = client.clone().with_deadline(Duration::from_secs(3));
     let mut out = BTreeMap::new();
-    let owned = spec.owned_blocks();
+    let owned = spec.ownership().owned_blocks();
     let mut first = owned.start;
     while first < owned.end {
         let count = CHUNK.min(owned.end - first);

@@ -87,7 +87,7 @@ impl Env {
     }
 
     fn owned_len(&self) -> u64 {
-        self.spec.owned_blocks().end * BLOCK_BYTES
+        self.spec.ownership().owned_blocks().end * BLOCK_BYTES
     }
 }
 
@@ -109,7 +109,7 @@ pub async fn run(env: Env, mut clients: Vec<HavenClient>, stop: tokio::sync::wat
 async fn writer(env: Env, w: usize, client: HavenClient, stop: tokio::sync::watch::Receiver<bool>) {
     let client = client.with_deadline(env.spec.op_timeout);
     let gap = Duration::from_secs_f64(env.spec.writers as f64 / env.spec.write_rate as f64);
-    let blocks = env.spec.blocks_of(w);
+    let blocks = env.spec.ownership().blocks_of(w);
     let mut rng =
         rand::rngs::StdRng::seed_from_u64((env.seed ^ 0x0b5_b10c).wrapping_mul(1_000_003).wrapping_add(w as u64));
     let mut next_n: BTreeMap<u64, u64> = BTreeMap::new();
@@ -351,7 +351,7 @@ async fn read_back(
             .enumerate()
             .map(|(i, b)| {
                 let block = first + i as u64;
-                let writer = env.spec.owner(block).map_or(u64::MAX, |w| WRITER_BASE + w as u64);
+                let writer = env.spec.ownership().owner(block).map_or(u64::MAX, |w| WRITER_BASE + w as u64);
                 (block, seen(b, writer, block))
             })
             .collect();

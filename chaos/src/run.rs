@@ -471,7 +471,8 @@ async fn judge_operations(
 ) -> anyhow::Result<OperationsReport> {
     let client = backend.client()?;
     let observations = std::mem::take(&mut *env.observations.lock().expect("observations"));
-    let (data, catalog, check) = checker::operations::check(history, &observations, env.spec.owned_blocks());
+    let (data, catalog, check) =
+        checker::operations::check(history, &observations, env.spec.ownership().owned_blocks());
     checks.push(data);
     checks.push(catalog);
     let (final_volume, events) = blocks::describe_volume(&client, env.volume.id).await;

@@ -294,21 +294,9 @@ fn ops_kinds() -> Vec<OpsKind> {
 }
 
 impl OperationsSpec {
-    /// The block numbers writer `w` owns.
-    pub fn blocks_of(&self, w: usize) -> std::ops::Range<u64> {
-        let first = w as u64 * self.blocks_per_writer;
-        first..first + self.blocks_per_writer
-    }
-
-    /// Which writer owns `block`, if any.
-    pub fn owner(&self, block: u64) -> Option<usize> {
-        let w = (block / self.blocks_per_writer) as usize;
-        (w < self.writers).then_some(w)
-    }
-
-    /// Every owned block.
-    pub fn owned_blocks(&self) -> std::ops::Range<u64> {
-        0..self.writers as u64 * self.blocks_per_writer
+    /// Which writer owns which blocks.
+    pub fn ownership(&self) -> Ownership {
+        Ownership { writers: self.writers, blocks_per_writer: self.blocks_per_writer }
     }
 
     fn validate(&self, nodes: usize) -> Result<(), String> {
@@ -421,7 +409,16 @@ fn in_sync_within() -> Duration {
     Duration::from_secs(30)
 }
 
-impl BlockSpec {
+/// How a workload's volume is shared out between its writers: writer `w` owns the
+/// `blocks_per_writer` consecutive blocks from `w * blocks_per_writer` (the block and operations
+/// workloads alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    pub writers: usize,
+    pub blocks_per_writer: u64,
+}
+
+impl Ownership {
     /// The block numbers writer `w` owns.
     pub fn blocks_of(&self, w: usize) -> std::ops::Range<u64> {
         let first = w as u64 * self.blocks_per_writer;
@@ -437,6 +434,13 @@ impl BlockSpec {
     /// Every owned block.
     pub fn owned_blocks(&self) -> std::ops::Range<u64> {
         0..self.writers as u64 * self.blocks_per_writer
+    }
+}
+
+impl BlockSpec {
+    /// Which writer owns which blocks.
+    pub fn ownership(&self) -> Ownership {
+        Ownership { writers: self.writers, blocks_per_writer: self.blocks_per_writer }
     }
 }
 
@@ -914,8 +918,8 @@ kinds = ["pause", "isolate"]
         let s = Scenario::parse(&with("volume_size = \"16MiB\"\nreplicas = 3\nwriters = 2")).unwrap();
         let b = s.blocks.unwrap();
         assert_eq!((b.volume_size, b.replicas, b.writers, b.blocks_per_writer), (16 << 20, 3, 2, 64));
-        assert_eq!(b.blocks_of(1), 64..128);
-        assert_eq!((b.owner(127), b.owner(128)), (Some(1), None));
+        assert_eq!(b.ownership().blocks_of(1), 64..128);
+        assert_eq!((b.ownership().owner(127), b.ownership().owner(128)), (Some(1), None));
         assert_eq!(Scenario::parse(&with("volume_size = 1048576")).unwrap().blocks.unwrap().volume_size, 1 << 20);
         let e = Scenario::parse(&with("volume_size = \"16MB\"")).unwrap_err();
         assert!(e.contains("line 15") && e.contains("unknown unit"), "{e}");

@@ -149,8 +149,8 @@ pub fn acknowledged_blocks(
         }
     }
     let mut offending = Vec::new();
-    for block in spec.owned_blocks() {
-        let writer = spec.owner(block).expect("owned block has an owner");
+    for block in spec.ownership().owned_blocks() {
+        let writer = spec.ownership().owner(block).expect("owned block has an owner");
         let p = per.remove(&block).unwrap_or_default();
         check.blocks_checked += 1;
         if p.acked.is_some() {
