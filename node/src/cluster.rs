@@ -30,10 +30,6 @@ use crate::storage::Store;
 use crate::transport::{Outbound, Transport};
 use crate::volume::core::lease::Grants;
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
-    WireError::new(code, msg)
-}
-
 /// This node's Raft state, read-only.
 #[derive(Clone)]
 pub struct RaftView {
@@ -208,20 +204,22 @@ impl Proposer {
                 Ok(_pending) => {
                     Ok(Ok(ClientResponse::Written { index: 0, outcome: CommandOutcome::Put { previous: None } }))
                 }
-                Err(e) => Err(err(ErrorCode::Unavailable, e.to_string())),
+                Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
             };
         }
         let started = Instant::now();
         let result = tokio::time::timeout(p.request_timeout, p.raft.client_write(command.clone())).await;
         match result {
-            Err(_) => Err(err(ErrorCode::Timeout, "write not committed before the deadline; it may still commit")),
+            Err(_) => {
+                Err(WireError::new(ErrorCode::Timeout, "write not committed before the deadline; it may still commit"))
+            }
             Ok(Ok(resp)) => {
                 metrics::histogram!("haven_raft_commit_seconds").record(started.elapsed().as_secs_f64());
                 Ok(Ok(ClientResponse::Written { index: resp.log_id.index, outcome: resp.data }))
             }
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Ok(Err((command, f))),
             // Anything else (e.g. the node shutting down) may strike after the entry was appended.
-            Ok(Err(e)) => Err(err(ErrorCode::Timeout, format!("write outcome unknown: {e}"))),
+            Ok(Err(e)) => Err(WireError::new(ErrorCode::Timeout, format!("write outcome unknown: {e}"))),
         }
     }
 
@@ -230,9 +228,9 @@ impl Proposer {
     pub(crate) async fn confirm_leadership(&self) -> Result<Result<(), ForwardToLeader<u64, HavenNode>>, WireError> {
         let confirmed = tokio::time::timeout(self.0.request_timeout, self.0.raft.ensure_linearizable()).await;
         match confirmed {
-            Err(_) => Err(err(ErrorCode::Timeout, "leadership could not be confirmed in time")),
+            Err(_) => Err(WireError::new(ErrorCode::Timeout, "leadership could not be confirmed in time")),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Ok(Err(f)),
-            Ok(Err(e)) => Err(err(ErrorCode::Unavailable, e.to_string())),
+            Ok(Err(e)) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
             Ok(Ok(_)) => Ok(Ok(())),
         }
     }
@@ -242,7 +240,7 @@ impl Proposer {
     pub async fn read_leases(&self) -> Result<Vec<(VolumeId, u64)>, WireError> {
         match self.grant_read_leases(self.0.id, 0).await? {
             ClientResponse::ReadLeases(v) => Ok(v),
-            other => Err(err(ErrorCode::Internal, format!("read leases answered with {other:?}"))),
+            other => Err(WireError::new(ErrorCode::Internal, format!("read leases answered with {other:?}"))),
         }
     }
 
@@ -254,7 +252,8 @@ impl Proposer {
             let body = Body::Node(NodeRequest::ReadLeases);
             return self.forward(body, f.leader_id, f.leader_node, Relay::own(flags)).await;
         }
-        let volumes = catalog::volumes::volumes(&self.0.store).map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let volumes =
+            catalog::volumes::volumes(&self.0.store).map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
         let primary_of = volumes.iter().filter(|v| v.primary == host).map(|v| (v.id, v.epoch)).collect();
         Ok(ClientResponse::ReadLeases(primary_of))
     }
@@ -274,7 +273,7 @@ impl Proposer {
         relay: Relay,
     ) -> Result<ClientResponse, WireError> {
         let (Some(leader), Some(node)) = (leader, leader_node) else {
-            return Err(err(ErrorCode::NoLeader, "no leader is known; an election may be in progress"));
+            return Err(WireError::new(ErrorCode::NoLeader, "no leader is known; an election may be in progress"));
         };
         let hint = Some((leader, node.addr.clone()));
         if relay.flags & EnvelopeFlags::FORWARDED != 0 || leader == self.0.id.0 {
@@ -300,13 +299,17 @@ impl Proposer {
         match reply {
             Ok(Envelope { body: Body::ClientReply(r), .. }) => Ok(r),
             Ok(Envelope { body: Body::Error(e), .. }) => Err(e),
-            Ok(other) => Err(err(ErrorCode::Internal, format!("leader sent a {} reply", other.kind().as_str()))),
+            Ok(other) => {
+                Err(WireError::new(ErrorCode::Internal, format!("leader sent a {} reply", other.kind().as_str())))
+            }
             Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. })) => Err(WireError {
                 code: ErrorCode::NotLeader,
                 message: format!("cannot reach leader: {e}"),
                 leader: hint,
             }),
-            Err(e) => Err(err(ErrorCode::Timeout, format!("forwarded to node-{leader}, outcome unknown: {e}"))),
+            Err(e) => {
+                Err(WireError::new(ErrorCode::Timeout, format!("forwarded to node-{leader}, outcome unknown: {e}")))
+            }
         }
     }
 }

@@ -34,6 +34,8 @@ pub async fn run(leader: LeaderHandles, volumes: Arc<VolumeHost>, tunables: Volu
     let mut policy_runs: HashMap<String, Instant> = HashMap::new();
     let mut was_leader = false;
     let mut leading_since = Instant::now();
+    // How long after a host's last lease request its read lease has lapsed for certain.
+    let lapse = Duration::from_millis(tunables.read_lease_ms + tunables.read_lease_margin_ms);
     loop {
         tokio::time::sleep(probe).await;
         if !leader.view.is_leader() {
@@ -69,7 +71,6 @@ pub async fn run(leader: LeaderHandles, volumes: Arc<VolumeHost>, tunables: Volu
         }
         last_ok.insert(me, Instant::now());
         let is_up = |id: &NodeId| last_ok.get(id).is_some_and(|t| t.elapsed() < down_after);
-        let lapse = Duration::from_millis(tunables.read_lease_ms + tunables.read_lease_margin_ms);
         let lease_wait = |host: NodeId| leader.proposer.read_lease_wait(host, leading_since, lapse);
         fail_over(&leader, &is_up, &lease_wait).await;
         run_policies(&leader, &volumes, &mut policy_runs).await;

@@ -880,7 +880,7 @@ impl VmHost {
         if disks.is_empty() {
             return Ok(Vec::new());
         }
-        let volumes = self.volume_host()?;
+        let volumes = &self.volumes;
         let name = format!("plan-{plan}-recovery");
         // The disks are independent volumes: snapshot them together, so the pause lasts about
         // one snapshot rather than one per disk.
@@ -909,9 +909,8 @@ impl VmHost {
         if snapshots.is_empty() {
             return Ok(());
         }
-        let volumes = self.volume_host()?;
         for (vol, snap) in snapshots {
-            volumes
+            self.volumes
                 .client(VolumeRequest::Rollback { volume: *vol, snapshot: *snap })
                 .await
                 .map_err(|e| e.context(format!("rolling {vol} back to its recovery snapshot {snap}")))?;
@@ -919,16 +918,11 @@ impl VmHost {
         Ok(())
     }
 
-    fn volume_host(&self) -> Result<Arc<crate::volume::host::VolumeHost>, VmError> {
-        Ok(self.volumes.clone())
-    }
-
     /// Delete the plan's recovery images and its disks' recovery snapshots, and forget its jobs.
     async fn release(self: &Arc<Self>, plan: u64, volume_snapshots: Vec<(VolumeId, u64)>) -> JobResult {
         if !volume_snapshots.is_empty() {
-            let volumes = self.volume_host()?;
             for (vol, snap) in &volume_snapshots {
-                match volumes.client(VolumeRequest::DeleteSnapshot { volume: *vol, snapshot: *snap }).await {
+                match self.volumes.client(VolumeRequest::DeleteSnapshot { volume: *vol, snapshot: *snap }).await {
                     Ok(_) => {}
                     Err(e) if e.code() == ErrorCode::NotFound => {} // released before, or the volume is gone
                     Err(e) => return Err(e.into()),
