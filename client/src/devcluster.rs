@@ -447,12 +447,29 @@ impl LocalCluster {
     /// Make node `id` dial each peer in `via` (peer id → address) instead of the peer's membership
     /// address; takes effect at the node's next start. Used to route links through relays.
     pub fn set_dial_via(&self, id: u64, via: &BTreeMap<u64, SocketAddr>) -> Result<(), DevClusterError> {
+        let table: toml::Table = via.iter().map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string()))).collect();
+        self.edit_config(id, |doc| {
+            doc.insert("dial_via".into(), toml::Value::Table(table));
+        })
+    }
+
+    /// Set `[section] key = value` in node `id`'s `haven.toml`; takes effect at the node's next
+    /// start (benchmarks use it to run a baseline configuration, e.g. `storage.layout`).
+    pub fn set_config(&self, id: u64, section: &str, key: &str, value: toml::Value) -> Result<(), DevClusterError> {
+        self.edit_config(id, |doc| {
+            let entry = doc.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = entry {
+                t.insert(key.to_string(), value);
+            }
+        })
+    }
+
+    fn edit_config(&self, id: u64, edit: impl FnOnce(&mut toml::Table)) -> Result<(), DevClusterError> {
         let path = self.node(id)?.data_dir.join("haven.toml");
         let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
         let mut doc: toml::Table = toml::from_str(&text)
             .map_err(|e| DevClusterError::Setup(format!("{}: {}", path.display(), e.message())))?;
-        let table: toml::Table = via.iter().map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string()))).collect();
-        doc.insert("dial_via".into(), toml::Value::Table(table));
+        edit(&mut doc);
         let text = toml::to_string(&doc).map_err(|e| DevClusterError::Setup(e.to_string()))?;
         std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))
     }

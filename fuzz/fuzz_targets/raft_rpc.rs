@@ -1,6 +1,6 @@
 //! The openraft RPC payload decoder (`raft::decode`: bincode with a size limit) on arbitrary
-//! bytes, for every payload a node decodes from a peer — the three requests (AppendEntries in
-//! its `AppendFrame`), the three replies —
+//! bytes, for every payload a node decodes from a peer — the four requests (AppendEntries in
+//! its `AppendFrame`, and Haven's pre-vote), the four replies —
 //! and a log entry as the log store reads it back. The first byte picks the type.
 //!
 //! Properties: no panic; peak allocation at most 32× the input plus 8 MiB (serde pre-allocates
@@ -11,6 +11,7 @@
 #![no_main]
 
 use haven_fuzz::{assert_alloc_bounded, measure};
+use haven_node::raft::campaign::{PreVoteReply, PreVoteRequest};
 use haven_node::raft::network::AppendFrame;
 use haven_node::raft::{decode, encode, Entry, TypeConfig};
 use libfuzzer_sys::fuzz_target;
@@ -33,7 +34,7 @@ fn check<T: Serialize + DeserializeOwned>(what: &str, payload: &[u8]) {
 
 fuzz_target!(init: haven_fuzz::seeds::write_if_asked("raft_rpc"), |data: &[u8]| {
     let Some((&which, payload)) = data.split_first() else { return };
-    match which % 7 {
+    match which % 9 {
         0 => check::<AppendFrame>("AppendEntries frame", payload),
         1 => check::<VoteRequest<u64>>("VoteRequest", payload),
         2 => check::<InstallSnapshotRequest<TypeConfig>>("InstallSnapshotRequest", payload),
@@ -43,6 +44,8 @@ fuzz_target!(init: haven_fuzz::seeds::write_if_asked("raft_rpc"), |data: &[u8]| 
             "InstallSnapshot reply",
             payload,
         ),
-        _ => check::<Entry>("log entry", payload),
+        6 => check::<Entry>("log entry", payload),
+        7 => check::<PreVoteRequest>("PreVoteRequest", payload),
+        _ => check::<PreVoteReply>("PreVote reply", payload),
     }
 });

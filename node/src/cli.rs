@@ -201,6 +201,8 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         snapshot_after_entries: a.snapshot_after,
         keep_after_snapshot: (a.snapshot_after / 10).max(10),
         stagger_elections: true,
+        dedicated_threads: true,
+        prevote: true,
     };
     let cfg = NodeConfig {
         id: a.id,
@@ -210,6 +212,7 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         advertise_admin: a.advertise_admin,
         request_timeout_ms: 5_000,
         raft,
+        storage: Default::default(),
         dial_via: Default::default(),
         nbd_listen: a.nbd_listen,
         nbd: crate::nbd::NbdSettings { tls: a.nbd_tls, ..Default::default() },

@@ -18,14 +18,15 @@ use tracing::{info, warn};
 use crate::actors::host_agent::HostAgent;
 use crate::actors::ActorRegistry;
 use crate::cluster::{Proposer, RaftView};
-use crate::config::{Bootstrap, NodeConfig, DB_DIR, TLS_DIR};
+use crate::config::{Bootstrap, NodeConfig, TLS_DIR};
 use crate::controllers::LeaderHandles;
+use crate::raft::campaign::Elections;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::NetworkFactory;
 use crate::raft::state_machine::StateMachineStore;
-use crate::raft::{HavenNode, Raft};
+use crate::raft::{HavenNode, Raft, RaftRuntime};
 use crate::service::NodeService;
-use crate::storage::Store;
+use crate::storage::Stores;
 use crate::transport::Transport;
 
 /// Load this node's TLS material from `<data-dir>/tls`.
@@ -68,8 +69,11 @@ pub async fn run(
     let id = NodeId(cfg.id);
     let tls = load_tls(data_dir)?;
     let certificates = check_certificates(&tls, id)?;
-    let store =
-        Store::open(&data_dir.join(DB_DIR)).with_context(|| format!("opening {}", data_dir.join(DB_DIR).display()))?;
+    let stores = Stores::open(data_dir, cfg.storage.layout)
+        .with_context(|| format!("opening the databases in {}", data_dir.display()))?;
+    info!(node = %id, layout = %stores.layout, "databases open");
+    // Raft and the catalog use the control database; only the volume host sees the data one.
+    let store = stores.control.clone();
 
     let listen = crate::transport::resolve(&cfg.listen).await.map_err(|e| anyhow!(e))?;
     let transport = Transport::bind(
@@ -87,15 +91,28 @@ pub async fn run(
     let peer_acks = crate::raft::network::PeerAcks::default();
     let lease = crate::vm::fence::HostLease::new(&cfg.fence);
     let leader_contact = crate::raft::network::LeaderContact::default();
-    let raft = Raft::new(
-        cfg.id,
-        raft_config,
-        NetworkFactory::new(transport.clone(), peer_acks.clone(), leader_contact.clone()),
-        LogStore::new(store.clone()).context("starting the WAL sync thread")?,
-        StateMachineStore::new(store.clone()),
-    )
-    .await
-    .context("starting raft")?;
+    let raft_runtime = RaftRuntime::new(cfg.raft.dedicated_threads).context("starting Raft's threads")?;
+    let log_store = LogStore::new(store.clone()).context("starting the WAL sync thread")?;
+    let elections = cfg
+        .raft
+        .prevote
+        .then(|| Elections::new(cfg.id, &cfg.raft, log_store.clone(), std::time::Instant::now()))
+        .transpose()
+        .map_err(|e| anyhow!(e))?;
+    let raft = raft_runtime
+        .run(Raft::new(
+            cfg.id,
+            raft_config,
+            NetworkFactory::new(transport.clone(), peer_acks.clone(), leader_contact.clone()),
+            log_store,
+            StateMachineStore::new(store.clone()),
+        ))
+        .await
+        .context("starting raft")?;
+    if let Some(e) = &elections {
+        let (e, raft, transport) = (e.clone(), raft.clone(), transport.clone());
+        raft_runtime.spawn(e.run(cfg.id, raft, transport));
+    }
 
     let resolver_raft = raft.clone();
     let registry = ActorRegistry::new(
@@ -118,8 +135,14 @@ pub async fn run(
         registry: registry.clone(),
     };
     tokio::spawn(crate::vm::fence::watch_raft(raft.clone(), lease.clone(), leader_contact));
-    let volumes =
-        crate::volume::host::VolumeHost::new(id, store.clone(), proposer.clone(), registry.clone(), cfg.volume.clone());
+    let volumes = crate::volume::host::VolumeHost::new(
+        id,
+        store.clone(),
+        stores.data.clone(),
+        proposer.clone(),
+        registry.clone(),
+        cfg.volume.clone(),
+    );
     let vms = crate::vm::host::VmHost::new(
         crate::vm::host::VmHostHandles {
             view: view.clone(),
@@ -149,6 +172,7 @@ pub async fn run(
         vms: vms.clone(),
         lease,
         certificates,
+        elections: elections.clone(),
     });
 
     let handler_service = service.clone();
@@ -198,7 +222,9 @@ pub async fn run(
         ));
     }
 
-    if raft.is_initialized().await? {
+    // With pre-vote a restarted member cannot unseat a live leader (its voters still hear the
+    // leader and refuse), so only openraft's own timer needs the rejoin grace.
+    if elections.is_none() && raft.is_initialized().await? {
         tokio::spawn(rejoin_quietly(raft.clone(), cfg.raft.election_timeout_max_ms));
     }
     bootstrap_if_pending(data_dir, &raft).await?;
@@ -211,10 +237,12 @@ pub async fn run(
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
+    drop(raft_runtime);
     transport.close();
     server.abort();
     let _ = admin.await;
     store.sync_wal().context("final WAL sync")?;
+    stores.data.sync_wal().context("final WAL sync of the block database")?;
     info!(node = %id, "stopped");
     Ok(())
 }
@@ -259,7 +287,7 @@ async fn bootstrap_if_pending(data_dir: &Path, raft: &Raft) -> anyhow::Result<()
 /// election with a higher term and unseats that leader — an extra failover per restart. (The
 /// leader id restored from the persisted vote cannot tell us whether that leader is still alive,
 /// so the grace is time-based.) After a full-cluster restart this delays the first election by
-/// the grace period.
+/// the grace period. (Only with `[raft] prevote = false`: pre-vote makes this unnecessary.)
 async fn rejoin_quietly(raft: Raft, election_timeout_max_ms: u64) {
     raft.runtime_config().elect(false);
     tokio::time::sleep(Duration::from_millis(election_timeout_max_ms * 6)).await;

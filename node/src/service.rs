@@ -33,6 +33,7 @@ use tracing::{info, warn, Instrument};
 use crate::actors::ActorRegistry;
 use crate::catalog;
 use crate::cluster::{Proposer, RaftView, Relay};
+use crate::raft::campaign::{PreVoteRefusal, PreVoteReply, PreVoteRequest};
 use crate::raft::guard::{self, GuardError};
 use crate::raft::network::AppendFrame;
 use crate::raft::{decode, encode, HavenNode, Raft};
@@ -57,6 +58,9 @@ pub struct NodeService {
     pub lease: Arc<crate::vm::fence::HostLease>,
     /// This node's certificate and the CA's, as `ClientRequest::Certificates` reports them.
     pub certificates: Vec<CertificateInfo>,
+    /// This node's election timer (`raft::campaign`), fed by accepted AppendEntries and asked
+    /// for pre-votes; `None` when openraft's own timer elects (`[raft] prevote = false`).
+    pub elections: Option<crate::raft::campaign::Elections>,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
@@ -146,7 +150,14 @@ impl NodeService {
             },
             RaftRpc::InstallSnapshot => match decode(payload) {
                 Ok(req) => match guard::check_install_snapshot(&req, from.0) {
-                    Ok(()) => encode(&self.raft.install_snapshot(req).await),
+                    Ok(()) => encode(&self.install_snapshot(req).await),
+                    Err(refused) => return refuse(rpc, from, refused),
+                },
+                Err(e) => Err(e),
+            },
+            RaftRpc::PreVote => match decode::<PreVoteRequest>(payload) {
+                Ok(req) => match guard::check_prevote(req.candidate, req.last_log_id.as_ref(), from.0) {
+                    Ok(()) => encode(&self.prevote(&req)),
                     Err(refused) => return refuse(rpc, from, refused),
                 },
                 Err(e) => Err(e),
@@ -162,12 +173,46 @@ impl NodeService {
         }
     }
 
+    /// A pre-vote: answered by this node's election timer; with openraft's own timer (no
+    /// timer here) never granted, so no candidate counts on this node.
+    fn prevote(&self, req: &PreVoteRequest) -> PreVoteReply {
+        match &self.elections {
+            Some(e) => e.answer(req, Instant::now()),
+            None => PreVoteReply { granted: Err(PreVoteRefusal::LeaderRecent) },
+        }
+    }
+
+    /// Hand a guarded snapshot chunk to openraft; one from the current leader is leader contact.
+    async fn install_snapshot(
+        &self,
+        req: openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>,
+    ) -> Result<openraft::raft::InstallSnapshotResponse<u64>, RaftError<u64, openraft::error::InstallSnapshotError>>
+    {
+        let received = Instant::now();
+        let reply = self.raft.install_snapshot(req).await;
+        if let (Ok(r), Some(e)) = (&reply, &self.elections) {
+            if r.vote == self.raft.metrics().borrow().vote {
+                e.contact(received);
+            }
+        }
+        reply
+    }
+
     /// Hand a guarded AppendEntries to openraft; an accepted one renews the host lease, as of
-    /// the sending leader's last quorum contact (`vm::fence::contact_time`).
+    /// the sending leader's last quorum contact (`vm::fence::contact_time`), and is leader
+    /// contact for the election timer (as of its arrival: a local stall after it is not the
+    /// leader's silence).
     async fn append_entries(&self, frame: AppendFrame) -> Result<AppendEntriesResponse<u64>, RaftError<u64>> {
         let received = Instant::now();
         let leader_commit = frame.req.leader_commit.map(|l| l.index);
         let reply = self.raft.append_entries(frame.req).await;
+        // Any answer but "higher vote" means the sender is this node's leader (a conflict is
+        // the leader probing for where the logs agree).
+        if let (Ok(r), Some(e)) = (&reply, &self.elections) {
+            if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                e.contact(received);
+            }
+        }
         // Accepted from the current leader: quorum contact for the host lease, which counts once
         // the catalog applied what the leader had committed.
         let accepted = matches!(reply, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)));

@@ -9,9 +9,10 @@
 //! identity (`authz`: sender binding, flags, relaying, the request table) before the
 //! [`InboundHandler`] sees it. A bad frame is logged, counted in `haven_transport_errors_total`,
 //! and closes that peer's connection; a refused request is answered `PermissionDenied` and counted
-//! in `haven_authz_refused_total` — the node and its other connections carry on. Control requests
-//! and bulk flows use separate connections per peer ([`Transport::request`] and
-//! [`Transport::open_bulk`]), so bulk congestion never delays Raft.
+//! in `haven_authz_refused_total` — the node and its other connections carry on. Raft RPCs, other
+//! requests (actor messages, replicated blocks among them) and bulk flows use three separate
+//! connections per peer ([`Transport::send`] picks by body; [`Transport::open_bulk`]), so
+//! neither replication traffic nor bulk congestion delays a heartbeat.
 //!
 //! **Bounded resources** ([`TransportLimits`]): connections per peer IP address; a frame's bytes
 //! must all arrive within `frame_deadline` of its first byte, or the connection is closed; a
@@ -127,6 +128,9 @@ pub struct Transport {
     node: NodeId,
     endpoint: quinn::Endpoint,
     control: Connector,
+    /// Raft RPCs only: their own connection per peer (own congestion window and flow-control
+    /// credit), so replication of volume blocks on `control` never queues a heartbeat.
+    consensus: Connector,
     bulk: Connector,
     dial_via: Arc<HashMap<u64, String>>,
     streams: Arc<std::sync::OnceLock<StreamHandler>>,
@@ -168,6 +172,7 @@ impl Transport {
         Ok(Self {
             node,
             control: Connector::new(endpoint.clone(), connect_timeout, max_backoff),
+            consensus: Connector::new(endpoint.clone(), connect_timeout, max_backoff),
             bulk: Connector::new(endpoint.clone(), connect_timeout, max_backoff),
             endpoint,
             dial_via: Arc::new(dial_via),
@@ -208,12 +213,13 @@ impl Transport {
 
     /// Send `out` to the node at `addr` and wait for its reply.
     pub async fn send(&self, addr: SocketAddr, out: Outbound, timeout: Duration) -> Result<Envelope, WireIoError> {
-        let mut env = Envelope::new(self.control.next_msg_id(), self.node, out.dest, out.body);
+        let connector = if matches!(out.body, Body::Raft { .. }) { &self.consensus } else { &self.control };
+        let mut env = Envelope::new(connector.next_msg_id(), self.node, out.dest, out.body);
         env.flags = out.flags;
         env.on_behalf_of = out.on_behalf_of;
         let kind = env.kind().as_str();
         let span = tracing::debug_span!("rpc", %addr, kind, msg_id = env.msg_id);
-        match self.control.request(addr, &env, timeout).instrument(span).await {
+        match connector.request(addr, &env, timeout).instrument(span).await {
             Ok(done) => {
                 metrics::counter!("haven_transport_messages_total", "direction" => "out", "kind" => kind).increment(1);
                 metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(done.sent as u64);

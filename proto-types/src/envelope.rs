@@ -36,6 +36,8 @@ pub enum RaftRpc {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    /// Would you vote for me? (Haven's pre-vote, `raft::campaign`; changes no state.)
+    PreVote,
 }
 
 /// What an envelope carries.

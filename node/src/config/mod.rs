@@ -10,6 +10,7 @@
 //! <data-dir>/tls/node.key     its private key (mode 0600)
 //! <data-dir>/bootstrap.toml   initial members; present until the first run initialises Raft
 //! <data-dir>/db/              RocksDB: raft_log, raft_meta, catalog, sm_meta, snapshot
+//! <data-dir>/blocks/          RocksDB: blocks, volume_meta (the data path; see `storage`)
 //! <data-dir>/recovery/plan-N/vm-M.img   recovery images of migration plan N (source host only)
 //! ```
 
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 mod tunables;
 
-pub use tunables::{FenceTunables, PlanTunables, RaftTunables, VolumeTunables};
+pub use tunables::{FenceTunables, PlanTunables, RaftTunables, StorageLayout, StorageTunables, VolumeTunables};
 
 pub const CONFIG_FILE: &str = "haven.toml";
 pub const BOOTSTRAP_FILE: &str = "bootstrap.toml";
@@ -58,6 +59,9 @@ pub struct NodeConfig {
     pub request_timeout_ms: u64,
     #[serde(default)]
     pub raft: RaftTunables,
+    /// Where the node keeps its databases (`[storage]`: one for Raft, one for blocks by default).
+    #[serde(default)]
+    pub storage: StorageTunables,
     /// Address the NBD server binds (volumes as NBD exports); none = no NBD server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_listen: Option<String>,

@@ -19,6 +19,11 @@ pub struct RaftTunables {
     pub keep_after_snapshot: u64,
     /// Give each node its own election-timeout band by node id (see `RaftTunables::to_openraft` in `raft`).
     pub stagger_elections: bool,
+    /// Run openraft on threads of its own (`raft::RaftRuntime`) instead of the shared pool.
+    pub dedicated_threads: bool,
+    /// Elect with Haven's timer (`raft::election`: pre-vote, and local stalls are not held
+    /// against the leader) instead of openraft's own.
+    pub prevote: bool,
 }
 
 /// Defaults tuned for a LAN (failover in ~200–300 ms, see `benches/`; etcd's election timeout
@@ -30,6 +35,8 @@ impl Default for RaftTunables {
             election_timeout_min_ms: 80,
             election_timeout_max_ms: 160,
             stagger_elections: true,
+            dedicated_threads: true,
+            prevote: true,
             snapshot_after_entries: 10_000,
             keep_after_snapshot: 1_000,
         }
@@ -198,4 +205,33 @@ impl Default for PlanTunables {
             capture_in_memory_mib: 1024,
         }
     }
+}
+
+/// Where a node keeps its column families (`[storage] layout` in `haven.toml`; see `storage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageLayout {
+    /// Raft and the catalog in `db/`, volume blocks in `blocks/`: separate WALs and fsyncs.
+    #[default]
+    Split,
+    /// Everything in `db/`, one WAL (nodes before the split; the leadership benchmark's baseline).
+    Shared,
+}
+
+impl std::fmt::Display for StorageLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Split => "split",
+            Self::Shared => "shared",
+        })
+    }
+}
+
+/// Storage settings (`[storage]` in `haven.toml`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageTunables {
+    /// `split` (default): Raft and the catalog in their own RocksDB, apart from volume blocks.
+    /// `shared`: one RocksDB for everything, as before the split (for measuring the difference).
+    pub layout: StorageLayout,
 }

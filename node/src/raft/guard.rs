@@ -99,6 +99,15 @@ pub fn check_vote_request(req: &VoteRequest<u64>, from: u64) -> Result<(), Guard
     check_log_id("last_log_id", req.last_log_id.as_ref(), req.vote.leader_id.term)
 }
 
+/// Check a pre-vote from node `from`: it names `from` as candidate, and its last log id is within
+/// the ceilings.
+pub fn check_prevote(candidate: u64, last_log_id: Option<&LogId>, from: u64) -> Result<(), GuardError> {
+    if candidate != from {
+        return Err(GuardError::NotFromSender { rpc: "PreVote", role: "candidate", claimed: candidate, from });
+    }
+    check_log_id("last_log_id", last_log_id, MAX_TERM)
+}
+
 /// Check an AppendEntries request from node `from`.
 pub fn check_append_entries(req: &AppendEntriesRequest<TypeConfig>, from: u64) -> Result<(), GuardError> {
     let term = req.vote.leader_id.term;

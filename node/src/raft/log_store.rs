@@ -91,6 +91,13 @@ impl LogStore {
         self.store.db().write_opt(batch, opts).map_err(|e| io(StorageIOError::write(&e)))
     }
 
+    /// The id of the last entry in the log as stored (written, maybe not yet fsynced), else the
+    /// last purged one: what pre-votes compare (`raft::campaign`).
+    pub fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        Ok(self.last_entry_log_id()?.or(last_purged))
+    }
+
     fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
         let db = self.store.db();
         let mut it = db.iterator_cf(self.store.cf(CF_RAFT_LOG), IteratorMode::End);
@@ -213,8 +220,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
-        let last = self.last_entry_log_id()?.or(last_purged);
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: self.last_log_id()? })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

@@ -1,14 +1,18 @@
 //! Consensus: openraft configured for Haven.
 //!
-//! The Raft log and the state machine both live in the node's RocksDB ([`log_store`],
-//! [`state_machine`]); RPCs travel as envelopes over the QUIC transport ([`network`]). The state
-//! machine is the catalog ([`crate::catalog`]). This module owns the type configuration and the
-//! Raft tunables; it must not contain catalog logic.
+//! The Raft log and the state machine both live in the node's control database ([`log_store`],
+//! [`state_machine`]; volume blocks have a database of their own, see `storage`); RPCs travel as
+//! envelopes over the QUIC transport ([`network`]). The state machine is the catalog
+//! ([`crate::catalog`]). openraft's tasks run on threads of their own ([`RaftRuntime`]), so block
+//! I/O and request handling on the node's shared pool cannot delay a heartbeat. This module owns
+//! the type configuration and the Raft tunables; it must not contain catalog logic.
 
 // openraft's trait methods return its own (large) StorageError; our helpers return the same type
 // so `?` works without conversions.
 #![allow(clippy::result_large_err)]
 
+pub mod campaign;
+pub mod election;
 pub mod guard;
 pub mod limits;
 pub mod log_store;
@@ -56,6 +60,70 @@ pub type Vote = openraft::Vote<u64>;
 pub type StorageError = openraft::StorageError<u64>;
 pub type StoredMembership = openraft::StoredMembership<u64, HavenNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<u64, HavenNode>;
+
+/// Where openraft's tasks run (the core, replication to each follower, log and state-machine
+/// I/O): by default a runtime of their own with two worker threads (`haven-raft`), else the
+/// node's shared pool (`[raft] dedicated_threads = false`, the leadership benchmark's baseline).
+///
+/// openraft spawns its tasks on the runtime that calls `Raft::new`, and its storage calls are
+/// synchronous RocksDB writes made from those tasks: on the shared pool a Raft append or vote
+/// write occupied one of the two worker threads the NBD server and device actors also need, and
+/// the core waited behind them for its tick. Two threads, not one: while the core blocks in a
+/// state-machine fsync (which shares the disk with block writes), the replication tasks must
+/// still send heartbeats. The `Raft` handle itself works from any runtime.
+pub struct RaftRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl RaftRuntime {
+    pub fn new(dedicated: bool) -> std::io::Result<Self> {
+        let runtime = dedicated
+            .then(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("haven-raft")
+                    .enable_all()
+                    .build()
+            })
+            .transpose()?;
+        Ok(Self { runtime })
+    }
+
+    /// Run `work` on Raft's runtime in the background.
+    pub fn spawn<F>(&self, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.runtime {
+            Some(rt) => drop(rt.spawn(work)),
+            None => drop(tokio::spawn(work)),
+        }
+    }
+
+    /// Run `work` (and everything it spawns) on Raft's runtime and wait for its output.
+    pub async fn run<F>(&self, work: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.runtime {
+            Some(rt) => match rt.spawn(work).await {
+                Ok(out) => out,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            },
+            None => work.await,
+        }
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        // Dropped from async code at shutdown, where a blocking runtime drop would panic.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
 
 /// Entries per AppendEntries at most (openraft `max_payload_entries`).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
@@ -107,6 +175,8 @@ impl RaftTunables {
             snapshot_max_chunk_size: limits::SNAPSHOT_CHUNK_BYTES as u64,
             install_snapshot_timeout: limits::install_snapshot_deadline(MAX_SNAPSHOT_INSTALL_BYTES).as_millis() as u64,
             send_snapshot_timeout: 0,
+            // With pre-vote, `campaign` decides when to elect (`Trigger::elect`).
+            enable_elect: !self.prevote,
             ..Default::default()
         };
         cfg.validate().map_err(|e| e.to_string())

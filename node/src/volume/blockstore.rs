@@ -385,6 +385,12 @@ impl BlockStore {
         Ok(self.store().db().write_opt(batch, &opts)?)
     }
 
+    /// Make every block write applied so far durable (fsync the block database's WAL; the
+    /// catalog's is another file, see `storage`).
+    pub fn sync(&self) -> Result<(), BlockStoreError> {
+        Ok(self.store().db().flush_wal(true)?)
+    }
+
     /// Calls `f(block, seqs)` for every block of `vol` in `[first, end)` that has versions, with
     /// its version seqs ascending. Keys only (one forward pass).
     fn scan_versions(

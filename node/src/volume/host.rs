@@ -34,6 +34,8 @@ type Device = (Arc<VolumeReplica>, actix::Addr<DeviceActor>);
 /// volume) the host itself, weakly.
 #[derive(Clone)]
 pub struct VolumeCtx {
+    /// The control database, for catalog reads. Blocks live in the host's [`BlockStore`] (its own
+    /// database, see `storage`): syncing this one makes no block write durable.
     pub store: Store,
     pub proposer: Proposer,
     pub registry: ActorRegistry,
@@ -62,11 +64,12 @@ impl VolumeHost {
     pub fn new(
         node: NodeId,
         store: Store,
+        block_db: Store,
         proposer: Proposer,
         registry: ActorRegistry,
         tunables: VolumeTunables,
     ) -> Arc<Self> {
-        let blocks = BlockStore::new(store.clone());
+        let blocks = BlockStore::new(block_db);
         Arc::new_cyclic(|host| Self {
             node,
             ctx: VolumeCtx { store, proposer, registry, lease_wake: Arc::default(), host: host.clone() },

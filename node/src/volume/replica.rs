@@ -483,9 +483,9 @@ impl VolumeReplica {
         let _gate = self.gate.read().await;
         let epoch = self.primary_epoch()?;
         let others = self.other_in_sync();
-        let store = self.ctx.store.clone();
+        let blocks = self.blocks.clone();
         let local = async {
-            tokio::task::spawn_blocking(move || store.sync_wal())
+            tokio::task::spawn_blocking(move || blocks.sync())
                 .await
                 .map_err(VolumeError::internal)?
                 .map_err(VolumeError::internal)
@@ -571,8 +571,8 @@ impl VolumeReplica {
             }
             DeviceMessage::SyncWal { epoch, .. } => {
                 self.check_epoch(epoch)?;
-                let store = self.ctx.store.clone();
-                tokio::task::spawn_blocking(move || store.sync_wal())
+                let blocks = self.blocks.clone();
+                tokio::task::spawn_blocking(move || blocks.sync())
                     .await
                     .map_err(VolumeError::internal)?
                     .map_err(VolumeError::internal)?;
