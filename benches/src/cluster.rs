@@ -1,6 +1,7 @@
 //! Local clusters for the whole-system benchmarks: a scratch directory, the `haven-node` binary,
 //! and clients aimed at chosen nodes.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -78,13 +79,30 @@ impl RunningCluster {
     /// Create a cluster of `nodes` nodes in `dir`, start every node and wait until they agree on
     /// a leader.
     pub async fn start(dir: &Path, nodes: usize, node_bin: &Path, election_timeout_ms: u64) -> anyhow::Result<Self> {
+        Self::start_configured(dir, nodes, node_bin, election_timeout_ms, &[]).await
+    }
+
+    /// [`RunningCluster::start`] with `settings` (`section`, `key`, value) written into every
+    /// node's `haven.toml` before the first start.
+    pub async fn start_configured(
+        dir: &Path,
+        nodes: usize,
+        node_bin: &Path,
+        election_timeout_ms: u64,
+        settings: &[(&str, &str, toml::Value)],
+    ) -> anyhow::Result<Self> {
         let mut spec = DevClusterSpec::new(dir, nodes);
         spec.node_bin = node_bin.to_path_buf();
         spec.election_timeout_ms = election_timeout_ms;
         let mut cluster =
             LocalCluster::create(&spec).with_context(|| format!("creating a cluster in {}", dir.display()))?;
-        cluster.start_all().context("starting the cluster")?;
         let ids: Vec<u64> = cluster.nodes().iter().map(|n| n.id).collect();
+        for id in &ids {
+            for (section, key, value) in settings {
+                cluster.set_config(*id, section, key, value.clone())?;
+            }
+        }
+        cluster.start_all().context("starting the cluster")?;
         let client = cluster.client().context("building a client")?;
         let leader = cluster
             .wait_healthy(&client, &ids, HEALTHY_TIMEOUT)
@@ -146,4 +164,38 @@ impl ClusterFlags {
         let scratch = ScratchDir::new(bench, self.dir.as_deref(), self.keep_dir)?;
         Ok((node_bin, scratch))
     }
+}
+
+/// After a leader (`killed`, leading in `old_term`) was stopped at `t0`: poll every survivor
+/// every `poll` until one reports a leader other than `killed` in a term after `old_term`.
+/// Returns the time since `t0` and the new leader, or `None` after [`HEALTHY_TIMEOUT`].
+pub async fn await_new_leader(
+    client: &HavenClient,
+    survivors: &[SocketAddr],
+    killed: u64,
+    old_term: u64,
+    t0: std::time::Instant,
+    poll: Duration,
+) -> Option<(Duration, u64)> {
+    let mut set = tokio::task::JoinSet::new();
+    for &addr in survivors {
+        let client = client.clone();
+        set.spawn(async move {
+            while t0.elapsed() < HEALTHY_TIMEOUT {
+                if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(2), client.status_of(addr)).await {
+                    if let Some(NodeId(l)) = st.leader.filter(|l| st.term > old_term && l.0 != killed) {
+                        return Some((t0.elapsed(), l));
+                    }
+                }
+                tokio::time::sleep(poll).await;
+            }
+            None
+        });
+    }
+    while let Some(res) = set.join_next().await {
+        if let Ok(Some(found)) = res {
+            return Some(found);
+        }
+    }
+    None
 }
