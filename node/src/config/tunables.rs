@@ -22,7 +22,8 @@ pub struct RaftTunables {
     /// Run openraft on threads of its own (`raft::RaftRuntime`) instead of the shared pool.
     pub dedicated_threads: bool,
     /// Elect with Haven's timer (`raft::election`: pre-vote, and local stalls are not held
-    /// against the leader) instead of openraft's own.
+    /// against the leader) instead of openraft's own. Every node of a cluster must use the same
+    /// value: a node without it refuses every pre-vote.
     pub prevote: bool,
 }
 
