@@ -572,8 +572,8 @@ impl HavenClient {
     /// Stop waiting on `addr` (the caller drops the exchange, which resets its stream). When
     /// `addr` had gone silent, its connection is dead or soon will be: close it, so every request
     /// still waiting on it ends now and the next one dials afresh instead of reusing it (and a
-    /// stopped node that resumes learns the client left). A node that still answers keeps its
-    /// connection: it only waited on the old leader, and its other requests may yet succeed.
+    /// stopped node that resumes learns the client left). A deposed leader that still answers
+    /// keeps its connection: it works, and its other requests may yet be answered.
     fn leave_stalled(&self, addr: SocketAddr, conn: &quinn::Connection, moved: Moved, silent: bool) {
         tracing::info!(%addr, silent, leader = %moved.leader, term = moved.term, "request stalled; leader moved");
         if silent {
@@ -587,7 +587,7 @@ impl HavenClient {
 /// Feed one probe answer to the watch: from the stalled node itself, or from another member.
 fn note_probe(watch: &mut StallWatch, stalled: SocketAddr, peer: SocketAddr, status: Option<NodeStatus>) {
     match (peer == stalled, status) {
-        (true, Some(s)) => watch.stalled_answered(s.term),
+        (true, Some(s)) => watch.stalled_answered(s.term, s.role == haven_proto::NodeRole::Leader),
         (true, None) => watch.stalled_silent(),
         (false, Some(s)) => watch.report(&LeaderReport::from_status(&s)),
         (false, None) => {}

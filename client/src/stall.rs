@@ -7,7 +7,10 @@
 //! `Status` every node answers without forwarding) and asks the stalled node itself over the same
 //! connection. [`StallWatch`] turns those answers into a verdict: give up on the stalled node only
 //! when another member is shown to lead in a term newer than the one the stalled node was serving
-//! in. A slow but live cluster never produces that proof, so a slow request is not abandoned.
+//! in, and the stalled node has either stopped answering or was that older term's leader (a
+//! deposed leader cannot finish a leader-only request). A slow but live cluster never produces
+//! that proof, and a live node that was not the leader (a follower forwarding, a volume's
+//! primary) is left to answer for itself, so a slow request is not abandoned.
 //!
 //! Giving up never means re-sending: what the caller does with a request that may have been
 //! applied is decided by `client.rs` (`Indeterminate` for a write). This module is pure: no I/O,
@@ -28,7 +31,9 @@ pub struct StallPolicy {
     /// Pause between probe rounds (one `Status` per member per round at most).
     pub probe_interval: Duration,
     /// Longest one `Status` probe may take; an unanswered probe of the stalled node counts as
-    /// silence.
+    /// silence. A node answers `Status` locally (no disk, no Raft), so on loopback or a LAN this
+    /// is ample; when nobody has named the stalled node leader yet (the followers already lost
+    /// its heartbeats), its silence is what lets the client move, so this bounds that wait.
     pub probe_timeout: Duration,
     /// Probe rounds per stalled request; after them the request just waits out its own timeout.
     /// 0 disables stall probing.
@@ -45,7 +50,7 @@ impl Default for StallPolicy {
         Self {
             stall_after: Duration::from_millis(150),
             probe_interval: Duration::from_millis(50),
-            probe_timeout: Duration::from_millis(250),
+            probe_timeout: Duration::from_millis(150),
             // 60 x 50 ms = 3 s of probing, inside the client's 5 s attempt timeout.
             max_probe_rounds: 60,
             max_probe_peers: 8,
@@ -108,6 +113,8 @@ pub struct StallWatch {
     /// The term the stalled node gave in its first answer to a probe (it was alive then, and
     /// serving the request in that term or an older one).
     own_term: Option<u64>,
+    /// The stalled node said it was the leader, or another member named it leader.
+    was_leader: bool,
     /// The newest term in which another member named the stalled node as leader.
     led_term: Option<u64>,
     /// The last probe of the stalled node went unanswered.
@@ -126,6 +133,7 @@ impl StallWatch {
             rounds_done: 0,
             max_rounds: policy.max_probe_rounds,
             own_term: None,
+            was_leader: false,
             led_term: None,
             silent: false,
             newest_other: None,
@@ -146,11 +154,12 @@ impl StallWatch {
         self.rounds_done
     }
 
-    /// The stalled node answered a `Status` probe: it is alive, in `term`. Only its first answer
-    /// sets the baseline: a later one may already be in the new term whose leader would prove
-    /// the move.
-    pub fn stalled_answered(&mut self, term: u64) {
+    /// The stalled node answered a `Status` probe: it is alive, in `term`, and `leads` or not.
+    /// Only its first answer sets the baseline: a later one may already be in the new term whose
+    /// leader would prove the move.
+    pub fn stalled_answered(&mut self, term: u64, leads: bool) {
         self.own_term.get_or_insert(term);
+        self.was_leader |= leads;
         self.silent = false;
     }
 
@@ -170,6 +179,7 @@ impl StallWatch {
         let Some((leader_id, leader)) = report.leader else { return };
         if leader == self.stalled {
             self.led_term = self.led_term.max(Some(report.term));
+            self.was_leader = true;
             return;
         }
         let moved = Moved { leader_id, leader, term: report.term };
@@ -182,16 +192,16 @@ impl StallWatch {
     }
 
     /// The proof, once the answers hold one: another member leads in a term newer than any the
-    /// stalled node is known to have served in. When nothing ties the stalled node to a term (it
-    /// never answered and nobody named it leader), it must have gone silent and the other leader
-    /// must have vouched for itself.
+    /// stalled node is known to have served in, and the stalled node is silent or was the
+    /// leader. When nothing ties the stalled node to a term (it never answered and nobody named
+    /// it leader), it must have gone silent and the other leader must have vouched for itself.
     pub fn verdict(&self) -> Option<Moved> {
         let (moved, self_reported) = self.newest_other?;
-        let proven = match self.own_term.max(self.led_term) {
+        let newer = match self.own_term.max(self.led_term) {
             Some(baseline) => moved.term > baseline,
             None => self.silent && self_reported,
         };
-        proven.then_some(moved)
+        (newer && (self.silent || self.was_leader)).then_some(moved)
     }
 }
 
@@ -231,19 +241,33 @@ mod tests {
     fn a_slow_but_live_node_is_not_abandoned() {
         // A follower that forwards to a live leader: everyone names leader 2 in term 5.
         let mut w = watch();
-        w.stalled_answered(5);
+        w.stalled_answered(5, false);
         w.report(&vouches(2, 5));
         w.report(&names(2, 5));
         assert_eq!(w.verdict(), None);
     }
 
     #[test]
-    fn a_forwarding_node_is_left_when_the_leader_it_forwards_to_is_replaced() {
+    fn a_live_follower_answers_for_itself_even_when_the_leader_changes() {
+        // A follower forwarding to a leader that died, or a volume's primary busy with a request
+        // that needs no leader: it still answers, so it is waited for.
         let mut w = watch();
-        w.stalled_answered(5);
+        w.stalled_answered(5, false);
         w.report(&names(2, 5));
+        w.report(&vouches(3, 6));
+        assert_eq!(w.verdict(), None);
+        // ... unless it stops answering too.
+        w.stalled_silent();
+        assert_eq!(w.verdict().map(|m| m.leader_id), Some(NodeId(3)));
+    }
+
+    #[test]
+    fn a_live_but_deposed_leader_is_left() {
+        // A leader cut off from its followers still answers, but cannot commit the request.
+        let mut w = watch();
+        w.stalled_answered(5, true);
         // Its later answers come from the new term; the first one is the baseline.
-        w.stalled_answered(6);
+        w.stalled_answered(6, false);
         w.report(&vouches(3, 6));
         assert_eq!(w.verdict().map(|m| m.leader_id), Some(NodeId(3)));
     }
@@ -268,7 +292,7 @@ mod tests {
         let mut w = watch();
         assert!(!w.stalled_is_silent());
         w.stalled_silent();
-        w.stalled_answered(3);
+        w.stalled_answered(3, false);
         assert!(!w.stalled_is_silent(), "it answered after all");
         w.stalled_silent();
         assert!(w.stalled_is_silent(), "and then stopped answering");
