@@ -3,10 +3,22 @@
 //! while the deadline allows — but only when the failure proves the request was not applied.
 //! A write whose outcome is unknown is reported as [`ClientError::Indeterminate`], never retried
 //! blindly.
+//!
+//! A request that gets no reply for a while (its node may have died without closing the
+//! connection) is watched as [`crate::stall`] describes: the client asks the members who leads,
+//! and once another member is shown to lead in a newer term it stops waiting, points its leader
+//! hint at the new leader and, if the stalled node has stopped answering too, closes its
+//! connection so no later request reuses it. The stalled request is then handled
+//! like any request whose outcome is unknown: re-sent when idempotent, `Indeterminate` otherwise.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use haven_proto::{
     ActorAddr, ActorMessage, ActorReply, Body, Caller, CatalogQuery, CertificateInfo, ClientCommand, ClientRequest,
@@ -15,10 +27,15 @@ use haven_proto::{
 
 use crate::config::ClusterConfig;
 use crate::error::ClientError;
-use crate::wire::{client_endpoint, Connector, WireIoError};
+use crate::stall::{LeaderReport, Moved, StallPolicy, StallWatch};
+use crate::wire::{self, client_endpoint, Connector, WireIoError};
 
 /// Longest a single attempt at one node may take before we consider it failed.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// QUIC application close code of a connection the client gave up on because its peer stalled
+/// while another member leads in a newer term (the node logs it; nothing else reads it).
+const STALLED_CLOSE_CODE: u32 = 0x5741;
 
 /// An async client for a Haven cluster. Cheap to clone; clones share connections.
 #[derive(Clone)]
@@ -32,6 +49,29 @@ pub struct HavenClient {
     /// not every call's first try.
     rotation: Arc<std::sync::atomic::AtomicUsize>,
     deadline: Duration,
+    stall: StallPolicy,
+    /// Bounds the `Status` probes in flight across all stalled requests of this client.
+    probe_permits: Arc<tokio::sync::Semaphore>,
+    counters: Arc<StallCounters>,
+}
+
+/// What the stall watch has done since the client was created (clones share the counts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StallStats {
+    /// Requests that went unanswered for [`StallPolicy::stall_after`] and were watched.
+    pub stalled_requests: u64,
+    /// `Status` probes sent for them (to the stalled node and to the other members).
+    pub probes_sent: u64,
+    /// Stalled requests given up on because another member was shown to lead in a newer term;
+    /// each moved the leader hint to that member.
+    pub leader_moves: u64,
+}
+
+#[derive(Default)]
+struct StallCounters {
+    stalled_requests: AtomicU64,
+    probes_sent: AtomicU64,
+    leader_moves: AtomicU64,
 }
 
 impl HavenClient {
@@ -45,7 +85,33 @@ impl HavenClient {
             leader: Arc::new(Mutex::new(None)),
             rotation: Arc::default(),
             deadline: Duration::from_millis(config.deadline_ms),
+            stall: StallPolicy::default(),
+            probe_permits: Arc::new(tokio::sync::Semaphore::new(StallPolicy::default().max_probes_in_flight)),
+            counters: Arc::default(),
         })
+    }
+
+    /// Change how stalled requests are watched ([`StallPolicy::disabled`] turns it off).
+    pub fn with_stall_policy(mut self, policy: StallPolicy) -> Self {
+        self.stall = policy;
+        self.probe_permits = Arc::new(tokio::sync::Semaphore::new(policy.max_probes_in_flight));
+        self
+    }
+
+    /// What the stall watch has done so far.
+    pub fn stall_stats(&self) -> StallStats {
+        let c = &self.counters;
+        StallStats {
+            stalled_requests: c.stalled_requests.load(Ordering::Relaxed),
+            probes_sent: c.probes_sent.load(Ordering::Relaxed),
+            leader_moves: c.leader_moves.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Where leader-only requests go first: the node that last answered one, or the leader a
+    /// `NotLeader` reply or a stall probe named. `None` until learned, and after that node failed.
+    pub fn leader_hint(&self) -> Option<SocketAddr> {
+        *self.leader.lock().expect("leader lock")
     }
 
     /// Change the per-request deadline (including retries).
@@ -59,9 +125,9 @@ impl HavenClient {
         self.deadline
     }
 
-    /// Send one request to one node, without retries or redirects.
+    /// Send one request to one node, without retries, redirects or stall watching.
     pub async fn call_node(&self, addr: SocketAddr, request: ClientRequest) -> Result<ClientResponse, ClientError> {
-        self.attempt(addr, &request, self.deadline).await.map_err(|f| f.into_error())
+        self.attempt(addr, &request, self.deadline, Stalls::Wait).await.map_err(|f| f.into_error())
     }
 
     /// This node's status.
@@ -228,7 +294,7 @@ impl HavenClient {
             let target = self.pick_target();
             tried += 1;
             let budget = self.deadline.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
-            match self.attempt(target, &request, budget).await {
+            match self.attempt(target, &request, budget, Stalls::Watch).await {
                 Ok(resp) => {
                     if matches!(
                         request,
@@ -255,13 +321,16 @@ impl HavenClient {
                     }
                 }
                 Err(f @ Failure::Final(_)) => return Err(f.into_error()),
-                Err(Failure::Unknown(reason)) => {
-                    *self.leader.lock().expect("leader lock") = None;
-                    if request_is_idempotent(&request) {
-                        last = format!("{target}: {reason}");
-                        maybe_applied |= !request_is_read_only(&request);
-                    } else {
+                Err(Failure::Unknown { reason, moved_to }) => {
+                    self.after_unknown(target, moved_to);
+                    if !request_is_idempotent(&request) {
                         return Err(ClientError::Indeterminate(format!("{target}: {reason}")));
+                    }
+                    last = format!("{target}: {reason}");
+                    maybe_applied |= !request_is_read_only(&request);
+                    // The stall watch found the new leader: go there now, no pause.
+                    if moved_to.is_some() && start.elapsed() < self.deadline {
+                        continue;
                     }
                 }
             }
@@ -286,6 +355,23 @@ impl HavenClient {
         nodes[self.rotation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % nodes.len()]
     }
 
+    /// After an attempt at `target` ended without knowing its outcome: follow the leader the
+    /// stall watch found, else stop preferring `target` — unless another request has already
+    /// moved the hint elsewhere (a request that failed on the old leader's closed connection
+    /// must not undo the move).
+    fn after_unknown(&self, target: SocketAddr, moved_to: Option<SocketAddr>) {
+        let mut leader = self.leader.lock().expect("leader lock");
+        match moved_to {
+            Some(l) => *leader = Some(l),
+            None if *leader == Some(target) => *leader = None,
+            None => {}
+        }
+        drop(leader);
+        if let Some(l) = moved_to {
+            self.learn_node(l);
+        }
+    }
+
     fn learn_node(&self, addr: SocketAddr) {
         let mut nodes = self.nodes.lock().expect("nodes lock");
         if !nodes.contains(&addr) {
@@ -298,6 +384,7 @@ impl HavenClient {
         addr: SocketAddr,
         request: &ClientRequest,
         budget: Duration,
+        stalls: Stalls,
     ) -> Result<ClientResponse, Failure> {
         let env = Envelope::new(
             self.connector.next_msg_id(),
@@ -305,13 +392,10 @@ impl HavenClient {
             ActorAddr::node(NodeId(0)),
             Body::Client(request.clone()),
         );
-        let reply = match self.connector.request(addr, &env, ATTEMPT_TIMEOUT.min(budget)).await {
-            Ok(done) => done.reply,
-            Err(e @ (WireIoError::Connect { .. } | WireIoError::BackingOff { .. } | WireIoError::Tls(_))) => {
-                return Err(Failure::NotApplied { reason: e.to_string(), leader: None })
-            }
-            Err(e) => return Err(Failure::Unknown(e.to_string())),
-        };
+        let limit = ATTEMPT_TIMEOUT.min(budget);
+        let started = Instant::now();
+        let conn = self.connect(addr, limit).await?;
+        let reply = self.exchange_watched(addr, &conn, &env, limit.saturating_sub(started.elapsed()), stalls).await?;
         match reply.body {
             Body::ClientReply(resp) => Ok(resp),
             Body::Error(err) => {
@@ -322,7 +406,7 @@ impl HavenClient {
                     | ErrorCode::NotInitialized
                     | ErrorCode::Unavailable
                     | ErrorCode::NotPrimary => Err(Failure::NotApplied { reason: err.message.clone(), leader }),
-                    ErrorCode::Timeout => Err(Failure::Unknown(err.message)),
+                    ErrorCode::Timeout => Err(Failure::Unknown { reason: err.message, moved_to: None }),
                     _ => Err(Failure::Final(ClientError::Server(err))),
                 }
             }
@@ -333,12 +417,198 @@ impl HavenClient {
     }
 }
 
+/// Whether an attempt watches for a stall ([`HavenClient::call`]) or just waits for its reply or
+/// its timeout ([`HavenClient::call_node`]: the caller chose the node and handles its failures).
+#[derive(Debug, Clone, Copy)]
+enum Stalls {
+    Watch,
+    Wait,
+}
+
+/// A `Status` probe's answer: who was asked, and its status if it answered in time.
+type ProbeAnswer = (SocketAddr, Option<NodeStatus>);
+
+/// One attempt's exchange, and the stall watch around it.
+impl HavenClient {
+    /// The connection to `addr`, within `limit`. Failing here proves the request was not sent.
+    async fn connect(&self, addr: SocketAddr, limit: Duration) -> Result<quinn::Connection, Failure> {
+        let not_sent = |reason: String| Failure::NotApplied { reason, leader: None };
+        match tokio::time::timeout(limit, self.connector.connection(addr)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(not_sent(e.to_string())),
+            Err(_) => Err(not_sent(format!("no connection to {addr} within {limit:?}"))),
+        }
+    }
+
+    /// Send `env` on `conn` and wait up to `limit` for the reply, watching for a stall (see
+    /// [`crate::stall`]): once the probes prove another member leads in a newer term, stop
+    /// waiting, close the connection and report where the leader moved.
+    async fn exchange_watched(
+        &self,
+        addr: SocketAddr,
+        conn: &quinn::Connection,
+        env: &Envelope,
+        limit: Duration,
+        stalls: Stalls,
+    ) -> Result<Envelope, Failure> {
+        let unknown = |reason: String| Failure::Unknown { reason, moved_to: None };
+        let policy = match stalls {
+            Stalls::Watch => self.stall,
+            Stalls::Wait => StallPolicy::disabled(),
+        };
+        let exchange = wire::exchange(conn, env);
+        let watched = self.watch_stall(addr, conn, exchange, &policy);
+        match tokio::time::timeout(limit, watched).await {
+            Ok(Ok(Ok((reply, _, _)))) => Ok(reply),
+            Ok(Ok(Err(e))) => {
+                if matches!(e, WireIoError::Connection(_)) {
+                    self.connector.forget(addr, conn);
+                }
+                Err(unknown(e.to_string()))
+            }
+            Ok(Err((moved, silent))) => {
+                self.leave_stalled(addr, conn, moved, silent);
+                Err(Failure::Unknown {
+                    reason: format!(
+                        "no reply from {addr}, and node {} at {} now leads in term {}",
+                        moved.leader_id, moved.leader, moved.term
+                    ),
+                    moved_to: Some(moved.leader),
+                })
+            }
+            Err(_) => Err(unknown(WireIoError::Timeout { addr, after: limit }.to_string())),
+        }
+    }
+
+    /// Drive `exchange` to its end, or until the stall watch proves the leader moved (then also
+    /// whether the stalled node had gone silent). Probing starts only once the exchange has
+    /// stalled, and is paced and bounded by `policy`.
+    async fn watch_stall<F: std::future::Future>(
+        &self,
+        addr: SocketAddr,
+        conn: &quinn::Connection,
+        exchange: F,
+        policy: &StallPolicy,
+    ) -> Result<F::Output, (Moved, bool)> {
+        tokio::pin!(exchange);
+        let mut watch = StallWatch::new(addr, Instant::now(), policy);
+        let mut probes: FuturesUnordered<BoxFuture<'static, ProbeAnswer>> = FuturesUnordered::new();
+        let mut asked: HashSet<SocketAddr> = HashSet::new();
+        loop {
+            let next_round = watch.next_round_at();
+            tokio::select! {
+                done = &mut exchange => return Ok(done),
+                Some((peer, status)) = probes.next(), if !probes.is_empty() => {
+                    asked.remove(&peer);
+                    note_probe(&mut watch, addr, peer, status);
+                    if let Some(moved) = watch.verdict() {
+                        return Err((moved, watch.stalled_is_silent()));
+                    }
+                }
+                _ = sleep_until(next_round), if next_round.is_some() => {
+                    if watch.rounds_done() == 0 {
+                        self.counters.stalled_requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    watch.round_started();
+                    self.start_probes(addr, conn, &mut asked, &mut probes);
+                }
+            }
+        }
+    }
+
+    /// One probe round: a `Status` to the stalled node (on the stalled connection, so an answer
+    /// shows that path works) and to up to `max_probe_peers` other members; a member whose last
+    /// probe is still out is skipped, and so is any probe the client-wide permits do not allow.
+    fn start_probes(
+        &self,
+        stalled: SocketAddr,
+        conn: &quinn::Connection,
+        asked: &mut HashSet<SocketAddr>,
+        probes: &mut FuturesUnordered<BoxFuture<'static, ProbeAnswer>>,
+    ) {
+        let others: Vec<SocketAddr> = self.nodes.lock().expect("nodes lock").clone();
+        let others = others.into_iter().filter(|a| *a != stalled).take(self.stall.max_probe_peers);
+        for peer in std::iter::once(stalled).chain(others) {
+            if asked.contains(&peer) {
+                continue;
+            }
+            let Ok(permit) = self.probe_permits.clone().try_acquire_owned() else { return };
+            asked.insert(peer);
+            self.counters.probes_sent.fetch_add(1, Ordering::Relaxed);
+            let probe = self.status_probe(peer, (peer == stalled).then(|| conn.clone()));
+            probes.push(Box::pin(async move {
+                let status = probe.await;
+                drop(permit);
+                (peer, status)
+            }));
+        }
+    }
+
+    /// Ask `peer` for its local status within the probe timeout; on `conn` when given.
+    fn status_probe(
+        &self,
+        peer: SocketAddr,
+        conn: Option<quinn::Connection>,
+    ) -> BoxFuture<'static, Option<NodeStatus>> {
+        let env = Envelope::new(
+            self.connector.next_msg_id(),
+            NodeId(0),
+            ActorAddr::node(NodeId(0)),
+            Body::Client(ClientRequest::Status),
+        );
+        let (connector, timeout) = (self.connector.clone(), self.stall.probe_timeout);
+        Box::pin(async move {
+            let reply = match conn {
+                Some(conn) => tokio::time::timeout(timeout, wire::exchange(&conn, &env)).await.ok()?.ok()?.0,
+                None => connector.request(peer, &env, timeout).await.ok()?.reply,
+            };
+            match reply.body {
+                Body::ClientReply(ClientResponse::Status(s)) => Some(s),
+                _ => None,
+            }
+        })
+    }
+
+    /// Stop waiting on `addr` (the caller drops the exchange, which resets its stream). When
+    /// `addr` had gone silent, its connection is dead or soon will be: close it, so every request
+    /// still waiting on it ends now and the next one dials afresh instead of reusing it (and a
+    /// stopped node that resumes learns the client left). A deposed leader that still answers
+    /// keeps its connection: it works, and its other requests may yet be answered.
+    fn leave_stalled(&self, addr: SocketAddr, conn: &quinn::Connection, moved: Moved, silent: bool) {
+        tracing::info!(%addr, silent, leader = %moved.leader, term = moved.term, "request stalled; leader moved");
+        if silent {
+            conn.close(quinn::VarInt::from_u32(STALLED_CLOSE_CODE), b"stalled; another member leads in a newer term");
+            self.connector.forget(addr, conn);
+        }
+        self.counters.leader_moves.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Feed one probe answer to the watch: from the stalled node itself, or from another member.
+fn note_probe(watch: &mut StallWatch, stalled: SocketAddr, peer: SocketAddr, status: Option<NodeStatus>) {
+    match (peer == stalled, status) {
+        (true, Some(s)) => watch.stalled_answered(s.term, s.role == haven_proto::NodeRole::Leader),
+        (true, None) => watch.stalled_silent(),
+        (false, Some(s)) => watch.report(&LeaderReport::from_status(&s)),
+        (false, None) => {}
+    }
+}
+
+/// Sleep until `at`; never when `at` is `None` (the caller disables the branch then).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How an attempt at one node failed.
 enum Failure {
     /// The request certainly had no effect; safe to retry elsewhere.
     NotApplied { reason: String, leader: Option<SocketAddr> },
-    /// The request may have had an effect.
-    Unknown(String),
+    /// The request may have had an effect. `moved_to`: the attempt stalled and the stall watch
+    /// showed this node leads in a newer term.
+    Unknown { reason: String, moved_to: Option<SocketAddr> },
     /// Retrying cannot help.
     Final(ClientError),
 }
@@ -347,7 +617,7 @@ impl Failure {
     fn into_error(self) -> ClientError {
         match self {
             Failure::NotApplied { reason, .. } => ClientError::Unreachable { tried: 1, last: reason },
-            Failure::Unknown(r) => ClientError::Indeterminate(r),
+            Failure::Unknown { reason, .. } => ClientError::Indeterminate(reason),
             Failure::Final(e) => e,
         }
     }

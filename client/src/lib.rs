@@ -12,11 +12,13 @@ pub mod config;
 pub mod devcluster;
 pub mod error;
 pub mod plans;
+pub mod stall;
 pub mod vms;
 pub mod volumes;
 pub mod wire;
 
-pub use client::HavenClient;
+pub use client::{HavenClient, StallStats};
 pub use config::ClusterConfig;
 pub use error::ClientError;
 pub use haven_proto as proto;
+pub use stall::StallPolicy;

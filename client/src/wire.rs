@@ -374,6 +374,16 @@ impl Connector {
         }
     }
 
+    /// Forget `conn` as the cached connection to `addr`, unless a newer one has replaced it (a
+    /// caller that gave up on an old connection must not drop the fresh one another dialled).
+    pub fn forget(&self, addr: SocketAddr, conn: &quinn::Connection) {
+        if let Some(state) = self.peers.lock().expect("peer map lock poisoned").get_mut(&addr) {
+            if state.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                state.conn = None;
+            }
+        }
+    }
+
     /// Send `request` to `addr` and wait for the reply, all within `timeout`.
     pub async fn request(
         &self,

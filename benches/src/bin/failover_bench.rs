@@ -9,7 +9,9 @@
 //!     (`call_node`, several may be in flight; followers forward to the leader they know) and
 //!     the first acknowledgement counts;
 //! (c) optionally (`--sdk-probe`), until a `kv_put` retried through a `HavenClient` that was in use
-//!     before the kill (leader cached, connections open) succeeds: what an application sees.
+//!     before the kill (leader cached, connections open) succeeds: what an application sees. The
+//!     first put goes to the dead leader and ends `Indeterminate` (the client's stall watch shows
+//!     it the new leader); the next one goes there.
 //!
 //! Then the killed node is restarted (after `--restart-delay-ms`) and the cluster must be healthy,
 //! with one leader and term for `--settle-ms`, before the next round. Reported: median, p99 and
@@ -84,6 +86,10 @@ struct Round {
     leader_known: Option<Duration>,
     write_acked: Option<Duration>,
     sdk_write: Option<Duration>,
+    /// SDK puts that failed before the first success (normally 1: the Indeterminate one).
+    sdk_failed: u64,
+    /// Times the SDK client's stall watch moved its leader hint this round.
+    sdk_moves: u64,
     rejoin: Option<Duration>,
     /// Raft terms the round consumed, from the kill until the cluster settled again: 1 for a
     /// clean failover, more when elections were repeated (e.g. the restarted node campaigned).
@@ -188,15 +194,18 @@ impl Probes {
     }
 }
 
-/// (c): retry a put through an SDK client that was in use before the kill.
-async fn sdk_write(client: &HavenClient, key: &str, t0: Instant, give_up: Duration) -> Option<Duration> {
+/// (c): retry a put through an SDK client that was in use before the kill, as an application
+/// would. Returns the time of the first success and how many puts failed before it.
+async fn sdk_write(client: &HavenClient, key: &str, t0: Instant, give_up: Duration) -> (Option<Duration>, u64) {
+    let mut failed = 0;
     while t0.elapsed() < give_up {
         let remaining = give_up.saturating_sub(t0.elapsed());
         if let Ok(Ok(_)) = tokio::time::timeout(remaining, client.kv_put(key, b"sdk")).await {
-            return Some(t0.elapsed());
+            return (Some(t0.elapsed()), failed);
         }
+        failed += 1;
     }
-    None
+    (None, failed)
 }
 
 /// Wait until every node is healthy and the leader and term stay the same for `settle`.
@@ -264,7 +273,7 @@ async fn run_round(
         let sdk_fut = async {
             match &sdk {
                 Some(c) => sdk_write(c, &sdk_key, t0, give_up).await,
-                None => None,
+                None => (None, 0),
             }
         };
         tokio::join!(leader_fut, write_fut, sdk_fut)
@@ -272,7 +281,8 @@ async fn run_round(
     round.leader_known = leader.map(|(d, _)| d);
     round.new_leader = leader.map(|(_, l)| l);
     round.write_acked = write;
-    round.sdk_write = sdk_time;
+    (round.sdk_write, round.sdk_failed) = sdk_time;
+    round.sdk_moves = sdk.as_ref().map_or(0, |c| c.stall_stats().leader_moves);
 
     // Restart the killed node and wait until all nodes agree on a leader again. A fresh client:
     // cached connections to the killed process would hang until QUIC's idle timeout.
@@ -446,6 +456,15 @@ async fn main() -> anyhow::Result<()> {
          campaigning before the leader reaches it)",
         settle.as_millis()
     ));
+    if args.sdk_probe {
+        let failed: u64 = results.iter().map(|r| r.sdk_failed).sum();
+        let moved = results.iter().filter(|r| r.sdk_moves > 0).count();
+        report.note(format!(
+            "(c): {failed} SDK put(s) failed before the first success over {rounds} rounds (normally one per round: \
+             the put in flight to the dead leader, Indeterminate); the client's stall watch moved its leader hint \
+             in {moved} of {rounds} rounds (the others waited for QUIC's idle timeout)"
+        ));
+    }
     let failed = results.iter().filter(|r| r.leader_known.is_none() || r.write_acked.is_none()).count();
     if failed > 0 {
         report.note(format!("{failed} round(s) gave up after {} s", args.round_timeout_secs));
