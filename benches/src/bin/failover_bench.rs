@@ -63,7 +63,7 @@ struct Args {
     settle_ms: Option<u64>,
     /// Wait this long after a round's measurements before restarting the killed node, in ms.
     /// With 0 the node usually returns while the survivors' QUIC connections to its dead process
-    /// are still open (they expire after the 5 s idle timeout); above that it rejoins cleanly.
+    /// are still open (they expire after QUIC's 1 s idle timeout); above that it rejoins cleanly.
     #[arg(long, default_value_t = 0)]
     restart_delay_ms: u64,
     /// Also time a retried kv_put through a HavenClient that was in use before the kill.
