@@ -166,28 +166,37 @@ impl ClusterFlags {
     }
 }
 
+/// How [`await_new_leader`] polls: every `poll`, each status request abandoned after
+/// `probe_timeout`, giving up `give_up` after the kill.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaderWatch {
+    pub poll: Duration,
+    pub probe_timeout: Duration,
+    pub give_up: Duration,
+}
+
 /// After a leader (`killed`, leading in `old_term`) was stopped at `t0`: poll every survivor
-/// every `poll` until one reports a leader other than `killed` in a term after `old_term`.
-/// Returns the time since `t0` and the new leader, or `None` after [`HEALTHY_TIMEOUT`].
+/// until one reports a leader other than `killed` in a term after `old_term`. Returns the time
+/// since `t0` and the new leader, or `None` once `watch.give_up` has passed.
 pub async fn await_new_leader(
     client: &HavenClient,
     survivors: &[SocketAddr],
     killed: u64,
     old_term: u64,
     t0: std::time::Instant,
-    poll: Duration,
+    watch: LeaderWatch,
 ) -> Option<(Duration, u64)> {
     let mut set = tokio::task::JoinSet::new();
     for &addr in survivors {
         let client = client.clone();
         set.spawn(async move {
-            while t0.elapsed() < HEALTHY_TIMEOUT {
-                if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(2), client.status_of(addr)).await {
+            while t0.elapsed() < watch.give_up {
+                if let Ok(Ok(st)) = tokio::time::timeout(watch.probe_timeout, client.status_of(addr)).await {
                     if let Some(NodeId(l)) = st.leader.filter(|l| st.term > old_term && l.0 != killed) {
                         return Some((t0.elapsed(), l));
                     }
                 }
-                tokio::time::sleep(poll).await;
+                tokio::time::sleep(watch.poll).await;
             }
             None
         });

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use haven_benches::cluster::{client_for, ClusterFlags, RunningCluster, HEALTHY_TIMEOUT};
+use haven_benches::cluster::{
+    await_new_leader, client_for, ClusterFlags, LeaderWatch, RunningCluster, HEALTHY_TIMEOUT,
+};
 use haven_benches::latency::quantile_ms;
 use haven_benches::report::{exit_with, Cell, Report, RunFlags, Table, TargetCheck};
 use haven_benches::volume::{tool_version, wait_hosts};
@@ -206,7 +208,8 @@ async fn failover_round(running: &mut RunningCluster, poll: Duration) -> anyhow:
     }
     let t0 = Instant::now();
     tokio::task::block_in_place(|| running.cluster.kill(killed))?;
-    let found = haven_benches::cluster::await_new_leader(&probe, &survivors, killed, before.term, t0, poll).await;
+    let watch = LeaderWatch { poll, probe_timeout: Duration::from_secs(2), give_up: HEALTHY_TIMEOUT };
+    let found = await_new_leader(&probe, &survivors, killed, before.term, t0, watch).await;
     running.cluster.start(killed)?;
     let checker = client_for(&running.cluster, &ids)?;
     running.cluster.wait_healthy(&checker, &ids, HEALTHY_TIMEOUT).await?;
