@@ -859,7 +859,7 @@ impl World {
                                                                   // nothing the read shows.
         let newer = self.acked.iter().find(|(id, (point, _, _))| {
             let (first, count, zeroing) = self.write_block[id];
-            (first..first + count).contains(&block) && *point > seen_point && !(zeroing && !is_data(w))
+            (first..first + count).contains(&block) && *point > seen_point && (!zeroing || is_data(w))
         });
         if let Some((id, (point, _, by))) = newer {
             return Err(format!(
