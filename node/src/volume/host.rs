@@ -28,7 +28,7 @@ use crate::storage::Store;
 
 /// Most blocks one routed zeroing request covers: a few range writes' worth, so even one whose
 /// every block holds data is answered well within the request timeout.
-pub const ZERO_BLOCKS_PER_REQUEST: u64 = 8 * haven_proto::limits::MAX_ZERO_BLOCKS_PER_MESSAGE;
+pub const ZERO_BLOCKS_PER_ROUTED_REQUEST: u64 = 8 * haven_proto::limits::MAX_ZERO_BLOCKS_PER_MESSAGE;
 
 /// A running device: the engine and its actor's address.
 type Device = (Arc<VolumeReplica>, actix::Addr<DeviceActor>);
@@ -311,7 +311,7 @@ impl VolumeHost {
     }
 
     /// Zero `block_count` blocks from `first_block` of `vol` through its primary (TRIM,
-    /// WRITE_ZEROES), as requests of at most [`ZERO_BLOCKS_PER_REQUEST`] blocks (the primary
+    /// WRITE_ZEROES), as requests of at most [`ZERO_BLOCKS_PER_ROUTED_REQUEST`] blocks (the primary
     /// orders each as range writes), so each routed request finishes well within the request
     /// timeout whatever the data in it. Retried across a failover: zeroing again is harmless.
     pub async fn zero_blocks(
@@ -322,7 +322,7 @@ impl VolumeHost {
         durable: bool,
     ) -> Result<u64, VolumeError> {
         let mut last = None;
-        for (first_block, block_count) in zero_pieces(first_block, block_count, ZERO_BLOCKS_PER_REQUEST) {
+        for (first_block, block_count) in zero_pieces(first_block, block_count, ZERO_BLOCKS_PER_ROUTED_REQUEST) {
             let msg = DeviceMessage::ZeroBlocks { volume: vol, first_block, block_count, durable };
             last = Some(match self.route(vol, msg, true).await? {
                 DeviceReply::Applied { seq } => seq,
