@@ -23,10 +23,10 @@ pub const MAX_BLOCK_SIZE: usize = 65_536;
 pub const MAX_BLOCKS_PER_MESSAGE: usize = MAX_IO_LEN as usize / MIN_BLOCK_SIZE;
 /// Most blocks one range-zeroing replication message (`ReplicateZero`) may cover. Applying one
 /// costs in proportion to the blocks in the range that hold data, so this bounds the work per
-/// message: at most this many versions read and Zero versions written (32 MiB of 4 KiB blocks,
-/// the NBD export's largest write), well within a replica's acknowledgement timeout; a longer
-/// TRIM or WRITE_ZEROES is ordered as several consecutive range writes.
-pub const MAX_ZERO_BLOCKS_PER_MESSAGE: u64 = 8_192;
+/// message: at most this many versions read and Zero versions written, as many blocks as the
+/// largest write of 4 KiB blocks carries, well within a replica's acknowledgement timeout; a
+/// longer TRIM or WRITE_ZEROES is ordered as several consecutive range writes.
+pub const MAX_ZERO_BLOCKS_PER_MESSAGE: u64 = MAX_IO_LEN as u64 / 4096;
 /// Most blocks a request to zero (`ZeroBlocks`, to the primary) may cover: the largest volume
 /// of the smallest blocks. The primary also checks the range against the volume's size.
 pub const MAX_ZERO_BLOCKS_PER_REQUEST: u64 = MAX_VOLUME_SIZE / MIN_BLOCK_SIZE as u64;
