@@ -13,7 +13,7 @@ use crate::envelope::Body;
 use crate::messages::{ActorMessage, ClientRequest};
 use crate::plan::{GroupRequest, MAX_PLAN_VMS};
 use crate::vm::{VmMessage, MAX_VM_VOLUMES};
-use crate::volume::{DeviceMessage, ReplicaBlock, VolumeRequest, MAX_IO_LEN};
+use crate::volume::{DeviceMessage, ReplicaBlock, VolumeRequest, MAX_IO_LEN, MAX_VOLUME_SIZE};
 
 /// Smallest volume block size.
 pub const MIN_BLOCK_SIZE: usize = 512;
@@ -21,6 +21,15 @@ pub const MIN_BLOCK_SIZE: usize = 512;
 pub const MAX_BLOCK_SIZE: usize = 65_536;
 /// Most blocks (or block versions) one message may name: a whole write of the smallest blocks.
 pub const MAX_BLOCKS_PER_MESSAGE: usize = MAX_IO_LEN as usize / MIN_BLOCK_SIZE;
+/// Most blocks one range-zeroing replication message (`ReplicateZero`) may cover. Applying one
+/// costs in proportion to the blocks in the range that hold data, so this bounds the work per
+/// message: at most this many versions read and Zero versions written, as many blocks as the
+/// largest write of 4 KiB blocks carries, well within a replica's acknowledgement timeout; a
+/// longer TRIM or WRITE_ZEROES is ordered as several consecutive range writes.
+pub const MAX_ZERO_BLOCKS_PER_MESSAGE: u64 = MAX_IO_LEN as u64 / 4096;
+/// Most blocks a request to zero (`ZeroBlocks`, to the primary) may cover: the largest volume
+/// of the smallest blocks. The primary also checks the range against the volume's size.
+pub const MAX_ZERO_BLOCKS_PER_REQUEST: u64 = MAX_VOLUME_SIZE / MIN_BLOCK_SIZE as u64;
 /// Most snapshots one resync may name.
 pub const MAX_SNAPSHOTS_PER_MESSAGE: usize = 4096;
 
@@ -58,6 +67,12 @@ fn device_message(d: &DeviceMessage) -> Result<(), String> {
         DeviceMessage::VersionHashes { versions, .. } => count("versions", versions.len(), MAX_BLOCKS_PER_MESSAGE),
         DeviceMessage::ReadVersions { blocks, .. } => count("blocks", blocks.len(), MAX_BLOCKS_PER_MESSAGE),
         DeviceMessage::Corrupt { data, .. } => bytes("corruption data", data.len(), MAX_BLOCK_SIZE),
+        DeviceMessage::ZeroBlocks { first_block, block_count, .. } => {
+            block_range("zeroed", *first_block, *block_count, MAX_ZERO_BLOCKS_PER_REQUEST)
+        }
+        DeviceMessage::ReplicateZero { first_block, block_count, .. } => {
+            block_range("zeroed", *first_block, *block_count, MAX_ZERO_BLOCKS_PER_MESSAGE)
+        }
         DeviceMessage::Flush { .. }
         | DeviceMessage::SyncWal { .. }
         | DeviceMessage::SnapshotAt { .. }
@@ -96,6 +111,17 @@ fn group_request(g: &GroupRequest) -> Result<(), String> {
             count("volume snapshots", volume_snapshots.len(), MAX_PLAN_VMS * MAX_VM_VOLUMES)
         }
     }
+}
+
+/// A block range: at most `max` blocks, and its end representable.
+fn block_range(what: &str, first: u64, n: u64, max: u64) -> Result<(), String> {
+    if n > max {
+        return Err(format!("{n} blocks {what} in one message; the limit is {max}"));
+    }
+    if first.checked_add(n).is_none() {
+        return Err(format!("blocks {what} from {first}: {first} + {n} overflows"));
+    }
+    Ok(())
 }
 
 fn count(what: &str, n: usize, max: usize) -> Result<(), String> {
@@ -149,5 +175,27 @@ mod tests {
             volume_snapshots: vec![(VolumeId(1), 1); MAX_PLAN_VMS * MAX_VM_VOLUMES + 1],
         })));
         assert!(check_request(&release).is_err());
+    }
+
+    fn zero(first_block: u64, block_count: u64, replicate: bool) -> Body {
+        let volume = VolumeId(1);
+        Body::Actor(ActorMessage::Device(if replicate {
+            DeviceMessage::ReplicateZero { volume, epoch: 1, seq: 1, first_block, block_count, durable: false }
+        } else {
+            DeviceMessage::ZeroBlocks { volume, first_block, block_count, durable: false }
+        }))
+    }
+
+    #[test]
+    fn zero_ranges_are_bounded_and_never_overflow() {
+        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_MESSAGE, true)).is_ok());
+        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_MESSAGE + 1, true)).unwrap_err().contains("limit"));
+        assert!(check_request(&zero(u64::MAX, 1, true)).unwrap_err().contains("overflows"));
+        // A request to the primary may cover a whole volume of the smallest blocks: 4 GiB of
+        // 4 KiB blocks is well inside.
+        assert!(check_request(&zero(0, (4 << 30) / 4096, false)).is_ok());
+        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_REQUEST, false)).is_ok());
+        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_REQUEST + 1, false)).is_err());
+        assert!(check_request(&zero(u64::MAX - 1, 2, false)).unwrap_err().contains("overflows"));
     }
 }

@@ -655,6 +655,27 @@ pub enum DeviceMessage {
     Corrupt { volume: VolumeId, block: u64, data: Vec<u8> },
     /// The host's preserved divergent writes.
     ListPreserved { volume: VolumeId },
+    /// NBD TRIM / WRITE_ZEROES delivered to the primary: zero `block_count` blocks from
+    /// `first_block` (any length the volume holds; the primary orders it as one or more range
+    /// writes of at most [`MAX_ZERO_BLOCKS_PER_MESSAGE`](crate::limits::MAX_ZERO_BLOCKS_PER_MESSAGE)
+    /// blocks each). `durable` as for `WriteBlocks`.
+    ZeroBlocks { volume: VolumeId, first_block: u64, block_count: u64, durable: bool },
+    /// Primary → replica: apply write `seq`, which zeroes the range `[first_block, first_block +
+    /// block_count)` (one write-order point; at most `MAX_ZERO_BLOCKS_PER_MESSAGE` blocks).
+    ReplicateZero { volume: VolumeId, epoch: u64, seq: u64, first_block: u64, block_count: u64, durable: bool },
+}
+
+/// Checks a block range `[first_block, first_block + block_count)` against a volume of
+/// `size_blocks` blocks: non-empty, no overflow, inside the volume. Returns the end block.
+pub fn check_block_range(first_block: u64, block_count: u64, size_blocks: u64) -> Result<u64, String> {
+    if block_count == 0 {
+        return Err(format!("empty block range at block {first_block}"));
+    }
+    match first_block.checked_add(block_count) {
+        Some(end) if end <= size_blocks => Ok(end),
+        Some(end) => Err(format!("blocks {first_block}..{end} run past the end of the volume ({size_blocks} blocks)")),
+        None => Err(format!("block range {first_block} + {block_count} overflows")),
+    }
 }
 
 impl DeviceMessage {
@@ -678,7 +699,9 @@ impl DeviceMessage {
             | Self::ReadVersions { volume, .. }
             | Self::RepairBlocks { volume, .. }
             | Self::Corrupt { volume, .. }
-            | Self::ListPreserved { volume } => *volume,
+            | Self::ListPreserved { volume }
+            | Self::ZeroBlocks { volume, .. }
+            | Self::ReplicateZero { volume, .. } => *volume,
         }
     }
 }

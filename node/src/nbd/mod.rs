@@ -159,14 +159,16 @@ pub struct ExportInfo {
 }
 
 /// One open export: the data path the server calls for each request. Offsets and lengths have
-/// been checked against [`ExportInfo`] (in range, aligned to `block_size`, within the server's
-/// maximum payload) before any of these is called.
+/// been checked against [`ExportInfo`] (in range, aligned to `block_size` except for `trim`,
+/// within the server's maximum payload for reads and writes) before any of these is called.
 pub trait ExportBackend: Send + Sync + 'static {
     fn info(&self) -> ExportInfo;
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'static, Result<Vec<u8>, BackendError>>;
     /// `fua`: the write must be durable before the reply (NBD_CMD_FLAG_FUA).
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'static, Result<(), BackendError>>;
     fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> BoxFuture<'static, Result<(), BackendError>>;
+    /// Advisory: `offset` and `len` may be unaligned; trimming less (the whole blocks inside
+    /// the range, or nothing) is correct.
     fn trim(&self, offset: u64, len: u32) -> BoxFuture<'static, Result<(), BackendError>>;
     /// Every write acknowledged before this call is durable when it returns.
     fn flush(&self) -> BoxFuture<'static, Result<(), BackendError>>;

@@ -633,8 +633,16 @@ impl Command {
 ///
 /// Order: unknown command or flags → EINVAL; a modifying command on a read-only export → EPERM;
 /// zero length (except FLUSH/DISC) → EINVAL; READ/WRITE longer than `max_payload` → EOVERFLOW;
-/// offset or length not a multiple of the block size → EINVAL; a range past the end (or
-/// overflowing) → ENOSPC for WRITE/WRITE_ZEROES, EINVAL otherwise.
+/// offset or length not a multiple of the block size → EINVAL, except for TRIM; a range past the
+/// end (or overflowing) → ENOSPC for WRITE/WRITE_ZEROES, EINVAL otherwise.
+///
+/// TRIM and WRITE_ZEROES may be as long as the wire allows (the maximum block size bounds
+/// payloads only). A TRIM may be unaligned: it is advisory, the backend trims the whole blocks
+/// inside it, and qemu sends the unaligned head and tail of a discard as requests of their own
+/// even to a server that advertised a minimum block size. WRITE_ZEROES must be exact, so it
+/// keeps to the advertised minimum (the export's block size, `NBD_INFO_BLOCK_SIZE`): the NBD
+/// spec lets a server refuse a request that ignores it with EINVAL, and qemu, which honours it,
+/// zeroes a partial block itself by read-modify-write before sending aligned requests.
 pub fn validate_request(req: &Request, info: &ExportInfo, max_payload: u32) -> Result<Command, NbdErrno> {
     let cmd = Command::from_wire(req.kind);
     let allowed_flags = match cmd {
@@ -660,7 +668,8 @@ pub fn validate_request(req: &Request, info: &ExportInfo, max_payload: u32) -> R
         return Err(NbdErrno::Overflow);
     }
     let bs = u64::from(block_size(info));
-    if !req.offset.is_multiple_of(bs) || !u64::from(req.len).is_multiple_of(bs) {
+    let aligned = req.offset.is_multiple_of(bs) && u64::from(req.len).is_multiple_of(bs);
+    if !aligned && cmd != Command::Trim {
         return Err(NbdErrno::Inval);
     }
     let in_range = req.offset.checked_add(u64::from(req.len)).is_some_and(|end| end <= info.size);
@@ -1053,6 +1062,7 @@ mod tests {
         const MIB: u64 = 1 << 20;
         let rw = info(MIB, 512, false);
         let ro = info(MIB, 512, true);
+        let big = info(8 << 30, 512, false);
         let max = 64 * 1024;
         use p::*;
         use Command as C;
@@ -1092,6 +1102,25 @@ mod tests {
             ("write past end", &rw, req(CMD_WRITE, 0, MIB, 512), Err(E::NoSpc)),
             ("wz past end", &rw, req(CMD_WRITE_ZEROES, 0, MIB - 512, 1024), Err(E::NoSpc)),
             ("offset overflow", &rw, req(CMD_READ, 0, u64::MAX - 511, 512), Err(E::Inval)),
+            ("trim unaligned head and tail ok", &rw, req(CMD_TRIM, 0, 100, 1000), Ok(C::Trim)),
+            ("trim inside one block ok", &rw, req(CMD_TRIM, 0, 1, 10), Ok(C::Trim)),
+            ("trim unaligned to the end ok", &rw, req(CMD_TRIM, 0, MIB - 1, 1), Ok(C::Trim)),
+            ("trim unaligned past end", &rw, req(CMD_TRIM, 0, MIB - 1, 2), Err(E::Inval)),
+            ("trim unaligned overflow", &rw, req(CMD_TRIM, 0, u64::MAX - 10, 100), Err(E::Inval)),
+            ("wz unaligned offset", &rw, req(CMD_WRITE_ZEROES, 0, 100, 512), Err(E::Inval)),
+            ("wz unaligned length", &rw, req(CMD_WRITE_ZEROES, 0, 0, 1000), Err(E::Inval)),
+            ("trim on ro unaligned", &ro, req(CMD_TRIM, 0, 1, 10), Err(E::Perm)),
+            ("trim 4 GiB - 1", &big, req(CMD_TRIM, 0, 0, u32::MAX), Ok(C::Trim)),
+            ("trim 4 GiB - 1 at 4 GiB", &big, req(CMD_TRIM, 0, 4 << 30, u32::MAX), Ok(C::Trim)),
+            (
+                "wz largest aligned",
+                &big,
+                req(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 4 << 30, u32::MAX - 511),
+                Ok(C::WriteZeroes),
+            ),
+            ("wz 4 GiB - 1 unaligned", &big, req(CMD_WRITE_ZEROES, 0, 0, u32::MAX), Err(E::Inval)),
+            ("wz past a big end", &big, req(CMD_WRITE_ZEROES, 0, (8 << 30) - 512, 1024), Err(E::NoSpc)),
+            ("read 4 GiB - 1 too big", &big, req(CMD_READ, 0, 0, u32::MAX), Err(E::Overflow)),
             ("write offset overflow", &rw, req(CMD_WRITE, 0, u64::MAX - 511, 512), Err(E::NoSpc)),
         ];
         for (what, info, request, want) in cases {

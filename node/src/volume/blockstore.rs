@@ -121,6 +121,30 @@ pub struct BlockWrite {
     pub content: BlockContent,
 }
 
+/// A write that zeroes `count` blocks from `first` at write-order point `seq` (NBD TRIM and
+/// WRITE_ZEROES): stored as Zero versions only for the blocks that hold data when it is applied,
+/// so its cost follows the data in the range, not the range's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroRange {
+    pub first: u64,
+    pub count: u64,
+    pub seq: u64,
+}
+
+impl ZeroRange {
+    /// One past the last block; `None` if the range is empty or its end overflows.
+    pub fn end(&self) -> Option<u64> {
+        self.first.checked_add(self.count).filter(|_| self.count > 0)
+    }
+}
+
+/// One write-order point's change to the store, as a replica's sequencer applies it.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    Blocks(Vec<BlockWrite>),
+    Zero(ZeroRange),
+}
+
 /// A local snapshot: the view of the volume at seq point `seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LocalSnapshot {
@@ -144,6 +168,15 @@ impl Snapshots {
         seqs.dedup();
         Self { list, seqs }
     }
+}
+
+/// Whether a block with `versions` (seq ascending, `true` = Data) needs a Zero version at `seq`
+/// to read as zeroes there: its newest version below `seq` is Data, and no version at `seq` is
+/// stored yet (a re-applied range changes nothing).
+fn needs_zero(versions: &[(u64, bool)], seq: u64) -> bool {
+    let below = versions.partition_point(|v| v.0 < seq);
+    let at_seq = versions.get(below).is_some_and(|v| v.0 == seq);
+    !at_seq && below > 0 && versions[below - 1].1
 }
 
 /// Which retention interval `seq` falls in, given the ascending distinct snapshot seqs: 0 for
@@ -422,6 +455,36 @@ impl BlockStore {
         Ok(())
     }
 
+    /// Like [`Self::scan_versions`], with each version's kind (`true`: Data, `false`: Zero).
+    fn scan_version_kinds(
+        &self,
+        vol: VolumeId,
+        first: u64,
+        end: Option<u64>,
+        mut f: impl FnMut(u64, &[(u64, bool)]) -> Result<(), BlockStoreError>,
+    ) -> Result<(), BlockStoreError> {
+        let mut it = self.block_iter(vol, first, end);
+        let mut current: Option<u64> = None;
+        let mut versions: Vec<(u64, bool)> = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let (block, seq) = parse_block_key(vol, k)?;
+            if current != Some(block) {
+                if let Some(b) = current {
+                    f(b, &versions)?;
+                }
+                current = Some(block);
+                versions.clear();
+            }
+            versions.push((seq, !v.is_empty()));
+            it.next();
+        }
+        it.status()?;
+        if let Some(b) = current {
+            f(b, &versions)?;
+        }
+        Ok(())
+    }
+
     /// Calls `f(block, content)` for every block of `vol` in `[first, end)` that has a version
     /// visible at `at`, ascending, with that version's stored value (empty for Zero).
     fn scan_view(
@@ -470,6 +533,19 @@ impl BlockStore {
         block_size: u32,
         writes: &[BlockWrite],
         durable: bool,
+    ) -> Result<(), BlockStoreError> {
+        self.apply_capped(vol, block_size, writes, durable, u64::MAX)
+    }
+
+    /// [`Self::apply`], raising the high-water mark to at most `hwm_cap` (a resync stores
+    /// versions newer than the points its copy has applied; see `resync`).
+    pub fn apply_capped(
+        &self,
+        vol: VolumeId,
+        block_size: u32,
+        writes: &[BlockWrite],
+        durable: bool,
+        hwm_cap: u64,
     ) -> Result<(), BlockStoreError> {
         if block_size == 0 {
             return Err(BlockStoreError::InvalidWrite("block size 0".into()));
@@ -570,8 +646,49 @@ impl BlockStore {
                 });
             }
             drop(it);
-            batch.merge_cf(store.cf(CF_VOLUME_META), hwm_key(vol), max_seq.to_be_bytes());
+            batch.merge_cf(store.cf(CF_VOLUME_META), hwm_key(vol), max_seq.min(hwm_cap).to_be_bytes());
             self.write(batch, durable)
+        })
+    }
+
+    /// Apply a range zeroing: one pass over the range's stored keys; a Zero version at
+    /// `range.seq` is added to every block whose newest version below `range.seq` is Data (the
+    /// others already read as zeroes there), pruned per the retention invariant in the same
+    /// batch; the high-water mark is raised to `range.seq` even when no block held data.
+    /// Returns how many Zero versions it stored. Exact when every version below `range.seq` that
+    /// will ever be stored is stored already (a replica's sequencer applies in order; a resync
+    /// sends a block's later versions with it, see `resync`). Re-applying it is harmless.
+    pub fn zero_range(&self, vol: VolumeId, range: ZeroRange, durable: bool) -> Result<u64, BlockStoreError> {
+        let end = range.end().ok_or_else(|| {
+            BlockStoreError::InvalidWrite(format!("zeroing {} blocks from {}", range.count, range.first))
+        })?;
+        self.with_snapshots(vol, |snaps| {
+            let store = self.store();
+            let blocks_cf = store.cf(CF_BLOCKS);
+            let mut batch = WriteBatch::default();
+            let mut zeroed = 0u64;
+            let mut seqs: Vec<u64> = Vec::new();
+            self.scan_version_kinds(vol, range.first, Some(end), |block, versions| {
+                if !needs_zero(versions, range.seq) {
+                    return Ok(());
+                }
+                seqs.clear();
+                seqs.extend(versions.iter().map(|v| v.0));
+                let at = seqs.partition_point(|&q| q < range.seq);
+                seqs.insert(at, range.seq);
+                retention(&snaps.seqs, &seqs, |i, needed| match (i == at, needed) {
+                    (true, true) => {
+                        batch.put_cf(blocks_cf, block_key(vol, block, range.seq), b"");
+                        zeroed += 1;
+                    }
+                    (false, false) => batch.delete_cf(blocks_cf, block_key(vol, block, seqs[i])),
+                    _ => {}
+                });
+                Ok(())
+            })?;
+            batch.merge_cf(store.cf(CF_VOLUME_META), hwm_key(vol), range.seq.to_be_bytes());
+            self.write(batch, durable)?;
+            Ok(zeroed)
         })
     }
 
@@ -652,6 +769,34 @@ impl BlockStore {
         };
         it.status()?;
         Ok(found)
+    }
+
+    /// Every stored version of `block` with seq > `after`, ascending.
+    pub fn versions_after(
+        &self,
+        vol: VolumeId,
+        block: u64,
+        after: u64,
+    ) -> Result<Vec<(u64, BlockContent)>, BlockStoreError> {
+        let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
+        let lower = block_key(vol, block, from).to_vec();
+        let upper = match block.checked_add(1) {
+            Some(next) => blocks_upper(vol, Some(next)),
+            None => blocks_upper(vol, None),
+        };
+        let mut it = self.iter(CF_BLOCKS, lower.clone(), upper);
+        it.seek(&lower);
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let (b, seq) = parse_block_key(vol, k)?;
+            if b != block {
+                return Err(corrupt(CF_BLOCKS, format!("found block {b} looking for {block}")));
+            }
+            out.push((seq, if v.is_empty() { BlockContent::Zero } else { BlockContent::Data(v.to_vec()) }));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
     }
 
     /// The largest seq ever applied to `vol` (0 if none), as lowered by rollback and rebase.
@@ -1226,6 +1371,50 @@ mod tests {
     }
 
     #[test]
+    fn zero_range_writes_only_blocks_with_data_and_keeps_snapshots_exact() {
+        let (_d, s) = open();
+        s.apply(VOL, BS, &[w(0, 1, 1), w(2, 2, 2), wz(3, 3), w(1 << 30, 4, 4)], true).unwrap();
+        s.snapshot_create(VOL, 1, 4).unwrap();
+        // A huge range costs what its data costs: three blocks hold data, one is already Zero.
+        let range = ZeroRange { first: 0, count: 1 << 40, seq: 5 };
+        assert_eq!(s.zero_range(VOL, range, true).unwrap(), 3);
+        assert_eq!(keys(&s, VOL), vec![(0, 1), (0, 5), (2, 2), (2, 5), (3, 3), (1 << 30, 4), (1 << 30, 5)]);
+        assert_eq!(s.read(VOL, BS, 0, 4, None).unwrap(), expect(BS, &[0, 0, 0, 0]));
+        assert_eq!(s.read(VOL, BS, 0, 4, Some(4)).unwrap(), expect(BS, &[1, 0, 2, 0]));
+        assert_eq!(s.changed_blocks(VOL, 4, None).unwrap(), vec![0, 2, 1 << 30]);
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 5);
+        // Idempotent; a range over nothing still moves the high-water mark.
+        assert_eq!(s.zero_range(VOL, range, true).unwrap(), 0);
+        assert_eq!(s.zero_range(VOL, ZeroRange { first: 10, count: 5, seq: 6 }, false).unwrap(), 0);
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 6);
+        // A Zero version shadowed by a newer one in its interval is not stored; an older one is pruned.
+        s.apply(VOL, BS, &[w(2, 7, 7)], false).unwrap();
+        assert_eq!(s.zero_range(VOL, ZeroRange { first: 2, count: 1, seq: 8 }, false).unwrap(), 1);
+        assert_eq!(keys(&s, VOL).iter().filter(|k| k.0 == 2).copied().collect::<Vec<_>>(), vec![(2, 2), (2, 8)]);
+        // Rollback to the snapshot brings the data back.
+        s.rollback(VOL, 4).unwrap();
+        assert_eq!(s.read(VOL, BS, 0, 4, None).unwrap(), expect(BS, &[1, 0, 2, 0]));
+        // Bad ranges are refused with nothing stored.
+        for bad in [ZeroRange { first: 0, count: 0, seq: 9 }, ZeroRange { first: u64::MAX, count: 2, seq: 9 }] {
+            assert!(matches!(s.zero_range(VOL, bad, true), Err(BlockStoreError::InvalidWrite(_))));
+        }
+        assert_eq!(s.high_water_mark(VOL).unwrap(), 4);
+    }
+
+    #[test]
+    fn versions_after_lists_a_blocks_later_versions() {
+        let (_d, s) = open();
+        s.apply(VOL, BS, &[w(1, 1, 1)], true).unwrap();
+        s.snapshot_create(VOL, 1, 1).unwrap();
+        s.apply(VOL, BS, &[wz(1, 3), w(2, 4, 4)], true).unwrap();
+        assert_eq!(s.versions_after(VOL, 1, 0).unwrap(), vec![(1, data(BS, 1)), (3, BlockContent::Zero)]);
+        assert_eq!(s.versions_after(VOL, 1, 1).unwrap(), vec![(3, BlockContent::Zero)]);
+        assert_eq!(s.versions_after(VOL, 1, 3).unwrap(), vec![]);
+        assert_eq!(s.versions_after(VOL, 1, u64::MAX).unwrap(), vec![]);
+        assert_eq!(s.versions_after(VOL, u64::MAX, 0).unwrap(), vec![]);
+    }
+
+    #[test]
     fn rebase_collapses_to_seq_zero() {
         let (_d, s) = open();
         s.apply(VOL, BS, &[w(0, 1, 1), w(1, 2, 2), w(2, 3, 3)], true).unwrap();
@@ -1476,6 +1665,10 @@ mod tests {
         Snap,
         DelSnap(usize),
         Rollback(usize),
+        /// Zero `count` blocks from `first` with a fresh seq, as one range write.
+        Zero(u64, u64),
+        /// Re-apply a range zeroing from the model's history (a retried or replayed write).
+        DupZero(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1489,6 +1682,8 @@ mod tests {
             2 => Just(Op::Snap),
             1 => any::<usize>().prop_map(Op::DelSnap),
             1 => any::<usize>().prop_map(Op::Rollback),
+            3 => (0..PSIZE, 1..=PSIZE).prop_map(|(first, count)| Op::Zero(first, count.min(PSIZE - first))),
+            1 => any::<usize>().prop_map(Op::DupZero),
         ]
     }
 
@@ -1498,6 +1693,8 @@ mod tests {
         history: BTreeMap<u64, BTreeMap<u64, Option<u8>>>,
         snaps: BTreeMap<u64, u64>,
         hwm: u64,
+        /// Every range zeroing applied (not rolled back).
+        zeroes: Vec<ZeroRange>,
     }
 
     impl Model {
@@ -1623,6 +1820,26 @@ mod tests {
                             s.apply(VOL, PBS, &[BlockWrite { block, seq, content: content(fill) }], false).unwrap();
                         }
                     }
+                    Op::Zero(first, count) => {
+                        let range = ZeroRange { first, count, seq: next_seq };
+                        next_seq += 1;
+                        // Exactly the blocks whose newest content is Data get a Zero version.
+                        let with_data: Vec<u64> = (first..first + count)
+                            .filter(|b| m.history.get(b).and_then(|v| v.values().next_back()).is_some_and(|f| f.is_some()))
+                            .collect();
+                        prop_assert_eq!(s.zero_range(VOL, range, false).unwrap(), with_data.len() as u64);
+                        for b in with_data {
+                            m.history.entry(b).or_default().insert(range.seq, None);
+                        }
+                        m.hwm = m.hwm.max(range.seq);
+                        m.zeroes.push(range);
+                    }
+                    Op::DupZero(i) => {
+                        if !m.zeroes.is_empty() {
+                            let range = m.zeroes[i % m.zeroes.len()];
+                            s.zero_range(VOL, range, false).unwrap();
+                        }
+                    }
                     Op::Snap => {
                         s.snapshot_create(VOL, next_snap, m.hwm).unwrap();
                         m.snaps.insert(next_snap, m.hwm);
@@ -1656,6 +1873,7 @@ mod tests {
                             }
                             m.history.retain(|_, v| !v.is_empty());
                             m.snaps.retain(|_, &mut q| q <= to);
+                            m.zeroes.retain(|z| z.seq <= to);
                             m.hwm = to;
                         }
                     }

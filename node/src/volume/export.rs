@@ -3,7 +3,9 @@
 //!
 //! This module only adapts [`VolumeHost`] to the NBD server's [`ExportResolver`] and
 //! [`ExportBackend`] traits and maps errors to NBD errnos; the NBD server has already checked
-//! offsets, lengths and alignment against [`ExportInfo`] before a call reaches here, and decided
+//! offsets, lengths and alignment against [`ExportInfo`] before a call reaches here (a TRIM may
+//! be unaligned: it is advisory, so only the whole blocks inside it are zeroed, see
+//! [`trim_blocks`]; TRIM and WRITE_ZEROES of any length are one zeroing request to the primary), and decided
 //! what the connection may open (it serves a volume read-only to a `reader` certificate, and
 //! lists a connection only what it may open, using [`ExportListing::read_only`]).
 
@@ -99,6 +101,22 @@ impl VolumeExport {
     }
 }
 
+impl VolumeExport {
+    fn zero(&self, first: u64, count: u64, fua: bool) -> BoxFuture<'static, Result<(), BackendError>> {
+        let (host, vol) = (self.host.clone(), self.volume);
+        Box::pin(async move { host.zero_blocks(vol, first, count, fua).await.map(|_| ()).map_err(to_backend) })
+    }
+}
+
+/// The whole blocks `(first, count)` inside the byte range `offset..offset + len`, or `None`
+/// when it covers no whole block (a TRIM inside one block is a successful no-op).
+pub fn trim_blocks(offset: u64, len: u32, block_size: u32) -> Option<(u64, u64)> {
+    let bs = u64::from(block_size.max(1));
+    let first = offset.div_ceil(bs);
+    let end = offset.checked_add(u64::from(len))? / bs;
+    (end > first).then(|| (first, end - first))
+}
+
 impl ExportBackend for VolumeExport {
     fn info(&self) -> ExportInfo {
         let rec = self.record();
@@ -126,17 +144,40 @@ impl ExportBackend for VolumeExport {
     }
 
     fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> BoxFuture<'static, Result<(), BackendError>> {
-        let (host, vol) = (self.host.clone(), self.volume);
-        Box::pin(async move { host.write_blocks(vol, offset, None, len, fua).await.map(|_| ()).map_err(to_backend) })
+        // The server refuses unaligned WRITE_ZEROES (the advertised minimum block size), so the
+        // range is whole blocks; a bogus one is refused by the primary.
+        let bs = u64::from(self.info().block_size.max(1));
+        self.zero(offset / bs, u64::from(len) / bs, fua)
     }
 
     fn trim(&self, offset: u64, len: u32) -> BoxFuture<'static, Result<(), BackendError>> {
-        // Trimmed blocks read back as zeroes, so a trim is a zeroing write.
-        self.write_zeroes(offset, len, false)
+        // Trimmed blocks read back as zeroes, so a trim zeroes the whole blocks it covers.
+        match trim_blocks(offset, len, self.info().block_size) {
+            Some((first, count)) => self.zero(first, count, false),
+            None => Box::pin(async { Ok(()) }),
+        }
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), BackendError>> {
         let (host, vol) = (self.host.clone(), self.volume);
         Box::pin(async move { host.flush(vol).await.map_err(to_backend) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_blocks;
+
+    #[test]
+    fn trims_keep_only_the_whole_blocks_inside() {
+        assert_eq!(trim_blocks(0, 4096, 4096), Some((0, 1)));
+        assert_eq!(trim_blocks(1000, 4096, 4096), None);
+        assert_eq!(trim_blocks(1000, 3096, 4096), None);
+        assert_eq!(trim_blocks(4096, 1000, 4096), None);
+        assert_eq!(trim_blocks(1000, 8192, 4096), Some((1, 1)));
+        assert_eq!(trim_blocks(4095, 8194, 4096), Some((1, 2)));
+        assert_eq!(trim_blocks(0, u32::MAX, 4096), Some((0, (u64::from(u32::MAX) / 4096))));
+        assert_eq!(trim_blocks(u64::MAX - 10, 100, 4096), None);
+        assert_eq!(trim_blocks(3, 7, 0), Some((3, 7)));
     }
 }

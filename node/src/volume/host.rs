@@ -19,12 +19,16 @@ use tracing::{debug, info, warn};
 
 use super::blockstore::BlockStore;
 use super::error::VolumeError;
-use super::replica::VolumeReplica;
+use super::replica::{zero_pieces, VolumeReplica};
 use crate::actors::device::DeviceActor;
 use crate::actors::ActorRegistry;
 use crate::cluster::Proposer;
 use crate::config::VolumeTunables;
 use crate::storage::Store;
+
+/// Most blocks one routed zeroing request covers: a few range writes' worth, so even one whose
+/// every block holds data is answered well within the request timeout.
+pub const ZERO_BLOCKS_PER_ROUTED_REQUEST: u64 = 8 * haven_proto::limits::MAX_ZERO_BLOCKS_PER_MESSAGE;
 
 /// A running device: the engine and its actor's address.
 type Device = (Arc<VolumeReplica>, actix::Addr<DeviceActor>);
@@ -307,6 +311,28 @@ impl VolumeHost {
             DeviceReply::Applied { seq } => Ok(seq),
             other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// Zero `block_count` blocks from `first_block` of `vol` through its primary (TRIM,
+    /// WRITE_ZEROES), as requests of at most [`ZERO_BLOCKS_PER_ROUTED_REQUEST`] blocks (the primary
+    /// orders each as range writes), so each routed request finishes well within the request
+    /// timeout whatever the data in it. Retried across a failover: zeroing again is harmless.
+    pub async fn zero_blocks(
+        &self,
+        vol: VolumeId,
+        first_block: u64,
+        block_count: u64,
+        durable: bool,
+    ) -> Result<u64, VolumeError> {
+        let mut last = None;
+        for (first_block, block_count) in zero_pieces(first_block, block_count, ZERO_BLOCKS_PER_ROUTED_REQUEST) {
+            let msg = DeviceMessage::ZeroBlocks { volume: vol, first_block, block_count, durable };
+            last = Some(match self.route(vol, msg, true).await? {
+                DeviceReply::Applied { seq } => seq,
+                other => return Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
+            });
+        }
+        last.ok_or_else(|| VolumeError::invalid(format!("zeroing no blocks of {vol}")))
     }
 
     pub async fn read_from(

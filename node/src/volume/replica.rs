@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use haven_proto::limits::{MAX_ZERO_BLOCKS_PER_MESSAGE, MAX_ZERO_BLOCKS_PER_REQUEST};
 use haven_proto::volume::{
     DeviceMessage, DeviceReply, ReplicaBlock, ReplicaProgress, VolumeCommand, VolumeOutcome, VolumeRecord,
     VolumeRequest, VolumeResponse,
@@ -28,7 +29,7 @@ use haven_proto::volume::{
 use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, CatalogCommand, ErrorCode, NodeId, VolumeId};
 use tracing::{debug, info, warn};
 
-use super::blockstore::{BlockContent, BlockStore, BlockWrite};
+use super::blockstore::{BlockContent, BlockStore, BlockWrite, StoreOp, ZeroRange};
 use super::core::ack::{AckDecision, PendingWrite};
 use super::core::lease::ReadLease;
 use super::core::primary::{progress, CopyState};
@@ -84,6 +85,9 @@ pub struct VolumeReplica {
     pub(crate) gate: tokio::sync::RwLock<()>,
     /// Primary only: the next write-order point to hand out.
     pub(crate) next_seq: AtomicU64,
+    /// Primary only: the newest point handed to a range zeroing (0: none yet); a resync whose
+    /// target is below it sends blocks with their later versions (see `resync`).
+    pub(crate) last_zero_seq: AtomicU64,
     pub(crate) followers: Mutex<Followers>,
     /// Serialises in-sync set changes this primary proposes.
     membership: tokio::sync::Mutex<()>,
@@ -120,6 +124,7 @@ impl VolumeReplica {
             role: Mutex::new(role),
             gate: tokio::sync::RwLock::new(()),
             next_seq: AtomicU64::new(hwm + 1),
+            last_zero_seq: AtomicU64::new(0),
             followers: Mutex::new(Followers::default()),
             membership: tokio::sync::Mutex::new(()),
             resyncs_running: Mutex::new(BTreeSet::new()),
@@ -396,34 +401,59 @@ impl VolumeReplica {
         }
     }
 
-    /// Primary: order, apply and replicate one write; returns its write-order point once every
-    /// in-sync replica has applied it (and fsynced it, if `durable`).
+    /// Check a block range (`ZeroBlocks`, `ReplicateZero`) against a volume of `size_blocks`.
+    fn check_blocks(&self, first: u64, count: u64, size_blocks: u64) -> Result<(), VolumeError> {
+        haven_proto::volume::check_block_range(first, count, size_blocks)
+            .map(|_| ())
+            .map_err(|e| VolumeError::invalid(format!("zeroing {}: {e}", self.vol)))
+    }
+
+    /// Primary: order, apply and replicate one write of whole blocks from `first_block`; returns
+    /// its write-order point once every in-sync replica has applied it (and fsynced it, if
+    /// `durable`).
     pub async fn write(
         self: &Arc<Self>,
         first_block: u64,
         data: Vec<Option<Vec<u8>>>,
         durable: bool,
     ) -> Result<u64, VolumeError> {
+        self.order(Payload::Blocks { first_block, data }, durable).await
+    }
+
+    /// Primary: zero `count` blocks from `first_block` (TRIM, WRITE_ZEROES), as range writes of
+    /// at most [`MAX_ZERO_BLOCKS_PER_MESSAGE`] blocks each, one after the other (each one write-
+    /// order point, acknowledged like any write), so no replica's apply of one grows with the
+    /// request. Returns the last point. On an error, earlier pieces may be applied.
+    pub async fn zero(self: &Arc<Self>, first_block: u64, count: u64, durable: bool) -> Result<u64, VolumeError> {
+        let mut last = None;
+        for (first, n) in zero_pieces(first_block, count, MAX_ZERO_BLOCKS_PER_MESSAGE) {
+            last = Some(self.order(Payload::Zero { first, count: n }, durable).await?);
+        }
+        last.ok_or_else(|| VolumeError::invalid(format!("zeroing no blocks at block {first_block}")))
+    }
+
+    /// Order, apply and replicate one write-order point.
+    async fn order(self: &Arc<Self>, payload: Payload, durable: bool) -> Result<u64, VolumeError> {
         let started = Instant::now();
         let _gate = self.gate.read().await;
         let epoch = self.primary_epoch()?;
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
-        let blocks: Vec<ReplicaBlock> = data
-            .into_iter()
-            .enumerate()
-            .map(|(i, d)| ReplicaBlock { block: first_block + i as u64, seq, data: d })
-            .collect();
-        let bytes: u64 = blocks.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum();
+        let write = payload.at(seq);
+        if matches!(write, PointWrite::Zero(_)) {
+            // Before any copy can see it: a resync reading after this knows to look for it.
+            self.last_zero_seq.fetch_max(seq, Ordering::SeqCst);
+        }
+        let bytes = write.data_bytes();
         let sync_targets = self.other_in_sync();
-        self.forward(epoch, seq, &blocks, bytes, durable);
+        self.forward(epoch, seq, &write, bytes, durable);
         // Copies of the payload: one per remote replica (the message owns it); the local write
         // takes the original.
-        let msg =
-            |blocks: Vec<ReplicaBlock>| DeviceMessage::Replicate { volume: self.vol, epoch, seq, blocks, durable };
-        let remote =
-            join_all(sync_targets.iter().map(|h| self.send_device(*h, msg(blocks.clone()), self.ack_timeout())));
-        let local_writes: Vec<BlockWrite> = blocks.into_iter().map(into_block_write).collect();
-        let local = self.seq.submit(epoch, seq, local_writes, durable);
+        let remote = join_all(
+            sync_targets
+                .iter()
+                .map(|h| self.send_device(*h, write.message(self.vol, epoch, durable), self.ack_timeout())),
+        );
+        let local = self.seq.submit_op(epoch, seq, write.into_store_op(), durable);
         let mut pending = PendingWrite::new(seq, epoch, sync_targets.iter().copied());
         let (local, remote) = futures::join!(local, remote);
         pending.local(local.is_ok());
@@ -461,10 +491,10 @@ impl VolumeReplica {
     }
 
     /// Feed resyncing and async followers (acknowledgement does not wait for them).
-    fn forward(self: &Arc<Self>, epoch: u64, seq: u64, blocks: &[ReplicaBlock], bytes: u64, durable: bool) {
+    fn forward(self: &Arc<Self>, epoch: u64, seq: u64, write: &PointWrite, bytes: u64, durable: bool) {
         let targets = self.followers.lock().expect("followers lock").forward(seq, bytes, Instant::now());
         for fwd in targets {
-            let msg = DeviceMessage::Replicate { volume: self.vol, epoch, seq, blocks: blocks.to_vec(), durable };
+            let msg = write.message(self.vol, epoch, durable);
             let me = Arc::downgrade(self);
             tokio::spawn(async move {
                 let Some(me) = me.upgrade() else { return };
@@ -553,20 +583,37 @@ impl VolumeReplica {
             DeviceMessage::WriteBlocks { offset, data, len, durable, .. } => {
                 let (first, count) =
                     self.check_range(offset, data.as_ref().map_or(len as u64, |d| d.len() as u64), true)?;
-                let blocks = split_blocks(data, count, self.block_size);
-                let seq = self.write(first, blocks, durable).await?;
+                let seq = match data {
+                    Some(data) => self.write(first, split_blocks(data, self.block_size), durable).await?,
+                    None => self.zero(first, count, durable).await?,
+                };
+                Ok(DeviceReply::Applied { seq })
+            }
+            DeviceMessage::ZeroBlocks { first_block, block_count, durable, .. } => {
+                self.check_blocks(first_block, block_count, self.record().size_blocks())?;
+                let seq = self.zero(first_block, block_count, durable).await?;
+                Ok(DeviceReply::Applied { seq })
+            }
+            DeviceMessage::ReplicateZero { epoch, seq, first_block, block_count, durable, .. } => {
+                self.check_epoch(epoch)?;
+                // The primary checked the range against the volume's size; a resize this host
+                // has not seen yet must not make it refuse (and drop out of the in-sync set), so
+                // the bound here is the largest volume, which keeps every key well-formed.
+                if block_count > MAX_ZERO_BLOCKS_PER_MESSAGE {
+                    return Err(VolumeError::invalid(format!(
+                        "{block_count} blocks zeroed in one message; the limit is {MAX_ZERO_BLOCKS_PER_MESSAGE}"
+                    )));
+                }
+                self.check_blocks(first_block, block_count, MAX_ZERO_BLOCKS_PER_REQUEST)?;
+                let op = StoreOp::Zero(ZeroRange { first: first_block, count: block_count, seq });
+                self.seq.submit_op(epoch, seq, op, durable).await.map_err(sequencer_error)?;
                 Ok(DeviceReply::Applied { seq })
             }
             DeviceMessage::Flush { .. } => self.flush().await.map(|()| DeviceReply::Done),
             DeviceMessage::Replicate { epoch, seq, blocks, durable, .. } => {
                 self.check_epoch(epoch)?;
                 let writes: Vec<BlockWrite> = blocks.into_iter().map(into_block_write).collect();
-                self.seq.submit(epoch, seq, writes, durable).await.map_err(|e| match e {
-                    SequencerError::StaleEpoch { .. } | SequencerError::Discarded { .. } => {
-                        VolumeError::not_primary(e.to_string())
-                    }
-                    other => VolumeError::internal(other),
-                })?;
+                self.seq.submit(epoch, seq, writes, durable).await.map_err(sequencer_error)?;
                 Ok(DeviceReply::Applied { seq })
             }
             DeviceMessage::SyncWal { epoch, .. } => {
@@ -670,9 +717,8 @@ impl VolumeReplica {
         req.validate().map_err(VolumeError::invalid)?;
         match req {
             VolumeRequest::Write { offset, data, .. } => {
-                let (first, count) = self.check_range(offset, data.len() as u64, true)?;
-                let blocks = split_blocks(Some(data), count, self.block_size);
-                let seq = self.write(first, blocks, true).await?;
+                let (first, _) = self.check_range(offset, data.len() as u64, true)?;
+                let seq = self.write(first, split_blocks(data, self.block_size), true).await?;
                 Ok(VolumeResponse::Written { seq })
             }
             VolumeRequest::Read { offset, len, snapshot, .. } => {
@@ -849,11 +895,86 @@ impl VolumeReplica {
     }
 }
 
-/// Split a write payload (or a zeroing of `count` blocks) into per-block contents.
-pub(crate) fn split_blocks(data: Option<Vec<u8>>, count: u64, block_size: u32) -> Vec<Option<Vec<u8>>> {
-    match data {
-        Some(d) => d.chunks(block_size as usize).map(|c| Some(c.to_vec())).collect(),
-        None => (0..count).map(|_| None).collect(),
+fn sequencer_error(e: SequencerError) -> VolumeError {
+    match e {
+        SequencerError::StaleEpoch { .. } | SequencerError::Discarded { .. } => VolumeError::not_primary(e.to_string()),
+        other => VolumeError::internal(other),
+    }
+}
+
+/// Split a write payload into per-block contents.
+pub(crate) fn split_blocks(data: Vec<u8>, block_size: u32) -> Vec<Option<Vec<u8>>> {
+    data.chunks(block_size as usize).map(|c| Some(c.to_vec())).collect()
+}
+
+/// The consecutive pieces `(first, count)` of at most `max_blocks` blocks that zeroing `count`
+/// blocks from `first` is ordered as.
+pub(crate) fn zero_pieces(first: u64, count: u64, max_blocks: u64) -> impl Iterator<Item = (u64, u64)> {
+    assert!(max_blocks > 0, "pieces must hold blocks");
+    (0..count.div_ceil(max_blocks)).map(move |i| {
+        let start = i * max_blocks;
+        (first + start, max_blocks.min(count - start))
+    })
+}
+
+/// What a write asks for, before it has a point.
+enum Payload {
+    Blocks { first_block: u64, data: Vec<Option<Vec<u8>>> },
+    Zero { first: u64, count: u64 },
+}
+
+impl Payload {
+    fn at(self, seq: u64) -> PointWrite {
+        match self {
+            Self::Blocks { first_block, data } => PointWrite::Blocks {
+                seq,
+                blocks: data
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, d)| ReplicaBlock { block: first_block + i as u64, seq, data: d })
+                    .collect(),
+            },
+            Self::Zero { first, count } => PointWrite::Zero(ZeroRange { first, count, seq }),
+        }
+    }
+}
+
+/// One ordered write as the primary replicates it: block versions, or a range zeroing (sent as
+/// a range, never as per-block entries).
+enum PointWrite {
+    Blocks { seq: u64, blocks: Vec<ReplicaBlock> },
+    Zero(ZeroRange),
+}
+
+impl PointWrite {
+    fn data_bytes(&self) -> u64 {
+        match self {
+            Self::Blocks { blocks, .. } => blocks.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum(),
+            Self::Zero(_) => 0,
+        }
+    }
+
+    fn message(&self, volume: VolumeId, epoch: u64, durable: bool) -> DeviceMessage {
+        match self {
+            Self::Blocks { seq, blocks } => {
+                DeviceMessage::Replicate { volume, epoch, seq: *seq, blocks: blocks.clone(), durable }
+            }
+            Self::Zero(z) => DeviceMessage::ReplicateZero {
+                volume,
+                epoch,
+                seq: z.seq,
+                first_block: z.first,
+                block_count: z.count,
+                durable,
+            },
+        }
+    }
+
+    fn into_store_op(self) -> StoreOp {
+        match self {
+            Self::Blocks { blocks, .. } => StoreOp::Blocks(blocks.into_iter().map(into_block_write).collect()),
+            Self::Zero(z) => StoreOp::Zero(z),
+        }
     }
 }
 
@@ -887,5 +1008,25 @@ pub(crate) fn from_content(block: u64, seq: u64, content: BlockContent) -> Repli
             BlockContent::Data(d) => Some(d),
             BlockContent::Zero => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zero_pieces;
+
+    #[test]
+    fn zeroings_split_into_consecutive_bounded_pieces() {
+        let pieces: Vec<_> = zero_pieces(10, 25, 10).collect();
+        assert_eq!(pieces, vec![(10, 10), (20, 10), (30, 5)]);
+        assert_eq!(zero_pieces(0, 10, 10).collect::<Vec<_>>(), vec![(0, 10)]);
+        assert_eq!(zero_pieces(7, 0, 10).count(), 0);
+        // 4 GiB of 4 KiB blocks at the real bound: a handful of pieces, not a million entries.
+        let max = haven_proto::limits::MAX_ZERO_BLOCKS_PER_MESSAGE;
+        let blocks = (4u64 << 30) / 4096;
+        let pieces: Vec<_> = zero_pieces(0, blocks, max).collect();
+        assert_eq!(pieces.len() as u64, blocks / max);
+        assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), blocks);
+        assert!(pieces.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
     }
 }

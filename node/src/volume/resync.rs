@@ -14,7 +14,9 @@
 //! 3. The primary sends, in chunks of [`RESYNC_CHUNK_BLOCKS`], the blocks changed in `(S, T]`
 //!    (common snapshot `S`) — or, with no common snapshot, the blocks whose hashes differ — as of
 //!    `T`. The replica applies each chunk durably, then advances its cursor, so an interruption
-//!    re-sends at most the chunk in flight.
+//!    re-sends at most the chunk in flight. Once a range zeroing was ordered after `T`, chunks
+//!    are read with no write in flight and carry each block's later versions too (a forwarded
+//!    range zeroing applied before a chunk cannot see the data the chunk brings).
 //! 4. With the gate held again and every forwarded write acknowledged, the primary adds the
 //!    replica to the in-sync set through Raft.
 //!
@@ -226,8 +228,10 @@ pub async fn receive(
     if !blocks.is_empty() {
         let writes: Vec<_> = blocks.iter().map(to_block_write).collect();
         let (store, vol, bs) = (replica.blocks.clone(), replica.vol, replica.block_size);
-        // Durable before the cursor moves past them.
-        tokio::task::spawn_blocking(move || store.apply(vol, bs, &writes, true))
+        // Durable before the cursor moves past them. Versions after `target` (see
+        // `send_chunk`) may be ahead of what this copy applied: they must not raise its
+        // high-water mark, or a restart would resume above points it has not applied.
+        tokio::task::spawn_blocking(move || store.apply_capped(vol, bs, &writes, true, target))
             .await
             .map_err(VolumeError::internal)?
             .map_err(VolumeError::internal)?;
@@ -404,29 +408,14 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, VolumeEr
         if follower_broken(replica, host) {
             return Err(VolumeError::unavailable("a forwarded write failed during resync"));
         }
-        let (store, vol, wanted) = (replica.blocks.clone(), replica.vol, chunk.to_vec());
-        let blocks = tokio::task::spawn_blocking(move || -> Result<Vec<ReplicaBlock>, VolumeError> {
-            wanted
-                .into_iter()
-                .map(|b| {
-                    Ok(match store.read_version(vol, b, Some(target)).map_err(VolumeError::internal)? {
-                        Some((seq, content)) => from_content(b, seq, content),
-                        None => ReplicaBlock { block: b, seq: 0, data: None },
-                    })
-                })
-                .collect()
-        })
-        .await
-        .map_err(VolumeError::internal)??;
-        let bytes: u64 = blocks.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum();
         let next_block = chunk.last().map_or(0, |b| b + 1);
-        replica
-            .send_device(
-                host,
-                DeviceMessage::ResyncBlocks { volume: replica.vol, epoch, target_seq: target, blocks, next_block },
-                long,
-            )
-            .await?;
+        let with_later = replica.last_zero_seq.load(Ordering::SeqCst) > target;
+        let mut bytes = send_chunk(replica, host, epoch, target, chunk, next_block, with_later, long).await?;
+        if !with_later && replica.last_zero_seq.load(Ordering::SeqCst) > target {
+            // A range zeroing was ordered while this chunk travelled: the copy may have applied
+            // it before the chunk, which then brought back data the range zeroed. Send it again.
+            bytes += send_chunk(replica, host, epoch, target, chunk, next_block, true, long).await?;
+        }
         sent_blocks += chunk.len() as u64;
         metrics::counter!("haven_resync_blocks_total").increment(chunk.len() as u64);
         metrics::counter!("haven_resync_bytes_total").increment(bytes);
@@ -518,6 +507,77 @@ async fn run(replica: &Arc<VolumeReplica>, host: NodeId) -> Result<u64, VolumeEr
         )
         .await;
     Ok(sent_blocks)
+}
+
+/// Send the blocks of `chunk` as of `target` (step 3); returns the data bytes sent.
+///
+/// `with_later`: a range zeroing was ordered after `target`. The copy applies forwarded writes
+/// while chunks arrive, and a range zeroing writes Zero versions only where data is stored when
+/// it is applied, so one applied before a chunk misses the blocks the chunk brings. So the chunk
+/// is read with no write in flight (every point handed out is applied here) and carries each
+/// block's later versions too, as this host holds them: the copy then holds every version a
+/// forwarded write would have left, whatever the order (versions are idempotent). Such a chunk
+/// may need several messages; only the last claims progress.
+#[allow(clippy::too_many_arguments)]
+async fn send_chunk(
+    replica: &Arc<VolumeReplica>,
+    host: NodeId,
+    epoch: u64,
+    target: u64,
+    chunk: &[u64],
+    next_block: u64,
+    with_later: bool,
+    long: Duration,
+) -> Result<u64, VolumeError> {
+    let _gate = match with_later {
+        true => Some(replica.gate.write().await),
+        false => None,
+    };
+    same_epoch(replica, epoch)?;
+    let (store, vol, wanted) = (replica.blocks.clone(), replica.vol, chunk.to_vec());
+    let versions = tokio::task::spawn_blocking(move || read_chunk(&store, vol, &wanted, target, with_later))
+        .await
+        .map_err(VolumeError::internal)??;
+    let bytes: u64 = versions.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum();
+    let messages: Vec<&[ReplicaBlock]> = versions.chunks(RESYNC_CHUNK_BLOCKS).collect();
+    let last = messages.len().saturating_sub(1);
+    for (i, part) in messages.into_iter().enumerate() {
+        // An earlier part claims only what earlier chunks covered.
+        let claim = if i == last { next_block } else { chunk.first().copied().unwrap_or(0) };
+        let msg = DeviceMessage::ResyncBlocks {
+            volume: vol,
+            epoch,
+            target_seq: target,
+            blocks: part.to_vec(),
+            next_block: claim,
+        };
+        replica.send_device(host, msg, long).await?;
+    }
+    Ok(bytes)
+}
+
+/// `blocks`' versions as of `target` (seq 0 Zero where there is none), each followed by its
+/// versions after `target` when `with_later`.
+fn read_chunk(
+    store: &BlockStore,
+    vol: VolumeId,
+    blocks: &[u64],
+    target: u64,
+    with_later: bool,
+) -> Result<Vec<ReplicaBlock>, VolumeError> {
+    let mut out = Vec::with_capacity(blocks.len());
+    for &b in blocks {
+        out.push(match store.read_version(vol, b, Some(target)).map_err(VolumeError::internal)? {
+            Some((seq, content)) => from_content(b, seq, content),
+            None => ReplicaBlock { block: b, seq: 0, data: None },
+        });
+        if with_later {
+            for (seq, content) in store.versions_after(vol, b, target).map_err(VolumeError::internal)? {
+                out.push(from_content(b, seq, content));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Blocks whose hashes differ between our view at `target` and the replica's current view.

@@ -4,7 +4,10 @@
 //! Writes reach a replica over concurrent streams, so write-order point `n + 1` may arrive before
 //! `n`. The core holds early arrivals until the gap fills; this driver then applies every
 //! contiguous ready point in ONE block-store batch (one WAL fsync for all of them when any asks
-//! for durability) and wakes their submitters. The replica's state is therefore always a prefix
+//! for durability) and wakes their submitters. A range zeroing is a point of its own kind
+//! ([`StoreOp::Zero`]): the ready points are applied in order as runs of block writes (one batch
+//! each) and single range zeroings, and only the last store call of a drain fsyncs (one WAL, so
+//! that fsync covers the earlier calls). The replica's state is therefore always a prefix
 //! of the primary's write order, which is what lets a newly promoted primary tell the others
 //! "drop everything after my last point" without losing an acknowledged write.
 //!
@@ -17,12 +20,12 @@ use std::sync::{Arc, Mutex};
 use haven_proto::VolumeId;
 use tokio::sync::oneshot;
 
-use super::blockstore::{BlockStore, BlockWrite};
+use super::blockstore::{BlockStore, BlockWrite, StoreOp};
 pub use super::core::sequencer::SequencerError;
 use super::core::sequencer::{Admit, SeqCore};
 
 struct Pending {
-    blocks: Vec<BlockWrite>,
+    op: StoreOp,
     durable: bool,
     waiters: Vec<oneshot::Sender<Result<(), SequencerError>>>,
 }
@@ -39,6 +42,18 @@ fn answer(points: Vec<(u64, Pending)>, err: impl Fn(u64) -> SequencerError) {
             let _ = w.send(Err(err(seq)));
         }
     }
+}
+
+/// The ready points' changes in order, consecutive block writes joined into one batch.
+fn runs(ops: impl Iterator<Item = StoreOp>) -> Vec<StoreOp> {
+    let mut out: Vec<StoreOp> = Vec::new();
+    for op in ops {
+        match (out.last_mut(), op) {
+            (Some(StoreOp::Blocks(run)), StoreOp::Blocks(more)) => run.extend(more),
+            (_, op) => out.push(op),
+        }
+    }
+    out
 }
 
 /// In-order, group-committed application of one volume replica's writes. Cheap to clone.
@@ -92,8 +107,16 @@ impl Sequencer {
         blocks: Vec<BlockWrite>,
         durable: bool,
     ) -> Result<(), SequencerError> {
+        self.submit_op(epoch, seq, StoreOp::Blocks(blocks), durable).await
+    }
+
+    /// [`Self::submit`] for any kind of point (block writes or a range zeroing at `seq`).
+    pub async fn submit_op(&self, epoch: u64, seq: u64, op: StoreOp, durable: bool) -> Result<(), SequencerError> {
+        if let StoreOp::Zero(z) = &op {
+            assert_eq!(z.seq, seq, "a range zeroing is applied at its own point");
+        }
         let (tx, rx) = oneshot::channel();
-        let admitted = self.core().admit(epoch, seq, Pending { blocks, durable, waiters: vec![tx] }, merge)?;
+        let admitted = self.core().admit(epoch, seq, Pending { op, durable, waiters: vec![tx] }, merge)?;
         match admitted {
             Admit::AlreadyApplied => return Ok(()),
             Admit::Queued { ready: true } => {
@@ -114,8 +137,8 @@ impl Sequencer {
                 return;
             }
             let durable = batch.iter().any(|(_, p)| p.durable);
-            let writes: Vec<BlockWrite> = batch.iter_mut().flat_map(|(_, p)| std::mem::take(&mut p.blocks)).collect();
-            let result = self.store_batch(writes, durable).await;
+            let ops = runs(batch.iter_mut().map(|(_, p)| std::mem::replace(&mut p.op, StoreOp::Blocks(Vec::new()))));
+            let result = self.store_ops(ops, durable).await;
             let mut core = self.core();
             match result {
                 Ok(()) => {
@@ -139,6 +162,27 @@ impl Sequencer {
             }
             drop(guard);
         }
+    }
+
+    /// Apply `ops` in order; when `durable`, the last call fsyncs the WAL (one WAL for every
+    /// column family, so that covers the earlier calls too).
+    async fn store_ops(&self, ops: Vec<StoreOp>, durable: bool) -> Result<(), String> {
+        let last = ops.len().saturating_sub(1);
+        for (i, op) in ops.into_iter().enumerate() {
+            let sync = durable && i == last;
+            match op {
+                StoreOp::Blocks(writes) => self.store_batch(writes, sync).await?,
+                StoreOp::Zero(range) => {
+                    let (store, vol) = (self.store.clone(), self.vol);
+                    let zeroed = tokio::task::spawn_blocking(move || store.zero_range(vol, range, sync))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    metrics::counter!("haven_volume_zeroed_blocks_total").increment(zeroed);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Durability: when any point in the batch asked for it, returns only after the WAL
@@ -199,5 +243,35 @@ impl Sequencer {
         };
         answer(discarded, |seq| SequencerError::Discarded { seq, epoch });
         next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::blockstore::{BlockContent, ZeroRange};
+
+    fn blocks(seq: u64) -> StoreOp {
+        StoreOp::Blocks(vec![BlockWrite { block: seq, seq, content: BlockContent::Zero }])
+    }
+
+    fn zero(seq: u64) -> StoreOp {
+        StoreOp::Zero(ZeroRange { first: 0, count: 10, seq })
+    }
+
+    fn shape(ops: &[StoreOp]) -> Vec<String> {
+        ops.iter()
+            .map(|op| match op {
+                StoreOp::Blocks(w) => format!("b{:?}", w.iter().map(|w| w.seq).collect::<Vec<_>>()),
+                StoreOp::Zero(z) => format!("z{}", z.seq),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_keep_the_write_order_around_range_zeroings() {
+        let ops = runs([blocks(1), blocks(2), zero(3), zero(4), blocks(5), blocks(6)].into_iter());
+        assert_eq!(shape(&ops), ["b[1, 2]", "z3", "z4", "b[5, 6]"]);
+        assert!(runs(std::iter::empty()).is_empty());
     }
 }

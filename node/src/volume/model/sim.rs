@@ -9,7 +9,7 @@ use haven_proto::NodeId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::store::{Store, WriteId};
+use super::store::{is_data, Store, WriteId, ZEROING};
 use super::BLOCKS;
 use crate::volume::core::ack::{AckDecision, PendingWrite};
 use crate::volume::core::cursor::{transfer_plan, Cursor};
@@ -17,8 +17,30 @@ use crate::volume::core::lease::{Grants, ReadLease};
 use crate::volume::core::primary::{CopyState, FollowKind, Followers, Forward};
 use crate::volume::core::sequencer::{Admit, SeqCore};
 
-/// A point's blocks: (block, point, write).
-type Payload = Vec<(u64, u64, WriteId)>;
+/// What a point writes: blocks (block, point, write), or a range zeroing as the real replica
+/// sends it (`ReplicateZero`).
+#[derive(Debug, Clone)]
+enum Payload {
+    Blocks(Vec<(u64, u64, WriteId)>),
+    Zero { first: u64, count: u64, point: u64, write: WriteId },
+}
+
+impl Payload {
+    fn has_write(&self, write: WriteId) -> bool {
+        match self {
+            Self::Blocks(b) => b.iter().any(|(_, _, w)| *w == write),
+            Self::Zero { write: w, .. } => *w == write,
+        }
+    }
+
+    /// The sequencer driver's apply (`StoreOp::Blocks` or `StoreOp::Zero`).
+    fn apply_to(&self, store: &mut Store) {
+        match self {
+            Self::Blocks(b) => store.apply(b),
+            Self::Zero { first, count, point, write } => store.zero_range(*first, *count, *point, *write),
+        }
+    }
+}
 
 /// Milliseconds a primary waits for a replica's acknowledgement.
 const ACK_TIMEOUT_MS: u64 = 60;
@@ -38,12 +60,15 @@ pub struct Config {
     /// Primaries serve reads only under a read lease, and failover waits for it to lapse
     /// (`volume::core::lease`). Off: the code before issue 11's race 4 was fixed.
     pub read_leases: bool,
+    /// Clients also zero block ranges (TRIM / WRITE_ZEROES, replicated as one range per point).
+    /// Off: the schedules as they were before range zeroing existed.
+    pub zeroings: bool,
 }
 
 impl Config {
     pub fn new(replicas: usize) -> Self {
         assert!(replicas == 1 || replicas == 3, "the model runs 1 or 3 replicas");
-        Self { replicas, steps: 300, read_leases: true }
+        Self { replicas, steps: 300, read_leases: true, zeroings: true }
     }
 }
 
@@ -58,6 +83,7 @@ pub struct Stats {
     pub snapshots: u64,
     pub rollbacks: u64,
     pub resyncs: u64,
+    pub zeroings: u64,
     pub reversals: u64,
     pub crashes: u64,
     pub cuts: u64,
@@ -87,6 +113,7 @@ impl Stats {
             ("snapshot", &mut self.snapshots),
             ("rollback", &mut self.rollbacks),
             ("finished resync", &mut self.resyncs),
+            ("range zeroing", &mut self.zeroings),
             ("reversal", &mut self.reversals),
             ("crash", &mut self.crashes),
             ("link cut", &mut self.cuts),
@@ -166,6 +193,8 @@ struct Node {
     inflight: BTreeMap<WriteId, Inflight>,
     resyncs: BTreeMap<usize, Resync>,
     lease: ReadLease,
+    /// Primary only: the newest point handed to a range zeroing (`VolumeReplica::last_zero_seq`).
+    last_zero: u64,
 }
 
 impl Node {
@@ -182,6 +211,7 @@ impl Node {
             inflight: BTreeMap::new(),
             resyncs: BTreeMap::new(),
             lease: ReadLease::default(),
+            last_zero: 0,
         }
     }
 
@@ -209,8 +239,8 @@ pub struct World {
     head: Option<usize>,
     /// Acknowledged writes a rollback has not removed: write → (point, epoch, node).
     acked: BTreeMap<WriteId, (u64, u64, usize)>,
-    /// The block each write went to.
-    write_block: BTreeMap<WriteId, u64>,
+    /// The blocks each write went to: (first, count, a range zeroing).
+    write_block: BTreeMap<WriteId, (u64, u64, bool)>,
     /// The leader's record of lease requests (one leader, in office from the start).
     grants: Grants,
     next_renewal: u64,
@@ -287,8 +317,14 @@ impl World {
         let n = self.rng.random_range(0..self.nodes.len());
         // Mostly the primary acts; sometimes a node that merely believes it is primary.
         let p = if self.rng.random_bool(0.9) { self.cat.primary } else { n };
-        match self.rng.random_range(0..100) {
+        let roll = self.rng.random_range(0..100);
+        match roll {
             0..28 => self.deliver_one(),
+            37..40 if self.cfg.zeroings => {
+                let first = self.rng.random_range(0..BLOCKS);
+                let count = self.rng.random_range(1..=BLOCKS - first);
+                self.client_zero(p, first, count)
+            }
             28..40 => {
                 let block = self.rng.random_range(0..BLOCKS);
                 self.client_write(p, block)
@@ -410,8 +446,9 @@ impl World {
             if batch.is_empty() {
                 return;
             }
-            let writes: Payload = batch.iter().flat_map(|(_, p)| p.iter().copied()).collect();
-            self.nodes[n].store.apply(&writes);
+            for (_, p) in &batch {
+                p.apply_to(&mut self.nodes[n].store);
+            }
             self.nodes[n].seq.applied(batch.len() as u64);
             for (point, _) in batch {
                 self.answer(n, point, true);
@@ -455,17 +492,32 @@ impl World {
     // ---- primary side: writes --------------------------------------------------------------
 
     fn client_write(&mut self, n: usize, block: u64) -> Check {
+        self.order(n, block, 1, |point, write| Payload::Blocks(vec![(block, point, write)]))
+    }
+
+    /// A TRIM / WRITE_ZEROES of `count` blocks from `first`: one point, replicated as a range.
+    fn client_zero(&mut self, n: usize, first: u64, count: u64) -> Check {
+        if matches!(self.nodes[n].role, Role::Primary { .. }) && self.nodes[n].up {
+            self.stats.zeroings += 1;
+            self.nodes[n].last_zero = self.nodes[n].next;
+        }
+        self.order(n, first, count, |point, write| Payload::Zero { first, count, point, write })
+    }
+
+    /// The primary's `order`: one point for `payload`, applied here and replicated.
+    fn order(&mut self, n: usize, first: u64, count: u64, payload: impl Fn(u64, WriteId) -> Payload) -> Check {
         let Role::Primary { epoch } = self.nodes[n].role else { return Ok(()) };
         if !self.nodes[n].up {
             return Ok(());
         }
-        let write = self.next_write;
-        self.next_write += 1;
-        self.write_block.insert(write, block);
         let point = self.nodes[n].next;
+        let zeroing = matches!(payload(point, 0), Payload::Zero { .. });
+        let write = self.next_write | if zeroing { ZEROING } else { 0 };
+        self.next_write += 1;
         self.nodes[n].next += 1;
-        let payload = vec![(block, point, write)];
-        self.log(|| format!("n{n} write {write} block {block} at point {point} epoch {epoch}"));
+        let payload = payload(point, write);
+        self.write_block.insert(write, (first, count, zeroing));
+        self.log(|| format!("n{n} write {write} blocks {first}+{count} at point {point} epoch {epoch}"));
         if self.is_head(n) {
             self.lineage.insert(point, payload.clone());
         }
@@ -564,7 +616,7 @@ impl World {
         if let Some(other) = self.ack_epochs.insert(epoch, n).filter(|o| *o != n) {
             return Err(format!("nodes {other} and {n} both acknowledged writes in epoch {epoch}"));
         }
-        if !self.lineage.get(&point).is_some_and(|p| p.iter().any(|(_, _, w)| *w == write)) {
+        if !self.lineage.get(&point).is_some_and(|p| p.has_write(write)) {
             return Err(format!(
                 "node {n} acknowledged write {write} at point {point}, which the lineage does not hold"
             ));
@@ -687,8 +739,12 @@ impl World {
 
     /// `n`'s content as of `point` must be the lineage's.
     fn check_copy(&self, n: usize, point: u64, why: &str) -> Check {
-        let want = self.lineage_content(point);
-        let have = self.nodes[n].store.content(point, BLOCKS);
+        // Zeroes are zeroes whichever zeroing left them (a copy may hold a zeroing's version
+        // where the primary, holding no data there, never stored one): compare contents.
+        let contents =
+            |c: Vec<WriteId>| -> Vec<WriteId> { c.into_iter().map(|w| if is_data(w) { w } else { 0 }).collect() };
+        let want = contents(self.lineage_content(point));
+        let have = contents(self.nodes[n].store.content(point, BLOCKS));
         if want != have {
             return Err(format!(
                 "node {n} ({why}) holds {have:?} at point {point}, but the primary's write order gives {want:?}"
@@ -700,8 +756,19 @@ impl World {
     fn lineage_content(&self, point: u64) -> Vec<WriteId> {
         let mut content = vec![0; BLOCKS as usize];
         for payload in self.lineage.range(..=point).map(|(_, p)| p) {
-            for &(block, _, w) in payload {
-                content[block as usize] = w;
+            match payload {
+                Payload::Blocks(b) => {
+                    for &(block, _, w) in b {
+                        content[block as usize] = w;
+                    }
+                }
+                Payload::Zero { first, count, write, .. } => {
+                    for b in (*first..first + count).filter(|b| *b < BLOCKS) {
+                        if is_data(content[b as usize]) {
+                            content[b as usize] = *write;
+                        }
+                    }
+                }
             }
         }
         content
@@ -788,7 +855,12 @@ impl World {
         let (_, w) = self.nodes[n].store.read(block, u64::MAX);
         let seen_point = if w == 0 { Some(0) } else { self.acked.get(&w).map(|a| a.0) };
         let Some(seen_point) = seen_point else { return Ok(()) }; // not acknowledged: no promise
-        let newer = self.acked.iter().find(|(id, (point, _, _))| self.write_block[id] == block && *point > seen_point);
+                                                                  // A zeroing changes only blocks holding data: one newer than a read of zeroes changed
+                                                                  // nothing the read shows.
+        let newer = self.acked.iter().find(|(id, (point, _, _))| {
+            let (first, count, zeroing) = self.write_block[id];
+            (first..first + count).contains(&block) && *point > seen_point && (!zeroing || is_data(w))
+        });
         if let Some((id, (point, _, by))) = newer {
             return Err(format!(
                 "node {n} (primary at epoch {epoch} in its own view) read block {block} as write {w}, but write \
@@ -1016,11 +1088,17 @@ impl World {
             return Ok(Step::Continue);
         }
         let chunk: Vec<u64> = r.to_send[r.sent..].iter().take(CHUNK_BLOCKS).copied().collect();
-        let blocks: Payload = chunk
+        // Once a range zeroing was ordered after the target, each block travels with its later
+        // versions (`resync::send_chunk`): a forwarded zeroing applied before this chunk could
+        // not see the data the chunk brings.
+        let with_later = self.nodes[n].last_zero > target;
+        let store = &self.nodes[n].store;
+        let blocks: Vec<(u64, u64, WriteId)> = chunk
             .iter()
-            .map(|b| {
-                let (seq, w) = self.nodes[n].store.read(*b, target);
-                (*b, seq, w)
+            .flat_map(|b| {
+                let (seq, w) = store.read(*b, target);
+                let later = if with_later { store.versions_after(*b, target) } else { Vec::new() };
+                std::iter::once((*b, seq, w)).chain(later.into_iter().map(|(s, w)| (*b, s, w)))
             })
             .collect();
         let next_block = chunk.last().map_or(0, |b| b + 1);
@@ -1108,7 +1186,14 @@ impl World {
     }
 
     /// Replica side of steps 2 and 3 (`resync::receive`).
-    fn replica_receive(&mut self, h: usize, epoch: u64, target: u64, blocks: Payload, next_block: u64) -> bool {
+    fn replica_receive(
+        &mut self,
+        h: usize,
+        epoch: u64,
+        target: u64,
+        blocks: Vec<(u64, u64, WriteId)>,
+        next_block: u64,
+    ) -> bool {
         if !self.check_epoch(h, epoch) {
             return false;
         }
@@ -1120,7 +1205,7 @@ impl World {
         };
         self.discard(h, discarded);
         if !blocks.is_empty() {
-            self.nodes[h].store.apply(&blocks);
+            self.nodes[h].store.apply_capped(&blocks, target);
             cursor.received_below(next_block);
         }
         self.nodes[h].store.cursor = Some(cursor);
@@ -1245,7 +1330,7 @@ impl World {
         let last = self.nodes[p].next - 1;
         self.check_copy(p, last, "primary at the end")?;
         for (w, (point, _, by)) in &self.acked {
-            if !self.lineage.get(point).is_some_and(|pl| pl.iter().any(|(_, _, x)| x == w)) {
+            if !self.lineage.get(point).is_some_and(|pl| pl.has_write(*w)) {
                 return Err(format!("write {w} acknowledged by node {by} at point {point} is not in the lineage"));
             }
         }

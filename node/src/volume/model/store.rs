@@ -9,6 +9,14 @@ use crate::volume::core::cursor::Cursor;
 /// A write's identity; 0 is "never written" (zeroes).
 pub type WriteId = u64;
 
+/// Set in the id of a range zeroing: its versions read as zeroes.
+pub const ZEROING: WriteId = 1 << 63;
+
+/// Whether a version of write `w` holds data (not zeroes).
+pub fn is_data(w: WriteId) -> bool {
+    w != 0 && w & ZEROING == 0
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Store {
     /// block → (point → write).
@@ -21,11 +29,37 @@ pub struct Store {
 
 impl Store {
     pub fn apply(&mut self, writes: &[(u64, u64, WriteId)]) {
+        self.apply_capped(writes, u64::MAX);
+    }
+
+    /// `apply`, raising the high-water mark to at most `cap` (a resync's later versions).
+    pub fn apply_capped(&mut self, writes: &[(u64, u64, WriteId)], cap: u64) {
         for &(block, seq, w) in writes {
             self.versions.entry(block).or_default().insert(seq, w);
-            self.hwm = self.hwm.max(seq);
+            self.hwm = self.hwm.max(seq.min(cap));
             self.retain(block);
         }
+    }
+
+    /// The real block store's range zeroing: a Zero version (of the zeroing write `w`) at
+    /// `point` only for the blocks in `[first, first + count)` whose newest version below
+    /// `point` is data, and none where a version at `point` is stored already.
+    pub fn zero_range(&mut self, first: u64, count: u64, point: u64, w: WriteId) {
+        assert!(!is_data(w), "a zeroing's versions are zeroes");
+        let stored: Vec<u64> = self.versions.range(first..first + count).map(|(b, _)| *b).collect();
+        for b in stored {
+            let v = self.versions.get_mut(&b).expect("listed");
+            if !v.contains_key(&point) && v.range(..point).next_back().is_some_and(|(_, w)| is_data(*w)) {
+                v.insert(point, w);
+                self.retain(b);
+            }
+        }
+        self.hwm = self.hwm.max(point);
+    }
+
+    /// Every version of `block` after `after`: (point, write).
+    pub fn versions_after(&self, block: u64, after: u64) -> Vec<(u64, WriteId)> {
+        self.versions.get(&block).map_or(Vec::new(), |v| v.range(after + 1..).map(|(s, w)| (*s, *w)).collect())
     }
 
     /// The real block store's retention rule: per block, only the newest version in each
