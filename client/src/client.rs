@@ -323,7 +323,12 @@ impl HavenClient {
                 Err(f @ Failure::Final(_)) => return Err(f.into_error()),
                 Err(Failure::Unknown { reason, moved_to }) => {
                     self.after_unknown(target, moved_to);
-                    if !request_is_idempotent(&request) {
+                    // A stalled request may still be applied after the client gave up on it (a
+                    // node that forwarded it retries on its own). Re-sending a write then lets the
+                    // stalled copy land after the caller's next write and undo it, even when the
+                    // write is idempotent on its own: only what changes nothing is re-sent.
+                    let stalled_change = moved_to.is_some() && !request_is_read_only(&request);
+                    if !request_is_idempotent(&request) || stalled_change {
                         return Err(ClientError::Indeterminate(format!("{target}: {reason}")));
                     }
                     last = format!("{target}: {reason}");
