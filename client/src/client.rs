@@ -9,7 +9,8 @@
 //! and once another member is shown to lead in a newer term it stops waiting, points its leader
 //! hint at the new leader and, if the stalled node has stopped answering too, closes its
 //! connection so no later request reuses it. The stalled request is then handled
-//! like any request whose outcome is unknown: re-sent when idempotent, `Indeterminate` otherwise.
+//! like a request whose outcome is unknown, except that only a request that changes nothing is
+//! re-sent: a stalled write is `Indeterminate` even when idempotent (see [`HavenClient::call`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
