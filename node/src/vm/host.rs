@@ -65,9 +65,17 @@ pub(super) fn spec_of(r: &VmRecord) -> GuestSpec {
     }
 }
 
+/// The source's report of a migration in progress. The stream's end is not the migration's: the
+/// VM moves only once the catalog commit lands (`commit_recorded`), and only then does the host
+/// report "done"; until then the finished stream reports "committing". (A report of "done"
+/// before the commit let a client see the VM still at the source after "done".)
 fn report_from(p: &MigrationProgress, to: NodeId) -> MigrationReport {
+    let phase = match p.phase {
+        migration::Phase::Done => "committing".to_string(),
+        other => format!("{other:?}").to_lowercase(),
+    };
     MigrationReport {
-        phase: format!("{:?}", p.phase).to_lowercase(),
+        phase,
         to: Some(to),
         round: p.round,
         bytes_sent: p.bytes_sent,
