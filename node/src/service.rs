@@ -189,9 +189,12 @@ impl NodeService {
     ) -> Result<openraft::raft::InstallSnapshotResponse<u64>, RaftError<u64, openraft::error::InstallSnapshotError>>
     {
         let received = Instant::now();
+        let sender = req.vote;
         let reply = self.raft.install_snapshot(req).await;
-        if let (Ok(r), Some(e)) = (&reply, &self.elections) {
-            if r.vote == self.raft.metrics().borrow().vote {
+        // From this node's leader: the sender's vote is the one this node now holds (a stale
+        // leader's chunk is answered with this node's higher vote, and is no contact).
+        if let (Ok(_), Some(e)) = (&reply, &self.elections) {
+            if sender == self.raft.metrics().borrow().vote {
                 e.contact(received);
             }
         }
