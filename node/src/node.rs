@@ -93,12 +93,8 @@ pub async fn run(
     let leader_contact = crate::raft::network::LeaderContact::default();
     let raft_runtime = RaftRuntime::new(cfg.raft.dedicated_threads).context("starting Raft's threads")?;
     let log_store = LogStore::new(store.clone()).context("starting the WAL sync thread")?;
-    let elections = cfg
-        .raft
-        .prevote
-        .then(|| Elections::new(cfg.id, &cfg.raft, log_store.clone(), std::time::Instant::now()))
-        .transpose()
-        .map_err(|e| anyhow!(e))?;
+    let elections =
+        cfg.raft.prevote.then(|| Elections::new(&raft_config, log_store.clone(), std::time::Instant::now()));
     let raft = raft_runtime
         .run(Raft::new(
             cfg.id,

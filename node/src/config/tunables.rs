@@ -52,8 +52,9 @@ pub struct FenceTunables {
     /// A host without quorum contact this long pauses its guests. It must exceed the worst
     /// election (no leader sends heartbeats meanwhile, and a healthy host must not fence): with
     /// the default Raft timing (election timeouts 80–160 ms, staggered by node id) failover takes
-    /// about 200–300 ms, a split vote a few hundred more, and a restarted member holds back its
-    /// own elections for 6 × the longest election timeout (~1 s). 4 s leaves a wide margin; the
+    /// about 200–300 ms, a split vote a few hundred more, and (only with `raft.prevote` off) a
+    /// restarted member holds back its own elections for 6 × the longest election timeout
+    /// (~1 s). 4 s leaves a wide margin; the
     /// cost is that a failing-back plan waits this long (plus the margin) before restoring a
     /// group whose destination went silent. [`FenceTunables::validate`] requires at least ten
     /// longest election timeouts.

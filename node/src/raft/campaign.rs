@@ -22,7 +22,6 @@ use tracing::{debug, info};
 use super::election::{is_majority, prevote_granted, Decision, ElectionTimer, LogPos, Refusal};
 use super::log_store::LogStore;
 use super::{decode, encode, LogId, Raft};
-use crate::config::RaftTunables;
 use crate::transport::Transport;
 
 /// Ticks per heartbeat interval (a 15 ms heartbeat ticks every 5 ms).
@@ -78,13 +77,14 @@ pub struct Elections {
 impl Elections {
     /// The timer for node `id`: it campaigns after its band's lease plus a timeout drawn from
     /// its band (what openraft 0.9's own timer waited), plus any stall allowance.
-    pub fn new(id: u64, tunables: &RaftTunables, log: LogStore, now: Instant) -> Result<Self, String> {
-        let cfg = tunables.to_openraft(id)?;
+    /// `cfg` is this node's openraft configuration (`RaftTunables::to_openraft`: its band).
+    pub fn new(cfg: &openraft::Config, log: LogStore, now: Instant) -> Self {
         let lease = Duration::from_millis(cfg.election_timeout_max);
         let timeout = rand::rng().random_range(cfg.election_timeout_min..=cfg.election_timeout_max);
         let wait = lease + Duration::from_millis(timeout);
-        let tick = (tunables.heartbeat() / TICKS_PER_HEARTBEAT).max(Duration::from_millis(1));
-        Ok(Self { timer: Arc::new(Mutex::new(ElectionTimer::new(now, wait, tick))), lease, tick, log })
+        let heartbeat = Duration::from_millis(cfg.heartbeat_interval);
+        let tick = (heartbeat / TICKS_PER_HEARTBEAT).max(Duration::from_millis(1));
+        Self { timer: Arc::new(Mutex::new(ElectionTimer::new(now, wait, tick))), lease, tick, log }
     }
 
     /// Leader contact at `at` (an AppendEntries or snapshot chunk from the current leader).
@@ -117,18 +117,19 @@ impl Elections {
             if metrics.has_changed().is_err() {
                 return; // Raft is gone
             }
-            let (leading, voters) = {
-                let m = metrics.borrow_and_update();
-                let membership = m.membership_config.membership();
-                let voters: Vec<(u64, String)> = membership
-                    .voter_ids()
-                    .filter_map(|v| membership.get_node(&v).map(|n| (v, n.addr.clone())))
-                    .collect();
-                (m.state == ServerState::Leader, voters)
-            };
+            let leading = metrics.borrow_and_update().state == ServerState::Leader;
             let decision = self.timer.lock().expect("election timer lock").tick(Instant::now(), leading);
-            if decision != Decision::Campaign || !voters.iter().any(|(v, _)| *v == id) {
+            if decision != Decision::Campaign {
                 continue;
+            }
+            // The voters only when campaigning, not on every tick.
+            let voters: Vec<(u64, String)> = {
+                let m = metrics.borrow();
+                let membership = m.membership_config.membership();
+                membership.voter_ids().filter_map(|v| membership.get_node(&v).map(|n| (v, n.addr.clone()))).collect()
+            };
+            if !voters.iter().any(|(v, _)| *v == id) {
+                continue; // a learner never campaigns
             }
             // Whatever the outcome, the next attempt is a full wait away.
             self.contact(Instant::now());
@@ -195,13 +196,14 @@ async fn ask(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RaftTunables;
 
     #[test]
     fn a_voter_that_hears_its_leader_refuses() {
         let now = Instant::now();
         let dir = tempfile::tempdir().unwrap();
         let log = LogStore::new(crate::storage::Store::open(dir.path()).unwrap()).unwrap();
-        let e = Elections::new(2, &RaftTunables::default(), log, now).unwrap();
+        let e = Elections::new(&RaftTunables::default().to_openraft(2).unwrap(), log, now);
         e.contact(now);
         let req = PreVoteRequest { candidate: 1, last_log_id: None };
         assert_eq!(e.answer(&req, now + Duration::from_millis(10)).granted, Err(PreVoteRefusal::LeaderRecent));
@@ -218,7 +220,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = LogStore::new(crate::storage::Store::open(dir.path()).unwrap()).unwrap();
         for _ in 0..100 {
-            let all: Vec<Elections> = (1..=3).map(|id| Elections::new(id, &t, log.clone(), now).unwrap()).collect();
+            let all: Vec<Elections> =
+                (1..=3).map(|id| Elections::new(&t.to_openraft(id).unwrap(), log.clone(), now)).collect();
             let waits: Vec<Duration> = all.iter().map(|e| e.timer.lock().unwrap().wait()).collect();
             let leases: Vec<Duration> = all.iter().map(|e| e.lease).collect();
             assert!(waits.iter().min() > leases.iter().max(), "waits {waits:?} leases {leases:?}");
