@@ -212,6 +212,19 @@ mod tests {
     fn raft() -> Body {
         Body::Raft { rpc: RaftRpc::Vote, payload: vec![] }
     }
+    fn prevote() -> Body {
+        Body::Raft { rpc: RaftRpc::PreVote, payload: vec![] }
+    }
+    fn zero_range() -> Body {
+        Body::Actor(ActorMessage::Device(DeviceMessage::ReplicateZero {
+            volume: VolumeId(1),
+            epoch: 1,
+            seq: 1,
+            first_block: 0,
+            block_count: 1 << 20,
+            durable: true,
+        }))
+    }
     fn propose() -> Body {
         Body::Node(NodeRequest::Propose { command: haven_proto::CatalogCommand::KvDelete { key: "k".into() } })
     }
@@ -241,7 +254,7 @@ mod tests {
 
     #[test]
     fn node_only_messages_are_refused_to_every_client_role() {
-        for body in [raft(), propose(), device(), group(), incoming()] {
+        for body in [raft(), prevote(), zero_range(), propose(), device(), group(), incoming()] {
             assert_eq!(ask(&node(2), body.clone()), Ok(node(2)));
             for c in [admin(), reader()] {
                 assert!(matches!(ask(&c, body.clone()), Err(Refusal::NodeOnly { .. })), "{body:?} from {c}");

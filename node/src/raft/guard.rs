@@ -184,6 +184,16 @@ mod tests {
     }
 
     #[test]
+    fn prevotes_are_bounded_and_bound_to_the_sender() {
+        assert_eq!(check_prevote(2, Some(&log_id(6, 40)), 2), Ok(()));
+        assert_eq!(check_prevote(2, None, 2), Ok(()));
+        let err = check_prevote(3, None, 2).unwrap_err();
+        assert_eq!(err, GuardError::NotFromSender { rpc: "PreVote", role: "candidate", claimed: 3, from: 2 });
+        assert_eq!(check_prevote(2, Some(&log_id(u64::MAX, 1)), 2).unwrap_err().reason(), "term_too_high");
+        assert_eq!(check_prevote(2, Some(&log_id(1, u64::MAX)), 2).unwrap_err().reason(), "index_too_high");
+    }
+
+    #[test]
     fn vote_requests_are_bounded_and_bound_to_the_sender() {
         let ok = VoteRequest { vote: Vote::new(7, 2), last_log_id: Some(log_id(6, 40)) };
         assert_eq!(check_vote_request(&ok, 2), Ok(()));
