@@ -6,6 +6,7 @@
 //! `haven-node` processes for the whole-system benchmarks. It measures nothing by itself.
 
 pub mod cluster;
+pub mod fio;
 pub mod latency;
 pub mod report;
 pub mod volume;

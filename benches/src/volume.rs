@@ -1,5 +1,5 @@
-//! Helpers for the volume benchmarks: `qemu-img bench` runs over NBD, a `qemu-nbd` baseline
-//! server, a node's Prometheus counters, and waits on a volume's catalog record.
+//! Helpers for the volume benchmarks: a `qemu-nbd` baseline server (fio drives it, see
+//! `fio`), a node's Prometheus counters, and waits on a volume's catalog record.
 //!
 //! Every helper fails with a message naming what it ran and what came back; none panics.
 
@@ -12,120 +12,6 @@ use anyhow::{bail, Context as _};
 use haven_client::proto::volume::VolumeRecord;
 use haven_client::HavenClient;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-/// One `qemu-img bench` run: `count` requests of `buffer` bytes, `depth` in flight, starting at
-/// `offset` and advancing by `step` (qemu-img wraps the offset modulo the image size, so a step
-/// that is an odd multiple of the block size on an image of a power-of-two number of blocks
-/// visits `count` distinct blocks in a scattered order).
-#[derive(Debug, Clone)]
-pub struct QemuBench {
-    pub write: bool,
-    pub buffer: u64,
-    pub count: u64,
-    pub depth: u32,
-    pub step: u64,
-    pub offset: u64,
-}
-
-/// What one `qemu-img bench` run measured.
-#[derive(Debug, Clone, Copy)]
-pub struct QemuBenchResult {
-    /// `Run completed in X seconds` as qemu-img reports it (the requests only, not the open).
-    pub elapsed: Duration,
-    pub ops: u64,
-    pub bytes: u64,
-}
-
-impl QemuBenchResult {
-    pub fn mib_per_s(&self) -> f64 {
-        self.bytes as f64 / (1u64 << 20) as f64 / self.elapsed.as_secs_f64()
-    }
-
-    pub fn iops(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64()
-    }
-
-    /// Mean time a request spends in flight with `depth` outstanding (Little's law), in µs.
-    pub fn mean_latency_us(&self, depth: u32) -> f64 {
-        self.elapsed.as_secs_f64() * 1e6 * depth as f64 / self.ops as f64
-    }
-}
-
-/// `4096` -> `4k`, `1048576` -> `1M`: the size spelling qemu-img accepts.
-pub fn qemu_size(bytes: u64) -> String {
-    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
-        format!("{}M", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
-        format!("{}k", bytes >> 10)
-    } else {
-        bytes.to_string()
-    }
-}
-
-impl QemuBench {
-    /// The arguments after `qemu-img`.
-    pub fn args(&self, url: &str) -> Vec<String> {
-        let mut a: Vec<String> = ["bench", "-f", "raw", "-t", "none"].iter().map(|s| s.to_string()).collect();
-        if self.write {
-            a.push("-w".into());
-        }
-        a.extend(["-s".into(), qemu_size(self.buffer), "-c".into(), self.count.to_string()]);
-        a.extend(["-d".into(), self.depth.to_string()]);
-        if self.step != self.buffer {
-            a.extend(["-S".into(), self.step.to_string()]);
-        }
-        if self.offset != 0 {
-            a.extend(["-o".into(), self.offset.to_string()]);
-        }
-        a.push(url.to_string());
-        a
-    }
-
-    /// The command line, quoted for a shell.
-    pub fn command_line(&self, url: &str) -> String {
-        let mut s = String::from("qemu-img");
-        for a in self.args(url) {
-            s.push(' ');
-            if a.contains(['/', ':', '?']) {
-                s.push_str(&format!("'{a}'"));
-            } else {
-                s.push_str(&a);
-            }
-        }
-        s
-    }
-
-    /// Run it against `url`, giving up after `timeout`.
-    pub async fn run(&self, url: &str, timeout: Duration) -> anyhow::Result<QemuBenchResult> {
-        let cmd = self.command_line(url);
-        let child = tokio::process::Command::new("qemu-img")
-            .args(self.args(url))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting `{cmd}` (is qemu-utils installed?)"))?;
-        let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Ok(r) => r.with_context(|| format!("running `{cmd}`"))?,
-            Err(_) => bail!("`{cmd}` did not finish within {timeout:?} (killed)"),
-        };
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        if !out.status.success() {
-            bail!("`{cmd}` failed ({}): {}", out.status, text.trim());
-        }
-        let secs = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Run completed in ")?.strip_suffix(" seconds.")?.parse::<f64>().ok())
-            .with_context(|| format!("`{cmd}` printed no `Run completed in X seconds.` line: {}", text.trim()))?;
-        Ok(QemuBenchResult {
-            // qemu-img prints milliseconds; a run below that is reported as 1 ms.
-            elapsed: Duration::from_secs_f64(secs.max(0.001)),
-            ops: self.count,
-            bytes: self.count * self.buffer,
-        })
-    }
-}
 
 /// The first line of `tool --version`, or why there is none.
 pub fn tool_version(tool: &str) -> String {
@@ -274,21 +160,5 @@ pub async fn wait_hosts(client: &HavenClient, n: usize, timeout: Duration) -> an
             bail!("catalog does not list {n} hosts after {timeout:?}; last seen: {last}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qemu_command_line() {
-        let b = QemuBench { write: true, buffer: 4096, count: 10, depth: 4, step: 4096 * 3, offset: 0 };
-        assert_eq!(
-            b.command_line("nbd://127.0.0.1:1/x"),
-            "qemu-img bench -f raw -t none -w -s 4k -c 10 -d 4 -S 12288 'nbd://127.0.0.1:1/x'"
-        );
-        assert_eq!(qemu_size(1 << 20), "1M");
-        assert_eq!(qemu_size(1000), "1000");
     }
 }

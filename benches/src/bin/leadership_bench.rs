@@ -14,7 +14,6 @@
 //! baseline, measured in the same run.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -22,6 +21,7 @@ use clap::Parser;
 use haven_benches::cluster::{
     await_new_leader, client_for, ClusterFlags, LeaderWatch, RunningCluster, HEALTHY_TIMEOUT,
 };
+use haven_benches::fio::{self, FioJob, FioRun};
 use haven_benches::latency::quantile_ms;
 use haven_benches::report::{exit_with, Cell, Report, RunFlags, Table, TargetCheck};
 use haven_benches::volume::{tool_version, wait_hosts};
@@ -51,9 +51,9 @@ struct Args {
     /// kill -9 rounds per configuration after the load (default 10; 3 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// fio block size.
-    #[arg(long, default_value = "1M")]
-    bs: String,
+    /// fio block size, in KiB.
+    #[arg(long, default_value_t = 1024)]
+    bs_kib: u64,
     /// fio queue depth.
     #[arg(long, default_value_t = 16)]
     iodepth: u32,
@@ -141,37 +141,13 @@ async fn watch_terms(
     }
 }
 
-/// Run fio against `url` for `secs`; returns the write throughput in MiB/s.
+/// Run fio's sequential-write load against `url` for `secs`; returns the write throughput in
+/// MiB/s.
 async fn run_fio(args: &Args, url: &str, secs: u64) -> anyhow::Result<f64> {
-    let mut cmd = tokio::process::Command::new("fio");
-    cmd.args([
-        "--name=load",
-        "--ioengine=nbd",
-        &format!("--uri={url}"),
-        "--rw=write",
-        &format!("--bs={}", args.bs),
-        &format!("--iodepth={}", args.iodepth),
-        &format!("--size={}M", args.volume_mib),
-        "--time_based",
-        &format!("--runtime={secs}"),
-        "--output-format=json",
-    ]);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let out = match cmd.output().await {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("fio not found: install it (Debian: apt-get install fio)")
-        }
-        other => other.context("running fio")?,
-    };
-    if !out.status.success() {
-        bail!("fio failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    // fio may print notes before the JSON document.
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let doc = stdout.find('{').map_or("", |i| &stdout[i..]);
-    let json: serde_json::Value = serde_json::from_str(doc).context("parsing fio's JSON output")?;
-    let bw_bytes = json["jobs"][0]["write"]["bw_bytes"].as_f64().context("fio output has no jobs[0].write.bw_bytes")?;
-    Ok(bw_bytes / (1 << 20) as f64)
+    let job = FioJob { name: "load", rw: "write", block_bytes: args.bs_kib.max(4) << 10, depth: args.iodepth, read_percent: None };
+    let run = FioRun { seconds: secs, ramp_seconds: 0, size_bytes: args.volume_mib << 20 };
+    let r = fio::run(&fio::args(&job, &run, url), Duration::from_secs(secs + 120)).await?;
+    Ok(r.write.mib_per_s())
 }
 
 /// Create a 1-replica volume on `leader` and wait until it takes a write.
@@ -275,7 +251,7 @@ fn report(args: &Args, outcomes: &[Outcome]) -> Report {
         "elections while fio saturates a volume on the Raft leader; leader failover after kill -9 (3-node loopback)",
     );
     report.param("secs", args.secs.unwrap_or(if args.run.quick { 15 } else { 60 }));
-    report.param("fio", format!("write bs={} iodepth={} ({})", args.bs, args.iodepth, tool_version("fio")));
+    report.param("fio", format!("write bs={}k iodepth={} ({})", args.bs_kib, args.iodepth, tool_version("fio")));
     report.param("election_timeout_ms", args.cluster.election_timeout_ms());
     let mut load = Table::new(
         "elections under load",
