@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use haven_client::wire::{self, Connector, TlsMaterial, WireIoError};
 use haven_proto::frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
-use haven_proto::{ActorAddr, ActorKind, Body, Caller, Envelope, EnvelopeFlags, ErrorCode, NodeId, ProtoError, WireError};
+use haven_proto::{
+    ActorAddr, ActorKind, Body, Caller, Envelope, EnvelopeFlags, ErrorCode, NodeId, ProtoError, WireError,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn, Instrument};

@@ -118,7 +118,8 @@ async fn a_stalled_then_killed_replica_loses_no_acknowledged_write_and_resyncs()
     let vol = v.id;
     let (primary, replica) = (v.primary.0, v.replicas.iter().find(|h| **h != v.primary).unwrap().0);
     let at_primary = client_of(&c, &[primary]);
-    eventually("volume served", || at_primary.write_volume(vol, 0, &pattern(0, 0))).await;
+    let first = pattern(0, 0);
+    eventually("volume served", || at_primary.write_volume(vol, 0, &first)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
@@ -158,7 +159,10 @@ async fn a_stalled_then_killed_replica_loses_no_acknowledged_write_and_resyncs()
     let seq_at_drop = at_primary.replication_status(vol).await.unwrap().next_seq;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let seq_stalled = at_primary.replication_status(vol).await.unwrap().next_seq;
-    assert!(seq_stalled > seq_at_drop + 10, "writes stopped while the replica was frozen ({seq_at_drop} → {seq_stalled})");
+    assert!(
+        seq_stalled > seq_at_drop + 10,
+        "writes stopped while the replica was frozen ({seq_at_drop} → {seq_stalled})"
+    );
 
     // Killed -9 while frozen; writes go on; then it comes back and is resynced.
     c.kill(replica).unwrap();
@@ -177,7 +181,8 @@ async fn a_stalled_then_killed_replica_loses_no_acknowledged_write_and_resyncs()
     })
     .await;
     // A write now needs the replica again: it goes on a new stream.
-    eventually("write after the resync", || at_primary.write_volume(vol, 0, &pattern(0, 1))).await;
+    let again = pattern(0, 1);
+    eventually("write after the resync", || at_primary.write_volume(vol, 0, &again)).await;
     assert!(metric(&c, NodeId(primary), "haven_volume_replication_streams_opened_total") >= 2.0);
 
     // Every acknowledged write is readable, and both copies are the same.
@@ -229,6 +234,7 @@ async fn a_client_certificate_cannot_open_a_replication_stream() {
     }
     assert!(metric(&c, NodeId(replica), "haven_authz_refused_total") >= before + 2.0);
     // The volume still replicates.
-    eventually("write", || client.write_volume(v.id, 0, &pattern(0, 7))).await;
+    let data = pattern(0, 7);
+    eventually("write", || client.write_volume(v.id, 0, &data)).await;
     c.stop_all(Duration::from_secs(5));
 }

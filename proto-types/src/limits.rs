@@ -58,8 +58,9 @@ fn device_message(d: &DeviceMessage) -> Result<(), String> {
             bytes("write", *len as usize, MAX_IO_LEN as usize)?;
             bytes("write data", data.as_ref().map_or(0, Vec::len), MAX_IO_LEN as usize)
         }
-        DeviceMessage::ResyncBlocks { blocks, .. }
-        | DeviceMessage::RepairBlocks { blocks, .. } => replica_blocks(blocks),
+        DeviceMessage::ResyncBlocks { blocks, .. } | DeviceMessage::RepairBlocks { blocks, .. } => {
+            replica_blocks(blocks)
+        }
         DeviceMessage::ResyncPrepare { snapshots, .. } => {
             count("snapshots", snapshots.len(), MAX_SNAPSHOTS_PER_MESSAGE)
         }
@@ -175,7 +176,12 @@ mod tests {
 
     fn zero(first_block: u64, block_count: u64) -> Body {
         let volume = VolumeId(1);
-        Body::Actor(ActorMessage::Device(DeviceMessage::ZeroBlocks { volume, first_block, block_count, durable: false }))
+        Body::Actor(ActorMessage::Device(DeviceMessage::ZeroBlocks {
+            volume,
+            first_block,
+            block_count,
+            durable: false,
+        }))
     }
 
     #[test]

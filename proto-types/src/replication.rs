@@ -203,7 +203,13 @@ mod tests {
             write(vec![]),
             write(vec![Some(vec![0; MAX_BLOCK_SIZE + 1])]),
             ReplRequest::Write { epoch: 1, seq: 1, first_block: u64::MAX, blocks: vec![None], durable: false },
-            ReplRequest::Zero { epoch: 1, seq: 1, first_block: 0, block_count: MAX_ZERO_BLOCKS_PER_MESSAGE + 1, durable: false },
+            ReplRequest::Zero {
+                epoch: 1,
+                seq: 1,
+                first_block: 0,
+                block_count: MAX_ZERO_BLOCKS_PER_MESSAGE + 1,
+                durable: false,
+            },
             ReplRequest::Zero { epoch: 1, seq: 1, first_block: u64::MAX - 1, block_count: 2, durable: false },
             ReplRequest::Zero { epoch: 1, seq: 1, first_block: 0, block_count: 0, durable: false },
         ];

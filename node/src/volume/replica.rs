@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
-use haven_proto::replication::ReplRequest;
 use haven_proto::limits::MAX_ZERO_BLOCKS_PER_MESSAGE;
+use haven_proto::replication::ReplRequest;
 use haven_proto::volume::{
     DeviceMessage, DeviceReply, ReplicaBlock, ReplicaProgress, VolumeCommand, VolumeOutcome, VolumeRecord,
     VolumeRequest, VolumeResponse,

@@ -396,7 +396,13 @@ fn refuse(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
 type Admitted = BoxFuture<'static, (Key, Outcome)>;
 
 /// Replica side of one stream: apply what `from` sends for `vol` until the stream ends.
-pub async fn serve(host: Arc<VolumeHost>, from: NodeId, vol: VolumeId, send: quinn::SendStream, mut recv: quinn::RecvStream) {
+pub async fn serve(
+    host: Arc<VolumeHost>,
+    from: NodeId,
+    vol: VolumeId,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let Some(engine) = wait_for_engine(&host, vol).await else {
         warn!(%vol, %from, "replication stream for a volume this host does not hold; refused");
         return refuse(send, recv);
@@ -521,7 +527,8 @@ mod tests {
 
     #[test]
     fn completed_points_are_acknowledged_as_runs_of_what_was_applied() {
-        let done = vec![ok(7), ok(5), ok(6), (Key::Point(8), Err("stale".into())), ok(9), ok(11), (Key::Sync(3), Ok(()))];
+        let done =
+            vec![ok(7), ok(5), ok(6), (Key::Point(8), Err("stale".into())), ok(9), ok(11), (Key::Sync(3), Ok(()))];
         assert_eq!(
             ack_runs(done),
             vec![
