@@ -10,7 +10,7 @@
 //! [`InboundHandler`] sees it. A bad frame is logged, counted in `haven_transport_errors_total`,
 //! and closes that peer's connection; a refused request is answered `PermissionDenied` and counted
 //! in `haven_authz_refused_total` — the node and its other connections carry on. Raft RPCs, other
-//! requests (actor messages, replicated blocks among them) and bulk flows use three separate
+//! requests (actor messages) and bulk flows (migration pages, volume replication) use three separate
 //! connections per peer ([`Transport::send`] picks by body; [`Transport::open_bulk`]), so
 //! neither replication traffic nor bulk congestion delays a heartbeat.
 //!
