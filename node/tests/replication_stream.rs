@@ -186,7 +186,7 @@ async fn a_stalled_then_killed_replica_loses_no_acknowledged_write_and_resyncs()
     assert!(metric(&c, NodeId(primary), "haven_volume_replication_streams_opened_total") >= 2.0);
 
     // Every acknowledged write is readable, and both copies are the same.
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     for block in 1..WRITERS * BLOCKS_PER_WRITER {
         let data = at_primary.read_volume(vol, block * BLOCK, BLOCK as u32, None).await.unwrap();
         ledger.check(block, counter_of(block, &data));
