@@ -9,7 +9,7 @@
 //!
 //! | request | node | admin | reader |
 //! |---|---|---|---|
-//! | Raft RPCs, node requests (internal catalog proposals), device/VM/group actor messages, bulk streams | yes | no | no |
+//! | Raft RPCs, node requests (internal catalog proposals), device/VM/group actor messages, bulk streams (migrations, volume replication) | yes | no | no |
 //! | a client's volume/VM request addressed to the device or VM actor | as through the node endpoint | | |
 //! | client writes, membership changes, volume and VM changes | yes | yes | no |
 //! | fault injection (`volume corrupt`) | only when the node runs with `--allow-fault-injection` | same | no |
@@ -139,6 +139,10 @@ pub fn required(body: &Body) -> (&'static str, Need) {
         // request through the node endpoint needs.
         Body::Actor(ActorMessage::Device(DeviceMessage::Client(v))) => volume_request(v),
         Body::Actor(ActorMessage::Vm(VmMessage::Client(v))) => vm_request(v),
+        // Opens a volume's replication stream (`volume::stream`): writes between replicas.
+        Body::Actor(ActorMessage::Device(DeviceMessage::ReplicationStream { .. })) => {
+            ("a replication stream", Need::Node)
+        }
         Body::Actor(ActorMessage::Device(_)) => ("a device message", Need::Node),
         Body::Actor(ActorMessage::Vm(VmMessage::Group(_))) => ("a group request", Need::Node),
         Body::Actor(ActorMessage::Vm(VmMessage::IncomingMigration { .. })) => ("an incoming migration", Need::Node),
@@ -215,15 +219,8 @@ mod tests {
     fn prevote() -> Body {
         Body::Raft { rpc: RaftRpc::PreVote, payload: vec![] }
     }
-    fn zero_range() -> Body {
-        Body::Actor(ActorMessage::Device(DeviceMessage::ReplicateZero {
-            volume: VolumeId(1),
-            epoch: 1,
-            seq: 1,
-            first_block: 0,
-            block_count: 1 << 20,
-            durable: true,
-        }))
+    fn replication_stream() -> Body {
+        Body::Actor(ActorMessage::Device(DeviceMessage::ReplicationStream { volume: VolumeId(1) }))
     }
     fn propose() -> Body {
         Body::Node(NodeRequest::Propose { command: haven_proto::CatalogCommand::KvDelete { key: "k".into() } })
@@ -254,12 +251,31 @@ mod tests {
 
     #[test]
     fn node_only_messages_are_refused_to_every_client_role() {
-        for body in [raft(), prevote(), zero_range(), propose(), device(), group(), incoming()] {
+        for body in [raft(), prevote(), replication_stream(), propose(), device(), group(), incoming()] {
             assert_eq!(ask(&node(2), body.clone()), Ok(node(2)));
             for c in [admin(), reader()] {
                 assert!(matches!(ask(&c, body.clone()), Err(Refusal::NodeOnly { .. })), "{body:?} from {c}");
             }
         }
+    }
+
+    #[test]
+    fn only_nodes_open_replication_streams() {
+        let body = replication_stream();
+        let open = |conn: &Caller| {
+            let sender = conn.node().unwrap_or(NodeId(0));
+            authorize(conn, &Request { sender, flags: EnvelopeFlags::STREAM, on_behalf_of: None, body: &body }, true)
+        };
+        assert_eq!(open(&node(2)), Ok(node(2)));
+        for c in [admin(), reader()] {
+            assert!(matches!(open(&c), Err(Refusal::Flags { .. })), "{c} opening a replication stream");
+        }
+        // Relayed for a client: refused whatever the relaying node may do itself.
+        let a = admin();
+        let req = Request { sender: NodeId(2), flags: EnvelopeFlags::STREAM, on_behalf_of: Some(&a), body: &body };
+        assert!(matches!(authorize(&node(2), &req, true), Err(Refusal::Relay { .. })));
+        let req = Request { sender: NodeId(2), flags: 0, on_behalf_of: Some(&a), body: &body };
+        assert!(matches!(authorize(&node(2), &req, true), Err(Refusal::NodeOnly { .. })));
     }
 
     #[test]

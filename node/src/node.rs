@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix::Actor;
 use anyhow::{anyhow, bail, Context as _};
 use haven_client::wire::TlsMaterial;
-use haven_proto::{ActorAddr, MemberSpec, NodeId};
+use haven_proto::{ActorAddr, ActorKind, MemberSpec, NodeId};
 use metrics_exporter_prometheus::PrometheusHandle;
 use openraft::ServerState;
 use tracing::{info, warn};
@@ -155,7 +155,8 @@ pub async fn run(
     );
     let host_agent = HostAgent::new(id, Some(vms.clone())).start();
     registry.register(ActorAddr::host_agent(id), host_agent.recipient());
-    transport.set_stream_handler(crate::vm::host::stream_handler(vms.clone()));
+    transport.set_stream_handler(ActorKind::Vm, crate::vm::host::stream_handler(vms.clone()));
+    transport.set_stream_handler(ActorKind::Device, crate::volume::stream::stream_handler(volumes.clone()));
     let service = Arc::new(NodeService {
         id,
         raft: raft.clone(),

@@ -10,7 +10,7 @@
 //! [`InboundHandler`] sees it. A bad frame is logged, counted in `haven_transport_errors_total`,
 //! and closes that peer's connection; a refused request is answered `PermissionDenied` and counted
 //! in `haven_authz_refused_total` — the node and its other connections carry on. Raft RPCs, other
-//! requests (actor messages, replicated blocks among them) and bulk flows use three separate
+//! requests (actor messages) and bulk flows (migration pages, volume replication) use three separate
 //! connections per peer ([`Transport::send`] picks by body; [`Transport::open_bulk`]), so
 //! neither replication traffic nor bulk congestion delays a heartbeat.
 //!
@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use haven_client::wire::{self, Connector, TlsMaterial, WireIoError};
 use haven_proto::frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
-use haven_proto::{ActorAddr, Body, Caller, Envelope, EnvelopeFlags, ErrorCode, NodeId, ProtoError, WireError};
+use haven_proto::{
+    ActorAddr, ActorKind, Body, Caller, Envelope, EnvelopeFlags, ErrorCode, NodeId, ProtoError, WireError,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn, Instrument};
@@ -117,10 +119,13 @@ struct Budgets {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Takes over a bulk stream opened by a request flagged [`EnvelopeFlags::STREAM`] (for example a
-/// live migration's page stream); it owns both halves from then on.
+/// Takes over a bulk stream opened by a request flagged [`EnvelopeFlags::STREAM`] (a live
+/// migration's page stream, a volume's replication stream); it owns both halves from then on.
 pub type StreamHandler =
     Arc<dyn Fn(Envelope, quinn::SendStream, quinn::RecvStream) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// The registered stream handlers, by the kind of actor a stream's opening envelope is for.
+type StreamHandlers = Arc<std::sync::RwLock<HashMap<ActorKind, StreamHandler>>>;
 
 /// The node's transport. Cheap to clone.
 #[derive(Clone)]
@@ -133,7 +138,7 @@ pub struct Transport {
     consensus: Connector,
     bulk: Connector,
     dial_via: Arc<HashMap<u64, String>>,
-    streams: Arc<std::sync::OnceLock<StreamHandler>>,
+    streams: StreamHandlers,
     options: Arc<TransportOptions>,
     budgets: Arc<Budgets>,
 }
@@ -244,9 +249,10 @@ impl Transport {
         Ok((send, recv))
     }
 
-    /// Register the handler for inbound bulk streams (once, at start-up).
-    pub fn set_stream_handler(&self, handler: StreamHandler) {
-        let _ = self.streams.set(handler);
+    /// Register the handler for inbound bulk streams whose opening envelope is for an actor of
+    /// `kind` (at start-up: VM migrations, volume replication).
+    pub fn set_stream_handler(&self, kind: ActorKind, handler: StreamHandler) {
+        self.streams.write().expect("stream handlers lock").insert(kind, handler);
     }
 
     /// Open a bulk stream to `addr`: `body` (flagged [`EnvelopeFlags::STREAM`]) tells the peer
@@ -354,7 +360,7 @@ impl Drop for ConnectionSlot {
 struct Inbound {
     node: NodeId,
     handler: InboundHandler,
-    streams: Arc<std::sync::OnceLock<StreamHandler>>,
+    streams: StreamHandlers,
     options: Arc<TransportOptions>,
     node_budget: Arc<Semaphore>,
 }
@@ -487,7 +493,8 @@ async fn serve_stream(
         }
     };
     if request.flags & EnvelopeFlags::STREAM != 0 {
-        match ctx.streams.get() {
+        let handler = ctx.streams.read().expect("stream handlers lock").get(&request.dest.kind).cloned();
+        match handler {
             Some(h) => h(request, send, recv).await,
             None => {
                 let _ = send.reset(0u32.into());

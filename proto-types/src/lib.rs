@@ -17,6 +17,7 @@ pub mod ids;
 pub mod limits;
 pub mod messages;
 pub mod plan;
+pub mod replication;
 pub mod vm;
 pub mod volume;
 

@@ -21,7 +21,7 @@ pub const MIN_BLOCK_SIZE: usize = 512;
 pub const MAX_BLOCK_SIZE: usize = 65_536;
 /// Most blocks (or block versions) one message may name: a whole write of the smallest blocks.
 pub const MAX_BLOCKS_PER_MESSAGE: usize = MAX_IO_LEN as usize / MIN_BLOCK_SIZE;
-/// Most blocks one range-zeroing replication message (`ReplicateZero`) may cover. Applying one
+/// Most blocks one range-zeroing replication frame (`ReplRequest::Zero`) may cover. Applying one
 /// costs in proportion to the blocks in the range that hold data, so this bounds the work per
 /// message: at most this many versions read and Zero versions written, as many blocks as the
 /// largest write of 4 KiB blocks carries, well within a replica's acknowledgement timeout; a
@@ -58,9 +58,9 @@ fn device_message(d: &DeviceMessage) -> Result<(), String> {
             bytes("write", *len as usize, MAX_IO_LEN as usize)?;
             bytes("write data", data.as_ref().map_or(0, Vec::len), MAX_IO_LEN as usize)
         }
-        DeviceMessage::Replicate { blocks, .. }
-        | DeviceMessage::ResyncBlocks { blocks, .. }
-        | DeviceMessage::RepairBlocks { blocks, .. } => replica_blocks(blocks),
+        DeviceMessage::ResyncBlocks { blocks, .. } | DeviceMessage::RepairBlocks { blocks, .. } => {
+            replica_blocks(blocks)
+        }
         DeviceMessage::ResyncPrepare { snapshots, .. } => {
             count("snapshots", snapshots.len(), MAX_SNAPSHOTS_PER_MESSAGE)
         }
@@ -70,11 +70,8 @@ fn device_message(d: &DeviceMessage) -> Result<(), String> {
         DeviceMessage::ZeroBlocks { first_block, block_count, .. } => {
             block_range("zeroed", *first_block, *block_count, MAX_ZERO_BLOCKS_PER_REQUEST)
         }
-        DeviceMessage::ReplicateZero { first_block, block_count, .. } => {
-            block_range("zeroed", *first_block, *block_count, MAX_ZERO_BLOCKS_PER_MESSAGE)
-        }
         DeviceMessage::Flush { .. }
-        | DeviceMessage::SyncWal { .. }
+        | DeviceMessage::ReplicationStream { .. }
         | DeviceMessage::SnapshotAt { .. }
         | DeviceMessage::DropSnapshot { .. }
         | DeviceMessage::RollbackTo { .. }
@@ -144,12 +141,12 @@ mod tests {
     use crate::ids::VolumeId;
 
     fn replicate(blocks: Vec<ReplicaBlock>) -> Body {
-        Body::Actor(ActorMessage::Device(DeviceMessage::Replicate {
+        Body::Actor(ActorMessage::Device(DeviceMessage::ResyncBlocks {
             volume: VolumeId(1),
             epoch: 1,
-            seq: 1,
+            target_seq: 1,
             blocks,
-            durable: true,
+            next_block: 0,
         }))
     }
 
@@ -177,25 +174,24 @@ mod tests {
         assert!(check_request(&release).is_err());
     }
 
-    fn zero(first_block: u64, block_count: u64, replicate: bool) -> Body {
+    fn zero(first_block: u64, block_count: u64) -> Body {
         let volume = VolumeId(1);
-        Body::Actor(ActorMessage::Device(if replicate {
-            DeviceMessage::ReplicateZero { volume, epoch: 1, seq: 1, first_block, block_count, durable: false }
-        } else {
-            DeviceMessage::ZeroBlocks { volume, first_block, block_count, durable: false }
+        Body::Actor(ActorMessage::Device(DeviceMessage::ZeroBlocks {
+            volume,
+            first_block,
+            block_count,
+            durable: false,
         }))
     }
 
     #[test]
     fn zero_ranges_are_bounded_and_never_overflow() {
-        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_MESSAGE, true)).is_ok());
-        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_MESSAGE + 1, true)).unwrap_err().contains("limit"));
-        assert!(check_request(&zero(u64::MAX, 1, true)).unwrap_err().contains("overflows"));
+        // Replicated range zeroings (`ReplRequest::Zero`) are bounded by `replication`.
         // A request to the primary may cover a whole volume of the smallest blocks: 4 GiB of
         // 4 KiB blocks is well inside.
-        assert!(check_request(&zero(0, (4 << 30) / 4096, false)).is_ok());
-        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_REQUEST, false)).is_ok());
-        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_REQUEST + 1, false)).is_err());
-        assert!(check_request(&zero(u64::MAX - 1, 2, false)).unwrap_err().contains("overflows"));
+        assert!(check_request(&zero(0, (4 << 30) / 4096)).is_ok());
+        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_REQUEST)).is_ok());
+        assert!(check_request(&zero(0, MAX_ZERO_BLOCKS_PER_REQUEST + 1)).is_err());
+        assert!(check_request(&zero(u64::MAX - 1, 2)).unwrap_err().contains("overflows"));
     }
 }

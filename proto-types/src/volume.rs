@@ -618,10 +618,11 @@ pub enum DeviceMessage {
     WriteBlocks { volume: VolumeId, offset: u64, data: Option<Vec<u8>>, len: u32, durable: bool },
     /// Fsync every in-sync replica's WAL.
     Flush { volume: VolumeId },
-    /// Primary → replica: apply writes `seq` (one write-order point, possibly many blocks).
-    Replicate { volume: VolumeId, epoch: u64, seq: u64, blocks: Vec<ReplicaBlock>, durable: bool },
-    /// Primary → replica: fsync the WAL.
-    SyncWal { volume: VolumeId, epoch: u64 },
+    /// Primary → replica (or resyncing / async copy): opens the volume's replication stream. Sent
+    /// only as the first envelope of a bulk stream flagged `STREAM`; the stream then carries
+    /// [`crate::replication`] frames (writes, range zeroings, WAL syncs and their
+    /// acknowledgements) until either side closes it.
+    ReplicationStream { volume: VolumeId },
     /// Primary → replica: record snapshot `id` at `seq` (after every write ≤ seq was applied).
     SnapshotAt { volume: VolumeId, epoch: u64, id: u64, seq: u64 },
     /// Primary → replica: forget snapshot `id`.
@@ -660,9 +661,6 @@ pub enum DeviceMessage {
     /// writes of at most [`MAX_ZERO_BLOCKS_PER_MESSAGE`](crate::limits::MAX_ZERO_BLOCKS_PER_MESSAGE)
     /// blocks each). `durable` as for `WriteBlocks`.
     ZeroBlocks { volume: VolumeId, first_block: u64, block_count: u64, durable: bool },
-    /// Primary → replica: apply write `seq`, which zeroes the range `[first_block, first_block +
-    /// block_count)` (one write-order point; at most `MAX_ZERO_BLOCKS_PER_MESSAGE` blocks).
-    ReplicateZero { volume: VolumeId, epoch: u64, seq: u64, first_block: u64, block_count: u64, durable: bool },
 }
 
 /// Checks a block range `[first_block, first_block + block_count)` against a volume of
@@ -684,8 +682,7 @@ impl DeviceMessage {
             Self::Client(r) => r.volume(),
             Self::WriteBlocks { volume, .. }
             | Self::Flush { volume }
-            | Self::Replicate { volume, .. }
-            | Self::SyncWal { volume, .. }
+            | Self::ReplicationStream { volume }
             | Self::SnapshotAt { volume, .. }
             | Self::DropSnapshot { volume, .. }
             | Self::RollbackTo { volume, .. }
@@ -700,8 +697,7 @@ impl DeviceMessage {
             | Self::RepairBlocks { volume, .. }
             | Self::Corrupt { volume, .. }
             | Self::ListPreserved { volume }
-            | Self::ZeroBlocks { volume, .. }
-            | Self::ReplicateZero { volume, .. } => *volume,
+            | Self::ZeroBlocks { volume, .. } => *volume,
         }
     }
 }

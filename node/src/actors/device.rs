@@ -1,6 +1,7 @@
 //! The device actor: the addressable mailbox of one volume's replica on this host. Messages from
-//! other hosts' device actors (replication, snapshots, resync, integrity checks) and client
-//! requests routed to the primary arrive here and are handed to the replica engine
+//! other hosts' device actors (snapshots, adopt, resync, integrity checks — replicated writes
+//! arrive on the volume's replication stream instead, `volume::stream`) and client requests
+//! routed to the primary arrive here and are handed to the replica engine
 //! ([`crate::volume::replica::VolumeReplica`]), which owns the volume's local blocks. Handling is
 //! asynchronous (each message's work is spawned on the Tokio pool, off the actix system thread)
 //! so writes pipeline: write order is fixed by the engine's write-order points, not by mailbox

@@ -120,6 +120,24 @@ impl ActorRegistry {
         self.send_as(addr, msg, self.timeout, Some(client)).await
     }
 
+    /// Open a bulk stream to the node that owns `addr`, announced by `msg` (flagged `STREAM`);
+    /// the caller owns both halves and their framing from then on. `Unavailable` when the node
+    /// cannot be reached.
+    pub async fn open_stream(
+        &self,
+        addr: ActorAddr,
+        msg: ActorMessage,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), WireError> {
+        if addr.node == self.node {
+            return Err(WireError::new(ErrorCode::Internal, format!("{addr} is local: no stream to open")));
+        }
+        let unavailable = |m: String| WireError::new(ErrorCode::Unavailable, m);
+        let peer = (self.resolve)(addr.node)
+            .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("{} is not a cluster member", addr.node)))?;
+        let peer = self.transport.dial_addr(addr.node, &peer).await.map_err(unavailable)?;
+        self.transport.open_stream(peer, addr, Body::Actor(msg)).await.map_err(|e| unavailable(e.to_string()))
+    }
+
     async fn send_as(
         &self,
         addr: ActorAddr,

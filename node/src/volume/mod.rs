@@ -4,6 +4,7 @@
 //!
 //! On top of the block store, [`replica`] is the engine behind each device actor (write
 //! ordering, synchronous replication, snapshots), with [`sequencer`] applying writes in order,
+//! [`stream`] carrying each write to the replicas on one long-lived replication stream per peer,
 //! [`snapshots`], [`integrity`] (labeled snapshot comparison and repair) and [`resync`] (catching
 //! up a replica after an outage) as its parts; [`host`] keeps the engines in step with the catalog
 //! and routes requests to primaries; [`export`] serves volumes over NBD.
@@ -25,3 +26,4 @@ pub mod replica;
 pub mod resync;
 pub mod sequencer;
 pub mod snapshots;
+pub mod stream;

@@ -20,8 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
-use haven_proto::limits::{MAX_ZERO_BLOCKS_PER_MESSAGE, MAX_ZERO_BLOCKS_PER_REQUEST};
+use futures::future::{join_all, BoxFuture};
+use futures::FutureExt;
+use haven_proto::limits::MAX_ZERO_BLOCKS_PER_MESSAGE;
+use haven_proto::replication::ReplRequest;
 use haven_proto::volume::{
     DeviceMessage, DeviceReply, ReplicaBlock, ReplicaProgress, VolumeCommand, VolumeOutcome, VolumeRecord,
     VolumeRequest, VolumeResponse,
@@ -32,11 +34,12 @@ use tracing::{debug, info, warn};
 use super::blockstore::{BlockContent, BlockStore, BlockWrite, StoreOp, ZeroRange};
 use super::core::ack::{AckDecision, PendingWrite};
 use super::core::lease::ReadLease;
-use super::core::primary::{progress, CopyState};
+use super::core::primary::{progress, CopyState, Forward};
 pub use super::core::primary::{FollowKind, Follower, Followers};
 use super::error::VolumeError;
 use super::host::VolumeCtx;
 use super::sequencer::{Sequencer, SequencerError};
+use super::stream::{Frame, Links};
 use crate::config::VolumeTunables;
 
 /// Local snapshot ids at or above this are internal (resync pins), never in the catalog.
@@ -97,6 +100,8 @@ pub struct VolumeReplica {
     /// Primary only: reads are served while this holds for the role's epoch
     /// (`core::lease`, renewed by the host's lease loop).
     read_lease: Mutex<ReadLease>,
+    /// Primary only: the replication stream to each replica or copy it feeds.
+    links: Links,
 }
 
 impl VolumeReplica {
@@ -112,6 +117,7 @@ impl VolumeReplica {
         let epoch = super::resync::prepared_epoch(&blocks, record.id)?;
         let seq = Sequencer::new(record.id, record.block_size, blocks.clone(), epoch, hwm + 1);
         let role = if record.replicas.contains(&node) { Role::Replica } else { Role::AsyncCopy };
+        let links = Links::new(record.id, ctx.registry.clone());
         Ok(Arc::new(Self {
             node,
             vol: record.id,
@@ -130,6 +136,7 @@ impl VolumeReplica {
             resyncs_running: Mutex::new(BTreeSet::new()),
             observing: std::sync::atomic::AtomicBool::new(false),
             read_lease: Mutex::new(ReadLease::default()),
+            links,
         }))
     }
 
@@ -182,6 +189,7 @@ impl VolumeReplica {
             *self.role.lock().expect("role lock") =
                 if record.replicas.contains(&self.node) { Role::Replica } else { Role::AsyncCopy };
             self.followers.lock().expect("followers lock").clear();
+            self.links.close_all();
         }
         if is_primary {
             self.sync_async_targets(&record, async_targets);
@@ -438,38 +446,35 @@ impl VolumeReplica {
         let _gate = self.gate.read().await;
         let epoch = self.primary_epoch()?;
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
-        let write = payload.at(seq);
+        let mut write = payload.at(seq);
         if matches!(write, PointWrite::Zero(_)) {
             // Before any copy can see it: a resync reading after this knows to look for it.
             self.last_zero_seq.fetch_max(seq, Ordering::SeqCst);
         }
         let bytes = write.data_bytes();
         let sync_targets = self.other_in_sync();
-        self.forward(epoch, seq, &write, bytes, durable);
-        // Copies of the payload: one per remote replica (the message owns it); the local write
-        // takes the original.
-        let remote = join_all(
-            sync_targets
-                .iter()
-                .map(|h| self.send_device(*h, write.message(self.vol, epoch, durable), self.ack_timeout())),
-        );
+        let forwards = self.followers.lock().expect("followers lock").forward(seq, bytes, Instant::now());
+        // Encoded once for every replica and copy (they share the frame's bytes); an encoding
+        // failure counts as a miss on each of them, never as a hole in the write order.
+        let frame = if sync_targets.is_empty() && forwards.is_empty() {
+            Err("no replica to send to".to_string())
+        } else {
+            write.frame(epoch, durable)
+        };
+        self.forward(seq, forwards, &frame);
+        let remote = join_all(sync_targets.iter().map(|h| {
+            let frame = frame.clone();
+            async move { self.links.point(*h, seq, frame?, self.ack_timeout()).await }
+        }));
         let local = self.seq.submit_op(epoch, seq, write.into_store_op(), durable);
         let mut pending = PendingWrite::new(seq, epoch, sync_targets.iter().copied());
         let (local, remote) = futures::join!(local, remote);
         pending.local(local.is_ok());
         for (h, r) in sync_targets.iter().zip(remote) {
-            let applied = match r {
-                Ok(DeviceReply::Applied { .. }) => true,
-                Ok(other) => {
-                    warn!(vol = %self.vol, host = %h, ?other, "unexpected replicate reply");
-                    false
-                }
-                Err(e) => {
-                    warn!(vol = %self.vol, host = %h, seq, error = %e, "replica did not acknowledge");
-                    false
-                }
-            };
-            pending.reply(*h, applied);
+            if let Err(e) = &r {
+                warn!(vol = %self.vol, host = %h, seq, error = %e, "replica did not acknowledge");
+            }
+            pending.reply(*h, r.is_ok());
         }
         // From here on a failure leaves the write applied somewhere (here, or on a replica that
         // may become primary): its outcome is unknown, never "not applied" (`core::ack`).
@@ -490,20 +495,22 @@ impl VolumeReplica {
         Ok(seq)
     }
 
-    /// Feed resyncing and async followers (acknowledgement does not wait for them).
-    fn forward(self: &Arc<Self>, epoch: u64, seq: u64, write: &PointWrite, bytes: u64, durable: bool) {
-        let targets = self.followers.lock().expect("followers lock").forward(seq, bytes, Instant::now());
+    /// Feed resyncing and async followers on their streams (acknowledgement does not wait for
+    /// them).
+    fn forward(self: &Arc<Self>, seq: u64, targets: Vec<Forward>, frame: &Result<Frame, String>) {
         for fwd in targets {
-            let msg = write.message(self.vol, epoch, durable);
+            let frame = frame.clone();
             let me = Arc::downgrade(self);
             tokio::spawn(async move {
                 let Some(me) = me.upgrade() else { return };
-                let reply = me.send_device(fwd.host, msg, me.ack_timeout() * 5).await;
-                let ok = matches!(reply, Ok(DeviceReply::Applied { .. }));
-                if !ok {
-                    warn!(vol = %me.vol, host = %fwd.host, seq, "a follower missed a forwarded write; it will be resynced");
+                let reply = match frame {
+                    Ok(f) => me.links.point(fwd.host, seq, f, me.ack_timeout() * 5).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &reply {
+                    warn!(vol = %me.vol, host = %fwd.host, seq, error = %e, "a follower missed a forwarded write; it will be resynced");
                 }
-                me.followers.lock().expect("followers lock").forwarded(fwd, seq, ok);
+                me.followers.lock().expect("followers lock").forwarded(fwd, seq, reply.is_ok());
             });
         }
     }
@@ -520,11 +527,7 @@ impl VolumeReplica {
                 .map_err(VolumeError::internal)?
                 .map_err(VolumeError::internal)
         };
-        let remote = join_all(
-            others
-                .iter()
-                .map(|h| self.send_device(*h, DeviceMessage::SyncWal { volume: self.vol, epoch }, self.ack_timeout())),
-        );
+        let remote = join_all(others.iter().map(|h| self.links.sync(*h, epoch, self.ack_timeout())));
         let (local, remote) = futures::join!(local, remote);
         local?;
         let failed: Vec<NodeId> = others.iter().zip(remote).filter(|(_, r)| r.is_err()).map(|(h, _)| *h).collect();
@@ -576,6 +579,62 @@ impl VolumeReplica {
         Ok(())
     }
 
+    /// Replica: take one request read from a replication stream. The epoch check and the
+    /// sequencer's admission happen now, in stream order; the returned future resolves when the
+    /// point is applied (fsynced if it asked) or the WAL synced.
+    pub(crate) fn replicated(self: &Arc<Self>, req: ReplRequest) -> BoxFuture<'static, Result<(), VolumeError>> {
+        if let Err(e) = self.check_epoch(req.epoch()) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        let (epoch, seq, op, durable) = match req {
+            ReplRequest::Sync { .. } => {
+                let blocks = self.blocks.clone();
+                return async move {
+                    tokio::task::spawn_blocking(move || blocks.sync())
+                        .await
+                        .map_err(VolumeError::internal)?
+                        .map_err(VolumeError::internal)
+                }
+                .boxed();
+            }
+            ReplRequest::Write { epoch, seq, first_block, blocks, durable } => {
+                match self.block_writes(seq, first_block, blocks) {
+                    Ok(w) => (epoch, seq, StoreOp::Blocks(w), durable),
+                    Err(e) => return futures::future::ready(Err(e)).boxed(),
+                }
+            }
+            // The frame's bounds (at most `MAX_ZERO_BLOCKS_PER_MESSAGE` blocks, inside the
+            // largest volume) were checked when it was decoded. The primary checked the range
+            // against the volume's size; a resize this host has not seen yet must not make it
+            // refuse (and drop out of the in-sync set).
+            ReplRequest::Zero { epoch, seq, first_block, block_count, durable } => {
+                (epoch, seq, StoreOp::Zero(ZeroRange { first: first_block, count: block_count, seq }), durable)
+            }
+        };
+        self.seq.enqueue(epoch, seq, op, durable).map(|r| r.map_err(sequencer_error)).boxed()
+    }
+
+    /// The block versions of replicated write `seq`: whole blocks of this volume's size.
+    fn block_writes(&self, seq: u64, first: u64, blocks: Vec<Option<Vec<u8>>>) -> Result<Vec<BlockWrite>, VolumeError> {
+        let bs = self.block_size as usize;
+        let mut out = Vec::with_capacity(blocks.len());
+        for (i, data) in blocks.into_iter().enumerate() {
+            let content = match data {
+                Some(d) if d.len() == bs => BlockContent::Data(d),
+                Some(d) => {
+                    return Err(VolumeError::invalid(format!(
+                        "write {seq} carries a block of {} bytes; {} has {bs}-byte blocks",
+                        d.len(),
+                        self.vol
+                    )))
+                }
+                None => BlockContent::Zero,
+            };
+            out.push(BlockWrite { block: first + i as u64, seq, content });
+        }
+        Ok(out)
+    }
+
     /// Handle one device message (from the actor mailbox).
     pub async fn handle(self: Arc<Self>, msg: DeviceMessage) -> Result<DeviceReply, VolumeError> {
         match msg {
@@ -594,36 +653,9 @@ impl VolumeReplica {
                 let seq = self.zero(first_block, block_count, durable).await?;
                 Ok(DeviceReply::Applied { seq })
             }
-            DeviceMessage::ReplicateZero { epoch, seq, first_block, block_count, durable, .. } => {
-                self.check_epoch(epoch)?;
-                // The primary checked the range against the volume's size; a resize this host
-                // has not seen yet must not make it refuse (and drop out of the in-sync set), so
-                // the bound here is the largest volume, which keeps every key well-formed.
-                if block_count > MAX_ZERO_BLOCKS_PER_MESSAGE {
-                    return Err(VolumeError::invalid(format!(
-                        "{block_count} blocks zeroed in one message; the limit is {MAX_ZERO_BLOCKS_PER_MESSAGE}"
-                    )));
-                }
-                self.check_blocks(first_block, block_count, MAX_ZERO_BLOCKS_PER_REQUEST)?;
-                let op = StoreOp::Zero(ZeroRange { first: first_block, count: block_count, seq });
-                self.seq.submit_op(epoch, seq, op, durable).await.map_err(sequencer_error)?;
-                Ok(DeviceReply::Applied { seq })
-            }
             DeviceMessage::Flush { .. } => self.flush().await.map(|()| DeviceReply::Done),
-            DeviceMessage::Replicate { epoch, seq, blocks, durable, .. } => {
-                self.check_epoch(epoch)?;
-                let writes: Vec<BlockWrite> = blocks.into_iter().map(into_block_write).collect();
-                self.seq.submit(epoch, seq, writes, durable).await.map_err(sequencer_error)?;
-                Ok(DeviceReply::Applied { seq })
-            }
-            DeviceMessage::SyncWal { epoch, .. } => {
-                self.check_epoch(epoch)?;
-                let blocks = self.blocks.clone();
-                tokio::task::spawn_blocking(move || blocks.sync())
-                    .await
-                    .map_err(VolumeError::internal)?
-                    .map_err(VolumeError::internal)?;
-                Ok(DeviceReply::Applied { seq: self.seq.next() - 1 })
+            DeviceMessage::ReplicationStream { .. } => {
+                Err(VolumeError::invalid("a replication stream opens as a bulk stream, not as a message"))
             }
             DeviceMessage::SnapshotAt { epoch, id, seq, .. } => {
                 self.check_epoch(epoch)?;
@@ -824,6 +856,7 @@ impl VolumeReplica {
         self.set_record(rec);
         *self.role.lock().expect("role lock") = Role::AsyncCopy;
         self.followers.lock().expect("followers lock").clear();
+        self.links.close_all();
         self.event(
             "relationship_reversed",
             format!("{} is now primary; {} holds the async copy", rel.target, self.node),
@@ -926,66 +959,69 @@ enum Payload {
 impl Payload {
     fn at(self, seq: u64) -> PointWrite {
         match self {
-            Self::Blocks { first_block, data } => PointWrite::Blocks {
-                seq,
-                blocks: data
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, d)| ReplicaBlock { block: first_block + i as u64, seq, data: d })
-                    .collect(),
-            },
+            Self::Blocks { first_block, data } => PointWrite::Blocks { seq, first_block, data },
             Self::Zero { first, count } => PointWrite::Zero(ZeroRange { first, count, seq }),
         }
     }
 }
 
-/// One ordered write as the primary replicates it: block versions, or a range zeroing (sent as
-/// a range, never as per-block entries).
+/// One ordered write as the primary replicates it: consecutive block versions, or a range
+/// zeroing (sent as a range, never as per-block entries).
 enum PointWrite {
-    Blocks { seq: u64, blocks: Vec<ReplicaBlock> },
+    Blocks { seq: u64, first_block: u64, data: Vec<Option<Vec<u8>>> },
     Zero(ZeroRange),
 }
 
 impl PointWrite {
     fn data_bytes(&self) -> u64 {
         match self {
-            Self::Blocks { blocks, .. } => blocks.iter().map(|b| b.data.as_ref().map_or(0, |d| d.len() as u64)).sum(),
+            Self::Blocks { data, .. } => data.iter().map(|d| d.as_ref().map_or(0, |d| d.len() as u64)).sum(),
             Self::Zero(_) => 0,
         }
     }
 
-    fn message(&self, volume: VolumeId, epoch: u64, durable: bool) -> DeviceMessage {
+    /// The replication frame of this write. The blocks move into the request for encoding and
+    /// back out, so the payload is copied once (into the frame), whatever the number of replicas.
+    fn frame(&mut self, epoch: u64, durable: bool) -> Result<Frame, String> {
         match self {
-            Self::Blocks { seq, blocks } => {
-                DeviceMessage::Replicate { volume, epoch, seq: *seq, blocks: blocks.clone(), durable }
+            Self::Blocks { seq, first_block, data } => {
+                let mut req = ReplRequest::Write {
+                    epoch,
+                    seq: *seq,
+                    first_block: *first_block,
+                    blocks: std::mem::take(data),
+                    durable,
+                };
+                let frame = super::stream::encode(&req);
+                if let ReplRequest::Write { blocks, .. } = &mut req {
+                    *data = std::mem::take(blocks);
+                }
+                frame
             }
-            Self::Zero(z) => DeviceMessage::ReplicateZero {
-                volume,
+            Self::Zero(z) => super::stream::encode(&ReplRequest::Zero {
                 epoch,
                 seq: z.seq,
                 first_block: z.first,
                 block_count: z.count,
                 durable,
-            },
+            }),
         }
     }
 
     fn into_store_op(self) -> StoreOp {
         match self {
-            Self::Blocks { blocks, .. } => StoreOp::Blocks(blocks.into_iter().map(into_block_write).collect()),
+            Self::Blocks { seq, first_block, data } => StoreOp::Blocks(
+                data.into_iter()
+                    .enumerate()
+                    .map(|(i, d)| BlockWrite {
+                        block: first_block + i as u64,
+                        seq,
+                        content: d.map_or(BlockContent::Zero, BlockContent::Data),
+                    })
+                    .collect(),
+            ),
             Self::Zero(z) => StoreOp::Zero(z),
         }
-    }
-}
-
-pub(crate) fn into_block_write(b: ReplicaBlock) -> BlockWrite {
-    BlockWrite {
-        block: b.block,
-        seq: b.seq,
-        content: match b.data {
-            Some(d) => BlockContent::Data(d),
-            None => BlockContent::Zero,
-        },
     }
 }
 

@@ -112,20 +112,41 @@ impl Sequencer {
 
     /// [`Self::submit`] for any kind of point (block writes or a range zeroing at `seq`).
     pub async fn submit_op(&self, epoch: u64, seq: u64, op: StoreOp, durable: bool) -> Result<(), SequencerError> {
+        self.enqueue(epoch, seq, op, durable).await
+    }
+
+    /// Admit point `seq` now (in the caller's order, before anything is awaited) and return the
+    /// future of its apply: a replication stream admits each frame's point as it reads it, so
+    /// the points of a burst reach the core in stream order and are applied in one batch.
+    pub fn enqueue(
+        &self,
+        epoch: u64,
+        seq: u64,
+        op: StoreOp,
+        durable: bool,
+    ) -> impl std::future::Future<Output = Result<(), SequencerError>> + Send + 'static {
         if let StoreOp::Zero(z) = &op {
             assert_eq!(z.seq, seq, "a range zeroing is applied at its own point");
         }
         let (tx, rx) = oneshot::channel();
-        let admitted = self.core().admit(epoch, seq, Pending { op, durable, waiters: vec![tx] }, merge)?;
-        match admitted {
-            Admit::AlreadyApplied => return Ok(()),
-            Admit::Queued { ready: true } => {
-                let me = self.clone();
-                tokio::spawn(async move { me.drain().await });
+        let admitted = self.core().admit(epoch, seq, Pending { op, durable, waiters: vec![tx] }, merge);
+        let rx = match admitted {
+            Err(e) => Err(e),
+            Ok(Admit::AlreadyApplied) => Ok(None),
+            Ok(Admit::Queued { ready }) => {
+                if ready {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.drain().await });
+                }
+                Ok(Some(rx))
             }
-            Admit::Queued { ready: false } => {}
+        };
+        async move {
+            match rx? {
+                None => Ok(()),
+                Some(rx) => rx.await.unwrap_or(Err(SequencerError::Discarded { seq, epoch })),
+            }
         }
-        rx.await.unwrap_or(Err(SequencerError::Discarded { seq, epoch }))
     }
 
     /// Apply contiguous ready points in batches until none is ready.
