@@ -104,7 +104,6 @@ impl Grants {
     /// host can hold no such lease. The wait is fixed when the revocation begins (requests that
     /// arrive later cannot be granted it), so a host that keeps asking cannot hold it off;
     /// it starts over under a new term of this leader, which may not know what others granted.
-    #[allow(clippy::too_many_arguments)]
     pub fn revoke(
         &mut self,
         host: NodeId,

@@ -842,8 +842,7 @@ impl World {
     fn check_copy(&self, n: usize, point: u64, why: &str) -> Check {
         // Zeroes are zeroes whichever zeroing left them (a copy may hold a zeroing's version
         // where the primary, holding no data there, never stored one): compare contents.
-        let contents =
-            |c: Vec<WriteId>| -> Vec<WriteId> { c.into_iter().map(|w| if is_data(w) { w } else { 0 }).collect() };
+        let contents = zeroes_as_zero;
         let want = contents(self.lineage_content(point));
         let have = contents(self.nodes[n].store.content(point, BLOCKS));
         if want != have {
@@ -864,8 +863,7 @@ impl World {
     /// it, are the lineage again.
     fn resolve_rollback_in_doubt(&mut self, n: usize, last: u64) {
         let Some((lineage, acked)) = self.rollback_in_doubt.take() else { return };
-        let zeroed =
-            |c: Vec<WriteId>| -> Vec<WriteId> { c.into_iter().map(|w| if is_data(w) { w } else { 0 }).collect() };
+        let zeroed = zeroes_as_zero;
         let have = zeroed(self.nodes[n].store.content(last, BLOCKS));
         if have != zeroed(self.lineage_content(last)) && have == zeroed(content_of(&lineage, last)) {
             self.log(|| format!("n{n} takes over with the history from before the rollback in doubt"));
@@ -875,28 +873,31 @@ impl World {
     }
 }
 
+/// Zeroes are zeroes whichever zeroing left them: a content with every zeroing's write as 0.
+fn zeroes_as_zero(content: Vec<WriteId>) -> Vec<WriteId> {
+    content.into_iter().map(|w| if is_data(w) { w } else { 0 }).collect()
+}
+
 /// The content of every block as of `point` in `lineage`.
 fn content_of(lineage: &BTreeMap<u64, Payload>, point: u64) -> Vec<WriteId> {
-    {
-        let mut content = vec![0; BLOCKS as usize];
-        for payload in lineage.range(..=point).map(|(_, p)| p) {
-            match payload {
-                Payload::Blocks(b) => {
-                    for &(block, _, w) in b {
-                        content[block as usize] = w;
-                    }
+    let mut content = vec![0; BLOCKS as usize];
+    for payload in lineage.range(..=point).map(|(_, p)| p) {
+        match payload {
+            Payload::Blocks(b) => {
+                for &(block, _, w) in b {
+                    content[block as usize] = w;
                 }
-                Payload::Zero { first, count, write, .. } => {
-                    for b in (*first..first + count).filter(|b| *b < BLOCKS) {
-                        if is_data(content[b as usize]) {
-                            content[b as usize] = *write;
-                        }
+            }
+            Payload::Zero { first, count, write, .. } => {
+                for b in (*first..first + count).filter(|b| *b < BLOCKS) {
+                    if is_data(content[b as usize]) {
+                        content[b as usize] = *write;
                     }
                 }
             }
         }
-        content
     }
+    content
 }
 
 impl World {
