@@ -273,10 +273,10 @@ pub struct World {
     /// The node whose history the lineage is (the last to adopt or roll back).
     head: Option<usize>,
     /// Acknowledged writes a rollback has not removed: write → (point, epoch, node).
-    acked: BTreeMap<WriteId, (u64, u64, usize)>,
+    acked: Acked,
     /// A rollback whose primary still waits to drop replicas that refused it: the lineage and
     /// acknowledged writes from before it (a takeover meanwhile may bring them back).
-    rollback_in_doubt: Option<(BTreeMap<u64, Payload>, BTreeMap<WriteId, (u64, u64, usize)>)>,
+    rollback_in_doubt: Option<(BTreeMap<u64, Payload>, Acked)>,
     /// The blocks each write went to: (first, count, a range zeroing).
     write_block: BTreeMap<WriteId, (u64, u64, bool)>,
     /// The leader's record of lease requests and revocations.
@@ -293,6 +293,9 @@ pub struct World {
 }
 
 type Check = Result<(), String>;
+
+/// Acknowledged writes: write → (point, epoch, node).
+type Acked = BTreeMap<WriteId, (u64, u64, usize)>;
 
 impl World {
     pub fn new(cfg: Config, seed: u64) -> Self {
