@@ -2,7 +2,8 @@
 //! service:
 //! - [`RaftView`]: this node's Raft state, read-only (who leads, the node's status);
 //! - [`Proposer`]: commit catalog commands (here when this node leads, else through the leader,
-//!   once), and ask the leader for volume read leases.
+//!   once), ask the leader for volume read leases, and, as leader, grant them and take them away
+//!   before a command removing their holder from a volume's in-sync set commits.
 //!
 //! Catalog reads go through `storage::Store`, actor messages through `actors::ActorRegistry`.
 //!
@@ -23,12 +24,13 @@ use haven_proto::{
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::ServerState;
+use tracing::debug;
 
 use crate::catalog;
 use crate::raft::{HavenNode, Raft};
 use crate::storage::Store;
 use crate::transport::{Outbound, Transport};
-use crate::volume::core::lease::Grants;
+use crate::volume::core::lease::{in_sync_change, removed_from_in_sync, Grants, InSyncChange};
 
 /// This node's Raft state, read-only.
 #[derive(Clone)]
@@ -117,8 +119,12 @@ impl Relay {
     }
 }
 
-/// A command this node could not commit, with openraft's pointer to the leader.
-type Redirect = (CatalogCommand, ForwardToLeader<u64, HavenNode>);
+/// openraft's pointer to the leader.
+type Forward = ForwardToLeader<u64, HavenNode>;
+/// A command this node could not commit, with the pointer to the leader.
+type Redirect = (CatalogCommand, Forward);
+/// Hosts an in-sync change removes: the volume, the hosts, the epoch it expects.
+type Removal = (VolumeId, Vec<NodeId>, u64);
 
 /// Commits catalog commands and asks the leader for read leases. Cheap to clone.
 #[derive(Clone)]
@@ -135,9 +141,15 @@ struct ProposerInner {
     /// proposed, before they are committed. Exists so the chaos harness can prove its checkers
     /// catch lost acknowledged writes; never set it anywhere else.
     unsafe_ack_before_commit: bool,
-    /// When each host last asked this node, as leader, for volume read leases (the volume
-    /// controller waits them out before a failover; see `volume::core::lease`).
+    /// When each host last asked this node, as leader, for volume read leases, and the leases
+    /// being revoked (waited out before a failover or any other in-sync removal commits; see
+    /// `volume::core::lease`).
     read_lease_grants: Mutex<Grants>,
+    /// How long after a host's last lease request its lease has lapsed for certain (the lease
+    /// plus its clock margin).
+    read_lease_lapse: Duration,
+    /// The term this node last led in, and when it first saw itself leading it.
+    leading: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Proposer {
@@ -148,6 +160,7 @@ impl Proposer {
         transport: Transport,
         request_timeout: Duration,
         unsafe_ack: bool,
+        read_lease_lapse: Duration,
     ) -> Self {
         Self(Arc::new(ProposerInner {
             id,
@@ -157,7 +170,32 @@ impl Proposer {
             request_timeout,
             unsafe_ack_before_commit: unsafe_ack,
             read_lease_grants: Mutex::new(Grants::default()),
+            read_lease_lapse,
+            leading: Mutex::new(None),
         }))
+    }
+
+    /// Since when this node leads (by its clock), or `None` when it does not. Noted the first
+    /// time it is asked in each term, which is at or after the election: later only lengthens
+    /// the waits counted from it (`volume::core::lease`).
+    pub fn leading_since(&self) -> Option<Instant> {
+        let (state, term) = {
+            let m = self.0.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_term)
+        };
+        if state != ServerState::Leader {
+            return None;
+        }
+        let mut leading = self.0.leading.lock().expect("leading lock");
+        match *leading {
+            Some((t, since)) if t == term => Some(since),
+            _ => {
+                let since = Instant::now();
+                *leading = Some((term, since));
+                Some(since)
+            }
+        }
     }
 
     /// The deadline of one request this node makes or handles.
@@ -207,6 +245,9 @@ impl Proposer {
                 Err(e) => Err(WireError::new(ErrorCode::Unavailable, e.to_string())),
             };
         }
+        if let Err(f) = self.revoke_read_leases(&command).await? {
+            return Ok(Err((command, f)));
+        }
         let started = Instant::now();
         let result = tokio::time::timeout(p.request_timeout, p.raft.client_write(command.clone())).await;
         match result {
@@ -235,8 +276,8 @@ impl Proposer {
         }
     }
 
-    /// This node's volume read leases: the volumes the leader names it primary of, and at which
-    /// epoch, confirmed by the leader with a quorum after the request left.
+    /// This node's volume read leases: the volumes the leader lists it in sync for (primary or
+    /// not), and at which epoch, confirmed by the leader with a quorum after the request left.
     pub async fn read_leases(&self) -> Result<Vec<(VolumeId, u64)>, WireError> {
         match self.grant_read_leases(self.0.id, 0).await? {
             ClientResponse::ReadLeases(v) => Ok(v),
@@ -254,8 +295,78 @@ impl Proposer {
         }
         let volumes =
             catalog::volumes::volumes(&self.0.store).map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
-        let primary_of = volumes.iter().filter(|v| v.primary == host).map(|v| (v.id, v.epoch)).collect();
-        Ok(ClientResponse::ReadLeases(primary_of))
+        // Checked after the catalog read: a revocation begun before it is seen here, and one
+        // begun after it counts this request in its wait (`Grants::revoke`).
+        let grants = self.0.read_lease_grants.lock().expect("grants lock");
+        let in_sync = volumes
+            .iter()
+            .filter(|v| v.in_sync.contains(&host) && grants.may_grant(host, v.id, v.epoch))
+            .map(|v| (v.id, v.epoch))
+            .collect();
+        Ok(ClientResponse::ReadLeases(in_sync))
+    }
+
+    /// Leader, before committing `command`: if it takes hosts out of a volume's in-sync set,
+    /// grant them no more read leases on it and wait until none can still hold one
+    /// (`volume::core::lease`), so the primary acknowledges nothing they missed while they may
+    /// still serve reads. `Ok(Err(..))` when this node does not lead (forward the command).
+    async fn revoke_read_leases(&self, command: &CatalogCommand) -> Result<Result<(), Forward>, WireError> {
+        let CatalogCommand::Volume(cmd) = command else { return Ok(Ok(())) };
+        let Some(change) = in_sync_change(cmd) else { return Ok(Ok(())) };
+        loop {
+            let Some(since) = self.leading_since() else { return Ok(Err(self.not_leading())) };
+            let (vol, removed, epoch) = match self.removed_by(&change).await? {
+                Ok(Some(found)) => found,
+                Ok(None) => return Ok(Ok(())),
+                Err(f) => return Ok(Err(f)),
+            };
+            let now = Instant::now();
+            let wait = {
+                let mut g = self.0.read_lease_grants.lock().expect("grants lock");
+                let lapse = self.0.read_lease_lapse;
+                removed.iter().map(|h| g.revoke(*h, vol, epoch, since, now, lapse)).max().unwrap_or_default()
+            };
+            if wait.is_zero() {
+                return Ok(Ok(()));
+            }
+            metrics::counter!("haven_volume_lease_revocation_waits_total").increment(1);
+            debug!(vol = %vol, ?removed, ?wait, "waiting out read leases before leaving the in-sync set");
+            tokio::time::sleep(wait).await;
+            // Counted under this term: if leadership changed meanwhile, start over (or forward).
+        }
+    }
+
+    /// The volume `change` applies to, the hosts it removes from the in-sync set (none: `None`),
+    /// and the epoch it expects, from this leader's catalog brought up to date first if behind;
+    /// `Err` names the leader when this node turns out not to lead.
+    async fn removed_by(&self, change: &InSyncChange) -> Result<Result<Option<Removal>, Forward>, WireError> {
+        let internal = |e: crate::storage::StoreError| WireError::new(ErrorCode::Internal, e.to_string());
+        let (vol, expected, after) = match change {
+            InSyncChange::Set { volume, expected_epoch, in_sync } => (*volume, *expected_epoch, in_sync.clone()),
+            InSyncChange::Reverse { relationship, expected_epoch } => {
+                let rels = catalog::volumes::relationships(&self.0.store).map_err(internal)?;
+                let Some(r) = rels.into_iter().find(|r| r.id == *relationship) else { return Ok(Ok(None)) };
+                (r.volume, *expected_epoch, vec![r.target])
+            }
+        };
+        let read = || catalog::volumes::volume(&self.0.store, vol).map_err(internal);
+        let mut record = read()?;
+        if record.as_ref().is_none_or(|r| r.epoch < expected) {
+            // Applied behind what this leader committed: catch up, then look again.
+            if let Err(f) = self.confirm_leadership().await? {
+                return Ok(Err(f));
+            }
+            record = read()?;
+        }
+        let removed = record.as_ref().map(|r| removed_from_in_sync(r, expected, &after)).unwrap_or_default();
+        Ok(Ok((!removed.is_empty()).then_some((vol, removed, expected))))
+    }
+
+    /// Where to forward a command when this node does not lead.
+    fn not_leading(&self) -> Forward {
+        let m = self.0.raft.metrics().borrow().clone();
+        let node = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+        ForwardToLeader { leader_id: m.current_leader, leader_node: node }
     }
 
     /// How much longer before `host` can hold no read lease granted by this leader (in office

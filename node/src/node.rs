@@ -122,8 +122,16 @@ pub async fn run(
     // The layers first, each with narrow handles (`cluster`); the service last, around them.
     let view = RaftView::new(id, raft.clone());
     let request_timeout = Duration::from_millis(cfg.request_timeout_ms);
-    let proposer =
-        Proposer::new(id, raft.clone(), store.clone(), transport.clone(), request_timeout, unsafe_ack_before_commit());
+    let lease_lapse = Duration::from_millis(cfg.volume.read_lease_ms + cfg.volume.read_lease_margin_ms);
+    let proposer = Proposer::new(
+        id,
+        raft.clone(),
+        store.clone(),
+        transport.clone(),
+        request_timeout,
+        unsafe_ack_before_commit(),
+        lease_lapse,
+    );
     let leader = LeaderHandles {
         view: view.clone(),
         store: store.clone(),

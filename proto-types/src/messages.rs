@@ -73,8 +73,8 @@ pub enum NodeRequest {
     /// Propose any catalog command, internal ones included (forwarded to the leader once).
     /// Answered with [`ClientResponse::Written`].
     Propose { command: CatalogCommand },
-    /// Ask the leader for read leases on the volumes this node is primary of (see
-    /// `volume::core::lease` in the node). Answered with [`ClientResponse::ReadLeases`] once the
+    /// Ask the leader for read leases on the volumes this node holds an in-sync replica of,
+    /// primary or not (see `volume::core::lease` in the node). Answered with [`ClientResponse::ReadLeases`] once the
     /// leader confirmed with a quorum that it still leads (forwarded to the leader once).
     ReadLeases,
 }
@@ -157,7 +157,8 @@ pub enum ClientResponse {
     /// The caller as the node authenticated it.
     Identity(Caller),
     Certificates(Vec<CertificateInfo>),
-    /// The volumes (and their epochs) the leader's catalog names the asking node primary of.
+    /// The volumes (and their epochs) the leader's catalog lists the asking node in sync for
+    /// and is not revoking a lease on.
     ReadLeases(Vec<(crate::ids::VolumeId, u64)>),
 }
 

@@ -9,7 +9,9 @@
 //! every acknowledged write, so no acknowledged write is lost. Before it fails a volume over,
 //! the controller waits until the old primary's read lease has lapsed for certain
 //! (`volume::core::lease`): a primary that is only cut off would otherwise keep serving reads
-//! the new primary has overwritten. The controller keeps no state a new leader would need: it
+//! the new primary has overwritten (the proposer holds the `SetReplication` back for the same
+//! wait, as for every removal from the in-sync set, so waiting here first keeps the request
+//! from tying up a proposal). The controller keeps no state a new leader would need: it
 //! starts from the catalog and fresh probes.
 
 use std::collections::HashMap;
@@ -33,24 +35,22 @@ pub async fn run(leader: LeaderHandles, volumes: Arc<VolumeHost>, tunables: Volu
     let mut last_ok: HashMap<NodeId, Instant> = HashMap::new();
     let mut policy_runs: HashMap<String, Instant> = HashMap::new();
     let mut was_leader = false;
-    let mut leading_since = Instant::now();
     // How long after a host's last lease request its read lease has lapsed for certain.
     let lapse = Duration::from_millis(tunables.read_lease_ms + tunables.read_lease_margin_ms);
     loop {
         tokio::time::sleep(probe).await;
-        if !leader.view.is_leader() {
+        // Noted at or after the election (the proposer's, shared with the in-sync removals it
+        // holds back): later than it was only lengthens the wait for an old primary's lease.
+        let Some(leading_since) = leader.proposer.leading_since() else {
             was_leader = false;
             continue;
-        }
+        };
         let now = Instant::now();
         if !was_leader {
             // Fresh leadership: give every host a full detection window before judging it.
             last_ok.clear();
             policy_runs.clear();
             was_leader = true;
-            // Noticed here, after the election: later than it was, which only lengthens the
-            // wait for an old primary's read lease.
-            leading_since = now;
         }
         let Ok(hosts) = catalog::hosts(&leader.store) else { continue };
         let probes = hosts.iter().filter(|h| h.id != me).map(|h| {

@@ -1,6 +1,8 @@
 //! The volume side of one node: keeps a device actor (and its [`VolumeReplica`] engine) for
 //! every volume this host holds a replica or an async copy of, in step with the catalog, and
-//! routes client and NBD requests to each volume's primary.
+//! routes client and NBD requests to each volume's primary — except reads, which a replica here
+//! that is in sync and holds a read lease serves from this host's copy (`core::lease` says why
+//! that never returns data older than an acknowledged write).
 //!
 //! Routing retries while a volume fails over: a request refused with `NotPrimary` or failing to
 //! reach the primary is retried against whatever primary the catalog names next, for up to
@@ -113,19 +115,20 @@ impl VolumeHost {
     }
 
     /// Ask the leader for read leases every quarter lease (and at once when a replica became
-    /// primary) until the node shuts down, and hand each grant to its replica. A request that
-    /// fails leaves the leases to run out: reads then wait for a renewal or a failover. A host
-    /// that is primary of nothing does not ask (it needs no lease, and the leader then has no
-    /// request of it to wait out).
+    /// primary, or in sync at a new epoch) until the node shuts down, and hand each grant to its
+    /// replica. A request that fails leaves the leases to run out: a primary's reads then wait
+    /// for a renewal or a failover, a replica's go to the primary. A host holding no in-sync
+    /// replica does not ask (it needs no lease, and the leader then has no request of it to
+    /// wait out).
     pub async fn renew_read_leases(self: Arc<Self>) {
         let every = Duration::from_millis(self.tunables.read_lease_ms / 4);
         loop {
             let asked_at = Instant::now();
-            let serving = self.engines.lock().expect("engines lock").values().any(|(e, _)| e.role().is_primary());
+            let serving = self.engines.lock().expect("engines lock").values().any(|(e, _)| e.wants_read_lease());
             if serving {
                 match self.ctx.proposer.read_leases().await {
-                    Ok(primary_of) => {
-                        for (vol, epoch) in primary_of {
+                    Ok(in_sync) => {
+                        for (vol, epoch) in in_sync {
                             if let Some(e) = self.engine(vol) {
                                 e.lease_granted(epoch, asked_at);
                             }
@@ -282,9 +285,14 @@ impl VolumeHost {
         })
     }
 
-    /// A client's volume request, answered by the primary.
+    /// A client's volume request, answered by the primary (a read, here if it may be).
     pub async fn client(&self, req: VolumeRequest) -> Result<VolumeResponse, VolumeError> {
         req.validate().map_err(VolumeError::invalid)?;
+        if let VolumeRequest::Read { volume, offset, len, snapshot } = &req {
+            if let Some(data) = self.read_here(*volume, *offset, *len, *snapshot).await? {
+                return Ok(VolumeResponse::Data(data));
+            }
+        }
         let vol = req.volume();
         let retry = req.is_idempotent();
         match self.route(vol, DeviceMessage::Client(req), retry).await? {
@@ -345,6 +353,21 @@ impl VolumeHost {
         match self.client(VolumeRequest::Read { volume: vol, offset, len, snapshot }).await? {
             VolumeResponse::Data(d) => Ok(d),
             other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Serve a read from this host's replica when it is in sync under a read lease and not the
+    /// primary (a primary serves it through [`Self::route`]); `None`: route it.
+    async fn read_here(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        len: u32,
+        snapshot: Option<u64>,
+    ) -> Result<Option<Vec<u8>>, VolumeError> {
+        match self.engine(vol) {
+            Some(e) if !e.role().is_primary() => e.read_here(offset, len, snapshot).await,
+            _ => Ok(None),
         }
     }
 

@@ -97,8 +97,8 @@ pub struct VolumeReplica {
     pub(crate) resyncs_running: Mutex<BTreeSet<NodeId>>,
     /// Set while the host's supervisor runs [`Self::observe`] for this volume.
     pub(crate) observing: std::sync::atomic::AtomicBool,
-    /// Primary only: reads are served while this holds for the role's epoch
-    /// (`core::lease`, renewed by the host's lease loop).
+    /// Reads are served while this holds: a primary's for its role's epoch, an in-sync
+    /// replica's for the newest epoch it knows (`core::lease`, renewed by the host's lease loop).
     read_lease: Mutex<ReadLease>,
     /// Primary only: the replication stream to each replica or copy it feeds.
     links: Links,
@@ -178,6 +178,10 @@ impl VolumeReplica {
         };
         self.seq.observe_epoch(record.epoch);
         let is_primary = record.primary == self.node;
+        if changed_epoch && !is_primary && record.in_sync.contains(&self.node) {
+            // In sync at a new epoch: ask for a read lease there now, not at the next round.
+            self.ctx.lease_wake.notify_one();
+        }
         let role = self.role();
         if is_primary && (changed_epoch || !matches!(role, Role::Primary { epoch } if epoch == record.epoch)) {
             if let Err(e) = self.adopt(record.epoch).await {
@@ -229,7 +233,7 @@ impl VolumeReplica {
         Ok(())
     }
 
-    /// The leader named this host primary at `epoch` in answer to a lease request sent at
+    /// The leader listed this host in sync at `epoch` in answer to a lease request sent at
     /// `asked_at`.
     pub fn lease_granted(&self, epoch: u64, asked_at: Instant) {
         let duration = Duration::from_millis(self.tunables.read_lease_ms);
@@ -250,6 +254,47 @@ impl VolumeReplica {
                  have been replaced",
             self.node, self.vol
         )))
+    }
+
+    /// Whether this host needs a read lease on the volume: it is primary, or a replica its
+    /// catalog lists in sync (the leader decides whether it gets one).
+    pub fn wants_read_lease(&self) -> bool {
+        self.role().is_primary()
+            || (self.role() == Role::Replica && self.record.lock().expect("record lock").in_sync.contains(&self.node))
+    }
+
+    /// The newest epoch this replica knows of: its catalog's, or a newer one a message carried.
+    fn known_epoch(&self) -> u64 {
+        self.seq.epoch().max(self.record.lock().expect("record lock").epoch)
+    }
+
+    /// A replica that is not primary: serve a read from this host's copy if it holds a read lease
+    /// at the newest epoch it knows (`core::lease`: the leader listed it in sync there, and lets
+    /// no write it missed be acknowledged before such a lease has lapsed). `Ok(None)`: it may
+    /// not (no lease, a snapshot it does not hold, a range its record does not cover yet), so
+    /// the read goes to the primary.
+    pub async fn read_here(
+        &self,
+        offset: u64,
+        len: u32,
+        snapshot: Option<u64>,
+    ) -> Result<Option<Vec<u8>>, VolumeError> {
+        if self.role() != Role::Replica {
+            return Ok(None);
+        }
+        // Shared with a resync's boundaries here: no read sees one half done.
+        let _gate = self.gate.read().await;
+        if !self.read_lease.lock().expect("lease lock").valid(self.known_epoch(), Instant::now()) {
+            metrics::counter!("haven_volume_local_reads_declined_total").increment(1);
+            return Ok(None);
+        }
+        let Ok((first, count)) = self.check_range(offset, len as u64, false) else { return Ok(None) };
+        if snapshot.is_some_and(|id| self.snapshot_seq(id).is_err()) {
+            return Ok(None);
+        }
+        let data = self.read(first, count, snapshot).await?;
+        metrics::counter!("haven_volume_local_reads_total").increment(1);
+        Ok(Some(data))
     }
 
     pub(crate) fn ack_timeout(&self) -> Duration {
@@ -345,8 +390,10 @@ impl VolumeReplica {
         let mut cur = self.record.lock().expect("record lock");
         if rec.epoch >= cur.epoch {
             let mut role = self.role.lock().expect("role lock");
-            if matches!(*role, Role::Primary { .. }) && rec.primary == self.node {
+            if matches!(*role, Role::Primary { epoch } if epoch != rec.epoch) && rec.primary == self.node {
                 *role = Role::Primary { epoch: rec.epoch };
+                // Reads need a lease at the new epoch: ask now, not at the lease loop's next round.
+                self.ctx.lease_wake.notify_one();
             }
             drop(role);
             self.seq.observe_epoch(rec.epoch);

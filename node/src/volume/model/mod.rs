@@ -16,11 +16,14 @@
 //! removed it; the primary, every in-sync replica and every caught-up async copy hold exactly
 //! the lineage's content at their point (a prefix of the primary's write order, byte-equal when
 //! in sync, and a DR copy's recovery point true); no two nodes acknowledge writes in one epoch;
-//! a read (served by whichever node believes it is primary, under its read lease) is never
-//! older than a write acknowledged before it.
+//! a read (served by whichever node believes it is primary, or by a replica, each under its
+//! read lease) is never older than a write acknowledged before it. The leader grants in-sync
+//! replicas read leases, holds back every removal from the in-sync set until the removed
+//! hosts' leases lapsed (`core::lease::Grants::revoke`), and is replaced now and then.
 //!
 //! Replay one seed: `HAVEN_MODEL_SEED=S cargo test -p haven-node --lib volume::model`; hunt:
-//! `HAVEN_MODEL_SEEDS=N` (and `HAVEN_MODEL_REPLICAS=1|3`).
+//! `HAVEN_MODEL_SEEDS=N` (and `HAVEN_MODEL_REPLICAS=1|3`). `HAVEN_MODEL_NO_DROP_WAIT=1` lets
+//! removals commit at once (replicas still serve reads): the checker then finds stale reads.
 
 mod sim;
 mod store;
@@ -51,14 +54,16 @@ mod tests {
         std::env::var(name).ok().and_then(|v| v.parse().ok())
     }
 
-    /// `HAVEN_MODEL_NO_READ_LEASES=1` runs the code as it was before race 4 was fixed.
+    /// `HAVEN_MODEL_NO_READ_LEASES=1` runs the code as it was before race 4 was fixed;
+    /// `HAVEN_MODEL_NO_DROP_WAIT=1` lets in-sync removals commit without waiting out leases.
     fn configs() -> Vec<Config> {
         let read_leases = std::env::var_os("HAVEN_MODEL_NO_READ_LEASES").is_none();
+        let drop_waits = std::env::var_os("HAVEN_MODEL_NO_DROP_WAIT").is_none();
         let replicas = match env("HAVEN_MODEL_REPLICAS") {
             Some(r) => vec![r as usize],
             None => vec![3, 1],
         };
-        replicas.into_iter().map(|r| Config { read_leases, ..Config::new(r) }).collect()
+        replicas.into_iter().map(|r| Config { read_leases, drop_waits, ..Config::new(r) }).collect()
     }
 
     /// A few thousand seeds in CI; `HAVEN_MODEL_SEEDS=N` for a long hunt, `HAVEN_MODEL_SEED=S`
@@ -247,11 +252,77 @@ mod tests {
     #[test]
     fn race4_seed_111_stale_read_without_leases_only() {
         // The schedules as they were when it was found (before clients zeroed ranges).
-        let found = Config { zeroings: false, ..Config::new(3) };
+        let found = Config { zeroings: false, ..Config::before_replica_reads(3) };
         let no_leases = Config { read_leases: false, ..found };
         let e = run_seed(no_leases, 111).expect_err("seed 111 reads stale data without leases");
         assert!(e.contains("stale read"), "{e}");
         run_seed(found, 111).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Issue 13, as a directed schedule: node 2, an in-sync replica holding a read lease, is cut
+    /// off from everyone; the primary's next write to block 0 goes unanswered there, so the
+    /// primary drops node 2 from the in-sync set and acknowledges it; a client then reads block
+    /// 0 at node 2.
+    fn cut_off_replica_read(drop_waits: bool) -> Result<World, String> {
+        let mut w = World::new(Config { drop_waits, ..Config::new(3) }, 0);
+        w.start()?;
+        (0..4).for_each(|n| w.renew(n));
+        w.write(0, 0)?;
+        w.deliver_all()?;
+        w.read(2, 0)?;
+        assert_eq!(w.stats.replica_reads, 1, "node 2 serves reads under its lease");
+        for n in [0, 1, 3] {
+            w.cut(2, n);
+        }
+        w.write(0, 0)?;
+        w.deliver_all()?;
+        w.expire()?;
+        w.read(2, 0)?;
+        w.expire()?;
+        assert_eq!(w.stats.acked, 2, "the second write is acknowledged once node 2 is dropped");
+        w.read(2, 0)?;
+        Ok(w)
+    }
+
+    /// Without the wait the primary acknowledges the write while node 2 still holds its lease,
+    /// and node 2 answers with the block as it was.
+    #[test]
+    fn replica_reads_without_the_drop_wait_serve_a_stale_read() {
+        let e = cut_off_replica_read(false).err().expect("the checker must see the stale read");
+        assert!(e.contains("in-sync replica") && e.contains("stale read"), "{e}");
+    }
+
+    /// With it the drop commits only after node 2's lease lapsed: node 2 refuses the read.
+    #[test]
+    fn replica_reads_a_dropped_replica_serves_no_stale_read() {
+        let w = cut_off_replica_read(true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(w.stats.drop_waits, 1, "the drop waited once");
+        assert_eq!(w.stats.reads_refused, 1, "the last read is refused");
+    }
+
+    /// A replica cut off from the primary only keeps asking the leader for leases while the
+    /// primary drops it: the leader grants it none from the moment the removal waits, and the
+    /// wait is not pushed back by its requests.
+    #[test]
+    fn replica_reads_a_replica_that_keeps_asking_is_dropped_and_refuses_reads() {
+        let mut w = World::new(Config::new(3), 0);
+        expect_ok(w.start());
+        (0..4).for_each(|n| w.renew(n));
+        expect_ok(w.write(0, 0));
+        expect_ok(w.deliver_all());
+        w.cut(0, 2);
+        expect_ok(w.write(0, 0));
+        expect_ok(w.deliver_all());
+        expect_ok(w.expire()); // the drop waits; node 2 asks again and is granted nothing
+        w.renew(2);
+        expect_ok(w.read(2, 0));
+        expect_ok(w.expire()); // the wait counted from node 2's request before it began
+        assert_eq!(w.stats.acked, 2, "the drop committed and the write was acknowledged");
+        assert_eq!(w.in_sync(), vec![0, 1]);
+        w.renew(2);
+        expect_ok(w.read(2, 0));
+        assert_eq!(w.stats.replica_reads, 1, "only the read before the drop finished was served");
+        expect_ok(w.settle_and_check());
     }
 
     /// Found by the random schedules (seed 3): a snapshot taken while an async copy is mid-resync
@@ -327,7 +398,7 @@ mod tests {
     /// (`resync::prepared_epoch`); the seed replays the schedule that found it.
     #[test]
     fn found_a_restarted_replica_follows_the_epoch_of_its_resync() {
-        for cfg in [Config::new(3), Config::new(1)] {
+        for cfg in [Config::before_replica_reads(3), Config::before_replica_reads(1), Config::new(3), Config::new(1)] {
             run_seed(cfg, 189024).unwrap_or_else(|e| panic!("{e}"));
         }
     }
@@ -366,7 +437,9 @@ mod tests {
     #[test]
     fn found_a_zeroing_forwarded_before_a_resync_chunk_is_not_undone_by_it() {
         for seed in [1, 37, 48] {
-            run_seed(Config::new(3), seed).unwrap_or_else(|e| panic!("{e}"));
+            for cfg in [Config::before_replica_reads(3), Config::new(3)] {
+                run_seed(cfg, seed).unwrap_or_else(|e| panic!("{e}"));
+            }
         }
     }
 

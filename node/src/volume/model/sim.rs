@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use haven_proto::volume::ResyncProgress;
-use haven_proto::NodeId;
+use haven_proto::{NodeId, VolumeId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -46,10 +46,12 @@ impl Payload {
 const ACK_TIMEOUT_MS: u64 = 60;
 /// Blocks per resync chunk: small, so transfers get interrupted mid-way.
 const CHUNK_BLOCKS: usize = 2;
-/// A primary's read lease, and the margin the leader adds before failing it over (the model's
-/// clocks agree, so the margin only keeps the arithmetic honest).
+/// A read lease, and the margin the leader adds before taking it away (the model's clocks
+/// agree, so the margin only keeps the arithmetic honest).
 const LEASE_MS: u64 = 80;
 const LEASE_MARGIN_MS: u64 = 5;
+/// The model's one volume, as the leader's lease bookkeeping names it.
+const VOL: VolumeId = VolumeId(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
@@ -58,8 +60,18 @@ pub struct Config {
     /// Scheduler steps with faults and operations, before the healing phase.
     pub steps: usize,
     /// Primaries serve reads only under a read lease, and failover waits for it to lapse
-    /// (`volume::core::lease`). Off: the code before issue 11's race 4 was fixed.
+    /// (`volume::core::lease`). Off: the code before issue 11's race 4 was fixed (and no
+    /// replica serves reads).
     pub read_leases: bool,
+    /// In-sync replicas that are not primary also serve reads under a read lease (issue 13).
+    pub replica_reads: bool,
+    /// Every change removing a host from the in-sync set waits until the leader has stopped
+    /// granting it leases and its lease has lapsed (`Grants::revoke`). Off: removals commit at
+    /// once, as before replicas served reads (failover still waits for the old primary's).
+    pub drop_waits: bool,
+    /// The Raft leader changes now and then: the new one knows no lease request and counts
+    /// from its election.
+    pub elections: bool,
     /// Clients also zero block ranges (TRIM / WRITE_ZEROES, replicated as one range per point).
     /// Off: the schedules as they were before range zeroing existed.
     pub zeroings: bool,
@@ -68,7 +80,20 @@ pub struct Config {
 impl Config {
     pub fn new(replicas: usize) -> Self {
         assert!(replicas == 1 || replicas == 3, "the model runs 1 or 3 replicas");
-        Self { replicas, steps: 300, read_leases: true, zeroings: true }
+        Self {
+            replicas,
+            steps: 300,
+            read_leases: true,
+            zeroings: true,
+            replica_reads: true,
+            drop_waits: true,
+            elections: true,
+        }
+    }
+
+    /// The schedules as they were before replicas served reads (seeds found then replay).
+    pub fn before_replica_reads(replicas: usize) -> Self {
+        Self { replica_reads: false, drop_waits: false, elections: false, ..Self::new(replicas) }
     }
 }
 
@@ -79,6 +104,9 @@ pub struct Stats {
     pub unknown: u64,
     pub reads: u64,
     pub reads_refused: u64,
+    pub replica_reads: u64,
+    pub drop_waits: u64,
+    pub elections: u64,
     pub failovers: u64,
     pub snapshots: u64,
     pub rollbacks: u64,
@@ -109,6 +137,9 @@ impl Stats {
             ("write with an unknown outcome", &mut self.unknown),
             ("read", &mut self.reads),
             ("read refused without a lease", &mut self.reads_refused),
+            ("read served by an in-sync replica", &mut self.replica_reads),
+            ("in-sync removal waiting out a lease", &mut self.drop_waits),
+            ("leader election", &mut self.elections),
             ("failover", &mut self.failovers),
             ("snapshot", &mut self.snapshots),
             ("rollback", &mut self.rollbacks),
@@ -195,6 +226,9 @@ struct Node {
     lease: ReadLease,
     /// Primary only: the newest point handed to a range zeroing (`VolumeReplica::last_zero_seq`).
     last_zero: u64,
+    /// Primary only: a rollback holding the I/O gate until it has dropped these replicas (which
+    /// refused it) at this epoch; no write, snapshot or takeover meanwhile.
+    gate_drop: Option<(Vec<usize>, u64)>,
 }
 
 impl Node {
@@ -212,6 +246,7 @@ impl Node {
             resyncs: BTreeMap::new(),
             lease: ReadLease::default(),
             last_zero: 0,
+            gate_drop: None,
         }
     }
 
@@ -238,11 +273,16 @@ pub struct World {
     /// The node whose history the lineage is (the last to adopt or roll back).
     head: Option<usize>,
     /// Acknowledged writes a rollback has not removed: write → (point, epoch, node).
-    acked: BTreeMap<WriteId, (u64, u64, usize)>,
+    acked: Acked,
+    /// A rollback whose primary still waits to drop replicas that refused it: the lineage and
+    /// acknowledged writes from before it (a takeover meanwhile may bring them back).
+    rollback_in_doubt: Option<(BTreeMap<u64, Payload>, Acked)>,
     /// The blocks each write went to: (first, count, a range zeroing).
     write_block: BTreeMap<WriteId, (u64, u64, bool)>,
-    /// The leader's record of lease requests (one leader, in office from the start).
+    /// The leader's record of lease requests and revocations.
     grants: Grants,
+    /// When the current leader was elected (the first at the start).
+    leading_since: Instant,
     next_renewal: u64,
     ack_epochs: BTreeMap<u64, usize>,
     next_write: WriteId,
@@ -254,8 +294,12 @@ pub struct World {
 
 type Check = Result<(), String>;
 
+/// Acknowledged writes: write → (point, epoch, node).
+type Acked = BTreeMap<WriteId, (u64, u64, usize)>;
+
 impl World {
     pub fn new(cfg: Config, seed: u64) -> Self {
+        let base = Instant::now();
         let replicas: Vec<usize> = (0..cfg.replicas).collect();
         let cat =
             Catalog { epoch: 1, primary: 0, replicas: replicas.clone(), in_sync: replicas, async_target: cfg.replicas };
@@ -264,7 +308,7 @@ impl World {
             cfg,
             rng: StdRng::seed_from_u64(seed),
             now: 0,
-            base: Instant::now(),
+            base,
             nodes,
             cat,
             net: Vec::new(),
@@ -272,8 +316,10 @@ impl World {
             lineage: BTreeMap::new(),
             head: None,
             acked: BTreeMap::new(),
+            rollback_in_doubt: None,
             write_block: BTreeMap::new(),
             grants: Grants::default(),
+            leading_since: base,
             next_renewal: 0,
             ack_epochs: BTreeMap::new(),
             next_write: 1,
@@ -347,6 +393,7 @@ impl World {
             86..89 => self.snapshot(p),
             89..91 => self.rollback(p),
             91..94 => self.reverse(p),
+            94..95 if self.cfg.elections => self.elect(),
             _ => {
                 self.now += ACK_TIMEOUT_MS / 2;
                 self.timeouts()
@@ -507,8 +554,8 @@ impl World {
     /// The primary's `order`: one point for `payload`, applied here and replicated.
     fn order(&mut self, n: usize, first: u64, count: u64, payload: impl Fn(u64, WriteId) -> Payload) -> Check {
         let Role::Primary { epoch } = self.nodes[n].role else { return Ok(()) };
-        if !self.nodes[n].up {
-            return Ok(());
+        if !self.nodes[n].up || self.nodes[n].gate_drop.is_some() {
+            return Ok(()); // a rollback holds the gate: the write waits (here: is not issued)
         }
         let point = self.nodes[n].next;
         let zeroing = matches!(payload(point, 0), Payload::Zero { .. });
@@ -559,6 +606,7 @@ impl World {
 
     fn timeouts(&mut self) -> Check {
         self.forward_timeouts();
+        self.gate_drops();
         for n in 0..self.nodes.len() {
             let late: Vec<WriteId> =
                 self.nodes[n].inflight.iter().filter(|(_, w)| w.deadline <= self.now).map(|(id, _)| *id).collect();
@@ -568,6 +616,23 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Rollbacks holding the gate for a drop: try the drop again (it commits once the leader's
+    /// wait is over; refused, the rollback ends with an error, as `drop_in_sync`'s caller does).
+    fn gate_drops(&mut self) {
+        for n in 0..self.nodes.len() {
+            let Some((failed, epoch)) = self.nodes[n].gate_drop.clone() else { continue };
+            match self.drop_in_sync(n, &failed, epoch) {
+                Dropped::Wait => {}
+                Dropped::Yes => {
+                    self.nodes[n].gate_drop = None;
+                    self.rollback_in_doubt = None; // done: no replica that refused it counts
+                }
+                // Replaced meanwhile: the takeover decides which history stands.
+                Dropped::No => self.nodes[n].gate_drop = None,
+            }
+        }
     }
 
     /// A forwarded write unanswered for 5 acknowledgement timeouts failed (the driver's send
@@ -594,15 +659,22 @@ impl World {
     /// from the in-sync set first (the primary's `write`, deciding through `core::ack`).
     fn try_complete(&mut self, n: usize, write: WriteId) -> Check {
         let Some(decision) = self.nodes[n].inflight[&write].w.decision() else { return Ok(()) };
-        let w = self.nodes[n].inflight.remove(&write).expect("present").w;
         let acked = match decision {
             AckDecision::Ack => true,
             AckDecision::DropThenAck(failed) => {
                 let failed: Vec<usize> = failed.iter().map(|h| h.0 as usize).collect();
-                self.drop_in_sync(n, &failed, w.epoch)
+                let epoch = self.nodes[n].inflight[&write].w.epoch;
+                match self.drop_in_sync(n, &failed, epoch) {
+                    Dropped::Yes => true,
+                    Dropped::No => false,
+                    // The proposal waits out their leases; the write stays in flight (retried
+                    // at the next timeouts).
+                    Dropped::Wait => return Ok(()),
+                }
             }
             AckDecision::Unknown => false,
         };
+        let w = self.nodes[n].inflight.remove(&write).expect("present").w;
         if !acked {
             self.stats.unknown += 1;
             return Ok(());
@@ -625,24 +697,54 @@ impl World {
         Ok(())
     }
 
-    /// Propose dropping `hosts` from the in-sync set; true if they are out when it returns.
-    fn drop_in_sync(&mut self, n: usize, hosts: &[usize], epoch: u64) -> bool {
+    /// Propose dropping `hosts` from the in-sync set: out when it returns, or not, or the
+    /// leader is still waiting out their read leases.
+    fn drop_in_sync(&mut self, n: usize, hosts: &[usize], epoch: u64) -> Dropped {
         let cur = self.cat.clone();
         if cur.primary != n {
-            return false;
+            return Dropped::No;
         }
         if !hosts.iter().any(|h| cur.in_sync.contains(h)) {
-            return true;
+            return Dropped::Yes;
         }
         if cur.epoch != epoch && cur.epoch != self.nodes[n].view.epoch {
-            return false;
+            return Dropped::No;
         }
-        let in_sync = cur.in_sync.iter().copied().filter(|h| !hosts.contains(h)).collect();
+        let in_sync: Vec<usize> = cur.in_sync.iter().copied().filter(|h| !hosts.contains(h)).collect();
+        if !self.shrink_ready(cur.epoch, &in_sync) {
+            return Dropped::Wait;
+        }
         self.log(|| format!("n{n} drops {hosts:?} from in-sync (epoch {})", cur.epoch));
-        self.set_replication(n, cur.epoch, n, in_sync).is_some()
+        match self.set_replication(n, cur.epoch, n, in_sync) {
+            Some(_) => Dropped::Yes,
+            None => Dropped::No,
+        }
+    }
+
+    /// The leader's side of a change leaving `after` in sync (`Proposer::revoke_read_leases`):
+    /// true once it may commit, i.e. no host it removes can still hold a read lease. The first
+    /// call stops the leader granting them one.
+    fn shrink_ready(&mut self, expected: u64, after: &[usize]) -> bool {
+        if !(self.cfg.read_leases && self.cfg.drop_waits) || self.cat.epoch != expected {
+            return true;
+        }
+        let removed: Vec<usize> = self.cat.in_sync.iter().copied().filter(|h| !after.contains(h)).collect();
+        let (now, since) = (self.instant(), self.leading_since);
+        let lapse = Duration::from_millis(LEASE_MS + LEASE_MARGIN_MS);
+        let wait = removed
+            .iter()
+            .map(|h| self.grants.revoke(NodeId(*h as u64), VOL, expected, since, now, lapse))
+            .max()
+            .unwrap_or_default();
+        if !wait.is_zero() {
+            self.stats.drop_waits += 1;
+            self.log(|| format!("leader waits {wait:?} before removing {removed:?} from in-sync"));
+        }
+        wait.is_zero()
     }
 
     /// The catalog's compare-and-set; the proposer takes the new record in (`set_record`).
+    /// Callers that may shrink the in-sync set ask [`Self::shrink_ready`] first.
     fn set_replication(&mut self, by: usize, expected: u64, primary: usize, in_sync: Vec<usize>) -> Option<u64> {
         if self.cat.epoch != expected {
             return None;
@@ -695,6 +797,7 @@ impl World {
     fn demote(&mut self, n: usize) {
         let node = &mut self.nodes[n];
         node.role = Role::Replica;
+        node.gate_drop = None;
         node.followers.clear();
         node.resyncs.clear();
         self.stats.unknown += node.inflight.len() as u64;
@@ -704,7 +807,7 @@ impl World {
     /// Become primary at `epoch` (the replica's `adopt`): fence, truncate the others to our last
     /// point, then hand out points after it.
     fn adopt(&mut self, n: usize, epoch: u64) -> Check {
-        if !self.nodes[n].inflight.is_empty() {
+        if !self.nodes[n].inflight.is_empty() || self.nodes[n].gate_drop.is_some() {
             return Ok(()); // the I/O gate: wait for writes in flight
         }
         let fenced = self.nodes[n].seq.fence(epoch);
@@ -721,6 +824,7 @@ impl World {
         node.next = last + 1;
         node.role = Role::Primary { epoch };
         self.log(|| format!("n{n} ADOPTED epoch {epoch} at point {last}"));
+        self.resolve_rollback_in_doubt(n, last);
         self.new_lineage(n, last, "took over")
     }
 
@@ -741,8 +845,7 @@ impl World {
     fn check_copy(&self, n: usize, point: u64, why: &str) -> Check {
         // Zeroes are zeroes whichever zeroing left them (a copy may hold a zeroing's version
         // where the primary, holding no data there, never stored one): compare contents.
-        let contents =
-            |c: Vec<WriteId>| -> Vec<WriteId> { c.into_iter().map(|w| if is_data(w) { w } else { 0 }).collect() };
+        let contents = zeroes_as_zero;
         let want = contents(self.lineage_content(point));
         let have = contents(self.nodes[n].store.content(point, BLOCKS));
         if want != have {
@@ -754,26 +857,53 @@ impl World {
     }
 
     fn lineage_content(&self, point: u64) -> Vec<WriteId> {
-        let mut content = vec![0; BLOCKS as usize];
-        for payload in self.lineage.range(..=point).map(|(_, p)| p) {
-            match payload {
-                Payload::Blocks(b) => {
-                    for &(block, _, w) in b {
-                        content[block as usize] = w;
-                    }
+        content_of(&self.lineage, point)
+    }
+
+    /// A takeover while a rollback is in doubt (its primary waited to drop replicas that refused
+    /// it, and was replaced meanwhile): the rollback was never acknowledged, so the new primary
+    /// may hold the history from before it; then that history, and the writes acknowledged in
+    /// it, are the lineage again.
+    fn resolve_rollback_in_doubt(&mut self, n: usize, last: u64) {
+        let Some((lineage, acked)) = self.rollback_in_doubt.take() else { return };
+        let zeroed = zeroes_as_zero;
+        let have = zeroed(self.nodes[n].store.content(last, BLOCKS));
+        if have != zeroed(self.lineage_content(last)) && have == zeroed(content_of(&lineage, last)) {
+            self.log(|| format!("n{n} takes over with the history from before the rollback in doubt"));
+            self.lineage = lineage;
+            self.acked = acked;
+        }
+    }
+}
+
+/// Zeroes are zeroes whichever zeroing left them: a content with every zeroing's write as 0.
+fn zeroes_as_zero(content: Vec<WriteId>) -> Vec<WriteId> {
+    content.into_iter().map(|w| if is_data(w) { w } else { 0 }).collect()
+}
+
+/// The content of every block as of `point` in `lineage`.
+fn content_of(lineage: &BTreeMap<u64, Payload>, point: u64) -> Vec<WriteId> {
+    let mut content = vec![0; BLOCKS as usize];
+    for payload in lineage.range(..=point).map(|(_, p)| p) {
+        match payload {
+            Payload::Blocks(b) => {
+                for &(block, _, w) in b {
+                    content[block as usize] = w;
                 }
-                Payload::Zero { first, count, write, .. } => {
-                    for b in (*first..first + count).filter(|b| *b < BLOCKS) {
-                        if is_data(content[b as usize]) {
-                            content[b as usize] = *write;
-                        }
+            }
+            Payload::Zero { first, count, write, .. } => {
+                for b in (*first..first + count).filter(|b| *b < BLOCKS) {
+                    if is_data(content[b as usize]) {
+                        content[b as usize] = *write;
                     }
                 }
             }
         }
-        content
     }
+    content
+}
 
+impl World {
     /// The leader's volume controller: a primary that is down or cut off fails over to an
     /// in-sync replica that is up.
     fn failover(&mut self) -> Check {
@@ -790,9 +920,12 @@ impl World {
             return Ok(());
         }
         let c = candidates[self.rng.random_range(0..candidates.len())];
-        self.log(|| format!("FAILOVER {p} -> {c}"));
-        let in_sync = self.cat.in_sync.iter().copied().filter(|h| *h != p).collect();
+        let in_sync: Vec<usize> = self.cat.in_sync.iter().copied().filter(|h| *h != p).collect();
         let expected = self.cat.epoch;
+        if !self.shrink_ready(expected, &in_sync) {
+            return Ok(()); // waited for above; only a new leader's election can hold it back here
+        }
+        self.log(|| format!("FAILOVER {p} -> {c}"));
         self.cat.primary = c;
         self.cat.in_sync = in_sync;
         self.cat.epoch = expected + 1;
@@ -828,30 +961,60 @@ impl World {
             return;
         }
         let now = self.instant();
-        self.grants.record(NodeId(n as u64), now);
-        if self.cat.primary == n {
+        let host = NodeId(n as u64);
+        self.grants.record(host, now);
+        let listed = if self.replica_reads() { self.cat.in_sync.contains(&n) } else { self.cat.primary == n };
+        if listed && self.grants.may_grant(host, VOL, self.cat.epoch) {
             self.nodes[n].lease.granted(self.cat.epoch, now, Duration::from_millis(LEASE_MS));
         }
+    }
+
+    fn replica_reads(&self) -> bool {
+        self.cfg.read_leases && self.cfg.replica_reads
     }
 
     /// Whether the leader's wait for `p`'s read lease is over (always, without leases).
     fn lease_lapsed(&self, p: usize) -> bool {
         let lapse = Duration::from_millis(LEASE_MS + LEASE_MARGIN_MS);
-        !self.cfg.read_leases || self.grants.wait(NodeId(p as u64), self.base, self.instant(), lapse).is_zero()
+        !self.cfg.read_leases || self.grants.wait(NodeId(p as u64), self.leading_since, self.instant(), lapse).is_zero()
+    }
+
+    /// A new Raft leader: it knows no lease request or revocation, and counts from now.
+    fn elect(&mut self) -> Check {
+        self.log(|| "LEADER ELECTED".into());
+        self.stats.elections += 1;
+        self.grants = Grants::default();
+        self.leading_since = self.instant();
+        Ok(())
     }
 
     /// A client reads `block` at `n`, which serves it if it believes it is primary (and holds a
-    /// read lease). The answer must be no older than any write acknowledged before it.
+    /// read lease), or, with replica reads, if it is a replica holding a read lease at the newest
+    /// epoch it knows (`VolumeReplica::read_here`). The answer must be no older than any write
+    /// acknowledged before it.
     fn client_read(&mut self, n: usize, block: u64) -> Check {
-        let Role::Primary { epoch } = self.nodes[n].role else { return Ok(()) };
         if !self.nodes[n].up {
             return Ok(());
         }
+        let (epoch, who) = match self.nodes[n].role {
+            Role::Primary { epoch } => (epoch, "primary"),
+            Role::Replica if self.replica_reads() => (self.nodes[n].epoch_seen(), "in-sync replica"),
+            Role::Replica => return Ok(()),
+        };
         if self.cfg.read_leases && !self.nodes[n].lease.valid(epoch, self.instant()) {
             self.stats.reads_refused += 1;
             return Ok(());
         }
         self.stats.reads += 1;
+        if who != "primary" {
+            self.stats.replica_reads += 1;
+        }
+        self.check_read(n, block, epoch, who)
+    }
+
+    /// `n` served a read of `block` (as `who`, at `epoch` in its own view): it must not be older
+    /// than a write acknowledged before it.
+    fn check_read(&self, n: usize, block: u64, epoch: u64, who: &str) -> Check {
         let (_, w) = self.nodes[n].store.read(block, u64::MAX);
         let seen_point = if w == 0 { Some(0) } else { self.acked.get(&w).map(|a| a.0) };
         let Some(seen_point) = seen_point else { return Ok(()) }; // not acknowledged: no promise
@@ -863,7 +1026,7 @@ impl World {
         });
         if let Some((id, (point, _, by))) = newer {
             return Err(format!(
-                "node {n} (primary at epoch {epoch} in its own view) read block {block} as write {w}, but write \
+                "node {n} ({who} at epoch {epoch} in its own view) read block {block} as write {w}, but write \
                  {id} to it was acknowledged at point {point} by node {by}: a stale read"
             ));
         }
@@ -875,7 +1038,11 @@ impl World {
     /// The primary, with no write in flight, if `n` is one and is up.
     fn idle_primary(&self, n: usize) -> Option<u64> {
         match self.nodes[n].role {
-            Role::Primary { epoch } if self.nodes[n].up && self.nodes[n].inflight.is_empty() => Some(epoch),
+            Role::Primary { epoch }
+                if self.nodes[n].up && self.nodes[n].inflight.is_empty() && self.nodes[n].gate_drop.is_none() =>
+            {
+                Some(epoch)
+            }
             _ => None,
         }
     }
@@ -930,8 +1097,11 @@ impl World {
         let others: Vec<usize> = self.nodes[n].view.in_sync.iter().copied().filter(|h| *h != n).collect();
         let failed: Vec<usize> =
             others.into_iter().filter(|h| !(self.reachable(n, *h) && self.truncate_at(*h, epoch, point))).collect();
-        if !failed.is_empty() {
-            self.drop_in_sync(n, &failed, epoch);
+        if !failed.is_empty() && self.drop_in_sync(n, &failed, epoch) == Dropped::Wait {
+            // The rollback keeps the gate until the leader let the drop commit; until then it
+            // is in doubt.
+            self.nodes[n].gate_drop = Some((failed, epoch));
+            self.rollback_in_doubt = Some((self.lineage.clone(), self.acked.clone()));
         }
         self.acked.retain(|_, (p, _, _)| *p <= point);
         self.stats.rollbacks += 1;
@@ -947,6 +1117,9 @@ impl World {
         let last = self.nodes[n].next - 1;
         if self.nodes[n].followers.caught_up(NodeId(t as u64), last) != Some(CopyState::CaughtUp) {
             return Ok(());
+        }
+        if !self.shrink_ready(self.cat.epoch, &[t]) {
+            return Ok(()); // the primary leaves the in-sync set: its own lease first
         }
         self.cat =
             Catalog { epoch: self.cat.epoch + 1, primary: t, replicas: vec![t], in_sync: vec![t], async_target: n };
@@ -1244,6 +1417,7 @@ impl World {
         node.inflight.clear();
         node.resyncs.clear();
         node.lease = ReadLease::default();
+        node.gate_drop = None;
         Ok(())
     }
 
@@ -1410,7 +1584,8 @@ impl World {
     /// and `c` takes over.
     pub fn fail_over_to(&mut self, c: usize) -> Check {
         let old = self.cat.primary;
-        while !self.lease_lapsed(old) {
+        let after: Vec<usize> = self.cat.in_sync.iter().copied().filter(|h| *h != old).collect();
+        while !self.lease_lapsed(old) || !self.shrink_ready(self.cat.epoch, &after) {
             self.now += 1;
         }
         self.cat.in_sync.retain(|h| *h != old);
@@ -1472,6 +1647,17 @@ impl World {
         self.heal_and_settle()?;
         self.final_check()
     }
+}
+
+/// What proposing to drop replicas from the in-sync set came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    /// They are out of the set.
+    Yes,
+    /// They are not (the compare-and-set failed, or this node is no longer primary).
+    No,
+    /// The leader is waiting out their read leases; ask again later.
+    Wait,
 }
 
 #[derive(Debug, PartialEq, Eq)]
