@@ -93,8 +93,9 @@ impl TlsMaterial {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
-    /// QUIC client configuration: trusts only the cluster CA and presents our certificate.
-    pub fn quic_client_config(&self) -> Result<quinn::ClientConfig, WireIoError> {
+    /// TLS 1.3 client configuration (ring): trusts only the cluster CA, presents our certificate,
+    /// offers [`ALPN`]. QUIC wraps it; the transport benchmark's TCP+TLS baseline uses it as is.
+    pub fn tls_client_config(&self) -> Result<rustls::ClientConfig, WireIoError> {
         let (certs, key) = self.chain()?;
         let mut tls = rustls::ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -103,15 +104,12 @@ impl TlsMaterial {
             .with_client_auth_cert(certs, key)
             .map_err(|e| WireIoError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic =
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| WireIoError::Tls(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(transport_config()));
-        Ok(config)
+        Ok(tls)
     }
 
-    /// QUIC server configuration: requires a client certificate signed by the cluster CA.
-    pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, WireIoError> {
+    /// TLS 1.3 server configuration (ring): requires a client certificate signed by the cluster
+    /// CA, offers [`ALPN`].
+    pub fn tls_server_config(&self) -> Result<rustls::ServerConfig, WireIoError> {
         let (certs, key) = self.chain()?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
             .build()
@@ -123,8 +121,22 @@ impl TlsMaterial {
             .with_single_cert(certs, key)
             .map_err(|e| WireIoError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic =
-            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| WireIoError::Tls(e.to_string()))?;
+        Ok(tls)
+    }
+
+    /// QUIC client configuration: [`Self::tls_client_config`] with Haven's transport parameters.
+    pub fn quic_client_config(&self) -> Result<quinn::ClientConfig, WireIoError> {
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls_client_config()?)
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(transport_config()));
+        Ok(config)
+    }
+
+    /// QUIC server configuration: [`Self::tls_server_config`] with Haven's transport parameters.
+    pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, WireIoError> {
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(self.tls_server_config()?)
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(transport_config()));
         Ok(config)
@@ -241,11 +253,31 @@ pub struct Exchanged {
     pub received: usize,
 }
 
+/// Endpoint-wide QUIC settings with a random stateless-reset key (a node derives its key from its
+/// private key instead and applies [`tune_endpoint_config`] itself: `node::transport`).
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    tune_endpoint_config(&mut config);
+    config
+}
+
+/// The endpoint-wide settings every Haven endpoint shares.
+pub fn tune_endpoint_config(_config: &mut quinn::EndpointConfig) {}
+
+/// The UDP socket of a QUIC endpoint, bound to `addr`.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// A client-only QUIC endpoint on an ephemeral port.
 pub fn client_endpoint(material: &TlsMaterial) -> Result<quinn::Endpoint, WireIoError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    let err = |e: std::io::Error| WireIoError::Tls(format!("binding client endpoint: {e}"));
+    let socket = bind_udp(bind).map_err(err)?;
     let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| WireIoError::Tls(format!("binding client endpoint: {e}")))?;
+        quinn::Endpoint::new(endpoint_config(), None, socket, Arc::new(quinn::TokioRuntime)).map_err(err)?;
     endpoint.set_default_client_config(material.quic_client_config()?);
     Ok(endpoint)
 }
