@@ -30,7 +30,7 @@ use haven_benches::report::ratio;
 use haven_benches::{Cell, Report, Table, TargetCheck};
 use haven_client::wire::{self, TlsMaterial, SERVER_NAME};
 use haven_node::pki::CertificateAuthority;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -103,11 +103,8 @@ fn tls_pair(dir: &std::path::Path) -> anyhow::Result<(TlsMaterial, TlsMaterial)>
     Ok((material(1)?, material(2)?))
 }
 
-/// Connections a QUIC server accepted, kept to read their statistics.
-type Accepted = Arc<Mutex<Vec<quinn::Connection>>>;
-
 /// Bind a QUIC server on 127.0.0.1 that runs `serve_stream` for every bidirectional stream.
-fn quic_server<F, Fut>(tls: &TlsMaterial, serve_stream: F) -> anyhow::Result<(quinn::Endpoint, SocketAddr, Accepted)>
+fn quic_server<F, Fut>(tls: &TlsMaterial, serve_stream: F) -> anyhow::Result<(quinn::Endpoint, SocketAddr)>
 where
     F: Fn(quinn::SendStream, quinn::RecvStream) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -120,17 +117,15 @@ where
         Arc::new(quinn::TokioRuntime),
     )?;
     let addr = endpoint.local_addr()?;
-    let (accept, accepted) = (endpoint.clone(), Accepted::default());
-    let record = accepted.clone();
+    let accept = endpoint.clone();
     tokio::spawn(async move {
         while let Some(incoming) = accept.accept().await {
-            let (serve_stream, record) = (serve_stream.clone(), record.clone());
+            let serve_stream = serve_stream.clone();
             tokio::spawn(async move {
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => return eprintln!("transport_bench: QUIC handshake failed: {e}"),
                 };
-                record.lock().expect("accepted lock").push(conn.clone());
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let serve_stream = serve_stream.clone();
                     tokio::spawn(async move {
@@ -142,7 +137,7 @@ where
             });
         }
     });
-    Ok((endpoint, addr, accepted))
+    Ok((endpoint, addr))
 }
 
 /// Bulk sink: count every byte until the peer finishes, then answer with the count.
@@ -359,31 +354,39 @@ struct Measured {
     rtt_wall: Duration,
 }
 
-/// How QUIC put the bulk bytes on the wire (sender and receiver connection statistics).
+/// How QUIC put the bulk bytes on the wire: the sending connection's statistics, and the UDP
+/// datagrams the kernel dropped for want of socket receive buffer meanwhile (machine-wide).
 struct QuicWire {
     tx_datagrams: u64,
     tx_sends: u64,
-    rx_datagrams: u64,
-    rx_recvs: u64,
     mtu: u16,
     lost_packets: u64,
     congestion_events: u64,
+    rcvbuf_drops: Option<u64>,
 }
 
 impl QuicWire {
-    fn read(sender: &quinn::Connection, receiver: Option<&quinn::Connection>) -> Self {
+    fn read(sender: &quinn::Connection, rcvbuf_drops: Option<u64>) -> Self {
         let tx = sender.stats();
-        let rx = receiver.map(|c| c.stats());
         Self {
             tx_datagrams: tx.udp_tx.datagrams,
             tx_sends: tx.udp_tx.ios,
-            rx_datagrams: rx.as_ref().map_or(0, |r| r.udp_rx.datagrams),
-            rx_recvs: rx.as_ref().map_or(0, |r| r.udp_rx.ios),
             mtu: tx.path.current_mtu,
             lost_packets: tx.path.lost_packets,
             congestion_events: tx.path.congestion_events,
+            rcvbuf_drops,
         }
     }
+}
+
+/// Linux's count of UDP datagrams dropped because a socket's receive buffer was full
+/// (`RcvbufErrors` in /proc/net/snmp); `None` where it cannot be read.
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let column = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(column)?.parse().ok()
 }
 
 struct Figures {
@@ -398,7 +401,6 @@ struct Setup {
     quic: quinn::Endpoint,
     quic_bulk: quinn::Connection,
     quic_echo: quinn::Connection,
-    quic_accepted: Accepted,
     tcp: [Tcp; 2],
     sinks: [SocketAddr; 2],
     echoes: [SocketAddr; 2],
@@ -409,8 +411,8 @@ struct Setup {
 async fn setup() -> anyhow::Result<Setup> {
     let scratch = tempfile::Builder::new().prefix("haven-transport-bench").tempdir()?;
     let (server_tls, client_tls) = tls_pair(scratch.path())?;
-    let (sink_ep, sink_addr, quic_accepted) = quic_server(&server_tls, quic_sink)?;
-    let (echo_ep, echo_addr, _) = quic_server(&server_tls, quic_echo)?;
+    let (sink_ep, sink_addr) = quic_server(&server_tls, quic_sink)?;
+    let (echo_ep, echo_addr) = quic_server(&server_tls, quic_echo)?;
     let quic = wire::client_endpoint(&client_tls)?;
     let quic_bulk = quic_connect(&quic, sink_addr).await?;
     let quic_echo = quic_connect(&quic, echo_addr).await?;
@@ -421,7 +423,6 @@ async fn setup() -> anyhow::Result<Setup> {
         quic,
         quic_bulk,
         quic_echo,
-        quic_accepted,
         tcp,
         sinks,
         echoes,
@@ -498,9 +499,10 @@ async fn round_trips(s: &Setup, warmup: usize, count: usize, msg: &[u8]) -> anyh
 async fn run(args: &Args, bulk_bytes: u64, count: usize) -> anyhow::Result<Figures> {
     let s = setup().await?;
     let chunk: Vec<u8> = (0..args.chunk_kib.max(1) * 1024).map(|i| (i % 251) as u8).collect();
+    let drops_before = udp_rcvbuf_errors();
     let (bulk, tls_suite) = bulk(&s, args.bulk_runs.max(1), bulk_bytes, &chunk).await?;
-    let receiver = s.quic_accepted.lock().expect("accepted lock").first().cloned();
-    let quic_wire = QuicWire::read(&s.quic_bulk, receiver.as_ref());
+    let drops = udp_rcvbuf_errors().zip(drops_before).map(|(after, before)| after.saturating_sub(before));
+    let quic_wire = QuicWire::read(&s.quic_bulk, drops);
     let msg: Vec<u8> = (0..args.msg_bytes.max(1)).map(|i| i as u8).collect();
     let rtts = round_trips(&s, args.warmup, count, &msg).await?;
     s.quic_bulk.close(0u32.into(), b"done");
@@ -548,10 +550,10 @@ fn quic_wire_table(w: &QuicWire) -> Table {
     let rows = [
         ("sender: UDP datagrams", Cell::int(w.tx_datagrams)),
         ("sender: datagrams per send call (GSO batching when > 1)", Cell::num(per(w.tx_datagrams, w.tx_sends), 1)),
-        ("receiver: datagrams per receive call (GRO when > 1)", Cell::num(per(w.rx_datagrams, w.rx_recvs), 1)),
         ("path MTU, bytes", Cell::int(u64::from(w.mtu))),
         ("packets declared lost", Cell::int(w.lost_packets)),
         ("congestion events", Cell::int(w.congestion_events)),
+        ("UDP datagrams the kernel dropped, receive buffer full (all bulk runs)", Cell::opt(w.rcvbuf_drops.map(|d| d as f64), 0)),
     ];
     for (metric, value) in rows {
         t.row(vec![Cell::text(metric), value]);
