@@ -13,7 +13,7 @@
 //! This module must not handle inbound requests (that is `service`) or decide anything about
 //! volumes or VMs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use haven_client::wire::WireIoError;
@@ -21,10 +21,11 @@ use haven_proto::{
     ActorAddr, Body, Caller, CatalogCommand, ClientCommand, ClientRequest, ClientResponse, CommandOutcome, Envelope,
     EnvelopeFlags, ErrorCode, MemberInfo, NodeId, NodeRequest, NodeRole, NodeStatus, VolumeId, WireError,
 };
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
 use openraft::ServerState;
 
 use crate::catalog;
+use crate::raft::batch::{self, Batcher, Failed};
 use crate::raft::{HavenNode, Raft};
 use crate::storage::Store;
 use crate::transport::{Outbound, Transport};
@@ -138,6 +139,9 @@ struct ProposerInner {
     /// When each host last asked this node, as leader, for volume read leases (the volume
     /// controller waits them out before a failover; see `volume::core::lease`).
     read_lease_grants: Mutex<Grants>,
+    /// Hands commands to Raft, batching those proposed together (started on first use, on the
+    /// runtime of the first proposal).
+    batcher: OnceLock<Batcher>,
 }
 
 impl Proposer {
@@ -157,6 +161,7 @@ impl Proposer {
             request_timeout,
             unsafe_ack_before_commit: unsafe_ack,
             read_lease_grants: Mutex::new(Grants::default()),
+            batcher: OnceLock::new(),
         }))
     }
 
@@ -173,7 +178,11 @@ impl Proposer {
     }
 
     /// [`Self::write`] without the debug check (a command a peer proposed, already validated).
+    /// A batch is refused: only this node's [`Batcher`] forms batches, from single commands.
     pub(crate) async fn propose(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
+        if matches!(command, CatalogCommand::Batch(_)) {
+            return Err(WireError::new(ErrorCode::InvalidRequest, "a batch is formed by the leader, not proposed"));
+        }
         match self.commit(command).await? {
             Ok(done) => Ok(done),
             Err((command, f)) => {
@@ -208,18 +217,21 @@ impl Proposer {
             };
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(p.request_timeout, p.raft.client_write(command.clone())).await;
+        let batcher = p.batcher.get_or_init(|| Batcher::start(p.raft.clone(), batch::Limits::DEFAULT));
+        let result = tokio::time::timeout(p.request_timeout, batcher.propose(command.clone())).await;
         match result {
             Err(_) => {
                 Err(WireError::new(ErrorCode::Timeout, "write not committed before the deadline; it may still commit"))
             }
-            Ok(Ok(resp)) => {
+            Ok(Ok(done)) => {
                 metrics::histogram!("haven_raft_commit_seconds").record(started.elapsed().as_secs_f64());
-                Ok(Ok(ClientResponse::Written { index: resp.log_id.index, outcome: resp.data }))
+                Ok(Ok(ClientResponse::Written { index: done.index, outcome: done.outcome }))
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Ok(Err((command, f))),
+            Ok(Err(Failed::Forward(f))) => Ok(Err((command, f))),
             // Anything else (e.g. the node shutting down) may strike after the entry was appended.
-            Ok(Err(e)) => Err(WireError::new(ErrorCode::Timeout, format!("write outcome unknown: {e}"))),
+            Ok(Err(Failed::Unknown(e))) => {
+                Err(WireError::new(ErrorCode::Timeout, format!("write outcome unknown: {e}")))
+            }
         }
     }
 

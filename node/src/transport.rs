@@ -528,7 +528,7 @@ async fn reply(
         let body = Body::Error(WireError::new(ErrorCode::LimitExceeded, msg));
         bytes = Envelope::new(msg_id, ctx.node, to, body).encode().map_err(StreamEnd::BadFrame)?;
     }
-    let sent = wire::write_frame(send, &bytes).await?;
+    let sent = wire::write_archive(send, bytes).await?;
     send.finish().map_err(WireIoError::from)?;
     metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(sent as u64);
     Ok(())

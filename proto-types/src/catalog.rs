@@ -16,6 +16,8 @@ use crate::volume::{VolumeCommand, VolumeOutcome, VolumeQuery, VolumeQueryResult
 pub const MAX_KV_KEY_LEN: usize = 1024;
 /// Largest value in the generic key-value namespace.
 pub const MAX_KV_VALUE_LEN: usize = 1024 * 1024;
+/// Most commands one [`CatalogCommand::Batch`] carries.
+pub const MAX_BATCH_COMMANDS: usize = 256;
 
 /// A host (cluster member) as the catalog records it.
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -31,6 +33,13 @@ pub struct HostRecord {
 /// A state-changing catalog operation, replicated through Raft.
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
+// `Batch` makes the type recursive: rkyv needs the bounds spelled out instead of derived.
+#[rkyv(serialize_bounds(
+    __S: rkyv::ser::Writer + rkyv::ser::Allocator,
+    __S::Error: rkyv::rancor::Source,
+))]
+#[rkyv(deserialize_bounds(__D::Error: rkyv::rancor::Source))]
+#[rkyv(bytecheck(bounds(__C: rkyv::validation::ArchiveContext, __C::Error: rkyv::rancor::Source)))]
 pub enum CatalogCommand {
     /// Set `key` to `value` in the generic namespace.
     KvPut { key: String, value: Vec<u8> },
@@ -49,6 +58,12 @@ pub enum CatalogCommand {
     Vm(VmCommand),
     /// Group live-migration plans and host drain.
     Plan(PlanCommand),
+    /// Several commands in one Raft entry, applied in order as if each were an entry of its own;
+    /// the outcome is [`CommandOutcome::Batch`], one outcome per command. Only the leader's
+    /// proposer forms batches (from proposals that arrive together: one fsync on the leader for
+    /// all of them); a batch from a peer or a client is refused. Never nested. Appended last, so
+    /// the encoding of every other command is unchanged.
+    Batch(#[rkyv(omit_bounds)] Vec<CatalogCommand>),
 }
 
 impl CatalogCommand {
@@ -92,13 +107,34 @@ impl CatalogCommand {
             Self::Volume(v) => v.validate(),
             Self::Vm(v) => v.validate(),
             Self::Plan(p) => p.validate(),
+            Self::Batch(commands) => Self::validate_batch(commands),
         }
+    }
+
+    /// A batch: 1 to [`MAX_BATCH_COMMANDS`] valid commands, none of them a batch.
+    fn validate_batch(commands: &[CatalogCommand]) -> Result<(), String> {
+        if commands.is_empty() || commands.len() > MAX_BATCH_COMMANDS {
+            return Err(format!("a batch holds {} commands, allowed 1 to {MAX_BATCH_COMMANDS}", commands.len()));
+        }
+        for (i, command) in commands.iter().enumerate() {
+            if matches!(command, Self::Batch(_)) {
+                return Err(format!("command {i} of a batch is a batch"));
+            }
+            command.validate().map_err(|e| format!("command {i} of a batch: {e}"))?;
+        }
+        Ok(())
     }
 }
 
 /// What applying a command did.
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
+#[rkyv(serialize_bounds(
+    __S: rkyv::ser::Writer + rkyv::ser::Allocator,
+    __S::Error: rkyv::rancor::Source,
+))]
+#[rkyv(deserialize_bounds(__D::Error: rkyv::rancor::Source))]
+#[rkyv(bytecheck(bounds(__C: rkyv::validation::ArchiveContext, __C::Error: rkyv::rancor::Source)))]
 pub enum CommandOutcome {
     /// A put; the previous value, if any.
     Put {
@@ -120,6 +156,8 @@ pub enum CommandOutcome {
     Volume(VolumeOutcome),
     Vm(VmOutcome),
     Plan(PlanOutcome),
+    /// The outcomes of a [`CatalogCommand::Batch`], in its order.
+    Batch(#[rkyv(omit_bounds)] Vec<CommandOutcome>),
 }
 
 /// A read of applied catalog state.

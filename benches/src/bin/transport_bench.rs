@@ -43,7 +43,9 @@ const TARGET_BULK_RATIO_TLS: f64 = 0.6;
 const TARGET_BULK_RATIO_PLAIN: f64 = 0.3;
 
 #[derive(Parser, Debug)]
-#[command(about = "QUIC (mutual TLS) vs TCP+TLS and plain TCP on loopback: bulk throughput and small-message round trips")]
+#[command(
+    about = "QUIC (mutual TLS) vs TCP+TLS and plain TCP on loopback: bulk throughput and small-message round trips"
+)]
 struct Args {
     /// MiB sent per bulk run (default 256; 64 with --quick).
     #[arg(long)]
@@ -419,16 +421,7 @@ async fn setup() -> anyhow::Result<Setup> {
     let tcp = [Tcp::tls(&server_tls, &client_tls)?, Tcp::Plain];
     let sinks = [tcp_server(tcp[0].clone(), tcp_sink).await?, tcp_server(tcp[1].clone(), tcp_sink).await?];
     let echoes = [tcp_server(tcp[0].clone(), tcp_echo).await?, tcp_server(tcp[1].clone(), tcp_echo).await?];
-    Ok(Setup {
-        quic,
-        quic_bulk,
-        quic_echo,
-        tcp,
-        sinks,
-        echoes,
-        _servers: [sink_ep, echo_ep],
-        _scratch: scratch,
-    })
+    Ok(Setup { quic, quic_bulk, quic_echo, tcp, sinks, echoes, _servers: [sink_ep, echo_ep], _scratch: scratch })
 }
 
 /// Bulk runs, transports alternating run by run so all see the same machine conditions. The
@@ -553,7 +546,10 @@ fn quic_wire_table(w: &QuicWire) -> Table {
         ("path MTU, bytes", Cell::int(u64::from(w.mtu))),
         ("packets declared lost", Cell::int(w.lost_packets)),
         ("congestion events", Cell::int(w.congestion_events)),
-        ("UDP datagrams the kernel dropped, receive buffer full (all bulk runs)", Cell::opt(w.rcvbuf_drops.map(|d| d as f64), 0)),
+        (
+            "UDP datagrams the kernel dropped, receive buffer full (all bulk runs)",
+            Cell::opt(w.rcvbuf_drops.map(|d| d as f64), 0),
+        ),
     ];
     for (metric, value) in rows {
         t.row(vec![Cell::text(metric), value]);

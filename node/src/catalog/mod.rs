@@ -142,7 +142,14 @@ impl<'a> CatalogTxn<'a> {
     /// before they were proposed; a command that still fails here would fail identically on every
     /// replica, so it yields the same outcome everywhere rather than an error that would stall the
     /// state machine.
+    ///
+    /// A [`CatalogCommand::Batch`] applies its commands in order, each exactly as if it were an
+    /// entry of its own (its own invariant check), and gives back their outcomes.
     pub fn apply(&mut self, cmd: &CatalogCommand) -> Result<CommandOutcome, StoreError> {
+        if let CatalogCommand::Batch(commands) = cmd {
+            let outcomes = commands.iter().map(|c| self.apply(c)).collect::<Result<_, _>>()?;
+            return Ok(CommandOutcome::Batch(outcomes));
+        }
         self.written.clear();
         let outcome = self.apply_command(cmd)?;
         self.check_invariants(cmd);
@@ -199,6 +206,10 @@ impl<'a> CatalogTxn<'a> {
             CatalogCommand::Volume(v) => CommandOutcome::Volume(self.apply_volume(v)?),
             CatalogCommand::Vm(v) => CommandOutcome::Vm(self.apply_vm(v)?),
             CatalogCommand::Plan(p) => CommandOutcome::Plan(self.apply_plan(p)?),
+            // `apply` takes batches apart before they get here.
+            CatalogCommand::Batch(commands) => {
+                CommandOutcome::Batch(commands.iter().map(|c| self.apply_command(c)).collect::<Result<_, _>>()?)
+            }
         })
     }
 }
@@ -311,6 +322,23 @@ mod tests {
             query(&store, &CatalogQuery::KvGet { key: "a".into() }).unwrap(),
             QueryResult::Value(Some(b"2".to_vec()))
         );
+    }
+
+    #[test]
+    fn a_batch_applies_like_its_commands_one_entry_each() {
+        let cmds = vec![
+            CatalogCommand::KvPut { key: "a".into(), value: b"1".to_vec() },
+            CatalogCommand::KvCas { key: "a".into(), expected: Some(b"1".to_vec()), new: Some(b"2".to_vec()) },
+            CatalogCommand::KvCas { key: "a".into(), expected: Some(b"1".to_vec()), new: Some(b"3".to_vec()) },
+            CatalogCommand::KvDelete { key: "b".into() },
+        ];
+        let (one, each) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (batched, separate) = (Store::open(one.path()).unwrap(), Store::open(each.path()).unwrap());
+        let out = apply_all(&batched, &[CatalogCommand::Batch(cmds.clone())]);
+        assert_eq!(out, vec![CommandOutcome::Batch(apply_all(&separate, &cmds))]);
+        let get = |store: &Store| query(store, &CatalogQuery::KvGet { key: "a".into() }).unwrap();
+        assert_eq!(get(&batched), QueryResult::Value(Some(b"2".to_vec())));
+        assert_eq!(get(&batched), get(&separate));
     }
 
     #[test]
