@@ -1,6 +1,6 @@
-//! The wire layer shared by nodes and clients: TLS material, QUIC endpoint construction, frame
-//! reading and writing, and a [`Connector`] that reuses connections and backs off from peers that
-//! cannot be reached.
+//! The wire layer shared by nodes and clients: TLS material, QUIC endpoint construction (transport
+//! parameters, UDP sockets), frame reading and writing, and a [`Connector`] that reuses
+//! connections and backs off from peers that cannot be reached.
 //!
 //! One request is one bidirectional QUIC stream: the caller writes one frame and finishes its
 //! side, the callee answers with one frame. Streams are independent, so a slow bulk stream never

@@ -1,8 +1,9 @@
 //! Narrow handles onto this node's place in the cluster, held by the layers instead of the node
 //! service:
 //! - [`RaftView`]: this node's Raft state, read-only (who leads, the node's status);
-//! - [`Proposer`]: commit catalog commands (here when this node leads, else through the leader,
-//!   once), and ask the leader for volume read leases.
+//! - [`Proposer`]: commit catalog commands (here when this node leads, batched with those
+//!   proposed together by `raft::batch`, else through the leader, once), and ask the leader for
+//!   volume read leases.
 //!
 //! Catalog reads go through `storage::Store`, actor messages through `actors::ActorRegistry`.
 //!

@@ -33,13 +33,6 @@ pub struct HostRecord {
 /// A state-changing catalog operation, replicated through Raft.
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
-// `Batch` makes the type recursive: rkyv needs the bounds spelled out instead of derived.
-#[rkyv(serialize_bounds(
-    __S: rkyv::ser::Writer + rkyv::ser::Allocator,
-    __S::Error: rkyv::rancor::Source,
-))]
-#[rkyv(deserialize_bounds(__D::Error: rkyv::rancor::Source))]
-#[rkyv(bytecheck(bounds(__C: rkyv::validation::ArchiveContext, __C::Error: rkyv::rancor::Source)))]
 pub enum CatalogCommand {
     /// Set `key` to `value` in the generic namespace.
     KvPut { key: String, value: Vec<u8> },
@@ -59,11 +52,13 @@ pub enum CatalogCommand {
     /// Group live-migration plans and host drain.
     Plan(PlanCommand),
     /// Several commands in one Raft entry, applied in order as if each were an entry of its own;
-    /// the outcome is [`CommandOutcome::Batch`], one outcome per command. Only the leader's
-    /// proposer forms batches (from proposals that arrive together: one fsync on the leader for
-    /// all of them); a batch from a peer or a client is refused. Never nested. Appended last, so
-    /// the encoding of every other command is unchanged.
-    Batch(#[rkyv(omit_bounds)] Vec<CatalogCommand>),
+    /// the outcome is [`CommandOutcome::Batch`], one outcome per command. Each element is the
+    /// encoding (the node's Raft codec, bincode) of one command that is not a batch: bytes, not
+    /// commands, so the type is not recursive and no decoder can be driven into deep nesting by
+    /// hostile bytes. Only the leader's proposer forms batches (from proposals that arrive
+    /// together: one fsync on the leader for all of them); a batch from a peer or a client is
+    /// refused. Appended last, so the encoding of every other command is unchanged.
+    Batch(Vec<Vec<u8>>),
 }
 
 impl CatalogCommand {
@@ -111,30 +106,22 @@ impl CatalogCommand {
         }
     }
 
-    /// A batch: 1 to [`MAX_BATCH_COMMANDS`] valid commands, none of them a batch.
-    fn validate_batch(commands: &[CatalogCommand]) -> Result<(), String> {
+    /// A batch: 1 to [`MAX_BATCH_COMMANDS`] encoded commands, none empty (the proposer validated
+    /// each command before encoding it; applying decodes them).
+    fn validate_batch(commands: &[Vec<u8>]) -> Result<(), String> {
         if commands.is_empty() || commands.len() > MAX_BATCH_COMMANDS {
             return Err(format!("a batch holds {} commands, allowed 1 to {MAX_BATCH_COMMANDS}", commands.len()));
         }
-        for (i, command) in commands.iter().enumerate() {
-            if matches!(command, Self::Batch(_)) {
-                return Err(format!("command {i} of a batch is a batch"));
-            }
-            command.validate().map_err(|e| format!("command {i} of a batch: {e}"))?;
+        match commands.iter().position(Vec::is_empty) {
+            Some(i) => Err(format!("command {i} of a batch is empty")),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
 /// What applying a command did.
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
-#[rkyv(serialize_bounds(
-    __S: rkyv::ser::Writer + rkyv::ser::Allocator,
-    __S::Error: rkyv::rancor::Source,
-))]
-#[rkyv(deserialize_bounds(__D::Error: rkyv::rancor::Source))]
-#[rkyv(bytecheck(bounds(__C: rkyv::validation::ArchiveContext, __C::Error: rkyv::rancor::Source)))]
 pub enum CommandOutcome {
     /// A put; the previous value, if any.
     Put {
@@ -156,8 +143,9 @@ pub enum CommandOutcome {
     Volume(VolumeOutcome),
     Vm(VmOutcome),
     Plan(PlanOutcome),
-    /// The outcomes of a [`CatalogCommand::Batch`], in its order.
-    Batch(#[rkyv(omit_bounds)] Vec<CommandOutcome>),
+    /// The outcomes of a [`CatalogCommand::Batch`], in its order, each encoded as its command was
+    /// (never sent: the leader's proposer answers each proposer with its own outcome).
+    Batch(Vec<Vec<u8>>),
 }
 
 /// A read of applied catalog state.
@@ -202,5 +190,15 @@ mod tests {
         assert!(CatalogCommand::KvPut { key: "a".into(), value: vec![1] }.validate().is_ok());
         let bad_host = HostRecord { id: NodeId(1), addr: "nope".into(), admin_addr: String::new() };
         assert!(CatalogCommand::UpsertHost(bad_host).validate().is_err());
+    }
+
+    #[test]
+    fn a_batch_holds_one_to_the_limit_of_encoded_commands() {
+        let item = vec![1u8, 2, 3];
+        assert!(CatalogCommand::Batch(vec![item.clone(); 2]).validate().is_ok());
+        assert!(CatalogCommand::Batch(vec![item.clone(); MAX_BATCH_COMMANDS]).validate().is_ok());
+        assert!(CatalogCommand::Batch(vec![item.clone(); MAX_BATCH_COMMANDS + 1]).validate().is_err());
+        assert!(CatalogCommand::Batch(vec![]).validate().is_err());
+        assert!(CatalogCommand::Batch(vec![item.clone(), vec![]]).validate().is_err());
     }
 }

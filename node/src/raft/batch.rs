@@ -11,7 +11,9 @@
 //!
 //! Durability is unchanged: a proposer is answered only when openraft reports the entry
 //! committed (fsynced on a quorum) and applied, and then only with its own command's outcome.
-//! The grouping ([`Limits::admits`]) is pure. This module must not interpret commands.
+//! The grouping ([`Limits::admits`]) is pure; a batch carries each command's encoding
+//! ([`super::encode`]), so the entry type is not recursive. This module must not interpret
+//! commands.
 
 use haven_proto::catalog::MAX_BATCH_COMMANDS;
 use haven_proto::{CatalogCommand, CommandOutcome};
@@ -64,7 +66,8 @@ type Reply = oneshot::Sender<Result<Committed, Failed>>;
 
 struct Pending {
     command: CatalogCommand,
-    bytes: usize,
+    /// The command's encoding, what a batch carries.
+    encoded: Vec<u8>,
     reply: Reply,
 }
 
@@ -86,11 +89,11 @@ impl Batcher {
     /// Propose `command` (already validated, never a batch) and wait until it is committed and
     /// applied, or failed.
     pub async fn propose(&self, command: CatalogCommand) -> Result<Committed, Failed> {
-        use bincode::Options;
-        let bytes = super::codec().serialized_size(&command).map_or(usize::MAX, |n| n as usize);
+        // Too large to encode: it goes alone, and Raft refuses it as it always did.
+        let encoded = super::encode(&command).unwrap_or_default();
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Pending { command, bytes, reply })
+            .send(Pending { command, encoded, reply })
             .map_err(|_| Failed::Unknown("the proposal batcher stopped".into()))?;
         answer.await.map_err(|_| Failed::Unknown("the proposal batcher dropped the proposal".into()))?
     }
@@ -109,14 +112,15 @@ async fn run(raft: Raft, limits: Limits, mut pending: mpsc::UnboundedReceiver<Pe
                 None => return,
             },
         };
-        let (mut batch, mut bytes) = (Vec::new(), first.bytes);
+        let (mut batch, mut bytes) = (Vec::new(), first.encoded.len());
         batch.push(first);
         while let Ok(next) = pending.try_recv() {
-            if !limits.admits(batch.len(), bytes, next.bytes) {
+            let next_bytes = if next.encoded.is_empty() { usize::MAX } else { next.encoded.len() };
+            if !limits.admits(batch.len(), bytes, next_bytes) {
                 carried = Some(next);
                 break;
             }
-            bytes = bytes.saturating_add(next.bytes);
+            bytes = bytes.saturating_add(next_bytes);
             batch.push(next);
         }
         tokio::spawn(propose(raft.clone(), batch, permit));
@@ -132,7 +136,7 @@ async fn propose(raft: Raft, mut batch: Vec<Pending>, _permit: OwnedSemaphorePer
         let _ = reply.send(answer.map_err(failed));
         return;
     }
-    let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+    let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.encoded, p.reply)).unzip();
     let count = commands.len();
     let answers = match raft.client_write(CatalogCommand::Batch(commands)).await {
         Ok(r) => split(r.log_id.index, r.data, count),
@@ -146,9 +150,13 @@ async fn propose(raft: Raft, mut batch: Vec<Pending>, _permit: OwnedSemaphorePer
 /// One answer per command of a batch of `count` committed at `index` with `outcome`.
 fn split(index: u64, outcome: CommandOutcome, count: usize) -> Vec<Result<Committed, Failed>> {
     match outcome {
-        CommandOutcome::Batch(outcomes) if outcomes.len() == count => {
-            outcomes.into_iter().map(|outcome| Ok(Committed { index, outcome })).collect()
-        }
+        CommandOutcome::Batch(outcomes) if outcomes.len() == count => outcomes
+            .iter()
+            .map(|bytes| match super::decode::<CommandOutcome>(bytes) {
+                Ok(outcome) => Ok(Committed { index, outcome }),
+                Err(e) => Err(Failed::Unknown(format!("the outcome of a command committed at {index}: {e}"))),
+            })
+            .collect(),
         other => {
             let e = format!("a batch of {count} commands committed at {index} was answered with {other:?}");
             vec![Err(Failed::Unknown(e)); count]
@@ -214,10 +222,11 @@ mod tests {
     #[test]
     fn a_batch_answer_is_split_in_order_and_a_mismatch_fails_every_proposal() {
         let outcomes = vec![CommandOutcome::Deleted { existed: true }, CommandOutcome::Put { previous: None }];
-        let answers = split(7, CommandOutcome::Batch(outcomes.clone()), 2);
+        let encoded = outcomes.iter().map(|o| crate::raft::encode(o).unwrap()).collect();
+        let answers = split(7, CommandOutcome::Batch(encoded), 2);
         let got: Vec<_> = answers.into_iter().map(|a| a.unwrap()).collect();
         assert_eq!(got, outcomes.into_iter().map(|outcome| Committed { index: 7, outcome }).collect::<Vec<_>>());
-        let wrong = split(7, CommandOutcome::Batch(vec![CommandOutcome::Internal]), 2);
+        let wrong = split(7, CommandOutcome::Batch(vec![crate::raft::encode(&CommandOutcome::Internal).unwrap()]), 2);
         assert!(wrong.iter().all(|a| matches!(a, Err(Failed::Unknown(_)))));
         assert_eq!(wrong.len(), 2);
     }
