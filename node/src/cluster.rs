@@ -141,8 +141,8 @@ struct ProposerInner {
     /// controller waits them out before a failover; see `volume::core::lease`).
     read_lease_grants: Mutex<Grants>,
     /// Hands commands to Raft, batching those proposed together (started on first use, on the
-    /// runtime of the first proposal).
-    batcher: OnceLock<Batcher>,
+    /// runtime of the first proposal); `None`: each command goes to Raft on its own.
+    batcher: Option<OnceLock<Batcher>>,
 }
 
 impl Proposer {
@@ -162,8 +162,30 @@ impl Proposer {
             request_timeout,
             unsafe_ack_before_commit: unsafe_ack,
             read_lease_grants: Mutex::new(Grants::default()),
-            batcher: OnceLock::new(),
+            batcher: None,
         }))
+    }
+
+    /// Batch proposals made together into one Raft entry (`[raft] batch_proposals`,
+    /// `raft::batch`). Call before the proposer is cloned.
+    pub fn with_batching(mut self, on: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.batcher = on.then(OnceLock::new);
+        }
+        self
+    }
+
+    /// Hand `command` to Raft, through the batcher when batching is on; wait for commit and
+    /// apply.
+    async fn raft_write(&self, command: CatalogCommand) -> Result<batch::Committed, Failed> {
+        let p = &self.0;
+        match &p.batcher {
+            Some(b) => b.get_or_init(|| Batcher::start(p.raft.clone(), batch::Limits::DEFAULT)).propose(command).await,
+            None => match p.raft.client_write(command).await {
+                Ok(r) => Ok(batch::Committed { index: r.log_id.index, outcome: r.data }),
+                Err(e) => Err(batch::failed(e)),
+            },
+        }
     }
 
     /// The deadline of one request this node makes or handles.
@@ -218,8 +240,7 @@ impl Proposer {
             };
         }
         let started = Instant::now();
-        let batcher = p.batcher.get_or_init(|| Batcher::start(p.raft.clone(), batch::Limits::DEFAULT));
-        let result = tokio::time::timeout(p.request_timeout, batcher.propose(command.clone())).await;
+        let result = tokio::time::timeout(p.request_timeout, self.raft_write(command.clone())).await;
         match result {
             Err(_) => {
                 Err(WireError::new(ErrorCode::Timeout, "write not committed before the deadline; it may still commit"))

@@ -123,7 +123,8 @@ pub async fn run(
     let view = RaftView::new(id, raft.clone());
     let request_timeout = Duration::from_millis(cfg.request_timeout_ms);
     let proposer =
-        Proposer::new(id, raft.clone(), store.clone(), transport.clone(), request_timeout, unsafe_ack_before_commit());
+        Proposer::new(id, raft.clone(), store.clone(), transport.clone(), request_timeout, unsafe_ack_before_commit())
+            .with_batching(cfg.raft.batch_proposals);
     let leader = LeaderHandles {
         view: view.clone(),
         store: store.clone(),

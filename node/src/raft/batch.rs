@@ -164,7 +164,8 @@ fn split(index: u64, outcome: CommandOutcome, count: usize) -> Vec<Result<Commit
     }
 }
 
-fn failed(e: RaftError<u64, ClientWriteError<u64, HavenNode>>) -> Failed {
+/// openraft's answer to a write, as a [`Failed`].
+pub fn failed(e: RaftError<u64, ClientWriteError<u64, HavenNode>>) -> Failed {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Failed::Forward(f),
         other => Failed::Unknown(other.to_string()),
