@@ -179,9 +179,7 @@ pub fn parse(stdout: &str) -> anyhow::Result<FioResult> {
 fn side(v: &serde_json::Value) -> anyhow::Result<FioSide> {
     let num = |key: &str| v[key].as_f64().with_context(|| format!("no {key}"));
     let ios = v["total_ios"].as_u64().context("no total_ios")?;
-    let pct = |p: &str| -> f64 {
-        v["clat_ns"]["percentile"][p].as_f64().map_or(0.0, |ns| ns / 1e3)
-    };
+    let pct = |p: &str| -> f64 { v["clat_ns"]["percentile"][p].as_f64().map_or(0.0, |ns| ns / 1e3) };
     Ok(FioSide {
         ios,
         iops: num("iops")?,

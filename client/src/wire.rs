@@ -1,6 +1,6 @@
-//! The wire layer shared by nodes and clients: TLS material, QUIC endpoint construction, frame
-//! reading and writing, and a [`Connector`] that reuses connections and backs off from peers that
-//! cannot be reached.
+//! The wire layer shared by nodes and clients: TLS material, QUIC endpoint construction (transport
+//! parameters, UDP sockets), frame reading and writing, and a [`Connector`] that reuses
+//! connections and backs off from peers that cannot be reached.
 //!
 //! One request is one bidirectional QUIC stream: the caller writes one frame and finishes its
 //! side, the callee answers with one frame. Streams are independent, so a slow bulk stream never
@@ -93,8 +93,9 @@ impl TlsMaterial {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
-    /// QUIC client configuration: trusts only the cluster CA and presents our certificate.
-    pub fn quic_client_config(&self) -> Result<quinn::ClientConfig, WireIoError> {
+    /// TLS 1.3 client configuration (ring): trusts only the cluster CA, presents our certificate,
+    /// offers [`ALPN`]. QUIC wraps it; the transport benchmark's TCP+TLS baseline uses it as is.
+    pub fn tls_client_config(&self) -> Result<rustls::ClientConfig, WireIoError> {
         let (certs, key) = self.chain()?;
         let mut tls = rustls::ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -103,15 +104,12 @@ impl TlsMaterial {
             .with_client_auth_cert(certs, key)
             .map_err(|e| WireIoError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic =
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| WireIoError::Tls(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(transport_config()));
-        Ok(config)
+        Ok(tls)
     }
 
-    /// QUIC server configuration: requires a client certificate signed by the cluster CA.
-    pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, WireIoError> {
+    /// TLS 1.3 server configuration (ring): requires a client certificate signed by the cluster
+    /// CA, offers [`ALPN`].
+    pub fn tls_server_config(&self) -> Result<rustls::ServerConfig, WireIoError> {
         let (certs, key) = self.chain()?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
             .build()
@@ -123,13 +121,33 @@ impl TlsMaterial {
             .with_single_cert(certs, key)
             .map_err(|e| WireIoError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic =
-            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| WireIoError::Tls(e.to_string()))?;
+        Ok(tls)
+    }
+
+    /// QUIC client configuration: [`Self::tls_client_config`] with Haven's transport parameters.
+    pub fn quic_client_config(&self) -> Result<quinn::ClientConfig, WireIoError> {
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls_client_config()?)
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(transport_config()));
+        Ok(config)
+    }
+
+    /// QUIC server configuration: [`Self::tls_server_config`] with Haven's transport parameters.
+    pub fn quic_server_config(&self) -> Result<quinn::ServerConfig, WireIoError> {
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(self.tls_server_config()?)
+            .map_err(|e| WireIoError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(transport_config()));
         Ok(config)
     }
 }
+
+/// Kernel buffer requested for each QUIC socket, each direction. Linux caps it at
+/// `net.core.rmem_max` / `wmem_max` (often 4 MiB, as here; the default buffer is 208 KiB, which a
+/// bulk stream overruns: the drops were QUIC losses and congestion backoffs in
+/// `transport_bench`). Kernel memory, per socket, not per connection.
+pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 /// Transport parameters shared by both ends: keep connections alive so reuse works, and notice
 /// a dead peer within a few seconds.
@@ -141,25 +159,45 @@ fn transport_config() -> quinn::TransportConfig {
     t.max_idle_timeout(Some(Duration::from_secs(1).try_into().expect("1 s fits a VarInt")));
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(256u32.into());
-    // Larger windows for bulk streams on fast links.
+    // Flow control, the bounds of what a peer can make us hold: 8 MiB unread per stream, 32 MiB
+    // per connection (ARCHITECTURE.md, `transport`). 8 MiB covers a 1 ms round trip at 8 GB/s,
+    // so a single bulk stream is not held back by its window on a LAN.
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(32 * 1024 * 1024);
+    // Path MTU discovery stays at quinn's default (1452 bytes at most): raised to a jumbo frame
+    // (8952), loopback connections ended at 1200 after their bulk losses (quinn's black-hole
+    // detection), which `transport_bench` showed as slower, not faster.
+    // Segmentation offload (GSO) is quinn's default; `transport_bench` shows whether it batched.
+    t.enable_segmentation_offload(true);
     t
 }
 
 /// Write one envelope as a frame.
 pub async fn write_envelope(send: &mut quinn::SendStream, env: &Envelope) -> Result<usize, WireIoError> {
-    let bytes = env.encode()?;
-    write_frame(send, &bytes).await
+    write_archive(send, env.encode()?).await
 }
 
-/// Write raw archive bytes as one frame (header + bytes). Returns bytes written.
+/// Write an encoded envelope as one frame without copying it: quinn sends from the archive's
+/// own buffer. Returns bytes written.
+pub async fn write_archive(send: &mut quinn::SendStream, archive: AlignedVec) -> Result<usize, WireIoError> {
+    let header = FrameHeader::encode(archive.len())?;
+    let len = FRAME_HEADER_LEN + archive.len();
+    let mut chunks = [bytes::Bytes::copy_from_slice(&header), bytes::Bytes::from_owner(archive)];
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(len)
+}
+
+/// Write raw archive bytes as one frame (header + bytes), with one copy into quinn's send
+/// buffer. Returns bytes written.
 pub async fn write_frame(send: &mut quinn::SendStream, archive: &[u8]) -> Result<usize, WireIoError> {
     let header = FrameHeader::encode(archive.len())?;
-    send.write_all(&header).await?;
-    send.write_all(archive).await?;
-    Ok(FRAME_HEADER_LEN + archive.len())
+    let mut frame = bytes::BytesMut::with_capacity(FRAME_HEADER_LEN + archive.len());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(archive);
+    let len = frame.len();
+    send.write_chunk(frame.freeze()).await?;
+    Ok(len)
 }
 
 /// Read one frame into an aligned buffer, refusing frames above `max_len` before reading on.
@@ -241,11 +279,40 @@ pub struct Exchanged {
     pub received: usize,
 }
 
+/// Endpoint-wide QUIC settings with a random stateless-reset key (a node derives its key from its
+/// private key instead and applies [`tune_endpoint_config`] itself: `node::transport`).
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    tune_endpoint_config(&mut config);
+    config
+}
+
+/// The endpoint-wide settings every Haven endpoint shares (quinn's defaults today; one place to
+/// change them for nodes and clients alike).
+pub fn tune_endpoint_config(_config: &mut quinn::EndpointConfig) {}
+
+/// The UDP socket of a QUIC endpoint, bound to `addr`, with buffers of
+/// [`UDP_SOCKET_BUFFER_BYTES`] where the kernel allows (smaller ones are kept, not an error).
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "cannot enlarge the UDP receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "cannot enlarge the UDP send buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// A client-only QUIC endpoint on an ephemeral port.
 pub fn client_endpoint(material: &TlsMaterial) -> Result<quinn::Endpoint, WireIoError> {
     let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    let err = |e: std::io::Error| WireIoError::Tls(format!("binding client endpoint: {e}"));
+    let socket = bind_udp(bind).map_err(err)?;
     let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| WireIoError::Tls(format!("binding client endpoint: {e}")))?;
+        quinn::Endpoint::new(endpoint_config(), None, socket, Arc::new(quinn::TokioRuntime)).map_err(err)?;
     endpoint.set_default_client_config(material.quic_client_config()?);
     Ok(endpoint)
 }

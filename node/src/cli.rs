@@ -203,6 +203,7 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         stagger_elections: true,
         dedicated_threads: true,
         prevote: true,
+        batch_proposals: false,
     };
     let cfg = NodeConfig {
         id: a.id,

@@ -1,9 +1,10 @@
 //! Narrow handles onto this node's place in the cluster, held by the layers instead of the node
 //! service:
 //! - [`RaftView`]: this node's Raft state, read-only (who leads, the node's status);
-//! - [`Proposer`]: commit catalog commands (here when this node leads, else through the leader,
-//!   once), ask the leader for volume read leases, and, as leader, grant them and take them away
-//!   before a command removing their holder from a volume's in-sync set commits.
+//! - [`Proposer`]: commit catalog commands (here when this node leads, batched with those
+//!   proposed together by `raft::batch` when that is on, else through the leader, once), ask the
+//!   leader for volume read leases, and, as leader, grant them and take them away before a
+//!   command removing their holder from a volume's in-sync set commits.
 //!
 //! Catalog reads go through `storage::Store`, actor messages through `actors::ActorRegistry`.
 //!
@@ -14,7 +15,7 @@
 //! This module must not handle inbound requests (that is `service`) or decide anything about
 //! volumes or VMs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use haven_client::wire::WireIoError;
@@ -22,11 +23,12 @@ use haven_proto::{
     ActorAddr, Body, Caller, CatalogCommand, ClientCommand, ClientRequest, ClientResponse, CommandOutcome, Envelope,
     EnvelopeFlags, ErrorCode, MemberInfo, NodeId, NodeRequest, NodeRole, NodeStatus, VolumeId, WireError,
 };
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
 use openraft::ServerState;
 use tracing::debug;
 
 use crate::catalog;
+use crate::raft::batch::{self, Batcher, Failed};
 use crate::raft::{HavenNode, Raft};
 use crate::storage::Store;
 use crate::transport::{Outbound, Transport};
@@ -150,6 +152,9 @@ struct ProposerInner {
     read_lease_lapse: Duration,
     /// The term this node last led in, and when it first saw itself leading it.
     leading: Mutex<Option<(u64, Instant)>>,
+    /// Hands commands to Raft, batching those proposed together (started on first use, on the
+    /// runtime of the first proposal); `None`: each command goes to Raft on its own.
+    batcher: Option<OnceLock<Batcher>>,
 }
 
 impl Proposer {
@@ -172,6 +177,7 @@ impl Proposer {
             read_lease_grants: Mutex::new(Grants::default()),
             read_lease_lapse,
             leading: Mutex::new(None),
+            batcher: None,
         }))
     }
 
@@ -198,6 +204,28 @@ impl Proposer {
         }
     }
 
+    /// Batch proposals made together into one Raft entry (`[raft] batch_proposals`,
+    /// `raft::batch`). Call before the proposer is cloned.
+    pub fn with_batching(mut self, on: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.batcher = on.then(OnceLock::new);
+        }
+        self
+    }
+
+    /// Hand `command` to Raft, through the batcher when batching is on; wait for commit and
+    /// apply.
+    async fn raft_write(&self, command: CatalogCommand) -> Result<batch::Committed, Failed> {
+        let p = &self.0;
+        match &p.batcher {
+            Some(b) => b.get_or_init(|| Batcher::start(p.raft.clone(), batch::Limits::DEFAULT)).propose(command).await,
+            None => match p.raft.client_write(command).await {
+                Ok(r) => Ok(batch::Committed { index: r.log_id.index, outcome: r.data }),
+                Err(e) => Err(batch::failed(e)),
+            },
+        }
+    }
+
     /// The deadline of one request this node makes or handles.
     pub fn request_timeout(&self) -> Duration {
         self.0.request_timeout
@@ -211,7 +239,11 @@ impl Proposer {
     }
 
     /// [`Self::write`] without the debug check (a command a peer proposed, already validated).
+    /// A batch is refused: only this node's [`Batcher`] forms batches, from single commands.
     pub(crate) async fn propose(&self, command: CatalogCommand, flags: u32) -> Result<ClientResponse, WireError> {
+        if matches!(command, CatalogCommand::Batch(_)) {
+            return Err(WireError::new(ErrorCode::InvalidRequest, "a batch is formed by the leader, not proposed"));
+        }
         match self.commit(command).await? {
             Ok(done) => Ok(done),
             Err((command, f)) => {
@@ -249,18 +281,20 @@ impl Proposer {
             return Ok(Err((command, f)));
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(p.request_timeout, p.raft.client_write(command.clone())).await;
+        let result = tokio::time::timeout(p.request_timeout, self.raft_write(command.clone())).await;
         match result {
             Err(_) => {
                 Err(WireError::new(ErrorCode::Timeout, "write not committed before the deadline; it may still commit"))
             }
-            Ok(Ok(resp)) => {
+            Ok(Ok(done)) => {
                 metrics::histogram!("haven_raft_commit_seconds").record(started.elapsed().as_secs_f64());
-                Ok(Ok(ClientResponse::Written { index: resp.log_id.index, outcome: resp.data }))
+                Ok(Ok(ClientResponse::Written { index: done.index, outcome: done.outcome }))
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Ok(Err((command, f))),
+            Ok(Err(Failed::Forward(f))) => Ok(Err((command, f))),
             // Anything else (e.g. the node shutting down) may strike after the entry was appended.
-            Ok(Err(e)) => Err(WireError::new(ErrorCode::Timeout, format!("write outcome unknown: {e}"))),
+            Ok(Err(Failed::Unknown(e))) => {
+                Err(WireError::new(ErrorCode::Timeout, format!("write outcome unknown: {e}")))
+            }
         }
     }
 

@@ -131,7 +131,8 @@ pub async fn run(
         request_timeout,
         unsafe_ack_before_commit(),
         lease_lapse,
-    );
+    )
+    .with_batching(cfg.raft.batch_proposals);
     let leader = LeaderHandles {
         view: view.clone(),
         store: store.clone(),

@@ -162,12 +162,13 @@ impl Transport {
         );
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
         let bind_err = |e: std::io::Error| WireIoError::Connect { addr: listen, reason: format!("bind: {e}") };
-        let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+        let socket = wire::bind_udp(listen).map_err(bind_err)?;
         // Connection ids carry a keyed hash that the endpoint checks before it answers an unknown
         // id with a reset; derive that key from the same secret so the restarted process
         // recognises its predecessor's ids.
         let cid_key = u64::from_le_bytes(secret.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"));
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        wire::tune_endpoint_config(&mut endpoint_config);
         endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
         let mut endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime))
             .map_err(bind_err)?;
@@ -534,7 +535,7 @@ async fn reply(
         let body = Body::Error(WireError::new(ErrorCode::LimitExceeded, msg));
         bytes = Envelope::new(msg_id, ctx.node, to, body).encode().map_err(StreamEnd::BadFrame)?;
     }
-    let sent = wire::write_frame(send, &bytes).await?;
+    let sent = wire::write_archive(send, bytes).await?;
     send.finish().map_err(WireIoError::from)?;
     metrics::counter!("haven_transport_bytes_total", "direction" => "out").increment(sent as u64);
     Ok(())

@@ -16,6 +16,8 @@ use crate::volume::{VolumeCommand, VolumeOutcome, VolumeQuery, VolumeQueryResult
 pub const MAX_KV_KEY_LEN: usize = 1024;
 /// Largest value in the generic key-value namespace.
 pub const MAX_KV_VALUE_LEN: usize = 1024 * 1024;
+/// Most commands one [`CatalogCommand::Batch`] carries.
+pub const MAX_BATCH_COMMANDS: usize = 256;
 
 /// A host (cluster member) as the catalog records it.
 #[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -49,6 +51,14 @@ pub enum CatalogCommand {
     Vm(VmCommand),
     /// Group live-migration plans and host drain.
     Plan(PlanCommand),
+    /// Several commands in one Raft entry, applied in order as if each were an entry of its own;
+    /// the outcome is [`CommandOutcome::Batch`], one outcome per command. Each element is the
+    /// encoding (the node's Raft codec, bincode) of one command that is not a batch: bytes, not
+    /// commands, so the type is not recursive and no decoder can be driven into deep nesting by
+    /// hostile bytes. Only the leader's proposer forms batches (from proposals that arrive
+    /// together: one fsync on the leader for all of them); a batch from a peer or a client is
+    /// refused. Appended last, so the encoding of every other command is unchanged.
+    Batch(Vec<Vec<u8>>),
 }
 
 impl CatalogCommand {
@@ -92,6 +102,19 @@ impl CatalogCommand {
             Self::Volume(v) => v.validate(),
             Self::Vm(v) => v.validate(),
             Self::Plan(p) => p.validate(),
+            Self::Batch(commands) => Self::validate_batch(commands),
+        }
+    }
+
+    /// A batch: 1 to [`MAX_BATCH_COMMANDS`] encoded commands, none empty (the proposer validated
+    /// each command before encoding it; applying decodes them).
+    fn validate_batch(commands: &[Vec<u8>]) -> Result<(), String> {
+        if commands.is_empty() || commands.len() > MAX_BATCH_COMMANDS {
+            return Err(format!("a batch holds {} commands, allowed 1 to {MAX_BATCH_COMMANDS}", commands.len()));
+        }
+        match commands.iter().position(Vec::is_empty) {
+            Some(i) => Err(format!("command {i} of a batch is empty")),
+            None => Ok(()),
         }
     }
 }
@@ -120,6 +143,9 @@ pub enum CommandOutcome {
     Volume(VolumeOutcome),
     Vm(VmOutcome),
     Plan(PlanOutcome),
+    /// The outcomes of a [`CatalogCommand::Batch`], in its order, each encoded as its command was
+    /// (never sent: the leader's proposer answers each proposer with its own outcome).
+    Batch(Vec<Vec<u8>>),
 }
 
 /// A read of applied catalog state.
@@ -164,5 +190,15 @@ mod tests {
         assert!(CatalogCommand::KvPut { key: "a".into(), value: vec![1] }.validate().is_ok());
         let bad_host = HostRecord { id: NodeId(1), addr: "nope".into(), admin_addr: String::new() };
         assert!(CatalogCommand::UpsertHost(bad_host).validate().is_err());
+    }
+
+    #[test]
+    fn a_batch_holds_one_to_the_limit_of_encoded_commands() {
+        let item = vec![1u8, 2, 3];
+        assert!(CatalogCommand::Batch(vec![item.clone(); 2]).validate().is_ok());
+        assert!(CatalogCommand::Batch(vec![item.clone(); MAX_BATCH_COMMANDS]).validate().is_ok());
+        assert!(CatalogCommand::Batch(vec![item.clone(); MAX_BATCH_COMMANDS + 1]).validate().is_err());
+        assert!(CatalogCommand::Batch(vec![]).validate().is_err());
+        assert!(CatalogCommand::Batch(vec![item.clone(), vec![]]).validate().is_err());
     }
 }

@@ -15,8 +15,10 @@ use crate::ids::{ActorAddr, NodeId};
 use crate::messages::{ActorMessage, ActorReply, ClientRequest, ClientResponse, NodeRequest};
 
 /// The protocol version this build speaks. A peer sending another version is refused.
-/// Version 2 added [`Envelope::on_behalf_of`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 2 added [`Envelope::on_behalf_of`]; version 3 volume replication streams
+/// (`DeviceMessage::ReplicationStream` replaced `Replicate`, `ReplicateZero` and `SyncWal`) and
+/// `CatalogCommand::Batch`, which changed the archived layout.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bit flags in [`Envelope::flags`].
 pub struct EnvelopeFlags;

@@ -144,7 +144,13 @@ async fn watch_terms(
 /// Run fio's sequential-write load against `url` for `secs`; returns the write throughput in
 /// MiB/s.
 async fn run_fio(args: &Args, url: &str, secs: u64) -> anyhow::Result<f64> {
-    let job = FioJob { name: "load", rw: "write", block_bytes: args.bs_kib.max(4) << 10, depth: args.iodepth, read_percent: None };
+    let job = FioJob {
+        name: "load",
+        rw: "write",
+        block_bytes: args.bs_kib.max(4) << 10,
+        depth: args.iodepth,
+        read_percent: None,
+    };
     let run = FioRun { seconds: secs, ramp_seconds: 0, size_bytes: args.volume_mib << 20 };
     let r = fio::run(&fio::args(&job, &run, url), Duration::from_secs(secs + 120)).await?;
     Ok(r.write.mib_per_s())

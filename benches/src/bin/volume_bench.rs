@@ -35,10 +35,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use haven_benches::cluster::{client_for, RunningCluster};
+use haven_benches::fio::{self, FioJob, FioResult, FioRun};
 use haven_benches::latency::quantile;
 use haven_benches::latency::Latency;
 use haven_benches::report::ratio;
-use haven_benches::fio::{self, FioJob, FioResult, FioRun};
 use haven_benches::volume::{metric_sum, tool_version, wait_hosts, wait_volume, QemuNbd};
 use haven_benches::{Cell, Report, Table, TargetCheck};
 use haven_client::proto::volume::{ReplicaProgress, VolumeRecord};
@@ -262,7 +262,11 @@ struct JobRows {
 
 impl JobRows {
     fn find(&self, servers: &[Server], replicas: Option<u8>, via_primary: bool) -> Option<&FioResult> {
-        servers.iter().zip(&self.results).find(|(s, _)| s.replicas == replicas && s.via_primary == via_primary).map(|p| p.1)
+        servers
+            .iter()
+            .zip(&self.results)
+            .find(|(s, _)| s.replicas == replicas && s.via_primary == via_primary)
+            .map(|p| p.1)
     }
 
     fn baseline(&self, servers: &[Server]) -> Option<&FioResult> {
@@ -619,7 +623,6 @@ fn scatter_stride(blocks: u64) -> u64 {
     }
     p
 }
-
 
 struct ResyncCase {
     name: &'static str,

@@ -142,7 +142,13 @@ impl<'a> CatalogTxn<'a> {
     /// before they were proposed; a command that still fails here would fail identically on every
     /// replica, so it yields the same outcome everywhere rather than an error that would stall the
     /// state machine.
+    ///
+    /// A [`CatalogCommand::Batch`] applies its commands in order, each exactly as if it were an
+    /// entry of its own (its own invariant check), and gives back their outcomes.
     pub fn apply(&mut self, cmd: &CatalogCommand) -> Result<CommandOutcome, StoreError> {
+        if let CatalogCommand::Batch(commands) = cmd {
+            return self.apply_batch(commands);
+        }
         self.written.clear();
         let outcome = self.apply_command(cmd)?;
         self.check_invariants(cmd);
@@ -158,6 +164,22 @@ impl<'a> CatalogTxn<'a> {
         if let Err(violation) = self.changes().and_then(|changes| invariants::check(&changes, self)) {
             invariants::report(&violation, cmd);
         }
+    }
+
+    /// Decode and apply each command of a batch. An element that does not decode to a single
+    /// command (the leader's proposer never makes one; the bytes are the same on every replica)
+    /// changes nothing and yields `Internal`; a batch inside a batch is not opened, so applying
+    /// never recurses.
+    fn apply_batch(&mut self, commands: &[Vec<u8>]) -> Result<CommandOutcome, StoreError> {
+        let mut outcomes = Vec::with_capacity(commands.len());
+        for bytes in commands {
+            let outcome = match decode::<CatalogCommand>(bytes) {
+                Ok(CatalogCommand::Batch(_)) | Err(_) => CommandOutcome::Internal,
+                Ok(command) => self.apply(&command)?,
+            };
+            outcomes.push(encode(&outcome).map_err(corrupt)?);
+        }
+        Ok(CommandOutcome::Batch(outcomes))
     }
 
     fn apply_command(&mut self, cmd: &CatalogCommand) -> Result<CommandOutcome, StoreError> {
@@ -199,6 +221,8 @@ impl<'a> CatalogTxn<'a> {
             CatalogCommand::Volume(v) => CommandOutcome::Volume(self.apply_volume(v)?),
             CatalogCommand::Vm(v) => CommandOutcome::Vm(self.apply_vm(v)?),
             CatalogCommand::Plan(p) => CommandOutcome::Plan(self.apply_plan(p)?),
+            // `apply` takes batches apart before they get here.
+            CatalogCommand::Batch(commands) => self.apply_batch(commands)?,
         })
     }
 }
@@ -311,6 +335,34 @@ mod tests {
             query(&store, &CatalogQuery::KvGet { key: "a".into() }).unwrap(),
             QueryResult::Value(Some(b"2".to_vec()))
         );
+    }
+
+    #[test]
+    fn a_batch_applies_like_its_commands_one_entry_each() {
+        let cmds = vec![
+            CatalogCommand::KvPut { key: "a".into(), value: b"1".to_vec() },
+            CatalogCommand::KvCas { key: "a".into(), expected: Some(b"1".to_vec()), new: Some(b"2".to_vec()) },
+            CatalogCommand::KvCas { key: "a".into(), expected: Some(b"1".to_vec()), new: Some(b"3".to_vec()) },
+            CatalogCommand::KvDelete { key: "b".into() },
+        ];
+        let (one, each) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (batched, separate) = (Store::open(one.path()).unwrap(), Store::open(each.path()).unwrap());
+        let encoded = cmds.iter().map(|c| encode(c).unwrap()).collect();
+        let out = apply_all(&batched, &[CatalogCommand::Batch(encoded)]);
+        let expected = apply_all(&separate, &cmds).iter().map(|o| encode(o).unwrap()).collect();
+        assert_eq!(out, vec![CommandOutcome::Batch(expected)]);
+        let get = |store: &Store| query(store, &CatalogQuery::KvGet { key: "a".into() }).unwrap();
+        assert_eq!(get(&batched), QueryResult::Value(Some(b"2".to_vec())));
+        assert_eq!(get(&batched), get(&separate));
+
+        // Bytes that are not one command, or a batch inside a batch: no effect, `Internal`.
+        let put = CatalogCommand::KvPut { key: "c".into(), value: b"9".to_vec() };
+        let inner = encode(&CatalogCommand::Batch(vec![encode(&put).unwrap()])).unwrap();
+        let out = apply_all(&batched, &[CatalogCommand::Batch(vec![vec![0xFF; 3], inner])]);
+        let internal = encode(&CommandOutcome::Internal).unwrap();
+        assert_eq!(out, vec![CommandOutcome::Batch(vec![internal.clone(), internal])]);
+        let c = query(&batched, &CatalogQuery::KvGet { key: "c".into() }).unwrap();
+        assert_eq!(c, QueryResult::Value(None));
     }
 
     #[test]

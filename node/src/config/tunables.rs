@@ -25,6 +25,12 @@ pub struct RaftTunables {
     /// against the leader) instead of openraft's own. Every node of a cluster must use the same
     /// value: a node without it refuses every pre-vote.
     pub prevote: bool,
+    /// Batch catalog proposals made together on the leader into one Raft entry
+    /// (`raft::batch`): one leader fsync for many writes instead of one each. Off by default
+    /// until the follower side keeps up under load: with it, `catalog_bench` on a loaded
+    /// two-core machine saw AppendEntries outlast their one-heartbeat deadline (follower fsyncs
+    /// of bigger batches on a contended disk) and leaders change mid-run.
+    pub batch_proposals: bool,
 }
 
 /// Defaults tuned for a LAN (failover in ~200–300 ms, see `benches/`; etcd's election timeout
@@ -38,6 +44,7 @@ impl Default for RaftTunables {
             stagger_elections: true,
             dedicated_threads: true,
             prevote: true,
+            batch_proposals: false,
             snapshot_after_entries: 10_000,
             keep_after_snapshot: 1_000,
         }

@@ -11,6 +11,7 @@
 // so `?` works without conversions.
 #![allow(clippy::result_large_err)]
 
+pub mod batch;
 pub mod campaign;
 pub mod election;
 pub mod guard;
