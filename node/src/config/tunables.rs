@@ -137,10 +137,11 @@ pub struct VolumeTunables {
     /// How long a client or NBD request keeps retrying while a volume fails over (kept below the
     /// SDK's 5 s attempt timeout so the SDK sees the answer).
     pub failover_wait_ms: u64,
-    /// How long a primary may serve reads after asking the leader for a read lease
-    /// (`volume::core::lease`); hosts ask every quarter of it. The leader fails a volume over
-    /// only `read_lease_ms` + `read_lease_margin_ms` after the old primary's last request, so
-    /// this is added to every failover.
+    /// How long a host holding an in-sync replica (the primary or not) may serve reads after
+    /// asking the leader for a read lease (`volume::core::lease`); hosts ask every quarter of
+    /// it. The leader fails a volume over, or removes a host from its in-sync set, only
+    /// `read_lease_ms` + `read_lease_margin_ms` after that host's last request, so this is added
+    /// to every failover and to the write that drops an unresponsive replica.
     pub read_lease_ms: u64,
     /// Covers a read that checked its lease just before it ended and is then served late
     /// (a descheduled task, a slow disk), and clock-rate differences between hosts.
