@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{cluster_with, eventually, healthy_with_hosts, metric};
+use common::{cluster_configured, eventually, healthy_with_hosts, metric};
 use haven_client::devcluster::LocalCluster;
 use haven_client::proto::{NodeId, VolumeId};
 use haven_client::volumes::VolumeSpec;
@@ -40,7 +40,8 @@ fn metric_elsewhere(c: &LocalCluster, except: NodeId, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_sync_replica_serves_reads_locally_and_a_dropped_one_never_serves_stale_data() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = cluster_with(tmp.path(), &[]);
+    // Local reads are off by default (see `VolumeTunables::local_reads`).
+    let mut c = cluster_configured(tmp.path(), &[], &[("volume", "local_reads", toml::Value::Boolean(true))]);
     let client = healthy_with_hosts(&mut c).await;
     let v = client.create_volume(&VolumeSpec::new("near", 8 * MIB, 2)).await.expect("create volume");
     let vol: VolumeId = v.id;

@@ -146,6 +146,11 @@ pub struct VolumeTunables {
     /// Covers a read that checked its lease just before it ended and is then served late
     /// (a descheduled task, a slow disk), and clock-rate differences between hosts.
     pub read_lease_margin_ms: u64,
+    /// Serve reads from this host's in-sync replica (under a read lease) instead of routing
+    /// them to the primary. Off by default: the chaos scenario `volume-operations` (seed 3)
+    /// read a block one write old through a node right after a relationship reversal with it
+    /// on; until that is explained and fixed, reads go to the primary.
+    pub local_reads: bool,
 }
 
 impl Default for VolumeTunables {
@@ -159,6 +164,7 @@ impl Default for VolumeTunables {
             failover_wait_ms: 4_000,
             read_lease_ms: 1_000,
             read_lease_margin_ms: 500,
+            local_reads: false,
             resync_max_bytes_per_sec: 0,
         }
     }

@@ -365,6 +365,9 @@ impl VolumeHost {
         len: u32,
         snapshot: Option<u64>,
     ) -> Result<Option<Vec<u8>>, VolumeError> {
+        if !self.tunables.local_reads {
+            return Ok(None);
+        }
         match self.engine(vol) {
             Some(e) if !e.role().is_primary() => e.read_here(offset, len, snapshot).await,
             _ => Ok(None),

@@ -7,6 +7,16 @@ use haven_client::devcluster::{DevClusterSpec, LocalCluster};
 /// Start a 3-node cluster under `dir` with extra node environment `env`.
 /// HAVEN_TEST_KEEP=DIR keeps node data and logs under DIR for a post-mortem.
 pub fn cluster_with(dir: &std::path::Path, env: &[(&str, &str)]) -> LocalCluster {
+    cluster_configured(dir, env, &[])
+}
+
+/// [`cluster_with`], with `[section] key = value` set in every node's `haven.toml` before the
+/// first start.
+pub fn cluster_configured(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    settings: &[(&str, &str, toml::Value)],
+) -> LocalCluster {
     let dir = match std::env::var("HAVEN_TEST_KEEP") {
         Ok(keep) => std::path::Path::new(&keep).join(dir.file_name().unwrap()),
         Err(_) => dir.to_path_buf(),
@@ -16,6 +26,12 @@ pub fn cluster_with(dir: &std::path::Path, env: &[(&str, &str)]) -> LocalCluster
     spec.failure_detect_ms = Some(600);
     spec.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let mut c = LocalCluster::create(&spec).expect("create cluster");
+    let ids: Vec<u64> = c.nodes().iter().map(|n| n.id).collect();
+    for id in ids {
+        for (section, key, value) in settings {
+            c.set_config(id, section, key, value.clone()).expect("set config");
+        }
+    }
     c.start_all().expect("start cluster");
     c
 }
