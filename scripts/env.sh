@@ -22,6 +22,16 @@ if [ ${#haven_need_packages[@]} -gt 0 ]; then
 fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/haven-target}"
+# RocksDB checksums every block and WAL record with CRC32C; built without SSE4.2 and PCLMUL it
+# falls back to a table-driven loop that took 14% of the machine's CPU in a 1 MiB write
+# benchmark (perf, issue 13). Only C++ reads CXXFLAGS here (RocksDB), so Rust builds are unaffected;
+# the flags are added only where the CPU has both instructions.
+if grep -qw sse4_2 /proc/cpuinfo 2>/dev/null && grep -qw pclmulqdq /proc/cpuinfo 2>/dev/null; then
+  case " ${CXXFLAGS:-} " in
+    *" -msse4.2 "*) ;;
+    *) export CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }-msse4.2 -mpclmul" ;;
+  esac
+fi
 export CARGO_INCREMENTAL=0
 if command -v sccache >/dev/null 2>&1; then
   export RUSTC_WRAPPER="${RUSTC_WRAPPER:-sccache}"

@@ -40,7 +40,7 @@ fn metric_elsewhere(c: &LocalCluster, except: NodeId, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_sync_replica_serves_reads_locally_and_a_dropped_one_never_serves_stale_data() {
     let tmp = tempfile::tempdir().unwrap();
-    // Local reads are off by default (see `VolumeTunables::local_reads`).
+    // On by default; set here so the test keeps meaning what it says if the default changes.
     let mut c = cluster_configured(tmp.path(), &[], &[("volume", "local_reads", toml::Value::Boolean(true))]);
     let client = healthy_with_hosts(&mut c).await;
     let v = client.create_volume(&VolumeSpec::new("near", 8 * MIB, 2)).await.expect("create volume");

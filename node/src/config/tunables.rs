@@ -147,9 +147,11 @@ pub struct VolumeTunables {
     /// (a descheduled task, a slow disk), and clock-rate differences between hosts.
     pub read_lease_margin_ms: u64,
     /// Serve reads from this host's in-sync replica (under a read lease) instead of routing
-    /// them to the primary. Off by default: the chaos scenario `volume-operations` (seed 3)
-    /// read a block one write old through a node right after a relationship reversal with it
-    /// on; until that is explained and fixed, reads go to the primary.
+    /// them to the primary. On by default; off routes every read to the primary (the
+    /// benchmark's same-run baseline). It was off for a while because the chaos scenario
+    /// `volume-operations` (seed 3) read a block one write old right after a relationship
+    /// reversal; the cause was not local reads but a reversal committing after its proposer
+    /// gave up waiting (`volume::reversal`), and that scenario failed with them off too.
     pub local_reads: bool,
 }
 
@@ -164,7 +166,7 @@ impl Default for VolumeTunables {
             failover_wait_ms: 4_000,
             read_lease_ms: 1_000,
             read_lease_margin_ms: 500,
-            local_reads: false,
+            local_reads: true,
             resync_max_bytes_per_sec: 0,
         }
     }

@@ -24,6 +24,7 @@ pub mod merkle;
 mod model;
 pub mod replica;
 pub mod resync;
+pub mod reversal;
 pub mod sequencer;
 pub mod snapshots;
 pub mod stream;

@@ -102,6 +102,9 @@ pub struct VolumeReplica {
     read_lease: Mutex<ReadLease>,
     /// Primary only: the replication stream to each replica or copy it feeds.
     links: Links,
+    /// The epoch of a reversal this host proposed and has not settled (`reversal`): it does
+    /// not take over at that epoch again.
+    reversal_pending: Mutex<Option<u64>>,
 }
 
 impl VolumeReplica {
@@ -118,6 +121,7 @@ impl VolumeReplica {
         let seq = Sequencer::new(record.id, record.block_size, blocks.clone(), epoch, hwm + 1);
         let role = if record.replicas.contains(&node) { Role::Replica } else { Role::AsyncCopy };
         let links = Links::new(record.id, ctx.registry.clone());
+        let reversal_pending = super::reversal::load(&blocks, record.id)?;
         Ok(Arc::new(Self {
             node,
             vol: record.id,
@@ -137,6 +141,7 @@ impl VolumeReplica {
             observing: std::sync::atomic::AtomicBool::new(false),
             read_lease: Mutex::new(ReadLease::default()),
             links,
+            reversal_pending: Mutex::new(reversal_pending),
         }))
     }
 
@@ -146,6 +151,23 @@ impl VolumeReplica {
 
     pub fn role(&self) -> Role {
         *self.role.lock().expect("role lock")
+    }
+
+    pub(crate) fn reversal_pending(&self) -> Option<u64> {
+        *self.reversal_pending.lock().expect("reversal lock")
+    }
+
+    pub(crate) fn set_reversal_pending(&self, epoch: Option<u64>) {
+        *self.reversal_pending.lock().expect("reversal lock") = epoch;
+    }
+
+    /// Stop ordering writes and serving as primary (before proposing a hand-over): the role a
+    /// host holding the volume otherwise has, with no followers and no streams.
+    pub(crate) fn step_down(&self) {
+        let replica = self.record.lock().expect("record lock").replicas.contains(&self.node);
+        *self.role.lock().expect("role lock") = if replica { Role::Replica } else { Role::AsyncCopy };
+        self.followers.lock().expect("followers lock").clear();
+        self.links.close_all();
     }
 
     /// The in-sync replicas other than this host (the ones a primary waits for).
@@ -182,6 +204,14 @@ impl VolumeReplica {
             // In sync at a new epoch: ask for a read lease there now, not at the next round.
             self.ctx.lease_wake.notify_one();
         }
+        if let Some(proposed) = self.reversal_pending() {
+            if record.epoch > proposed || is_primary {
+                // Past it: the marker goes. Still named primary at it: settle it before taking
+                // over (a takeover at that epoch could be undone by the reversal committing).
+                super::reversal::settle(self, proposed).await;
+                return;
+            }
+        }
         let role = self.role();
         if is_primary && (changed_epoch || !matches!(role, Role::Primary { epoch } if epoch == record.epoch)) {
             if let Err(e) = self.adopt(record.epoch).await {
@@ -207,7 +237,7 @@ impl VolumeReplica {
     /// Become primary at `epoch`: with no write in flight, tell every other in-sync replica to
     /// drop anything after our last applied point (such writes were never acknowledged: an
     /// acknowledgement needs every in-sync replica, us included), then start handing out points.
-    async fn adopt(self: &Arc<Self>, epoch: u64) -> Result<(), VolumeError> {
+    pub(crate) async fn adopt(self: &Arc<Self>, epoch: u64) -> Result<(), VolumeError> {
         let _gate = self.gate.write().await;
         // Fence before choosing the first point: an older primary's write still waiting in our
         // sequencer for a gap would otherwise be applied at a point we hand out again, and our
@@ -840,7 +870,7 @@ impl VolumeReplica {
                 Ok(VolumeResponse::Done)
             }
             VolumeRequest::ReverseRelationship { relationship, .. } => {
-                self.reverse(relationship).await.map(|()| VolumeResponse::Done)
+                super::reversal::reverse(self, relationship).await.map(|()| VolumeResponse::Done)
             }
             VolumeRequest::Preserved { host, .. } => {
                 match self
@@ -872,49 +902,8 @@ impl VolumeReplica {
         }
     }
 
-    /// Primary: hand the volume to the async copy of `relationship` once it holds every write
-    /// (writes wait meanwhile), then become that relationship's target.
-    async fn reverse(self: &Arc<Self>, relationship: u64) -> Result<(), VolumeError> {
-        let rel = crate::catalog::volumes::relationships(&self.ctx.store)
-            .map_err(VolumeError::internal)?
-            .into_iter()
-            .find(|r| r.id == relationship && r.volume == self.vol)
-            .ok_or_else(|| VolumeError::not_found(format!("{} has no relationship {relationship}", self.vol)))?;
-        let deadline = Instant::now() + self.ack_timeout().max(Duration::from_secs(30));
-        // Wait for the copy with the gate released first: a resync of the copy needs the gate
-        // (holding it while waiting stalled writes and the resync alike until the deadline; found
-        // by the chaos operations workload, seeds 2 and 31). Then, with the gate held and no write
-        // in flight, only forwarded writes may still be outstanding.
-        let _gate = loop {
-            self.wait_for_copy(rel.target, |s| s != CopyState::NeedsResync, deadline).await?;
-            let gate = self.gate.write().await;
-            self.primary_epoch()?;
-            let settle = Instant::now() + self.ack_timeout() * 5;
-            if self.wait_for_copy(rel.target, |s| s == CopyState::CaughtUp, settle.min(deadline)).await.is_ok() {
-                break gate;
-            }
-            if Instant::now() > deadline {
-                return Err(VolumeError::outcome_unknown(format!("the copy on {} did not catch up", rel.target)));
-            }
-        };
-        let epoch = self.record().epoch;
-        let rec = self.propose(VolumeCommand::ReverseRelationship { id: relationship, expected_epoch: epoch }).await?;
-        info!(vol = %self.vol, new_primary = %rec.primary, "relationship reversed");
-        self.set_record(rec);
-        *self.role.lock().expect("role lock") = Role::AsyncCopy;
-        self.followers.lock().expect("followers lock").clear();
-        self.links.close_all();
-        self.event(
-            "relationship_reversed",
-            format!("{} is now primary; {} holds the async copy", rel.target, self.node),
-            Some(rel.target),
-        )
-        .await;
-        Ok(())
-    }
-
     /// Poll the async copy on `host` until its state satisfies `ok` or `deadline` passes.
-    async fn wait_for_copy(
+    pub(crate) async fn wait_for_copy(
         &self,
         host: NodeId,
         ok: impl Fn(CopyState) -> bool,

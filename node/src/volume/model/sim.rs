@@ -75,6 +75,11 @@ pub struct Config {
     /// Clients also zero block ranges (TRIM / WRITE_ZEROES, replicated as one range per point).
     /// Off: the schedules as they were before range zeroing existed.
     pub zeroings: bool,
+    /// A primary steps down before proposing a reversal, and one whose proposal's outcome it
+    /// never learned settles it with a compare-and-set before serving again (`volume::reversal`).
+    /// Off: the driver before the fix, which went on acknowledging writes after a reversal
+    /// that timed out on its side and committed later (chaos `volume-operations`, seed 3).
+    pub reverse_fence: bool,
 }
 
 impl Config {
@@ -88,6 +93,7 @@ impl Config {
             replica_reads: true,
             drop_waits: true,
             elections: true,
+            reverse_fence: true,
         }
     }
 
@@ -113,6 +119,8 @@ pub struct Stats {
     pub resyncs: u64,
     pub zeroings: u64,
     pub reversals: u64,
+    pub reversals_unanswered: u64,
+    pub settled_reversals: u64,
     pub crashes: u64,
     pub cuts: u64,
     pub dropped: u64,
@@ -146,6 +154,8 @@ impl Stats {
             ("finished resync", &mut self.resyncs),
             ("range zeroing", &mut self.zeroings),
             ("reversal", &mut self.reversals),
+            ("reversal proposed with its answer lost", &mut self.reversals_unanswered),
+            ("lost reversal settled by keeping the volume", &mut self.settled_reversals),
             ("crash", &mut self.crashes),
             ("link cut", &mut self.cuts),
             ("dropped message", &mut self.dropped),
@@ -229,6 +239,9 @@ struct Node {
     /// Primary only: a rollback holding the I/O gate until it has dropped these replicas (which
     /// refused it) at this epoch; no write, snapshot or takeover meanwhile.
     gate_drop: Option<(Vec<usize>, u64)>,
+    /// A reversal this node proposed at this epoch, with an outcome it has not learned
+    /// (persisted: survives a crash).
+    unsettled: Option<u64>,
 }
 
 impl Node {
@@ -247,6 +260,7 @@ impl Node {
             lease: ReadLease::default(),
             last_zero: 0,
             gate_drop: None,
+            unsettled: None,
         }
     }
 
@@ -281,6 +295,8 @@ pub struct World {
     write_block: BTreeMap<WriteId, (u64, u64, bool)>,
     /// The leader's record of lease requests and revocations.
     grants: Grants,
+    /// A reversal proposed and not yet committed or refused: (from, to, expected epoch).
+    pending_reverse: Option<(usize, usize, u64)>,
     /// When the current leader was elected (the first at the start).
     leading_since: Instant,
     next_renewal: u64,
@@ -319,6 +335,7 @@ impl World {
             rollback_in_doubt: None,
             write_block: BTreeMap::new(),
             grants: Grants::default(),
+            pending_reverse: None,
             leading_since: base,
             next_renewal: 0,
             ack_epochs: BTreeMap::new(),
@@ -392,7 +409,11 @@ impl World {
             83..86 => self.failover(),
             86..89 => self.snapshot(p),
             89..91 => self.rollback(p),
-            91..94 => self.reverse(p),
+            91..93 => self.reverse(p, None),
+            93..94 => {
+                self.commit_pending_reverse();
+                Ok(())
+            }
             94..95 if self.cfg.elections => self.elect(),
             _ => {
                 self.now += ACK_TIMEOUT_MS / 2;
@@ -782,6 +803,12 @@ impl World {
         node.view = cat.clone();
         node.seq.observe_epoch(cat.epoch);
         let is_primary = cat.primary == n;
+        if node.unsettled.is_some_and(|e| cat.epoch > e) {
+            node.unsettled = None; // the epoch moved on: the reversal can no longer commit
+        }
+        if is_primary && node.unsettled.is_some() {
+            return self.settle_reverse(n);
+        }
         if is_primary && node.role != (Role::Primary { epoch: cat.epoch }) {
             self.adopt(n, cat.epoch)?;
         } else if !is_primary && matches!(node.role, Role::Primary { .. }) {
@@ -1108,9 +1135,16 @@ impl World {
         self.new_lineage(n, point, "rolled back")
     }
 
-    /// Hand the volume to the async copy once it holds every write (1-replica volumes).
-    fn reverse(&mut self, n: usize) -> Check {
+    /// Hand the volume to the async copy once it holds every write (1-replica volumes): the
+    /// primary (holding its I/O gate) proposes the reversal; the leader commits it once the
+    /// primary's read lease has lapsed, now or at a later step, and the primary may never hear
+    /// back (`volume::reversal`).
+    /// `answered`: whether the proposer hears back (`None`: drawn from the seed).
+    fn reverse(&mut self, n: usize, answered: Option<bool>) -> Check {
         if self.cfg.replicas != 1 || self.idle_primary(n).is_none() || self.cat.primary != n {
+            return Ok(());
+        }
+        if self.pending_reverse.is_some() || self.nodes[n].unsettled.is_some() {
             return Ok(());
         }
         let t = self.cat.async_target;
@@ -1118,16 +1152,67 @@ impl World {
         if self.nodes[n].followers.caught_up(NodeId(t as u64), last) != Some(CopyState::CaughtUp) {
             return Ok(());
         }
-        if !self.shrink_ready(self.cat.epoch, &[t]) {
-            return Ok(()); // the primary leaves the in-sync set: its own lease first
+        let epoch = self.cat.epoch;
+        if answered.unwrap_or_else(|| self.rng.random_bool(0.5)) {
+            // The leader is ready at once, and the answer arrives (the proposer waits for it).
+            if !self.shrink_ready(epoch, &[t]) {
+                return Ok(());
+            }
+            self.pending_reverse = Some((n, t, epoch));
+            assert!(self.commit_pending_reverse(), "a ready reversal commits");
+            self.demote(n);
+            self.set_record(n);
+            return self.observe(t);
+        }
+        // The answer is lost: the proposal commits now, later, or never.
+        if self.cfg.reverse_fence {
+            self.nodes[n].unsettled = Some(epoch);
+            self.demote(n);
+        }
+        self.log(|| format!("n{n} proposes REVERSE -> {t} at point {last}, epoch {epoch}; the answer is lost"));
+        self.pending_reverse = Some((n, t, epoch));
+        self.stats.reversals_unanswered += 1;
+        self.commit_pending_reverse();
+        Ok(())
+    }
+
+    /// The leader's side of a pending reversal: commit it once the old primary's lease has
+    /// lapsed, or refuse it if the epoch moved on. True if it committed now.
+    fn commit_pending_reverse(&mut self) -> bool {
+        let Some((from, to, expected)) = self.pending_reverse else { return false };
+        if self.cat.epoch != expected {
+            let epoch = self.cat.epoch;
+            self.log(|| format!("REVERSE {from} -> {to} refused: epoch {epoch} is not {expected}"));
+            self.pending_reverse = None;
+            return false;
+        }
+        if !self.shrink_ready(expected, &[to]) {
+            return false; // the primary leaves the in-sync set: its own lease first
         }
         self.cat =
-            Catalog { epoch: self.cat.epoch + 1, primary: t, replicas: vec![t], in_sync: vec![t], async_target: n };
-        self.log(|| format!("REVERSE {n} -> {t} at point {last}"));
-        self.demote(n);
-        self.set_record(n);
+            Catalog { epoch: expected + 1, primary: to, replicas: vec![to], in_sync: vec![to], async_target: from };
+        self.pending_reverse = None;
+        self.log(|| format!("REVERSE {from} -> {to} committed at epoch {}", expected + 1));
         self.stats.reversals += 1;
-        self.observe(t)
+        true
+    }
+
+    /// A primary that proposed a reversal and never learned its outcome (`reversal::settle`):
+    /// a compare-and-set at the proposal's epoch either keeps the volume here at a new epoch,
+    /// so the reversal can no longer commit, or fails because it already did.
+    fn settle_reverse(&mut self, n: usize) -> Check {
+        let Some(e) = self.nodes[n].unsettled else { return Ok(()) };
+        if !self.nodes[n].up || self.cut_off(n) {
+            return Ok(());
+        }
+        let in_sync = self.cat.in_sync.clone();
+        if let Some(epoch) = self.set_replication(n, e, n, in_sync) {
+            self.log(|| format!("n{n} settled its reversal: still primary at epoch {epoch}"));
+            self.nodes[n].unsettled = None;
+            self.stats.settled_reversals += 1;
+            return self.adopt(n, epoch);
+        }
+        Ok(())
     }
 
     // ---- resync --------------------------------------------------------------------------------
@@ -1469,6 +1554,7 @@ impl World {
                 self.observe(n)?;
             }
             self.failover()?;
+            self.commit_pending_reverse();
             let p = self.cat.primary;
             self.resync_step(p)?;
         }
@@ -1614,7 +1700,7 @@ impl World {
     }
 
     pub fn reverse_now(&mut self) -> Check {
-        self.reverse(self.cat.primary)
+        self.reverse(self.cat.primary, Some(true))
     }
 
     /// Advance primary `n`'s resync of `h` by one step; false once it is gone (done or broken).
