@@ -105,6 +105,8 @@ pub struct VolumeReplica {
     /// The epoch of a reversal this host proposed and has not settled (`reversal`): it does
     /// not take over at that epoch again.
     reversal_pending: Mutex<Option<u64>>,
+    /// A reversal call is running here (it settles its own outcome; `observe` must not).
+    pub(crate) reversal_in_flight: std::sync::atomic::AtomicBool,
 }
 
 impl VolumeReplica {
@@ -142,6 +144,7 @@ impl VolumeReplica {
             read_lease: Mutex::new(ReadLease::default()),
             links,
             reversal_pending: Mutex::new(reversal_pending),
+            reversal_in_flight: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -204,7 +207,7 @@ impl VolumeReplica {
             // In sync at a new epoch: ask for a read lease there now, not at the next round.
             self.ctx.lease_wake.notify_one();
         }
-        if let Some(proposed) = self.reversal_pending() {
+        if let Some(proposed) = self.reversal_pending().filter(|_| !self.reversal_in_flight.load(Ordering::SeqCst)) {
             if record.epoch > proposed || is_primary {
                 // Past it: the marker goes. Still named primary at it: settle it before taking
                 // over (a takeover at that epoch could be undone by the reversal committing).
@@ -239,6 +242,14 @@ impl VolumeReplica {
     /// acknowledgement needs every in-sync replica, us included), then start handing out points.
     pub(crate) async fn adopt(self: &Arc<Self>, epoch: u64) -> Result<(), VolumeError> {
         let _gate = self.gate.write().await;
+        // Waiting for the gate, the record may have moved on (a reversal or a rollback held it).
+        let record = self.record();
+        if record.epoch != epoch || record.primary != self.node {
+            return Err(VolumeError::not_primary(format!(
+                "{} moved to epoch {} (primary {}) before taking over at epoch {epoch}",
+                self.vol, record.epoch, record.primary
+            )));
+        }
         // Fence before choosing the first point: an older primary's write still waiting in our
         // sequencer for a gap would otherwise be applied at a point we hand out again, and our
         // own write at that point would count as "already applied" (issue 11, race 1).

@@ -18,6 +18,7 @@
 //!
 //! A volume model schedule covers it (`model::sim`, `reverse_fence`).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,10 @@ pub(crate) fn clear(replica: &VolumeReplica) -> Result<(), VolumeError> {
 /// Primary: hand the volume to the async copy of `relationship` once it holds every write
 /// (writes wait meanwhile), then become that relationship's target.
 pub(crate) async fn reverse(replica: &Arc<VolumeReplica>, relationship: u64) -> Result<(), VolumeError> {
+    if replica.reversal_in_flight.swap(true, Ordering::SeqCst) {
+        return Err(VolumeError::unavailable(format!("{} is already being reversed", replica.vol)));
+    }
+    let _in_flight = InFlight(replica);
     let rel = crate::catalog::volumes::relationships(&replica.ctx.store)
         .map_err(VolumeError::internal)?
         .into_iter()
@@ -82,19 +87,31 @@ pub(crate) async fn reverse(replica: &Arc<VolumeReplica>, relationship: u64) -> 
             return Err(VolumeError::outcome_unknown(format!("the copy on {} did not catch up", rel.target)));
         }
     };
-    let epoch = replica.primary_epoch()?;
+    replica.primary_epoch()?;
+    // The catalog's epoch, which the proposal expects (our role's may lag it: an observation of
+    // a newer epoch waits for the gate we hold before adopting it).
+    let epoch = replica.record().epoch;
     replica.step_down();
     record_proposed(replica, epoch)?;
-    match replica.propose(VolumeCommand::ReverseRelationship { id: relationship, expected_epoch: epoch }).await {
-        Ok(rec) => {
+    let cmd = VolumeCommand::ReverseRelationship { id: relationship, expected_epoch: epoch };
+    match propose_cas(replica, cmd).await {
+        Proposed::Applied(rec) => {
             clear(replica)?;
             finish(replica, rec, rel.target).await;
             Ok(())
         }
-        Err(e) => {
+        Proposed::Refused(why) => {
+            // Nothing changed: serve again at once.
+            clear(replica)?;
+            drop(gate);
+            if let Err(e) = replica.adopt(replica.record().epoch).await {
+                warn!(vol = %replica.vol, error = %e, "could not serve again after a refused reversal");
+            }
+            Err(VolumeError::unavailable(format!("the reversal was refused: {why}")))
+        }
+        Proposed::Unknown(e) => {
             warn!(vol = %replica.vol, error = %e, "reversal proposal unanswered; settling it");
             drop(gate); // taking over again needs it
-
             match settle(replica, epoch).await {
                 Settled::Kept => {
                     Err(VolumeError::unavailable(format!("the reversal did not take effect ({e}); nothing changed")))
@@ -108,6 +125,38 @@ pub(crate) async fn reverse(replica: &Arc<VolumeReplica>, relationship: u64) -> 
                 ))),
             }
         }
+    }
+}
+
+/// The answer to a compare-and-set on the volume's epoch.
+enum Proposed {
+    Applied(VolumeRecord),
+    /// Not applied (the epoch moved on, or the command was invalid).
+    Refused(String),
+    /// No answer: it may have been applied, or may still be.
+    Unknown(String),
+}
+
+async fn propose_cas(replica: &VolumeReplica, cmd: VolumeCommand) -> Proposed {
+    match replica.ctx.proposer.write(CatalogCommand::Volume(cmd), 0).await {
+        Ok(ClientResponse::Written { outcome: CommandOutcome::Volume(VolumeOutcome::Volume(rec)), .. }) => {
+            Proposed::Applied(rec)
+        }
+        Ok(ClientResponse::Written {
+            outcome: CommandOutcome::Volume(VolumeOutcome::Refused { reason, .. }), ..
+        }) => Proposed::Refused(reason),
+        Ok(other) => Proposed::Unknown(format!("unexpected answer {other:?}")),
+        Err(e) => Proposed::Unknown(e.to_string()),
+    }
+}
+
+/// Clears `reversal_in_flight` however the call ends (a dropped request included); a marker
+/// left behind is then settled by the next catalog observation.
+struct InFlight<'a>(&'a VolumeReplica);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.reversal_in_flight.store(false, Ordering::SeqCst);
     }
 }
 
@@ -150,18 +199,13 @@ pub(crate) async fn settle(replica: &Arc<VolumeReplica>, epoch: u64) -> Settled 
         primary: replica.node,
         in_sync: record.in_sync.clone(),
     };
-    let outcome = match replica.ctx.proposer.write(CatalogCommand::Volume(cmd), 0).await {
-        Ok(ClientResponse::Written { outcome: CommandOutcome::Volume(o), .. }) => o,
-        Ok(other) => return Settled::Unknown(format!("unexpected answer {other:?}")),
-        Err(e) => return Settled::Unknown(e.to_string()),
-    };
-    let done = match outcome {
-        VolumeOutcome::Volume(rec) => {
+    let done = match propose_cas(replica, cmd).await {
+        Proposed::Applied(rec) => {
             replica.set_record(rec.clone());
             Some(rec.epoch)
         }
-        VolumeOutcome::Refused { .. } => None,
-        other => return Settled::Unknown(format!("unexpected outcome {other:?}")),
+        Proposed::Refused(_) => None,
+        Proposed::Unknown(e) => return Settled::Unknown(e),
     };
     if let Err(e) = clear(replica) {
         return Settled::Unknown(e.to_string());
