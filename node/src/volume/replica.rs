@@ -250,6 +250,15 @@ impl VolumeReplica {
                 self.vol, record.epoch, record.primary
             )));
         }
+        // A reversal proposed here may commit under a catalog that does not show it yet: no
+        // takeover until it is settled (`reversal`; chaos `volume-operations`, seed 3, where an
+        // observation waiting for the gate took over right after the reversal released it).
+        if let Some(proposed) = self.reversal_pending() {
+            return Err(VolumeError::not_primary(format!(
+                "{}: a reversal proposed at epoch {proposed} is not settled yet",
+                self.vol
+            )));
+        }
         // Fence before choosing the first point: an older primary's write still waiting in our
         // sequencer for a gap would otherwise be applied at a point we hand out again, and our
         // own write at that point would count as "already applied" (issue 11, race 1).

@@ -14,7 +14,10 @@
 //! 2. steps down and records E durably (`reversal/proposed` in its block store's metadata, so a
 //!    restart knows it too), then proposes;
 //! 3. serves again only after a compare-and-set at E ([`settle`]) has committed, after which the
-//!    reversal can no longer commit, or once its catalog shows an epoch past E.
+//!    reversal can no longer commit, or once its own catalog shows an epoch past E. A refusal
+//!    is not enough: it means the epoch moved on at the leader, and a catalog here still at E
+//!    would let this host take over at E beside the new primary (chaos `volume-operations`,
+//!    seed 3, again: the volume model's catalog views never lag, the real ones do).
 //!
 //! A volume model schedule covers it (`model::sim`, `reverse_fence`).
 
@@ -101,12 +104,10 @@ pub(crate) async fn reverse(replica: &Arc<VolumeReplica>, relationship: u64) -> 
             Ok(())
         }
         Proposed::Refused(why) => {
-            // Nothing changed: serve again at once.
-            clear(replica)?;
-            drop(gate);
-            if let Err(e) = replica.adopt(replica.record().epoch).await {
-                warn!(vol = %replica.vol, error = %e, "could not serve again after a refused reversal");
-            }
+            // Not applied, but the refusal may mean the epoch moved on at the leader while this
+            // host's catalog still shows `epoch`: taking over again now could put two primaries
+            // at work. The marker stays; `observe` clears it once the catalog here is past
+            // `epoch`, or settles it if the catalog still names this host primary there.
             Err(VolumeError::unavailable(format!("the reversal was refused: {why}")))
         }
         Proposed::Unknown(e) => {
@@ -176,7 +177,8 @@ async fn finish(replica: &Arc<VolumeReplica>, rec: VolumeRecord, new_primary: No
 pub(crate) enum Settled {
     /// This host is still primary, at a new epoch; the reversal can never commit.
     Kept,
-    /// The epoch moved past the reversal's: it committed, or something else did first.
+    /// The epoch moved past the reversal's: it committed, or something else did first. The
+    /// marker goes once this host's catalog shows it.
     Moved,
     /// The compare-and-set's own answer was lost; try again later.
     Unknown(String),
@@ -199,26 +201,24 @@ pub(crate) async fn settle(replica: &Arc<VolumeReplica>, epoch: u64) -> Settled 
         primary: replica.node,
         in_sync: record.in_sync.clone(),
     };
-    let done = match propose_cas(replica, cmd).await {
-        Proposed::Applied(rec) => {
-            replica.set_record(rec.clone());
-            Some(rec.epoch)
-        }
-        Proposed::Refused(_) => None,
+    let rec = match propose_cas(replica, cmd).await {
+        Proposed::Applied(rec) => rec,
+        // The epoch moved past `epoch` at the leader, which this host's catalog may not show
+        // yet: the marker stays until it does (a takeover meanwhile could be at a stale epoch).
+        Proposed::Refused(_) => return Settled::Moved,
         Proposed::Unknown(e) => return Settled::Unknown(e),
     };
+    let new_epoch = rec.epoch;
+    replica.set_record(rec);
     if let Err(e) = clear(replica) {
         return Settled::Unknown(e.to_string());
     }
-    match done {
-        Some(new_epoch) => match replica.adopt(new_epoch).await {
-            Ok(()) => {
-                info!(vol = %replica.vol, epoch = new_epoch, "reversal settled: still primary");
-                Settled::Kept
-            }
-            // The next catalog observation adopts again.
-            Err(e) => Settled::Unknown(e.to_string()),
-        },
-        None => Settled::Moved,
+    match replica.adopt(new_epoch).await {
+        Ok(()) => {
+            info!(vol = %replica.vol, epoch = new_epoch, "reversal settled: still primary");
+            Settled::Kept
+        }
+        // The next catalog observation adopts again.
+        Err(e) => Settled::Unknown(e.to_string()),
     }
 }
