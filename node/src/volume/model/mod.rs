@@ -25,7 +25,9 @@
 //! `HAVEN_MODEL_SEEDS=N` (and `HAVEN_MODEL_REPLICAS=1|3`). `HAVEN_MODEL_NO_DROP_WAIT=1` lets
 //! removals commit at once (replicas still serve reads): the checker then finds stale reads.
 //! `HAVEN_MODEL_NO_REVERSE_FENCE=1` lets a primary whose reversal went unanswered go on
-//! acknowledging writes: the checker then finds them lost.
+//! acknowledging writes: the checker then finds them lost. `HAVEN_MODEL_LAGGING_VIEWS=1` lets a
+//! node's catalog observation lag the leader's; with it, `HAVEN_MODEL_MARKER_CLEARED_ON_REFUSAL=1`
+//! clears a reversal marker on a refused settle, and the checker finds two primaries.
 
 mod sim;
 mod store;
@@ -62,11 +64,23 @@ mod tests {
         let read_leases = std::env::var_os("HAVEN_MODEL_NO_READ_LEASES").is_none();
         let drop_waits = std::env::var_os("HAVEN_MODEL_NO_DROP_WAIT").is_none();
         let reverse_fence = std::env::var_os("HAVEN_MODEL_NO_REVERSE_FENCE").is_none();
+        let marker_until_seen = std::env::var_os("HAVEN_MODEL_MARKER_CLEARED_ON_REFUSAL").is_none();
+        let lagging_views = std::env::var_os("HAVEN_MODEL_LAGGING_VIEWS").is_some();
         let replicas = match env("HAVEN_MODEL_REPLICAS") {
             Some(r) => vec![r as usize],
             None => vec![3, 1],
         };
-        replicas.into_iter().map(|r| Config { read_leases, drop_waits, reverse_fence, ..Config::new(r) }).collect()
+        replicas
+            .into_iter()
+            .map(|r| Config {
+                read_leases,
+                drop_waits,
+                reverse_fence,
+                marker_until_seen,
+                lagging_views,
+                ..Config::new(r)
+            })
+            .collect()
     }
 
     /// A few thousand seeds in CI; `HAVEN_MODEL_SEEDS=N` for a long hunt, `HAVEN_MODEL_SEED=S`
@@ -458,6 +472,21 @@ mod tests {
         assert!(!found.is_empty(), "without the fence some schedule must lose a write");
         for seed in found {
             run_seed(Config::new(1), seed).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    /// Chaos `volume-operations`, seed 3, after the first fix: a settle refused because the
+    /// reversal had committed cleared the marker, and this host's catalog, still at the
+    /// reversal's epoch, let it take over there beside the new primary. The model finds it once
+    /// catalog views lag (seeds 1009 and 1905); keeping the marker until the view is past the
+    /// epoch runs the same seeds clean (`volume::reversal::settle`).
+    #[test]
+    fn a_refused_settle_keeps_the_reversal_marker_until_the_view_is_past_it() {
+        let lagging = Config { lagging_views: true, ..Config::new(1) };
+        for seed in [1009, 1905] {
+            let cleared = Config { marker_until_seen: false, ..lagging };
+            run_seed(cleared, seed).expect_err("clearing the marker on a refusal must be caught");
+            run_seed(lagging, seed).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 

@@ -80,6 +80,16 @@ pub struct Config {
     /// Off: the driver before the fix, which went on acknowledging writes after a reversal
     /// that timed out on its side and committed later (chaos `volume-operations`, seed 3).
     pub reverse_fence: bool,
+    /// A node's catalog observation may see an older catalog than the leader's (its Raft log
+    /// applied behind), as `VolumeReplica::observe` can. Off (the default): every observation
+    /// is current. On, 1-replica schedules run clean; 3-replica seed 13434 fails ("in-sync
+    /// node 2 applied up to 6, the primary 3", after a rollback whose drop was in doubt) and is
+    /// not analysed yet.
+    pub lagging_views: bool,
+    /// A primary keeps its reversal marker after a refused settle until its own view is past
+    /// the epoch, and takes over at no epoch while the marker stands. Off: the driver's second
+    /// try, which cleared the marker on a refusal (chaos `volume-operations`, seed 3, again).
+    pub marker_until_seen: bool,
 }
 
 impl Config {
@@ -94,12 +104,14 @@ impl Config {
             drop_waits: true,
             elections: true,
             reverse_fence: true,
+            lagging_views: false,
+            marker_until_seen: true,
         }
     }
 
     /// The schedules as they were before replicas served reads (seeds found then replay).
     pub fn before_replica_reads(replicas: usize) -> Self {
-        Self { replica_reads: false, drop_waits: false, elections: false, ..Self::new(replicas) }
+        Self { replica_reads: false, drop_waits: false, elections: false, lagging_views: false, ..Self::new(replicas) }
     }
 }
 
@@ -297,6 +309,8 @@ pub struct World {
     grants: Grants,
     /// A reversal proposed and not yet committed or refused: (from, to, expected epoch).
     pending_reverse: Option<(usize, usize, u64)>,
+    /// Catalogs as observed so far, by epoch: what a lagging node may still see.
+    history: BTreeMap<u64, Catalog>,
     /// When the current leader was elected (the first at the start).
     leading_since: Instant,
     next_renewal: u64,
@@ -336,6 +350,7 @@ impl World {
             write_block: BTreeMap::new(),
             grants: Grants::default(),
             pending_reverse: None,
+            history: BTreeMap::new(),
             leading_since: base,
             next_renewal: 0,
             ack_epochs: BTreeMap::new(),
@@ -798,9 +813,11 @@ impl World {
         if !self.nodes[n].up {
             return Ok(());
         }
-        let cat = self.cat.clone();
+        let cat = self.observed_catalog(n);
         let node = &mut self.nodes[n];
-        node.view = cat.clone();
+        if cat.epoch >= node.view.epoch {
+            node.view = cat.clone();
+        }
         node.seq.observe_epoch(cat.epoch);
         let is_primary = cat.primary == n;
         if node.unsettled.is_some_and(|e| cat.epoch > e) {
@@ -821,6 +838,17 @@ impl World {
         Ok(())
     }
 
+    /// The catalog node `n`'s observation sees: the current one, or (with lagging views) one
+    /// at or after its view that its log has not applied past yet.
+    fn observed_catalog(&mut self, n: usize) -> Catalog {
+        self.history.insert(self.cat.epoch, self.cat.clone());
+        if !self.cfg.lagging_views || self.rng.random_bool(0.7) {
+            return self.cat.clone();
+        }
+        let seen: Vec<&Catalog> = self.history.range(self.nodes[n].view.epoch..).map(|(_, c)| c).collect();
+        seen[self.rng.random_range(0..seen.len())].clone()
+    }
+
     fn demote(&mut self, n: usize) {
         let node = &mut self.nodes[n];
         node.role = Role::Replica;
@@ -836,6 +864,11 @@ impl World {
     fn adopt(&mut self, n: usize, epoch: u64) -> Check {
         if !self.nodes[n].inflight.is_empty() || self.nodes[n].gate_drop.is_some() {
             return Ok(()); // the I/O gate: wait for writes in flight
+        }
+        let view = &self.nodes[n].view;
+        let marked = self.cfg.marker_until_seen && self.nodes[n].unsettled.is_some();
+        if view.epoch != epoch || view.primary != n || marked {
+            return Ok(()); // `VolumeReplica::adopt` re-checks its newest record
         }
         let fenced = self.nodes[n].seq.fence(epoch);
         self.discard(n, fenced);
@@ -1211,6 +1244,9 @@ impl World {
             self.nodes[n].unsettled = None;
             self.stats.settled_reversals += 1;
             return self.adopt(n, epoch);
+        }
+        if !self.cfg.marker_until_seen {
+            self.nodes[n].unsettled = None; // refused: taken as settled at once
         }
         Ok(())
     }
