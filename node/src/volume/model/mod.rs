@@ -25,9 +25,9 @@
 //! `HAVEN_MODEL_SEEDS=N` (and `HAVEN_MODEL_REPLICAS=1|3`). `HAVEN_MODEL_NO_DROP_WAIT=1` lets
 //! removals commit at once (replicas still serve reads): the checker then finds stale reads.
 //! `HAVEN_MODEL_NO_REVERSE_FENCE=1` lets a primary whose reversal went unanswered go on
-//! acknowledging writes: the checker then finds them lost. `HAVEN_MODEL_LAGGING_VIEWS=1` lets a
-//! node's catalog observation lag the leader's; with it, `HAVEN_MODEL_MARKER_CLEARED_ON_REFUSAL=1`
-//! clears a reversal marker on a refused settle, and the checker finds two primaries.
+//! acknowledging writes: the checker then finds them lost. A node's catalog observation may lag
+//! the leader's (`HAVEN_MODEL_CURRENT_VIEWS=1`: never); `HAVEN_MODEL_MARKER_CLEARED_ON_REFUSAL=1`
+//! clears a reversal marker on a refused settle, and the checker then finds two primaries.
 
 mod sim;
 mod store;
@@ -65,7 +65,7 @@ mod tests {
         let drop_waits = std::env::var_os("HAVEN_MODEL_NO_DROP_WAIT").is_none();
         let reverse_fence = std::env::var_os("HAVEN_MODEL_NO_REVERSE_FENCE").is_none();
         let marker_until_seen = std::env::var_os("HAVEN_MODEL_MARKER_CLEARED_ON_REFUSAL").is_none();
-        let lagging_views = std::env::var_os("HAVEN_MODEL_LAGGING_VIEWS").is_some();
+        let lagging_views = std::env::var_os("HAVEN_MODEL_CURRENT_VIEWS").is_none();
         let replicas = match env("HAVEN_MODEL_REPLICAS") {
             Some(r) => vec![r as usize],
             None => vec![3, 1],

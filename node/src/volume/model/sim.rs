@@ -81,10 +81,8 @@ pub struct Config {
     /// that timed out on its side and committed later (chaos `volume-operations`, seed 3).
     pub reverse_fence: bool,
     /// A node's catalog observation may see an older catalog than the leader's (its Raft log
-    /// applied behind), as `VolumeReplica::observe` can. Off (the default): every observation
-    /// is current. On, 1-replica schedules run clean; 3-replica seed 13434 fails ("in-sync
-    /// node 2 applied up to 6, the primary 3", after a rollback whose drop was in doubt) and is
-    /// not analysed yet.
+    /// applied behind), as `VolumeReplica::observe` can. Off: every observation is current (the
+    /// schedules before lagging views existed).
     pub lagging_views: bool,
     /// A primary keeps its reversal marker after a refused settle until its own view is past
     /// the epoch, and takes over at no epoch while the marker stands. Off: the driver's second
@@ -104,7 +102,7 @@ impl Config {
             drop_waits: true,
             elections: true,
             reverse_fence: true,
-            lagging_views: false,
+            lagging_views: true,
             marker_until_seen: true,
         }
     }
@@ -1614,6 +1612,8 @@ impl World {
         self.net.is_empty()
             && node.role == (Role::Primary { epoch: self.cat.epoch })
             && node.inflight.is_empty()
+            // A rollback still holding the gate for a drop is not over (lagging views, seed 13434).
+            && node.gate_drop.is_none()
             && self.cat.in_sync.len() == self.cat.replicas.len()
             && node.followers.caught_up(NodeId(self.cat.async_target as u64), last) == Some(CopyState::CaughtUp)
     }
