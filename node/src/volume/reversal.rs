@@ -17,23 +17,22 @@
 //!    reversal can no longer commit, or once its own catalog shows an epoch past E. A refusal
 //!    is not enough: it means the epoch moved on at the leader, and a catalog here still at E
 //!    would let this host take over at E beside the new primary (chaos `volume-operations`,
-//!    seed 3, again: the volume model's catalog views never lag, the real ones do).
+//!    seed 3, again; the volume model finds it too once catalog views lag).
 //!
-//! A volume model schedule covers it (`model::sim`, `reverse_fence`).
+//! The volume model covers both (`model::sim`: `reverse_fence`, `marker_until_seen`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use haven_proto::volume::{VolumeCommand, VolumeOutcome, VolumeRecord};
-use haven_proto::{ClientResponse, CommandOutcome, NodeId, VolumeId};
+use haven_proto::{CatalogCommand, ClientResponse, CommandOutcome, NodeId, VolumeId};
 use tracing::{info, warn};
 
 use super::blockstore::BlockStore;
 use super::core::primary::CopyState;
 use super::error::VolumeError;
 use super::replica::VolumeReplica;
-use haven_proto::CatalogCommand;
 
 /// Per-volume metadata key holding the epoch of a reversal proposed and not yet settled.
 const PROPOSED_KEY: &str = "reversal/proposed";
