@@ -9,25 +9,12 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{cluster_with, eventually, healthy_with_hosts, metric};
-use haven_client::devcluster::LocalCluster;
+use common::{client_of, cluster_with, eventually, first_byte, healthy_with_hosts, metric};
+
 use haven_client::proto::{NodeId, VolumeId};
 use haven_client::volumes::VolumeSpec;
-use haven_client::HavenClient;
 
 const MIB: u64 = 1 << 20;
-
-/// A client that talks only to the given nodes.
-fn client_of(c: &LocalCluster, nodes: &[u64]) -> HavenClient {
-    let mut cfg = c.client_config();
-    cfg.nodes = nodes.iter().map(|id| c.node(*id).unwrap().addr).collect();
-    HavenClient::new(&cfg).unwrap()
-}
-
-fn first_byte(data: &[u8]) -> u8 {
-    assert!(data.iter().all(|b| *b == data[0]), "a block holds one pattern");
-    data[0]
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_woken_old_primary_never_serves_a_block_the_new_primary_overwrote() {

@@ -10,26 +10,13 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{cluster_configured, eventually, healthy_with_hosts, metric};
+use common::{client_of, cluster_configured, eventually, first_byte, healthy_with_hosts, metric};
 use haven_client::devcluster::LocalCluster;
 use haven_client::proto::{NodeId, VolumeId};
 use haven_client::volumes::VolumeSpec;
-use haven_client::HavenClient;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 4096;
-
-/// A client that talks only to the given node.
-fn client_at(c: &LocalCluster, node: NodeId) -> HavenClient {
-    let mut cfg = c.client_config();
-    cfg.nodes = vec![c.node(node.0).unwrap().addr];
-    HavenClient::new(&cfg).unwrap()
-}
-
-fn first_byte(data: &[u8]) -> u8 {
-    assert!(data.iter().all(|b| *b == data[0]), "a block holds one pattern");
-    data[0]
-}
 
 /// `metric` summed over every node but `except` (a frozen node's admin port accepts a
 /// connection and never answers).
@@ -47,8 +34,8 @@ async fn an_in_sync_replica_serves_reads_locally_and_a_dropped_one_never_serves_
     let vol: VolumeId = v.id;
     let primary = v.primary;
     let replica = *v.replicas.iter().find(|h| **h != primary).expect("two replicas");
-    let at_primary = client_at(&c, primary);
-    let at_replica = client_at(&c, replica);
+    let at_primary = client_of(&c, &[primary.0]);
+    let at_replica = client_of(&c, &[replica.0]);
     eventually("volume served", || at_primary.read_volume(vol, 0, BLOCK as u32, None)).await;
 
     // Every acknowledged write is what the replica's node answers next, from its own copy.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{cluster_with, eventually, healthy_with_hosts, metric};
+use common::{client_of, cluster_with, eventually, healthy_with_hosts, metric};
 use haven_client::devcluster::LocalCluster;
 use haven_client::proto::volume::{DeviceMessage, IntegrityVerdict};
 use haven_client::proto::{
@@ -27,13 +27,6 @@ const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const WRITERS: u64 = 4;
 const BLOCKS_PER_WRITER: u64 = 32;
-
-/// A client that talks only to the given nodes.
-fn client_of(c: &LocalCluster, nodes: &[u64]) -> HavenClient {
-    let mut cfg = c.client_config();
-    cfg.nodes = nodes.iter().map(|id| c.node(*id).unwrap().addr).collect();
-    HavenClient::new(&cfg).unwrap()
-}
 
 /// The value of one labelled Prometheus series (`name{labels}` exactly as exported), 0 if absent.
 fn series(c: &LocalCluster, node: u64, name: &str, labels: &[&str]) -> f64 {

@@ -141,3 +141,16 @@ pub async fn metric_sample(addr: std::net::SocketAddr, series: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A client that talks only to the given nodes.
+pub fn client_of(c: &LocalCluster, nodes: &[u64]) -> haven_client::HavenClient {
+    let mut cfg = c.client_config();
+    cfg.nodes = nodes.iter().map(|id| c.node(*id).unwrap().addr).collect();
+    haven_client::HavenClient::new(&cfg).unwrap()
+}
+
+/// The one byte pattern a block written with a single pattern holds.
+pub fn first_byte(data: &[u8]) -> u8 {
+    assert!(data.iter().all(|b| *b == data[0]), "a block holds one pattern");
+    data[0]
+}
