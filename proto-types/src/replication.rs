@@ -151,20 +151,14 @@ pub fn encode_acks(acks: &ReplAcks) -> Result<AlignedVec, ProtoError> {
 /// Validate (bytecheck, then bounds) and deserialize a request frame's body. `bytes` must be
 /// 16-byte aligned; an unaligned buffer is reported as invalid rather than read.
 pub fn decode_request(bytes: &[u8]) -> Result<ReplRequest, ProtoError> {
-    let archived =
-        rkyv::access::<ArchivedReplRequest, rancor::Error>(bytes).map_err(|e| ProtoError::Invalid(e.to_string()))?;
-    let req: ReplRequest =
-        rkyv::deserialize::<ReplRequest, rancor::Error>(archived).map_err(|e| ProtoError::Invalid(e.to_string()))?;
+    let req = rkyv::from_bytes::<ReplRequest, rancor::Error>(bytes).map_err(|e| ProtoError::Invalid(e.to_string()))?;
     req.check().map_err(ProtoError::Invalid)?;
     Ok(req)
 }
 
 /// Validate (bytecheck, then bounds) and deserialize an acknowledgement frame's body.
 pub fn decode_acks(bytes: &[u8]) -> Result<ReplAcks, ProtoError> {
-    let archived =
-        rkyv::access::<ArchivedReplAcks, rancor::Error>(bytes).map_err(|e| ProtoError::Invalid(e.to_string()))?;
-    let acks: ReplAcks =
-        rkyv::deserialize::<ReplAcks, rancor::Error>(archived).map_err(|e| ProtoError::Invalid(e.to_string()))?;
+    let acks = rkyv::from_bytes::<ReplAcks, rancor::Error>(bytes).map_err(|e| ProtoError::Invalid(e.to_string()))?;
     acks.check().map_err(ProtoError::Invalid)?;
     Ok(acks)
 }
