@@ -60,6 +60,15 @@ impl Role {
     pub fn is_primary(self) -> bool {
         matches!(self, Self::Primary { .. })
     }
+
+    /// The role of `node` when it is not primary of `record`'s volume.
+    fn holder(record: &VolumeRecord, node: NodeId) -> Self {
+        if record.replicas.contains(&node) {
+            Self::Replica
+        } else {
+            Self::AsyncCopy
+        }
+    }
 }
 
 /// A write that failed after it was handed to the replicas: it may be applied (and may become
@@ -121,7 +130,7 @@ impl VolumeReplica {
         let hwm = blocks.high_water_mark(record.id).map_err(VolumeError::internal)?;
         let epoch = super::resync::prepared_epoch(&blocks, record.id)?;
         let seq = Sequencer::new(record.id, record.block_size, blocks.clone(), epoch, hwm + 1);
-        let role = if record.replicas.contains(&node) { Role::Replica } else { Role::AsyncCopy };
+        let role = Role::holder(&record, node);
         let links = Links::new(record.id, ctx.registry.clone());
         let reversal_pending = super::reversal::load(&blocks, record.id)?;
         Ok(Arc::new(Self {
@@ -164,11 +173,11 @@ impl VolumeReplica {
         *self.reversal_pending.lock().expect("reversal lock") = epoch;
     }
 
-    /// Stop ordering writes and serving as primary (before proposing a hand-over): the role a
-    /// host holding the volume otherwise has, with no followers and no streams.
+    /// Stop ordering writes and serving as primary (demoted, or before proposing a hand-over):
+    /// the role a host holding the volume otherwise has, with no followers and no streams.
     pub(crate) fn step_down(&self) {
-        let replica = self.record.lock().expect("record lock").replicas.contains(&self.node);
-        *self.role.lock().expect("role lock") = if replica { Role::Replica } else { Role::AsyncCopy };
+        let role = Role::holder(&self.record.lock().expect("record lock"), self.node);
+        *self.role.lock().expect("role lock") = role;
         self.followers.lock().expect("followers lock").clear();
         self.links.close_all();
     }
@@ -223,10 +232,7 @@ impl VolumeReplica {
             }
         } else if !is_primary && role.is_primary() {
             info!(vol = %self.vol, primary = %record.primary, epoch = record.epoch, "no longer primary");
-            *self.role.lock().expect("role lock") =
-                if record.replicas.contains(&self.node) { Role::Replica } else { Role::AsyncCopy };
-            self.followers.lock().expect("followers lock").clear();
-            self.links.close_all();
+            self.step_down();
         }
         if is_primary {
             self.sync_async_targets(&record, async_targets);
