@@ -147,7 +147,7 @@ pub async fn run(
         proposer.clone(),
         registry.clone(),
         cfg.volume.clone(),
-    );
+    )?;
     let vms = crate::vm::host::VmHost::new(
         crate::vm::host::VmHostHandles {
             view: view.clone(),

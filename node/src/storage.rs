@@ -4,8 +4,9 @@
 //! - the **control** database (`<data-dir>/db/`): the Raft log and vote, the catalog (the state
 //!   machine) and its snapshot. Small, latency-critical writes: a Raft append or vote waits on
 //!   this database's write-ahead log and fsync only.
-//! - the **data** database (`<data-dir>/blocks/`): volume block versions and per-host volume
-//!   metadata. Large writes, big memtables, blob files and compaction.
+//! - the **data** database (`<data-dir>/blocks/`): references to volume block versions and
+//!   per-host volume metadata; the block bytes themselves are in its `extents/` directory
+//!   (`volume::extents`).
 //!
 //! **Architecture Invariant:** no write batch spans both databases. Nothing needs one: blocks
 //! are made durable by their own fsync before a write is acknowledged (`volume::blockstore`),
@@ -183,16 +184,15 @@ impl Store {
 fn cf_options(name: &str) -> Options {
     let mut cf_opts = Options::default();
     if name == CF_BLOCKS {
-        // Values are whole volume blocks (4 KiB): 64 KiB table blocks keep range reads to a few
-        // block-cache lookups per MiB instead of one per volume block (~6x faster 1 MiB reads),
-        // and a cache of our own keeps a working set hot.
+        // Values are 25-byte references into the extent segments (`volume::extents`): a 64 KiB
+        // table block holds about a thousand, so a 1 MiB range read is one block-cache lookup,
+        // and a cache of our own keeps the working set of references hot.
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_size(64 << 10);
         table.set_block_cache(&rocksdb::Cache::new_lru_cache(64 << 20));
         cf_opts.set_block_based_table_factory(&table);
-        // Block contents go to blob files at flush and stay there: compaction rewrites only the
-        // small keys, not every 4 KiB value again at each level (LSM write amplification was
-        // most of the write path's cost). Blob GC reclaims overwritten blocks.
+        // Whole blocks stored inline (stores from before extents, injected corruption) go to blob
+        // files at flush, so compaction does not rewrite them at every level.
         cf_opts.set_enable_blob_files(true);
         cf_opts.set_min_blob_size(1024);
         cf_opts.set_enable_blob_gc(true);

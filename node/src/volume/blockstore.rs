@@ -18,8 +18,10 @@
 //!
 //! All integers are big-endian so that key order is numeric order.
 //!
-//! - `blocks`: `vol(8) | block(8) | seq(8)` → the block's bytes (exactly the block size), or an
-//!   empty value for `Zero`. The versions of one block are adjacent and ascending by seq, and the
+//! - `blocks`: `vol(8) | block(8) | seq(8)` → where the block's bytes are: a 25-byte
+//!   [`ExtentRef`] into the extent segments (`volume::extents`), or an empty value for `Zero`.
+//!   A value of exactly the block size is the bytes themselves (stores written before extents,
+//!   and [`BlockStore::inject_corruption`]); both read the same. The versions of one block are adjacent and ascending by seq, and the
 //!   blocks of one volume are adjacent and ascending, so a range read, a diff or a Merkle tree is
 //!   one forward pass.
 //! - `volume_meta`:
@@ -46,6 +48,16 @@
 //! versions it would need may already have been dropped. Likewise [`BlockStore::rollback`] and
 //! [`BlockStore::changed_blocks`] are exact at snapshot seqs, the high-water mark and `None`.
 //!
+//! # Extents and their garbage
+//!
+//! Block data is appended to segment files, one `pwritev` per apply, before the batch holding its
+//! references is written; a durable write syncs the segments before the WAL (see
+//! `volume::extents` for the invariants). A reference dropped by retention, rollback, truncation
+//! or volume deletion leaves dead bytes behind; [`BlockStore::collect_garbage`] finds sealed
+//! segments no reference points into (one scan of the references under a database snapshot)
+//! and deletes them after a WAL sync, and moves the live blocks out of mostly dead segments.
+//! The background thread of [`BlockStore::start_gc`] runs it once enough has been appended.
+//!
 //! # Concurrency
 //!
 //! Each volume has an in-memory snapshot list behind a `RwLock`. `apply` holds it shared while it
@@ -60,13 +72,16 @@
 //! always pick the newest eligible version, so it is invisible, and the next apply to that block
 //! or the next snapshot delete removes it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::Duration;
 
 use haven_proto::VolumeId;
 use rocksdb::{DBRawIterator, MergeOperands, ReadOptions, WriteBatch};
 
 use crate::storage::{Store, CF_BLOCKS, CF_VOLUME_META};
+use crate::volume::extents::{ExtentError, ExtentRef, SegmentReader, Segments, SEGMENT_BYTES};
 use crate::volume::merkle::{
     block_hash, chunk_count, chunk_hash, chunk_len, zero_block_hash, zero_chunk_hash, Hash, MerkleTree, CHUNK_BLOCKS,
 };
@@ -98,6 +113,32 @@ pub enum BlockStoreError {
     SnapshotConflict { vol: VolumeId, id: u64, existing: u64, requested: u64 },
     #[error("block {block} of {vol} was never written")]
     NotWritten { vol: VolumeId, block: u64 },
+    #[error(transparent)]
+    Extent(#[from] ExtentError),
+}
+
+/// Garbage collection is due once this much has been appended since the last one, or half the
+/// live bytes it found, whichever is more (so its scans stay a small share of the work).
+const GC_MIN_APPENDED_BYTES: u64 = SEGMENT_BYTES;
+/// A sealed segment whose live bytes are below this share of its size has them moved out.
+const GC_SPARSE_PERCENT: u64 = 50;
+/// At most this many live bytes are moved per collection, in batches of [`GC_MOVE_BATCH_BYTES`]
+/// (each holds its volume's snapshot lock, so applies to it wait for one batch at most).
+const GC_MOVE_MAX_BYTES: u64 = 1 << 30;
+const GC_MOVE_BATCH_BYTES: u64 = 4 << 20;
+/// How often the background collector checks whether a collection is due.
+const GC_POLL: Duration = Duration::from_secs(1);
+
+/// What one [`BlockStore::collect_garbage`] found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Bytes of all segments before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Bytes references point at, in every segment.
+    pub live_bytes: u64,
+    pub deleted_segments: usize,
+    pub moved_bytes: u64,
 }
 
 fn corrupt(cf: &'static str, reason: impl Into<String>) -> BlockStoreError {
@@ -205,7 +246,69 @@ struct VolState {
 
 struct Inner {
     store: Store,
+    segs: Segments,
     vols: Mutex<HashMap<VolumeId, Arc<VolState>>>,
+    /// Live bytes the last collection found (what the next one's trigger scales with).
+    last_live_bytes: Mutex<u64>,
+    /// Set by bulk deletions (rollback, truncate, snapshot and volume deletion): collect soon.
+    gc_wanted: std::sync::atomic::AtomicBool,
+}
+
+/// How a stored value of a block version reads.
+enum Stored<'a> {
+    Zero,
+    Inline(&'a [u8]),
+    Extent(ExtentRef),
+}
+
+/// Decode a stored value of `block`@`seq`.
+fn decode_value(value: &[u8], block_size: u32, block: u64, seq: u64) -> Result<Stored<'_>, BlockStoreError> {
+    if value.is_empty() {
+        return Ok(Stored::Zero);
+    }
+    if value.len() == block_size as usize {
+        return Ok(Stored::Inline(value));
+    }
+    match ExtentRef::decode(value) {
+        Some(r) if r.len == block_size => Ok(Stored::Extent(r)),
+        Some(r) => Err(corrupt(
+            CF_BLOCKS,
+            format!("block {block} seq {seq}: extent of {} bytes, block size {block_size}", r.len),
+        )),
+        None => {
+            Err(corrupt(CF_BLOCKS, format!("block {block} seq {seq}: {} bytes, block size {block_size}", value.len())))
+        }
+    }
+}
+
+/// The bytes of a stored value: borrowed when inline, read (and verified) from its segment when an
+/// extent, `None` for Zero.
+fn resolve<'v>(
+    reader: &SegmentReader<'_>,
+    value: &'v [u8],
+    block_size: u32,
+    block: u64,
+    seq: u64,
+) -> Result<Option<Cow<'v, [u8]>>, BlockStoreError> {
+    Ok(match decode_value(value, block_size, block, seq)? {
+        Stored::Zero => None,
+        Stored::Inline(d) => Some(Cow::Borrowed(d)),
+        Stored::Extent(r) => {
+            let mut buf = vec![0u8; r.len as usize];
+            reader.read(&r, &mut buf)?;
+            Some(Cow::Owned(buf))
+        }
+    })
+}
+
+/// A stored value as [`BlockContent`]; a value of unknown block size is taken from its own
+/// length (inline) or reference.
+fn content_of(reader: &SegmentReader<'_>, value: &[u8], block: u64, seq: u64) -> Result<BlockContent, BlockStoreError> {
+    let block_size = ExtentRef::decode(value).map_or(value.len() as u32, |r| r.len);
+    Ok(match resolve(reader, value, block_size, block, seq)? {
+        None => BlockContent::Zero,
+        Some(d) => BlockContent::Data(d.into_owned()),
+    })
 }
 
 /// The block store of this host. Cheap to clone.
@@ -291,14 +394,6 @@ fn decode_u64(cf: &'static str, what: &str, v: &[u8]) -> Result<u64, BlockStoreE
     Ok(u64::from_be_bytes(b))
 }
 
-fn check_len(value: &[u8], block_size: u32, block: u64, seq: u64) -> Result<(), BlockStoreError> {
-    if value.is_empty() || value.len() == block_size as usize {
-        Ok(())
-    } else {
-        Err(corrupt(CF_BLOCKS, format!("block {block} seq {seq}: {} bytes, block size {block_size}", value.len())))
-    }
-}
-
 fn check_block_size(block_size: u32) -> Result<(), BlockStoreError> {
     if block_size == 0 {
         return Err(BlockStoreError::InvalidRequest("block size 0".into()));
@@ -327,9 +422,83 @@ pub(crate) fn hwm_merge_values<'a>(values: impl Iterator<Item = &'a [u8]>) -> Ve
     max.to_be_bytes().to_vec()
 }
 
+/// Fill the slots of `out` (`bs` bytes each) that have an extent, reading runs that are
+/// contiguous both in `out` and in one segment with one read, then verifying each block.
+fn read_extent_runs(
+    reader: &SegmentReader<'_>,
+    extents: &[Option<ExtentRef>],
+    bs: usize,
+    out: &mut [u8],
+) -> Result<(), BlockStoreError> {
+    let mut i = 0;
+    while i < extents.len() {
+        let Some(first) = extents[i] else {
+            i += 1;
+            continue;
+        };
+        let mut end = i + 1;
+        while let Some(Some(next)) = extents.get(end) {
+            let prev = extents[end - 1].expect("in the run");
+            if next.seg != first.seg || next.offset != prev.end() {
+                break;
+            }
+            end += 1;
+        }
+        let run = &mut out[i * bs..end * bs];
+        reader.read_raw(first.seg, first.offset, run)?;
+        for (r, block) in extents[i..end].iter().zip(run.chunks_exact(bs)) {
+            crate::volume::extents::verify(&r.expect("in the run"), block)?;
+        }
+        i = end;
+    }
+    Ok(())
+}
+
+/// The Merkle block hash of a stored value. An extent is hashed as read, unverified: a block whose
+/// bytes went bad hashes differently, which is how a scrub finds and repairs it.
+fn stored_hash(
+    reader: &SegmentReader<'_>,
+    value: &[u8],
+    block_size: u32,
+    block: u64,
+    seq: u64,
+    zero: Hash,
+    buf: &mut Vec<u8>,
+) -> Result<Hash, BlockStoreError> {
+    Ok(match decode_value(value, block_size, block, seq)? {
+        Stored::Zero => zero,
+        Stored::Inline(d) => block_hash(d),
+        Stored::Extent(r) => {
+            buf.resize(r.len as usize, 0);
+            reader.read_raw(r.seg, r.offset, buf)?;
+            block_hash(buf)
+        }
+    })
+}
+
 impl BlockStore {
-    pub fn new(store: Store) -> Self {
-        Self { inner: Arc::new(Inner { store, vols: Mutex::new(HashMap::new()) }) }
+    /// Open the block store of the database `store`; its extent segments live in the database's
+    /// directory under `extents/` (RocksDB ignores files it did not name).
+    pub fn open(store: Store) -> Result<Self, BlockStoreError> {
+        Self::open_with(store, SEGMENT_BYTES)
+    }
+
+    /// [`Self::open`] with segments sealed at `segment_bytes` (tests use tiny ones).
+    pub(crate) fn open_with(store: Store, segment_bytes: u64) -> Result<Self, BlockStoreError> {
+        let segs = Segments::open(&store.db().path().join("extents"), segment_bytes)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                segs,
+                vols: Mutex::new(HashMap::new()),
+                last_live_bytes: Mutex::new(0),
+                gc_wanted: Default::default(),
+            }),
+        })
+    }
+
+    fn segs(&self) -> &Segments {
+        &self.inner.segs
     }
 
     fn store(&self) -> &Store {
@@ -413,14 +582,21 @@ impl BlockStore {
         it
     }
 
+    /// Write `batch`; `durable` syncs the extent segments and then the WAL (data before the
+    /// references to it, see `volume::extents`).
     fn write(&self, batch: WriteBatch, durable: bool) -> Result<(), BlockStoreError> {
+        if durable {
+            self.segs().sync_dirty()?;
+        }
         let opts = if durable { Store::durable() } else { Store::relaxed() };
         Ok(self.store().db().write_opt(batch, &opts)?)
     }
 
-    /// Make every block write applied so far durable (fsync the block database's WAL; the
-    /// catalog's is another file, see `storage`).
+    /// Make every block write applied so far durable: fsync the extent segments written since
+    /// their last sync, then the block database's WAL (the catalog's is another file, see
+    /// `storage`).
     pub fn sync(&self) -> Result<(), BlockStoreError> {
+        self.segs().sync_dirty()?;
         Ok(self.store().db().flush_wal(true)?)
     }
 
@@ -590,6 +766,9 @@ impl BlockStore {
             // (seq, index into `writes` if written now, already stored)
             let mut versions: Vec<(u64, Option<usize>, bool)> = Vec::new();
             let mut seqs: Vec<u64> = Vec::new();
+            // Data versions to store: (block, seq, index into `writes`); their bytes are appended
+            // to the extent segments in one run once the whole call is decided.
+            let mut data_puts: Vec<(u64, u64, usize)> = Vec::new();
             let mut start = 0;
             while start < deduped.len() {
                 let block = writes[deduped[start]].block;
@@ -637,7 +816,7 @@ impl BlockStore {
                     let (seq, new, stored) = versions[idx];
                     match (needed, new) {
                         (true, Some(i)) => match &writes[i].content {
-                            BlockContent::Data(d) => batch.put_cf(blocks_cf, block_key(vol, block, seq), d),
+                            BlockContent::Data(_) => data_puts.push((block, seq, i)),
                             BlockContent::Zero => batch.put_cf(blocks_cf, block_key(vol, block, seq), b""),
                         },
                         (false, _) if stored => batch.delete_cf(blocks_cf, block_key(vol, block, seq)),
@@ -646,6 +825,24 @@ impl BlockStore {
                 });
             }
             drop(it);
+            let bufs: Vec<&[u8]> = data_puts
+                .iter()
+                .map(|&(_, _, i)| match &writes[i].content {
+                    BlockContent::Data(d) => d.as_slice(),
+                    BlockContent::Zero => unreachable!("only Data versions are appended"),
+                })
+                .collect();
+            // The guard keeps the segment from looking idle to the collector until the batch
+            // holding the references is written.
+            let (refs, _appending) = if bufs.is_empty() {
+                (Vec::new(), None)
+            } else {
+                let (refs, guard) = self.segs().append(&bufs)?;
+                (refs, Some(guard))
+            };
+            for (&(block, seq, _), r) in data_puts.iter().zip(&refs) {
+                batch.put_cf(blocks_cf, block_key(vol, block, seq), r.encode());
+            }
             batch.merge_cf(store.cf(CF_VOLUME_META), hwm_key(vol), max_seq.min(hwm_cap).to_be_bytes());
             self.write(batch, durable)
         })
@@ -718,27 +915,34 @@ impl BlockStore {
         if count == 0 {
             return Ok(out);
         }
+        // Held before the iterator exists, so no segment it finds a reference into is deleted
+        // before it is read.
+        let reader = self.segs().reader();
         let mut it = self.block_iter(vol, first, end);
+        // The newest visible extent of each slot; read after the pass, in runs.
+        let mut extents: Vec<Option<ExtentRef>> = vec![None; count as usize];
         // Versions of a block come oldest first: each visible one overwrites the previous, so
         // the slot ends up holding the newest visible version.
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let (block, seq) = parse_block_key(vol, k)?;
             if at.is_none_or(|at| seq <= at) {
-                check_len(v, block_size, block, seq)?;
                 if block < first || end.is_some_and(|end| block >= end) {
                     return Err(corrupt(CF_BLOCKS, format!("block {block} outside iterated range")));
                 }
-                let off = (block - first) as usize * bs;
-                let slot = &mut out[off..off + bs];
-                if v.is_empty() {
-                    slot.fill(0);
-                } else {
-                    slot.copy_from_slice(v);
+                let i = (block - first) as usize;
+                let slot = &mut out[i * bs..(i + 1) * bs];
+                extents[i] = None;
+                match decode_value(v, block_size, block, seq)? {
+                    Stored::Zero => slot.fill(0),
+                    Stored::Inline(d) => slot.copy_from_slice(d),
+                    Stored::Extent(r) => extents[i] = Some(r),
                 }
             }
             it.next();
         }
         it.status()?;
+        drop(it);
+        read_extent_runs(&reader, &extents, bs, &mut out)?;
         Ok(out)
     }
 
@@ -754,6 +958,7 @@ impl BlockStore {
             Some(next) => blocks_upper(vol, Some(next)),
             None => blocks_upper(vol, None),
         };
+        let reader = self.segs().reader();
         let mut it = self.iter(CF_BLOCKS, lower, upper);
         it.seek_for_prev(block_key(vol, block, at.unwrap_or(u64::MAX)));
         let found = match (it.key(), it.value()) {
@@ -762,8 +967,7 @@ impl BlockStore {
                 if b != block {
                     return Err(corrupt(CF_BLOCKS, format!("found block {b} looking for {block}")));
                 }
-                let content = if v.is_empty() { BlockContent::Zero } else { BlockContent::Data(v.to_vec()) };
-                Some((seq, content))
+                Some((seq, content_of(&reader, v, block, seq)?))
             }
             _ => None,
         };
@@ -784,6 +988,7 @@ impl BlockStore {
             Some(next) => blocks_upper(vol, Some(next)),
             None => blocks_upper(vol, None),
         };
+        let reader = self.segs().reader();
         let mut it = self.iter(CF_BLOCKS, lower.clone(), upper);
         it.seek(&lower);
         let mut out = Vec::new();
@@ -792,7 +997,7 @@ impl BlockStore {
             if b != block {
                 return Err(corrupt(CF_BLOCKS, format!("found block {b} looking for {block}")));
             }
-            out.push((seq, if v.is_empty() { BlockContent::Zero } else { BlockContent::Data(v.to_vec()) }));
+            out.push((seq, content_of(&reader, v, block, seq)?));
             it.next();
         }
         it.status()?;
@@ -843,6 +1048,7 @@ impl BlockStore {
     /// Forget snapshot `id` and delete the versions only it needed, durably (one pass over the
     /// volume's keys unless another snapshot shares its seq). Returns whether it existed.
     pub fn snapshot_delete(&self, vol: VolumeId, id: u64) -> Result<bool, BlockStoreError> {
+        self.want_gc();
         self.with_snapshots_mut(vol, |snaps| {
             let Some(pos) = snaps.list.iter().position(|s| s.id == id) else {
                 return Ok(false);
@@ -894,6 +1100,7 @@ impl BlockStore {
     /// the high-water mark to `to_seq`, durably. Returns the affected blocks ascending. The view
     /// at `to_seq` is exact when `to_seq` is a local snapshot's seq (or ≥ the high-water mark).
     pub fn rollback(&self, vol: VolumeId, to_seq: u64) -> Result<Vec<u64>, BlockStoreError> {
+        self.want_gc();
         self.with_snapshots_mut(vol, |snaps| {
             let store = self.store();
             let blocks_cf = store.cf(CF_BLOCKS);
@@ -927,6 +1134,7 @@ impl BlockStore {
     /// go first, then blocks (each block's collapse is atomic, so the current view is intact at
     /// every point), then the high-water mark; an interrupted rebase can simply be repeated.
     pub fn rebase(&self, vol: VolumeId) -> Result<(), BlockStoreError> {
+        self.want_gc();
         self.with_snapshots_mut(vol, |snaps| {
             let store = self.store();
             let blocks_cf = store.cf(CF_BLOCKS);
@@ -1000,8 +1208,10 @@ impl BlockStore {
         };
         // The chunk being filled and its block hashes.
         let mut current: Option<(u64, Vec<Hash>)> = None;
+        let reader = self.segs().reader();
+        let mut buf = Vec::new();
         self.scan_view(vol, 0, Some(size_blocks), at, |block, seq, value| {
-            check_len(value, block_size, block, seq)?;
+            let hash = stored_hash(&reader, value, block_size, block, seq, zero, &mut buf)?;
             let chunk = block / CHUNK_BLOCKS;
             if current.as_ref().is_none_or(|(c, _)| *c != chunk) {
                 if let Some((_, hashes)) = current.take() {
@@ -1014,7 +1224,7 @@ impl BlockStore {
                 let slot = hashes
                     .get_mut((block % CHUNK_BLOCKS) as usize)
                     .ok_or_else(|| corrupt(CF_BLOCKS, format!("block {block} beyond {size_blocks}")))?;
-                *slot = if value.is_empty() { zero } else { block_hash(value) };
+                *slot = hash;
             }
             Ok(())
         })?;
@@ -1043,13 +1253,15 @@ impl BlockStore {
             return Ok(hashes);
         }
         let first = chunk * CHUNK_BLOCKS;
+        let reader = self.segs().reader();
+        let mut buf = Vec::new();
         self.scan_view(vol, first, Some(first + len), at, |block, seq, value| {
-            check_len(value, block_size, block, seq)?;
+            let hash = stored_hash(&reader, value, block_size, block, seq, zero, &mut buf)?;
             let slot = block
                 .checked_sub(first)
                 .and_then(|i| hashes.get_mut(i as usize))
                 .ok_or_else(|| corrupt(CF_BLOCKS, format!("block {block} outside chunk {chunk}")))?;
-            *slot = if value.is_empty() { zero } else { block_hash(value) };
+            *slot = hash;
             Ok(())
         })?;
         Ok(hashes)
@@ -1082,6 +1294,7 @@ impl BlockStore {
 
     /// Drop blocks ≥ `new_size_blocks` (all versions), durably.
     pub fn truncate(&self, vol: VolumeId, new_size_blocks: u64) -> Result<(), BlockStoreError> {
+        self.want_gc();
         self.with_snapshots_mut(vol, |_| {
             let mut batch = WriteBatch::default();
             self.delete_range(
@@ -1096,6 +1309,7 @@ impl BlockStore {
 
     /// Remove everything of `vol`: blocks, snapshots, high-water mark and metadata. Durable.
     pub fn delete_volume(&self, vol: VolumeId) -> Result<(), BlockStoreError> {
+        self.want_gc();
         self.with_snapshots_mut(vol, |snaps| {
             let prefix = vol_prefix(vol);
             let mut batch = WriteBatch::default();
@@ -1130,6 +1344,174 @@ impl BlockStore {
             batch.put_cf(store.cf(CF_BLOCKS), block_key(vol, block, seq), data);
             self.write(batch, true)
         })
+    }
+
+    /// Reclaim extent space: delete the sealed segments no reference points into, and move the
+    /// live blocks out of mostly dead ones (at most [`GC_MOVE_MAX_BYTES`] per call), deleting
+    /// those too once emptied. Safe to run beside every other operation (module doc).
+    pub fn collect_garbage(&self) -> Result<GcReport, BlockStoreError> {
+        self.inner.gc_wanted.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.segs().take_appended_bytes();
+        let bytes_before = self.segs().total_bytes();
+        let mut report = GcReport { bytes_before, ..GcReport::default() };
+        let sparse = self.sweep(&mut report)?;
+        if !sparse.is_empty() {
+            report.moved_bytes = self.move_live_blocks(&sparse)?;
+            self.sweep(&mut report)?;
+        }
+        report.bytes_after = self.segs().total_bytes();
+        *self.inner.last_live_bytes.lock().unwrap_or_else(PoisonError::into_inner) = report.live_bytes;
+        metrics::gauge!("haven_extent_bytes", "kind" => "total").set(report.bytes_after as f64);
+        metrics::gauge!("haven_extent_bytes", "kind" => "live").set(report.live_bytes as f64);
+        Ok(report)
+    }
+
+    /// One mark pass: counts the live bytes of each idle sealed segment under a database snapshot,
+    /// deletes those with none (after a sync, so that no dropped reference can come back), and
+    /// returns the sparse ones.
+    fn sweep(&self, report: &mut GcReport) -> Result<BTreeSet<u64>, BlockStoreError> {
+        // Taken before the snapshot: every reference into these segments is committed by now.
+        let idle: BTreeMap<u64, u64> = self.segs().sealed_idle().into_iter().collect();
+        if idle.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        let db = self.store().db();
+        let snap = db.snapshot();
+        let mut it = snap.raw_iterator_cf(self.store().cf(CF_BLOCKS));
+        it.seek_to_first();
+        while let Some(v) = it.value() {
+            if let Some(r) = ExtentRef::decode(v) {
+                *live.entry(r.seg).or_default() += u64::from(r.len);
+            }
+            it.next();
+        }
+        it.status()?;
+        drop(it);
+        drop(snap);
+        let dead: Vec<u64> = idle.keys().copied().filter(|s| !live.contains_key(s)).collect();
+        if !dead.is_empty() {
+            // The deletions of their last references must not be undone by a power loss.
+            self.sync()?;
+            self.segs().delete(&dead)?;
+            report.deleted_segments += dead.len();
+        }
+        report.live_bytes = live.values().sum();
+        let mut budget = GC_MOVE_MAX_BYTES;
+        let mut sparse = BTreeSet::new();
+        for (&seg, &size) in &idle {
+            let l = live.get(&seg).copied().unwrap_or(0);
+            if l > 0 && l * 100 < size * GC_SPARSE_PERCENT && l <= budget {
+                budget -= l;
+                sparse.insert(seg);
+            }
+        }
+        Ok(sparse)
+    }
+
+    /// Copy the live blocks of the `sparse` segments to the active segment and repoint their
+    /// references; returns the bytes moved. Each batch holds its volume's snapshot lock, so no
+    /// apply, rollback or deletion changes a reference between its check and its rewrite.
+    fn move_live_blocks(&self, sparse: &BTreeSet<u64>) -> Result<u64, BlockStoreError> {
+        let mut by_vol: BTreeMap<u64, Vec<(Vec<u8>, ExtentRef)>> = BTreeMap::new();
+        let mut it = self.iter(CF_BLOCKS, Vec::new(), None);
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if let (Some(r), Some(vol)) = (ExtentRef::decode(v), k.get(..8)) {
+                if sparse.contains(&r.seg) {
+                    let vol = u64::from_be_bytes(vol.try_into().expect("8 bytes"));
+                    by_vol.entry(vol).or_default().push((k.to_vec(), r));
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        drop(it);
+        let mut moved = 0u64;
+        for (vol, refs) in by_vol {
+            let mut batch_start = 0;
+            while batch_start < refs.len() {
+                let mut end = batch_start;
+                let mut bytes = 0u64;
+                while end < refs.len() && bytes < GC_MOVE_BATCH_BYTES {
+                    bytes += u64::from(refs[end].1.len);
+                    end += 1;
+                }
+                moved += self.with_snapshots_mut(VolumeId(vol), |_| self.move_batch(&refs[batch_start..end]))?;
+                batch_start = end;
+            }
+        }
+        // Before any sweep deletes the old segments, the copies and new references are durable.
+        self.sync()?;
+        Ok(moved)
+    }
+
+    /// Move one batch of references (their volume's snapshot lock held): those still pointing
+    /// where the scan saw them get a copy of their bytes, checksum kept as it was (a block that
+    /// went bad stays detectably bad).
+    fn move_batch(&self, refs: &[(Vec<u8>, ExtentRef)]) -> Result<u64, BlockStoreError> {
+        let store = self.store();
+        let blocks_cf = store.cf(CF_BLOCKS);
+        let current = store.db().batched_multi_get_cf(blocks_cf, refs.iter().map(|(k, _)| k), false);
+        let mut keep: Vec<(&[u8], ExtentRef)> = Vec::new();
+        for ((key, r), now) in refs.iter().zip(current) {
+            if now?.is_some_and(|v| ExtentRef::decode(&v) == Some(*r)) {
+                keep.push((key, *r));
+            }
+        }
+        let mut datas: Vec<Vec<u8>> = Vec::with_capacity(keep.len());
+        {
+            let reader = self.segs().reader();
+            for (_, r) in &keep {
+                let mut buf = vec![0u8; r.len as usize];
+                reader.read_raw(r.seg, r.offset, &mut buf)?;
+                datas.push(buf);
+            }
+        }
+        let bufs: Vec<&[u8]> = datas.iter().map(Vec::as_slice).collect();
+        if bufs.is_empty() {
+            return Ok(0);
+        }
+        let (new_refs, _appending) = self.segs().append(&bufs)?;
+        let mut batch = WriteBatch::default();
+        let mut moved = 0;
+        for ((key, old), new) in keep.iter().zip(new_refs) {
+            batch.put_cf(blocks_cf, key, ExtentRef { crc: old.crc, ..new }.encode());
+            moved += u64::from(old.len);
+        }
+        self.write(batch, false)?;
+        Ok(moved)
+    }
+
+    /// Whether a collection is due: enough appended since the last one (scaled with the live
+    /// bytes it found), or a bulk deletion since.
+    pub fn gc_due(&self) -> bool {
+        let last_live = *self.inner.last_live_bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        self.inner.gc_wanted.load(std::sync::atomic::Ordering::Relaxed)
+            || self.segs().appended_bytes() >= GC_MIN_APPENDED_BYTES.max(last_live / 2)
+    }
+
+    fn want_gc(&self) {
+        self.inner.gc_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Start the background collector: a thread that runs [`Self::collect_garbage`] whenever
+    /// [`Self::gc_due`], and ends once every other handle on this store is dropped.
+    pub fn start_gc(&self) -> std::io::Result<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        std::thread::Builder::new().name("haven-extent-gc".into()).spawn(move || loop {
+            std::thread::sleep(GC_POLL);
+            let Some(inner) = weak.upgrade() else { return };
+            let store = BlockStore { inner };
+            if !store.gc_due() {
+                continue;
+            }
+            match store.collect_garbage() {
+                Ok(r) => tracing::debug!(?r, "extent garbage collected"),
+                Err(e) => tracing::warn!(error = %e, "extent garbage collection failed"),
+            }
+        })?;
+        Ok(())
     }
 
     /// A per-volume metadata value.
@@ -1183,11 +1565,13 @@ mod tests {
 
     const BS: u32 = 512;
     const VOL: VolumeId = VolumeId(7);
+    const TEST_SEGMENT_BYTES: u64 = 4096;
 
     fn open() -> (tempfile::TempDir, BlockStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        (dir, BlockStore::new(store))
+        // Tiny segments: every test rolls through several, and collections have work to do.
+        (dir, BlockStore::open_with(store, TEST_SEGMENT_BYTES).unwrap())
     }
 
     fn data(bs: u32, fill: u8) -> BlockContent {
@@ -1252,7 +1636,7 @@ mod tests {
         // Everything survives a reopen (snapshots reloaded lazily).
         let path = _d.path().to_owned();
         drop(s);
-        let s = BlockStore::new(Store::open(&path).unwrap());
+        let s = BlockStore::open_with(Store::open(&path).unwrap(), TEST_SEGMENT_BYTES).unwrap();
         assert_eq!(s.read(VOL, BS, 0, 4, Some(2)).unwrap(), expect(BS, &[0xA, 0xB, 0, 0]));
         assert_eq!(s.snapshots(VOL).unwrap(), vec![LocalSnapshot { id: 1, seq: 2 }]);
         assert_eq!(s.high_water_mark(VOL).unwrap(), 5);
@@ -1649,6 +2033,109 @@ mod tests {
         assert_eq!(keys(&s, VOL), (0..8).map(|b| (b, max + 1)).collect::<Vec<_>>());
     }
 
+    #[test]
+    fn overwritten_extents_are_reclaimed_and_every_view_survives() {
+        let (d, s) = open();
+        // 16 blocks, each rewritten 20 times: 320 extents of 512 bytes over 8-block segments.
+        for round in 1..=20u64 {
+            let writes: Vec<_> = (0..16).map(|b| w(b, round * 100 + b, round as u8)).collect();
+            s.apply(VOL, BS, &writes[..8], false).unwrap();
+            s.apply(VOL, BS, &writes[8..], false).unwrap();
+            if round == 5 {
+                s.snapshot_create(VOL, 1, s.high_water_mark(VOL).unwrap()).unwrap();
+            }
+        }
+        let before = s.segs().segment_count();
+        let r = s.collect_garbage().unwrap();
+        assert!(r.deleted_segments > 0 && r.bytes_after < r.bytes_before, "{r:?}");
+        // Live: 16 current blocks and 16 kept for the snapshot, in at most a few segments.
+        assert!(s.segs().segment_count() < before / 4, "{} of {before} segments left", s.segs().segment_count());
+        assert_eq!(r.live_bytes, 32 * u64::from(BS), "{r:?}");
+        assert_eq!(s.read(VOL, BS, 0, 16, None).unwrap(), expect(BS, &[20; 16]));
+        let snap = s.snapshots(VOL).unwrap()[0].seq;
+        assert_eq!(s.read(VOL, BS, 0, 16, Some(snap)).unwrap(), expect(BS, &[5; 16]));
+        // Deleting the snapshot frees its blocks at the next collection.
+        s.snapshot_delete(VOL, 1).unwrap();
+        assert!(s.gc_due());
+        let r = s.collect_garbage().unwrap();
+        assert_eq!(r.live_bytes, 16 * u64::from(BS), "{r:?}");
+        // And a reopened store reads the same (references survive, old segments stay gone).
+        let path = d.path().to_owned();
+        drop(s);
+        let s = BlockStore::open_with(Store::open(&path).unwrap(), TEST_SEGMENT_BYTES).unwrap();
+        assert_eq!(s.read(VOL, BS, 0, 16, None).unwrap(), expect(BS, &[20; 16]));
+    }
+
+    #[test]
+    fn sparse_segments_have_their_live_blocks_moved_and_checksums_kept() {
+        let (_d, s) = open();
+        // One full segment of 8 blocks; then 6 of them overwritten: 2 live of 8 (25%).
+        s.apply(VOL, BS, &(0..8).map(|b| w(b, 1, 0xA0 + b as u8)).collect::<Vec<_>>(), false).unwrap();
+        s.apply(VOL, BS, &(0..6).map(|b| w(b, 2, 0xB0 + b as u8)).collect::<Vec<_>>(), false).unwrap();
+        // Corrupt a live block of the sparse segment on disk: it must stay detectably bad.
+        let Stored::Extent(r7) = decode_value(&raw_value(&s, 7, 1), BS, 7, 1).unwrap() else { panic!("not an extent") };
+        s.segs().overwrite(r7.seg, r7.offset, &[0xFF; 4]).unwrap();
+        s.apply(VOL, BS, &[w(9, 3, 1)], false).unwrap(); // seals the first segments
+        let r = s.collect_garbage().unwrap();
+        assert_eq!(r.moved_bytes, 2 * u64::from(BS), "{r:?}");
+        assert!(ExtentRef::decode(&raw_value(&s, 6, 1)).unwrap().seg != r7.seg, "block 6 moved");
+        assert_eq!(s.read(VOL, BS, 6, 1, None).unwrap(), expect(BS, &[0xA6]));
+        assert!(matches!(s.read(VOL, BS, 7, 1, None), Err(BlockStoreError::Extent(ExtentError::Checksum { .. }))));
+        // The Merkle hash of the bad block is that of its bytes as stored, so a scrub sees it differ.
+        let hashes = s.chunk_block_hashes(VOL, BS, 16, 0, None).unwrap();
+        assert_ne!(hashes[7], block_hash(&vec![0xA7; BS as usize]));
+        assert_eq!(hashes[6], block_hash(&vec![0xA6; BS as usize]));
+    }
+
+    #[test]
+    fn collections_beside_writers_and_readers_change_no_view() {
+        let (_d, s) = open();
+        const ROUNDS: u64 = 200;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let writer = s.clone();
+            let done = &done;
+            scope.spawn(move || {
+                for r in 1..=ROUNDS {
+                    let writes: Vec<_> = (0..4).map(|b| w(b + (r % 4) * 4, r, (r % 251) as u8)).collect();
+                    writer.apply(VOL, BS, &writes, false).unwrap();
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            let gc = s.clone();
+            scope.spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    gc.collect_garbage().unwrap();
+                }
+            });
+            let reader = s.clone();
+            scope.spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Every block reads as some round's fill, whole: never torn, never an error.
+                    let data = reader.read(VOL, BS, 0, 16, None).unwrap();
+                    for block in data.chunks(BS as usize) {
+                        assert!(block.iter().all(|&x| x == block[0]), "a torn block");
+                    }
+                }
+            });
+        });
+        for group in 0..4u64 {
+            // The last round that wrote group g is the largest r ≤ ROUNDS with r % 4 == g.
+            let last = (1..=ROUNDS).filter(|r| r % 4 == group).max().unwrap();
+            let got = s.read(VOL, BS, group * 4, 4, None).unwrap();
+            assert_eq!(got, expect(BS, &[(last % 251) as u8; 4]));
+        }
+        s.collect_garbage().unwrap();
+        let r = s.collect_garbage().unwrap();
+        assert_eq!(r.live_bytes, 16 * u64::from(BS), "{r:?}");
+    }
+
+    /// The raw stored value of `block`@`seq` of VOL.
+    fn raw_value(s: &BlockStore, block: u64, seq: u64) -> Vec<u8> {
+        let store = s.store();
+        store.db().get_cf(store.cf(CF_BLOCKS), block_key(VOL, block, seq)).unwrap().expect("stored")
+    }
+
     // ---- model-based property test ----
 
     const PBS: u32 = 64;
@@ -1669,6 +2156,8 @@ mod tests {
         Zero(u64, u64),
         /// Re-apply a range zeroing from the model's history (a retried or replayed write).
         DupZero(usize),
+        /// Collect extent garbage (the views must not change).
+        Gc,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1684,6 +2173,7 @@ mod tests {
             1 => any::<usize>().prop_map(Op::Rollback),
             3 => (0..PSIZE, 1..=PSIZE).prop_map(|(first, count)| Op::Zero(first, count.min(PSIZE - first))),
             1 => any::<usize>().prop_map(Op::DupZero),
+            2 => Just(Op::Gc),
         ]
     }
 
@@ -1833,6 +2323,9 @@ mod tests {
                         }
                         m.hwm = m.hwm.max(range.seq);
                         m.zeroes.push(range);
+                    }
+                    Op::Gc => {
+                        s.collect_garbage().unwrap();
                     }
                     Op::DupZero(i) => {
                         if !m.zeroes.is_empty() {

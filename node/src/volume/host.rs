@@ -74,15 +74,16 @@ impl VolumeHost {
         proposer: Proposer,
         registry: ActorRegistry,
         tunables: VolumeTunables,
-    ) -> Arc<Self> {
-        let blocks = BlockStore::new(block_db);
-        Arc::new_cyclic(|host| Self {
+    ) -> Result<Arc<Self>, VolumeError> {
+        let blocks = BlockStore::open(block_db).map_err(VolumeError::internal)?;
+        blocks.start_gc().map_err(|e| VolumeError::internal(format!("starting the extent collector: {e}")))?;
+        Ok(Arc::new_cyclic(|host| Self {
             node,
             ctx: VolumeCtx { store, proposer, registry, lease_wake: Arc::default(), host: host.clone() },
             blocks,
             tunables,
             engines: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     /// The catalog, as this node has applied it.

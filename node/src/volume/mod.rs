@@ -17,6 +17,7 @@ pub mod blockstore;
 pub mod core;
 pub mod error;
 pub mod export;
+pub mod extents;
 pub mod host;
 pub mod integrity;
 pub mod merkle;
