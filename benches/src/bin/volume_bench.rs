@@ -74,6 +74,10 @@ struct Args {
     /// NBD: measured seconds per fio job and server (default 8; 2 with --quick).
     #[arg(long)]
     fio_secs: Option<u64>,
+    /// NBD: only these fio jobs, comma separated, by name as in the table (e.g.
+    /// "write 1M d16,read 1M d16"; default: all). Targets of jobs not run are not reported.
+    #[arg(long, value_delimiter = ',')]
+    jobs: Vec<String>,
     /// Sync: 4 KiB writes per volume (default 2000; 400 with --quick).
     #[arg(long)]
     sync_writes: Option<u64>,
@@ -106,6 +110,7 @@ struct Args {
 struct Sizes {
     fio_bytes: u64,
     fio_secs: u64,
+    fio_jobs: Vec<FioJob>,
     sync_writes: u64,
     resync_blocks: u64,
     resync_changed: u64,
@@ -119,6 +124,10 @@ impl Sizes {
         Self {
             fio_bytes: pick(a.fio_mib, 512, 128).max(16) * MIB,
             fio_secs: pick(a.fio_secs, 8, 2).max(1),
+            fio_jobs: fio_jobs()
+                .into_iter()
+                .filter(|j| a.jobs.is_empty() || a.jobs.iter().any(|n| n == j.name))
+                .collect(),
             sync_writes: pick(a.sync_writes, 2000, 400).max(10),
             resync_blocks: pick(a.resync_blocks, 4096, 1024).max(1),
             resync_changed: pick(a.resync_changed, 1000, 200).max(1),
@@ -339,7 +348,7 @@ async fn part_nbd(ctx: &Ctx, s: &Sizes, run: FioRun) -> anyhow::Result<PartOut> 
     let mut rows: Vec<JobRows> = Vec::new();
     let measured = async {
         fill_all(&servers, size).await?;
-        for job in fio_jobs() {
+        for &job in &s.fio_jobs {
             eprintln!("volume_bench: nbd: {} ({} s on each of {} servers)", job.name, run.seconds, servers.len());
             let mut r = JobRows { job, results: Vec::new() };
             for server in &servers {
@@ -1126,6 +1135,10 @@ async fn main() {
 }
 
 async fn run(args: &Args) -> anyhow::Result<i32> {
+    for j in &args.jobs {
+        let names: Vec<&str> = fio_jobs().iter().map(|j| j.name).collect();
+        anyhow::ensure!(names.contains(&j.as_str()), "unknown fio job {j:?}; jobs are {}", names.join(", "));
+    }
     for p in &args.parts {
         anyhow::ensure!(PARTS.contains(&p.as_str()), "unknown part {p:?}; parts are {}", PARTS.join(", "));
     }

@@ -124,13 +124,20 @@ pub struct Segments {
 }
 
 /// An append whose references are not yet committed: keeps its segment from counting as idle
-/// ([`Segments::sealed_idle`]) until dropped, which the caller does after its database write.
-pub struct AppendGuard<'a> {
-    segs: &'a Segments,
+/// ([`Segments::sealed_idle`]) until dropped, which the holder does after its database write
+/// (or once it gave the write up: its bytes are then garbage).
+pub struct AppendGuard {
+    segs: Arc<Segments>,
     seg: u64,
 }
 
-impl Drop for AppendGuard<'_> {
+impl std::fmt::Debug for AppendGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AppendGuard({:016x})", self.seg)
+    }
+}
+
+impl Drop for AppendGuard {
     fn drop(&mut self) {
         let mut in_flight = self.segs.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = in_flight.get_mut(&self.seg) {
@@ -225,10 +232,10 @@ impl Segments {
 
     /// Append `bufs` as one contiguous run with one `pwritev`; returns one reference per buffer
     /// and a guard to drop once the references are committed (or abandoned).
-    pub fn append(&self, bufs: &[&[u8]]) -> Result<(Vec<ExtentRef>, AppendGuard<'_>), ExtentError> {
+    pub fn append(self: &Arc<Self>, bufs: &[&[u8]]) -> Result<(Vec<ExtentRef>, AppendGuard), ExtentError> {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let (seg, file, start) = self.reserve(total)?;
-        let guard = AppendGuard { segs: self, seg };
+        let guard = AppendGuard { segs: self.clone(), seg };
         let path = || self.dir.join(segment_name(seg));
         pwritev_all(&file, start, bufs).map_err(|e| io_err(&path(), e))?;
         self.dirty.lock().unwrap_or_else(PoisonError::into_inner).insert(seg);
@@ -404,7 +411,7 @@ mod tests {
     #[test]
     fn appends_read_back_verified_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let segs = Segments::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
         let a = vec![0xA5u8; 4096];
         let b = vec![0x5Au8; 512];
         let (refs, guard) = segs.append(&[&a, &b]).unwrap();
@@ -413,7 +420,7 @@ mod tests {
         segs.sync_dirty().unwrap();
         drop(segs);
 
-        let segs = Segments::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
         let mut buf = vec![0u8; 4096];
         segs.reader().read(&refs[0], &mut buf).unwrap();
         assert_eq!(buf, a);
@@ -428,7 +435,7 @@ mod tests {
     #[test]
     fn corruption_and_missing_segments_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let segs = Segments::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), SEGMENT_BYTES).unwrap());
         let (refs, _g) = segs.append(&[&[7u8; 512]]).unwrap();
         segs.overwrite(refs[0].seg, refs[0].offset + 10, &[8]).unwrap();
         let mut buf = vec![0u8; 512];
@@ -442,7 +449,7 @@ mod tests {
     #[test]
     fn segments_roll_and_only_idle_sealed_ones_are_offered_for_deletion() {
         let dir = tempfile::tempdir().unwrap();
-        let segs = Segments::open(dir.path(), 4096).unwrap();
+        let segs = Arc::new(Segments::open(dir.path(), 4096).unwrap());
         let big = vec![1u8; 2049];
         let (r1, g1) = segs.append(&[&big]).unwrap();
         let (r2, g2) = segs.append(&[&big]).unwrap();

@@ -543,6 +543,35 @@ impl VolumeReplica {
         last.ok_or_else(|| VolumeError::invalid(format!("zeroing no blocks at block {first_block}")))
     }
 
+    /// Apply this primary's own copy of point `seq`: a large write's bytes are appended to the
+    /// block store's segments first, out of order and beside other writes' copies, so the
+    /// volume's ordered apply only records references (`BlockStore::append_blocks`).
+    async fn apply_local(&self, epoch: u64, seq: u64, op: StoreOp, durable: bool) -> Result<(), SequencerError> {
+        let (op, _appended) = match op {
+            StoreOp::Blocks(mut writes) if writes.len() as u64 * u64::from(self.block_size) >= PRE_APPEND_MIN_BYTES => {
+                let (blocks, vol) = (self.blocks.clone(), self.vol);
+                // The point is submitted whatever happens here: a point never submitted would
+                // be a gap that stops every later write. A failed append leaves the writes as
+                // they were, and the ordered apply appends them itself (or fails there, as any
+                // store failure does).
+                let appended = tokio::task::spawn_blocking(move || {
+                    let guard = blocks.append_blocks(&mut writes).unwrap_or_else(|e| {
+                        warn!(%vol, seq, error = %e, "appending a write ahead of its apply failed");
+                        None
+                    });
+                    (writes, guard)
+                })
+                .await;
+                match appended {
+                    Ok((writes, guard)) => (StoreOp::Blocks(writes), guard),
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
+            }
+            op => (op, None),
+        };
+        self.seq.submit_op(epoch, seq, op, durable).await
+    }
+
     /// Order, apply and replicate one write-order point.
     async fn order(self: &Arc<Self>, payload: Payload, durable: bool) -> Result<u64, VolumeError> {
         let started = Instant::now();
@@ -569,7 +598,7 @@ impl VolumeReplica {
             let frame = frame.clone();
             async move { self.links.point(*h, seq, frame?, self.ack_timeout()).await }
         }));
-        let local = self.seq.submit_op(epoch, seq, write.into_store_op(), durable);
+        let local = self.apply_local(epoch, seq, write.into_store_op(), durable);
         let mut pending = PendingWrite::new(seq, epoch, sync_targets.iter().copied());
         let (local, remote) = futures::join!(local, remote);
         pending.local(local.is_ok());
@@ -1012,6 +1041,10 @@ pub(crate) fn zero_pieces(first: u64, count: u64, max_blocks: u64) -> impl Itera
     })
 }
 
+/// Writes of at least this many bytes have their bytes appended before their ordered apply
+/// ([`VolumeReplica::apply_local`]); smaller ones are cheaper appended inside it.
+const PRE_APPEND_MIN_BYTES: u64 = 64 << 10;
+
 /// What a write asks for, before it has a point.
 enum Payload {
     Blocks { first_block: u64, data: Vec<Option<Vec<u8>>> },
@@ -1105,6 +1138,7 @@ pub(crate) fn from_content(block: u64, seq: u64, content: BlockContent) -> Repli
         data: match content {
             BlockContent::Data(d) => Some(d),
             BlockContent::Zero => None,
+            BlockContent::Appended(_) => unreachable!("reads return Data, never Appended"),
         },
     }
 }

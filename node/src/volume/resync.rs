@@ -132,6 +132,7 @@ async fn divergent_blocks(replica: &Arc<VolumeReplica>, base: u64) -> Result<Vec
                 let h = match content {
                     BlockContent::Data(d) => super::merkle::block_hash(&d),
                     BlockContent::Zero => [1u8; 32],
+                    BlockContent::Appended(_) => unreachable!("reads return Data, never Appended"),
                 };
                 out.push((b, seq, h));
             }
