@@ -58,6 +58,21 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// How long a connection may take to finish its in-flight requests after shutdown before it is
 /// dropped (e.g. a client that stopped reading replies).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Read exactly `len` payload bytes into a new buffer, without zeroing it first (a 1 MiB write's
+/// `memset` was 2% of the CPU of `write 1M`). Each read is limited to what is still missing, so
+/// nothing past the payload (the next request) is consumed.
+async fn read_payload<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let missing = (len - buf.len()) as u64;
+        if (&mut *rd).take(missing).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    debug_assert_eq!(buf.len(), len);
+    Ok(buf)
+}
+
 /// Unit of the byte budget semaphore.
 const BUDGET_UNIT: u64 = 4096;
 /// Socket read buffer. Write payloads larger than this bypass it.
@@ -891,18 +906,16 @@ async fn read_requests<R: AsyncBufRead + Unpin>(
             break Ok(()); // the semaphores are never closed
         };
         let payload = if cmd == Command::Write {
-            let mut buf = vec![0u8; req.len as usize];
             let r = tokio::select! {
                 biased;
                 _ = stopped(&mut stop) => break Ok(()),
-                r = within(idle, rd.read_exact(&mut buf)) => r,
+                r = within(idle, read_payload(&mut rd, req.len as usize)) => r,
             };
             match r {
-                Ok(Ok(_)) => {}
+                Ok(Ok(buf)) => Some(buf),
                 Ok(Err(e)) => break Err(e.into()),
                 Err(e) => break Err(e),
             }
-            Some(buf)
         } else {
             None
         };
