@@ -718,6 +718,7 @@ impl VolumeReplica {
         if let Err(e) = self.check_epoch(req.epoch()) {
             return futures::future::ready(Err(e)).boxed();
         }
+        let mut appended = None;
         let (epoch, seq, op, durable) = match req {
             ReplRequest::Sync { .. } => {
                 let blocks = self.blocks.clone();
@@ -731,7 +732,18 @@ impl VolumeReplica {
             }
             ReplRequest::Write { epoch, seq, first_block, blocks, durable } => {
                 match self.block_writes(seq, first_block, blocks) {
-                    Ok(w) => (epoch, seq, StoreOp::Blocks(w), durable),
+                    Ok(mut w) => {
+                        // Appended here, on the stream's reader, so the ordered apply (another
+                        // thread) only records references: the two overlap across frames. A
+                        // failure leaves the writes for the apply to append.
+                        if w.len() as u64 * u64::from(self.block_size) >= PRE_APPEND_MIN_BYTES {
+                            appended = self.blocks.append_blocks(&mut w).unwrap_or_else(|e| {
+                                warn!(vol = %self.vol, seq, error = %e, "appending a replicated write ahead of its apply failed");
+                                None
+                            });
+                        }
+                        (epoch, seq, StoreOp::Blocks(w), durable)
+                    }
                     Err(e) => return futures::future::ready(Err(e)).boxed(),
                 }
             }
@@ -743,7 +755,14 @@ impl VolumeReplica {
                 (epoch, seq, StoreOp::Zero(ZeroRange { first: first_block, count: block_count, seq }), durable)
             }
         };
-        self.seq.enqueue(epoch, seq, op, durable).map(|r| r.map_err(sequencer_error)).boxed()
+        let applied = self.seq.enqueue(epoch, seq, op, durable);
+        async move {
+            let r = applied.await;
+            // The references are committed (or the point given up): the collector may look.
+            drop(appended);
+            r.map_err(sequencer_error)
+        }
+        .boxed()
     }
 
     /// The block versions of replicated write `seq`: whole blocks of this volume's size.
