@@ -201,6 +201,8 @@ fn cf_options(name: &str) -> Options {
         // tombstones (with 128 MiB, 1 MiB writes to a 128 MiB volume spent a fifth of their CPU
         // there). References are small, so a 16 MiB memtable still holds ~200k of them.
         cf_opts.set_write_buffer_size(16 << 20);
+        // Room for a burst while one is flushed, so writes do not stall behind a flush.
+        cf_opts.set_max_write_buffer_number(4);
     }
     if name == CF_VOLUME_META {
         // Volume high-water marks are raised with a u64-max merge (see volume::blockstore).

@@ -305,22 +305,30 @@ impl Segments {
     }
 
     /// Unlink sealed segments the caller has proved unreferenced (and whose dropping of the
-    /// last reference is durable). Waits for readers holding the table.
+    /// last reference is durable). Waits for readers holding the table, but holds it only to take
+    /// the segments out: the unlink and the close that frees their cached pages (tens of ms for
+    /// a full segment) happen after, so reads do not stall behind them.
     pub fn delete(&self, segs: &[u64]) -> Result<(), ExtentError> {
         let active = self.active.lock().unwrap_or_else(PoisonError::into_inner).seg;
-        let mut table = self.files.write().unwrap_or_else(PoisonError::into_inner);
-        for &seg in segs {
-            assert!(seg < active, "deleting the active segment {seg:016x}");
+        let removed: Vec<(u64, Option<Arc<File>>)> = {
+            let mut table = self.files.write().unwrap_or_else(PoisonError::into_inner);
+            segs.iter()
+                .map(|&seg| {
+                    assert!(seg < active, "deleting the active segment {seg:016x}");
+                    (seg, table.remove(&seg))
+                })
+                .collect()
+        };
+        for (seg, file) in removed {
+            self.dirty.lock().unwrap_or_else(PoisonError::into_inner).remove(&seg);
             let path = self.dir.join(segment_name(seg));
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(&path, e)),
             }
-            table.remove(&seg);
-            self.dirty.lock().unwrap_or_else(PoisonError::into_inner).remove(&seg);
+            drop(file);
         }
-        drop(table);
         fsync_dir(&self.dir)
     }
 
