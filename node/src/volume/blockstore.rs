@@ -442,20 +442,20 @@ fn read_extent_runs(
             i += 1;
             continue;
         };
-        let mut end = i + 1;
-        while let Some(Some(next)) = extents.get(end) {
-            let prev = extents[end - 1].expect("in the run");
+        let mut run = vec![first];
+        while let Some(Some(next)) = extents.get(i + run.len()) {
+            let prev = run[run.len() - 1];
             if next.seg != first.seg || next.offset != prev.end() {
                 break;
             }
-            end += 1;
+            run.push(*next);
         }
-        let run = &mut out[i * bs..end * bs];
-        reader.read_raw(first.seg, first.offset, run)?;
-        for (r, block) in extents[i..end].iter().zip(run.chunks_exact(bs)) {
-            crate::volume::extents::verify(&r.expect("in the run"), block)?;
+        let bytes = &mut out[i * bs..(i + run.len()) * bs];
+        reader.read_raw(first.seg, first.offset, bytes)?;
+        for (r, block) in run.iter().zip(bytes.chunks_exact(bs)) {
+            crate::volume::extents::verify(r, block)?;
         }
-        i = end;
+        i += run.len();
     }
     Ok(())
 }

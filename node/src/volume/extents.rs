@@ -151,6 +151,7 @@ impl Drop for AppendGuard {
 
 /// The segment table held shared: references resolved through it stay readable until dropped.
 pub struct SegmentReader<'a> {
+    dir: &'a Path,
     files: RwLockReadGuard<'a, BTreeMap<u64, Arc<File>>>,
 }
 
@@ -160,7 +161,7 @@ impl SegmentReader<'_> {
         let file = self.files.get(&seg).ok_or(ExtentError::Missing { seg, offset })?;
         file.read_exact_at(buf, offset).map_err(|source| match source.kind() {
             io::ErrorKind::UnexpectedEof => ExtentError::Missing { seg, offset },
-            _ => ExtentError::Io { path: PathBuf::from(format!("{seg:016x}")), source },
+            _ => io_err(&self.dir.join(segment_name(seg)), source),
         })
     }
 
@@ -233,7 +234,10 @@ impl Segments {
     /// Append `bufs` as one contiguous run with one `pwritev`; returns one reference per buffer
     /// and a guard to drop once the references are committed (or abandoned).
     pub fn append(self: &Arc<Self>, bufs: &[&[u8]]) -> Result<(Vec<ExtentRef>, AppendGuard), ExtentError> {
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let lens = bufs.iter().map(|b| u32::try_from(b.len())).collect::<Result<Vec<u32>, _>>().map_err(|_| {
+            io_err(&self.dir, io::Error::new(io::ErrorKind::InvalidInput, "an extent of 4 GiB or more"))
+        })?;
+        let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
         let (seg, file, start) = self.reserve(total)?;
         let guard = AppendGuard { segs: self.clone(), seg };
         let path = || self.dir.join(segment_name(seg));
@@ -243,8 +247,8 @@ impl Segments {
         let mut offset = start;
         let refs = bufs
             .iter()
-            .map(|b| {
-                let len = u32::try_from(b.len()).expect("a block fits in u32");
+            .zip(lens)
+            .map(|(b, len)| {
                 let r = ExtentRef { seg, offset, len, crc: crc32c::crc32c(b) };
                 offset += u64::from(len);
                 r
@@ -271,7 +275,7 @@ impl Segments {
 
     /// Hold the file table shared while resolving references (see the module invariants).
     pub fn reader(&self) -> SegmentReader<'_> {
-        SegmentReader { files: self.files.read().unwrap_or_else(PoisonError::into_inner) }
+        SegmentReader { dir: &self.dir, files: self.files.read().unwrap_or_else(PoisonError::into_inner) }
     }
 
     /// Make every append so far durable (`fdatasync` of each segment written since its last sync).

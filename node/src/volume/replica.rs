@@ -37,6 +37,7 @@ use super::core::lease::ReadLease;
 use super::core::primary::{progress, CopyState, Forward};
 pub use super::core::primary::{FollowKind, Follower, Followers};
 use super::error::VolumeError;
+use super::extents::AppendGuard;
 use super::host::VolumeCtx;
 use super::sequencer::{Sequencer, SequencerError};
 use super::stream::{Frame, Links};
@@ -548,17 +549,14 @@ impl VolumeReplica {
     /// volume's ordered apply only records references (`BlockStore::append_blocks`).
     async fn apply_local(&self, epoch: u64, seq: u64, op: StoreOp, durable: bool) -> Result<(), SequencerError> {
         let (op, _appended) = match op {
-            StoreOp::Blocks(mut writes) if writes.len() as u64 * u64::from(self.block_size) >= PRE_APPEND_MIN_BYTES => {
+            StoreOp::Blocks(mut writes) if is_large(&writes, self.block_size) => {
                 let (blocks, vol) = (self.blocks.clone(), self.vol);
                 // The point is submitted whatever happens here: a point never submitted would
                 // be a gap that stops every later write. A failed append leaves the writes as
                 // they were, and the ordered apply appends them itself (or fails there, as any
                 // store failure does).
                 let appended = tokio::task::spawn_blocking(move || {
-                    let guard = blocks.append_blocks(&mut writes).unwrap_or_else(|e| {
-                        warn!(%vol, seq, error = %e, "appending a write ahead of its apply failed");
-                        None
-                    });
+                    let guard = append_ahead(&blocks, vol, seq, &mut writes);
                     (writes, guard)
                 })
                 .await;
@@ -736,11 +734,8 @@ impl VolumeReplica {
                         // Appended here, on the stream's reader, so the ordered apply (another
                         // thread) only records references: the two overlap across frames. A
                         // failure leaves the writes for the apply to append.
-                        if w.len() as u64 * u64::from(self.block_size) >= PRE_APPEND_MIN_BYTES {
-                            appended = self.blocks.append_blocks(&mut w).unwrap_or_else(|e| {
-                                warn!(vol = %self.vol, seq, error = %e, "appending a replicated write ahead of its apply failed");
-                                None
-                            });
+                        if is_large(&w, self.block_size) {
+                            appended = append_ahead(&self.blocks, self.vol, seq, &mut w);
                         }
                         (epoch, seq, StoreOp::Blocks(w), durable)
                     }
@@ -1061,8 +1056,24 @@ pub(crate) fn zero_pieces(first: u64, count: u64, max_blocks: u64) -> impl Itera
 }
 
 /// Writes of at least this many bytes have their bytes appended before their ordered apply
-/// ([`VolumeReplica::apply_local`]); smaller ones are cheaper appended inside it.
+/// ([`VolumeReplica::apply_local`], [`VolumeReplica::replicated`]); smaller ones are cheaper
+/// appended inside it.
 const PRE_APPEND_MIN_BYTES: u64 = 64 << 10;
+
+/// Whether `writes` (one point's blocks of `block_size` bytes) are appended ahead of their apply.
+fn is_large(writes: &[BlockWrite], block_size: u32) -> bool {
+    writes.len() as u64 * u64::from(block_size) >= PRE_APPEND_MIN_BYTES
+}
+
+/// Append the bytes of point `seq` ahead of its ordered apply (`BlockStore::append_blocks`). A
+/// failure is logged and leaves the writes as they were, for the apply to append itself (or
+/// fail there, as any store failure does): the point must be submitted either way.
+fn append_ahead(blocks: &BlockStore, vol: VolumeId, seq: u64, writes: &mut [BlockWrite]) -> Option<AppendGuard> {
+    blocks.append_blocks(writes).unwrap_or_else(|e| {
+        warn!(%vol, seq, error = %e, "appending a write ahead of its apply failed");
+        None
+    })
+}
 
 /// What a write asks for, before it has a point.
 enum Payload {
