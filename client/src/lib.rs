@@ -12,6 +12,7 @@ pub mod config;
 pub mod devcluster;
 pub mod error;
 pub mod plans;
+pub mod shares;
 pub mod stall;
 pub mod vms;
 pub mod volumes;

@@ -18,6 +18,7 @@
 //! This module is pure: no I/O, no clock. It must not look inside payloads beyond the request
 //! kind (sizes and contents are validated where they are decoded).
 
+use haven_proto::share::{ShareMessage, ShareRequest};
 use haven_proto::vm::{VmMessage, VmRequest};
 use haven_proto::volume::{DeviceMessage, VolumeRequest};
 use haven_proto::{ActorMessage, Body, Caller, ClientRequest, EnvelopeFlags, NodeId, Role};
@@ -147,6 +148,9 @@ pub fn required(body: &Body) -> (&'static str, Need) {
         Body::Actor(ActorMessage::Vm(VmMessage::Group(_))) => ("a group request", Need::Node),
         Body::Actor(ActorMessage::Vm(VmMessage::IncomingMigration { .. })) => ("an incoming migration", Need::Node),
         Body::Actor(ActorMessage::Vm(_)) => ("a VM actor message", Need::Node),
+        Body::Actor(ActorMessage::Share(ShareMessage::Client(r))) => share_request(r),
+        // Diffs between members (a round, a reset, a poke) change every member's copy.
+        Body::Actor(ActorMessage::Share(_)) => ("a share sync message", Need::Node),
         // Replies sent as requests are refused by the service as malformed, whoever sends them.
         Body::RaftReply { .. } | Body::ClientReply(_) | Body::ActorReply(_) | Body::Error(_) => ("a reply", Need::Any),
     }
@@ -163,6 +167,14 @@ fn client_request(req: &ClientRequest) -> (&'static str, Need) {
         ClientRequest::AddMember { .. } | ClientRequest::RemoveMember { .. } => ("a membership change", Need::Admin),
         ClientRequest::Volume(v) => volume_request(v),
         ClientRequest::Vm(v) => vm_request(v),
+        ClientRequest::Share(r) => share_request(r),
+    }
+}
+
+fn share_request(req: &ShareRequest) -> (&'static str, Need) {
+    match req {
+        ShareRequest::Get { .. } | ShareRequest::Members { .. } => ("a share read", Need::Any),
+        ShareRequest::Put { .. } => ("a share change", Need::Admin),
     }
 }
 
@@ -247,6 +259,53 @@ mod tests {
             block: 0,
             data: vec![],
         }))
+    }
+
+    fn share_sync() -> Body {
+        Body::Actor(ActorMessage::Share(ShareMessage::Sync(haven_proto::share::SyncRequest {
+            share: haven_proto::ShareId(1),
+            generation: 1,
+            spoke: NodeId(2),
+            round: 0,
+            base_version: 0,
+            diff: Default::default(),
+        })))
+    }
+    fn share_reset() -> Body {
+        let reset = ShareMessage::Reset { share: haven_proto::ShareId(1), generation: 1, spoke: NodeId(2) };
+        Body::Actor(ActorMessage::Share(reset))
+    }
+
+    #[test]
+    fn share_diffs_come_only_from_nodes_and_puts_from_admins() {
+        for body in [share_sync(), share_reset()] {
+            assert_eq!(ask(&node(2), body.clone()), Ok(node(2)));
+            for c in [admin(), reader()] {
+                assert!(matches!(ask(&c, body.clone()), Err(Refusal::NodeOnly { .. })), "{body:?} from {c}");
+            }
+        }
+        let share = haven_proto::ShareId(1);
+        let put = ShareRequest::Put {
+            share,
+            member: None,
+            key: "k".into(),
+            value: Some(vec![1]),
+            ack: haven_proto::share::ShareAck::Hub,
+        };
+        let get = ShareRequest::Get { share, member: None, key: None, after_version: None, wait_ms: 0 };
+        for body in [
+            Body::Client(ClientRequest::Share(put.clone())),
+            Body::Actor(ActorMessage::Share(ShareMessage::Client(put))),
+        ] {
+            assert!(ask(&admin(), body.clone()).is_ok());
+            assert!(matches!(ask(&reader(), body), Err(Refusal::ReadOnly { .. })));
+        }
+        for body in [
+            Body::Client(ClientRequest::Share(get.clone())),
+            Body::Actor(ActorMessage::Share(ShareMessage::Client(get))),
+        ] {
+            assert!(ask(&reader(), body).is_ok());
+        }
     }
 
     #[test]

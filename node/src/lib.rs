@@ -19,6 +19,7 @@ pub mod node;
 pub mod pki;
 pub mod raft;
 pub mod service;
+pub mod share;
 pub mod storage;
 pub mod telemetry;
 pub mod transport;

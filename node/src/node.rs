@@ -162,6 +162,15 @@ pub async fn run(
         data_dir.to_path_buf(),
         cfg.plans.capture_in_memory_mib << 20,
     );
+    let shares = crate::share::host::ShareHost::new(
+        id,
+        store.clone(),
+        registry.clone(),
+        data_dir,
+        Duration::from_millis(cfg.request_timeout_ms),
+    )?;
+    let share_actor = crate::actors::share::ShareActor::new(shares.clone(), id).start();
+    registry.register(crate::share::host::actor(id), share_actor.recipient());
     let host_agent = HostAgent::new(id, Some(vms.clone())).start();
     registry.register(ActorAddr::host_agent(id), host_agent.recipient());
     transport.set_stream_handler(ActorKind::Vm, crate::vm::host::stream_handler(vms.clone()));
@@ -176,6 +185,7 @@ pub async fn run(
         proposer,
         volumes: volumes.clone(),
         vms: vms.clone(),
+        shares: shares.clone(),
         lease,
         certificates,
         elections: elections.clone(),
@@ -201,11 +211,15 @@ pub async fn run(
     tokio::spawn(crate::controllers::host_registry::run(leader.clone(), Duration::from_secs(1)));
     tokio::spawn(crate::controllers::volumes::run(leader.clone(), volumes.clone(), cfg.volume.clone()));
     let plan_deps = crate::controllers::plans::PlanDeps { vms: vms.clone(), peer_acks, fence: cfg.fence.clone() };
+    let (probe, down_after) =
+        (Duration::from_millis(cfg.volume.probe_ms), Duration::from_millis(cfg.volume.host_down_ms));
+    tokio::spawn(crate::controllers::shares::run(leader.clone(), probe, down_after));
     tokio::spawn(crate::controllers::plans::run(leader, plan_deps, cfg.plans.clone()));
     // Device actors start on this (the actix system's) thread.
     actix::spawn(volumes.clone().run());
     tokio::spawn(volumes.clone().renew_read_leases());
     actix::spawn(vms.clone().run());
+    tokio::spawn(shares.run());
     let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::oneshot::channel::<()>();
     if let Some(nbd_listen) = &cfg.nbd_listen {
         let addr = crate::transport::resolve(nbd_listen).await.map_err(|e| anyhow!(e))?;

@@ -37,6 +37,7 @@ use crate::raft::campaign::{PreVoteRefusal, PreVoteReply, PreVoteRequest};
 use crate::raft::guard::{self, GuardError};
 use crate::raft::network::AppendFrame;
 use crate::raft::{decode, encode, HavenNode, Raft};
+use crate::share::host::ShareHost;
 use crate::storage::Store;
 use crate::transport::Transport;
 use crate::vm::host::VmHost;
@@ -54,6 +55,7 @@ pub struct NodeService {
     pub proposer: Proposer,
     pub volumes: Arc<VolumeHost>,
     pub vms: Arc<VmHost>,
+    pub shares: Arc<ShareHost>,
     /// This host's lease on running guests, renewed by accepted AppendEntries (see `vm::fence`).
     pub lease: Arc<crate::vm::fence::HostLease>,
     /// This node's certificate and the CA's, as `ClientRequest::Certificates` reports them.
@@ -260,6 +262,9 @@ impl NodeService {
                 self.volumes.client(req).await.map(ClientResponse::Volume).map_err(WireError::from)
             }
             ClientRequest::Vm(req) => self.vms.client(req).await.map(ClientResponse::Vm).map_err(WireError::from),
+            ClientRequest::Share(req) => {
+                self.shares.client(req).await.map(ClientResponse::Share).map_err(WireError::from)
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::ids::NodeId;
 use crate::plan::{PlanCommand, PlanOutcome, PlanQuery, PlanQueryResult};
+use crate::share::{ShareCommand, ShareOutcome, ShareQuery, ShareQueryResult};
 use crate::vm::{VmCommand, VmOutcome, VmQuery, VmQueryResult};
 use crate::volume::{VolumeCommand, VolumeOutcome, VolumeQuery, VolumeQueryResult};
 
@@ -59,6 +60,8 @@ pub enum CatalogCommand {
     /// together: one fsync on the leader for all of them); a batch from a peer or a client is
     /// refused. Appended last, so the encoding of every other command is unchanged.
     Batch(Vec<Vec<u8>>),
+    /// Shared datasets (C2): creation, members, hub.
+    Share(ShareCommand),
 }
 
 impl CatalogCommand {
@@ -103,6 +106,7 @@ impl CatalogCommand {
             Self::Vm(v) => v.validate(),
             Self::Plan(p) => p.validate(),
             Self::Batch(commands) => Self::validate_batch(commands),
+            Self::Share(s) => s.validate(),
         }
     }
 
@@ -146,6 +150,7 @@ pub enum CommandOutcome {
     /// The outcomes of a [`CatalogCommand::Batch`], in its order, each encoded as its command was
     /// (never sent: the leader's proposer answers each proposer with its own outcome).
     Batch(Vec<Vec<u8>>),
+    Share(ShareOutcome),
 }
 
 /// A read of applied catalog state.
@@ -164,6 +169,7 @@ pub enum CatalogQuery {
     Volume(VolumeQuery),
     Vm(VmQuery),
     Plan(PlanQuery),
+    Share(ShareQuery),
 }
 
 /// The answer to a [`CatalogQuery`].
@@ -176,6 +182,7 @@ pub enum QueryResult {
     Volume(VolumeQueryResult),
     Vm(VmQueryResult),
     Plan(PlanQueryResult),
+    Share(ShareQueryResult),
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use crate::catalog::CatalogCommand;
 use crate::ids::{NodeId, VmId, VolumeId};
 use crate::plan::{PlanCommand, PlanSettings};
+use crate::share::ShareCommand;
 use crate::vm::{VmCommand, VmRunState, WorkloadKind};
 use crate::volume::{RelationshipState, SnapshotPolicy, VolumeCommand};
 
@@ -37,6 +38,30 @@ pub enum ClientCommand {
     Volume(ClientVolumeCommand),
     Vm(ClientVmCommand),
     Plan(ClientPlanCommand),
+    Share(ClientShareCommand),
+}
+
+/// Share changes a client may ask for (see [`ShareCommand`]); the leader's share controller
+/// moves hubs.
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ClientShareCommand {
+    Create { name: String, members: Vec<NodeId> },
+    Delete { share: crate::ids::ShareId },
+    SetMembers { share: crate::ids::ShareId, members: Vec<NodeId>, expected_generation: u64 },
+}
+
+impl From<ClientShareCommand> for ShareCommand {
+    fn from(c: ClientShareCommand) -> Self {
+        use ClientShareCommand as C;
+        match c {
+            C::Create { name, members } => Self::Create { name, members },
+            C::Delete { share } => Self::Delete { share },
+            C::SetMembers { share, members, expected_generation } => {
+                Self::SetMembers { share, members, expected_generation }
+            }
+        }
+    }
 }
 
 /// Volume changes a client may ask for (see [`VolumeCommand`] for their meaning).
@@ -135,6 +160,7 @@ impl ClientCommand {
             Self::Volume(_) => "volume",
             Self::Vm(_) => "vm",
             Self::Plan(_) => "plan",
+            Self::Share(_) => "share",
         }
     }
 }
@@ -150,6 +176,13 @@ impl ClientVmCommand {
     /// Same checks as [`VmCommand::validate`].
     pub fn validate(&self) -> Result<(), String> {
         VmCommand::from(self.clone()).validate()
+    }
+}
+
+impl ClientShareCommand {
+    /// Same checks as [`ShareCommand::validate`].
+    pub fn validate(&self) -> Result<(), String> {
+        ShareCommand::from(self.clone()).validate()
     }
 }
 
@@ -169,6 +202,7 @@ impl From<ClientCommand> for CatalogCommand {
             ClientCommand::Volume(v) => Self::Volume(v.into()),
             ClientCommand::Vm(v) => Self::Vm(v.into()),
             ClientCommand::Plan(p) => Self::Plan(p.into()),
+            ClientCommand::Share(s) => Self::Share(s.into()),
         }
     }
 }

@@ -55,6 +55,11 @@ id_type!(
     VolumeId,
     "vol-"
 );
+id_type!(
+    /// A shared dataset (C2).
+    ShareId,
+    "share-"
+);
 
 /// The kind of an actor; with a node and an id it forms an [`ActorAddr`].
 #[derive(
@@ -84,6 +89,8 @@ pub enum ActorKind {
     Device,
     /// A memory bank actor (later issues).
     MemBank,
+    /// A share actor: one per node, serving the shares whose member the node is.
+    Share,
 }
 
 /// Where a message goes: an actor of `kind` with `id`, living on `node`.
@@ -135,6 +142,7 @@ impl From<&ArchivedActorKind> for ActorKind {
             ArchivedActorKind::Vm => ActorKind::Vm,
             ArchivedActorKind::Device => ActorKind::Device,
             ArchivedActorKind::MemBank => ActorKind::MemBank,
+            ArchivedActorKind::Share => ActorKind::Share,
         }
     }
 }

@@ -18,16 +18,17 @@ pub mod limits;
 pub mod messages;
 pub mod plan;
 pub mod replication;
+pub mod share;
 pub mod vm;
 pub mod volume;
 
 pub use auth::{Caller, Role};
 pub use catalog::{CatalogCommand, CatalogQuery, CommandOutcome, HostRecord, QueryResult};
-pub use client_command::{ClientCommand, ClientPlanCommand, ClientVmCommand, ClientVolumeCommand};
+pub use client_command::{ClientCommand, ClientPlanCommand, ClientShareCommand, ClientVmCommand, ClientVolumeCommand};
 pub use envelope::{aligned_copy, Body, Envelope, EnvelopeFlags, MessageKind, RaftRpc, PROTOCOL_VERSION};
 pub use error::{ErrorCode, ProtoError, WireError};
 pub use frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};
-pub use ids::{ActorAddr, ActorKind, NodeId, VmId, VolumeId};
+pub use ids::{ActorAddr, ActorKind, NodeId, ShareId, VmId, VolumeId};
 pub use messages::{
     ActorMessage, ActorReply, CertificateInfo, ClientRequest, ClientResponse, MemberInfo, MemberSpec, NodeRequest,
     NodeRole, NodeStatus,

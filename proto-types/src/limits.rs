@@ -12,6 +12,7 @@
 use crate::envelope::Body;
 use crate::messages::{ActorMessage, ClientRequest};
 use crate::plan::{GroupRequest, MAX_PLAN_VMS};
+use crate::share::{ShareMessage, ShareRequest, MAX_SHARE_KEYS, MAX_SHARE_VALUE_LEN};
 use crate::vm::{VmMessage, MAX_VM_VOLUMES};
 use crate::volume::{DeviceMessage, ReplicaBlock, VolumeRequest, MAX_IO_LEN, MAX_VOLUME_SIZE};
 
@@ -39,6 +40,8 @@ pub fn check_request(body: &Body) -> Result<(), String> {
         Body::Client(ClientRequest::Volume(v)) => volume_request(v),
         Body::Actor(ActorMessage::Device(d)) => device_message(d),
         Body::Actor(ActorMessage::Vm(VmMessage::Group(g))) => group_request(g),
+        Body::Client(ClientRequest::Share(r)) => share_request(r),
+        Body::Actor(ActorMessage::Share(m)) => share_message(m),
         _ => Ok(()),
     }
 }
@@ -80,6 +83,28 @@ fn device_message(d: &DeviceMessage) -> Result<(), String> {
         | DeviceMessage::MerkleChunks { .. }
         | DeviceMessage::ChunkHashes { .. }
         | DeviceMessage::ListPreserved { .. } => Ok(()),
+    }
+}
+
+fn share_request(r: &ShareRequest) -> Result<(), String> {
+    match r {
+        ShareRequest::Put { key, value, .. } => {
+            crate::share::validate_key(key)?;
+            bytes("share value", value.as_ref().map_or(0, Vec::len), MAX_SHARE_VALUE_LEN)
+        }
+        ShareRequest::Get { key, .. } => key.as_deref().map_or(Ok(()), crate::share::validate_key),
+        ShareRequest::Members { .. } => Ok(()),
+    }
+}
+
+fn share_message(m: &ShareMessage) -> Result<(), String> {
+    match m {
+        ShareMessage::Client(r) => share_request(r),
+        ShareMessage::Sync(s) => {
+            count("diff operations", s.diff.ops.len(), MAX_SHARE_KEYS)?;
+            s.diff.validate()
+        }
+        ShareMessage::Reset { .. } | ShareMessage::Poke { .. } => Ok(()),
     }
 }
 

@@ -8,6 +8,7 @@ use crate::auth::Caller;
 use crate::catalog::{CatalogCommand, CatalogQuery, CommandOutcome, QueryResult};
 use crate::client_command::ClientCommand;
 use crate::ids::NodeId;
+use crate::share::{ShareMessage, ShareReply, ShareRequest, ShareResponse};
 use crate::vm::{VmMessage, VmRequest, VmResponse};
 use crate::volume::{DeviceMessage, DeviceReply, VolumeRequest, VolumeResponse};
 
@@ -46,6 +47,8 @@ pub enum ClientRequest {
     WhoAmI,
     /// This node's certificate and the cluster CA's: identities, serials and expiry.
     Certificates,
+    /// A request about a shared dataset, answered by one of its members.
+    Share(ShareRequest),
 }
 
 impl ClientRequest {
@@ -62,6 +65,7 @@ impl ClientRequest {
             Self::Vm(_) => "vm",
             Self::WhoAmI => "whoami",
             Self::Certificates => "certificates",
+            Self::Share(_) => "share",
         }
     }
 }
@@ -160,6 +164,7 @@ pub enum ClientResponse {
     /// The volumes (and their epochs) the leader's catalog lists the asking node in sync for
     /// and is not revoking a lease on.
     ReadLeases(Vec<(crate::ids::VolumeId, u64)>),
+    Share(ShareResponse),
 }
 
 /// A message to an actor. Every actor answers `Ping` and `Describe`; device actors take
@@ -175,6 +180,8 @@ pub enum ActorMessage {
     Device(DeviceMessage),
     /// For a VM actor (one per VM, on its host).
     Vm(VmMessage),
+    /// For a node's share actor.
+    Share(ShareMessage),
 }
 
 /// An actor's reply.
@@ -196,4 +203,5 @@ pub enum ActorReply {
     },
     Device(DeviceReply),
     Vm(VmResponse),
+    Share(ShareReply),
 }

@@ -62,6 +62,9 @@ impl Handler<Deliver> for HostAgent {
                 ErrorCode::InvalidRequest,
                 "the host agent takes only group VM messages; others go to the VM's actor",
             )),
+            ActorMessage::Share(_) => {
+                Err(WireError::new(ErrorCode::InvalidRequest, "share messages go to the node's share actor"))
+            }
             ActorMessage::Device(m) => Err(WireError::new(
                 ErrorCode::InvalidRequest,
                 format!("the host agent takes no device messages (got one for {})", m.volume()),

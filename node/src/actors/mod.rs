@@ -8,6 +8,7 @@
 
 pub mod device;
 pub mod host_agent;
+pub mod share;
 pub mod vm;
 
 use std::collections::HashMap;
@@ -53,6 +54,7 @@ fn kind_label(kind: ActorKind) -> &'static str {
         ActorKind::Vm => "vm",
         ActorKind::Device => "device",
         ActorKind::MemBank => "membank",
+        ActorKind::Share => "share",
     }
 }
 

@@ -47,8 +47,8 @@ impl Handler<Deliver> for VmActor {
                     Ok(r) => r.map(ActorReply::Vm).map_err(WireError::from),
                     Err(e) => Err(WireError::new(ErrorCode::Internal, format!("VM task failed: {e}"))),
                 },
-                ActorMessage::Device(_) => {
-                    Err(WireError::new(ErrorCode::InvalidRequest, "a VM actor takes no device messages"))
+                ActorMessage::Device(_) | ActorMessage::Share(_) => {
+                    Err(WireError::new(ErrorCode::InvalidRequest, "a VM actor takes only VM messages"))
                 }
             }
         })

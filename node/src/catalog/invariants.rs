@@ -21,14 +21,18 @@
 //!   only along [`PlanState::may_advance_to`]; its driver's term never decreases; its group is
 //!   non-empty, ascending and without repeats; `Migrating`, `Consolidating` and `Succeeded` hold a
 //!   recovery point with one image per VM of the group, taken on the source; a restore places
-//!   every VM it lists on the source, not migrating, at the generation it records.
+//!   every VM it lists on the source, not migrating, at the generation it records;
+//! - shares: the hub is a member, members are distinct and sorted, and the generation grows by
+//!   exactly one whenever the hub or the members change (and never otherwise).
 
 use haven_proto::plan::{MigrationPlan, PlanState};
+use haven_proto::share::ShareRecord;
 use haven_proto::vm::VmRecord;
 use haven_proto::volume::VolumeRecord;
 use haven_proto::{CatalogCommand, NodeId, VmId, VolumeId};
 
 use super::plans::{PLAN, PLANVM};
+use super::shares::SHARE;
 use super::vms::VM;
 use super::volumes::VOL;
 use super::CatalogTxn;
@@ -78,6 +82,10 @@ pub enum InvariantViolation {
     NoRecoveryPoint { plan: u64, state: PlanState, from: NodeId },
     #[error("plan {plan} restored its group to {from}, but {vm} is {found}")]
     RestoreIncomplete { plan: u64, from: NodeId, vm: VmId, found: String },
+    #[error("{0}")]
+    BadShare(String),
+    #[error("{share}: generation went from {before} to {after} (hub or members changed: {moved})")]
+    ShareGeneration { share: haven_proto::ShareId, before: u64, after: u64, moved: bool },
     #[error("cannot read a record to check it: {0}")]
     Unreadable(String),
 }
@@ -106,6 +114,8 @@ impl InvariantViolation {
             Self::BadGroup { .. } => "bad_group",
             Self::NoRecoveryPoint { .. } => "no_recovery_point",
             Self::RestoreIncomplete { .. } => "restore_incomplete",
+            Self::BadShare(_) => "bad_share",
+            Self::ShareGeneration { .. } => "share_generation",
             Self::Unreadable(_) => "unreadable",
         }
     }
@@ -140,6 +150,10 @@ pub enum Change {
         before: Option<u64>,
         after: Option<u64>,
     },
+    Share {
+        before: Option<ShareRecord>,
+        after: Option<ShareRecord>,
+    },
 }
 
 /// The catalog as it is after the command, as far as the checks read it.
@@ -152,7 +166,7 @@ pub trait CatalogView {
 
 /// Whether writes to `key` are checked (volumes, VMs, plans and the plan index).
 pub fn watched(key: &[u8]) -> bool {
-    [VOL, VM, PLAN, PLANVM].iter().any(|prefix| key.starts_with(prefix))
+    [VOL, VM, PLAN, PLANVM, SHARE].iter().any(|prefix| key.starts_with(prefix))
 }
 
 fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {
@@ -181,6 +195,8 @@ pub fn change(key: &[u8], before: Option<&[u8]>, after: Option<&[u8]>) -> Result
         Change::Vm { id: VmId(be_u64(&key[VM.len()..])?), before: record(before)?, after: record(after)? }
     } else if key.starts_with(PLANVM) {
         Change::PlanIndex { vm: VmId(be_u64(&key[PLANVM.len()..])?), before: index(before)?, after: index(after)? }
+    } else if key.starts_with(SHARE) {
+        Change::Share { before: record(before)?, after: record(after)? }
     } else if key.starts_with(PLAN) {
         Change::Plan { id: be_u64(&key[PLAN.len()..])?, before: record(before)?, after: record(after)? }
     } else {
@@ -196,6 +212,7 @@ pub fn check(changes: &[Change], view: &impl CatalogView) -> Result<(), Invarian
             Change::Vm { id, before, after } => check_vm(*id, before.as_ref(), after.as_ref(), view)?,
             Change::Plan { id, before, after } => check_plan(*id, before.as_deref(), after.as_deref(), view)?,
             Change::PlanIndex { vm, before, after } => check_index(*vm, *before, *after, view)?,
+            Change::Share { before, after } => check_share(before.as_ref(), after.as_ref())?,
         }
     }
     Ok(())
@@ -239,6 +256,23 @@ fn check_volume(before: Option<&VolumeRecord>, after: Option<&VolumeRecord>) -> 
     }
     if v.block_size != b.block_size {
         return Err(InvariantViolation::BlockSizeChanged { volume, before: b.block_size, after: v.block_size });
+    }
+    Ok(())
+}
+
+fn check_share(before: Option<&ShareRecord>, after: Option<&ShareRecord>) -> Result<(), InvariantViolation> {
+    let Some(s) = after else { return Ok(()) };
+    super::shares::check(s).map_err(InvariantViolation::BadShare)?;
+    let Some(b) = before else { return Ok(()) };
+    let moved = (b.hub, &b.members) != (s.hub, &s.members);
+    let expected = if moved { b.generation + 1 } else { b.generation };
+    if s.generation != expected {
+        return Err(InvariantViolation::ShareGeneration {
+            share: s.id,
+            before: b.generation,
+            after: s.generation,
+            moved,
+        });
     }
     Ok(())
 }

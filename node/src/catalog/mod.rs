@@ -9,13 +9,15 @@
 //! Key layout:
 //! - `kv/<key>` → value bytes (the generic namespace)
 //! - `host/<id as 8 big-endian bytes>` → bincode of [`HostRecord`]
-//! - volume tables: see [`volumes`]; VM tables: see [`vms`]; migration plans: see [`plans`]
+//! - volume tables: see [`volumes`]; VM tables: see [`vms`]; migration plans: see [`plans`];
+//!   shares: see [`shares`]
 //!
 //! After every command, the invariants of the volume, VM and plan records it wrote are checked
 //! ([`invariants`]); a violation is logged and counted (a panic in debug builds), never refused.
 
 pub mod invariants;
 pub mod plans;
+pub mod shares;
 pub mod vms;
 pub mod volumes;
 
@@ -44,7 +46,7 @@ fn kv_key(key: &str) -> Vec<u8> {
     [KV_PREFIX, key.as_bytes()].concat()
 }
 
-fn host_key(id: u64) -> Vec<u8> {
+pub(super) fn host_key(id: u64) -> Vec<u8> {
     [HOST_PREFIX, &id.to_be_bytes()[..]].concat()
 }
 
@@ -221,6 +223,7 @@ impl<'a> CatalogTxn<'a> {
             CatalogCommand::Volume(v) => CommandOutcome::Volume(self.apply_volume(v)?),
             CatalogCommand::Vm(v) => CommandOutcome::Vm(self.apply_vm(v)?),
             CatalogCommand::Plan(p) => CommandOutcome::Plan(self.apply_plan(p)?),
+            CatalogCommand::Share(s) => CommandOutcome::Share(self.apply_share(s)?),
             // `apply` takes batches apart before they get here.
             CatalogCommand::Batch(commands) => self.apply_batch(commands)?,
         })
@@ -250,6 +253,7 @@ pub fn query(store: &Store, q: &CatalogQuery) -> Result<QueryResult, StoreError>
         CatalogQuery::Volume(q) => QueryResult::Volume(volumes::query(store, q)?),
         CatalogQuery::Vm(q) => QueryResult::Vm(vms::query(store, q)?),
         CatalogQuery::Plan(q) => QueryResult::Plan(plans::query(store, q)?),
+        CatalogQuery::Share(q) => QueryResult::Share(shares::query(store, q)?),
     })
 }
 

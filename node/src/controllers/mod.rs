@@ -4,10 +4,12 @@
 //! through [`crate::cluster::Proposer`]; they must not write storage directly.
 
 pub mod host_registry;
+pub mod liveness;
 #[cfg(test)]
 mod plan_model;
 pub mod plan_step;
 pub mod plans;
+pub mod shares;
 pub mod volumes;
 
 use crate::actors::ActorRegistry;

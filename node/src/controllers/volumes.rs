@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use haven_proto::volume::{SnapshotKind, VolumeCommand, VolumeRequest};
-use haven_proto::{ActorAddr, ActorMessage, CatalogCommand, NodeId};
+use haven_proto::{CatalogCommand, NodeId};
 use tracing::{debug, info, warn};
 
 use super::LeaderHandles;
@@ -29,10 +29,9 @@ use crate::volume::host::VolumeHost;
 
 /// Run until the process ends; acts only while this node leads.
 pub async fn run(leader: LeaderHandles, volumes: Arc<VolumeHost>, tunables: VolumeTunables) {
-    let me = leader.view.id();
     let probe = Duration::from_millis(tunables.probe_ms);
     let down_after = Duration::from_millis(tunables.host_down_ms);
-    let mut last_ok: HashMap<NodeId, Instant> = HashMap::new();
+    let mut hosts = super::liveness::HostLiveness::new(down_after);
     let mut policy_runs: HashMap<String, Instant> = HashMap::new();
     let mut was_leader = false;
     // How long after a host's last lease request its read lease has lapsed for certain.
@@ -45,32 +44,14 @@ pub async fn run(leader: LeaderHandles, volumes: Arc<VolumeHost>, tunables: Volu
             was_leader = false;
             continue;
         };
-        let now = Instant::now();
         if !was_leader {
             // Fresh leadership: give every host a full detection window before judging it.
-            last_ok.clear();
+            hosts.clear();
             policy_runs.clear();
             was_leader = true;
         }
-        let Ok(hosts) = catalog::hosts(&leader.store) else { continue };
-        let probes = hosts.iter().filter(|h| h.id != me).map(|h| {
-            let (registry, id) = (leader.registry.clone(), h.id);
-            async move {
-                let ok = registry
-                    .send_timeout(ActorAddr::host_agent(id), ActorMessage::Ping { nonce: 0 }, probe * 2)
-                    .await
-                    .is_ok();
-                (id, ok)
-            }
-        });
-        for (id, ok) in futures::future::join_all(probes).await {
-            let entry = last_ok.entry(id).or_insert(now);
-            if ok {
-                *entry = Instant::now();
-            }
-        }
-        last_ok.insert(me, Instant::now());
-        let is_up = |id: &NodeId| last_ok.get(id).is_some_and(|t| t.elapsed() < down_after);
+        hosts.probe(&leader, probe * 2).await;
+        let is_up = |id: &NodeId| hosts.is_up(id);
         let lease_wait = |host: NodeId| leader.proposer.read_lease_wait(host, leading_since, lapse);
         fail_over(&leader, &is_up, &lease_wait).await;
         run_policies(&leader, &volumes, &mut policy_runs).await;

@@ -5,6 +5,7 @@ mod certs;
 mod dev;
 mod output;
 mod plan;
+mod share;
 mod units;
 mod vm;
 mod volume;
@@ -73,6 +74,9 @@ enum Command {
     /// recovery snapshot: plan, plans, plan-show, plan-watch, plan-cancel.
     #[command(subcommand)]
     Migration(vm::MigrationCmd),
+    /// Shared datasets (differential sharing): create, list, put, get, watch, members.
+    #[command(subcommand)]
+    Share(share::ShareCmd),
     /// Run chaos scenarios (fault injection + checkers): `havenctl chaos run SCENARIO.toml`.
     /// Runs the haven-chaos binary installed beside havenctl; see `havenctl chaos --help`.
     #[command(disable_help_flag = true)]
@@ -239,6 +243,7 @@ async fn dispatch(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Replication(cmd) => volume::replication(cmd, &client, out).await,
         Command::Vm(cmd) => vm::vm(cmd, &client, out).await,
         Command::Migration(cmd) => vm::migration(cmd, &client, out).await,
+        Command::Share(cmd) => share::share(cmd, &client, out).await,
         Command::Host(HostCommand::Ping { id }) => {
             let c = client()?;
             let started = std::time::Instant::now();
