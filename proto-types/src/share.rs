@@ -54,7 +54,8 @@ pub enum ShareCommand {
     /// Forget a share; its members drop their copies.
     Delete { share: ShareId },
     /// Replace the member set, if the share is still at `expected_generation`. The hub stays if it
-    /// is still a member, else the first new member becomes hub.
+    /// is still a member, else the first member that stays (else the first new member) becomes
+    /// hub: a member that stays holds the document.
     SetMembers { share: ShareId, members: Vec<NodeId>, expected_generation: u64 },
     /// Make `hub` the hub, if the share is still at `expected_generation`.
     MoveHub { share: ShareId, hub: NodeId, expected_generation: u64 },
@@ -223,7 +224,7 @@ pub enum ShareAck {
 
 /// What a client asks of a share, answered by one member's share actor (the one named, else the
 /// node that got the request if it is a member, else the hub).
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum ShareRequest {
     /// Change the live copy at `member` (set `value`, or delete when `None`).
@@ -271,7 +272,7 @@ pub struct ShareMemberStatus {
     pub diff_payload_bytes_sent: u64,
 }
 
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum ShareResponse {
     /// A put is durable (as the request's `ack` asked) at the member's `live_version`.
@@ -290,7 +291,7 @@ pub enum ShareResponse {
 
 /// One lockstep round from a spoke to the hub: the spoke's live copy diffed against the shadow
 /// both agreed at `base_version`.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct SyncRequest {
     pub share: ShareId,
@@ -303,7 +304,7 @@ pub struct SyncRequest {
 
 /// The hub's answer: its live copy diffed against the shadow after the spoke's diff; both sides'
 /// shadows are then equal at `version`.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct SyncReply {
     pub round: u64,
@@ -312,7 +313,7 @@ pub struct SyncReply {
 }
 
 /// Messages between the members of a share (node-only).
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum ShareMessage {
     /// A client's request, relayed to the member that answers it.
@@ -336,7 +337,7 @@ impl ShareMessage {
     }
 }
 
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum ShareReply {
     Client(ShareResponse),

@@ -106,7 +106,9 @@ impl CatalogTxn<'_> {
             return Ok(refusal);
         }
         if !members.contains(&record.hub) {
-            record.hub = members[0];
+            // A member that stays holds the document; a brand-new one starts empty, and as hub
+            // it would lose what only the leaving members held.
+            record.hub = members.iter().copied().find(|m| record.members.contains(m)).unwrap_or(members[0]);
         }
         record.members = sorted(members);
         record.generation += 1;
@@ -230,9 +232,10 @@ mod tests {
         let outsider = apply(&store, ShareCommand::MoveHub { share: r.id, hub: NodeId(3), expected_generation: 2 });
         assert!(matches!(outsider, ShareOutcome::Refused { .. }));
 
+        // The hub (node-1) leaves: the member that stays (node-2) takes over, not the newcomer.
         let members = vec![NodeId(3), NodeId(2)];
         let resized = created(apply(&store, ShareCommand::SetMembers { share: r.id, members, expected_generation: 2 }));
-        assert_eq!((resized.hub, resized.members, resized.generation), (NodeId(3), vec![NodeId(2), NodeId(3)], 3));
+        assert_eq!((resized.hub, resized.members, resized.generation), (NodeId(2), vec![NodeId(2), NodeId(3)], 3));
     }
 
     #[test]

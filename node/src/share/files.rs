@@ -1,14 +1,24 @@
-//! Durable state of the shares this node is a member of: one file per share,
-//! `<data-dir>/shares/<id>.state`, holding the whole member state (live copy, shadows, rounds)
-//! that `share::core::member::Member` is. It owns the file format and nothing else.
+//! Durable state of the shares this node is a member of, two files per share: a snapshot,
+//! `<data-dir>/shares/<id>.state`, of the whole member state (live copy, shadows, rounds) that
+//! `share::core::member::Member` is, and a journal, `<id>.log`, of the events applied to it since
+//! (`share::host` replays them through the same pure state machine on load). Persisting a step
+//! appends one record (the size of the change, one `fdatasync`) instead of rewriting the whole
+//! document; the host writes a new snapshot, and empties the journal, once the journal has grown
+//! as large as the snapshot. It owns the file formats and nothing else.
 //!
-//! Format: magic `HVSH`, format version (u32 LE), body length (u64 LE), the body (bincode), and
-//! the body's CRC32C (u32 LE). A save writes `<id>.tmp`, fsyncs it, renames it into place and
-//! fsyncs the directory, so a crash leaves the old state or the new one, never a mix. A file that
-//! fails its checks is moved aside to `<id>.corrupt` (kept for a human, never deleted) and the
-//! member starts without state: it resets from its hub, keeping nothing it cannot prove.
+//! Snapshot: magic `HVSH`, format version (u32 LE), body length (u64 LE), the body (bincode), and
+//! the body's CRC32C (u32 LE). It is written to `<id>.tmp`, fsynced, renamed into place and the
+//! directory fsynced, so a crash leaves the old snapshot or the new one, never a mix; the journal
+//! is emptied only after that. A snapshot that fails its checks is moved aside to
+//! `<id>.corrupt` (kept for a human, never deleted) with its journal, and the member starts
+//! without state: it resets from its hub, keeping nothing it cannot prove.
+//!
+//! Journal: records of body length (u32 LE), CRC32C of the body (u32 LE), body (bincode). Read
+//! back up to the first record that is short or fails its checksum: a crash mid-append leaves
+//! a torn tail, and the step it belonged to was never acknowledged (the append returns only
+//! after `fdatasync`).
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -68,6 +78,61 @@ impl ShareFiles {
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("syncing", &self.dir))
     }
 
+    /// Append one journal record durably; the journal's size after it.
+    pub fn append<E: Serialize>(&self, id: ShareId, event: &E) -> Result<u64, ShareError> {
+        let body = bincode::serialize(event).map_err(ShareError::internal)?;
+        let len = u32::try_from(body.len()).map_err(|_| ShareError::internal("journal record over 4 GiB"))?;
+        let mut record = Vec::with_capacity(8 + body.len());
+        record.extend_from_slice(&len.to_le_bytes());
+        record.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        record.extend_from_slice(&body);
+        let path = self.path(id, "log");
+        let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io("opening", &path))?;
+        file.write_all(&record).map_err(io("appending to", &path))?;
+        // Durable before the step's replies and acknowledgements are released.
+        file.sync_data().map_err(io("syncing", &path))?;
+        file.metadata().map(|m| m.len()).map_err(io("reading the size of", &path))
+    }
+
+    /// The journal's records, up to the first torn or damaged one.
+    pub fn journal<E: DeserializeOwned>(&self, id: ShareId) -> Result<Vec<E>, ShareError> {
+        let path = self.path(id, "log");
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        let mut events = Vec::new();
+        let mut rest = &bytes[..];
+        while rest.len() >= 8 {
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            let Some(body) = rest.get(8..8 + len) else { break };
+            if crc32c::crc32c(body) != crc {
+                break;
+            }
+            match bincode::deserialize(body) {
+                Ok(e) => events.push(e),
+                Err(_) => break,
+            }
+            rest = &rest[8 + len..];
+        }
+        if !rest.is_empty() {
+            tracing::warn!(share = %id, torn_bytes = rest.len(), "share journal ends in a torn record; dropped");
+        }
+        Ok(events)
+    }
+
+    /// Replace the snapshot with `state` and empty the journal (after the snapshot is durable).
+    pub fn snapshot<T: Serialize>(&self, id: ShareId, state: &T) -> Result<(), ShareError> {
+        self.save(id, state)?;
+        let path = self.path(id, "log");
+        match File::create(&path) {
+            Ok(f) => f.sync_all().map_err(io("syncing", &path)),
+            Err(e) => Err(io("emptying", &path)(e)),
+        }
+    }
+
     /// The saved state of `id`, if any. A file that fails its checks is moved aside and reported
     /// as absent (logged and counted).
     pub fn load<T: DeserializeOwned>(&self, id: ShareId) -> Result<Option<T>, ShareError> {
@@ -85,6 +150,12 @@ impl ShareFiles {
                     "share state is damaged; moved aside, the member resets from its hub");
                 metrics::counter!("haven_share_corrupt_state_total").increment(1);
                 std::fs::rename(&path, &aside).map_err(io("moving aside", &path))?;
+                // Its journal applies to that snapshot only.
+                let log = self.path(id, "log");
+                if log.exists() {
+                    let log_aside = self.path(id, "corrupt-log");
+                    std::fs::rename(&log, &log_aside).map_err(io("moving aside", &log))?;
+                }
                 Ok(None)
             }
         }
@@ -92,12 +163,15 @@ impl ShareFiles {
 
     /// Forget `id` (this node is no longer a member, or the share was deleted).
     pub fn remove(&self, id: ShareId) -> Result<(), ShareError> {
-        let path = self.path(id, "state");
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io("removing", &path)(e)),
+        for ext in ["state", "log"] {
+            let path = self.path(id, ext);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("removing", &path)(e)),
+            }
         }
+        Ok(())
     }
 
     /// The shares with a saved state, in id order.
@@ -167,5 +241,30 @@ mod tests {
         files.save(ShareId(7), &state).unwrap();
         files.remove(ShareId(7)).unwrap();
         assert_eq!(files.load::<Vec<(String, Vec<u8>)>>(ShareId(7)).unwrap(), None);
+    }
+
+    #[test]
+    fn the_journal_reads_back_to_its_first_torn_record_and_a_snapshot_empties_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ShareFiles::open(dir.path()).unwrap();
+        let id = ShareId(3);
+        assert!(files.journal::<String>(id).unwrap().is_empty());
+        files.append(id, &"one".to_string()).unwrap();
+        let size = files.append(id, &"two".to_string()).unwrap();
+        assert_eq!(files.journal::<String>(id).unwrap(), ["one", "two"]);
+
+        // A torn tail (a crash mid-append) and a damaged record are where reading stops.
+        let path = dir.path().join("shares/3.log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[9, 0, 0, 0, 1, 2]);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(files.journal::<String>(id).unwrap(), ["one", "two"]);
+        bytes[size as usize - 1] ^= 0xFF;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(files.journal::<String>(id).unwrap(), ["one"]);
+
+        files.snapshot(id, &vec![1u8]).unwrap();
+        assert!(files.journal::<String>(id).unwrap().is_empty());
+        assert_eq!(files.load::<Vec<u8>>(id).unwrap(), Some(vec![1u8]));
     }
 }

@@ -35,6 +35,8 @@ const TICK: Duration = Duration::from_millis(50);
 /// How long one message to another member may take before the driver stops waiting (the member
 /// retransmits on its own schedule).
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// A member writes a new snapshot once its journal holds this much (or twice its document).
+const SNAPSHOT_AFTER_BYTES: u64 = 1 << 20;
 /// How long an unknown share is looked for in this node's catalog before it counts as missing.
 const CATALOG_LAG: Duration = Duration::from_millis(500);
 /// Most a put waits for its acknowledgement, and a `Get` with `after_version` for a change.
@@ -130,15 +132,39 @@ impl ShareHost {
         if let Some(slot) = slots.get(&record.id) {
             return Ok(slot.clone());
         }
-        let member = match self.files.load::<Member>(record.id)? {
-            Some(m) if m.share == record.id && m.me == self.node => m,
-            Some(_) | None => Member::new(self.node, record),
-        };
+        let member = self.load_member(record)?;
         info!(share = %record.id, name = %record.name, hub = %record.hub, "serving share");
         let (progress, _) = tokio::sync::watch::channel(0);
         let slot = Arc::new(Slot { member: tokio::sync::Mutex::new(member), progress });
         slots.insert(record.id, slot.clone());
         Ok(slot)
+    }
+
+    /// This node's member of `record`'s share as it was last persisted: the snapshot with the
+    /// journal's events replayed on it (the same [`apply`] as when they first happened), or a
+    /// new member, snapshotted at once so a journal always has the snapshot it applies to.
+    fn load_member(&self, record: &ShareRecord) -> Result<Member, ShareError> {
+        let Some(mut member) = self.files.load::<Member>(record.id)? else {
+            let member = Member::new(self.node, record);
+            self.files.snapshot(record.id, &member)?;
+            return Ok(member);
+        };
+        if member.share != record.id || member.me != self.node {
+            return Err(ShareError::internal(format!(
+                "the state file of {} holds {} of {}",
+                record.id, member.me, member.share
+            )));
+        }
+        let events: Vec<Event> = self.files.journal(record.id)?;
+        for event in &events {
+            // An event that was refused when it happened is refused again and changes nothing.
+            let _ = apply(&mut member, event);
+        }
+        // Times in the journal are the old process's; reset what only this process's clock means
+        // (retransmission timers), as a restart does.
+        let fresh = bincode::serialize(&member).and_then(|b| bincode::deserialize(&b)).map_err(ShareError::internal)?;
+        info!(share = %record.id, replayed = events.len(), "share state loaded");
+        Ok(fresh)
     }
 
     /// Run until the process ends: follow the catalog's share records and tick every member.
@@ -158,13 +184,8 @@ impl ShareHost {
         self.forget_others(&mine)?;
         for record in mine.values() {
             let slot = self.open_slot(record)?;
-            let now = self.now_ms();
-            self.step(record.id, &slot, |m| {
-                let mut fx = m.on_record(record, now);
-                fx.extend(m.tick(now));
-                Ok(((), fx))
-            })
-            .await?;
+            let event = Event::Record { record: record.clone(), now_ms: self.now_ms() };
+            self.step(record.id, &slot, event).await?;
         }
         Ok(())
     }
@@ -186,32 +207,28 @@ impl ShareHost {
         Ok(())
     }
 
-    /// Run one state machine step under the member's lock, then its effects: persist (inside the
-    /// lock, before anything is released), wake waiters, and send (after the lock).
-    async fn step<T>(
-        self: &Arc<Self>,
-        share: ShareId,
-        slot: &Arc<Slot>,
-        event: impl FnOnce(&mut Member) -> Result<(T, Vec<Effect>), MemberError>,
-    ) -> Result<T, ShareError>
-    where
-        T: Send,
-    {
-        let (out, sends) = {
+    /// Run one event through the member under its lock, then its effects: persist (inside the
+    /// lock, before anything is released), wake waiters, and send (after the lock). The member's
+    /// reply to a message, if any. A refusal changes nothing and is returned as the error.
+    async fn step(self: &Arc<Self>, share: ShareId, slot: &Arc<Slot>, event: Event) -> Result<Option<ShareReply>, StepError> {
+        let (reply, sends) = {
             let mut member = slot.member.lock().await;
-            let (out, fx) = event(&mut member).map_err(|e| self.member_error(e))?;
-            let sends = self.run_effects(share, &member, fx).await?;
-            (out, sends)
+            let (reply, fx) = apply(&mut member, &event).map_err(StepError::Refused)?;
+            match self.run_effects(share, &member, &event, fx).await {
+                Ok(sends) => (reply, sends),
+                Err(e) => {
+                    // The change is in memory but not durable: drop this member, so the next
+                    // event reloads it from its files as they are.
+                    self.slots.lock().expect("share slots lock").remove(&share);
+                    return Err(StepError::Host(e));
+                }
+            }
         };
         slot.bump();
         for (to, msg) in sends {
             self.dispatch(share, to, msg);
         }
-        Ok(out)
-    }
-
-    fn member_error(&self, e: MemberError) -> ShareError {
-        ShareError::invalid(e.to_string())
+        Ok(reply)
     }
 
     /// Persist and wake in order; hand back the sends.
@@ -219,12 +236,13 @@ impl ShareHost {
         &self,
         share: ShareId,
         member: &Member,
+        event: &Event,
         fx: Vec<Effect>,
     ) -> Result<Vec<(NodeId, ShareMessage)>, ShareError> {
         let mut sends = Vec::new();
         for effect in fx {
             match effect {
-                Effect::Persist => self.persist(share, member).await?,
+                Effect::Persist => self.persist(share, member, event).await?,
                 Effect::Changed => metrics::counter!("haven_share_live_changes_total").increment(1),
                 Effect::Send { to, msg } => sends.push((to, msg)),
             }
@@ -232,13 +250,22 @@ impl ShareHost {
         Ok(sends)
     }
 
-    async fn persist(&self, share: ShareId, member: &Member) -> Result<(), ShareError> {
+    /// Make the step durable: append its event to the journal; once the journal has grown as
+    /// large as the state, write a snapshot instead (which empties it).
+    async fn persist(&self, share: ShareId, member: &Member, event: &Event) -> Result<(), ShareError> {
         let files = self.files.clone();
-        let state = member.clone();
+        let event = event.clone();
         let started = Instant::now();
-        tokio::task::spawn_blocking(move || files.save(share, &state))
+        let journal_bytes = tokio::task::spawn_blocking(move || files.append(share, &event))
             .await
             .map_err(|e| ShareError::internal(format!("persist task failed: {e}")))??;
+        if journal_bytes >= SNAPSHOT_AFTER_BYTES.max(member.live.bytes() * 2) {
+            let (files, state) = (self.files.clone(), member.clone());
+            tokio::task::spawn_blocking(move || files.snapshot(share, &state))
+                .await
+                .map_err(|e| ShareError::internal(format!("snapshot task failed: {e}")))??;
+            metrics::counter!("haven_share_snapshots_total").increment(1);
+        }
         metrics::histogram!("haven_share_persist_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -262,10 +289,10 @@ impl ShareHost {
     /// Another member's answer to a message this node sent.
     async fn on_reply(self: &Arc<Self>, share: ShareId, from: NodeId, reply: ShareReply) -> Result<(), ShareError> {
         let Some(slot) = self.slot(share) else { return Ok(()) };
-        let now = self.now_ms();
         // A generation refusal needs nothing here: whoever is behind gets the newer record from
         // its catalog at its next reconcile.
-        self.step(share, &slot, |m| Ok(((), m.on_reply(from, &reply, now)?))).await
+        let event = Event::Reply { from, reply, now_ms: self.now_ms() };
+        self.step(share, &slot, event).await.map(|_| ()).map_err(ShareError::from)
     }
 
     /// A message for this node's share actor.
@@ -281,25 +308,16 @@ impl ShareHost {
             // Pokes come from the hub (node-only, `authz`); the member ignores one that is not.
             _ => slot.member.lock().await.hub,
         };
-        let now = self.now_ms();
-        let mut refused = None;
-        let reply = self
-            .step(share, &slot, |m| match m.on_message(from, &msg, now) {
-                Ok((reply, fx)) => Ok((reply, fx)),
-                Err(e) => match e.refusal() {
-                    Some(r) => {
-                        refused = Some(r);
-                        Ok((None, Vec::new()))
-                    }
-                    None => Err(e),
-                },
-            })
-            .await?;
-        Ok(match (refused, reply) {
-            (Some(r), _) => ShareReply::Refused(r.into()),
-            (None, Some(reply)) => reply,
-            (None, None) => ShareReply::Poked,
-        })
+        let event = Event::Message { from, msg, now_ms: self.now_ms() };
+        match self.step(share, &slot, event).await {
+            Ok(reply) => Ok(reply.unwrap_or(ShareReply::Poked)),
+            // A refusal the sender's state machine acts on goes back as a reply, not an error.
+            Err(StepError::Refused(e)) => match e.refusal() {
+                Some(r) => Ok(ShareReply::Refused(r.into())),
+                None => Err(ShareError::invalid(e.to_string())),
+            },
+            Err(StepError::Host(e)) => Err(e),
+        }
     }
 
     /// A client's request that reached this node: answered here if this node is the member it
@@ -400,14 +418,11 @@ impl ShareHost {
         ack: ShareAck,
     ) -> Result<ShareResponse, ShareError> {
         let slot = self.member_slot(share).await?;
-        let now = self.now_ms();
-        let value_now = value.clone();
-        let version = self
-            .step(share, &slot, |m| {
-                let fx = m.local_put(&key, value_now, now)?;
-                Ok((m.live_version, fx))
-            })
-            .await?;
+        let event = Event::Put { key: key.clone(), value: value.clone(), now_ms: self.now_ms() };
+        self.step(share, &slot, event).await?;
+        // At least the put's own version (a change right after it may be counted too: waiting for
+        // that one as well is conservative).
+        let version = slot.member.lock().await.live_version;
         let hub_acked = self.wait_for(&slot, self.ack_timeout, |m| m.hub_acked(version)).await;
         if !hub_acked {
             return Err(ShareError::Timeout(format!(
@@ -483,6 +498,53 @@ impl ShareHost {
             if tokio::time::timeout_at(give_up, progress.changed()).await.is_err() {
                 return done(&*slot.member.lock().await);
             }
+        }
+    }
+}
+
+/// One input to a member, as the journal records it. Replaying a member's journal through
+/// [`apply`] on its snapshot rebuilds its state: the core is deterministic, and every event that
+/// changes what it persists asks for `Persist` (the share model checks that).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+enum Event {
+    /// The catalog's record (a newer generation changes roles), then a tick (retransmissions).
+    Record { record: ShareRecord, now_ms: u64 },
+    /// A client's change at this member (`None`: delete).
+    Put { key: String, value: Option<Vec<u8>>, now_ms: u64 },
+    /// Another member's round, reset request or poke.
+    Message { from: NodeId, msg: ShareMessage, now_ms: u64 },
+    /// Another member's answer to what this member sent.
+    Reply { from: NodeId, reply: ShareReply, now_ms: u64 },
+}
+
+/// Run `event` through `member`: its reply (to a message) and effects, or its refusal (nothing
+/// changed). The one place events meet the state machine, live and on replay.
+fn apply(member: &mut Member, event: &Event) -> Result<(Option<ShareReply>, Vec<Effect>), MemberError> {
+    match event {
+        Event::Record { record, now_ms } => {
+            let mut fx = member.on_record(record, *now_ms);
+            fx.extend(member.tick(*now_ms));
+            Ok((None, fx))
+        }
+        Event::Put { key, value, now_ms } => Ok((None, member.local_put(key, value.clone(), *now_ms)?)),
+        Event::Message { from, msg, now_ms } => member.on_message(*from, msg, *now_ms),
+        Event::Reply { from, reply, now_ms } => Ok((None, member.on_reply(*from, reply, *now_ms)?)),
+    }
+}
+
+/// Why a step did not happen: the member refused the event (nothing changed), or the host
+/// failed to persist it.
+#[derive(Debug)]
+enum StepError {
+    Refused(MemberError),
+    Host(ShareError),
+}
+
+impl From<StepError> for ShareError {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::Refused(e) => ShareError::invalid(e.to_string()),
+            StepError::Host(e) => e,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! and drops messages and can cut members apart, while a seeded scheduler interleaves client
 //! edits, message deliveries, ticks, crashes and restarts, partitions, and hub moves (a new
 //! record, generation + 1, as the leader's share controller proposes when a hub host is lost;
-//! each member learns the records in order, at random later times, some late).
+//! each member learns them at random later times, some late, the next one or straight the
+//! newest, as a driver reading the catalog's current record does).
 //!
 //! The glue here is the share driver's, step for step: effects run in order, `Persist` stores
 //! the member whole (bincode, as the driver does), a crash restores the last stored copy and
