@@ -14,6 +14,8 @@ pub mod controllers;
 #[doc(hidden)]
 pub mod fuzz_api;
 pub mod identity;
+#[cfg(test)]
+mod model_seeds;
 pub mod nbd;
 pub mod node;
 pub mod pki;

@@ -43,6 +43,7 @@ use crate::catalog::{self, CatalogTxn};
 use crate::config::FenceTunables;
 use crate::storage::{Store, CF_CATALOG};
 use crate::vm::fence::{contact_time, HostLease};
+use crate::model_seeds::env_u64;
 
 const TICK_MS: u64 = 50;
 const HOST_DOWN_MS: u64 = 2_000;
@@ -1660,16 +1661,9 @@ fn run_seed_with(seed: u64, race4: bool) -> Result<String, String> {
     })
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn plan_model_seeds() {
-    let seeds: Vec<u64> = match env_u64("HAVEN_MODEL_SEED") {
-        Some(s) => vec![s],
-        None => (0..env_u64("HAVEN_MODEL_SEEDS").unwrap_or(2_000)).collect(),
-    };
+    let seeds = crate::model_seeds::seeds(2_000);
     let started = Instant::now();
     let mut failures = Vec::new();
     let mut failed = Vec::new();

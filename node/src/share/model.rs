@@ -795,17 +795,10 @@ fn run_seed(seed: u64) -> Result<Stats, String> {
     })
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
 /// A few thousand seeds by default; `HAVEN_MODEL_SEEDS=N` hunts, `HAVEN_MODEL_SEED=S` replays.
 #[test]
 fn share_model_seeds() {
-    let seeds: Vec<u64> = match env_u64("HAVEN_MODEL_SEED") {
-        Some(s) => vec![s],
-        None => (0..env_u64("HAVEN_MODEL_SEEDS").unwrap_or(2_000)).collect(),
-    };
+    let seeds = crate::model_seeds::seeds(2_000);
     let started = Instant::now();
     let mut total = Stats::default();
     let mut failures = Vec::new();

@@ -54,9 +54,7 @@ mod tests {
 
     use super::*;
 
-    fn env(name: &str) -> Option<u64> {
-        std::env::var(name).ok().and_then(|v| v.parse().ok())
-    }
+    use crate::model_seeds::env_u64 as env;
 
     /// `HAVEN_MODEL_NO_READ_LEASES=1` runs the code as it was before race 4 was fixed;
     /// `HAVEN_MODEL_NO_DROP_WAIT=1` lets in-sync removals commit without waiting out leases.
