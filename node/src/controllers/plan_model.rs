@@ -41,9 +41,9 @@ use rocksdb::WriteBatch;
 use super::plan_step::{self, BackEnd, FailBackRoute, GuestSeen, MigrateEnd, MigrateMemory, Unverified};
 use crate::catalog::{self, CatalogTxn};
 use crate::config::FenceTunables;
+use crate::model_seeds::env_u64;
 use crate::storage::{Store, CF_CATALOG};
 use crate::vm::fence::{contact_time, HostLease};
-use crate::model_seeds::env_u64;
 
 const TICK_MS: u64 = 50;
 const HOST_DOWN_MS: u64 = 2_000;

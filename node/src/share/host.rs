@@ -210,7 +210,12 @@ impl ShareHost {
     /// Run one event through the member under its lock, then its effects: persist (inside the
     /// lock, before anything is released), wake waiters, and send (after the lock). The member's
     /// reply to a message, if any. A refusal changes nothing and is returned as the error.
-    async fn step(self: &Arc<Self>, share: ShareId, slot: &Arc<Slot>, event: Event) -> Result<Option<ShareReply>, StepError> {
+    async fn step(
+        self: &Arc<Self>,
+        share: ShareId,
+        slot: &Arc<Slot>,
+        event: Event,
+    ) -> Result<Option<ShareReply>, StepError> {
         let (reply, sends) = {
             let mut member = slot.member.lock().await;
             let (reply, fx) = apply(&mut member, &event).map_err(StepError::Refused)?;
