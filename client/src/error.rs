@@ -39,6 +39,7 @@ fn describe(e: &WireError) -> String {
         ErrorCode::NotPrimary => "not the volume's primary",
         ErrorCode::PermissionDenied => "permission denied",
         ErrorCode::LimitExceeded => "limit exceeded",
+        ErrorCode::Fenced => "fenced (a newer owner writes this)",
     };
     format!("{what}: {}", e.message)
 }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod devcluster;
 pub mod error;
+pub mod ha;
 pub mod plans;
 pub mod shares;
 pub mod stall;

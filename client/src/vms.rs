@@ -1,8 +1,10 @@
 //! The SDK's VM API: create, list, start, pause, resume, stop and delete VMs; live status and
-//! memory and disk checks; live migration (start, progress, cancel); host capacity.
+//! memory and disk checks; live migration (start, progress, cancel); host capacity; the VM's
+//! application state (put, get) and a host's view of its HA pair.
 //!
 //! Catalog changes go through Raft; live requests go to the VM's host through any node.
 
+use haven_proto::ha::{validate_app_entry, AppView, HaVmStatus};
 pub use haven_proto::vm::DiskCheckReport;
 use haven_proto::vm::{
     HostCapacity, MigrationOptions, MigrationReport, VmOutcome, VmQuery, VmQueryResult, VmRecord, VmRequest,
@@ -182,6 +184,33 @@ impl HavenClient {
 
     pub async fn cancel_migration(&self, vm: VmId) -> Result<(), ClientError> {
         self.vm_request(VmRequest::CancelMigration { vm }).await.map(|_| ())
+    }
+
+    /// Set `key` of the VM's application state (`None`: delete it). Answered once the update is
+    /// released: in an HA pair, once the standby holds it. Returns the update's output sequence.
+    pub async fn app_put(&self, vm: VmId, key: &str, value: Option<Vec<u8>>) -> Result<u64, ClientError> {
+        validate_app_entry(key, value.as_deref().unwrap_or_default()).map_err(|m| ClientError::refused(m, false))?;
+        match self.vm_request(VmRequest::AppPut { vm, key: key.into(), value }).await? {
+            VmResponse::AppPut { seq } => Ok(seq),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    /// The VM's application state as its primary holds it.
+    pub async fn app_get(&self, vm: VmId) -> Result<AppView, ClientError> {
+        match self.vm_request(VmRequest::AppGet { vm }).await? {
+            VmResponse::App(a) => Ok(a),
+            other => Err(ClientError::unexpected(other)),
+        }
+    }
+
+    /// The VM's HA pair as host `at` sees it (`None`: the VM's host): its role, generation,
+    /// checkpoint or update mirroring, and released outputs.
+    pub async fn ha_status(&self, vm: VmId, at: Option<NodeId>) -> Result<HaVmStatus, ClientError> {
+        match self.vm_request(VmRequest::HaStatus { vm, at }).await? {
+            VmResponse::Ha(s) => Ok(s),
+            other => Err(ClientError::unexpected(other)),
+        }
     }
 
     /// Each host's VM memory capacity and the memory its VMs use (MiB).

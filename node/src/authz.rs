@@ -151,6 +151,8 @@ pub fn required(body: &Body) -> (&'static str, Need) {
         Body::Actor(ActorMessage::Share(ShareMessage::Client(r))) => share_request(r),
         // Diffs between members (a round, a reset, a poke) change every member's copy.
         Body::Actor(ActorMessage::Share(_)) => ("a share sync message", Need::Node),
+        // Checkpoints, application updates, seals and takeover orders decide what a VM is.
+        Body::Actor(ActorMessage::Ha { .. }) => ("an HA pair message", Need::Node),
         // Replies sent as requests are refused by the service as malformed, whoever sends them.
         Body::RaftReply { .. } | Body::ClientReply(_) | Body::ActorReply(_) | Body::Error(_) => ("a reply", Need::Any),
     }
@@ -180,9 +182,12 @@ fn share_request(req: &ShareRequest) -> (&'static str, Need) {
 
 fn vm_request(req: &VmRequest) -> (&'static str, Need) {
     match req {
-        VmRequest::Status { .. } | VmRequest::Check { .. } | VmRequest::MigrationProgress { .. } => {
-            ("a VM status request", Need::Any)
-        }
+        VmRequest::Status { .. }
+        | VmRequest::Check { .. }
+        | VmRequest::MigrationProgress { .. }
+        | VmRequest::HaStatus { .. } => ("a VM status request", Need::Any),
+        VmRequest::AppGet { .. } => ("an application state read", Need::Any),
+        VmRequest::AppPut { .. } => ("an application state change", Need::Admin),
         VmRequest::Migrate { .. } | VmRequest::CancelMigration { .. } => ("a VM migration request", Need::Admin),
     }
 }

@@ -225,6 +225,7 @@ fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         },
         plans: crate::config::PlanTunables { host_down_ms: a.failure_detect_ms, ..Default::default() },
         fence: crate::config::FenceTunables::for_elections(min * 2),
+        ha: Default::default(),
         transport: Default::default(),
         allow_fault_injection: a.allow_fault_injection,
     };

@@ -13,6 +13,7 @@ pub mod config;
 pub mod controllers;
 #[doc(hidden)]
 pub mod fuzz_api;
+pub mod ha;
 pub mod identity;
 #[cfg(test)]
 mod model_seeds;

@@ -171,6 +171,11 @@ pub async fn run(
     )?;
     let share_actor = crate::actors::share::ShareActor::new(shares.clone(), id).start();
     registry.register(crate::share::host::actor(id), share_actor.recipient());
+    let ha_leader = crate::ha::leader::LeaderSlot::new(leader.clone(), cfg.ha.clone());
+    let ha = crate::ha::host::HaHost::new(vms.clone(), registry.clone(), data_dir, cfg.ha.clone(), ha_leader.clone())?;
+    vms.set_ha_gate(Arc::new(ha.clone()));
+    let ha_actor = crate::actors::ha::HaActor::new(ha.clone(), id).start();
+    registry.register(crate::ha::host::actor(id), ha_actor.recipient());
     let host_agent = HostAgent::new(id, Some(vms.clone())).start();
     registry.register(ActorAddr::host_agent(id), host_agent.recipient());
     transport.set_stream_handler(ActorKind::Vm, crate::vm::host::stream_handler(vms.clone()));
@@ -220,6 +225,8 @@ pub async fn run(
     tokio::spawn(volumes.clone().renew_read_leases());
     actix::spawn(vms.clone().run());
     tokio::spawn(shares.run());
+    tokio::spawn(ha.run());
+    tokio::spawn(ha_leader.run());
     let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::oneshot::channel::<()>();
     if let Some(nbd_listen) = &cfg.nbd_listen {
         let addr = crate::transport::resolve(nbd_listen).await.map_err(|e| anyhow!(e))?;

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use haven_proto::{
-    ActorAddr, Body, Caller, CertificateInfo, ClientRequest, ClientResponse, Envelope, EnvelopeFlags, ErrorCode,
-    MemberSpec, NodeId, NodeRequest, NodeRole, RaftRpc, WireError,
+    ActorAddr, ActorMessage, Body, Caller, CertificateInfo, ClientRequest, ClientResponse, Envelope, EnvelopeFlags,
+    ErrorCode, MemberSpec, NodeId, NodeRequest, NodeRole, RaftRpc, WireError,
 };
 use openraft::error::RaftError;
 use openraft::raft::AppendEntriesResponse;
@@ -106,6 +106,13 @@ impl NodeService {
                 }
                 None => Body::Error(err(ErrorCode::PermissionDenied, "read leases are for nodes")),
             },
+            Body::Actor(ActorMessage::Ha { from, .. }) if caller.node() != Some(from) => {
+                metrics::counter!("haven_ha_forged_sender_total").increment(1);
+                Body::Error(err(
+                    ErrorCode::PermissionDenied,
+                    format!("an HA message naming {from} as its sender came from {caller}"),
+                ))
+            }
             Body::Actor(msg) => {
                 let routed = if env.dest.node == self.id {
                     self.registry.deliver_local(env.dest, msg).await

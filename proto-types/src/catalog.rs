@@ -7,6 +7,7 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::ha::{HaCommand, HaOutcome, HaQuery, HaQueryResult};
 use crate::ids::NodeId;
 use crate::plan::{PlanCommand, PlanOutcome, PlanQuery, PlanQueryResult};
 use crate::share::{ShareCommand, ShareOutcome, ShareQuery, ShareQueryResult};
@@ -62,6 +63,8 @@ pub enum CatalogCommand {
     Batch(Vec<Vec<u8>>),
     /// Shared datasets (C2): creation, members, hub.
     Share(ShareCommand),
+    /// HA pairs (C6): protection, mode switches, failovers, re-protection.
+    Ha(HaCommand),
 }
 
 impl CatalogCommand {
@@ -107,6 +110,7 @@ impl CatalogCommand {
             Self::Plan(p) => p.validate(),
             Self::Batch(commands) => Self::validate_batch(commands),
             Self::Share(s) => s.validate(),
+            Self::Ha(h) => h.validate(),
         }
     }
 
@@ -151,6 +155,7 @@ pub enum CommandOutcome {
     /// (never sent: the leader's proposer answers each proposer with its own outcome).
     Batch(Vec<Vec<u8>>),
     Share(ShareOutcome),
+    Ha(HaOutcome),
 }
 
 /// A read of applied catalog state.
@@ -170,6 +175,7 @@ pub enum CatalogQuery {
     Vm(VmQuery),
     Plan(PlanQuery),
     Share(ShareQuery),
+    Ha(HaQuery),
 }
 
 /// The answer to a [`CatalogQuery`].
@@ -183,6 +189,7 @@ pub enum QueryResult {
     Vm(VmQueryResult),
     Plan(PlanQueryResult),
     Share(ShareQueryResult),
+    Ha(HaQueryResult),
 }
 
 #[cfg(test)]

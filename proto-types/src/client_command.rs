@@ -10,6 +10,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::catalog::CatalogCommand;
+use crate::ha::{HaCommand, HaMode};
 use crate::ids::{NodeId, VmId, VolumeId};
 use crate::plan::{PlanCommand, PlanSettings};
 use crate::share::ShareCommand;
@@ -39,6 +40,47 @@ pub enum ClientCommand {
     Vm(ClientVmCommand),
     Plan(ClientPlanCommand),
     Share(ClientShareCommand),
+    Ha(ClientHaCommand),
+}
+
+/// HA pair changes a client may ask for (see [`HaCommand`]); the leader's failover controller
+/// proposes failovers and re-protection.
+#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ClientHaCommand {
+    /// Protect `vm`, which runs on `primary` (its catalog host; the catalog refuses another).
+    Create {
+        vm: VmId,
+        primary: NodeId,
+        standby: Option<NodeId>,
+        mode: HaMode,
+    },
+    Delete {
+        vm: VmId,
+    },
+    SetMode {
+        vm: VmId,
+        mode: HaMode,
+        expected_generation: u64,
+    },
+}
+
+impl From<ClientHaCommand> for HaCommand {
+    fn from(c: ClientHaCommand) -> Self {
+        use ClientHaCommand as C;
+        match c {
+            C::Create { vm, primary, standby, mode } => Self::Create { vm, primary, standby, mode },
+            C::Delete { vm } => Self::Delete { vm },
+            C::SetMode { vm, mode, expected_generation } => Self::SetMode { vm, mode, expected_generation },
+        }
+    }
+}
+
+impl ClientHaCommand {
+    /// Same checks as [`HaCommand::validate`].
+    pub fn validate(&self) -> Result<(), String> {
+        HaCommand::from(self.clone()).validate()
+    }
 }
 
 /// Share changes a client may ask for (see [`ShareCommand`]); the leader's share controller
@@ -161,6 +203,7 @@ impl ClientCommand {
             Self::Vm(_) => "vm",
             Self::Plan(_) => "plan",
             Self::Share(_) => "share",
+            Self::Ha(_) => "ha",
         }
     }
 }
@@ -203,6 +246,7 @@ impl From<ClientCommand> for CatalogCommand {
             ClientCommand::Vm(v) => Self::Vm(v.into()),
             ClientCommand::Plan(p) => Self::Plan(p.into()),
             ClientCommand::Share(s) => Self::Share(s.into()),
+            ClientCommand::Ha(h) => Self::Ha(h.into()),
         }
     }
 }

@@ -53,6 +53,9 @@ pub enum ErrorCode {
     /// A limit was reached (frame size, streams, in-flight bytes, list length); the request was
     /// refused before any work was done.
     LimitExceeded,
+    /// The writer was superseded: a newer owner (an HA pair's newer generation) writes this
+    /// resource now, and an older one's write is refused.
+    Fenced,
 }
 
 impl ErrorCode {

@@ -91,6 +91,9 @@ pub enum ActorKind {
     MemBank,
     /// A share actor: one per node, serving the shares whose member the node is.
     Share,
+    /// The HA actor: one per node, for the pairs the node is primary or standby of, and on the
+    /// leader for heartbeats and takeover answers.
+    Ha,
 }
 
 /// Where a message goes: an actor of `kind` with `id`, living on `node`.
@@ -143,6 +146,7 @@ impl From<&ArchivedActorKind> for ActorKind {
             ArchivedActorKind::Device => ActorKind::Device,
             ArchivedActorKind::MemBank => ActorKind::MemBank,
             ArchivedActorKind::Share => ActorKind::Share,
+            ArchivedActorKind::Ha => ActorKind::Ha,
         }
     }
 }

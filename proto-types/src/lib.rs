@@ -13,6 +13,7 @@ pub mod client_command;
 pub mod envelope;
 pub mod error;
 pub mod frame;
+pub mod ha;
 pub mod ids;
 pub mod limits;
 pub mod messages;
@@ -24,7 +25,9 @@ pub mod volume;
 
 pub use auth::{Caller, Role};
 pub use catalog::{CatalogCommand, CatalogQuery, CommandOutcome, HostRecord, QueryResult};
-pub use client_command::{ClientCommand, ClientPlanCommand, ClientShareCommand, ClientVmCommand, ClientVolumeCommand};
+pub use client_command::{
+    ClientCommand, ClientHaCommand, ClientPlanCommand, ClientShareCommand, ClientVmCommand, ClientVolumeCommand,
+};
 pub use envelope::{aligned_copy, Body, Envelope, EnvelopeFlags, MessageKind, RaftRpc, PROTOCOL_VERSION};
 pub use error::{ErrorCode, ProtoError, WireError};
 pub use frame::{FrameHeader, FRAME_HEADER_LEN, MAX_FRAME_LEN};

@@ -13,7 +13,7 @@ use crate::envelope::Body;
 use crate::messages::{ActorMessage, ClientRequest};
 use crate::plan::{GroupRequest, MAX_PLAN_VMS};
 use crate::share::{ShareMessage, ShareRequest, MAX_SHARE_KEYS, MAX_SHARE_VALUE_LEN};
-use crate::vm::{VmMessage, MAX_VM_VOLUMES};
+use crate::vm::{VmMessage, VmRequest, MAX_VM_VOLUMES};
 use crate::volume::{DeviceMessage, ReplicaBlock, VolumeRequest, MAX_IO_LEN, MAX_VOLUME_SIZE};
 
 /// Smallest volume block size.
@@ -42,6 +42,17 @@ pub fn check_request(body: &Body) -> Result<(), String> {
         Body::Actor(ActorMessage::Vm(VmMessage::Group(g))) => group_request(g),
         Body::Client(ClientRequest::Share(r)) => share_request(r),
         Body::Actor(ActorMessage::Share(m)) => share_message(m),
+        Body::Actor(ActorMessage::Ha { msg, .. }) => msg.validate(),
+        Body::Client(ClientRequest::Vm(r)) | Body::Actor(ActorMessage::Vm(VmMessage::Client(r))) => vm_request(r),
+        _ => Ok(()),
+    }
+}
+
+fn vm_request(r: &VmRequest) -> Result<(), String> {
+    match r {
+        VmRequest::AppPut { key, value, .. } => {
+            crate::ha::validate_app_entry(key, value.as_deref().unwrap_or_default())
+        }
         _ => Ok(()),
     }
 }
@@ -61,6 +72,7 @@ fn device_message(d: &DeviceMessage) -> Result<(), String> {
             bytes("write", *len as usize, MAX_IO_LEN as usize)?;
             bytes("write data", data.as_ref().map_or(0, Vec::len), MAX_IO_LEN as usize)
         }
+        DeviceMessage::FencedWrite { data, .. } => bytes("write data", data.len(), MAX_IO_LEN as usize),
         DeviceMessage::ResyncBlocks { blocks, .. } | DeviceMessage::RepairBlocks { blocks, .. } => {
             replica_blocks(blocks)
         }

@@ -7,6 +7,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use crate::auth::Caller;
 use crate::catalog::{CatalogCommand, CatalogQuery, CommandOutcome, QueryResult};
 use crate::client_command::ClientCommand;
+use crate::ha::HaMessage;
 use crate::ids::NodeId;
 use crate::share::{ShareMessage, ShareReply, ShareRequest, ShareResponse};
 use crate::vm::{VmMessage, VmRequest, VmResponse};
@@ -182,6 +183,10 @@ pub enum ActorMessage {
     Vm(VmMessage),
     /// For a node's share actor.
     Share(ShareMessage),
+    /// For a node's HA actor: checkpoints, application updates, seals, takeover orders,
+    /// heartbeats (node-only). `from` is the sending node; the receiving service checks it
+    /// against the certificate the envelope came with.
+    Ha { from: NodeId, msg: HaMessage },
 }
 
 /// An actor's reply.
@@ -204,4 +209,7 @@ pub enum ActorReply {
     Device(DeviceReply),
     Vm(VmResponse),
     Share(ShareReply),
+    /// An HA message was taken (its effects happen asynchronously; refusals come back as
+    /// `HaMessage::Refused` messages).
+    HaTaken,
 }

@@ -239,6 +239,14 @@ pub enum VmRequest {
     MigrationProgress { vm: VmId },
     /// Cancel the migration under way; the VM keeps running at the source.
     CancelMigration { vm: VmId },
+    /// Set `key` of the VM's application state (its HA-mirrored key-value document; `None`
+    /// deletes). Answered once the update is released: in an HA pair, only after the standby
+    /// holds it (the epoch that holds it, or the update itself).
+    AppPut { vm: VmId, key: String, value: Option<Vec<u8>> },
+    /// The VM's application state as its primary holds it.
+    AppGet { vm: VmId },
+    /// The HA pair's state on the asked host (`at`: that host; `None`: the VM's host).
+    HaStatus { vm: VmId, at: Option<NodeId> },
 }
 
 impl VmRequest {
@@ -248,7 +256,10 @@ impl VmRequest {
             | Self::Check { vm }
             | Self::Migrate { vm, .. }
             | Self::MigrationProgress { vm }
-            | Self::CancelMigration { vm } => *vm,
+            | Self::CancelMigration { vm }
+            | Self::AppPut { vm, .. }
+            | Self::AppGet { vm }
+            | Self::HaStatus { vm, .. } => *vm,
         }
     }
 }
@@ -310,6 +321,12 @@ pub enum VmResponse {
     Done,
     /// Answer to a [`VmMessage::Group`].
     Group(GroupResponse),
+    /// Answer to `AppPut`: the update's output sequence number.
+    AppPut {
+        seq: u64,
+    },
+    App(crate::ha::AppView),
+    Ha(crate::ha::HaVmStatus),
 }
 
 /// What checking one of a guest's disks verified.

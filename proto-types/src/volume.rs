@@ -661,6 +661,10 @@ pub enum DeviceMessage {
     /// writes of at most [`MAX_ZERO_BLOCKS_PER_MESSAGE`](crate::limits::MAX_ZERO_BLOCKS_PER_MESSAGE)
     /// blocks each). `durable` as for `WriteBlocks`.
     ZeroBlocks { volume: VolumeId, first_block: u64, block_count: u64, durable: bool },
+    /// A durable write by `writer`'s guest at HA pair generation `generation`: the primary
+    /// refuses it (`Fenced`) once it took a write of `writer` at a newer generation, so a
+    /// deposed primary's late write never lands over its successor's.
+    FencedWrite { volume: VolumeId, offset: u64, data: Vec<u8>, writer: crate::ids::VmId, generation: u64 },
 }
 
 /// Checks a block range `[first_block, first_block + block_count)` against a volume of
@@ -681,6 +685,7 @@ impl DeviceMessage {
         match self {
             Self::Client(r) => r.volume(),
             Self::WriteBlocks { volume, .. }
+            | Self::FencedWrite { volume, .. }
             | Self::Flush { volume }
             | Self::ReplicationStream { volume }
             | Self::SnapshotAt { volume, .. }

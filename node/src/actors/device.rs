@@ -52,7 +52,7 @@ impl Handler<Deliver> for DeviceActor {
                 };
                 Box::pin(async move { Ok(reply) })
             }
-            ActorMessage::Vm(_) | ActorMessage::Share(_) => Box::pin(async move {
+            ActorMessage::Vm(_) | ActorMessage::Share(_) | ActorMessage::Ha { .. } => Box::pin(async move {
                 Err(WireError::new(haven_proto::ErrorCode::InvalidRequest, "a device actor takes only device messages"))
             }),
             // The engine's work runs on the Tokio pool, not on the actix system thread that polls

@@ -62,7 +62,7 @@ impl Handler<Deliver> for HostAgent {
                 ErrorCode::InvalidRequest,
                 "the host agent takes only group VM messages; others go to the VM's actor",
             )),
-            ActorMessage::Share(_) => {
+            ActorMessage::Share(_) | ActorMessage::Ha { .. } => {
                 Err(WireError::new(ErrorCode::InvalidRequest, "share messages go to the node's share actor"))
             }
             ActorMessage::Device(m) => Err(WireError::new(

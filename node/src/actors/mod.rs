@@ -7,6 +7,7 @@
 //! the mailbox-depth gauge; it must not contain actor behaviour (that lives in one file per kind).
 
 pub mod device;
+pub mod ha;
 pub mod host_agent;
 pub mod share;
 pub mod vm;
@@ -55,6 +56,7 @@ fn kind_label(kind: ActorKind) -> &'static str {
         ActorKind::Device => "device",
         ActorKind::MemBank => "membank",
         ActorKind::Share => "share",
+        ActorKind::Ha => "ha",
     }
 }
 

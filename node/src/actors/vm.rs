@@ -47,7 +47,7 @@ impl Handler<Deliver> for VmActor {
                     Ok(r) => r.map(ActorReply::Vm).map_err(WireError::from),
                     Err(e) => Err(WireError::new(ErrorCode::Internal, format!("VM task failed: {e}"))),
                 },
-                ActorMessage::Device(_) | ActorMessage::Share(_) => {
+                ActorMessage::Device(_) | ActorMessage::Share(_) | ActorMessage::Ha { .. } => {
                     Err(WireError::new(ErrorCode::InvalidRequest, "a VM actor takes only VM messages"))
                 }
             }

@@ -25,12 +25,14 @@
 //! - shares: the hub is a member, members are distinct and sorted, and the generation grows by
 //!   exactly one whenever the hub or the members change (and never otherwise).
 
+use haven_proto::ha::HaPairRecord;
 use haven_proto::plan::{MigrationPlan, PlanState};
 use haven_proto::share::ShareRecord;
 use haven_proto::vm::VmRecord;
 use haven_proto::volume::VolumeRecord;
 use haven_proto::{CatalogCommand, NodeId, VmId, VolumeId};
 
+use super::ha::HAPAIR;
 use super::plans::{PLAN, PLANVM};
 use super::shares::SHARE;
 use super::vms::VM;
@@ -84,6 +86,8 @@ pub enum InvariantViolation {
     RestoreIncomplete { plan: u64, from: NodeId, vm: VmId, found: String },
     #[error("{0}")]
     BadShare(String),
+    #[error("bad HA pair: {0}")]
+    BadPair(String),
     #[error("{share}: generation went from {before} to {after} (hub or members changed: {moved})")]
     ShareGeneration { share: haven_proto::ShareId, before: u64, after: u64, moved: bool },
     #[error("cannot read a record to check it: {0}")]
@@ -115,6 +119,7 @@ impl InvariantViolation {
             Self::NoRecoveryPoint { .. } => "no_recovery_point",
             Self::RestoreIncomplete { .. } => "restore_incomplete",
             Self::BadShare(_) => "bad_share",
+            Self::BadPair(_) => "bad_ha_pair",
             Self::ShareGeneration { .. } => "share_generation",
             Self::Unreadable(_) => "unreadable",
         }
@@ -154,6 +159,10 @@ pub enum Change {
         before: Option<ShareRecord>,
         after: Option<ShareRecord>,
     },
+    HaPair {
+        before: Option<HaPairRecord>,
+        after: Option<HaPairRecord>,
+    },
 }
 
 /// The catalog as it is after the command, as far as the checks read it.
@@ -166,7 +175,7 @@ pub trait CatalogView {
 
 /// Whether writes to `key` are checked (volumes, VMs, plans and the plan index).
 pub fn watched(key: &[u8]) -> bool {
-    [VOL, VM, PLAN, PLANVM, SHARE].iter().any(|prefix| key.starts_with(prefix))
+    [VOL, VM, PLAN, PLANVM, SHARE, HAPAIR].iter().any(|prefix| key.starts_with(prefix))
 }
 
 fn id_key(prefix: &[u8], id: u64) -> Vec<u8> {
@@ -195,6 +204,8 @@ pub fn change(key: &[u8], before: Option<&[u8]>, after: Option<&[u8]>) -> Result
         Change::Vm { id: VmId(be_u64(&key[VM.len()..])?), before: record(before)?, after: record(after)? }
     } else if key.starts_with(PLANVM) {
         Change::PlanIndex { vm: VmId(be_u64(&key[PLANVM.len()..])?), before: index(before)?, after: index(after)? }
+    } else if key.starts_with(HAPAIR) {
+        Change::HaPair { before: record(before)?, after: record(after)? }
     } else if key.starts_with(SHARE) {
         Change::Share { before: record(before)?, after: record(after)? }
     } else if key.starts_with(PLAN) {
@@ -213,6 +224,7 @@ pub fn check(changes: &[Change], view: &impl CatalogView) -> Result<(), Invarian
             Change::Plan { id, before, after } => check_plan(*id, before.as_deref(), after.as_deref(), view)?,
             Change::PlanIndex { vm, before, after } => check_index(*vm, *before, *after, view)?,
             Change::Share { before, after } => check_share(before.as_ref(), after.as_ref())?,
+            Change::HaPair { before, after } => check_pair(before.as_ref(), after.as_ref(), view)?,
         }
     }
     Ok(())
@@ -275,6 +287,31 @@ fn check_share(before: Option<&ShareRecord>, after: Option<&ShareRecord>) -> Res
         });
     }
     Ok(())
+}
+
+fn check_pair(
+    before: Option<&HaPairRecord>,
+    after: Option<&HaPairRecord>,
+    view: &impl CatalogView,
+) -> Result<(), InvariantViolation> {
+    let Some(p) = after else { return Ok(()) };
+    p.validate().map_err(InvariantViolation::BadPair)?;
+    let expected = before.map_or(1, |b| b.generation + 1);
+    if p.generation != expected {
+        return Err(InvariantViolation::BadPair(format!(
+            "{}: generation {} after {:?} (each change bumps it by one)",
+            p.vm,
+            p.generation,
+            before.map(|b| b.generation)
+        )));
+    }
+    match view.vm(p.vm)? {
+        Some(v) if v.host == p.primary => Ok(()),
+        Some(v) => {
+            Err(InvariantViolation::BadPair(format!("{}: primary {} but the VM runs on {}", p.vm, p.primary, v.host)))
+        }
+        None => Err(InvariantViolation::BadPair(format!("{}: a pair for a VM that does not exist", p.vm))),
+    }
 }
 
 fn check_vm(

@@ -15,6 +15,7 @@
 //! After every command, the invariants of the volume, VM and plan records it wrote are checked
 //! ([`invariants`]); a violation is logged and counted (a panic in debug builds), never refused.
 
+pub mod ha;
 pub mod invariants;
 pub mod plans;
 pub mod shares;
@@ -224,6 +225,7 @@ impl<'a> CatalogTxn<'a> {
             CatalogCommand::Vm(v) => CommandOutcome::Vm(self.apply_vm(v)?),
             CatalogCommand::Plan(p) => CommandOutcome::Plan(self.apply_plan(p)?),
             CatalogCommand::Share(s) => CommandOutcome::Share(self.apply_share(s)?),
+            CatalogCommand::Ha(h) => CommandOutcome::Ha(self.apply_ha(h)?),
             // `apply` takes batches apart before they get here.
             CatalogCommand::Batch(commands) => self.apply_batch(commands)?,
         })
@@ -254,6 +256,7 @@ pub fn query(store: &Store, q: &CatalogQuery) -> Result<QueryResult, StoreError>
         CatalogQuery::Vm(q) => QueryResult::Vm(vms::query(store, q)?),
         CatalogQuery::Plan(q) => QueryResult::Plan(plans::query(store, q)?),
         CatalogQuery::Share(q) => QueryResult::Share(shares::query(store, q)?),
+        CatalogQuery::Ha(q) => QueryResult::Ha(ha::query(store, q)?),
     })
 }
 

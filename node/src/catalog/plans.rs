@@ -149,6 +149,12 @@ impl CatalogTxn<'_> {
             ))));
         }
         for r in &records {
+            if self.pair(r.id)?.is_some() {
+                return Ok(Err(refused(format!(
+                    "{} is protected by an HA pair, which keeps it on its hosts: delete the pair to move it in a plan",
+                    r.id
+                ))));
+            }
             if let Some(p) = self.active_plan_of(r.id)? {
                 return Ok(Err(refused(format!("{} is already in plan {} ({}, {})", r.id, p.id, p.name, p.state))));
             }
@@ -447,6 +453,8 @@ impl CatalogTxn<'_> {
                 Some(format!("already in plan {} ({})", p.id, p.state))
             } else if let Some(t) = r.migrating_to {
                 Some(format!("already migrating to {t}"))
+            } else if self.pair(r.id)?.is_some() {
+                Some("protected by an HA pair (a failover, not a migration, moves it off this host)".to_string())
             } else if r.desired != VmRunState::Running {
                 Some(format!("not running (desired {:?}); start it or move it when it runs", r.desired))
             } else {

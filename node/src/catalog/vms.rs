@@ -170,6 +170,7 @@ impl CatalogTxn<'_> {
                 }
                 self.delete(id_key(VM, vm.0));
                 self.delete(name_key(&v.name));
+                self.delete_pair_of(*vm);
                 VmOutcome::Done
             }
             VmCommand::SetCapacity(c) => {
@@ -183,6 +184,12 @@ impl CatalogTxn<'_> {
                 }
                 if let Some(t) = v.migrating_to {
                     return Ok(refused(format!("{vm} is already migrating to {t}")));
+                }
+                if let Some(pair) = self.pair(*vm)? {
+                    let standby = pair.standby.map_or("none".to_string(), |s| s.to_string());
+                    return Ok(refused(format!(
+                        "{vm} is protected by an HA pair (standby {standby}); a migration would move it away                          from its pair: delete the pair first (havenctl ha delete), migrate, and protect it again"
+                    )));
                 }
                 let active = self.active_plan_of(*vm)?;
                 match (&active, plan) {

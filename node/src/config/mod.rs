@@ -79,6 +79,9 @@ pub struct NodeConfig {
     /// Self-fencing: how long a host without quorum contact keeps running guests (`vm::fence`).
     #[serde(default)]
     pub fence: FenceTunables,
+    /// HA pairs (`[ha]`): heartbeat period and loss window, retransmission, epochs in flight.
+    #[serde(default)]
+    pub ha: crate::ha::core::HaTunables,
     /// Dial these nodes at another address than the one in the membership (node id → HOST:PORT).
     /// The chaos harness points each link at its own fault-injecting relay this way.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

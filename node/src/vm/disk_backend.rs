@@ -21,11 +21,15 @@ use haven_proto::vm::DiskCheckReport;
 use haven_proto::VolumeId;
 use tracing::debug;
 
-use super::disk::{check_disk, DiskGeometry};
+use haven_proto::VmId;
+
+use super::disk::{check_disk, DiskGeometry, DiskWrite};
 use super::error::VmError;
+use super::guest::GuestDriver;
 use super::guest::RunState;
 use super::host::{VmHost, VmInstance};
 use crate::storage::Store;
+use crate::volume::host::VolumeHost;
 
 /// How often a disk task wakes to issue the writes its guest earned.
 const DISK_TICK: Duration = Duration::from_millis(5);
@@ -78,19 +82,46 @@ async fn serve(host: Weak<VmHost>, inst: Weak<VmInstance>) {
         while credit >= 1.0 {
             let Some(write) = guest.next_disk_write() else { break };
             credit -= 1.0;
-            let (volumes, guest, vm) = (volumes.clone(), guest.clone(), inst.id);
-            tokio::spawn(async move {
-                let (volume, seq) = (write.volume, write.seq);
-                let result = volumes.write_to(VolumeId(volume), write.offset, write.data, true).await;
-                let outcome = if result.is_ok() { "acked" } else { "failed" };
-                metrics::counter!("haven_vm_disk_writes_total", "outcome" => outcome).increment(1);
-                if let Err(e) = &result {
-                    debug!(%vm, volume, seq, error = %e, "guest disk write failed; the guest issues it again");
-                }
-                guest.complete_disk_write(volume, seq, result.is_ok());
-            });
+            // An HA-protected guest's write is an output: released once the standby holds it.
+            let write = match host.ha_gate() {
+                Some(gate) => match gate.disk_write(inst.id, write, &guest) {
+                    Some(w) => w,
+                    None => continue,
+                },
+                None => write,
+            };
+            perform(volumes.clone(), guest.clone(), inst.id, write, None);
         }
     }
+}
+
+/// Perform `write` of `vm`'s `guest` through the volume's primary, on a task of its own, and
+/// tell the guest how it went (a failed write is issued again). An HA pair's primary writes
+/// with its generation (`ha_generation`), which the volume fences.
+pub fn perform(
+    volumes: Arc<VolumeHost>,
+    guest: Arc<dyn GuestDriver>,
+    vm: VmId,
+    write: DiskWrite,
+    ha_generation: Option<u64>,
+) {
+    tokio::spawn(async move {
+        let (volume, seq) = (write.volume, write.seq);
+        let result = match ha_generation {
+            Some(g) => volumes.write_fenced(VolumeId(volume), write.offset, write.data, vm, g).await,
+            None => volumes.write_to(VolumeId(volume), write.offset, write.data, true).await,
+        };
+        let outcome = match &result {
+            Ok(_) => "acked",
+            Err(e) if e.code() == haven_proto::ErrorCode::Fenced => "fenced",
+            Err(_) => "failed",
+        };
+        metrics::counter!("haven_vm_disk_writes_total", "outcome" => outcome).increment(1);
+        if let Err(e) = &result {
+            debug!(%vm, volume, seq, error = %e, "guest disk write failed; the guest issues it again");
+        }
+        guest.complete_disk_write(volume, seq, result.is_ok());
+    });
 }
 
 /// Check every disk of `inst`'s guest against its journal (see [`super::disk`]). Lost, torn,

@@ -34,10 +34,11 @@ use haven_proto::vm::{
 };
 use haven_proto::{
     ActorAddr, ActorKind, ActorMessage, ActorReply, Body, CatalogCommand, ClientResponse, CommandOutcome, ErrorCode,
-    NodeId, VmId,
+    NodeId, VmId, WireError,
 };
 use tracing::{info, warn};
 
+use super::disk::DiskWrite;
 use super::error::VmError;
 use super::fence::{FenceChange, HostLease};
 use super::group::GroupState;
@@ -111,6 +112,24 @@ pub enum Origin {
     Migrated,
     /// Loaded from a recovery image.
     Restored,
+    /// Started by an HA takeover from the standby's last complete checkpoint (or, in
+    /// multi-operation mode, the standby's own running guest).
+    TakenOver,
+    /// An HA multi-operation standby's guest, running beside the primary's.
+    HaStandby,
+}
+
+/// What `vm::host` asks of the HA driver (`ha::host`, which depends on `vm`, not the reverse).
+pub trait HaGate: Send + Sync {
+    /// Reconcile leaves this VM's guest here to the HA driver: it neither boots one, nor
+    /// removes the one installed (a standby's, a deposed primary's).
+    fn owns(&self, vm: VmId) -> bool;
+    /// The guest of `vm` issued `write`. `None`: the HA driver took it (it performs it once
+    /// the standby holds the state that issued it, and completes it on the guest); `Some`: `vm`
+    /// is not protected here, perform it now.
+    fn disk_write(&self, vm: VmId, write: DiskWrite, guest: &Arc<dyn GuestDriver>) -> Option<DiskWrite>;
+    /// Answer an application or HA status request (`AppPut`, `AppGet`, `HaStatus`) here.
+    fn request(&self, req: VmRequest) -> futures::future::BoxFuture<'static, Result<VmResponse, WireError>>;
 }
 
 impl Origin {
@@ -119,6 +138,8 @@ impl Origin {
             Origin::Booted => "booted",
             Origin::Migrated => "migrated",
             Origin::Restored => "restored",
+            Origin::TakenOver => "taken-over",
+            Origin::HaStandby => "ha-standby",
         }
     }
 }
@@ -171,6 +192,8 @@ pub struct VmHost {
     arbiter: std::sync::OnceLock<actix::ArbiterHandle>,
     /// This host's lease on running guests (renewed by Raft contact, see [`super::fence`]).
     lease: Arc<HostLease>,
+    /// The HA driver, once the node set it (see [`HaGate`]).
+    ha: std::sync::OnceLock<Arc<dyn HaGate>>,
 }
 
 /// How long an announced migration with no migration running for it may stand (see
@@ -204,7 +227,61 @@ impl VmHost {
             departed: Mutex::new(HashMap::new()),
             arbiter: std::sync::OnceLock::new(),
             lease: h.lease,
+            ha: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Hand HA-protected guests to `gate` (once, at node start).
+    pub fn set_ha_gate(&self, gate: Arc<dyn HaGate>) {
+        let _ = self.ha.set(gate);
+    }
+
+    pub(super) fn ha_gate(&self) -> Option<&Arc<dyn HaGate>> {
+        self.ha.get()
+    }
+
+    fn ha_owns(&self, vm: VmId) -> bool {
+        self.ha.get().is_some_and(|g| g.owns(vm))
+    }
+
+    pub fn volumes(&self) -> &Arc<VolumeHost> {
+        &self.volumes
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Install `guest` as `vm`'s here (an HA takeover or standby), replacing any guest there.
+    pub fn install_guest(self: &Arc<Self>, vm: VmId, guest: Arc<dyn GuestDriver>, generation: u64, origin: Origin) {
+        if let Some(old) = self.remove_instance(vm) {
+            let _ = old.guest.stop();
+        }
+        let inst = self.install(vm, guest, generation, origin);
+        if let Ok(record) = self.record(vm) {
+            inst.guest.set_disks(&super::disk_backend::geometries(&self.store, &record.volumes));
+        }
+    }
+
+    /// Remove `vm`'s guest here and stop it (an HA host whose guest runs elsewhere now).
+    pub fn discard_guest(&self, vm: VmId) {
+        if let Some(inst) = self.remove_instance(vm) {
+            let _ = inst.guest.stop();
+        }
+    }
+
+    /// Run `f` on `vm`'s guest while reconcile cannot change its run state (an HA checkpoint
+    /// capture pauses the guest and must resume it itself, after the capture).
+    pub fn with_run_state_held<R>(&self, vm: VmId, f: impl FnOnce() -> R) -> R {
+        self.group.held.lock().expect("held lock").insert(vm);
+        let r = f();
+        self.group.held.lock().expect("held lock").remove(&vm);
+        r
+    }
+
+    /// The guest spec of `vm`'s catalog record.
+    pub fn spec_of(&self, vm: VmId) -> Result<GuestSpec, VmError> {
+        self.record(vm).map(|r| spec_of(&r))
     }
 
     pub fn instance(&self, vm: VmId) -> Option<Arc<VmInstance>> {
@@ -284,8 +361,9 @@ impl VmHost {
             .filter(|p| p.state == PlanState::FailingBack && p.from == self.node && p.restore.is_some())
             .collect();
         // Stop guests the catalog placed elsewhere (migrated away) or deleted.
-        let gone: Vec<VmId> =
-            self.vms.lock().expect("vms lock").keys().filter(|id| !mine.contains_key(id)).copied().collect();
+        // Collected before asking the HA driver: it takes its pair's lock, then this one.
+        let here: Vec<VmId> = self.vms.lock().expect("vms lock").keys().copied().collect();
+        let gone: Vec<VmId> = here.into_iter().filter(|id| !mine.contains_key(id) && !self.ha_owns(*id)).collect();
         for id in gone {
             if let Some(inst) = self.remove_instance(id) {
                 let _ = inst.guest.stop();
@@ -298,6 +376,8 @@ impl VmHost {
             }
             let inst = match self.instance(id) {
                 Some(i) => i,
+                // An HA pair's guest comes from its standby's checkpoint, never a fresh boot.
+                None if self.ha_owns(id) => continue,
                 None => {
                     // A guest that arrived by migration keeps its memory; otherwise a new guest
                     // boots (a host restart loses a simulated guest's memory, like a power cut).
@@ -401,6 +481,21 @@ impl VmHost {
     /// A client's VM request: handled here if the VM runs here, else sent to its host.
     pub async fn client(self: &Arc<Self>, req: VmRequest) -> Result<VmResponse, VmError> {
         let record = self.record(req.vm())?;
+        // Application and HA requests are the HA driver's, on the VM's host (or the host asked).
+        if let VmRequest::AppPut { .. } | VmRequest::AppGet { .. } | VmRequest::HaStatus { .. } = req {
+            let at = match req {
+                VmRequest::HaStatus { at: Some(at), .. } => at,
+                _ => record.host,
+            };
+            if at == self.node {
+                return self.ha_request(req).await;
+            }
+            let addr = ActorAddr { node: at, kind: ActorKind::Ha, id: 0 };
+            return match self.registry.send(addr, ActorMessage::Vm(VmMessage::Client(req))).await? {
+                ActorReply::Vm(r) => Ok(r),
+                other => Err(VmError::internal(format!("HA actor answered {other:?}"))),
+            };
+        }
         if record.host == self.node {
             return self.handle(VmMessage::Client(req)).await;
         }
@@ -414,6 +509,9 @@ impl VmHost {
     /// A message for one of this host's VM actors.
     pub async fn handle(self: &Arc<Self>, msg: VmMessage) -> Result<VmResponse, VmError> {
         match msg {
+            VmMessage::Client(
+                req @ (VmRequest::AppPut { .. } | VmRequest::AppGet { .. } | VmRequest::HaStatus { .. }),
+            ) => self.ha_request(req).await,
             VmMessage::Client(req) => {
                 let vm = req.vm();
                 let inst = self
@@ -452,6 +550,9 @@ impl VmHost {
                         }
                         None => Err(VmError::invalid(format!("{vm} is not migrating"))),
                     },
+                    other @ (VmRequest::AppPut { .. } | VmRequest::AppGet { .. } | VmRequest::HaStatus { .. }) => {
+                        self.ha_request(other).await
+                    }
                 }
             }
             VmMessage::ResumeMigrated { vm, report } => {
@@ -467,6 +568,11 @@ impl VmHost {
             }
             VmMessage::Group(req) => self.group(req).await.map(VmResponse::Group),
         }
+    }
+
+    async fn ha_request(&self, req: VmRequest) -> Result<VmResponse, VmError> {
+        let gate = self.ha.get().ok_or_else(|| VmError::unavailable("the HA driver is not running yet"))?;
+        Ok(gate.request(req).await?)
     }
 
     async fn propose(&self, cmd: VmCommand) -> Result<VmRecord, VmError> {

@@ -34,6 +34,9 @@ pub enum VolumeError {
     /// A storage failure or a broken invariant.
     #[error("{0}")]
     Internal(String),
+    /// A fenced write from a superseded writer (an HA pair's older generation).
+    #[error("{0}")]
+    Fenced(String),
     /// Another node or the catalog refused; its error, unchanged.
     #[error("{}", .0.message)]
     Peer(WireError),
@@ -74,6 +77,7 @@ impl VolumeError {
             Self::OutcomeUnknown(_) => ErrorCode::Timeout,
             Self::LimitExceeded(_) => ErrorCode::LimitExceeded,
             Self::Internal(_) => ErrorCode::Internal,
+            Self::Fenced(_) => ErrorCode::Fenced,
             Self::Peer(w) => w.code,
         }
     }
@@ -89,6 +93,7 @@ impl VolumeError {
             Self::OutcomeUnknown(s) => Self::OutcomeUnknown(m(s)),
             Self::LimitExceeded(s) => Self::LimitExceeded(m(s)),
             Self::Internal(s) => Self::Internal(m(s)),
+            Self::Fenced(s) => Self::Fenced(m(s)),
             Self::Peer(w) => Self::Peer(WireError { message: m(w.message), ..w }),
         }
     }

@@ -308,6 +308,22 @@ impl VolumeHost {
         self.write_blocks(vol, offset, Some(data), len, durable).await
     }
 
+    /// A guest write of `writer` at HA generation `generation` (see `DeviceMessage::FencedWrite`).
+    pub async fn write_fenced(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        data: Vec<u8>,
+        writer: haven_proto::VmId,
+        generation: u64,
+    ) -> Result<u64, VolumeError> {
+        let msg = DeviceMessage::FencedWrite { volume: vol, offset, data, writer, generation };
+        match self.route(vol, msg, true).await? {
+            DeviceReply::Applied { seq } => Ok(seq),
+            other => Err(VolumeError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     pub async fn write_blocks(
         &self,
         vol: VolumeId,

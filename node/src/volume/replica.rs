@@ -117,6 +117,9 @@ pub struct VolumeReplica {
     reversal_pending: Mutex<Option<u64>>,
     /// A reversal call is running here (it settles its own outcome; `observe` must not).
     pub(crate) reversal_in_flight: std::sync::atomic::AtomicBool,
+    /// Primary only: the newest HA generation each writer's fenced writes came with (volatile:
+    /// a new primary starts empty, and the host lease bounds how long a deposed writer writes).
+    fences: tokio::sync::Mutex<std::collections::HashMap<haven_proto::VmId, u64>>,
 }
 
 impl VolumeReplica {
@@ -155,6 +158,7 @@ impl VolumeReplica {
             links,
             reversal_pending: Mutex::new(reversal_pending),
             reversal_in_flight: std::sync::atomic::AtomicBool::new(false),
+            fences: tokio::sync::Mutex::default(),
         }))
     }
 
@@ -792,6 +796,24 @@ impl VolumeReplica {
                     Some(data) => self.write(first, split_blocks(data, self.block_size), durable).await?,
                     None => self.zero(first, count, durable).await?,
                 };
+                Ok(DeviceReply::Applied { seq })
+            }
+            DeviceMessage::FencedWrite { offset, data, writer, generation, .. } => {
+                let (first, _) = self.check_range(offset, data.len() as u64, true)?;
+                // Checked and ordered under one lock: a write let through here takes its place
+                // in the write order before any newer generation's can be checked.
+                let mut fences = self.fences.lock().await;
+                let newest = fences.entry(writer).or_insert(generation);
+                if generation < *newest {
+                    metrics::counter!("haven_volume_fenced_writes_total").increment(1);
+                    return Err(VolumeError::Fenced(format!(
+                        "{writer} wrote {} at HA generation {newest}; its write at generation {generation} is refused",
+                        self.vol
+                    )));
+                }
+                *newest = generation;
+                let seq = self.write(first, split_blocks(data, self.block_size), true).await?;
+                drop(fences);
                 Ok(DeviceReply::Applied { seq })
             }
             DeviceMessage::ZeroBlocks { first_block, block_count, durable, .. } => {

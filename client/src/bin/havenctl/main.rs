@@ -3,6 +3,7 @@
 
 mod certs;
 mod dev;
+mod ha;
 mod output;
 mod plan;
 mod share;
@@ -67,7 +68,8 @@ enum Command {
     /// Asynchronous (DR) replication relationships and replication progress.
     #[command(subcommand)]
     Replication(volume::ReplicationCmd),
-    /// Virtual machines: create, list, show, start, pause, resume, stop, delete, check, capacity.
+    /// Virtual machines: create, list, show, start, pause, resume, stop, delete, check, capacity,
+    /// and their application state (app-put, app-get).
     #[command(subcommand)]
     Vm(vm::VmCmd),
     /// Live migration of VMs between hosts: start, watch, cancel, list; group plans with a
@@ -77,6 +79,10 @@ enum Command {
     /// Shared datasets (differential sharing): create, list, put, get, watch, members.
     #[command(subcommand)]
     Share(share::ShareCmd),
+    /// HA pairs: keep a standby copy of a VM on a second host and fail over to it automatically
+    /// (redundant checkpointing or multi-operation): create, list, show, set-mode, delete.
+    #[command(subcommand, after_help = ha::MODES_HELP)]
+    Ha(ha::HaCmd),
     /// Run chaos scenarios (fault injection + checkers): `havenctl chaos run SCENARIO.toml`.
     /// Runs the haven-chaos binary installed beside havenctl; see `havenctl chaos --help`.
     #[command(disable_help_flag = true)]
@@ -244,6 +250,7 @@ async fn dispatch(cli: Cli, out: &Output) -> anyhow::Result<()> {
         Command::Vm(cmd) => vm::vm(cmd, &client, out).await,
         Command::Migration(cmd) => vm::migration(cmd, &client, out).await,
         Command::Share(cmd) => share::share(cmd, &client, out).await,
+        Command::Ha(cmd) => ha::ha(cmd, &client, out).await,
         Command::Host(HostCommand::Ping { id }) => {
             let c = client()?;
             let started = std::time::Instant::now();

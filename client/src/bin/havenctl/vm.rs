@@ -1,6 +1,6 @@
 //! `havenctl vm | migration`: virtual machines (create, list, show, run state, delete, memory
-//! check, host capacity) and their live migration (start, watch with a progress bar, cancel, list).
-//! Group migration plans (`migration plan …`) live in `plan.rs`.
+//! check, host capacity, application state) and their live migration (start, watch with a
+//! progress bar, cancel, list). Group migration plans (`migration plan …`) live in `plan.rs`.
 //!
 //! VMs are named by name, `vm-N` or `N`; hosts by `N` or `node-N`. Memory sizes, workloads,
 //! rates and durations are checked by clap value parsers before anything is sent.
@@ -94,6 +94,37 @@ pub enum VmCmd {
     },
     /// Memory each host offers to VMs: capacity, used and free.
     Capacity,
+    /// Set KEY of the VM's application state (a key-value document the guest keeps) to VALUE,
+    /// or delete it with --delete. Answered once the update is released: in an HA pair, only
+    /// after the standby holds it (`havenctl ha --help`).
+    #[command(
+        after_help = "Example:\n  havenctl vm app-put web greeting hello\n  havenctl vm app-put web greeting --delete"
+    )]
+    AppPut(AppPutArgs),
+    /// Print the VM's application state as its primary holds it (one key with --key). Values are
+    /// printed as text when they are UTF-8, else as hex; --json gives both.
+    #[command(after_help = "Example:\n  havenctl vm app-get web\n  havenctl vm app-get web --key greeting --json")]
+    AppGet {
+        /// VM name, vm-N or N.
+        vm: String,
+        /// Print only this key's value.
+        #[arg(long)]
+        key: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct AppPutArgs {
+    /// VM name, vm-N or N.
+    vm: String,
+    /// The key (1 to 256 bytes).
+    key: String,
+    /// The value (as UTF-8 text, at most 64 KiB).
+    #[arg(required_unless_present = "delete", conflicts_with = "delete")]
+    value: Option<String>,
+    /// Delete KEY instead of setting it.
+    #[arg(long)]
+    delete: bool,
 }
 
 #[derive(Args)]
@@ -308,6 +339,23 @@ fn progress_message(r: &MigrationReport) -> String {
     )
 }
 
+/// An application value for people: the text if it is UTF-8, else `hex:` and its bytes in hex.
+fn app_value_text(v: &[u8]) -> String {
+    match std::str::from_utf8(v) {
+        Ok(t) => t.to_string(),
+        Err(_) => format!("hex:{}", app_value_hex(v)),
+    }
+}
+
+fn app_value_hex(v: &[u8]) -> String {
+    v.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An application entry for machines: its text (`null` unless UTF-8) and its hex, always.
+fn app_entry_json(key: &str, v: &[u8]) -> Value {
+    json!({"key": key, "value": std::str::from_utf8(v).ok(), "hex": app_value_hex(v), "bytes": v.len()})
+}
+
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
@@ -389,6 +437,8 @@ pub async fn vm(cmd: VmCmd, client: ClientFn<'_>, out: &Output) -> anyhow::Resul
             }
             out.done(&text, machine);
         }
+        VmCmd::AppPut(a) => app_put(&c, a, out).await?,
+        VmCmd::AppGet { vm, key } => app_get(&c, &vm, key, out).await?,
         VmCmd::Capacity => {
             let caps = c.vm_capacity().await?;
             out.table(
@@ -445,6 +495,55 @@ async fn attach_disk(c: &HavenClient, vm: &str, volume: &str, attach: bool, out:
             if disks.is_empty() { "none".to_string() } else { disks.join(", ") }
         ),
         json!({"vm": v.id, "volume": vol.id, "attached": attach, "volumes": r.volumes}),
+    );
+    Ok(())
+}
+
+async fn app_put(c: &HavenClient, a: AppPutArgs, out: &Output) -> anyhow::Result<()> {
+    let v = c.vm(&a.vm).await?;
+    let value = if a.delete { None } else { a.value.map(String::into_bytes) };
+    let deleted = value.is_none();
+    let seq = c.app_put(v.id, &a.key, value).await?;
+    out.done(
+        &format!(
+            "{} {:?}: {:?} {} (update {seq}, released)",
+            v.id,
+            v.name,
+            a.key,
+            if deleted { "deleted" } else { "written" }
+        ),
+        json!({"vm": v.id, "key": a.key, "deleted": deleted, "seq": seq}),
+    );
+    Ok(())
+}
+
+async fn app_get(c: &HavenClient, vm: &str, key: Option<String>, out: &Output) -> anyhow::Result<()> {
+    let v = c.vm(vm).await?;
+    let app = c.app_get(v.id).await?;
+    if let Some(k) = key {
+        let Some((_, value)) = app.entries.iter().find(|(e, _)| *e == k) else {
+            bail!("key {k:?} not found in the application state of {} {:?}", v.id, v.name)
+        };
+        let mut machine = app_entry_json(&k, value);
+        machine["vm"] = json!(v.id);
+        machine["applied"] = json!(app.applied);
+        out.value(&app_value_text(value), machine);
+        return Ok(());
+    }
+    out.headline(&format!(
+        "{} {:?} on {}: generation {}, {} updates applied, {} keys",
+        v.id,
+        v.name,
+        app.host,
+        app.generation,
+        app.applied,
+        app.entries.len()
+    ));
+    out.table(
+        &["key", "value"],
+        app.entries.iter().map(|(k, e)| vec![k.clone(), app_value_text(e)]).collect(),
+        json!({"vm": v.id, "host": app.host, "generation": app.generation, "applied": app.applied,
+               "entries": app.entries.iter().map(|(k, e)| app_entry_json(k, e)).collect::<Vec<_>>()}),
     );
     Ok(())
 }
@@ -731,5 +830,15 @@ mod tests {
         assert_eq!(parse_millis("2s"), Ok(2000));
         assert!(parse_millis("0").is_err());
         assert!(parse_millis("fast").is_err());
+    }
+
+    #[test]
+    fn app_values() {
+        assert_eq!(app_value_text(b"hello"), "hello");
+        assert_eq!(app_value_text(&[0xff, 0x00]), "hex:ff00");
+        let j = app_entry_json("k", &[0xff]);
+        assert_eq!(j["value"], Value::Null);
+        assert_eq!(j["hex"], "ff");
+        assert_eq!(app_entry_json("k", b"a")["value"], "a");
     }
 }
