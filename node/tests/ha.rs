@@ -228,3 +228,64 @@ async fn bad_pair_requests_get_clear_refusals() {
     let migrate = client.migrate_vm(v.id, to, Default::default()).await.unwrap_err();
     assert!(migrate.to_string().contains("HA pair"), "{migrate}");
 }
+
+/// The roles every live host reports for `vm`'s pair.
+async fn roles(client: &HavenClient, c: &LocalCluster, vm: VmId) -> Vec<(NodeId, String, u64)> {
+    let mut out = Vec::new();
+    for n in c.nodes() {
+        if let Ok(s) = client.ha_status(vm, Some(NodeId(n.id))).await {
+            out.push((s.host, s.role, s.generation));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_woken_after_the_failover_is_deposed_and_releases_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, client) = cluster(tmp.path()).await;
+    let mut spec = VmSpec::new("ha4", 32);
+    spec.dirty_pages_per_sec = 1000;
+    spec.disk_writes_per_sec = 100;
+    let v = client.create_vm(&spec).await.expect("create vm");
+    let disk = volume(&client, "ha4-disk", 4 << 20, 3).await;
+    client.attach_volume(v.id, disk.id).await.expect("attach");
+    client.set_vm_state(v.id, VmRunState::Running).await.unwrap();
+    running(&client, v.id).await;
+    let standby = standby_for(&c, &client, &v).await;
+    client.create_ha_pair(v.id, Some(standby), HaMode::Redundant { epoch_ms: 30 }).await.expect("create pair");
+    wait_standby_ready(&client, v.id, standby).await;
+    let acked = put_until(&client, v.id, 0, |i| i >= 20).await;
+
+    // SIGSTOP: the primary stops answering (its guest and outputs frozen mid-flight) for less
+    // than its host lease (4 s), so it wakes believing it still runs the VM.
+    c.signal(v.host.0, libc::SIGSTOP).expect("SIGSTOP the primary");
+    wait_failed_over(&client, v.id, standby).await;
+    let more = put_until(&client, v.id, 100, |i| i >= 110).await;
+    c.signal(v.host.0, libc::SIGCONT).expect("SIGCONT the old primary");
+
+    // Once awake, the old primary learns it was deposed (the new primary refuses its
+    // checkpoints as sealed, and the catalog moved the VM): one primary, at the new generation.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = roles(&client, &c, v.id).await;
+        let primaries: Vec<_> = r.iter().filter(|(_, role, _)| role == "primary").collect();
+        let old = r.iter().find(|(h, _, _)| *h == v.host);
+        if primaries.len() == 1 && primaries[0].0 == standby && old.is_some_and(|(_, role, _)| role != "primary") {
+            eprintln!("roles after the wake-up: {r:?}");
+            break;
+        }
+        assert!(primaries.len() <= 1 || primaries[0].2 != primaries[1].2, "two primaries at one generation: {r:?}");
+        assert!(Instant::now() < deadline, "the old primary was never deposed: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = eventually("status on the new primary", || client.vm_status(v.id)).await;
+    assert_eq!((status.host, status.state.as_str()), (standby, "running"), "{status:?}");
+    // Every acknowledged update and disk write is there; no late write of the old primary
+    // landed over the new one's (the volume fences its generation).
+    let check = eventually("memory and disk check after the wake-up", || client.vm_check(v.id)).await;
+    assert!(check.max_seq <= check.last_seq, "{check:?}");
+    let mut all = acked;
+    all.extend(more);
+    assert_app_has(&client, v.id, &all).await;
+}

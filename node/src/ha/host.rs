@@ -214,14 +214,16 @@ impl HaHost {
         Ok(slot)
     }
 
-    /// If this host holds nothing of the pair but runs its guest as the catalog's primary (the
-    /// pair was just created for a running VM, or it is degraded and the guest was booted), it
-    /// becomes the primary of the running guest.
+    /// If this host holds nothing of the pair but runs its guest as the catalog's primary, it
+    /// becomes the primary of the running guest: the pair was created for a VM running here
+    /// (whatever generation the record reached before this host first read it — the leader may
+    /// already have given it a standby), or it is degraded and reconcile booted the guest.
+    /// Reconcile boots no guest for a protected pair (`owns`), so a guest here with nothing of
+    /// the pair held is one of those two.
     fn adopt_running_guest(&self, slot: &Slot, r: &HaPairRecord) {
         let mut s = lock(&slot.state);
         let idle = matches!(s.core.role(), Role::Idle);
-        let fresh_pair = s.core.durable.started_at.is_none() && (r.generation == 1 || r.state == PairState::Degraded);
-        if !idle || r.primary != self.me || !fresh_pair || self.vms.instance(r.vm).is_none() {
+        if !idle || r.primary != self.me || self.vms.instance(r.vm).is_none() {
             return;
         }
         let Ok(shape) = self.shape(r.vm) else { return };

@@ -30,11 +30,13 @@ pub struct LeaderSlot {
     tun: HaTunables,
     started: Instant,
     core: Arc<Mutex<Option<FailoverCore>>>,
+    /// The failovers already measured, per pair (`failovers` of its record).
+    measured: Arc<Mutex<std::collections::HashMap<haven_proto::VmId, u64>>>,
 }
 
 impl LeaderSlot {
     pub fn new(handles: LeaderHandles, tun: HaTunables) -> Self {
-        Self { handles, tun, started: Instant::now(), core: Arc::default() }
+        Self { handles, tun, started: Instant::now(), core: Arc::default(), measured: Arc::default() }
     }
 
     fn now_ms(&self) -> u64 {
@@ -86,6 +88,7 @@ impl LeaderSlot {
             .map(|h| HostInfo { id: h.id, draining: draining.contains(&h.id) })
             .collect();
         let pairs = crate::catalog::ha::pairs(store)?;
+        self.measure_failovers(&pairs);
         let now = self.now_ms();
         let mut guard = self.core.lock().expect("ha leader lock");
         let core = guard.get_or_insert_with(|| {
@@ -104,6 +107,21 @@ impl LeaderSlot {
             core.on_deleted(vm);
         }
         Ok(core.tick(now))
+    }
+
+    /// `haven_ha_failover_seconds`: from the decision to the new primary running the VM, once
+    /// per failover, when its record carries the time it took.
+    fn measure_failovers(&self, pairs: &[haven_proto::ha::HaPairRecord]) {
+        let mut measured = self.measured.lock().expect("ha measured lock");
+        for r in pairs {
+            let Some(f) = r.last_failover.as_ref().filter(|f| f.took_ms > 0) else { continue };
+            let seen = measured.entry(r.vm).or_insert(0);
+            if *seen < r.failovers {
+                *seen = r.failovers;
+                metrics::histogram!("haven_ha_failover_seconds").record(f.took_ms as f64 / 1000.0);
+                info!(vm = %r.vm, from = %f.from, to = %f.to, took_ms = f.took_ms, "HA failover complete");
+            }
+        }
     }
 
     fn act(&self, action: LeaderAction) {
