@@ -248,6 +248,10 @@ mod tests {
     fn group() -> Body {
         Body::Actor(ActorMessage::Vm(VmMessage::Group(GroupRequest::Release { plan: 1, volume_snapshots: vec![] })))
     }
+    fn takeover() -> Body {
+        let msg = haven_proto::ha::HaMessage::TakeOver { vm: haven_proto::VmId(1), generation: 2 };
+        Body::Actor(ActorMessage::Ha { from: NodeId(1), msg })
+    }
     fn incoming() -> Body {
         Body::Actor(ActorMessage::Vm(VmMessage::IncomingMigration { vm: haven_proto::VmId(1), generation: 1 }))
     }
@@ -315,7 +319,7 @@ mod tests {
 
     #[test]
     fn node_only_messages_are_refused_to_every_client_role() {
-        for body in [raft(), prevote(), replication_stream(), propose(), device(), group(), incoming()] {
+        for body in [raft(), prevote(), replication_stream(), propose(), device(), group(), incoming(), takeover()] {
             assert_eq!(ask(&node(2), body.clone()), Ok(node(2)));
             for c in [admin(), reader()] {
                 assert!(matches!(ask(&c, body.clone()), Err(Refusal::NodeOnly { .. })), "{body:?} from {c}");
@@ -365,6 +369,13 @@ mod tests {
         })));
         assert!(matches!(ask(&reader(), vm_migrate.clone()), Err(Refusal::ReadOnly { .. })));
         assert!(ask(&admin(), vm_migrate).is_ok());
+        let vm = haven_proto::VmId(1);
+        let app_put = Body::Client(ClientRequest::Vm(VmRequest::AppPut { vm, key: "k".into(), value: None }));
+        assert!(matches!(ask(&reader(), app_put.clone()), Err(Refusal::ReadOnly { .. })));
+        assert!(ask(&admin(), app_put).is_ok());
+        for read in [VmRequest::AppGet { vm }, VmRequest::HaStatus { vm, at: None }] {
+            assert!(ask(&reader(), Body::Client(ClientRequest::Vm(read))).is_ok());
+        }
         let device_write = Body::Actor(ActorMessage::Device(DeviceMessage::Client(VolumeRequest::Write {
             volume: VolumeId(1),
             offset: 0,

@@ -16,3 +16,38 @@ pub fn seeds(default: u64) -> Vec<u64> {
         None => (0..env_u64("HAVEN_MODEL_SEEDS").unwrap_or(default)).collect(),
     }
 }
+
+/// Run `run` on every seed of [`seeds`]`(default)`, print one summary line (`name`, the seeds
+/// per minute, the failed seeds, the totals `fold` adds up), and fail with the first three
+/// failures (each names its seed and how to replay it).
+pub fn run_seeds<S: Default + std::fmt::Debug>(
+    name: &str,
+    default: u64,
+    run: impl Fn(u64) -> Result<S, String>,
+    fold: impl Fn(&mut S, &S),
+) {
+    let seeds = seeds(default);
+    let started = std::time::Instant::now();
+    let mut total = S::default();
+    let (mut failures, mut failed) = (Vec::new(), Vec::new());
+    for seed in &seeds {
+        match run(*seed) {
+            Ok(s) => fold(&mut total, &s),
+            Err(e) => {
+                failed.push(*seed);
+                if failures.len() < 3 {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{name} model: {} seeds in {secs:.1} s ({:.0} seeds/min), {} failed {:?}; {total:?}",
+        seeds.len(),
+        seeds.len() as f64 * 60.0 / secs,
+        failed.len(),
+        &failed[..failed.len().min(20)]
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -167,6 +167,26 @@ async fn redundant_pair_survives_kill_9_of_the_primary_with_nothing_acknowledged
     // The VM goes on: new updates are acknowledged (degraded or protected again).
     let more = put_until(&client, v.id, 1000, |i| i >= 1005).await;
     assert_eq!(more.len(), 5);
+
+    // The old primary restarts holding nothing: it boots no copy of its own, the VM stays where
+    // it is, and the pair is protected by a ready standby again.
+    c.start(v.host.0).expect("restart the old primary");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = roles(&client, &c, v.id).await;
+        let ready = r.iter().any(|(_, role, _)| role == "standby-ready");
+        let primaries = r.iter().filter(|(_, role, _)| role == "primary").count();
+        assert!(primaries <= 1, "two primaries: {r:?}");
+        if ready && primaries == 1 {
+            eprintln!("roles after the old primary's restart: {r:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pair was never protected again: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = eventually("status after the restart", || client.vm_status(v.id)).await;
+    assert_eq!((status.host, status.origin.as_str()), (standby, "taken-over"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

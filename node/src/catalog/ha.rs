@@ -134,3 +134,109 @@ pub fn query(store: &Store, q: &HaQuery) -> Result<HaQueryResult, StoreError> {
         HaQuery::List => HaQueryResult::Pairs(pairs(store)?),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use haven_proto::ha::{PairState, MIN_EPOCH_MS};
+    use haven_proto::vm::{HostCapacity, VmCommand, VmOutcome, WorkloadKind};
+    use haven_proto::{CatalogCommand, CommandOutcome, HostRecord};
+    use rocksdb::WriteBatch;
+
+    use super::*;
+
+    fn apply(store: &Store, cmd: CatalogCommand) -> CommandOutcome {
+        let mut batch = WriteBatch::default();
+        let mut txn = CatalogTxn::new(store, &mut batch);
+        let out = txn.apply(&cmd).unwrap();
+        store.db().write(batch).unwrap();
+        out
+    }
+
+    fn ha(store: &Store, cmd: HaCommand) -> HaOutcome {
+        match apply(store, CatalogCommand::Ha(cmd)) {
+            CommandOutcome::Ha(o) => o,
+            other => panic!("not an HA outcome: {other:?}"),
+        }
+    }
+
+    fn pair_of(out: HaOutcome) -> HaPairRecord {
+        match out {
+            HaOutcome::Pair(Some(p)) => p,
+            other => panic!("no pair: {other:?}"),
+        }
+    }
+
+    /// Three hosts with room, and one VM on host 1 (`disk_rate` disk writes per second).
+    fn setup(disk_rate: u64) -> (tempfile::TempDir, Store, VmRecord) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for id in 1..=3 {
+            let host =
+                HostRecord { id: NodeId(id), addr: format!("127.0.0.1:{}", 7000 + id), admin_addr: String::new() };
+            apply(&store, CatalogCommand::UpsertHost(host));
+            let cap = HostCapacity { host: NodeId(id), memory_mib: 1024 };
+            apply(&store, CatalogCommand::Vm(VmCommand::SetCapacity(cap)));
+        }
+        let create = VmCommand::Create {
+            name: "web".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            workload: WorkloadKind::Uniform,
+            dirty_pages_per_sec: 100,
+            disk_writes_per_sec: disk_rate,
+            host: Some(NodeId(1)),
+        };
+        let vm = match apply(&store, CatalogCommand::Vm(create)) {
+            CommandOutcome::Vm(VmOutcome::Vm(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        (dir, store, vm)
+    }
+
+    fn create(vm: VmId, primary: u64, standby: Option<u64>, mode: HaMode) -> HaCommand {
+        HaCommand::Create { vm, primary: NodeId(primary), standby: standby.map(NodeId), mode }
+    }
+
+    #[test]
+    fn a_failover_moves_the_vm_with_its_pair_and_stale_commands_change_nothing() {
+        let (_d, store, vm) = setup(0);
+        let redundant = HaMode::Redundant { epoch_ms: MIN_EPOCH_MS };
+        let p = pair_of(ha(&store, create(vm.id, 1, Some(2), redundant)));
+        assert_eq!(
+            (p.primary, p.standby, p.state, p.generation),
+            (NodeId(1), Some(NodeId(2)), PairState::Protecting, 1)
+        );
+        let failover = |expected_generation| HaCommand::Failover {
+            vm: vm.id,
+            expected_generation,
+            to: NodeId(2),
+            at_ms: 5,
+            reason: "lost".into(),
+        };
+        let p = pair_of(ha(&store, failover(1)));
+        assert_eq!((p.primary, p.state, p.generation), (NodeId(2), PairState::FailingOver, 2));
+        let moved = crate::catalog::vms::vm(&store, vm.id).unwrap().unwrap();
+        assert_eq!((moved.host, moved.generation), (NodeId(2), vm.generation + 1), "the VM follows its pair");
+        // The same failover again (a retried proposal) is a stale compare-and-set.
+        assert!(matches!(ha(&store, failover(1)), HaOutcome::Refused { .. }));
+        assert_eq!(pair(&store, vm.id).unwrap().unwrap().generation, 2);
+    }
+
+    #[test]
+    fn the_vm_record_decides_what_a_pair_may_be() {
+        let (_d, store, vm) = setup(50);
+        let redundant = HaMode::Redundant { epoch_ms: 30 };
+        // Not the VM's host; multi-operation for a VM writing disks (once it has one).
+        assert!(matches!(ha(&store, create(vm.id, 2, Some(3), redundant)), HaOutcome::Refused { .. }));
+        let unknown = ha(&store, create(VmId(77), 1, None, redundant));
+        assert!(matches!(unknown, HaOutcome::Refused { not_found: true, .. }), "{unknown:?}");
+        let mut with_disk = vm.clone();
+        with_disk.volumes = vec![haven_proto::VolumeId(9)];
+        assert!(unsuited(&with_disk, HaMode::MultiOperation).is_some());
+        assert!(unsuited(&vm, HaMode::MultiOperation).is_none(), "no disk: nothing to write twice");
+        // Deleting the VM deletes its pair.
+        pair_of(ha(&store, create(vm.id, 1, None, redundant)));
+        apply(&store, CatalogCommand::Vm(VmCommand::Delete { vm: vm.id }));
+        assert_eq!(pair(&store, vm.id).unwrap(), None);
+    }
+}

@@ -736,7 +736,14 @@ impl HaGate for Arc<HaHost> {
 
 impl HaHost {
     fn owns(&self, vm: VmId) -> bool {
-        let Some(slot) = self.slot(vm) else { return false };
+        // Before this driver first read the pair (a restart: reconcile may run first), the
+        // catalog decides: a protected pair's VM is its standby's checkpoint, never a fresh boot.
+        let Some(slot) = self.slot(vm) else {
+            return crate::catalog::ha::pair(self.vms.store(), vm)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.state != PairState::Degraded);
+        };
         let s = lock(&slot.state);
         match s.core.role() {
             // A new primary's guest stays even while this host's catalog still places the VM

@@ -34,7 +34,6 @@
 //! I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
 
 use haven_proto::ha::{HaCommand, HaHeartbeat, HaMessage, HaMode, HaPairRecord, PairState};
 use haven_proto::ids::{NodeId, VmId};
@@ -1335,31 +1334,7 @@ fn run_seed(seed: u64) -> Result<Stats, String> {
 /// Two thousand seeds by default; `HAVEN_MODEL_SEEDS=N` hunts, `HAVEN_MODEL_SEED=S` replays.
 #[test]
 fn ha_model_seeds() {
-    let seeds = crate::model_seeds::seeds(2_000);
-    let started = Instant::now();
-    let mut total = Stats::default();
-    let mut failures = Vec::new();
-    let mut failed = Vec::new();
-    for seed in &seeds {
-        match run_seed(*seed) {
-            Ok(s) => total.add(&s),
-            Err(e) => {
-                failed.push(*seed);
-                if failures.len() < 3 {
-                    failures.push(e);
-                }
-            }
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "ha model: {} seeds in {secs:.1} s ({:.0} seeds/min), {} failed {:?}; {total:?}",
-        seeds.len(),
-        seeds.len() as f64 * 60.0 / secs,
-        failed.len(),
-        &failed[..failed.len().min(20)]
-    );
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    crate::model_seeds::run_seeds("ha", 2_000, run_seed, |total, s| total.add(s));
 }
 
 // ---- directed schedules -------------------------------------------------------------------------

@@ -175,6 +175,11 @@ pub struct VmHost {
     vms: Mutex<HashMap<VmId, Arc<VmInstance>>>,
     /// Guests received by migration, waiting for the catalog to place them here.
     incoming: Mutex<HashMap<VmId, Arc<dyn GuestDriver>>>,
+    /// VMs whose migration stream is being received here. The destination acknowledges the
+    /// copy before its receiving task has put the guest in `incoming`, and the source may
+    /// commit in between: reconcile must not boot such a VM fresh (a flaky plan test showed a
+    /// destination booting a guest whose memory had just arrived).
+    receiving: Mutex<std::collections::HashSet<VmId>>,
     /// Final reports of migrations that ended here (as destination).
     reports: Mutex<HashMap<VmId, MigrationReport>>,
     /// Link rate measured by the last migration from here (bytes/s), for predictions.
@@ -220,6 +225,7 @@ impl VmHost {
             capacity_mib,
             vms: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
+            receiving: Mutex::default(),
             reports: Mutex::new(HashMap::new()),
             last_bandwidth: Mutex::new(256 << 20),
             group: GroupState::new(data_dir, capture_limit_bytes),
@@ -378,6 +384,8 @@ impl VmHost {
                 Some(i) => i,
                 // An HA pair's guest comes from its standby's checkpoint, never a fresh boot.
                 None if self.ha_owns(id) => continue,
+                // Its memory is arriving: the receiving task hands it over in a moment.
+                None if self.receiving.lock().expect("receiving lock").contains(&id) => continue,
                 None => {
                     // A guest that arrived by migration keeps its memory; otherwise a new guest
                     // boots (a host restart loses a simulated guest's memory, like a power cut).
@@ -859,13 +867,16 @@ impl VmHost {
         };
         let guest: Arc<dyn GuestDriver> = SimulatedGuest::new(spec_of(&record));
         let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
-        match migration::migrate_destination(guest.clone(), tokio::io::join(recv, send), tx).await {
+        self.receiving.lock().expect("receiving lock").insert(vm);
+        let received = migration::migrate_destination(guest.clone(), tokio::io::join(recv, send), tx).await;
+        match received {
             Ok(_) => {
                 info!(%vm, "migration received; waiting for the catalog to place the VM here");
                 self.incoming.lock().expect("incoming lock").insert(vm, guest);
             }
             Err(e) => warn!(%vm, error = %e, "incoming migration failed; copy dropped"),
         }
+        self.receiving.lock().expect("receiving lock").remove(&vm);
     }
 }
 
