@@ -107,6 +107,11 @@ impl<'a> Bytes<'a> {
         head
     }
 
+    /// Whether the input is used up.
+    pub fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
     pub fn rest(self) -> &'a [u8] {
         self.rest
     }

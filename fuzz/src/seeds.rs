@@ -287,6 +287,20 @@ fn blockstore(c: &Corpus) {
     c.put("blockstore_keys", "merge-poisoned", &m);
 }
 
+/// `ha_pair`: a standby taking a full one-frame epoch and a takeover order; a primary issuing
+/// an output, capturing and hearing the acknowledgement (see the target's byte grammar).
+fn ha(c: &Corpus) {
+    // Standby (bit 0 clear), redundant: a checkpoint frame of generation 1 (vm byte 0), kind 0,
+    // two pages, flags full|last, device state, epoch 1, frame 0; then a takeover at 2.
+    let mut s = vec![0u8];
+    s.extend_from_slice(&[5, 0, 1, 0, 0, 2, 1, 4, 1, 2, 3, 4, 3, 4, 9, 9, 9, 9, 3, 2, 7, 7, 1, 0, 0]);
+    s.extend_from_slice(&[5, 1, 1, 2, 0, 6]);
+    c.put("ha_pair", "standby-epoch-takeover", &s);
+    // Primary (bit 0 set): an output, ticks, a capture of epoch 1, an acknowledgement.
+    let p = vec![1u8, 1, 4, 1, 1, 2, 3, 4, 60, 7, 10, 7, 1, 5, 3, 9, 1, 1, 0, 1, 3, 1, 1];
+    c.put("ha_pair", "primary-output-ack", &p);
+}
+
 /// If `HAVEN_FUZZ_WRITE_SEEDS` is set, writes `target`'s seeds under it and exits the process;
 /// otherwise does nothing. Every target calls this from its `init`.
 pub fn write_if_asked(target: &str) {
@@ -301,6 +315,7 @@ pub fn write_if_asked(target: &str) {
     vm_state(&c);
     images(&c, &scratch);
     blockstore(&c);
+    ha(&c);
     let _ = std::fs::remove_dir_all(&scratch);
     let dir = c.root.join(target);
     let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);

@@ -234,6 +234,12 @@ mod tests {
         with_disk.volumes = vec![haven_proto::VolumeId(9)];
         assert!(unsuited(&with_disk, HaMode::MultiOperation).is_some());
         assert!(unsuited(&vm, HaMode::MultiOperation).is_none(), "no disk: nothing to write twice");
+        // No standby on a draining host.
+        let mut batch = WriteBatch::default();
+        CatalogTxn::new(&store, &mut batch).set_draining(NodeId(3), true);
+        store.db().write(batch).unwrap();
+        let draining = ha(&store, create(vm.id, 1, Some(3), redundant));
+        assert!(matches!(&draining, HaOutcome::Refused { reason, .. } if reason.contains("draining")), "{draining:?}");
         // Deleting the VM deletes its pair.
         pair_of(ha(&store, create(vm.id, 1, None, redundant)));
         apply(&store, CatalogCommand::Vm(VmCommand::Delete { vm: vm.id }));
