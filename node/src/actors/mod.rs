@@ -21,11 +21,21 @@ use haven_proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, Body, Caller, 
 
 use crate::transport::{Outbound, Transport};
 
-/// This node process's incarnation (random, drawn once per process start), reported in every
-/// actor's description: a peer that sees it change knows the node restarted.
+/// This node process's incarnation (drawn once per process start, larger than any earlier
+/// process's on the same host), reported in every actor's description and HA heartbeat: a peer
+/// that sees it change knows the node restarted.
 pub fn incarnation() -> u64 {
     static INCARNATION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *INCARNATION.get_or_init(|| rand::random::<u64>().max(1))
+    // The start time in nanoseconds: it grows with every restart of the process on a host, which
+    // the HA leader relies on (it takes a host's heartbeat only if its (incarnation, seq) is
+    // newer than the last one taken; a random draw smaller than the previous process's made the
+    // leader ignore a restarted host for good — found by ha_bench). Random low bits keep two
+    // processes started in the same nanosecond apart.
+    *INCARNATION.get_or_init(|| {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        (nanos & !0xff) | u64::from(rand::random::<u8>()) | 1
+    })
 }
 
 /// The message every actor accepts: one [`ActorMessage`], answered with an [`ActorReply`].

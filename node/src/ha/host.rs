@@ -51,6 +51,8 @@ const TICK: Duration = Duration::from_millis(5);
 const RECORD_EVERY: Duration = Duration::from_millis(50);
 /// Longest an application put waits for its release.
 const PUT_WAIT: Duration = Duration::from_secs(20);
+/// A multi-operation standby compacts its mirrored state once this many updates piled up.
+const COMPACT_EVERY: usize = 256;
 /// Bytes of the device-state header: the vCPU part's length.
 const DEVICE_HEADER: usize = 8;
 
@@ -248,7 +250,9 @@ impl HaHost {
         let s = lock(&slot.state);
         let standby_here = matches!(s.core.role(), Role::Standby(_));
         drop(s);
-        let wanted = standby_here && r.standby == Some(self.me) && r.mode == HaMode::MultiOperation;
+        // Also while the catalog already names this host primary and the takeover order is on
+        // its way: the standby's running guest is the one that takes over.
+        let wanted = standby_here && r.mode == HaMode::MultiOperation;
         let have = self.vms.instance(r.vm);
         match (wanted, have) {
             (true, None) => {
@@ -592,7 +596,7 @@ impl HaHost {
                 "primary"
             }
             Role::Standby(sb) => {
-                st.standby_point = sb.state().map(|t| t.point().1);
+                st.standby_point = sb.point();
                 if sb.ready() {
                     "standby-ready"
                 } else {
@@ -644,17 +648,35 @@ impl HaHost {
         }
     }
 
-    /// A multi-operation standby keeps a folded copy of the application state as updates come.
+    /// A multi-operation standby keeps a folded copy of the application state as updates come:
+    /// only the updates after its copy are applied, and every [`COMPACT_EVERY`] updates the
+    /// core's state is compacted to the folded copy (so neither grows with the update count).
     fn fold_standby_app(&self, s: &mut PairSlot) {
-        let Some(standby) = s.core.standby() else { return };
-        if standby.mode != HaMode::MultiOperation {
+        let Some(app) = s.core.standby().and_then(|sb| sb.app_state()) else {
+            s.standby_app = None;
             return;
+        };
+        let folded = match s.standby_app.take() {
+            Some((applied, mut doc)) if applied >= app.snapshot_seq && applied <= app.applied() => {
+                let newer = app.updates.iter().filter(|(seq, _)| *seq > applied);
+                apply_updates(&mut doc, newer).map(|()| doc)
+            }
+            _ => fold_app_state(app),
+        };
+        let applied = app.applied();
+        let backlog = app.updates.len();
+        match folded {
+            Ok(doc) => {
+                if backlog >= COMPACT_EVERY {
+                    let snapshot = bincode::serialize(&doc).unwrap_or_default();
+                    if let Some(sb) = s.core.standby_mut() {
+                        sb.compact_app(applied, snapshot);
+                    }
+                }
+                s.standby_app = Some((applied, doc));
+            }
+            Err(e) => warn!(vm = %s.core.vm, error = %e, "the mirrored application state does not fold"),
         }
-        let Some(TakeoverState::App(app)) = standby.state() else { return };
-        if s.standby_app.as_ref().is_some_and(|(applied, _)| *applied == app.applied()) {
-            return;
-        }
-        s.standby_app = fold_app_state(&app).ok().map(|doc| (app.applied(), doc));
     }
 
     fn heartbeat(&self) {
@@ -822,14 +844,17 @@ fn fold_app_state(app: &super::core::mirror::AppState) -> Result<Doc, String> {
     } else {
         bincode::deserialize(&app.snapshot).map_err(|e| format!("application snapshot: {e}"))?
     };
-    for (seq, bytes) in &app.updates {
-        if bytes.is_empty() {
-            continue; // an output that changed no application state
-        }
-        let diff: ShareDiff = bincode::deserialize(bytes).map_err(|e| format!("update {seq}: {e}"))?;
-        doc::apply_strict(&mut d, &diff).map_err(|e| format!("update {seq}: {e}"))?;
-    }
+    apply_updates(&mut d, app.updates.iter())?;
     Ok(d)
+}
+
+/// Apply updates (C2 diffs, in order) to `d`; an empty update changed no application state.
+fn apply_updates<'a>(d: &mut Doc, updates: impl Iterator<Item = &'a (u64, Vec<u8>)>) -> Result<(), String> {
+    for (seq, bytes) in updates.filter(|(_, b)| !b.is_empty()) {
+        let diff: ShareDiff = bincode::deserialize(bytes).map_err(|e| format!("update {seq}: {e}"))?;
+        doc::apply_strict(d, &diff).map_err(|e| format!("update {seq}: {e}"))?;
+    }
+    Ok(())
 }
 
 fn ha_message_name(msg: &HaMessage) -> &'static str {

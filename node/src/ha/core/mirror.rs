@@ -70,6 +70,18 @@ impl AppMirror {
         self.state
     }
 
+    /// `snapshot` covers updates `..=seq` (the driver folded them): it becomes the snapshot, and
+    /// the updates it covers go. A `seq` outside what is held changes nothing.
+    pub fn compact(&mut self, seq: u64, snapshot: Vec<u8>) {
+        let Some(st) = &mut self.state else { return };
+        if seq <= st.snapshot_seq || seq > st.applied() {
+            return;
+        }
+        st.snapshot = snapshot;
+        st.snapshot_seq = seq;
+        st.updates.retain(|(s, _)| *s > seq);
+    }
+
     /// A snapshot: taken unless the state already holds as much (a duplicate). Returns the
     /// sequence number to acknowledge.
     pub fn on_snapshot(&mut self, s: &AppSnapshot) -> u64 {
@@ -309,6 +321,23 @@ mod tests {
         assert_eq!((st.snapshot_seq, st.updates.iter().map(|(s, _)| *s).collect::<Vec<_>>()), (3, vec![4, 5]));
         assert_eq!(m.on_snapshot(&snap(9)), 9, "a newer snapshot replaces the state");
         assert!(m.state().unwrap().updates.is_empty());
+    }
+
+    #[test]
+    fn compaction_keeps_what_the_state_holds_and_drops_the_folded_updates() {
+        let mut m = AppMirror::new(2);
+        m.on_snapshot(&snap(3));
+        for seq in 4..=7 {
+            m.on_update(&upd(seq)).unwrap();
+        }
+        m.compact(9, vec![1]);
+        m.compact(3, vec![1]);
+        assert_eq!(m.state().unwrap().snapshot_seq, 3, "outside what is held: nothing changes");
+        m.compact(5, vec![0xbb]);
+        let st = m.state().unwrap();
+        assert_eq!((st.snapshot_seq, st.snapshot.clone(), st.applied()), (5, vec![0xbb], 7));
+        assert_eq!(st.updates.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![6, 7]);
+        assert_eq!(m.on_update(&upd(8)).unwrap(), Some(8), "updates go on after a compaction");
     }
 
     #[test]

@@ -622,6 +622,13 @@ impl PairHost {
         }
     }
 
+    pub fn standby_mut(&mut self) -> Option<&mut Standby> {
+        match &mut self.role {
+            Role::Standby(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// This pair's line in the host's heartbeat.
     pub fn status(&self) -> PairStatus {
         let holding = match &self.role {

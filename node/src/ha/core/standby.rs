@@ -308,6 +308,32 @@ impl Standby {
             }
     }
 
+    /// The epoch (redundant) or update (multi-operation) a takeover would start from now,
+    /// without copying the state.
+    pub fn point(&self) -> Option<u64> {
+        let now = match &self.receiver {
+            Receiver::Image(r) => r.committed().map(|i| i.epoch),
+            Receiver::App(m) => m.state().map(AppState::applied),
+        };
+        now.or_else(|| self.fallback.as_ref().map(|f| f.point().1))
+    }
+
+    /// This generation's multi-operation state, borrowed (the driver folds it as it grows).
+    pub fn app_state(&self) -> Option<&AppState> {
+        match &self.receiver {
+            Receiver::App(m) => m.state(),
+            Receiver::Image(_) => None,
+        }
+    }
+
+    /// Replace the multi-operation snapshot by `snapshot`, the driver's fold of the state up to
+    /// update `seq`, and drop the updates it covers (bounds what a standby keeps).
+    pub fn compact_app(&mut self, seq: u64, snapshot: Vec<u8>) {
+        if let Receiver::App(m) = &mut self.receiver {
+            m.compact(seq, snapshot);
+        }
+    }
+
     /// What a takeover would start from now.
     pub fn state(&self) -> Option<TakeoverState> {
         self.receiver.state().or_else(|| self.fallback.clone())
