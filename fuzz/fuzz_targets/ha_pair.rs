@@ -37,6 +37,12 @@ fn record(generation: u64, primary: u64, standby: Option<u64>, multi: bool) -> H
     }
 }
 
+/// Up to `max - 1` bytes, the count read first.
+fn bytes(b: &mut Bytes, max: u8) -> Vec<u8> {
+    let n = usize::from(b.u8() % max);
+    b.take(n).to_vec()
+}
+
 fn message(b: &mut Bytes) -> HaMessage {
     let generation = u64::from(b.u8() % 6);
     let vm = if b.u8() == 0xff { VmId(9) } else { VM };
@@ -46,13 +52,12 @@ fn message(b: &mut Bytes) -> HaMessage {
             let pages = (0..n)
                 .map(|_| {
                     let page = u64::from(b.u8() % 12);
-                    let len = usize::from(b.u8() % 80);
-                    (page, b.take(len).to_vec())
+                    (page, bytes(b, 80))
                 })
                 .collect();
             let flags = b.u8();
             let last = flags & 2 != 0;
-            let device_state = if last { b.take(usize::from(b.u8() % 16)).to_vec() } else { Vec::new() };
+            let device_state = if last { bytes(b, 16) } else { Vec::new() };
             HaMessage::Checkpoint(Checkpoint {
                 vm,
                 generation,
@@ -70,13 +75,13 @@ fn message(b: &mut Bytes) -> HaMessage {
             vm,
             generation,
             seq: u64::from(b.u8() % 16),
-            state: b.take(usize::from(b.u8() % 16)).to_vec(),
+            state: bytes(b, 16),
         }),
         3 => HaMessage::AppUpdate(AppUpdate {
             vm,
             generation,
             seq: u64::from(b.u8() % 16),
-            data: b.take(usize::from(b.u8() % 8)).to_vec(),
+            data: bytes(b, 8),
         }),
         4 => HaMessage::AppAck(AppAck { vm, generation, seq: u64::from(b.u8() % 16) }),
         5 => HaMessage::Seal { vm, generation },
