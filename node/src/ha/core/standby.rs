@@ -147,6 +147,9 @@ impl ImageReceiver {
             return Err(HaError::NoBase { epoch: f.epoch });
         }
         self.check_pages(f)?;
+        if f.last {
+            self.check_outputs(f)?;
+        }
         let fresh = match self.staged.get(&f.epoch) {
             Some(st) => st.check(f)?,
             None if self.staged.len() >= self.max_staged => {
@@ -167,6 +170,25 @@ impl ImageReceiver {
         });
         st.add(f);
         Ok(self.commit_ready().then(|| self.committed.as_ref().map_or(0, |i| i.epoch)))
+    }
+
+    /// A generation's outputs only grow from epoch to epoch: a last frame claiming fewer than an
+    /// epoch before it (committed or staged) or more than a staged one after it is refused
+    /// (fuzz target `ha_pair` found the standby taking one and asserting later).
+    fn check_outputs(&self, f: &Checkpoint) -> Result<(), HaError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let bad = |why| Err(HaError::Inconsistent { epoch: f.epoch, frame: f.frame, why });
+        let last = |s: &&Staged| s.last.is_some();
+        let staged_before = self.staged.range(..f.epoch).map(|(_, s)| s).filter(last).map(|s| s.outputs).max();
+        let floor = self.committed.as_ref().map_or(0, |i| i.outputs).max(staged_before.unwrap_or(0));
+        if f.outputs < floor {
+            return bad("fewer outputs than an epoch before it");
+        }
+        if self.staged.range((Excluded(f.epoch), Unbounded)).map(|(_, s)| s).filter(last).any(|s| s.outputs < f.outputs)
+        {
+            return bad("more outputs than an epoch after it");
+        }
+        Ok(())
     }
 
     fn check_pages(&self, f: &Checkpoint) -> Result<(), HaError> {
@@ -440,6 +462,25 @@ mod tests {
         assert_eq!(pages, vec![(0, 1), (1, 1), (2, 2)]);
         assert_eq!(r.on_frame(&frame(1, 0, false, true, &[0, 1])).unwrap(), Some(2), "a stale copy re-acks");
         assert_eq!(r.committed().unwrap().pages[&0], vec![1; 4], "and changes nothing");
+    }
+
+    #[test]
+    fn an_epoch_claiming_fewer_outputs_than_the_one_before_is_refused() {
+        // Fuzz target ha_pair: a delta epoch with fewer outputs than the committed image was
+        // taken, and its commit tripped a debug assertion (an image's outputs must only grow).
+        let mut r = ImageReceiver::new(5, SHAPE, 4);
+        r.on_frame(&frame(2, 0, true, true, &[0])).unwrap();
+        let before = r.clone();
+        let back = Checkpoint { outputs: 3, ..frame(3, 0, true, false, &[1]) };
+        assert!(matches!(r.on_frame(&back), Err(HaError::Inconsistent { epoch: 3, .. })));
+        assert_eq!(r, before, "nothing changed");
+        // Staged out of order: an earlier epoch may not claim more than a later staged one.
+        r.on_frame(&frame(5, 0, true, false, &[1])).unwrap();
+        let ahead = Checkpoint { outputs: 99, ..frame(4, 0, true, false, &[1]) };
+        assert!(matches!(r.on_frame(&ahead), Err(HaError::Inconsistent { epoch: 4, .. })));
+        assert!(r.on_frame(&frame(4, 0, true, false, &[1])).is_ok());
+        assert_eq!(r.on_frame(&frame(3, 0, true, false, &[1])).unwrap(), Some(5), "3, then the staged 4 and 5");
+        assert_eq!(r.committed().unwrap().outputs, 50);
     }
 
     #[test]
