@@ -2,7 +2,8 @@
 //! and completion times and its outcome. Checkers judge the run from this alone (the operations
 //! workload adds what its read-backs saw, keyed by op id). Register and append operations come
 //! from the register workload, `block_write`s from the block workload, `migrate`s from the VM
-//! workload, `ops_write`s and `volume_op`s from the operations workload.
+//! workload, `ops_write`s and `volume_op`s from the operations workload, `app_put`s from the HA
+//! workload and `share_put`s from the share workload.
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +58,24 @@ pub enum OpKind {
     #[serde(rename = "volume_op")]
     VolumeOp {
         op: VolumeOpKind,
+    },
+    /// An application put to HA VM `vm` (history key `ha/<vm>/k<slot>`): the `n`th put of that
+    /// VM's workload (every attempt numbered), setting application key `k<slot>` to
+    /// [`crate::ha::app_value`]`(vm, n)`. Ok = acknowledged (released by the pair).
+    #[serde(rename = "app_put")]
+    AppPut {
+        vm: u64,
+        slot: u64,
+        n: u64,
+    },
+    /// A put to the share workload's share at `member` (history key `share/<member>/k<slot>`):
+    /// the `n`th put of that member's writer, setting share key `m<member>/k<slot>` to
+    /// [`crate::shares::share_value`]`(member, n)`.
+    #[serde(rename = "share_put")]
+    SharePut {
+        member: u64,
+        slot: u64,
+        n: u64,
     },
 }
 
@@ -149,6 +168,14 @@ impl OpKind {
     /// An operation of the operations workload (its writes, operations and read-backs).
     pub fn is_operations(&self) -> bool {
         matches!(self, Self::OpsWrite { .. } | Self::VolumeOp { .. })
+    }
+
+    pub fn is_app_put(&self) -> bool {
+        matches!(self, Self::AppPut { .. })
+    }
+
+    pub fn is_share_put(&self) -> bool {
+        matches!(self, Self::SharePut { .. })
     }
 
     /// An operation of the register workload (judged by `linearizable` / `acknowledged-writes`).

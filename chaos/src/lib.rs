@@ -8,11 +8,17 @@
 //! [`checker::blocks`]; with `[vms]` a [`vms`] workload live-migrates guests between hosts,
 //! judged by [`checker::vms`] (no VM lost, none running twice, memory intact); with
 //! `[operations]` an [`operations`] workload snapshots, rolls back, clones, resizes and drives DR
-//! relationships of a volume while writers write to it, judged by [`checker::operations`].
+//! relationships of a volume while writers write to it, judged by [`checker::operations`]; with
+//! `[ha]` an [`ha`] workload protects guests with HA pairs and puts to their application state
+//! while a sampler watches every host's role, judged by [`checker::ha`] (nothing acknowledged
+//! lost, one primary, data intact, failovers happen); with `[shares]` a [`shares`] workload
+//! writes one shared dataset at every member, judged by [`checker::shares`] (copies converge,
+//! nothing acknowledged lost).
 
 pub mod backend;
 pub mod blocks;
 pub mod checker;
+pub mod ha;
 pub mod history;
 pub mod monitor;
 pub mod operations;
@@ -20,5 +26,6 @@ pub mod relay;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod shares;
 pub mod vms;
 pub mod workload;

@@ -48,12 +48,18 @@ pub fn summary(r: &RunReport) -> String {
         };
         let _ = writeln!(
             s,
-            "  {:>7} ms  {:<9} {:<14} {:<7}{}{}{}",
+            "  {:>7} ms  {:<9} {:<14} {:<7}{}{}{}{}",
             f.at_ms,
             f.kind.to_string(),
             f.target,
             node,
             if f.hit_volume_primary { "  (volume primary)" } else { "" },
+            if f.hit_ha_primary.is_empty() {
+                String::new()
+            } else {
+                let vms: Vec<String> = f.hit_ha_primary.iter().map(|v| format!("vm-{v}")).collect();
+                format!("  (HA primary of {})", vms.join(", "))
+            },
             f.failover_ms.map(|m| format!("  failover {m} ms")).unwrap_or_default(),
             f.skipped.as_ref().map(|r| format!("  skipped: {r}")).unwrap_or_default()
         );
@@ -92,6 +98,34 @@ pub fn summary(r: &RunReport) -> String {
     if let Some(v) = &r.vms {
         let placed: Vec<String> = v.final_vms.iter().map(|r| format!("{} on {}", r.id, r.host)).collect();
         let _ = writeln!(s, "vms after healing: {}; {} sightings during the run", placed.join(", "), v.sightings);
+    }
+    if let Some(p) = &r.app_puts {
+        let _ = writeln!(
+            s,
+            "application puts: {} acknowledged, {} failed, {} indeterminate",
+            p.ok, p.failed, p.indeterminate
+        );
+    }
+    if let Some(h) = &r.ha {
+        ha_summary(&mut s, h);
+    }
+    if let Some(p) = &r.share_puts {
+        let _ =
+            writeln!(s, "share puts: {} acknowledged, {} failed, {} indeterminate", p.ok, p.failed, p.indeterminate);
+    }
+    if let Some(sh) = &r.shares {
+        let f = sh.final_share.as_ref().unwrap_or(&sh.share);
+        let _ = writeln!(
+            s,
+            "share {} {:?}: members {}, hub {} (was {}), generation {}; copies identical {}",
+            f.id,
+            f.name,
+            list(&f.members),
+            f.hub,
+            sh.share.hub,
+            f.generation,
+            sh.converged_ms.map_or("never".to_string(), |m| format!("{m} ms after the final reads began"))
+        );
     }
     let fo = &r.failover_ms;
     if fo.samples > 0 {
@@ -167,6 +201,38 @@ fn operations_summary(s: &mut String, o: &crate::run::OperationsReport) {
         o.volume.primary,
         v.epoch,
         o.events.len()
+    );
+}
+
+fn ha_summary(s: &mut String, h: &crate::run::HaReport) {
+    for v in &h.vms {
+        let pair = h.final_state.pairs.get(&v.id.0).and_then(|p| p.as_ref().ok());
+        let line = match pair {
+            Some(p) => format!(
+                "primary {} (was {}), standby {} (was {}), {:?}, generation {}, {} failover(s){}",
+                p.primary,
+                v.pair.primary,
+                p.standby.map_or("none".to_string(), |s| s.to_string()),
+                v.pair.standby.map_or("none".to_string(), |s| s.to_string()),
+                p.state,
+                p.generation,
+                p.failovers,
+                p.last_failover
+                    .as_ref()
+                    .map(|f| format!("; last {} -> {} ({}), took {} ms", f.from, f.to, f.reason, f.took_ms))
+                    .unwrap_or_default()
+            ),
+            None => "pair unreadable after healing".to_string(),
+        };
+        let _ = writeln!(s, "HA {} {:?} {:?}: {line}", v.id, v.name, v.mode);
+    }
+    let _ = writeln!(
+        s,
+        "HA sampler: {} sightings, {} pair records; longest run on two hosts at once {} ms; settled {}",
+        h.observations.sightings.len(),
+        h.observations.pairs.len(),
+        h.longest_overlap_ms,
+        h.final_state.settled_ms.map_or("never".to_string(), |m| format!("{m} ms after the final reads began"))
     );
 }
 

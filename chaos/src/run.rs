@@ -1,7 +1,9 @@
 //! One chaos run: start the backend, run the workload while the fault schedule fires, heal
 //! everything, then judge the run with the checkers and write the report. With `[blocks]`, the
 //! volume is created once the cluster is healthy (before the clock starts) and the block
-//! workload runs alongside the register workload; likewise `[operations]` and its volume.
+//! workload runs alongside the register workload; likewise `[operations]` and its volume,
+//! `[vms]`, `[ha]` (guests protected by HA pairs, their application puts and a role sampler) and
+//! `[shares]` (one shared dataset written at every member).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,13 +20,17 @@ use crate::blocks::{self, InSync};
 use crate::checker::blocks::BlockCheck;
 use crate::checker::operations::{Observations, OperationsCheck};
 use crate::checker::{self, CheckResult, Stats};
+use crate::ha;
 use crate::history::{Op, Outcome};
 use crate::monitor::{self, LeaderSample};
 use crate::operations;
 use crate::relay::LinkShape;
 use crate::scenario::{FaultKind, FaultSpec, Scenario, Target};
+use crate::shares;
 use crate::vms;
 use crate::workload;
+use haven_client::proto::ha::HaPairRecord;
+use haven_client::proto::share::{ShareMemberStatus, ShareRecord};
 use haven_client::proto::vm::VmRecord;
 use haven_client::proto::volume::{VolumeEvent, VolumeRecord};
 use haven_client::proto::VmId;
@@ -42,6 +48,9 @@ pub struct FaultRecord {
     pub hit_leader: bool,
     /// Whether the node was the block volume's primary (as the catalog last said) when it fired.
     pub hit_volume_primary: bool,
+    /// The HA VMs whose pair's primary the node was (as the catalog last said) when it fired.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hit_ha_primary: Vec<u64>,
     /// The other end of a `cut`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<u64>,
@@ -93,6 +102,32 @@ pub struct VmReport {
     pub sightings: usize,
 }
 
+/// What the HA workload saw and how its pairs ended up.
+#[derive(Debug, Clone, Serialize)]
+pub struct HaReport {
+    /// The VMs and their pairs as set up.
+    pub vms: Vec<ha::HaVm>,
+    /// What the healed cluster said: pairs, application states, data checks, the last survey.
+    pub final_state: ha::HaFinal,
+    /// The longest time a guest was seen running on two hosts at once (ms).
+    pub longest_overlap_ms: u64,
+    /// The sampler's log: every host's role and guest state per survey, and the catalog's pairs.
+    pub observations: ha::HaObservations,
+}
+
+/// What the share workload did and how its share ended up.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShareReport {
+    /// The share as created.
+    pub share: ShareRecord,
+    /// The share as the catalog recorded it after the checks.
+    pub final_share: Option<ShareRecord>,
+    /// How long after the final reads began every member's copy was identical (None: never).
+    pub converged_ms: Option<u64>,
+    /// Each member's sync state after the checks.
+    pub members: Vec<ShareMemberStatus>,
+}
+
 /// What the operations workload did and how its volume ended up.
 #[derive(Debug, Clone, Serialize)]
 pub struct OperationsReport {
@@ -134,6 +169,16 @@ pub struct RunReport {
     pub volume_operations: Option<OpCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operations_workload: Option<OperationsReport>,
+    /// Application puts to the HA VMs (with `[ha]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_puts: Option<OpCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha: Option<HaReport>,
+    /// Share puts (with `[shares]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_puts: Option<OpCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shares: Option<ShareReport>,
     pub failover_ms: Stats,
     pub heal_ms: Option<u64>,
     pub checkers: Vec<CheckResult>,
@@ -194,6 +239,23 @@ async fn drive(
         ),
         None => None,
     };
+    let node_ids = backend.node_ids();
+    let ha_vms = match &scenario.ha {
+        Some(spec) => Some(
+            ha::setup(&backend.client()?, spec, &node_ids, Duration::from_secs(60) + spec.ready_within)
+                .await
+                .context("setting up the HA workload's pairs")?,
+        ),
+        None => None,
+    };
+    let share = match &scenario.shares {
+        Some(spec) => Some(
+            shares::setup(&backend.client()?, spec, &node_ids, Duration::from_secs(60))
+                .await
+                .context("setting up the share workload's share")?,
+        ),
+        None => None,
+    };
     let epoch = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let history = Arc::new(Mutex::new(Vec::new()));
@@ -239,6 +301,37 @@ async fn drive(
         }
         _ => None,
     };
+    let ha_observations: ha::SharedObservations = Arc::default();
+    let ha_node_clients = match &ha_vms {
+        Some(_) => {
+            nodes.iter().map(|n| backend.client_of(n.0).map(|c| (n.0, c))).collect::<anyhow::Result<Vec<_>>>()?
+        }
+        None => Vec::new(),
+    };
+    let ha_workload = match (&scenario.ha, &ha_vms) {
+        (Some(spec), Some(vms)) => {
+            let env = ha::Env {
+                spec: spec.clone(),
+                vms: vms.clone(),
+                put_clients: vms.iter().map(|_| backend.client()).collect::<anyhow::Result<Vec<_>>>()?,
+                node_clients: ha_node_clients.clone(),
+                catalog: backend.client()?,
+                epoch,
+                history: history.clone(),
+                observations: ha_observations.clone(),
+            };
+            Some(tokio::spawn(ha::run(env, stop_rx.clone())))
+        }
+        _ => None,
+    };
+    let share_workload = match (&scenario.shares, &share) {
+        (Some(spec), Some(share)) => {
+            let clients = share.members.iter().map(|_| backend.client()).collect::<anyhow::Result<Vec<_>>>()?;
+            let (spec, share, history, stop) = (spec.clone(), share.clone(), history.clone(), stop_rx.clone());
+            Some(tokio::spawn(async move { shares::run(&spec, &share, clients, epoch, stop, history).await }))
+        }
+        _ => None,
+    };
     let observations: operations::SharedObservations = Arc::default();
     let ops_env = ops_volume.as_ref().zip(scenario.operations.as_ref()).map(|(v, spec)| operations::Env {
         spec: spec.clone(),
@@ -262,6 +355,9 @@ async fn drive(
     let probe = backend.client()?.with_deadline(Duration::from_secs(1));
     let probed = volume.as_ref().or(ops_volume.as_ref()).map(|v| v.id);
     let mut volume_primary = volume.as_ref().or(ops_volume.as_ref()).map(|v| v.primary.0);
+    // Likewise each HA VM's primary (the `ha_primary` target is the first VM's).
+    let mut ha_primaries: BTreeMap<u64, u64> = ha_vms.iter().flatten().map(|v| (v.id.0, v.pair.primary.0)).collect();
+    let first_ha_vm = ha_vms.as_ref().and_then(|v| v.first()).map(|v| v.id.0);
 
     // Fire the schedule. Heals are kept in a queue ordered by time so that process faults heal
     // in order even when they overlap.
@@ -277,13 +373,20 @@ async fn drive(
             if let Ok(v) = probe.volume(&vol.0.to_string()).await {
                 volume_primary = Some(v.primary.0);
             }
+        }
+        if let Some(vms) = &ha_vms {
+            ha_primaries.extend(ha::primaries(&probe, vms).await);
+        }
+        if probed.is_some() || ha_vms.is_some() {
             // Asking may have taken a while: apply the heals that fell due meanwhile first.
             let now = epoch.elapsed();
             heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, now).await;
         }
         let t_ms = epoch.elapsed().as_millis() as u64;
         let leader = monitor::leader_at(&samples.lock().expect("samples"), t_ms);
-        let node = pick_target(spec.target, leader.map(|l| l.0), volume_primary, &nodes, &faulted, &mut rng);
+        let ha_primary = first_ha_vm.and_then(|vm| ha_primaries.get(&vm).copied());
+        let node =
+            pick_target(spec.target, leader.map(|l| l.0), volume_primary, ha_primary, &nodes, &faulted, &mut rng);
         let mut record = FaultRecord {
             kind: spec.kind,
             target: spec.target.to_string(),
@@ -292,6 +395,7 @@ async fn drive(
             healed_ms: None,
             hit_leader: node.is_some() && node == leader.map(|l| l.0),
             hit_volume_primary: node.is_some() && node == volume_primary,
+            hit_ha_primary: ha_primaries.iter().filter(|(_, p)| Some(**p) == node).map(|(vm, _)| *vm).collect(),
             peer: None,
             failover_ms: None,
             skipped: None,
@@ -326,6 +430,12 @@ async fn drive(
         let _ = w.await;
     }
     if let Some(w) = ops_workload {
+        let _ = w.await;
+    }
+    if let Some(w) = ha_workload {
+        let _ = w.await;
+    }
+    if let Some(w) = share_workload {
         let _ = w.await;
     }
     heal_due(backend, &mut pending_heals, &mut faulted, &mut records, epoch, Duration::MAX).await;
@@ -418,6 +528,29 @@ async fn drive(
         Some(env) => Some(judge_operations(backend, env, &history, &mut checks).await?),
         None => None,
     };
+    let ha_report = match (&scenario.ha, ha_vms) {
+        (Some(spec), Some(vms)) => {
+            let observations = std::mem::take(&mut *ha_observations.lock().expect("observations"));
+            let client = backend.client()?;
+            Some(
+                judge_ha(spec, &client, &ha_node_clients, vms, observations, &records, &history, epoch, &mut checks)
+                    .await,
+            )
+        }
+        _ => None,
+    };
+    let share_report = match share {
+        Some(share) => {
+            let client = backend.client()?;
+            let within = scenario.checkers.heal_within;
+            let (copies, converged_ms) = shares::final_copies(&client, &share, within).await;
+            checks.push(checker::shares::converged(&history, &copies, converged_ms, within.as_millis() as u64));
+            let final_share = client.share(&share.id.0.to_string()).await.ok();
+            let members = client.share_members(share.id).await.unwrap_or_default();
+            Some(ShareReport { share, final_share, converged_ms, members })
+        }
+        None => None,
+    };
     let leader_faults: Vec<&FaultRecord> = records.iter().filter(|r| r.hit_leader).collect();
     let failovers: Vec<f64> = leader_faults.iter().filter_map(|r| r.failover_ms).map(|m| m as f64).collect();
     let unrecovered = leader_faults.iter().filter(|r| r.failover_ms.is_none() && r.kind != FaultKind::Delay).count();
@@ -454,6 +587,10 @@ async fn drive(
         vms: vm_report,
         volume_operations: ops_env.as_ref().map(|_| OpCounts::of(history.iter().filter(|o| o.kind.is_operations()))),
         operations_workload: ops_report,
+        app_puts: scenario.ha.as_ref().map(|_| OpCounts::of(history.iter().filter(|o| o.kind.is_app_put()))),
+        ha: ha_report,
+        share_puts: scenario.shares.as_ref().map(|_| OpCounts::of(history.iter().filter(|o| o.kind.is_share_put()))),
+        shares: share_report,
         failover_ms: Stats::of(failovers),
         heal_ms,
         checkers: checks,
@@ -477,6 +614,48 @@ async fn judge_operations(
     checks.push(catalog);
     let (final_volume, events) = blocks::describe_volume(&client, env.volume.id).await;
     Ok(OperationsReport { volume: env.volume.clone(), final_volume, check, observations, events })
+}
+
+/// The HA workload's checkers and report: the final survey and reads, then `ha-single-primary`,
+/// `ha-acked-updates`, `ha-data` and `ha-failovers`.
+#[allow(clippy::too_many_arguments)]
+async fn judge_ha(
+    spec: &crate::scenario::HaSpec,
+    client: &haven_client::HavenClient,
+    node_clients: &[(u64, haven_client::HavenClient)],
+    vms: Vec<ha::HaVm>,
+    observations: ha::HaObservations,
+    faults: &[FaultRecord],
+    history: &[Op],
+    epoch: Instant,
+    checks: &mut Vec<CheckResult>,
+) -> HaReport {
+    use checker::ha as judge;
+    let final_state = ha::final_state(client, node_clients, &vms, epoch, spec.recover_within).await;
+    let max_overlap_ms = spec.max_overlap.as_millis() as u64;
+    let mut all: Vec<ha::HaSighting> = observations.sightings.clone();
+    all.extend(final_state.sightings.iter().cloned());
+    let (runs, longest_overlap_ms) = judge::double_runs(&observations.sightings, max_overlap_ms);
+    let at_end = judge::placed_once_at_end(&vms, &final_state.survey_pairs, &final_state.sightings);
+    checks.push(judge::single_primary(
+        judge::two_primaries(&all),
+        runs,
+        at_end,
+        longest_overlap_ms,
+        observations.sightings.len(),
+        max_overlap_ms,
+    ));
+    checks.push(judge::acked_updates(history, &final_state.views));
+    checks.push(checker::vms::data_named("ha-data", &final_state.checks));
+    let kills: Vec<judge::PrimaryKill> = faults
+        .iter()
+        .filter(|f| f.kind == FaultKind::Kill && f.skipped.is_none())
+        .flat_map(|f| f.hit_ha_primary.iter().map(move |vm| (f, *vm)))
+        .filter_map(|(f, vm)| f.node.map(|node| judge::PrimaryKill { vm, node, at_ms: f.at_ms }))
+        .collect();
+    let initial: BTreeMap<u64, HaPairRecord> = vms.iter().map(|v| (v.id.0, v.pair.clone())).collect();
+    checks.push(judge::failovers(&kills, &observations.pairs, &initial, &final_state.pairs));
+    HaReport { vms, final_state, longest_overlap_ms, observations }
 }
 
 fn replay_command(path: &Path, seed: u64) -> String {
@@ -532,6 +711,7 @@ fn pick_target(
     target: Target,
     leader: Option<u64>,
     volume_primary: Option<u64>,
+    ha_primary: Option<u64>,
     nodes: &[(u64, std::net::SocketAddr)],
     faulted: &HashMap<u64, FaultKind>,
     rng: &mut impl Rng,
@@ -547,6 +727,7 @@ fn pick_target(
         Target::Random => pick(&healthy, rng),
         Target::Node(n) => healthy.contains(&n).then_some(n),
         Target::VolumePrimary => volume_primary.filter(|p| healthy.contains(p)),
+        Target::HaPrimary => ha_primary.filter(|p| healthy.contains(p)),
     }
 }
 

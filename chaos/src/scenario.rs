@@ -16,12 +16,13 @@
 //! [[faults]]
 //! at = "4s"
 //! kind = "kill"            # kill | pause | partition | isolate | cut | delay | loss | reorder
-//! target = "leader"        # leader | follower | random | node:N | volume_primary
+//! target = "leader"        # leader | follower | random | node:N | volume_primary | ha_primary
 //! heal_after = "2s"        # restart / resume / reconnect after this long
 //! [random_faults]
 //! per_minute = 6
 //! kinds = ["kill", "pause", "isolate"]
 //! targets = ["leader", "volume_primary"]   # optional; default leader, follower, random
+//!                          # (also ha_primary: the first HA VM's primary, with [ha])
 //! [blocks]                 # optional: a block-volume workload (absent = none)
 //! volume_size = "16MiB"    # or a number of bytes
 //! replicas = 2             # 2 or 3
@@ -41,6 +42,13 @@
 //! memory_mib = 32
 //! dirty_rate = 500         # page writes per second per guest
 //! migrate_every = "2s"     # start a migration this often
+//! [ha]                     # optional: HA-protected guests under an application put load (absent = none)
+//! count = 2
+//! modes = ["redundant", "multi_operation"]   # VM i gets modes[i % len]
+//! epoch_ms = 50            # checkpoint epoch of the redundant pairs
+//! put_rate = 20            # application puts per second per VM
+//! [shares]                 # optional: one shared dataset on every node, written at every member
+//! put_rate = 10            # puts per second per member
 //! [checkers]
 //! heal_within = "15s"
 //! ```
@@ -83,6 +91,12 @@ pub struct Scenario {
     /// on a volume of its own, with writers alongside), if any.
     #[serde(default)]
     pub operations: Option<OperationsSpec>,
+    /// HA-protected guests under an application put load, if any.
+    #[serde(default)]
+    pub ha: Option<HaSpec>,
+    /// One shared dataset written at every member, if any.
+    #[serde(default)]
+    pub shares: Option<ShareSpec>,
     #[serde(default)]
     pub checkers: CheckerSpec,
 }
@@ -384,6 +398,202 @@ impl VmWorkloadSpec {
     }
 }
 
+/// The HA workload: `count` running guests, each protected by an HA pair (VM `i` in mode
+/// `modes[i % len]`; even VMs get a standby the harness picks, odd ones let the leader pick),
+/// while one client per VM puts keys of its application state (`app_put`) at `put_rate`, and a
+/// sampler asks every host for the pair's role there and the guest's run state. The checkers
+/// `ha-acked-updates`, `ha-single-primary`, `ha-data` and `ha-failovers` judge the run.
+/// Redundant VMs write a disk of their own when `disk_rate` > 0; multi-operation VMs never do
+/// (the catalog refuses a multi-operation pair for a VM that writes disks).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HaSpec {
+    #[serde(default = "two_vms")]
+    pub count: usize,
+    /// Guest memory in MiB.
+    #[serde(default = "vm_memory_mib")]
+    pub memory_mib: u64,
+    /// Page writes per second of each guest's workload.
+    #[serde(default = "vm_dirty_rate")]
+    pub dirty_rate: u64,
+    /// Block writes per second of each redundant guest's disk (0 = no disks).
+    #[serde(default)]
+    pub disk_rate: u64,
+    /// Size of each redundant guest's disk (a 2-replica volume), MiB.
+    #[serde(default = "vm_disk_mib")]
+    pub disk_mib: u64,
+    /// The pairs' modes, cycled over the VMs.
+    #[serde(default = "ha_modes")]
+    pub modes: Vec<HaModeSpec>,
+    /// The redundant pairs' checkpoint epoch (5..=10000 ms).
+    #[serde(default = "epoch_ms")]
+    pub epoch_ms: u32,
+    /// Keys each VM's put workload cycles through (a put overwrites the key's previous value).
+    #[serde(default = "sixteen_keys")]
+    pub keys: u64,
+    /// Application puts per second per VM (one at a time).
+    #[serde(default = "put_rate")]
+    pub put_rate: u32,
+    /// Per-put deadline (after which the outcome is indeterminate).
+    #[serde(default = "put_timeout", with = "dur")]
+    pub op_timeout: Duration,
+    /// At setup, how long each pair's standby may take to be ready.
+    #[serde(default = "ready_within", with = "dur")]
+    pub ready_within: Duration,
+    /// After healing, how long each VM may take to answer from its primary again.
+    #[serde(default = "recover_within", with = "dur")]
+    pub recover_within: Duration,
+    /// Longest a guest may be seen running on two hosts at once (not counting a multi-operation
+    /// standby's guest, which runs by design). A primary cut off from the cluster does not know
+    /// it was deposed and runs on until its host lease lapses (`[fence] fence_after_ms`, 4 s);
+    /// the default adds one second of sampling slack to that bound.
+    #[serde(default = "max_overlap", with = "dur")]
+    pub max_overlap: Duration,
+}
+
+/// The mode of an HA pair in a scenario.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HaModeSpec {
+    /// Checkpoint epochs of `epoch_ms` to a stopped standby.
+    Redundant,
+    /// The standby's guest runs beside the primary's; application updates are mirrored.
+    MultiOperation,
+}
+
+fn two_vms() -> usize {
+    2
+}
+fn ha_modes() -> Vec<HaModeSpec> {
+    vec![HaModeSpec::Redundant, HaModeSpec::MultiOperation]
+}
+fn epoch_ms() -> u32 {
+    50
+}
+fn sixteen_keys() -> u64 {
+    16
+}
+fn put_rate() -> u32 {
+    20
+}
+fn put_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn ready_within() -> Duration {
+    Duration::from_secs(30)
+}
+fn max_overlap() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl HaSpec {
+    /// The mode of VM `i`.
+    pub fn mode_of(&self, i: usize) -> HaModeSpec {
+        self.modes[i % self.modes.len()]
+    }
+
+    fn validate(&self, nodes: usize) -> Result<(), String> {
+        if !(1..=8).contains(&self.count) {
+            return Err(format!("ha.count: {} is outside 1..=8", self.count));
+        }
+        if nodes < 2 {
+            return Err("ha: a pair needs at least 2 nodes (a primary and a standby)".into());
+        }
+        if !(1..=1024).contains(&self.memory_mib) {
+            return Err(format!("ha.memory_mib: {} is outside 1..=1024", self.memory_mib));
+        }
+        if self.dirty_rate > 1_000_000 {
+            return Err(format!("ha.dirty_rate: {} page writes/s is above 1000000", self.dirty_rate));
+        }
+        if self.modes.is_empty() {
+            return Err("ha.modes: name at least one mode (redundant, multi_operation)".into());
+        }
+        if !(5..=10_000).contains(&self.epoch_ms) {
+            return Err(format!("ha.epoch_ms: {} is outside 5..=10000", self.epoch_ms));
+        }
+        if !(1..=1000).contains(&self.keys) {
+            return Err(format!("ha.keys: {} is outside 1..=1000", self.keys));
+        }
+        if !(1..=1000).contains(&self.put_rate) {
+            return Err(format!("ha.put_rate: {} puts per second is outside 1..=1000", self.put_rate));
+        }
+        if self.disk_rate > 0 && !(1..=1024).contains(&self.disk_mib) {
+            return Err(format!("ha.disk_mib: {} is outside 1..=1024", self.disk_mib));
+        }
+        if self.op_timeout.is_zero() || self.ready_within.is_zero() || self.recover_within.is_zero() {
+            return Err("ha: op_timeout, ready_within and recover_within must be greater than zero".into());
+        }
+        if self.max_overlap < Duration::from_millis(500) {
+            return Err("ha.max_overlap: must be at least 500ms (two sightings apart)".into());
+        }
+        Ok(())
+    }
+}
+
+/// The share workload: one shared dataset (C2) on every node; one writer per member puts its own
+/// keys (`keys` of them, cycled) at that member at `put_rate` while the faults fire. The
+/// `share-converged` checker reads every member's copy after healing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShareSpec {
+    #[serde(default = "share_name")]
+    pub name: String,
+    /// Keys each member's writer cycles through.
+    #[serde(default = "eight_keys")]
+    pub keys: u64,
+    /// Puts per second per member (one at a time).
+    #[serde(default = "share_put_rate")]
+    pub put_rate: u32,
+    /// Wait for every member to hold a put (`all`) or for the hub to reflect it (`hub`).
+    #[serde(default = "share_ack")]
+    pub ack: ShareAckSpec,
+    /// Per-put deadline (after which the outcome is indeterminate).
+    #[serde(default = "put_timeout", with = "dur")]
+    pub op_timeout: Duration,
+}
+
+/// When a share put is acknowledged.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ShareAckSpec {
+    Hub,
+    All,
+}
+
+fn share_name() -> String {
+    "chaos-share".into()
+}
+fn eight_keys() -> u64 {
+    8
+}
+fn share_put_rate() -> u32 {
+    10
+}
+fn share_ack() -> ShareAckSpec {
+    ShareAckSpec::Hub
+}
+
+impl ShareSpec {
+    fn validate(&self, nodes: usize) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 100 {
+            return Err("shares.name: the name must be 1..=100 bytes".into());
+        }
+        if nodes < 2 {
+            return Err("shares: a share needs at least 2 members (nodes)".into());
+        }
+        if !(1..=1000).contains(&self.keys) {
+            return Err(format!("shares.keys: {} is outside 1..=1000", self.keys));
+        }
+        if !(1..=1000).contains(&self.put_rate) {
+            return Err(format!("shares.put_rate: {} puts per second is outside 1..=1000", self.put_rate));
+        }
+        if self.op_timeout.is_zero() {
+            return Err("shares.op_timeout: must be greater than zero".into());
+        }
+        Ok(())
+    }
+}
+
 /// The block size the block workload writes (the volume's default block size).
 pub const BLOCK_BYTES: u64 = 4096;
 
@@ -490,6 +700,8 @@ pub enum Target {
     /// The block workload volume's primary (else the operations workload's), as the catalog
     /// names it when the fault fires.
     VolumePrimary,
+    /// The primary of the first HA VM's pair, as the catalog names it when the fault fires.
+    HaPrimary,
 }
 
 impl<'de> Deserialize<'de> for Target {
@@ -500,9 +712,10 @@ impl<'de> Deserialize<'de> for Target {
             "follower" => Ok(Self::Follower),
             "random" => Ok(Self::Random),
             "volume_primary" => Ok(Self::VolumePrimary),
+            "ha_primary" | "ha-primary" => Ok(Self::HaPrimary),
             other => other.strip_prefix("node:").and_then(|n| n.parse().ok()).map(Self::Node).ok_or_else(|| {
                 serde::de::Error::custom(format!(
-                    "unknown target {other:?}; use leader, follower, random, volume_primary or node:N"
+                    "unknown target {other:?}; use leader, follower, random, volume_primary, ha_primary or node:N"
                 ))
             }),
         }
@@ -517,6 +730,7 @@ impl fmt::Display for Target {
             Self::Random => f.write_str("random"),
             Self::Node(n) => write!(f, "node:{n}"),
             Self::VolumePrimary => f.write_str("volume_primary"),
+            Self::HaPrimary => f.write_str("ha_primary"),
         }
     }
 }
@@ -636,6 +850,12 @@ impl Scenario {
         if let Some(o) = &self.operations {
             o.validate(self.cluster.nodes)?;
         }
+        if let Some(h) = &self.ha {
+            h.validate(self.cluster.nodes)?;
+        }
+        if let Some(s) = &self.shares {
+            s.validate(self.cluster.nodes)?;
+        }
         let check_target = |what: &str, t: Target| -> Result<(), String> {
             match t {
                 Target::Node(n) if n == 0 || n as usize > self.cluster.nodes => {
@@ -644,6 +864,9 @@ impl Scenario {
                 Target::VolumePrimary if self.blocks.is_none() && self.operations.is_none() => Err(format!(
                     "{what}: volume_primary needs a [blocks] or [operations] section (a volume to have a primary)"
                 )),
+                Target::HaPrimary if self.ha.is_none() => {
+                    Err(format!("{what}: ha_primary needs an [ha] section (a pair to have a primary)"))
+                }
                 _ => Ok(()),
             }
         };
@@ -949,5 +1172,31 @@ kinds = ["pause", "isolate"]
         let s = Scenario::parse(&format!("{targets}\n[blocks]\n")).unwrap();
         let random: Vec<_> = s.schedule().into_iter().filter(|f| f.kind == FaultKind::Cut).collect();
         assert!(!random.is_empty() && random.iter().all(|f| f.target == Target::VolumePrimary));
+    }
+
+    #[test]
+    fn ha_and_shares_sections_parse_and_validate() {
+        let s = Scenario::parse(&format!("{OK}\n[ha]\n[shares]\n")).unwrap();
+        let h = s.ha.unwrap();
+        assert_eq!(
+            (h.count, h.epoch_ms, h.mode_of(0), h.mode_of(1)),
+            (2, 50, HaModeSpec::Redundant, HaModeSpec::MultiOperation)
+        );
+        assert_eq!(s.shares.unwrap().ack, ShareAckSpec::Hub);
+        let with = |b: &str| format!("{OK}\n[ha]\n{b}\n");
+        let e = Scenario::parse(&with("epoch_ms = 2")).unwrap_err();
+        assert!(e.contains("ha.epoch_ms"), "{e}");
+        let e = Scenario::parse(&with("modes = []")).unwrap_err();
+        assert!(e.contains("ha.modes"), "{e}");
+        let e = Scenario::parse(&with("modes = [\"mirrored\"]")).unwrap_err();
+        assert!(e.contains("mirrored") && e.contains("line 15"), "{e}");
+        let e = Scenario::parse(&format!("{OK}\n[shares]\nput_rate = 0\n")).unwrap_err();
+        assert!(e.contains("shares.put_rate"), "{e}");
+        let primary = OK.replace("kind = \"kill\"", "kind = \"kill\"\ntarget = \"ha_primary\"");
+        let e = Scenario::parse(&primary).unwrap_err();
+        assert!(e.contains("faults[0].target") && e.contains("[ha]"), "{e}");
+        let s = Scenario::parse(&format!("{primary}\n[ha]\n")).unwrap();
+        assert_eq!(s.faults[0].target, Target::HaPrimary);
+        assert_eq!(s.faults[0].target.to_string(), "ha_primary");
     }
 }

@@ -125,8 +125,11 @@ async fn execute(
         | OpKind::BlockRead { .. }
         | OpKind::Migrate { .. }
         | OpKind::OpsWrite { .. }
-        | OpKind::VolumeOp { .. } => Err(ClientError::Protocol(
-            "block writes, migrations and volume operations belong to their own workloads".into(),
+        | OpKind::VolumeOp { .. }
+        | OpKind::AppPut { .. }
+        | OpKind::SharePut { .. } => Err(ClientError::Protocol(
+            "block writes, migrations, volume operations, application and share puts belong to their own workloads"
+                .into(),
         )),
     }
 }

@@ -2,8 +2,9 @@
 //! checker, the deliberately broken cluster is caught, bad scenario files are refused with the
 //! field named, a replicated block volume keeps every acknowledged write through primary kills
 //! and link faults, user operations on a volume (snapshot, rollback, clone, resize, DR
-//! relationships) keep their promises under faults, and (when a Docker engine is present) the
-//! compose cluster survives a kill.
+//! relationships) keep their promises under faults, HA pairs fail over with nothing acknowledged
+//! lost and one primary at a time while a shared dataset converges, and (when a Docker engine is
+//! present) the compose cluster survives a kill.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -124,6 +125,32 @@ fn vms_migrate_under_host_and_link_faults_and_run_exactly_once() {
     println!("{summary}");
 }
 
+/// HA pairs (one redundant, one multi-operation) under a kill of the first pair's primary host, an
+/// isolation of its primary and a link delay, with application puts throughout, and one share
+/// written at every member: nothing acknowledged is lost, one primary at a time, the guests' data
+/// checks out, the killed primary's pair failed over, and every member's copy converges.
+#[test]
+fn ha_pairs_fail_over_with_nothing_acknowledged_lost_and_shares_converge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, report) = run_scenario("ha-pairs.toml", &tmp.path().join("run"));
+    let summary = std::fs::read_to_string(tmp.path().join("run/summary.txt")).unwrap();
+    println!("{summary}");
+    for name in
+        ["heals", "ha-acked-updates", "ha-single-primary", "ha-data", "ha-failovers", "share-converged", "linearizable"]
+    {
+        assert_eq!(checker(&report, name)["passed"], true, "{name}: {summary}");
+    }
+    assert!(o.status.success(), "ha-pairs run failed:\n{summary}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(report["app_puts"]["ok"].as_u64().unwrap() > 100, "too few acknowledged puts:\n{summary}");
+    assert!(report["share_puts"]["ok"].as_u64().unwrap() > 0, "{summary}");
+    let faults = report["faults"].as_array().unwrap();
+    let kill = faults.iter().find(|f| f["kind"] == "kill").unwrap();
+    assert!(kill["skipped"].is_null() && kill["hit_ha_primary"].as_array().is_some_and(|v| !v.is_empty()), "{summary}");
+    let vms = report["ha"]["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2, "{summary}");
+    assert!(report["ha"]["observations"]["sightings"].as_array().unwrap().len() > 100, "{summary}");
+}
+
 /// Snapshots, rollbacks, clones, resizes and DR relationship create/pause/resume/reverse/delete
 /// under kills, cuts and delays: every read-back holds what the operations promise.
 #[test]
@@ -191,6 +218,16 @@ fn bad_scenario_files_name_the_field() {
             "volume primary without blocks",
             "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[[faults]]\nat='1s'\nkind='kill'\ntarget='volume_primary'\n",
             "faults[0].target",
+        ),
+        (
+            "HA primary without [ha]",
+            "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[[faults]]\nat='1s'\nkind='kill'\ntarget='ha_primary'\n",
+            "[ha]",
+        ),
+        (
+            "HA epoch",
+            "name='x'\nduration='5s'\n[cluster]\nbackend='local'\n[ha]\nepoch_ms=1\n",
+            "ha.epoch_ms",
         ),
         (
             "compose with a delay",

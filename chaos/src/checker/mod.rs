@@ -2,8 +2,10 @@
 //! the recorded history and what the healed cluster says; they never change the cluster.
 
 pub mod blocks;
+pub mod ha;
 pub mod linearizability;
 pub mod operations;
+pub mod shares;
 pub mod vms;
 
 use std::collections::{BTreeMap, HashMap};

@@ -114,7 +114,11 @@ pub fn runs_once(during: Vec<VmViolation>, at_end: Vec<VmViolation>, vms: usize,
 
 /// `vm-data`: every check passed.
 pub fn data(checks: &BTreeMap<u64, Result<VmCheck, String>>) -> CheckResult {
-    const NAME: &str = "vm-data";
+    data_named("vm-data", checks)
+}
+
+/// The `vm-data` judgement under another checker's name (`ha-data`).
+pub fn data_named(name: &str, checks: &BTreeMap<u64, Result<VmCheck, String>>) -> CheckResult {
     let bad: Vec<String> = checks
         .iter()
         .filter_map(|(vm, r)| match r {
@@ -132,7 +136,7 @@ pub fn data(checks: &BTreeMap<u64, Result<VmCheck, String>>) -> CheckResult {
         let disks: usize = ok.iter().map(|c| c.disks.len()).sum();
         let acked: u64 = ok.iter().flat_map(|c| &c.disks).map(|d| d.acked).sum();
         CheckResult::pass(
-            NAME,
+            name,
             format!(
                 "{} VMs' memory and {disks} disks check out ({pages} written pages, {acked} acknowledged disk \
                  writes verified)",
@@ -140,7 +144,7 @@ pub fn data(checks: &BTreeMap<u64, Result<VmCheck, String>>) -> CheckResult {
             ),
         )
     } else {
-        CheckResult::fail(NAME, format!("{} VM(s) failed: {}", bad.len(), bad.join("; ")), Vec::new())
+        CheckResult::fail(name, format!("{} VM(s) failed: {}", bad.len(), bad.join("; ")), Vec::new())
     }
 }
 
