@@ -817,9 +817,12 @@ impl HaHost {
             guest.complete_disk_write(write.volume, write.seq, false);
             return None;
         }
+        let (volume, seq) = (write.volume, write.seq);
         let pending = Pending::Disk { write, guest: guest.clone() };
         if let Err(e) = self.issue(&slot, &mut s, pending, Vec::new()) {
+            // Failed back to the guest (it issues the write again), never left in flight.
             warn!(%vm, error = %e, "disk write not taken as an HA output");
+            guest.complete_disk_write(volume, seq, false);
         }
         None
     }
