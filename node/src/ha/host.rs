@@ -781,6 +781,12 @@ impl HaGate for Arc<HaHost> {
         HaHost::disk_write(self, vm, write, guest)
     }
 
+    fn holds_run_state(&self, vm: VmId) -> bool {
+        // Chaos (ha-pairs, a primary frozen then woken): reconcile resumed the guest a seal had
+        // just stopped, because the failover had not reached this host's catalog yet.
+        self.slot(vm).is_some_and(|slot| matches!(lock(&slot.state).core.role(), Role::Deposed { .. }))
+    }
+
     fn request(&self, req: VmRequest) -> BoxFuture<'static, Result<VmResponse, WireError>> {
         let host = self.clone();
         Box::pin(async move { HaHost::request(&host, req).await.map_err(WireError::from) })

@@ -128,6 +128,9 @@ pub trait HaGate: Send + Sync {
     /// the standby holds the state that issued it, and completes it on the guest); `Some`: `vm`
     /// is not protected here, perform it now.
     fn disk_write(&self, vm: VmId, write: DiskWrite, guest: &Arc<dyn GuestDriver>) -> Option<DiskWrite>;
+    /// The HA driver holds this guest's run state: a deposed primary's guest stays stopped even
+    /// while this host's (stale) catalog still places the VM here and wants it running.
+    fn holds_run_state(&self, vm: VmId) -> bool;
     /// Answer an application or HA status request (`AppPut`, `AppGet`, `HaStatus`) here.
     fn request(&self, req: VmRequest) -> futures::future::BoxFuture<'static, Result<VmResponse, WireError>>;
 }
@@ -403,6 +406,9 @@ impl VmHost {
             }
             if inst.cancel.lock().expect("cancel lock").is_some() {
                 continue; // a migration from here runs, whatever this (possibly stale) catalog says
+            }
+            if self.ha.get().is_some_and(|g| g.holds_run_state(id)) {
+                continue; // deposed: another host runs the VM, whatever this catalog says yet
             }
             self.stale.lock().expect("stale lock").remove(&id);
             // Attach and detach are refused while a VM migrates, so its disks change only here.
