@@ -444,11 +444,9 @@ impl HaHost {
 
     fn unpause(&self, vm: VmId) {
         let Some(inst) = self.vms.instance(vm) else { return };
-        let desired_running = self
-            .vms
-            .spec_of(vm)
+        let desired_running = crate::catalog::vms::vm(self.vms.store(), vm)
             .ok()
-            .and_then(|_| crate::catalog::vms::vm(self.vms.store(), vm).ok().flatten())
+            .flatten()
             .is_some_and(|r| r.desired == haven_proto::vm::VmRunState::Running && r.host == self.me);
         if desired_running && self.vms.lease_valid() && inst.guest.state() == RunState::Paused {
             let _ = inst.guest.resume();
