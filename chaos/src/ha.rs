@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use haven_client::proto::ha::{AppView, HaMode, HaPairRecord, PairState};
 use haven_client::proto::vm::{VmMessage, VmRequest, VmResponse, VmRunState};
-use haven_client::proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, ErrorCode, NodeId, VmId};
+use haven_client::proto::{ActorAddr, ActorKind, ActorMessage, ActorReply, NodeId, VmId};
 use haven_client::vms::{VmCheck, VmSpec};
 use haven_client::volumes::VolumeSpec;
-use haven_client::{ClientError, HavenClient};
+use haven_client::HavenClient;
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -160,27 +160,6 @@ pub async fn setup(client: &HavenClient, spec: &HaSpec, nodes: &[u64], within: D
     }
     info!(vms = vms.len(), "HA workload ready");
     Ok(vms)
-}
-
-/// How a put that returned `e` ended. Only a refusal proves nothing was applied: the SDK reports
-/// a put the primary held past its wait for the standby (`Unavailable`, still releasable) as
-/// not applied (`cluster unreachable` after its retries), so that is unknown here, not failed.
-fn put_outcome(e: &ClientError) -> Outcome {
-    match e {
-        ClientError::Config(_) => Outcome::Fail,
-        ClientError::Server(w)
-            if matches!(
-                w.code,
-                ErrorCode::InvalidRequest
-                    | ErrorCode::NotFound
-                    | ErrorCode::PermissionDenied
-                    | ErrorCode::LimitExceeded
-            ) =>
-        {
-            Outcome::Fail
-        }
-        _ => Outcome::Info,
-    }
 }
 
 /// One host's answer about one HA VM at one moment (the sampler's log).
@@ -376,7 +355,7 @@ async fn put_loop(
         let result = client.app_put(vm, &app_key(slot), Some(app_value(vm.0, n))).await;
         let (outcome, error) = match result {
             Ok(_) => (Outcome::Ok { read: None, cas_matched: None }, None),
-            Err(e) => (put_outcome(&e), Some(e.to_string())),
+            Err(e) => (Outcome::of_put_error(&e), Some(e.to_string())),
         };
         Op {
             id: 0,

@@ -206,6 +206,24 @@ impl Outcome {
             E::Indeterminate(_) | E::Protocol(_) | E::Wire(_) => Self::Info,
         }
     }
+
+    /// How a put to a node that may hold it past its answer (an HA primary waiting for its
+    /// standby, a share member durable before its hub reflected it) ended: `Fail` only for a
+    /// refusal — the cluster said why it did nothing — and `Info` for everything else, an
+    /// `Unavailable` or an unreachable cluster included (the put may still be released).
+    pub fn of_put_error(e: &haven_client::ClientError) -> Self {
+        use haven_client::proto::ErrorCode as C;
+        use haven_client::ClientError as E;
+        match e {
+            E::Config(_) => Self::Fail,
+            E::Server(w)
+                if matches!(w.code, C::InvalidRequest | C::NotFound | C::PermissionDenied | C::LimitExceeded) =>
+            {
+                Self::Fail
+            }
+            _ => Self::Info,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

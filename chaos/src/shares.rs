@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use haven_client::proto::share::{ShareAck, ShareRecord};
-use haven_client::proto::{ErrorCode, NodeId};
-use haven_client::{ClientError, HavenClient};
+use haven_client::proto::NodeId;
+use haven_client::HavenClient;
 use tracing::info;
 
 use crate::checker::shares::MemberCopy;
@@ -70,26 +70,6 @@ pub async fn setup(
     Ok(share)
 }
 
-/// How a put that returned `e` ended: only a refusal proves nothing was applied (a put answered
-/// `Timeout` is durable at its member; an `Unavailable` relay may have reached it).
-fn put_outcome(e: &ClientError) -> Outcome {
-    match e {
-        ClientError::Config(_) => Outcome::Fail,
-        ClientError::Server(w)
-            if matches!(
-                w.code,
-                ErrorCode::InvalidRequest
-                    | ErrorCode::NotFound
-                    | ErrorCode::PermissionDenied
-                    | ErrorCode::LimitExceeded
-            ) =>
-        {
-            Outcome::Fail
-        }
-        _ => Outcome::Info,
-    }
-}
-
 /// Run one writer per member until `stop`.
 pub async fn run(
     spec: &ShareSpec,
@@ -118,7 +98,7 @@ pub async fn run(
                 let result = client.share_put(share, Some(member), &key, Some(share_value(member.0, n)), ack).await;
                 let (outcome, error) = match result {
                     Ok(_) => (Outcome::Ok { read: None, cas_matched: None }, None),
-                    Err(e) => (put_outcome(&e), Some(e.to_string())),
+                    Err(e) => (Outcome::of_put_error(&e), Some(e.to_string())),
                 };
                 Op {
                     id: 0,
